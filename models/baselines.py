@@ -1,0 +1,135 @@
+"""Baselines trained and evaluated by the same loop as the decomposer (DESIGN §4).
+
+- `MostPopular`: training-set item counts.
+- `LSTMRec`: the decomposer's item tower and event LSTM, u_t = W h_t (no dimensions, no gates).
+- `SASRec`: 2 causal self-attention blocks over item embeddings, full-softmax cross-entropy.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.losses import next_item_loss
+from models.sequence import EventLSTM, ItemTower, last_position
+
+
+class _ItemDataMixin:
+    def set_item_data(self, text_emb: np.ndarray, genres: np.ndarray, counts: np.ndarray | None = None) -> None:
+        if hasattr(self, "items") and isinstance(self.items, ItemTower):
+            self.items.set_text(text_emb)
+        if counts is not None:
+            p = (np.asarray(counts, dtype=np.float64) + 1.0) / (np.sum(counts) + len(counts))
+            self.log_q.copy_(torch.as_tensor(np.log(p), dtype=torch.float32))
+
+
+@dataclass
+class PopularityConfig:
+    n_items: int = 0                 # catalogue size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class MostPopular(_ItemDataMixin, nn.Module):
+    def __init__(self, cfg: PopularityConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("log_q", torch.zeros(cfg.n_items + 1))
+
+    @torch.no_grad()
+    def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.log_q.expand(len(batch["lengths"]), -1)           # (B, N+1)
+
+
+@dataclass
+class LSTMConfig:
+    n_items: int = 0                 # catalogue size
+    text_dim: int = 384              # language-model embedding size
+    item_dim: int = 64               # item / user vector size
+    lstm_units: int = 128            # LSTM units
+    dropout: float = 0.2
+    max_len: int = 200
+    loss: str = "full"               # "full" | "sampled"
+    n_negatives: int = 1024
+    use_text: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LSTMRec(_ItemDataMixin, nn.Module):
+    def __init__(self, cfg: LSTMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.items = ItemTower(cfg.n_items, cfg.item_dim, cfg.text_dim, cfg.use_text)
+        self.encoder = EventLSTM(self.items, cfg.item_dim, cfg.lstm_units, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(cfg.lstm_units, cfg.item_dim)
+        self.register_buffer("log_q", torch.zeros(cfg.n_items + 1))
+
+    def forward(self, batch):
+        h = self.encoder(batch)                                        # (B, T, U)
+        sup = batch["targets"] > 0
+        u = self.out(self.drop(h[sup]))                                # (P, D)
+        loss = next_item_loss(u, self.items.all(), batch["targets"][sup], self.cfg.loss, self.log_q,
+                              self.cfg.n_negatives)
+        return loss, {"next_item": loss.item()}
+
+    @torch.no_grad()
+    def score(self, batch):
+        h = last_position(self.encoder(batch), batch["lengths"])       # (B, U)
+        return self.out(h) @ self.items.all().T                        # (B, N+1)
+
+
+@dataclass
+class SASRecConfig:
+    n_items: int = 0                 # catalogue size
+    hidden: int = 64                 # embedding and model width
+    blocks: int = 2                  # self-attention blocks
+    heads: int = 1
+    dropout: float = 0.1
+    max_len: int = 200
+    loss: str = "full"               # "full" | "sampled"
+    n_negatives: int = 1024
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SASRec(_ItemDataMixin, nn.Module):
+    def __init__(self, cfg: SASRecConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.hidden, padding_idx=0)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
+        self.drop = nn.Dropout(cfg.dropout)
+        layer = nn.TransformerEncoderLayer(cfg.hidden, cfg.heads, dim_feedforward=cfg.hidden, dropout=cfg.dropout,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, cfg.blocks, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.hidden)
+        self.register_buffer("log_q", torch.zeros(cfg.n_items + 1))
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+
+    def encode(self, items: torch.Tensor) -> torch.Tensor:
+        """(B, T) right-padded items -> (B, T, H); causal attention keeps padding out of real positions."""
+        T = items.shape[1]
+        pos = torch.arange(T, device=items.device)
+        x = self.item_emb(items) * self.cfg.hidden ** 0.5 + self.pos_emb(pos)[None]
+        causal = nn.Transformer.generate_square_subsequent_mask(T, device=items.device)
+        return self.norm(self.blocks(self.drop(x), mask=causal, is_causal=True))
+
+    def forward(self, batch):
+        h = self.encode(batch["items"])
+        sup = batch["targets"] > 0
+        loss = next_item_loss(h[sup], self.item_emb.weight, batch["targets"][sup], self.cfg.loss, self.log_q,
+                              self.cfg.n_negatives)
+        return loss, {"next_item": loss.item()}
+
+    @torch.no_grad()
+    def score(self, batch):
+        h = last_position(self.encode(batch["items"]), batch["lengths"])  # (B, H)
+        return h @ self.item_emb.weight.T                              # (B, N+1)

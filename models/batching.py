@@ -1,0 +1,131 @@
+"""Splits and padded batches over the CSR event arrays of `InteractionData`.
+
+A *sample* is a slice of one user's events `[start, end)` used as input; its targets are the
+events one step later, `[start + 1, end + 1)`. Training samples supervise every position;
+evaluation samples only the last one (target = event `end`). Everything is index arithmetic
+in numpy: no per-row Python loops.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.features import hour_bucket, log_gap_hours, moment_features, rating_bucket
+
+
+@dataclass
+class Split:
+    """Per-user held-out positions, as absolute indices into the event arrays."""
+    n_test: int              # test targets per user (1 = leave-one-out)
+    user_start: np.ndarray   # (U,) first event of each user
+    valid_pos: np.ndarray    # (U,) validation target; training events are [user_start, valid_pos)
+    test_pos: np.ndarray     # (M,) test targets, each predicted from everything before it
+    test_user: np.ndarray    # (M,) row of the user owning each test target
+
+
+def make_split(user_offsets: np.ndarray, n_test: int = 1) -> Split:
+    """Last `n_test` events of each user are test targets (at most L - 2), the one before is validation."""
+    if n_test < 1:
+        raise ValueError(f"n_test must be >= 1, got {n_test}")
+    start, end = user_offsets[:-1], user_offsets[1:]
+    length = end - start
+    if (length < 3).any():
+        raise ValueError("every user needs at least 3 events (prepare drops shorter users)")
+    k = np.minimum(n_test, length - 2)                      # (U,)
+    valid_pos = end - k - 1
+    test_user = np.repeat(np.arange(len(k)), k)             # (M,)
+    first_test = np.repeat(end - k, k)
+    within = np.arange(len(test_user)) - np.repeat(np.cumsum(k) - k, k)
+    return Split(n_test, start.astype(np.int64), valid_pos.astype(np.int64),
+                 (first_test + within).astype(np.int64), test_user.astype(np.int64))
+
+
+def training_windows(split: Split, max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cut each user's training events into windows of `max_len` predictions, newest first.
+
+    Returns (starts, ends, user_rows); a window's inputs are [start, end), targets [start+1, end+1).
+    """
+    n_pred = split.valid_pos - split.user_start - 1         # (U,) supervised positions per user
+    n_win = np.maximum(0, -(-n_pred // max_len))             # ceil division
+    rows = np.repeat(np.arange(len(n_pred)), n_win)
+    w = np.arange(len(rows)) - np.repeat(np.cumsum(n_win) - n_win, n_win)
+    ends = split.valid_pos[rows] - 1 - w * max_len
+    starts = np.maximum(split.user_start[rows], ends - max_len)
+    return starts, ends, rows
+
+
+def eval_samples(split: Split, targets: np.ndarray, users: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs for predicting event `targets[i]`: the last `max_len` events before it."""
+    return np.maximum(split.user_start[users], targets - max_len), targets
+
+
+@dataclass
+class IntentTable:
+    """Intent phrases of each item (CSR) and their text embeddings."""
+    offsets: np.ndarray      # (N + 2,) item i's phrases are ids[offsets[i]:offsets[i + 1]]
+    ids: np.ndarray          # (P_total,)
+    emb: np.ndarray          # (P, 384)
+
+    def sample(self, items: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One random phrase id per item (-1 where the item has none)."""
+        lo, hi = self.offsets[items], self.offsets[items + 1]
+        count = hi - lo
+        pick = lo + np.floor(rng.random(items.shape) * np.maximum(count, 1)).astype(np.int64)
+        return np.where(count > 0, self.ids[np.minimum(pick, len(self.ids) - 1)], -1)
+
+
+class BatchBuilder:
+    """Turns (starts, ends) sample arrays into padded tensors (right padding, 0 = pad)."""
+
+    def __init__(self, items: np.ndarray, ratings: np.ndarray, timestamps: np.ndarray,
+                 intents: IntentTable | None = None):
+        self.items = items.astype(np.int64)
+        self.rating_bucket = rating_bucket(ratings)
+        self.ts = timestamps.astype(np.int64)
+        self.intents = intents
+
+    def __call__(self, starts: np.ndarray, ends: np.ndarray, user_starts: np.ndarray,
+                 supervise_all: bool = True, intent_rate: float = 0.0,
+                 rng: np.random.Generator | None = None) -> dict[str, torch.Tensor]:
+        lengths = ends - starts                                              # (B,)
+        T = int(lengths.max())
+        pos = np.arange(T)[None, :]
+        mask = pos < lengths[:, None]                                        # (B, T)
+        idx = np.where(mask, starts[:, None] + pos, starts[:, None])         # (B, T) safe gather index
+        nxt = idx + 1                                                        # target of each position
+        ts, ts_next = self.ts[idx], self.ts[nxt]
+        gap = np.where(idx > user_starts[:, None], ts - self.ts[np.maximum(idx - 1, 0)], 0)
+        if supervise_all:
+            sup = mask
+        else:
+            sup = pos == (lengths[:, None] - 1)
+        batch = {
+            "items": torch.from_numpy(np.where(mask, self.items[idx], 0)),
+            "ratings": torch.from_numpy(np.where(mask, self.rating_bucket[idx], 0)),
+            "event_feats": torch.from_numpy(moment_features(ts, gap) * mask[..., None]),
+            "ctx_feats": torch.from_numpy(moment_features(ts_next, ts_next - ts) * mask[..., None]),
+            "lengths": torch.from_numpy(lengths.astype(np.int64)),
+            "targets": torch.from_numpy(np.where(sup, self.items[nxt], 0)),
+            "next_rating": torch.from_numpy(np.where(sup, self.rating_bucket[nxt], 0)),
+            "next_log_gap": torch.from_numpy(log_gap_hours(ts_next - ts)),
+            "next_hour": torch.from_numpy(hour_bucket(ts_next)),
+        }
+        if intent_rate > 0 and self.intents is not None:
+            rng = rng or np.random.default_rng(0)
+            phrase = self.intents.sample(self.items[nxt], rng)                 # (B, T)
+            use = sup & (phrase >= 0) & (rng.random(phrase.shape) < intent_rate)
+            vec = self.intents.emb[np.maximum(phrase, 0)] * use[..., None]     # (B, T, 384)
+            batch["intent"] = torch.from_numpy(vec.astype(np.float32))
+            batch["intent_mask"] = torch.from_numpy(use)
+        return batch
+
+
+def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Batches of sample indices with similar lengths (less padding), in random order."""
+    jitter = rng.random(len(lengths))
+    order = np.lexsort((jitter, lengths))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches

@@ -1,0 +1,95 @@
+"""Checkpoints that carry the config that built the model, loaded without unpickling objects.
+
+Format: a `torch.save` of plain containers — {"format", "model_type", "model_args", "state_dict",
+"meta"} — read back with `torch.load(weights_only=True)`, so a checkpoint cannot run code.
+Load = `Config(**ckpt["model_args"])`, the same call everywhere.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.baselines import LSTMConfig, LSTMRec, MostPopular, PopularityConfig, SASRec, SASRecConfig
+from models.decomposer import DecomposerConfig, InterestDecomposer
+
+FORMAT = "dynamic-interest-checkpoint/1"
+MODELS = {
+    "decomposer": (DecomposerConfig, InterestDecomposer),
+    "lstm": (LSTMConfig, LSTMRec),
+    "sasrec": (SASRecConfig, SASRec),
+    "popular": (PopularityConfig, MostPopular),
+}
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def model_type(model: nn.Module) -> str:
+    for name, (_, cls) in MODELS.items():
+        if type(model) is cls:
+            return name
+    raise CheckpointError(f"unknown model class {type(model).__name__}")
+
+
+def build(kind: str, args: dict) -> nn.Module:
+    if kind not in MODELS:
+        raise CheckpointError(f"unknown model_type {kind!r}; expected one of {sorted(MODELS)}")
+    cfg_cls, model_cls = MODELS[kind]
+    try:
+        cfg = cfg_cls(**args)
+    except TypeError as e:
+        raise CheckpointError(f"model_args do not fit {cfg_cls.__name__}: {e}") from e
+    return model_cls(cfg)
+
+
+def to_bytes_dict(model: nn.Module, meta: dict | None = None) -> dict:
+    return {"format": FORMAT, "model_type": model_type(model), "model_args": model.cfg.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta or {}}
+
+
+def save(path: str | Path, model: nn.Module, meta: dict | None = None) -> Path:
+    """Atomic write: a crash mid-save leaves any previous checkpoint at `path` intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(to_bytes_dict(model, meta), tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def from_dict(ckpt: dict, source: str = "checkpoint") -> tuple[nn.Module, dict]:
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{source}: not a {FORMAT} checkpoint")
+    for key in ("model_type", "model_args", "state_dict"):
+        if key not in ckpt:
+            raise CheckpointError(f"{source}: missing {key!r}")
+    model = build(ckpt["model_type"], dict(ckpt["model_args"]))
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{source}: weights do not match model_args ({first[0] if first else e})") from e
+    model.eval()
+    return model, ckpt.get("meta", {})
+
+
+def load(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict]:
+    """-> (model in eval mode, meta). Raises CheckpointError with the path and reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"{path}: unreadable or corrupt checkpoint ({type(e).__name__}: {e})") from e
+    return from_dict(ckpt, str(path))

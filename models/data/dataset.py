@@ -1,0 +1,171 @@
+"""Load a prepared dataset (see `prepare.py`) into numpy arrays.
+
+Events are stored CSR-style by user: user u (1..U) owns events
+``user_offsets[u - 1] : user_offsets[u]`` of `items` / `ratings` / `timestamps`, in time order.
+Item-indexed arrays have N + 1 rows; row 0 is padding.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from models.data.errors import DataFormatError
+from models.data.prepare import FORMAT_VERSION, MANIFEST, TABLE_FILES, sha256_file
+
+
+@dataclass
+class InteractionData:
+    n_users: int                     # U; user indices are 1..U
+    n_items: int                     # N; item indices are 1..N, 0 is padding
+    user_offsets: np.ndarray         # (U+1,) int64; user u's events: [offsets[u-1], offsets[u])
+    items: np.ndarray                # (E,) int64 item index per event, by user then time
+    ratings: np.ndarray              # (E,) float32
+    timestamps: np.ndarray           # (E,) int64 seconds since the epoch
+    item_genres: np.ndarray          # (N+1, G) float32 multi-hot; row 0 zeros
+    genre_names: list[str]           # (G,) column names of item_genres
+    item_emb: np.ndarray             # (N+1, D) float32 text embeddings; row 0 zeros
+    titles: list[str]                # (N+1,) titles[0] == "<pad>"
+    item_source_ids: np.ndarray      # (N+1,) int64 source item ids; [0] == -1
+    user_source_ids: np.ndarray      # (U+1,) int64 source user ids; [0] == -1
+    intent_emb: np.ndarray           # (P, D) float32 embeddings of the intent phrases
+    intent_phrases: list[str]        # (P,)
+    item_intent_offsets: np.ndarray  # (N+2,) int64; item i's intents: ids[off[i]:off[i+1]]
+    item_intent_ids: np.ndarray      # (M,) int64 intent indices
+    manifest: dict = field(repr=False)
+    path: Path = Path()
+
+    @property
+    def n_events(self) -> int:
+        return len(self.items)
+
+    def user_events(self, u: int) -> slice:
+        """The slice of the event arrays that belongs to user u (1-based)."""
+        return slice(int(self.user_offsets[u - 1]), int(self.user_offsets[u]))
+
+    def item_intents(self, i: int) -> np.ndarray:
+        return self.item_intent_ids[self.item_intent_offsets[i]:self.item_intent_offsets[i + 1]]
+
+
+def _emb(table: pa.Table, fname: str) -> np.ndarray:
+    col = table.column("embedding").combine_chunks()
+    if not pa.types.is_fixed_size_list(col.type):
+        raise DataFormatError(fname, f"column 'embedding' has type {col.type}, "
+                              "expected a fixed-size list")
+    dim = col.type.list_size
+    return col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), dim)
+
+
+def _read(path: Path, fname: str, columns: list[str]) -> pa.Table:
+    file = path / fname
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: missing from the prepared dataset")
+    table = pq.read_table(file)
+    absent = [c for c in columns if c not in table.column_names]
+    if absent:
+        raise DataFormatError(fname, f"missing columns {absent}")
+    return table
+
+
+def load_prepared(path: str | Path, verify_checksums: bool = False) -> InteractionData:
+    """Read a folder written by `prepare`; raise naming the file if anything is off."""
+    path = Path(path).expanduser()
+    mfile = path / MANIFEST
+    if not mfile.is_file():
+        raise FileNotFoundError(f"{mfile}: not a prepared dataset (no {MANIFEST})")
+    try:
+        manifest = json.loads(mfile.read_text())
+    except ValueError as e:
+        raise DataFormatError(MANIFEST, f"not valid JSON: {e}") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise DataFormatError(MANIFEST, f"format_version {version!r} is not supported "
+                              f"(expected {FORMAT_VERSION}); prepare the data again")
+    if verify_checksums:
+        for fname, info in manifest.get("files", {}).items():
+            if not (path / fname).is_file():
+                raise FileNotFoundError(f"{path / fname}: listed in {MANIFEST} but missing")
+            if sha256_file(path / fname) != info.get("sha256"):
+                raise DataFormatError(fname, f"checksum does not match {MANIFEST}")
+
+    items_t = _read(path, TABLE_FILES[0], ["item_idx", "source_id", "title", "genres",
+                                           "embedding", "intent_ids"])
+    inter_t = _read(path, TABLE_FILES[1], ["user_idx", "item_idx", "rating", "timestamp"])
+    intents_t = _read(path, TABLE_FILES[2], ["intent_idx", "phrase", "embedding"])
+    users_t = _read(path, TABLE_FILES[3], ["user_idx", "source_user"])
+
+    n_items = items_t.num_rows
+    if not np.array_equal(items_t.column("item_idx").to_numpy(), np.arange(1, n_items + 1)):
+        raise DataFormatError(TABLE_FILES[0], "item_idx is not 1..N in order")
+    n_users = users_t.num_rows
+    if not np.array_equal(users_t.column("user_idx").to_numpy(), np.arange(1, n_users + 1)):
+        raise DataFormatError(TABLE_FILES[3], "user_idx is not 1..U in order")
+    counts = manifest.get("counts", {})
+    for key, n, fname in (("items", n_items, TABLE_FILES[0]), ("users", n_users, TABLE_FILES[3]),
+                          ("interactions", inter_t.num_rows, TABLE_FILES[1]),
+                          ("intents", intents_t.num_rows, TABLE_FILES[2])):
+        if counts.get(key) != n:
+            raise DataFormatError(fname, f"has {n} {key}, {MANIFEST} says {counts.get(key)}")
+
+    # Events, CSR by user.
+    user_idx = inter_t.column("user_idx").to_numpy().astype(np.int64)
+    items = inter_t.column("item_idx").to_numpy().astype(np.int64)
+    if user_idx.size and (np.any(np.diff(user_idx) < 0) or user_idx[0] < 1 or user_idx[-1] > n_users):
+        raise DataFormatError(TABLE_FILES[1], "user_idx is not sorted within 1..U")
+    if items.size and (items.min() < 1 or items.max() > n_items):
+        raise DataFormatError(TABLE_FILES[1], "item_idx is outside 1..N")
+    user_offsets = np.zeros(n_users + 1, np.int64)
+    np.cumsum(np.bincount(user_idx, minlength=n_users + 1)[1:], out=user_offsets[1:])
+
+    # Item side, row 0 = padding.
+    genre_names = list(manifest.get("genres", []))
+    genres = items_t.column("genres").combine_chunks()
+    flat = pc.list_flatten(genres)
+    rows = pc.list_parent_indices(genres).to_numpy() + 1
+    cols = pc.index_in(flat, value_set=pa.array(genre_names, pa.string()))
+    if cols.null_count:
+        bad = flat.filter(pc.is_null(cols))[0].as_py()
+        raise DataFormatError(TABLE_FILES[0], f"genre {bad!r} is not in the {MANIFEST} genres")
+    item_genres = np.zeros((n_items + 1, len(genre_names)), np.float32)
+    item_genres[rows, cols.to_numpy(zero_copy_only=False)] = 1.0
+
+    emb = _emb(items_t, TABLE_FILES[0])
+    item_emb = np.zeros((n_items + 1, emb.shape[1]), np.float32)
+    item_emb[1:] = emb
+    intent_emb = _emb(intents_t, TABLE_FILES[2]) if intents_t.num_rows else \
+        np.zeros((0, emb.shape[1]), np.float32)
+
+    intent_ids = items_t.column("intent_ids").combine_chunks()
+    lengths = pc.list_value_length(intent_ids).fill_null(0).to_numpy()
+    item_intent_offsets = np.zeros(n_items + 2, np.int64)
+    np.cumsum(lengths, out=item_intent_offsets[2:])
+    item_intent_ids = pc.list_flatten(intent_ids).to_numpy().astype(np.int64)
+    if item_intent_ids.size and (item_intent_ids.min() < 0
+                                 or item_intent_ids.max() >= intents_t.num_rows):
+        raise DataFormatError(TABLE_FILES[0], "intent_ids refer to phrases not in intents.parquet")
+
+    return InteractionData(
+        n_users=n_users,
+        n_items=n_items,
+        user_offsets=user_offsets,
+        items=items,
+        ratings=inter_t.column("rating").to_numpy().astype(np.float32),
+        timestamps=inter_t.column("timestamp").to_numpy().astype(np.int64),
+        item_genres=item_genres,
+        genre_names=genre_names,
+        item_emb=item_emb,
+        titles=["<pad>"] + items_t.column("title").to_pylist(),
+        item_source_ids=np.concatenate([[-1], items_t.column("source_id").to_numpy()]).astype(np.int64),
+        user_source_ids=np.concatenate([[-1], users_t.column("source_user").to_numpy()]).astype(np.int64),
+        intent_emb=intent_emb,
+        intent_phrases=intents_t.column("phrase").to_pylist(),
+        item_intent_offsets=item_intent_offsets,
+        item_intent_ids=item_intent_ids,
+        manifest=manifest,
+        path=path,
+    )

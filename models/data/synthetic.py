@@ -1,0 +1,148 @@
+"""The embedded default dataset: synthetic users whose interests drift and depend on the moment.
+
+Each next event is drawn from one of three planted sources, mirroring the model's named
+dimensions, with mixture weights π(context) that depend only on the request's context:
+
+- topic:     an item of a genre drawn from the user's drifting genre preference θ_u;
+             dominant in the evening.
+- sentiment: the next item of a series the user just rated highly (binge-watching);
+             dominant right after a previous event (short gap).
+- time:      an item made for the current part of the day (morning show, late-night film);
+             dominant in the morning.
+
+The per-event weights π and the source actually drawn are saved beside the data (`truth`),
+so tests can check that the learned gates recover the planted context dependence.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from models.data.raw import ITEMS_SCHEMA, RATINGS_SCHEMA, RawData
+
+GENRES = ("comedy", "drama", "thriller", "romance", "science fiction", "horror", "documentary",
+          "animation", "mystery", "adventure", "western", "musical")
+DAYPARTS = ("late night", "morning", "afternoon", "evening")   # hour // 6
+ADJECTIVES = ("silent", "golden", "broken", "hidden", "last", "wild", "quiet", "electric", "lost", "bright",
+              "dark", "little", "endless", "frozen", "secret", "burning")
+NOUNS = ("river", "city", "garden", "signal", "summer", "road", "machine", "island", "letter", "winter",
+         "kingdom", "mirror", "harbor", "forest", "station", "promise")
+SOURCES = ("topic", "sentiment", "time")
+
+
+@dataclass
+class SyntheticConfig:
+    n_users: int = 600
+    n_items: int = 600
+    n_genres: int = 8            # how many of GENRES are used
+    series_len: int = 6          # items per series (the sentiment source walks a series)
+    min_events: int = 20
+    max_events: int = 100
+    drift: float = 0.08          # per-event pull of the genre preference towards a new target
+    seed: int = 0
+    start: int = 1_577_836_800   # 2020-01-01T00:00:00Z
+
+
+def planted_weights(hour: np.ndarray, log_gap: np.ndarray) -> np.ndarray:
+    """(…,) hour of day and log1p(gap hours) -> (…, 3) planted mixture weights (topic, sentiment, time)."""
+    topic = 1.6 * np.cos(2 * np.pi * (hour - 20.0) / 24.0)
+    sentiment = 2.0 - 1.6 * log_gap
+    time = 1.6 * np.cos(2 * np.pi * (hour - 8.0) / 24.0)
+    z = np.stack([topic, sentiment, time], axis=-1)
+    z = z - z.max(-1, keepdims=True)
+    return np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+
+
+def _items(cfg: SyntheticConfig, rng: np.random.Generator):
+    n = cfg.n_items
+    genre1 = rng.integers(0, cfg.n_genres, n)
+    genre2 = np.where(rng.random(n) < 0.4, rng.integers(0, cfg.n_genres, n), -1)
+    genre2 = np.where(genre2 == genre1, -1, genre2)
+    daypart = rng.integers(0, len(DAYPARTS), n)
+    series = np.arange(n) // cfg.series_len
+    pop = rng.pareto(1.5, n) + 1.0                                     # long-tailed popularity
+    quality = rng.normal(0, 0.6, n)
+    titles, genres, tags = [], [], []
+    for i in range(n):
+        g = [GENRES[genre1[i]]] + ([GENRES[genre2[i]]] if genre2[i] >= 0 else [])
+        titles.append(f"The {ADJECTIVES[series[i] % 16].title()} {NOUNS[(series[i] // 16) % 16].title()} "
+                      f"{i % cfg.series_len + 1}")
+        genres.append(g)
+        tags.append([f"{DAYPARTS[daypart[i]]} viewing"])
+    onehot = np.zeros((n, cfg.n_genres))
+    onehot[np.arange(n), genre1] = 1
+    has2 = genre2 >= 0
+    onehot[np.arange(n)[has2], genre2[has2]] = 1
+    return titles, genres, tags, onehot, daypart, series, pop, quality
+
+
+def _pick(pool: np.ndarray, pop: np.ndarray, rng: np.random.Generator) -> int:
+    w = pop[pool]
+    return int(pool[rng.choice(len(pool), p=w / w.sum())])
+
+
+def generate(config: SyntheticConfig | None = None) -> RawData:
+    cfg = config or SyntheticConfig()
+    rng = np.random.default_rng(cfg.seed)
+    titles, genres, tags, onehot, daypart, series, pop, quality = _items(cfg, rng)
+    by_genre = [np.flatnonzero(onehot[:, g]) for g in range(cfg.n_genres)]
+    by_daypart = [np.flatnonzero(daypart == d) for d in range(len(DAYPARTS))]
+    cols = {k: [] for k in ("user", "item", "rating", "timestamp")}
+    truth = {k: [] for k in ("user", "seq", "timestamp", "item", "source", "hour", "log_gap",
+                             "pi_topic", "pi_sentiment", "pi_time")}
+    for u in range(cfg.n_users):
+        theta = rng.dirichlet(np.full(cfg.n_genres, 0.3))
+        target = rng.dirichlet(np.full(cfg.n_genres, 0.3))
+        habits = rng.choice(24, size=2, replace=False)                 # two habitual session hours
+        n_events = int(rng.integers(cfg.min_events, cfg.max_events + 1))
+        t = cfg.start + int(rng.integers(0, 30 * 86400))
+        liked = -1                                                     # last item rated >= 4
+        in_session = 0
+        for s in range(n_events):
+            if s == 0 or in_session == 0:                              # a new session
+                day = (t - cfg.start) // 86400 + int(rng.integers(1, 4))
+                hour = float(rng.choice(habits)) + rng.normal(0, 1.0)
+                t_new = cfg.start + day * 86400 + int((hour % 24) * 3600)
+                gap = 0 if s == 0 else t_new - t
+                t = t_new
+                in_session = int(rng.integers(1, 6))
+            else:
+                gap = int(rng.integers(20, 90) * 60)
+                t += gap
+            in_session -= 1
+            h = (t % 86400) / 3600.0
+            lg = float(np.log1p(gap / 3600.0))
+            pi = planted_weights(np.array(h), np.array(lg))
+            src = int(rng.choice(3, p=pi))
+            if src == 1 and liked < 0:
+                src = 0                                                # nothing liked yet: fall back to topic
+            if src == 0:
+                item = _pick(by_genre[int(rng.choice(cfg.n_genres, p=theta))], pop, rng)
+            elif src == 1:
+                nxt = liked + 1 if series[min(liked + 1, cfg.n_items - 1)] == series[liked] else liked - cfg.series_len + 1
+                item = int(min(max(nxt, 0), cfg.n_items - 1))
+            else:
+                item = _pick(by_daypart[int(h // 6)], pop, rng)
+            affinity = cfg.n_genres * float(theta @ onehot[item]) / onehot[item].sum()
+            score = 1.0 + 4.0 / (1.0 + np.exp(-(1.5 * (affinity - 1.0) + quality[item]))) + rng.normal(0, 0.4)
+            rating = float(np.clip(np.rint(score), 1, 5))
+            if rating >= 4:
+                liked = item
+            cols["user"].append(u + 1); cols["item"].append(item + 1)
+            cols["rating"].append(rating); cols["timestamp"].append(t)
+            for k, v in zip(truth, (u + 1, s, t, item + 1, SOURCES[src], h, lg, *pi)):
+                truth[k].append(v)
+            theta = (1 - cfg.drift) * theta + cfg.drift * target
+            if rng.random() < 0.05:
+                target = rng.dirichlet(np.full(cfg.n_genres, 0.3))     # interests move
+    items = pa.table({"source_id": np.arange(1, cfg.n_items + 1, dtype=np.int64), "title": titles,
+                      "genres": genres, "tags": tags}, schema=ITEMS_SCHEMA)
+    ratings = pa.table({"user": np.asarray(cols["user"], np.int64), "item": np.asarray(cols["item"], np.int64),
+                        "rating": np.asarray(cols["rating"], np.float32),
+                        "timestamp": np.asarray(cols["timestamp"], np.int64)}, schema=RATINGS_SCHEMA)
+    meta = {"config": asdict(cfg)}
+    truth_table = pa.table(truth).replace_schema_metadata({"generator": str(meta)})
+    return RawData(name="synthetic", items=items, ratings=ratings, source=f"synthetic(seed={cfg.seed})",
+                   extra={"truth": truth_table})

@@ -1,0 +1,201 @@
+"""The dynamic interest decomposition and composition model (DESIGN §2).
+
+h_t = LSTM(e_≤t);  I_{t,k} = f_k(h_t) ∈ R^d;  α_{t,k} = softmax_k(log w_k + g(I_{t,k}, C_t));
+Î_t = [α_1 I_1; …; α_K I_K] (concat) or Σ_k α_k I_k (sum);  u_t = W_o Î_t;  s(i) = u_t · q_i.
+Named dimensions are anchored by auxiliary predictions of the next event from I_{t,k} alone.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.features import CONTEXT_FEATURES, N_HOUR_BUCKETS, N_RATING_BUCKETS
+from models.losses import next_item_loss
+from models.sequence import EventLSTM, ItemTower, last_position
+
+NAMED_DIMENSIONS = ("topic", "sentiment", "time")
+
+
+@dataclass
+class DecomposerConfig:
+    n_items: int = 0                 # catalogue size; item ids 1..n_items, 0 = padding
+    n_genres: int = 1                # genre vocabulary (topic auxiliary target)
+    text_dim: int = 384              # language-model embedding size (all-MiniLM-L6-v2)
+    item_dim: int = 64               # D: item and user vector size
+    lstm_units: int = 128            # U
+    dims: tuple[str, ...] = NAMED_DIMENSIONS  # named dimensions, a subset of NAMED_DIMENSIONS
+    n_latent: int = 1                # unanchored dimensions added after the named ones
+    dim_size: int = 32               # d: size of each I_{t,k}
+    context_dim: int = 32            # size of the encoded context C_t
+    combine: str = "concat"          # "concat" | "sum"
+    aux_weight: float = 0.1          # λ (0 = purely latent dimensions)
+    dropout: float = 0.2
+    max_len: int = 200
+    loss: str = "full"               # "full" softmax | "sampled" softmax
+    n_negatives: int = 1024          # uniform negatives for the sampled softmax
+    use_gates: bool = True           # False = context-free prior w_k only (ablation)
+    use_text: bool = True            # add P·z(i) to item vectors
+    dim_names: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self):
+        self.dims = tuple(self.dims)
+        unknown = set(self.dims) - set(NAMED_DIMENSIONS)
+        if unknown:
+            raise ValueError(f"dims: unknown dimension(s) {sorted(unknown)}; choose from {NAMED_DIMENSIONS}")
+        if len(self.dims) + self.n_latent < 1:
+            raise ValueError("dims/n_latent: the model needs at least one dimension")
+        if self.combine not in ("concat", "sum"):
+            raise ValueError(f"combine must be 'concat' or 'sum', got {self.combine!r}")
+        self.dim_names = self.dims + tuple(f"latent_{j + 1}" for j in range(self.n_latent))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("dim_names")
+        d["dims"] = list(self.dims)
+        return d
+
+
+class InterestDecomposer(nn.Module):
+    def __init__(self, cfg: DecomposerConfig):
+        super().__init__()
+        self.cfg = cfg
+        K, d, c = len(cfg.dim_names), cfg.dim_size, cfg.context_dim
+        self.K = K
+        self.items = ItemTower(cfg.n_items, cfg.item_dim, cfg.text_dim, cfg.use_text)
+        self.encoder = EventLSTM(self.items, cfg.item_dim, cfg.lstm_units, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.heads = nn.Linear(cfg.lstm_units, K * d)                 # K independent linear heads f_k
+        # Context C_t: moment features plus, when given, the projected intent text.
+        self.ctx = nn.Linear(CONTEXT_FEATURES, c)
+        self.intent = nn.Linear(cfg.text_dim, c, bias=False)
+        # Gate g(I_k, C) = v_k · tanh(A_k I_k + B_k C); one small MLP per dimension.
+        self.gate_a = nn.Parameter(torch.randn(K, d, c) * d ** -0.5)
+        self.gate_b = nn.Parameter(torch.randn(K, c, c) * c ** -0.5)
+        self.gate_v = nn.Parameter(torch.zeros(K, c))
+        self.log_prior = nn.Parameter(torch.zeros(K))                 # log w_k (softmax-normalised)
+        self.out = nn.Linear(K * d if cfg.combine == "concat" else d, cfg.item_dim)
+        # Auxiliary heads anchoring the named dimensions.
+        self.aux = nn.ModuleDict()
+        if "topic" in cfg.dims:
+            self.aux["topic"] = nn.Linear(d, cfg.n_genres)
+        if "sentiment" in cfg.dims:
+            self.aux["sentiment"] = nn.Linear(d, N_RATING_BUCKETS)
+        if "time" in cfg.dims:
+            self.aux["time"] = nn.Linear(d, 1 + N_HOUR_BUCKETS)
+        self.register_buffer("item_genres", torch.zeros(cfg.n_items + 1, cfg.n_genres))
+        self.register_buffer("log_q", torch.full((cfg.n_items + 1,), -float(np.log(max(cfg.n_items, 1)))))
+
+    # ---- data the model carries -------------------------------------------------------------
+    def set_item_data(self, text_emb: np.ndarray, genres: np.ndarray, counts: np.ndarray | None = None) -> None:
+        self.items.set_text(text_emb)
+        self.item_genres.copy_(torch.as_tensor(genres, dtype=torch.float32))
+        if counts is not None:
+            p = (np.asarray(counts, dtype=np.float64) + 1.0) / (np.sum(counts) + len(counts))
+            self.log_q.copy_(torch.as_tensor(np.log(p), dtype=torch.float32))
+
+    # ---- the pieces of the forward pass -----------------------------------------------------
+    def dimensions(self, h: torch.Tensor) -> torch.Tensor:
+        """(…, U) -> (…, K, d) interest dimensions I_{t,k}."""
+        return self.heads(self.drop(h)).unflatten(-1, (self.K, self.cfg.dim_size))
+
+    def context(self, ctx_feats: torch.Tensor, intent: torch.Tensor | None = None) -> torch.Tensor:
+        """(…, 5) moment features and optional (…, 384) intent embeddings -> (…, c)."""
+        z = self.ctx(ctx_feats)
+        if intent is not None:
+            z = z + self.intent(intent)
+        return torch.tanh(z)
+
+    def gates(self, I: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        """I (…, K, d), C (…, c) -> α (…, K)."""
+        prior = torch.log_softmax(self.log_prior, 0)                   # (K,)
+        if not self.cfg.use_gates:
+            return torch.softmax(prior, 0).expand(I.shape[:-1])
+        hid = torch.einsum("...kd,kdc->...kc", I, self.gate_a) + torch.einsum("...c,kcj->...kj", C, self.gate_b)
+        g = (torch.tanh(hid) * self.gate_v).sum(-1)                    # (…, K)
+        return torch.softmax(prior + g, dim=-1)
+
+    def combine(self, I: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """I (…, K, d), α (…, K) -> u (…, D)."""
+        weighted = alpha.unsqueeze(-1) * I                             # (…, K, d)
+        if self.cfg.combine == "concat":
+            return self.out(weighted.flatten(-2))                      # (…, K·d) -> (…, D)
+        return self.out(weighted.sum(-2))                              # (…, d) -> (…, D)
+
+    def user_vectors(self, h: torch.Tensor, ctx_feats: torch.Tensor, intent: torch.Tensor | None = None):
+        I = self.dimensions(h)
+        alpha = self.gates(I, self.context(ctx_feats, intent))
+        return self.combine(I, alpha), I, alpha
+
+    # ---- training ---------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Next-item loss at every supervised position plus λ · auxiliary losses."""
+        h = self.encoder(batch)                                        # (B, T, U)
+        sup = batch["targets"] > 0                                     # (B, T)
+        intent = batch.get("intent")
+        u, I, _ = self.user_vectors(h[sup], batch["ctx_feats"][sup], intent[sup] if intent is not None else None)
+        targets = batch["targets"][sup]                                # (P,)
+        loss = next_item_loss(u, self.items.all(), targets, self.cfg.loss, self.log_q, self.cfg.n_negatives)
+        parts = {"next_item": loss.item()}
+        if self.cfg.aux_weight > 0 and len(self.aux):
+            aux = self.aux_losses(I, targets, batch["next_rating"][sup], batch["next_log_gap"][sup],
+                                  batch["next_hour"][sup])
+            parts.update({k: v.item() for k, v in aux.items()})
+            loss = loss + self.cfg.aux_weight * sum(aux.values())
+        return loss, parts
+
+    def aux_losses(self, I, targets, next_rating, next_log_gap, next_hour) -> dict[str, torch.Tensor]:
+        """I (P, K, d) -> one loss per named dimension, each predicted from that dimension alone."""
+        out = {}
+        for k, name in enumerate(self.cfg.dims):
+            pred = self.aux[name](I[:, k])
+            if name == "topic":
+                out[name] = F.binary_cross_entropy_with_logits(pred, self.item_genres[targets])
+            elif name == "sentiment":
+                out[name] = F.cross_entropy(pred, next_rating)
+            else:
+                out[name] = F.mse_loss(pred[:, 0], next_log_gap) + F.cross_entropy(pred[:, 1:], next_hour)
+        return out
+
+    # ---- serving ----------------------------------------------------------------------------
+    def last_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return last_position(self.encoder(batch), batch["lengths"])     # (B, U)
+
+    @torch.no_grad()
+    def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scores (B, N+1) for the next item after each right-padded history, in its context."""
+        h = self.last_hidden(batch)
+        intent = batch.get("intent")
+        lengths = batch["lengths"]
+        ctx = last_position(batch["ctx_feats"], lengths)
+        intent = last_position(intent, lengths) if intent is not None else None
+        return self.score_state(h, ctx, intent)
+
+    @torch.no_grad()
+    def score_state(self, h: torch.Tensor, ctx_feats: torch.Tensor, intent: torch.Tensor | None = None) -> torch.Tensor:
+        """From LSTM states h (B, U) and context (B, 5) [+ intent (B, 384)] -> scores (B, N+1)."""
+        u, _, _ = self.user_vectors(h, ctx_feats, intent)
+        return u @ self.items.all().T
+
+    @torch.no_grad()
+    def explain(self, h: torch.Tensor, ctx_feats: torch.Tensor, intent: torch.Tensor | None = None,
+                top_k: int = 5) -> dict:
+        """Gate weights α (B, K) and, per dimension, the items that dimension alone ranks first."""
+        I = self.dimensions(h)                                         # (B, K, d)
+        alpha = self.gates(I, self.context(ctx_feats, intent))         # (B, K)
+        eye = torch.eye(self.K, device=h.device)                       # one-hot α: each dimension alone
+        u_k = self.combine(I.unsqueeze(1).expand(-1, self.K, -1, -1), eye.expand(h.shape[0], -1, -1))  # (B, K, D)
+        per_dim = u_k @ self.items.all().T                             # (B, K, N+1)
+        per_dim[..., 0] = -torch.inf
+        top = per_dim.topk(top_k, dim=-1)
+        return {"dims": list(self.cfg.dim_names), "alpha": alpha, "top_items": top.indices, "top_scores": top.values}
+
+    # ---- incremental state ------------------------------------------------------------------
+    @torch.no_grad()
+    def advance(self, state, items: torch.Tensor, ratings: torch.Tensor, event_feats: torch.Tensor):
+        """Advance (h, c) (each (1, B, U), or None for a new user) by events (B, T) -> new state."""
+        _, state = self.encoder.run(items, ratings, event_feats, state)
+        return state

