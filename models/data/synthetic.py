@@ -57,11 +57,13 @@ def planted_weights(hour: np.ndarray, log_gap: np.ndarray) -> np.ndarray:
 
 def _items(cfg: SyntheticConfig, rng: np.random.Generator):
     n = cfg.n_items
-    genre1 = rng.integers(0, cfg.n_genres, n)
-    genre2 = np.where(rng.random(n) < 0.4, rng.integers(0, cfg.n_genres, n), -1)
-    genre2 = np.where(genre2 == genre1, -1, genre2)
-    daypart = rng.integers(0, len(DAYPARTS), n)
     series = np.arange(n) // cfg.series_len
+    n_series = int(series.max()) + 1
+    # A series shares its genres and its part of the day.
+    genre1 = rng.integers(0, cfg.n_genres, n_series)[series]
+    genre2 = np.where(rng.random(n_series) < 0.4, rng.integers(0, cfg.n_genres, n_series), -1)[series]
+    genre2 = np.where(genre2 == genre1, -1, genre2)
+    daypart = rng.integers(0, len(DAYPARTS), n_series)[series]
     pop = rng.pareto(1.5, n) + 1.0                                     # long-tailed popularity
     quality = rng.normal(0, 0.6, n)
     titles, genres, tags = [], [], []
@@ -79,6 +81,8 @@ def _items(cfg: SyntheticConfig, rng: np.random.Generator):
 
 
 def _pick(pool: np.ndarray, pop: np.ndarray, rng: np.random.Generator) -> int:
+    if len(pool) == 0:                                                 # tiny catalogues: any item
+        pool = np.arange(len(pop))
     w = pop[pool]
     return int(pool[rng.choice(len(pool), p=w / w.sum())])
 
@@ -126,7 +130,9 @@ def generate(config: SyntheticConfig | None = None) -> RawData:
             else:
                 item = _pick(by_daypart[int(h // 6)], pop, rng)
             affinity = cfg.n_genres * float(theta @ onehot[item]) / onehot[item].sum()
-            score = 1.0 + 4.0 / (1.0 + np.exp(-(1.5 * (affinity - 1.0) + quality[item]))) + rng.normal(0, 0.4)
+            # Sentiment carries over when binge-watching a liked series; daypart viewing is casual.
+            mood = {0: 0.0, 1: 1.5, 2: -0.8}[src]
+            score = 1.0 + 4.0 / (1.0 + np.exp(-(1.5 * (affinity - 1.0) + quality[item] + mood))) + rng.normal(0, 0.4)
             rating = float(np.clip(np.rint(score), 1, 5))
             if rating >= 4:
                 liked = item

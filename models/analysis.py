@@ -1,0 +1,61 @@
+"""Gate weights over whole histories, and how well they recover the synthetic data's planted truth."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from models.decomposer import InterestDecomposer
+from models.training import batch_builder
+
+
+@torch.no_grad()
+def gates_over_history(model: InterestDecomposer, data, users: np.ndarray | None = None,
+                       batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """α for predicting every event but each user's first, from the events before it.
+
+    -> (alpha (M, K), target event index (M,)). Histories longer than the model's max_len are
+    read in their last max_len events.
+    """
+    users = np.arange(data.n_users) if users is None else np.asarray(users)
+    starts_all, ends_all = data.user_offsets[users], data.user_offsets[users + 1] - 1   # inputs [s, e)
+    starts_all = np.maximum(starts_all, ends_all - model.cfg.max_len)
+    user_starts = data.user_offsets[users]
+    builder = batch_builder(data)
+    model.eval()
+    alphas, targets = [], []
+    for lo in range(0, len(users), batch_size):
+        sl = slice(lo, lo + batch_size)
+        batch = builder(starts_all[sl], ends_all[sl], user_starts[sl])
+        h = model.encoder(batch)                                        # (B, T, U)
+        sup = batch["targets"] > 0
+        _, _, alpha = model.user_vectors(h[sup], batch["ctx_feats"][sup])  # (P, K)
+        T = h.shape[1]
+        idx = starts_all[sl, None] + np.arange(T)[None, :] + 1          # target of each position
+        alphas.append(alpha.numpy())
+        targets.append(idx[sup.numpy()])
+    return np.concatenate(alphas), np.concatenate(targets)
+
+
+def planted_weights(data) -> np.ndarray:
+    """(E, 3) planted (topic, sentiment, time) weights aligned with the prepared event arrays."""
+    truth = pq.read_table(Path(data.path) / "truth.parquet").to_pandas()
+    truth = truth.set_index(["user", "seq"])[["pi_topic", "pi_sentiment", "pi_time"]]
+    user_idx = np.repeat(np.arange(1, data.n_users + 1), np.diff(data.user_offsets))
+    seq = np.arange(len(user_idx)) - data.user_offsets[user_idx - 1]
+    keys = list(zip(data.user_source_ids[user_idx].tolist(), seq.tolist()))
+    return truth.loc[keys].to_numpy()
+
+
+def gate_recovery(model: InterestDecomposer, data) -> dict[str, float]:
+    """Pearson correlation between planted and learned weight of each named dimension."""
+    alpha, targets = gates_over_history(model, data)
+    planted = planted_weights(data)[targets]
+    out = {}
+    for j, name in enumerate(("topic", "sentiment", "time")):
+        if name in model.cfg.dim_names:
+            k = model.cfg.dim_names.index(name)
+            out[name] = float(np.corrcoef(alpha[:, k], planted[:, j])[0, 1])
+    return out
