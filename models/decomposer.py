@@ -3,6 +3,12 @@
 h_t = LSTM(e_≤t);  I_{t,k} = f_k(h_t) ∈ R^d;  α_{t,k} = softmax_k(log w_k + g(I_{t,k}, C_t));
 Î_t = [α_1 I_1; …; α_K I_K] (concat) or Σ_k α_k I_k (sum);  u_t = W_o Î_t;  s(i) = u_t · q_i.
 Named dimensions are anchored by auxiliary predictions of the next event from I_{t,k} alone.
+
+A third combine mode, "mixture", makes α a probability over dimensions:
+p(i) = Σ_k α_k softmax_i(u_{t,k} · q_i) with u_{t,k} = W_k I_{t,k}. In concat mode a dimension
+can carry a negative preference, so a gate weight going *down* can mean its items going up;
+in mixture mode α_k is the share of the next event explained by dimension k, which is what
+the synthetic data plants. It costs K softmaxes over the catalogue per position.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ class DecomposerConfig:
     n_latent: int = 1                # unanchored dimensions added after the named ones
     dim_size: int = 32               # d: size of each I_{t,k}
     context_dim: int = 32            # size of the encoded context C_t
-    combine: str = "concat"          # "concat" | "sum"
+    combine: str = "concat"          # "concat" | "sum" | "mixture"
     aux_weight: float = 0.1          # λ (0 = purely latent dimensions)
     dropout: float = 0.2
     max_len: int = 200
@@ -48,8 +54,8 @@ class DecomposerConfig:
             raise ValueError(f"dims: unknown dimension(s) {sorted(unknown)}; choose from {NAMED_DIMENSIONS}")
         if len(self.dims) + self.n_latent < 1:
             raise ValueError("dims/n_latent: the model needs at least one dimension")
-        if self.combine not in ("concat", "sum"):
-            raise ValueError(f"combine must be 'concat' or 'sum', got {self.combine!r}")
+        if self.combine not in ("concat", "sum", "mixture"):
+            raise ValueError(f"combine must be 'concat', 'sum' or 'mixture', got {self.combine!r}")
         self.dim_names = self.dims + tuple(f"latent_{j + 1}" for j in range(self.n_latent))
 
     def to_dict(self) -> dict:
@@ -77,7 +83,7 @@ class InterestDecomposer(nn.Module):
         self.gate_b = nn.Parameter(torch.randn(K, c, c) * c ** -0.5)
         self.gate_v = nn.Parameter(torch.zeros(K, c))
         self.log_prior = nn.Parameter(torch.zeros(K))                 # log w_k (softmax-normalised)
-        self.out = nn.Linear(K * d if cfg.combine == "concat" else d, cfg.item_dim)
+        self.out = nn.Linear(d if cfg.combine == "sum" else K * d, cfg.item_dim)  # W_o = [W_1 … W_K]
         # Auxiliary heads anchoring the named dimensions.
         self.aux = nn.ModuleDict()
         if "topic" in cfg.dims:
@@ -119,11 +125,24 @@ class InterestDecomposer(nn.Module):
         return torch.softmax(prior + g, dim=-1)
 
     def combine(self, I: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        """I (…, K, d), α (…, K) -> u (…, D)."""
+        """I (…, K, d), α (…, K) -> u (…, D) (concat and sum modes)."""
         weighted = alpha.unsqueeze(-1) * I                             # (…, K, d)
-        if self.cfg.combine == "concat":
-            return self.out(weighted.flatten(-2))                      # (…, K·d) -> (…, D)
-        return self.out(weighted.sum(-2))                              # (…, d) -> (…, D)
+        if self.cfg.combine == "sum":
+            return self.out(weighted.sum(-2))                          # (…, d) -> (…, D)
+        return self.out(weighted.flatten(-2))                          # (…, K·d) -> (…, D)
+
+    def dimension_vectors(self, I: torch.Tensor) -> torch.Tensor:
+        """I (…, K, d) -> u_k (…, K, D): the user vector of each dimension alone."""
+        if self.cfg.combine == "sum":
+            return self.out(I)                                         # (…, K, D)
+        W = self.out.weight.unflatten(1, (self.K, self.cfg.dim_size))  # (D, K, d)
+        return torch.einsum("...kd,ekd->...ke", I, W) + self.out.bias  # (…, K, D)
+
+    def mixture_log_probs(self, I: torch.Tensor, alpha: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
+        """log Σ_k α_k softmax(u_k · q) -> (P, N+1) log-probabilities over the catalogue."""
+        logits = self.dimension_vectors(I) @ item_vecs.T               # (P, K, N+1)
+        logits[..., 0] = -1e9                                          # padding; finite keeps logsumexp grads finite
+        return torch.logsumexp(torch.log_softmax(logits, -1) + torch.log(alpha.clamp_min(1e-12)).unsqueeze(-1), dim=1)
 
     def user_vectors(self, h: torch.Tensor, ctx_feats: torch.Tensor, intent: torch.Tensor | None = None):
         I = self.dimensions(h)
@@ -136,9 +155,13 @@ class InterestDecomposer(nn.Module):
         h = self.encoder(batch)                                        # (B, T, U)
         sup = batch["targets"] > 0                                     # (B, T)
         intent = batch.get("intent")
-        u, I, _ = self.user_vectors(h[sup], batch["ctx_feats"][sup], intent[sup] if intent is not None else None)
+        u, I, alpha = self.user_vectors(h[sup], batch["ctx_feats"][sup], intent[sup] if intent is not None else None)
         targets = batch["targets"][sup]                                # (P,)
-        loss = next_item_loss(u, self.items.all(), targets, self.cfg.loss, self.log_q, self.cfg.n_negatives)
+        if self.cfg.combine == "mixture":
+            log_p = self.mixture_log_probs(I, alpha, self.items.all())  # (P, N+1)
+            loss = F.nll_loss(log_p, targets)
+        else:
+            loss = next_item_loss(u, self.items.all(), targets, self.cfg.loss, self.log_q, self.cfg.n_negatives)
         parts = {"next_item": loss.item()}
         if self.cfg.aux_weight > 0 and len(self.aux):
             aux = self.aux_losses(I, targets, batch["next_rating"][sup], batch["next_log_gap"][sup],
@@ -177,7 +200,9 @@ class InterestDecomposer(nn.Module):
     @torch.no_grad()
     def score_state(self, h: torch.Tensor, ctx_feats: torch.Tensor, intent: torch.Tensor | None = None) -> torch.Tensor:
         """From LSTM states h (B, U) and context (B, 5) [+ intent (B, 384)] -> scores (B, N+1)."""
-        u, _, _ = self.user_vectors(h, ctx_feats, intent)
+        u, I, alpha = self.user_vectors(h, ctx_feats, intent)
+        if self.cfg.combine == "mixture":
+            return self.mixture_log_probs(I, alpha, self.items.all())
         return u @ self.items.all().T
 
     @torch.no_grad()
@@ -186,9 +211,7 @@ class InterestDecomposer(nn.Module):
         """Gate weights α (B, K) and, per dimension, the items that dimension alone ranks first."""
         I = self.dimensions(h)                                         # (B, K, d)
         alpha = self.gates(I, self.context(ctx_feats, intent))         # (B, K)
-        eye = torch.eye(self.K, device=h.device)                       # one-hot α: each dimension alone
-        u_k = self.combine(I.unsqueeze(1).expand(-1, self.K, -1, -1), eye.expand(h.shape[0], -1, -1))  # (B, K, D)
-        per_dim = u_k @ self.items.all().T                             # (B, K, N+1)
+        per_dim = self.dimension_vectors(I) @ self.items.all().T       # (B, K, N+1)
         per_dim[..., 0] = -torch.inf
         top = per_dim.topk(top_k, dim=-1)
         return {"dims": list(self.cfg.dim_names), "alpha": alpha, "top_items": top.indices, "top_scores": top.values}

@@ -23,7 +23,7 @@ from models.training import TrainConfig, evaluate, fit, new_model
 MODEL_KINDS = ("decomposer", "lstm", "sasrec", "popular")
 PROTOCOLS = {"loo": 1, "last10": 10}
 # Learning rates found on ml-latest-small validation: the LSTM models train faster with a larger step.
-TRAIN_DEFAULTS = {"decomposer": {"lr": 3e-3}, "lstm": {"lr": 3e-3}, "sasrec": {"lr": 1e-3}, "popular": {}}
+TRAIN_DEFAULTS = {"decomposer": {"lr": 1e-2}, "lstm": {"lr": 1e-2}, "sasrec": {"lr": 1e-3}, "popular": {}}
 
 
 def train_config(kind: str, **overrides) -> TrainConfig:

@@ -23,7 +23,7 @@ def first_batch(data, split, n=8, intent_rate=0.0):
                                rng=np.random.default_rng(0))
 
 
-@pytest.mark.parametrize("combine", ["concat", "sum"])
+@pytest.mark.parametrize("combine", ["concat", "sum", "mixture"])
 def test_decomposer_shapes(tiny_data, split, combine):
     torch.manual_seed(0)
     m = new_model("decomposer", tiny_data, split, combine=combine, n_latent=2)

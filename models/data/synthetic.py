@@ -43,6 +43,7 @@ class SyntheticConfig:
     drift: float = 0.08          # per-event pull of the genre preference towards a new target
     seed: int = 0
     start: int = 1_577_836_800   # 2020-01-01T00:00:00Z
+    version: int = 3             # of the generator: prepared data from another version is not reused
 
 
 def planted_weights(hour: np.ndarray, log_gap: np.ndarray) -> np.ndarray:
@@ -59,9 +60,10 @@ def _items(cfg: SyntheticConfig, rng: np.random.Generator):
     n = cfg.n_items
     series = np.arange(n) // cfg.series_len
     n_series = int(series.max()) + 1
-    # A series shares its genres and its part of the day.
-    genre1 = rng.integers(0, cfg.n_genres, n_series)[series]
-    genre2 = np.where(rng.random(n_series) < 0.4, rng.integers(0, cfg.n_genres, n_series), -1)[series]
+    # A series shares its part of the day; its episodes differ in genre, so that only the
+    # sentiment source (binge the series just liked) explains series continuation.
+    genre1 = rng.integers(0, cfg.n_genres, n)
+    genre2 = np.where(rng.random(n) < 0.4, rng.integers(0, cfg.n_genres, n), -1)
     genre2 = np.where(genre2 == genre1, -1, genre2)
     daypart = rng.integers(0, len(DAYPARTS), n_series)[series]
     pop = rng.pareto(1.5, n) + 1.0                                     # long-tailed popularity
@@ -129,10 +131,10 @@ def generate(config: SyntheticConfig | None = None) -> RawData:
                 item = int(min(max(nxt, 0), cfg.n_items - 1))
             else:
                 item = _pick(by_daypart[int(h // 6)], pop, rng)
-            affinity = cfg.n_genres * float(theta @ onehot[item]) / onehot[item].sum()
-            # Sentiment carries over when binge-watching a liked series; daypart viewing is casual.
-            mood = {0: 0.0, 1: 1.5, 2: -0.8}[src]
-            score = 1.0 + 4.0 / (1.0 + np.exp(-(1.5 * (affinity - 1.0) + quality[item] + mood))) + rng.normal(0, 0.4)
+            # The rating reflects the mood of the moment: high when binge-watching a liked series,
+            # casual for daypart viewing; not the genre preference (that is the topic's business).
+            mood = {0: 0.0, 1: 1.8, 2: -1.0}[src]
+            score = 3.0 + quality[item] + mood + rng.normal(0, 0.5)
             rating = float(np.clip(np.rint(score), 1, 5))
             if rating >= 4:
                 liked = item

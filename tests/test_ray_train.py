@@ -1,0 +1,156 @@
+"""Ray Train: user shards, DDP over two workers, checkpoints, failure recovery, resume, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import ray
+
+from models import checkpoint
+from models.batching import make_split
+from models.metrics import summarize
+from models.training import evaluate
+from ray_app.data import SetupError, user_ranges
+from ray_app.train import BEST_FILE, METRIC, main, parse_model_args
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def train(data, storage, name, *extra) -> int:
+    return main(["--dataset", str(data.path), "--storage-path", str(storage), "--name", name,
+                 "--num-cpus", "2", *extra])
+
+
+def best_record(storage, name) -> dict:
+    return json.loads((storage / name / BEST_FILE).read_text())
+
+
+# ---- no cluster needed ---------------------------------------------------------------------
+
+def test_set_overrides_are_typed_and_checked():
+    got = parse_model_args("decomposer", ["lstm_units=32", "dims=topic,time", "use_gates=false", "dropout=0.1"])
+    assert got == {"lstm_units": 32, "dims": ("topic", "time"), "use_gates": False, "dropout": 0.1}
+    with pytest.raises(SetupError, match="bogus.*choose from.*lstm_units"):
+        parse_model_args("decomposer", ["bogus=1"])
+    with pytest.raises(SetupError, match="lstm_units=many"):
+        parse_model_args("decomposer", ["lstm_units=many"])
+    with pytest.raises(SetupError, match="fixed by the dataset"):
+        parse_model_args("lstm", ["n_items=5"])
+    with pytest.raises(SetupError, match="combine"):
+        parse_model_args("decomposer", ["combine=max"])
+    with pytest.raises(SetupError, match="KEY=VALUE"):
+        parse_model_args("sasrec", ["hidden"])
+
+
+def test_unknown_set_key_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "lstm", "--set", "gates=2"])
+    assert e.value.code == 2
+    assert "--set gates: not a setting of LSTMConfig" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_user_ranges_cover_every_user_once(tiny_data, n):
+    split = make_split(tiny_data.user_offsets, 1)
+    r = user_ranges(tiny_data, split, 4, n)
+    assert r.bounds[0] == 0 and r.bounds[-1] == tiny_data.n_users and np.all(np.diff(r.bounds) > 0)
+    assert r.events[-1] == tiny_data.n_events
+    assert r.windows.max() - r.windows.min() < 2 * 5   # each cut is off by less than one user (<= 5 windows)
+
+
+# ---- bad input: clear errors before training ------------------------------------------------
+
+def test_missing_and_malformed_datasets(cluster, tiny_data, tmp_path, capsys):
+    assert main(["--dataset", str(tmp_path / "nowhere"), "--storage-path", str(tmp_path)]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_data.path, broken)
+    (broken / "interactions.parquet").write_bytes(b"not parquet")
+    assert main(["--dataset", str(broken), "--storage-path", str(tmp_path / "runs"), "--name", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "not a usable prepared dataset" in err or "unreadable prepared dataset" in err
+    (broken / "manifest.json").write_text("{")
+    assert main(["--dataset", str(broken), "--storage-path", str(tmp_path / "runs"), "--name", "x"]) == 2
+    assert "manifest.json: not valid JSON" in capsys.readouterr().err
+    assert not list((tmp_path / "runs" / "x").glob("epoch_*"))
+
+
+def test_unwritable_storage(cluster, tiny_data, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert train(tiny_data, blocker / "runs", "x") == 2
+    assert "cannot write the run folder" in capsys.readouterr().err
+
+
+def test_impossible_resource_requests(cluster, tiny_data, tmp_path, capsys):
+    assert train(tiny_data, tmp_path, "x", "--num-workers", "3") == 2
+    assert "3 workers × 1 CPU need 3 CPU, the cluster has 2" in capsys.readouterr().err
+    assert train(tiny_data, tmp_path, "y", "--use-gpu") == 2
+    assert "the cluster has 0 (no GPU at all)" in capsys.readouterr().err
+    assert train(tiny_data, tmp_path, "z", "--cpus-per-worker", "4") == 2
+    assert "need 4 CPU" in capsys.readouterr().err
+
+
+# ---- training ------------------------------------------------------------------------------
+
+ARGS = ("--num-workers", "2", "--epochs", "3", "--patience", "5", "--set", "lstm_units=16",
+        "--set", "dim_size=8", "--set", "max_len=8", "--batch-size", "8")
+
+
+@pytest.fixture(scope="module")
+def faulted(cluster, tiny_data, tmp_path_factory):
+    """Two workers; rank 0 dies once in epoch 2 and the group restarts from the last checkpoint."""
+    storage = tmp_path_factory.mktemp("ray-runs")
+    assert train(tiny_data, storage, "fault", *ARGS, "--fail-at-epoch", "2", "--max-failures", "1") == 0
+    return storage
+
+
+def test_fault_is_recovered_with_the_same_result(faulted, tiny_data):
+    assert (faulted / "fault" / ".fault-injected").is_file()           # the worker really died once
+    faulty = best_record(faulted, "fault")
+    assert [h["epoch"] for h in faulty["history"]] == [1, 2, 3]
+    assert train(tiny_data, faulted, "clean", *ARGS) == 0
+    clean = best_record(faulted, "clean")
+    # The resumed run replays the lost epoch with the same batches: the same model comes out.
+    np.testing.assert_allclose([h[METRIC] for h in faulty["history"]], [h[METRIC] for h in clean["history"]],
+                               rtol=1e-6)
+
+
+def test_checkpoints_hold_model_vocabulary_metrics_and_optimizer(faulted, tiny_data):
+    best = best_record(faulted, "fault")
+    assert best[METRIC] == max(h[METRIC] for h in best["history"])
+    assert best["metrics"]["valid_targets"] == tiny_data.n_users      # every user, not one worker's shard
+    model, meta = checkpoint.load(best["model"])
+    assert model.cfg.lstm_units == 16 and meta["epoch"] == best["epoch"]
+    np.testing.assert_array_equal(meta["item_source_ids"].numpy(), tiny_data.item_source_ids)
+    folder = faulted / "fault" / f"epoch_{best['epoch']:04d}"
+    assert {p.name for p in folder.iterdir()} >= {"model.pt", "optimizer.pt", "train_state.json"}
+    # Gathered shard metrics equal one evaluation over all users with the saved weights.
+    local = summarize(evaluate(model, tiny_data, make_split(tiny_data.user_offsets, 1), "valid")["masked"])
+    assert local["ndcg@10"] == pytest.approx(best[METRIC], abs=1e-9)
+
+
+def test_same_name_resumes(faulted, tiny_data):
+    before = best_record(faulted, "fault")["history"]
+    assert train(tiny_data, faulted, "fault", *ARGS[:2], "--epochs", "4", *ARGS[4:]) == 0
+    after = best_record(faulted, "fault")["history"]
+    assert [h["epoch"] for h in after] == [1, 2, 3, 4]
+    assert after[:3] == before                                          # epochs 1-3 were not trained again
+
+
+def test_single_worker_bf16_cpu_path(cluster, tiny_data, tmp_path):
+    """The --use-gpu code path with use_gpu=False: get_device() is the CPU, autocast runs in bfloat16."""
+    assert train(tiny_data, tmp_path, "bf16", "--model", "lstm", "--set", "lstm_units=8", "--bf16",
+                 "--epochs", "1", "--cpus-per-worker", "2") == 0
+    best = best_record(tmp_path, "bf16")
+    assert best["model_type"] == "lstm" and best["metrics"]["world_size"] == 1
+    assert np.isfinite(best["metrics"]["loss_next_item"])
