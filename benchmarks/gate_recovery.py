@@ -21,8 +21,8 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks.quality import RESULTS, machine  # noqa: E402
-from models.analysis import gates_over_history, gate_recovery, planted_weights  # noqa: E402
+from quality import RESULTS, machine  # noqa: E402  (sibling script)
+from models.analysis import correlation_matrix, gate_recovery, gates_over_history, planted_weights  # noqa: E402
 from models.batching import make_split  # noqa: E402
 from models.data import load_prepared, prepare_source  # noqa: E402
 from models.run import train_config  # noqa: E402
@@ -50,9 +50,9 @@ def main(argv=None) -> int:
         per_seed[seed] = gate_recovery(model, data)
         alpha, targets = gates_over_history(model, data)
         planted = planted_all[targets]
-        matrices.append(np.corrcoef(np.concatenate([planted, alpha[:, :3]], 1).T)[:3, 3:])
+        matrices.append(correlation_matrix(model, data)[:, :3])
         print(f"seed {seed}: " + ", ".join(f"{k} r={v:+.3f}" for k, v in per_seed[seed].items()))
-    mean = {k: float(np.mean([s[k] for s in per_seed.values()])) for k in SOURCES}
+    mean = {k: float(np.mean([s[k] for s in per_seed.values()])) for k in (*SOURCES, "matched")}
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     for j, name in enumerate(SOURCES):
         bins = np.arange(25)

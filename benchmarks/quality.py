@@ -87,7 +87,7 @@ def aggregate(runs: dict, protocol: str) -> tuple[list[dict], dict]:
     user_mean = {n: np.mean([r["user_ndcg@10"] for r in rs], axis=0) for n, rs in by_variant.items()}
     boot = {}
     for other in ("sasrec", "lstm", "decomposer"):
-        for name in ("decomposer", "decomposer + intent text"):
+        for name in ("decomposer", "decomposer + intent text", "decomposer (mixture)"):
             if name in user_mean and other in user_mean and name != other:
                 boot[f"{name} − {other}"] = paired_bootstrap(user_mean[name], user_mean[other])
     return rows, boot

@@ -49,13 +49,24 @@ def planted_weights(data) -> np.ndarray:
     return truth.loc[keys].to_numpy()
 
 
-def gate_recovery(model: InterestDecomposer, data) -> dict[str, float]:
-    """Pearson correlation between planted and learned weight of each named dimension."""
+def correlation_matrix(model: InterestDecomposer, data) -> np.ndarray:
+    """(3, K) Pearson correlation of each planted source weight with each learned gate weight."""
     alpha, targets = gates_over_history(model, data)
     planted = planted_weights(data)[targets]
-    out = {}
-    for j, name in enumerate(("topic", "sentiment", "time")):
-        if name in model.cfg.dim_names:
-            k = model.cfg.dim_names.index(name)
-            out[name] = float(np.corrcoef(alpha[:, k], planted[:, j])[0, 1])
+    K = alpha.shape[1]
+    return np.corrcoef(np.concatenate([planted, alpha], 1).T)[:3, 3:3 + K]
+
+
+def gate_recovery(model: InterestDecomposer, data) -> dict[str, float]:
+    """Correlation between planted and learned weight of each named dimension, and `matched`:
+    the mean correlation under the best one-to-one assignment of sources to dimensions, i.e.
+    how well the gates recover the context dependence whatever names the dimensions took."""
+    import itertools
+
+    r = correlation_matrix(model, data)
+    names = model.cfg.dim_names
+    out = {name: float(r[j, names.index(name)]) for j, name in enumerate(("topic", "sentiment", "time"))
+           if name in names}
+    out["matched"] = float(max(np.mean([r[j, k] for j, k in enumerate(perm)])
+                               for perm in itertools.permutations(range(len(names)), 3)))
     return out

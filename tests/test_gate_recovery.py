@@ -4,7 +4,10 @@ The full figure (three seeds, the planted × learned matrix) is benchmarks/gate_
 The data plants a mixture of sources, so the model runs in its "mixture" combine mode, where
 α_k is the share of the next event explained by dimension k (in concat mode a gate can act
 through a negative preference, so |r| is large but its sign is not fixed; the benchmark
-shows both).
+shows both). Which dimension takes which source is not fixed by the auxiliary losses alone:
+across seeds the benchmark finds the planted names on some seeds and a permutation on others,
+so the robust check is `matched` (best one-to-one assignment); the names are checked on the
+default seed.
 """
 from __future__ import annotations
 
@@ -28,5 +31,6 @@ def test_gates_recover_planted_context_dependence(tmp_path, encoder_cache):
     model = new_model("decomposer", data, split, combine="mixture")
     fit(model, data, split, train_config("decomposer", epochs=30, patience=30, lr=5e-3), progress=False)
     r = gate_recovery(model, data)
+    assert r["matched"] > 0.5, r           # the gates follow the planted context dependence
     for name in ("topic", "sentiment", "time"):
-        assert r[name] > 0.4, r
+        assert r[name] > 0.4, r            # and, on this seed, under the planted names
