@@ -1,6 +1,7 @@
 """Gate weights over whole histories, and how well they recover the synthetic data's planted truth."""
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -49,21 +50,18 @@ def planted_weights(data) -> np.ndarray:
     return truth.loc[keys].to_numpy()
 
 
-def correlation_matrix(model: InterestDecomposer, data) -> np.ndarray:
-    """(3, K) Pearson correlation of each planted source weight with each learned gate weight."""
-    alpha, targets = gates_over_history(model, data)
-    planted = planted_weights(data)[targets]
-    K = alpha.shape[1]
-    return np.corrcoef(np.concatenate([planted, alpha], 1).T)[:3, 3:3 + K]
+def correlation_matrix(planted: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """planted (M, 3), alpha (M, K) -> (3, K) Pearson correlation of each source with each gate."""
+    return np.corrcoef(np.concatenate([planted, alpha], 1).T)[:3, 3:]
 
 
-def gate_recovery(model: InterestDecomposer, data) -> dict[str, float]:
+def gate_recovery(model: InterestDecomposer, data, gates: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
     """Correlation between planted and learned weight of each named dimension, and `matched`:
     the mean correlation under the best one-to-one assignment of sources to dimensions, i.e.
-    how well the gates recover the context dependence whatever names the dimensions took."""
-    import itertools
-
-    r = correlation_matrix(model, data)
+    how well the gates recover the context dependence whatever names the dimensions took.
+    `gates` = a `gates_over_history` result already computed for this model."""
+    alpha, targets = gates if gates is not None else gates_over_history(model, data)
+    r = correlation_matrix(planted_weights(data)[targets], alpha)
     names = model.cfg.dim_names
     out = {name: float(r[j, names.index(name)]) for j, name in enumerate(("topic", "sentiment", "time"))
            if name in names}

@@ -15,6 +15,13 @@ import torch
 from models.features import hour_bucket, log_gap_hours, moment_features, rating_bucket
 
 
+def flat_ranges(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated ranges [starts[i], starts[i] + counts[i]) -> (owner row (M,), index (M,))."""
+    rows = np.repeat(np.arange(len(counts)), counts)
+    within = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    return rows, np.repeat(starts, counts) + within
+
+
 @dataclass
 class Split:
     """Per-user held-out positions, as absolute indices into the event arrays."""
@@ -35,11 +42,9 @@ def make_split(user_offsets: np.ndarray, n_test: int = 1) -> Split:
         raise ValueError("every user needs at least 3 events (prepare drops shorter users)")
     k = np.minimum(n_test, length - 2)                      # (U,)
     valid_pos = end - k - 1
-    test_user = np.repeat(np.arange(len(k)), k)             # (M,)
-    first_test = np.repeat(end - k, k)
-    within = np.arange(len(test_user)) - np.repeat(np.cumsum(k) - k, k)
+    test_user, test_pos = flat_ranges(end - k, k)           # (M,), (M,)
     return Split(n_test, start.astype(np.int64), valid_pos.astype(np.int64),
-                 (first_test + within).astype(np.int64), test_user.astype(np.int64))
+                 test_pos.astype(np.int64), test_user.astype(np.int64))
 
 
 def training_windows(split: Split, max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -49,8 +54,7 @@ def training_windows(split: Split, max_len: int) -> tuple[np.ndarray, np.ndarray
     """
     n_pred = split.valid_pos - split.user_start - 1         # (U,) supervised positions per user
     n_win = np.maximum(0, -(-n_pred // max_len))             # ceil division
-    rows = np.repeat(np.arange(len(n_pred)), n_win)
-    w = np.arange(len(rows)) - np.repeat(np.cumsum(n_win) - n_win, n_win)
+    rows, w = flat_ranges(np.zeros_like(n_win), n_win)
     ends = split.valid_pos[rows] - 1 - w * max_len
     starts = np.maximum(split.user_start[rows], ends - max_len)
     return starts, ends, rows

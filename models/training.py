@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from models.batching import (BatchBuilder, IntentTable, Split, eval_samples, length_bucketed_batches,
-                             training_windows)
+from models.batching import (BatchBuilder, IntentTable, Split, eval_samples, flat_ranges,
+                             length_bucketed_batches, training_windows)
 from models.checkpoint import build
 from models.metrics import rank_metrics, summarize, target_ranks
 
@@ -58,8 +58,7 @@ def batch_builder(data) -> BatchBuilder:
 
 def training_counts(data, split: Split) -> np.ndarray:
     """(N+1,) number of training events of each item."""
-    n_train = split.valid_pos - split.user_start
-    pos = np.repeat(split.user_start, n_train) + (np.arange(n_train.sum()) - np.repeat(np.cumsum(n_train) - n_train, n_train))
+    _, pos = flat_ranges(split.user_start, split.valid_pos - split.user_start)
     return np.bincount(data.items[pos], minlength=data.n_items + 1)
 
 
@@ -101,9 +100,7 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, builder: Batch
 
 def history_mask(items: np.ndarray, user_starts: np.ndarray, targets: np.ndarray, n_items: int) -> torch.Tensor:
     """(B, N+1) bool: the items each user interacted with before its target."""
-    counts = targets - user_starts
-    rows = np.repeat(np.arange(len(targets)), counts)
-    pos = np.repeat(user_starts, counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))
+    rows, pos = flat_ranges(user_starts, targets - user_starts)
     mask = torch.zeros(len(targets), n_items + 1, dtype=torch.bool)
     mask[torch.from_numpy(rows), torch.from_numpy(items[pos])] = True
     return mask
