@@ -1,0 +1,127 @@
+"""pydantic models of every HTTP request and response of the Serve app.
+
+Requests forbid unknown fields so that a typo ("userid") is a 422 naming it instead of a
+silently ignored field. Item ids on the wire are SOURCE ids, never the model's indices.
+"""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+MAX_K = 100
+MAX_HISTORY = 1000  # inline history and events per POST
+MAX_INTENT_CHARS = 500
+MAX_USER_ID_CHARS = 128
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- shared pieces ---------------------------------------------------------------------
+class EventIn(_Request):
+    item_id: int = Field(description="source item id")
+    rating: float = Field(ge=0.5, le=5.0, allow_inf_nan=False)
+    timestamp: float = Field(ge=0, allow_inf_nan=False, description="unix seconds")
+
+
+class Context(_Request):
+    timestamp: float | None = Field(default=None, ge=0, allow_inf_nan=False, description="unix seconds; default now")
+    intent: str | None = Field(default=None, min_length=1, max_length=MAX_INTENT_CHARS, description="free text")
+
+
+class Item(BaseModel):
+    item_id: int
+    title: str
+    genres: list[str]
+    score: float
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+    field: str | None = None
+
+
+# -- requests --------------------------------------------------------------------------
+class RecommendRequest(_Request):
+    user_id: str | None = Field(default=None, min_length=1, max_length=MAX_USER_ID_CHARS)
+    history: list[EventIn] | None = Field(default=None, max_length=MAX_HISTORY)
+    context: Context = Field(default_factory=Context)
+    k: int = Field(default=10, ge=1, le=MAX_K)
+    exclude_seen: bool = True
+    explain: bool = False
+
+    @field_validator("history")
+    @classmethod
+    def _one_of_user_or_history(cls, history: list[EventIn] | None, info: ValidationInfo) -> list[EventIn] | None:
+        # Declared after user_id, so user_id is already in info.data when it validated.
+        if history and info.data.get("user_id") is not None:
+            raise ValueError("give either user_id or history, not both")
+        return history
+
+
+class EventsRequest(_Request):
+    events: list[EventIn] = Field(min_length=1, max_length=MAX_HISTORY)
+
+
+# -- responses -------------------------------------------------------------------------
+class Health(BaseModel):
+    status: str
+    model_version: str
+    n_items: int
+    n_users: int
+    dimensions: list[str]
+
+
+class RecommendResponse(BaseModel):
+    user_id: str | None
+    model_version: str
+    n_events: int
+    items: list[Item]
+    gates: dict[str, float]
+    explanation: dict[str, list[Item]] | None = None
+
+
+class EventsResponse(BaseModel):
+    user_id: str
+    accepted: int
+    n_events: int
+
+
+class UserSummary(BaseModel):
+    user_id: str
+    n_events: int
+
+
+class UsersResponse(BaseModel):
+    users: list[UserSummary]
+
+
+class UserEvent(BaseModel):
+    item_id: int
+    title: str
+    genres: list[str]
+    rating: float
+    timestamp: float
+
+
+class UserEventsResponse(BaseModel):
+    user_id: str
+    events: list[UserEvent]
+
+
+class InterestStep(BaseModel):
+    index: int
+    item_id: int
+    title: str
+    timestamp: float
+    gates: dict[str, float]
+
+
+class InterestsResponse(BaseModel):
+    user_id: str
+    dimensions: list[str]
+    steps: list[InterestStep]
+
+
+class ItemsResponse(BaseModel):
+    items: list[Item]

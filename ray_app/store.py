@@ -1,0 +1,217 @@
+"""Durable per-user event log plus a cache of each user's LSTM state.
+
+The events are the source of truth; a `StoredState` is a cache that the serving decomposer
+rebuilds from the events when it is missing or was produced by another model version.
+`open_store(url)` picks the backend: SQLite (embedded, one node) or Redis (several nodes).
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class Event:
+    item_id: int  # the SOURCE item id (MovieLens movieId / synthetic item id), not the model's index
+    rating: float
+    timestamp: float  # unix seconds
+
+
+@dataclass(frozen=True)
+class StoredState:
+    model_version: str  # which checkpoint produced it; a state from another version is ignored (rebuilt)
+    n_events: int  # how many of the user's events it has consumed
+    blob: bytes  # the serialised LSTM (h, c), e.g. numpy float32 bytes
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """Thread-safe; every method may be called from several processes at once."""
+
+    def append_events(self, user_id: str, events: Sequence[Event]) -> int: ...
+    def events(self, user_id: str, start: int = 0, limit: int | None = None) -> list[Event]: ...
+    def count_events(self, user_id: str) -> int: ...
+    def get_state(self, user_id: str) -> StoredState | None: ...
+    def put_state(self, user_id: str, state: StoredState) -> None: ...
+    def users(self, prefix: str = "", limit: int = 50) -> list[tuple[str, int]]: ...
+    def bulk_load(self, user_events: Mapping[str, Sequence[Event]]) -> None: ...
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    user_id  TEXT PRIMARY KEY,
+    n_events INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    user_id   TEXT    NOT NULL,
+    seq       INTEGER NOT NULL,
+    item_id   INTEGER NOT NULL,
+    rating    REAL    NOT NULL,
+    timestamp REAL    NOT NULL,
+    PRIMARY KEY (user_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS states (
+    user_id       TEXT PRIMARY KEY,
+    model_version TEXT    NOT NULL,
+    n_events      INTEGER NOT NULL,
+    blob          BLOB    NOT NULL
+);
+"""
+
+
+class SQLiteStore:
+    """SQLite in WAL mode with synchronous=FULL: a committed append survives a crash.
+
+    Each thread gets its own connection (sqlite3 connections are not shareable across
+    threads); writers take the database lock with BEGIN IMMEDIATE, so appends from several
+    processes serialise and sequence numbers never collide.
+    """
+
+    def __init__(self, path: str, timeout_s: float = 30.0):
+        if path != ":memory:":
+            parent = os.path.dirname(os.path.abspath(path))
+            os.makedirs(parent, exist_ok=True)
+        self.path = path
+        self._timeout_s = timeout_s
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        # executescript manages its own transaction; CREATE IF NOT EXISTS makes it idempotent.
+        self._conn().executescript(_SCHEMA)
+
+    # -- connections -----------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        if self._closed:
+            raise RuntimeError(f"store {self.path!r} is closed")
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves.
+            conn = sqlite3.connect(self.path, timeout=self._timeout_s, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA busy_timeout={int(self._timeout_s * 1000)}")
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
+    class _write:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
+
+        def __init__(self, conn: sqlite3.Connection):
+            self.conn = conn
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.conn.execute("BEGIN IMMEDIATE")
+            return self.conn
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            if exc_type is None:
+                self.conn.execute("COMMIT")
+            else:
+                self.conn.execute("ROLLBACK")
+
+    # -- events ----------------------------------------------------------------------
+    def append_events(self, user_id: str, events: Sequence[Event]) -> int:
+        conn = self._conn()
+        with self._write(conn):
+            row = conn.execute("SELECT n_events FROM users WHERE user_id = ?", (user_id,)).fetchone()
+            n = row[0] if row else 0
+            conn.executemany(
+                "INSERT INTO events (user_id, seq, item_id, rating, timestamp) VALUES (?, ?, ?, ?, ?)",
+                [(user_id, n + i, int(e.item_id), float(e.rating), float(e.timestamp)) for i, e in enumerate(events)],
+            )
+            total = n + len(events)
+            conn.execute(
+                "INSERT INTO users (user_id, n_events) VALUES (?, ?) "
+                "ON CONFLICT(user_id) DO UPDATE SET n_events = excluded.n_events",
+                (user_id, total),
+            )
+        return total
+
+    def events(self, user_id: str, start: int = 0, limit: int | None = None) -> list[Event]:
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        rows = self._conn().execute(
+            "SELECT item_id, rating, timestamp FROM events WHERE user_id = ? AND seq >= ? ORDER BY seq LIMIT ?",
+            (user_id, start, -1 if limit is None else max(int(limit), 0)),
+        ).fetchall()
+        return [Event(int(i), float(r), float(t)) for i, r, t in rows]
+
+    def count_events(self, user_id: str) -> int:
+        row = self._conn().execute("SELECT n_events FROM users WHERE user_id = ?", (user_id,)).fetchone()
+        return int(row[0]) if row else 0
+
+    # -- state cache -----------------------------------------------------------------
+    def get_state(self, user_id: str) -> StoredState | None:
+        row = self._conn().execute(
+            "SELECT model_version, n_events, blob FROM states WHERE user_id = ?", (user_id,)
+        ).fetchone()
+        return StoredState(row[0], int(row[1]), bytes(row[2])) if row else None
+
+    def put_state(self, user_id: str, state: StoredState) -> None:
+        # A slower writer must not overwrite a newer state of the same model version.
+        conn = self._conn()
+        with self._write(conn):
+            conn.execute(
+                "INSERT INTO states (user_id, model_version, n_events, blob) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(user_id) DO UPDATE SET model_version = excluded.model_version, "
+                "n_events = excluded.n_events, blob = excluded.blob "
+                "WHERE states.model_version != excluded.model_version OR excluded.n_events >= states.n_events",
+                (user_id, state.model_version, int(state.n_events), sqlite3.Binary(state.blob)),
+            )
+
+    # -- users -----------------------------------------------------------------------
+    def users(self, prefix: str = "", limit: int = 50) -> list[tuple[str, int]]:
+        rows = self._conn().execute(
+            "SELECT user_id, n_events FROM users WHERE substr(user_id, 1, ?) = ? ORDER BY user_id LIMIT ?",
+            (len(prefix), prefix, max(int(limit), 0)),
+        ).fetchall()
+        return [(u, int(n)) for u, n in rows]
+
+    def bulk_load(self, user_events: Mapping[str, Sequence[Event]]) -> None:
+        conn = self._conn()
+        with self._write(conn):
+            for user_id, events in user_events.items():
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO users (user_id, n_events) VALUES (?, ?)", (user_id, len(events))
+                )
+                if cur.rowcount == 0:  # already present: idempotent reload
+                    continue
+                conn.executemany(
+                    "INSERT INTO events (user_id, seq, item_id, rating, timestamp) VALUES (?, ?, ?, ?, ?)",
+                    [(user_id, i, int(e.item_id), float(e.rating), float(e.timestamp)) for i, e in enumerate(events)],
+                )
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for conn in self._all:
+                try:
+                    conn.close()
+                except sqlite3.ProgrammingError:  # closed from another thread already
+                    pass
+            self._all.clear()
+
+
+_SCHEMES = "sqlite:///PATH (relative; sqlite:////abs/path for an absolute one) or redis://host:port/db"
+
+
+def open_store(url: str) -> StateStore:
+    """`sqlite:///relative.db`, `sqlite:////abs/path.db` (SQLAlchemy convention) or `redis://host:port/db`."""
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):]
+        if not path:
+            raise ValueError(f"store URL {url!r} has no file path; accepted: {_SCHEMES}")
+        return SQLiteStore(path)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from ray_app.store_redis import RedisStore  # lazily: redis is only needed for this backend
+
+        return RedisStore(url)
+    raise ValueError(f"unsupported store URL {url!r}; accepted: {_SCHEMES}")
