@@ -1,0 +1,353 @@
+"""The main job: prepare → train (Ray Train) → evaluate against the baselines → serve → demo.
+
+    python -m ray_app.main                                   # embedded synthetic data
+    python -m ray_app.main --dataset ml-latest-small         # MovieLens (../shared copy, a folder/zip, or a download)
+    python -m ray_app.main --checkpoint runs/ray/RUN         # skip training
+    python -m ray_app.main --tune 8                          # an 8-trial search first, then train its best config
+
+It keeps serving the API and the demo until Ctrl-C, then shuts everything down.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+log = logging.getLogger("dynamic_interest.main")
+
+BASELINES = ("popular", "lstm", "sasrec")
+# Rough peak memory of preparation and training per event (arrays, windows, Parquet buffers).
+BYTES_PER_EVENT = 600
+KNOWN_EVENTS = {"ml-100k": 100_000, "ml-latest-small": 100_836, "ml-1m": 1_000_209, "ml-10m": 10_000_054,
+                "ml-25m": 25_000_095, "ml-32m": 32_000_204}
+
+
+class NewcomerError(RuntimeError):
+    """A problem with a one-line explanation and its fix (printed without a traceback)."""
+
+
+@dataclass
+class MainSettings:
+    dataset: str = "synthetic"
+    data_dir: Path | None = None
+    checkpoint: Path | None = None        # skip training: a model.pt or a Ray Train run folder
+    tune_samples: int = 0                 # > 0: a tuning search first, its best config is trained
+    model_args: list[str] = field(default_factory=list)   # KEY=VALUE overrides of the decomposer
+    epochs: int = 60
+    patience: int = 8
+    baselines: tuple[str, ...] = BASELINES
+    seed: int = 0
+    host: str = "127.0.0.1"
+    port: int = 8000
+    demo_port: int = 7860
+    demo: bool = True
+    smoke: bool = False                   # a tiny run for tests: small synthetic data, 2 epochs
+    runs: Path = Path("runs/main")
+    num_cpus: int | None = None
+
+
+# ---- checks a newcomer benefits from, before anything starts --------------------------------
+
+def check_port(host: str, port: int, what: str, flag: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            raise NewcomerError(f"port {port} ({what}) is already in use — another copy of this job or "
+                                f"another server is running there: stop it, or pick a free port with {flag} {port + 10}") from None
+
+
+def check_memory(dataset: str, free_bytes: int | None = None) -> None:
+    import psutil
+
+    events = KNOWN_EVENTS.get(dataset)
+    if events is None:
+        return
+    need = events * BYTES_PER_EVENT
+    free = psutil.virtual_memory().available if free_bytes is None else free_bytes
+    if need > free:
+        raise NewcomerError(f"{dataset} needs about {need / 2**30:.1f} GiB of memory to prepare and train, "
+                            f"this machine has {free / 2**30:.1f} GiB free: use --dataset ml-latest-small "
+                            f"(or ml-1m), or run it on a cluster (see k8s/README.md)")
+
+
+def check_ray() -> None:
+    """Join a cluster only when asked to (RAY_ADDRESS); a stray local one would be joined silently."""
+    from ray._private.services import find_gcs_addresses
+
+    if os.environ.get("RAY_ADDRESS"):
+        print(f"joining the Ray cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']}", flush=True)
+    elif find_gcs_addresses():
+        raise NewcomerError("Ray is already running on this machine (a `ray start` cluster): stop it with "
+                            "`ray stop`, or run on it on purpose with RAY_ADDRESS=auto")
+
+
+def preflight(s: MainSettings) -> None:
+    check_port(s.host, s.port, "the API", "--port")
+    if s.demo:
+        check_port(s.host, s.demo_port, "the demo", "--demo-port")
+    check_memory(s.dataset)
+    check_ray()
+
+
+# ---- the stages ------------------------------------------------------------------------------
+
+def prepare(s: MainSettings) -> Path:
+    from models.data.errors import DataFormatError
+    from models.data.prepare import prepare_source
+    from models.data.synthetic import SyntheticConfig
+
+    synthetic = SyntheticConfig(n_users=120, n_items=150, min_events=10, max_events=30) if s.smoke else None
+    name = f"{s.dataset}-smoke" if s.smoke else s.dataset
+    print(f"\n==> preparing {s.dataset}", flush=True)
+    try:
+        return prepare_source(s.dataset, Path("runs/data") / name, data_dir=s.data_dir, synthetic_config=synthetic)
+    except urllib.error.URLError as e:
+        raise NewcomerError(f"could not download {s.dataset} ({e.reason}); without network, pass a local copy: "
+                            f"--data-dir path/to/{s.dataset}.zip or its unpacked folder") from None
+    except DataFormatError as e:
+        raise NewcomerError(str(e)) from None
+
+
+def tune(s: MainSettings, prepared: Path) -> dict:
+    """A short search; returns the model overrides of its best trial."""
+    from tuning.search import SearchSettings, run_search
+
+    print(f"\n==> tuning: {s.tune_samples} trials", flush=True)
+    best = run_search(SearchSettings(dataset=str(prepared), num_samples=s.tune_samples, seed=s.seed,
+                                     storage_path=str((s.runs / "tune").resolve())))
+    return best["model_args"]
+
+
+def train(s: MainSettings, prepared: Path, model_args: dict) -> Path:
+    from ray_app.train import RayTrainSettings, SetupError, run
+
+    print("\n==> training the decomposer with Ray Train", flush=True)
+    settings = RayTrainSettings(dataset=str(prepared), model="decomposer", model_args=model_args,
+                                epochs=2 if s.smoke else s.epochs, patience=s.patience, seed=s.seed,
+                                storage_path=str((s.runs / "ray").resolve()))
+    try:
+        best = run(settings, num_cpus=s.num_cpus)
+    except SetupError as e:
+        raise NewcomerError(str(e)) from None
+    return Path(best["model"])
+
+
+def evaluate(s: MainSettings, prepared: Path, checkpoint_path: Path) -> str:
+    """The trained decomposer and the baselines on the same split -> the printed table."""
+    import torch
+
+    from models import checkpoint
+    from models.batching import make_split
+    from models.data.dataset import load_prepared
+    from models.metrics import summarize
+    from models.run import format_table, train_config
+    from models.training import evaluate as evaluate_model
+    from models.training import fit, new_model
+
+    data = load_prepared(prepared)
+    split = make_split(data.user_offsets, 1)
+    model, _ = checkpoint.load(checkpoint_path)
+    rows = [("decomposer", model, False), ("decomposer + intent text", model, True)]
+    for kind in s.baselines:
+        print(f"\n==> baseline {kind}", flush=True)
+        torch.manual_seed(s.seed)
+        base = new_model(kind, data, split)
+        fit(base, data, split, train_config(kind, epochs=2 if s.smoke else s.epochs, patience=s.patience,
+                                            seed=s.seed), desc=kind)
+        rows.append((kind, base, False))
+    table = []
+    for name, m, intent in rows:
+        ev = evaluate_model(m, data, split, "test", with_intent=intent)
+        masked, unmasked = summarize(ev["masked"]), summarize(ev["unmasked"])
+        table.append({"model": name, **{k: f"{masked[k]:.4f}" for k in ("hr@10", "ndcg@10", "mrr", "hr@20")},
+                      "ndcg@10 unmasked": f"{unmasked['ndcg@10']:.4f}"})
+    return format_table(table, ["model", "hr@10", "ndcg@10", "mrr", "hr@20", "ndcg@10 unmasked"])
+
+
+def wait_until_up(url: str, what: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise NewcomerError(f"{what} exited with status {proc.returncode} while starting; see its output above")
+        try:
+            if httpx.get(url, timeout=2.0).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise NewcomerError(f"{what} did not answer at {url} within {timeout_s:.0f} s")
+
+
+def start_serve(s: MainSettings, prepared: Path, checkpoint_path: Path) -> str:
+    from ray import serve
+
+    from ray_app.serve import AppArgs, build_app
+
+    print("\n==> deploying the Serve app (encoder → decomposer → combiner)", flush=True)
+    s.runs.mkdir(parents=True, exist_ok=True)
+    store = f"sqlite:///{(s.runs / 'state.db').resolve()}"
+    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.run(build_app(AppArgs(checkpoint=str(checkpoint_path), data_dir=str(prepared), store_url=store)),
+              name="dynamic-interest", route_prefix="/", blocking=False)
+    url = f"http://{s.host}:{s.port}"
+    wait_until_up(f"{url}/healthz", "the Serve app", 300)
+    return url
+
+
+def start_demo(s: MainSettings, api_url: str) -> tuple[subprocess.Popen, str]:
+    print("\n==> starting the Gradio demo", flush=True)
+    proc = subprocess.Popen([sys.executable, "-m", "gradio_demo", "--api", api_url, "--host", s.host,
+                             "--port", str(s.demo_port)])
+    url = f"http://{s.host}:{s.demo_port}"
+    wait_until_up(url, "the demo", 120, proc)
+    return proc, url
+
+
+def banner(api_url: str, demo_url: str | None, user_id: str, item_id: int) -> str:
+    lines = [
+        "",
+        "=" * 72,
+        f"API   {api_url}        (OpenAPI docs: {api_url}/docs)",
+        *([f"demo  {demo_url}"] if demo_url else []),
+        "",
+        "try:",
+        f"  curl -s {api_url}/recommend -H 'content-type: application/json' \\",
+        f"       -d '{{\"user_id\": \"{user_id}\", \"context\": {{\"intent\": \"something light and funny\"}}, \"k\": 5, \"explain\": true}}'",
+        f"  curl -s {api_url}/users/{user_id}/events -H 'content-type: application/json' \\",
+        f"       -d '{{\"events\": [{{\"item_id\": {item_id}, \"rating\": 4.5, \"timestamp\": {time.time():.0f}}}]}}'",
+        f"  curl -s '{api_url}/users/{user_id}/interests?last=20'",
+        f"  curl -s '{api_url}/items?q=space+adventure&k=5'",
+        "",
+        "Ctrl-C stops the API and the demo.",
+        "=" * 72,
+    ]
+    return "\n".join(lines)
+
+
+def example_ids(prepared: Path) -> tuple[str, int]:
+    from models.data.dataset import load_prepared
+
+    data = load_prepared(prepared)
+    return str(data.user_source_ids[0]), int(data.item_source_ids[1])
+
+
+# ---- the whole job ---------------------------------------------------------------------------
+
+def run(s: MainSettings) -> int:
+    import ray
+    from ray import serve
+
+    from ray_app.train import SetupError, connect, parse_model_args
+
+    preflight(s)
+    try:
+        model_args = parse_model_args("decomposer", s.model_args)
+    except SetupError as e:
+        raise NewcomerError(str(e)) from None
+    prepared = prepare(s)
+    connect(s.num_cpus)
+    demo = None
+    try:
+        if s.checkpoint is None:
+            if s.tune_samples:
+                model_args = {**tune(s, prepared), **model_args}
+            checkpoint_path = train(s, prepared, model_args)
+        else:
+            checkpoint_path = resolve_checkpoint(s.checkpoint)
+        print("\n" + evaluate(s, prepared, checkpoint_path), flush=True)
+        api_url = start_serve(s, prepared, checkpoint_path)
+        demo_url = None
+        if s.demo:
+            demo, demo_url = start_demo(s, api_url)
+        print(banner(api_url, demo_url, *example_ids(prepared)), flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(1.0):
+            if demo is not None and demo.poll() is not None:
+                raise NewcomerError(f"the demo exited with status {demo.returncode}; see its output above")
+    finally:
+        print("\nshutting down…", flush=True)
+        if demo is not None and demo.poll() is None:
+            demo.terminate()
+            try:
+                demo.wait(15)
+            except subprocess.TimeoutExpired:
+                demo.kill()
+        if ray.is_initialized():
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+    return 0
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    path = Path(path)
+    if path.is_dir() and (path / "best_checkpoint.json").is_file():
+        return Path(json.loads((path / "best_checkpoint.json").read_text())["model"])
+    if path.is_dir() and (path / "model.pt").is_file():
+        return path / "model.pt"
+    if path.is_file():
+        return path
+    raise NewcomerError(f"--checkpoint {path}: not a model.pt file nor a training run folder "
+                        "(one holding best_checkpoint.json)")
+
+
+def parse_args(argv=None) -> MainSettings:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="synthetic", help="synthetic | ml-latest-small | ml-1m | ml-25m | ...")
+    p.add_argument("--data-dir", type=Path, help="MovieLens folder or .zip (else the ../shared copy or a download)")
+    p.add_argument("--checkpoint", type=Path, help="serve this checkpoint (model.pt or a run folder): no training")
+    p.add_argument("--tune", type=int, default=0, metavar="N", help="run an N-trial search first, train its best config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="decomposer config override")
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--patience", type=int, default=8)
+    p.add_argument("--baselines", default=",".join(BASELINES), help="comma-separated; empty for none")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--host", default="127.0.0.1", help="where the API and the demo listen (0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="API port")
+    p.add_argument("--demo-port", type=int, default=7860)
+    p.add_argument("--no-demo", action="store_true", help="serve the API only")
+    p.add_argument("--smoke", action="store_true", help="a tiny run (small synthetic data, 2 epochs): a quick check")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    a = p.parse_args(argv)
+    baselines = tuple(b.strip() for b in a.baselines.split(",") if b.strip())
+    bad = [b for b in baselines if b not in BASELINES]
+    if bad:
+        p.error(f"--baselines: unknown {bad}; choose from {', '.join(BASELINES)}")
+    if a.smoke:
+        baselines = tuple(b for b in baselines if b == "popular")
+    return MainSettings(dataset=a.dataset, data_dir=a.data_dir, checkpoint=a.checkpoint, tune_samples=a.tune,
+                        model_args=a.set, epochs=a.epochs, patience=a.patience, baselines=baselines, seed=a.seed,
+                        host=a.host, port=a.port, demo_port=a.demo_port, demo=not a.no_demo, smoke=a.smoke,
+                        num_cpus=a.num_cpus)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    s = parse_args(argv)
+    try:
+        return run(s)
+    except NewcomerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The README's first command, end to end: set up, prepare, train, evaluate, serve, demo, Ctrl-C.
+
+The job runs as the README shows it (`bash scripts/main.sh`), with `--smoke` for a small budget;
+on CI this is a clean clone, so `scripts/setup.sh` has just built a clean virtual environment.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ray_app import main as main_job
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, proc: subprocess.Popen, timeout_s: float) -> httpx.Response:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the main job exited early with status {proc.returncode}"
+        try:
+            r = httpx.get(url, timeout=3.0)
+            if r.status_code == 200:
+                return r
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    raise AssertionError(f"{url} did not answer within {timeout_s} s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_first_command_serves_the_api_and_the_demo(tmp_path):
+    api_port, demo_port = free_port(), free_port()
+    log = tmp_path / "main.log"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["bash", "scripts/main.sh", "--smoke", "--port", str(api_port),
+                                 "--demo-port", str(demo_port), "--num-cpus", "2"],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        api = f"http://127.0.0.1:{api_port}"
+        health = wait_for(f"{api}/healthz", proc, 600).json()
+        assert health["status"] == "ok" and health["n_items"] > 0
+        wait_for(f"http://127.0.0.1:{demo_port}/", proc, 120)
+        # The banner comes after both are up; give the job a moment to print it.
+        deadline = time.monotonic() + 30
+        while "Ctrl-C stops" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        text = log.read_text()
+        assert "ndcg@10" in text and "popular" in text, "the evaluation table was not printed"
+        assert f"{api}/docs" in text and f"127.0.0.1:{demo_port}" in text
+
+        user = httpx.get(f"{api}/users", params={"limit": 1}, timeout=10).json()["users"][0]["user_id"]
+        rec = httpx.post(f"{api}/recommend", json={"user_id": user, "k": 5}, timeout=30)
+        assert rec.status_code == 200, rec.text
+        items = [i["item_id"] for i in rec.json()["items"]]
+        assert len(items) == 5
+        ev = httpx.post(f"{api}/users/{user}/events",
+                        json={"events": [{"item_id": items[0], "rating": 5.0, "timestamp": time.time()}]}, timeout=30)
+        assert ev.status_code == 200, ev.text
+        assert ev.json()["accepted"] == 1
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)              # what Ctrl-C in the terminal sends
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise AssertionError("the main job did not shut down within 120 s of Ctrl-C:\n" + log.read_text()[-3000:])
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert "shutting down" in log.read_text()
+    with socket.socket() as s:                              # the API port is free again
+        s.bind(("127.0.0.1", api_port))
+
+
+def test_port_in_use_is_one_line_with_the_fix():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "ray_app.main", "--port", str(port), "--no-demo"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"port {port}" in lines[0] and "--port" in lines[0]
+
+
+def test_not_enough_memory_names_the_dataset_and_a_smaller_one():
+    with pytest.raises(main_job.NewcomerError, match=r"ml-32m needs about .* GiB .*ml-latest-small"):
+        main_job.check_memory("ml-32m", free_bytes=2 * 2**30)
+    main_job.check_memory("ml-latest-small", free_bytes=2 * 2**30)
+
+
+def test_bad_checkpoint_path_is_explained(tmp_path):
+    with pytest.raises(main_job.NewcomerError, match="--checkpoint"):
+        main_job.resolve_checkpoint(tmp_path / "missing")
