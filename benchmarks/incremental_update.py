@@ -1,0 +1,231 @@
+"""Incremental update benchmark: one new event advances a user's LSTM state in O(1) of the history.
+
+    python benchmarks/incremental_update.py                          # model level, then through HTTP
+    python benchmarks/incremental_update.py --skip-http              # model level only
+    python benchmarks/incremental_update.py --checkpoint runs/x/decomposer.pt --data runs/data/synthetic
+
+Two levels, same history lengths (default 50, 200, 500, 1000):
+  model  `InterestDecomposer.advance` by one event from a stored (h, c), against recomputing the
+         state from the whole history (one `advance` from None over every event), in-process.
+  http   `POST /users/{id}/events` with one event to the running Serve app for users whose stored
+         history has that length; then the same request after the stored state was invalidated
+         (a state of another model version, which the app must ignore and rebuild from the events),
+         i.e. the cost of recomputing from the full history through the same endpoint; and the
+         following `POST /recommend`, which must reflect the new event.
+Targets (issue 5): latency(1000) / latency(50) <= 1.5 and recompute(1000) / update(1000) >= 10.
+Records benchmarks/results/incremental_update.json and incremental_update.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from serve_common import (DEFAULT_CHECKPOINT, DEFAULT_DATA, RESULTS, command_line,  # sibling script
+                          ensure_checkpoint, machine, percentiles, random_events)
+from models import checkpoint as ckpt
+from models.data import load_prepared
+from models.features import moment_features, rating_bucket
+
+
+def event_tensors(model, events: list[dict], index_of: dict[int, int], prev_ts: float | None):
+    """API events -> the (1, T) item / rating-bucket tensors and (1, T, 5) features `advance` takes."""
+    items = np.array([index_of[e["item_id"]] for e in events], dtype=np.int64)
+    ratings = rating_bucket(np.array([e["rating"] for e in events]))
+    ts = np.array([e["timestamp"] for e in events], dtype=np.float64)
+    before = np.concatenate([[prev_ts if prev_ts is not None else ts[0]], ts[:-1]])
+    feats = moment_features(ts, ts - before)
+    return (torch.from_numpy(items)[None], torch.from_numpy(ratings)[None], torch.from_numpy(feats)[None])
+
+
+def timed(fn, repeats: int) -> list[float]:
+    fn()                                                              # warm-up (allocator, first-call paths)
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def model_level(model, index_of: dict[int, int], source_ids: np.ndarray, lengths: list[int], repeats: int,
+                seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    rows = {}
+    for n in lengths:
+        history = random_events(source_ids, n + 1, rng)
+        past, new = history[:-1], history[-1:]
+        state = model.advance(None, *event_tensors(model, past, index_of, None))       # (h, c) each (1, 1, U)
+        step = event_tensors(model, new, index_of, past[-1]["timestamp"])
+        full = event_tensors(model, history, index_of, None)
+        inc = timed(lambda: model.advance(state, *step), repeats)
+        rec = timed(lambda: model.advance(None, *full), max(5, repeats // 10))
+        # The two paths must agree: the incremental state is the full recomputation's state.
+        h_inc, _ = model.advance(state, *step)
+        h_full, _ = model.advance(None, *full)
+        rows[n] = {"update": percentiles(inc), "recompute": percentiles(rec),
+                   "max_abs_state_diff": float((h_inc - h_full).abs().max())}
+        print(f"model  n={n:5d}: update p50 {rows[n]['update']['p50_ms']:.3f} ms, recompute p50 "
+              f"{rows[n]['recompute']['p50_ms']:.2f} ms (|Δh| {rows[n]['max_abs_state_diff']:.1e})", flush=True)
+    return rows
+
+
+def http_level(args, source_ids: np.ndarray, lengths: list[int]) -> dict:
+    import httpx
+    import ray
+    from ray import serve
+
+    from serve_common import wait_healthy
+    from ray_app.serve import AppArgs, build_app
+    from ray_app.store import StoredState, open_store
+
+    rng = np.random.default_rng(args.seed + 1)
+    base = f"http://127.0.0.1:{args.port}"
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="incremental-bench-") as tmp:
+        store_url = f"sqlite:///{tmp}/state.db"
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+            serve.run(build_app(AppArgs(checkpoint=str(args.checkpoint), data_dir=str(args.data), store_url=store_url)),
+                      name="bench", route_prefix="/")
+            health = wait_healthy(base)
+            store = open_store(store_url)
+            with httpx.Client(base_url=base, timeout=60.0) as client:
+                for n in lengths:
+                    rows[n] = _http_length(client, store, StoredState, health["model_version"], source_ids, n,
+                                           args.http_repeats, rng)
+            store.close()
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    return rows
+
+
+def _post(client, path: str, body: dict) -> tuple[float, dict]:
+    t0 = time.perf_counter()
+    r = client.post(path, json=body)
+    dt = time.perf_counter() - t0
+    if r.status_code != 200:
+        raise RuntimeError(f"POST {path} -> {r.status_code}: {r.text[:300]}")
+    return dt, r.json()
+
+
+def _http_length(client, store, StoredState, version: str, source_ids, n: int, repeats: int, rng) -> dict:
+    user = f"bench-incremental-{n}"
+    history = random_events(source_ids, n + 2 * repeats + 2, rng)
+    for i in range(0, n, 1000):                                       # the API takes at most 1000 per request
+        _post(client, f"/users/{user}/events", {"events": history[i:min(i + 1000, n)]})
+    _post(client, "/recommend", {"user_id": user, "k": 10})          # the stored state now covers n events
+    update, recommend_after, rebuild, fresh = [], [], [], 0
+    cursor = n
+    for _ in range(repeats):
+        ev = history[cursor]
+        cursor += 1
+        dt, got = _post(client, f"/users/{user}/events", {"events": [ev]})
+        update.append(dt)
+        dt, rec = _post(client, "/recommend", {"user_id": user, "k": 10, "context": {"timestamp": ev["timestamp"] + 60}})
+        recommend_after.append(dt)
+        fresh += rec["n_events"] == got["n_events"]
+    for _ in range(repeats):
+        # A state from another model version must be ignored: the next request recomputes from every event.
+        store.put_state(user, StoredState(model_version=f"invalidated-{version}", n_events=0, blob=b""))
+        ev = history[cursor]
+        cursor += 1
+        t0 = time.perf_counter()
+        _post(client, f"/users/{user}/events", {"events": [ev]})
+        _post(client, "/recommend", {"user_id": user, "k": 10, "context": {"timestamp": ev["timestamp"] + 60}})
+        rebuild.append(time.perf_counter() - t0)
+    row = {"post_event": percentiles(update), "recommend_after_event": percentiles(recommend_after),
+           "event_plus_recommend": percentiles(np.add(update, recommend_after)),
+           "event_plus_recommend_rebuilt": percentiles(rebuild),
+           "fresh_recommendations": f"{fresh}/{repeats}"}
+    print(f"http   n={n:5d}: POST event p50 {row['post_event']['p50_ms']:.1f} ms, event+recommend p50 "
+          f"{row['event_plus_recommend']['p50_ms']:.1f} ms, rebuilt {row['event_plus_recommend_rebuilt']['p50_ms']:.1f} ms,"
+          f" fresh {row['fresh_recommendations']}", flush=True)
+    return row
+
+
+def ratios(rows: dict, lengths: list[int], fast: str, slow: str) -> dict:
+    lo, hi = rows[lengths[0]], rows[lengths[-1]]
+    return {f"{fast}_p50_ratio_{lengths[-1]}_vs_{lengths[0]}": hi[fast]["p50_ms"] / lo[fast]["p50_ms"],
+            f"{slow}_vs_{fast}_p50_at_{lengths[-1]}": hi[slow]["p50_ms"] / hi[fast]["p50_ms"]}
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("model", [("update", "advance by 1 event"), ("recompute", "recompute from all events")])]
+    if record.get("http"):
+        panels.append(("http", [("post_event", "POST /users/{id}/events"),
+                                ("event_plus_recommend", "event + /recommend (stored state)"),
+                                ("event_plus_recommend_rebuilt", "event + /recommend (state rebuilt)")]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (level, series) in zip(axes[0], panels):
+        lengths = [int(n) for n in record[level]]
+        for key, label in series:
+            ax.plot(lengths, [record[level][str(n)][key]["p50_ms"] for n in lengths], marker="o", label=label)
+        ax.set(xscale="log", yscale="log", xlabel="events in the user's history", ylabel="p50 latency (ms)",
+               title=f"{level} level")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="decomposer checkpoint (trained if missing)")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="prepared dataset folder the checkpoint was trained on")
+    p.add_argument("--lengths", default="50,200,500,1000")
+    p.add_argument("--repeats", type=int, default=200, help="model-level timings per length")
+    p.add_argument("--http-repeats", type=int, default=30, help="HTTP timings per length")
+    p.add_argument("--skip-http", action="store_true")
+    p.add_argument("--port", type=int, default=8011)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS / "incremental_update.json")
+    args = p.parse_args(argv)
+    lengths = sorted(int(x) for x in args.lengths.split(","))
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ensure_checkpoint(args.checkpoint, args.data)
+    model, _ = ckpt.load(args.checkpoint)
+    source_ids = load_prepared(args.data).item_source_ids
+    index_of = {int(s): i for i, s in enumerate(source_ids) if i > 0}
+    torch.set_num_threads(1)                                         # one serving replica's share of the CPU
+    record = {"benchmark": "incremental_update", "checkpoint": str(args.checkpoint), "data": str(args.data),
+              "n_items": int(model.cfg.n_items), "lstm_units": int(model.cfg.lstm_units),
+              "machine": machine("2 shared cores; other engineers' jobs ran at the same time"),
+              "command": command_line(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch_threads": 1}
+    record["model"] = {str(n): r for n, r in model_level(model, index_of, source_ids, lengths, args.repeats,
+                                                         args.seed).items()}
+    figures = ratios({int(k): v for k, v in record["model"].items()}, lengths, "update", "recompute")
+    record["figures"] = {"model_" + k: v for k, v in figures.items()}
+    if not args.skip_http:
+        http = http_level(args, source_ids, lengths)
+        record["http"] = {str(n): r for n, r in http.items()}
+        for k, v in ratios(http, lengths, "post_event", "event_plus_recommend_rebuilt").items():
+            record["figures"]["http_" + k] = v
+        for k, v in ratios(http, lengths, "event_plus_recommend", "event_plus_recommend_rebuilt").items():
+            record["figures"]["http_" + k] = v
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1))
+    plot(record, args.out.with_suffix(".png"))
+    for k, v in record["figures"].items():
+        print(f"{k}: {v:.2f}")
+    print(f"recorded in {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

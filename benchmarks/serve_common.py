@@ -1,0 +1,108 @@
+"""Helpers shared by the serving benchmarks: machine record, synthetic event histories, the app's
+lifecycle on a local Ray cluster, and latency summaries.
+
+The app itself is `ray_app.serve.build_app`; this module only starts and stops it.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_CHECKPOINT = Path("runs/serve-bench/ml-latest-small/decomposer.pt")
+DEFAULT_DATA = Path("runs/data/ml-latest-small")
+
+
+def machine(busy_note: str | None = None) -> dict:
+    import ray
+    import torch
+
+    info = {"cpus": os.cpu_count(), "cpu": _cpu_model(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version(),
+            "load_avg_at_start": list(os.getloadavg())}
+    if busy_note:
+        info["note"] = busy_note
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def command_line() -> str:
+    return " ".join([Path(sys.executable).name, *sys.argv])
+
+
+def percentiles(seconds: list[float] | np.ndarray) -> dict:
+    """Latencies in seconds -> milliseconds summary (empty input -> zeros, count 0)."""
+    a = np.asarray(seconds, dtype=np.float64) * 1e3
+    if a.size == 0:
+        return {"count": 0, "mean_ms": 0.0, "p50_ms": 0.0, "p95_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
+    p50, p95, p99 = np.percentile(a, [50, 95, 99])
+    return {"count": int(a.size), "mean_ms": float(a.mean()), "p50_ms": float(p50), "p95_ms": float(p95),
+            "p99_ms": float(p99), "max_ms": float(a.max())}
+
+
+def random_events(item_source_ids: np.ndarray, n: int, rng: np.random.Generator, start: float = 1.6e9) -> list[dict]:
+    """`n` plausible events as API JSON: real catalogue ids, half-star ratings, increasing timestamps."""
+    ids = rng.choice(item_source_ids[1:], size=n)                    # [0] is the padding row
+    ratings = rng.integers(1, 11, size=n) / 2.0                      # 0.5 .. 5.0
+    ts = start + np.cumsum(rng.exponential(3 * 3600.0, size=n)).round()
+    return [{"item_id": int(i), "rating": float(r), "timestamp": float(t)} for i, r, t in zip(ids, ratings, ts)]
+
+
+def ensure_checkpoint(checkpoint: Path, data: Path, time_budget_s: float = 90.0) -> Path:
+    """Train a quick decomposer on `data` unless `checkpoint` exists (a few epochs: serving cost, not quality)."""
+    if checkpoint.is_file():
+        return checkpoint
+    dataset = "ml-latest-small" if "ml-latest-small" in str(data) else "synthetic"
+    cmd = [sys.executable, "-m", "models.run", "--dataset", dataset, "--prepared-dir", str(data),
+           "--models", "decomposer", "--epochs", "3", "--time-budget", str(time_budget_s),
+           "--out", str(checkpoint.parent)]
+    print("training a checkpoint:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    return checkpoint
+
+
+def wait_healthy(base_url: str, timeout_s: float = 180.0) -> dict:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{base_url}/healthz", timeout=5.0)
+            if r.status_code == 200:
+                return r.json()
+            last = f"HTTP {r.status_code}: {r.text[:200]}"
+        except httpx.HTTPError as e:
+            last = repr(e)
+        time.sleep(0.5)
+    raise TimeoutError(f"{base_url}/healthz not ready after {timeout_s:.0f}s ({last})")
+
+
+def replica_counts() -> dict[str, dict[str, int]]:
+    """{deployment: {replica state: count}} of every running app, from `serve.status()`."""
+    from ray import serve
+
+    out = {}
+    for app in serve.status().applications.values():
+        for name, dep in app.deployments.items():
+            out[name] = {str(getattr(k, "value", k)): int(v) for k, v in dep.replica_states.items()}
+    return out
+
+
+def running_replicas(counts: dict[str, dict[str, int]]) -> dict[str, int]:
+    return {name: states.get("RUNNING", 0) for name, states in counts.items()}
