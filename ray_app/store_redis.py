@@ -1,0 +1,174 @@
+"""`StateStore` on Redis: one event log and state cache shared by serving replicas on several nodes.
+
+Layout (every key under a namespace, default `di`):
+- `di:ev:<user>`  a list of packed events in append order (so the count is `LLEN`);
+- `di:st:<user>`  a hash `{v: model_version, n: n_events, b: blob}`, the state cache;
+- `di:users`      a sorted set of user ids with equal scores, so `ZRANGEBYLEX` lists them by id
+                  in the same byte order as SQLite's `ORDER BY user_id`;
+- `di:op:<token>` a short-lived marker per append call (see `_APPEND`).
+
+Every write is one Lua script, which Redis runs atomically and logs to the AOF as one unit, so
+the event list, the user set and the state never disagree. Durability comes from the server:
+with `appendonly yes` and `appendfsync always`, Redis fsyncs the AOF before it answers, so a
+returned `append_events` survives `kill -9` of the server (`durable` reports the setting).
+Redis Cluster is not supported (the scripts touch the global user set and a user's keys).
+"""
+from __future__ import annotations
+
+import logging
+import struct
+import uuid
+from collections.abc import Mapping, Sequence
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from ray_app.store import Event, StoredState
+
+log = logging.getLogger(__name__)
+
+# item_id int64, rating float64, timestamp float64: exact round trip of what SQLite stores.
+_EVENT = struct.Struct("<qdd")
+
+# The token makes an append exactly-once under the client's automatic retries: if the
+# connection drops after Redis ran the script but before the reply arrived, the retry carries
+# the same token and only reads the count. KEYS: ev, users, op; ARGV: ttl_s, user, events...
+# RPUSH goes in chunks because Lua's unpack() is bounded by the C stack (8000 values).
+_APPEND = """
+if redis.call('SET', KEYS[3], '1', 'NX', 'EX', tonumber(ARGV[1])) then
+  for i = 3, #ARGV, 1000 do redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
+  redis.call('ZADD', KEYS[2], 0, ARGV[2])
+end
+return redis.call('LLEN', KEYS[1])
+"""
+
+# Idempotent initial load of one user: skipped if the user is already known. KEYS: ev, users;
+# ARGV: user, events... -> 1 if loaded.
+_LOAD = """
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+for i = 2, #ARGV, 1000 do redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
+redis.call('ZADD', KEYS[2], 0, ARGV[1])
+return 1
+"""
+
+# A cache write never moves n_events backwards for the same model version (a slower replica
+# must not overwrite a newer state). KEYS: st; ARGV: version, n, blob -> 1 if written.
+_PUT_STATE = """
+local cur = redis.call('HMGET', KEYS[1], 'v', 'n')
+if cur[1] == ARGV[1] and tonumber(cur[2]) > tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'n', ARGV[2], 'b', ARGV[3])
+return 1
+"""
+
+
+def _pack(events: Sequence[Event]) -> list[bytes]:
+    return [_EVENT.pack(int(e.item_id), float(e.rating), float(e.timestamp)) for e in events]
+
+
+def _unpack(raw: bytes) -> Event:
+    item_id, rating, timestamp = _EVENT.unpack(raw)
+    return Event(item_id, rating, timestamp)
+
+
+class RedisStore:
+    """`redis://[:password@]host:port/db` (or `rediss://`, `unix://`); see the module docstring."""
+
+    def __init__(self, url: str, namespace: str = "di", op_ttl_s: int = 3600, retries: int = 8):
+        # Reconnect with backoff for about 2.5 s: long enough to ride out a server restart.
+        retry = Retry(ExponentialBackoff(cap=0.5, base=0.02), retries)
+        self.url = url
+        self._ns = namespace
+        self._op_ttl_s = op_ttl_s
+        self._r = redis.Redis.from_url(url, retry=retry, socket_connect_timeout=5, socket_timeout=30)
+        try:
+            self._r.ping()
+        except redis.ConnectionError as e:
+            raise ConnectionError(f"store URL {url!r}: cannot reach Redis ({e})") from None
+        self._append = self._r.register_script(_APPEND)
+        self._load = self._r.register_script(_LOAD)
+        self._put_state = self._r.register_script(_PUT_STATE)
+        self.durable = self._check_durability()
+
+    def _check_durability(self) -> bool | None:
+        """True if the server fsyncs the AOF on every write; None if CONFIG is not allowed."""
+        try:
+            conf = self._r.config_get("append*")
+        except redis.ResponseError:  # managed Redis often disables CONFIG
+            return None
+        durable = conf.get("appendonly") == "yes" and conf.get("appendfsync") == "always"
+        if not durable:
+            log.warning("Redis at %s runs appendonly=%s appendfsync=%s: acknowledged events can be lost "
+                        "in a crash; run it with --appendonly yes --appendfsync always",
+                        self.url, conf.get("appendonly"), conf.get("appendfsync"))
+        return durable
+
+    # -- keys ------------------------------------------------------------------------
+    def _ev(self, user_id: str) -> str:
+        return f"{self._ns}:ev:{user_id}"
+
+    def _st(self, user_id: str) -> str:
+        return f"{self._ns}:st:{user_id}"
+
+    @property
+    def _users(self) -> str:
+        return f"{self._ns}:users"
+
+    # -- events ----------------------------------------------------------------------
+    def append_events(self, user_id: str, events: Sequence[Event]) -> int:
+        return self._append_once(user_id, _pack(events), uuid.uuid4().hex)
+
+    def _append_once(self, user_id: str, packed: list[bytes], token: str) -> int:
+        keys = [self._ev(user_id), self._users, f"{self._ns}:op:{token}"]
+        return int(self._append(keys=keys, args=[self._op_ttl_s, user_id, *packed]))
+
+    def events(self, user_id: str, start: int = 0, limit: int | None = None) -> list[Event]:
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        if limit is not None and limit <= 0:
+            return []
+        end = -1 if limit is None else start + int(limit) - 1
+        return [_unpack(raw) for raw in self._r.lrange(self._ev(user_id), start, end)]
+
+    def count_events(self, user_id: str) -> int:
+        return int(self._r.llen(self._ev(user_id)))
+
+    # -- state cache -----------------------------------------------------------------
+    def get_state(self, user_id: str) -> StoredState | None:
+        got = self._r.hgetall(self._st(user_id))
+        if not got:
+            return None
+        return StoredState(got[b"v"].decode(), int(got[b"n"]), bytes(got[b"b"]))
+
+    def put_state(self, user_id: str, state: StoredState) -> None:
+        self._put_state(keys=[self._st(user_id)], args=[state.model_version, int(state.n_events), state.blob])
+
+    # -- users -----------------------------------------------------------------------
+    def users(self, prefix: str = "", limit: int = 50) -> list[tuple[str, int]]:
+        if limit <= 0:
+            return []
+        if prefix:
+            p = prefix.encode()
+            # b"\xff" never occurs in UTF-8, so "(p\xff" bounds every id that starts with p.
+            lo, hi = b"[" + p, b"(" + p + b"\xff"
+        else:
+            lo, hi = b"-", b"+"
+        ids = self._r.zrangebylex(self._users, lo, hi, start=0, num=int(limit))
+        with self._r.pipeline(transaction=False) as pipe:
+            for u in ids:
+                pipe.llen(self._ev(u.decode()))
+            counts = pipe.execute()
+        return [(u.decode(), int(n)) for u, n in zip(ids, counts)]
+
+    def bulk_load(self, user_events: Mapping[str, Sequence[Event]], chunk: int = 500) -> None:
+        # Pipelined in chunks of users: one round trip per chunk, each user atomic on its own.
+        items = list(user_events.items())
+        for i in range(0, len(items), chunk):
+            with self._r.pipeline(transaction=False) as pipe:
+                for user_id, events in items[i:i + chunk]:
+                    self._load(keys=[self._ev(user_id), self._users], args=[user_id, *_pack(events)], client=pipe)
+                pipe.execute()
+
+    def close(self) -> None:
+        self._r.close()
