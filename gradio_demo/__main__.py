@@ -1,0 +1,39 @@
+"""`python -m gradio_demo --api http://127.0.0.1:8000 --port 7860`
+
+Starts even when the API is not up yet: it says so here and on the page, and every action on
+the page tries the API again.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from gradio_demo.app import CSS, build_demo, describe_health
+from gradio_demo.client import DEFAULT_API, ApiClient, ApiError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m gradio_demo", description=__doc__.splitlines()[0])
+    p.add_argument("--api", default=DEFAULT_API, help="base URL of the recommender's HTTP API (default %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each API call")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    api = ApiClient(args.api, timeout=args.timeout)
+    try:
+        print(describe_health(api, api.health()), flush=True)
+    except ApiError as e:
+        print(f"Starting anyway: {e.message}", file=sys.stderr, flush=True)
+    demo = build_demo(api)
+    demo.launch(server_name=args.host, server_port=args.port, css=CSS, show_error=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""The Gradio Blocks page: pick a user, set the moment and intent, see the recommendations and
+the decomposition, mark an item as watched and watch the interests move.
+
+Every handler talks to the HTTP API through `ApiClient` and turns an `ApiError` into a message
+in the status line; nothing else of a failure reaches the page.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gradio as gr
+
+from gradio_demo import views
+from gradio_demo.client import ApiClient, ApiError, NotFound
+from ray_app.schemas import EventIn, Health
+
+log = logging.getLogger(__name__)
+
+NEW_PREFIX = "new-"
+HISTORY_SHOWN = 20
+INTERESTS_SHOWN = 50
+CSS = "#status {min-height: 2.5em}"
+# What `Handlers.refresh` returns: status, who, history, start, moment, recs, pick, gates, interests, dims.
+N_VIEW = 10
+
+
+def new_user_id() -> str:
+    return NEW_PREFIX + uuid.uuid4().hex[:8]
+
+
+def ok(text: str) -> str:
+    return f"✅ {text}"
+
+
+def problem(text: str) -> str:
+    return f"⚠️ {text}"
+
+
+def guarded(fn: Callable, n_outputs: int) -> Callable:
+    """Run a handler; an API failure (or a bug) becomes a status message, other outputs stay as they are.
+
+    The status line is always the handler's first output.
+    """
+    @functools.wraps(fn)
+    def run(*args):
+        try:
+            return fn(*args)
+        except ApiError as e:
+            message = problem(e.message)
+        except Exception:  # a bug must not put a traceback on the page; the log keeps it
+            log.exception("demo handler %s failed", fn.__name__)
+            message = problem("Something went wrong in the demo itself; the details are in its log.")
+        return (message, *[gr.skip()] * (n_outputs - 1))
+    return run
+
+
+def describe_health(api: ApiClient, health: Health) -> str:
+    return ok(f"Connected to {api.base_url}: model `{health.model_version}`, {health.n_items} items, "
+              f"{health.n_users} users, dimensions {', '.join(health.dimensions)}.")
+
+
+@dataclass
+class Handlers:
+    """The page's actions; each returns a tuple in the order of the outputs it is wired to."""
+    api: ApiClient
+
+    # -- connection and users --
+
+    def connect(self, q: str):
+        health = self.api.health()
+        users = self.api.users(q or "")
+        return describe_health(self.api, health), gr.update(choices=self._user_choices(users))
+
+    def find_users(self, q: str):
+        users = self.api.users(q or "")
+        note = ok(f"{len(users)} users match “{q}”.") if q else ok(f"Showing the first {len(users)} users.")
+        return note, gr.update(choices=self._user_choices(users))
+
+    def start_new_user(self, q: str):
+        user_id = new_user_id()
+        try:
+            users = self.api.users(q or "")
+        except ApiError:
+            users = []  # the new user works without the list; refresh reports the endpoint's state
+        choices = [(f"{user_id} (new)", user_id), *self._user_choices(users)]
+        return (ok(f"New user `{user_id}`: no history yet — pick something you watched."),
+                gr.update(choices=choices, value=user_id))
+
+    @staticmethod
+    def _user_choices(users) -> list[tuple[str, str]]:
+        return [(f"{u.user_id} ({u.n_events} events)", u.user_id) for u in users]
+
+    # -- the main view --
+
+    def refresh(self, user_id: str | None, intent: str, weekday: int, hour: int, k: int):
+        """History, moment, recommendations, gates, the gates over the history, per-dimension tops."""
+        if not user_id:
+            return (problem("Pick a user (or start a new one) first."), *[gr.skip()] * (N_VIEW - 1))
+        try:
+            history = self.api.user_events(user_id, limit=HISTORY_SHOWN)
+        except NotFound:
+            if not user_id.startswith(NEW_PREFIX):
+                raise
+            history = []  # a new user exists in the store only after the first event
+        start = views.anchor(history)
+        moment = views.next_moment(start, int(weekday), int(hour))
+        rec = self.api.recommend(user_id if history else None, timestamp=moment, intent=intent,
+                                 k=int(k), explain=True)
+        interests = self.api.interests(user_id, last=INTERESTS_SHOWN) if history else None
+        who = (f"**{user_id}** — {rec.n_events} events, last on {views.fmt_time(history[-1].timestamp)}"
+               if history else f"**{user_id}** — no events yet")
+        intent_note = f" for “{intent.strip()}”" if intent and intent.strip() else ""
+        status = ok(f"Top {len(rec.items)}{intent_note} on {views.fmt_time(moment)} UTC; "
+                    f"{views.gates_summary(rec)}.")
+        choices = views.item_choices(rec.items)
+        return (status, who, views.history_frame(history), start,
+                f"Moment of the request: **{views.fmt_time(moment)} UTC**",
+                views.recs_frame(rec.items), gr.update(choices=choices, value=choices[0][1] if choices else None),
+                views.gates_frame(rec), views.interests_frame(interests), views.dimension_frame(rec))
+
+    def post_event(self, user_id: str | None, item_id: int | None, rating: float, start: float | None,
+                   intent: str, weekday: int, hour: int, k: int):
+        """Post `item_id` as watched at the chosen moment, then redraw everything from the API."""
+        if not user_id:
+            return (problem("Pick a user (or start a new one) first."), *[gr.skip()] * (N_VIEW - 1))
+        if item_id is None:
+            return (problem("Choose an item first (click a row or use the list)."),
+                    *[gr.skip()] * (N_VIEW - 1))
+        moment = views.next_moment(start if start is not None else time.time(), int(weekday), int(hour))
+        accepted = self.api.post_events(user_id, [EventIn(item_id=int(item_id), rating=float(rating), timestamp=moment)])
+        out = self.refresh(user_id, intent, weekday, hour, k)
+        note = ok(f"Posted item {item_id} (rating {rating:g}) at {views.fmt_time(moment)} UTC — "
+                  f"{accepted.n_events} events now. ")
+        return (note + out[0].removeprefix("✅ "), *out[1:])
+
+    # -- items --
+
+    def search_items(self, q: str):
+        if not q or not q.strip():
+            return problem("Type a few words to search the catalogue."), gr.skip(), gr.skip()
+        items = self.api.search_items(q.strip(), k=10)
+        choices = views.item_choices(items)
+        return (ok(f"{len(items)} items close to “{q.strip()}”."), views.search_frame(items),
+                gr.update(choices=choices, value=choices[0][1] if choices else None))
+
+    @staticmethod
+    def pick_row(frame, evt: gr.SelectData):
+        """A click anywhere in a row of a table that has an `item_id` column picks that item."""
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        if frame is None or not 0 <= row < len(frame):
+            return gr.skip()
+        return int(frame["item_id"].iloc[row])
+
+
+def build_demo(api: ApiClient) -> gr.Blocks:
+    h = Handlers(api)
+    now = time.gmtime()
+    with gr.Blocks(title="Dynamic interests") as demo:
+        gr.Markdown("# Dynamic interest decomposition\n"
+                    "A user's interest, split into dimensions that the moment and your words weigh. "
+                    "Mark something as watched and see the weights move.")
+        status = gr.Markdown("Connecting…", elem_id="status")
+        start = gr.State(None)  # where the request clock starts: the last event (or now)
+        with gr.Row():
+            with gr.Column(scale=1):
+                gr.Markdown("### 1 · Who")
+                user_q = gr.Textbox(label="Find a user", placeholder="user id prefix", elem_id="user-q")
+                user = gr.Dropdown(label="User", choices=[], filterable=True, elem_id="user")
+                new_btn = gr.Button("Start as a new user", elem_id="new-user")
+                who = gr.Markdown(elem_id="who")
+                history = gr.Dataframe(headers=views.HISTORY_COLUMNS, label="Recent history (newest first)",
+                                       interactive=False, max_height=360, elem_id="history")
+            with gr.Column(scale=2):
+                gr.Markdown("### 2 · What and when")
+                intent = gr.Textbox(label="What are you in the mood for?",
+                                    placeholder="something light and funny for tonight", elem_id="intent")
+                with gr.Row():
+                    weekday = gr.Dropdown(label="Weekday", choices=[(d, i) for i, d in enumerate(views.WEEKDAYS)],
+                                          value=now.tm_wday, elem_id="weekday")
+                    hour = gr.Slider(0, 23, value=now.tm_hour, step=1, label="Hour (UTC)", elem_id="hour")
+                    k = gr.Slider(1, 30, value=10, step=1, label="How many", elem_id="k")
+                moment = gr.Markdown(elem_id="moment")
+                recommend_btn = gr.Button("Recommend", variant="primary", elem_id="recommend")
+                recs = gr.Dataframe(headers=views.RECS_COLUMNS, label="Recommendations", interactive=False,
+                                    elem_id="recs")
+                with gr.Row():
+                    pick = gr.Dropdown(label="Recommended item", choices=[], scale=3, elem_id="pick")
+                    rating = gr.Slider(0.5, 5, value=4.5, step=0.5, label="Rating", scale=1, elem_id="rating")
+                    watched_btn = gr.Button("Watched / liked", variant="secondary", scale=1, elem_id="watched")
+        gr.Markdown("### 3 · The decomposition")
+        with gr.Row():
+            gates = gr.BarPlot(x="dimension", y="weight", title="Gate weights for this request",
+                               y_lim=[0, 1], elem_id="gates-plot")
+            interests = gr.LinePlot(x="event", y="weight", color="dimension",
+                                    title="Gate weights after each event", y_lim=[0, 1],
+                                    tooltip=["event", "dimension", "weight", "title"], elem_id="interests-plot")
+        dims = gr.Dataframe(label="What each dimension alone would recommend", interactive=False,
+                            elem_id="dims")
+        with gr.Accordion("Add an event by hand (search the catalogue by text)", open=False):
+            with gr.Row():
+                item_q = gr.Textbox(label="Search items", placeholder="space adventure", scale=3,
+                                    elem_id="item-q")
+                search_btn = gr.Button("Search", scale=1, elem_id="search")
+            found = gr.Dataframe(headers=views.SEARCH_COLUMNS, interactive=False, elem_id="found")
+            with gr.Row():
+                found_pick = gr.Dropdown(label="Item", choices=[], scale=3, elem_id="found-pick")
+                found_rating = gr.Slider(0.5, 5, value=4.0, step=0.5, label="Rating", scale=1)
+                add_btn = gr.Button("Add to history", scale=1, elem_id="add")
+
+        refresh_out = [status, who, history, start, moment, recs, pick, gates, interests, dims]
+        moment_in = [intent, weekday, hour, k]
+        n = len(refresh_out)
+
+        demo.load(guarded(h.connect, 2), [user_q], [status, user])
+        user_q.submit(guarded(h.find_users, 2), [user_q], [status, user])
+        new_btn.click(guarded(h.start_new_user, 2), [user_q], [status, user])
+        user.change(guarded(h.refresh, n), [user, *moment_in], refresh_out)
+        recommend_btn.click(guarded(h.refresh, n), [user, *moment_in], refresh_out)
+        intent.submit(guarded(h.refresh, n), [user, *moment_in], refresh_out)
+        recs.select(h.pick_row, [recs], [pick])
+        watched_btn.click(guarded(h.post_event, n), [user, pick, rating, start, *moment_in], refresh_out)
+        search_btn.click(guarded(h.search_items, 3), [item_q], [status, found, found_pick])
+        item_q.submit(guarded(h.search_items, 3), [item_q], [status, found, found_pick])
+        found.select(h.pick_row, [found], [found_pick])
+        add_btn.click(guarded(h.post_event, n), [user, found_pick, found_rating, start, *moment_in], refresh_out)
+    return demo
