@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.losses import next_item_loss
+from models.losses import next_item_loss, seen_pairs
 from models.sequence import EventLSTM, ItemTower, last_position
 
 
@@ -54,6 +54,7 @@ class LSTMConfig:
     max_len: int = 200
     loss: str = "full"               # "full" | "sampled"
     n_negatives: int = 1024
+    mask_seen: bool = False          # full softmax without the items already in the window
     use_text: bool = True
 
     def to_dict(self) -> dict:
@@ -74,8 +75,9 @@ class LSTMRec(_ItemDataMixin, nn.Module):
         h = self.encoder(batch)                                        # (B, T, U)
         sup = batch["targets"] > 0
         u = self.out(self.drop(h[sup]))                                # (P, D)
+        seen = seen_pairs(batch["items"], sup, batch["targets"]) if self.cfg.mask_seen else None
         loss = next_item_loss(u, self.items.all(), batch["targets"][sup], self.cfg.loss, self.log_q,
-                              self.cfg.n_negatives)
+                              self.cfg.n_negatives, seen)
         return loss, {"next_item": loss.item()}
 
     @torch.no_grad()
@@ -94,6 +96,7 @@ class SASRecConfig:
     max_len: int = 200
     loss: str = "full"               # "full" | "sampled"
     n_negatives: int = 1024
+    mask_seen: bool = False          # full softmax without the items already in the window
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,8 +128,9 @@ class SASRec(_ItemDataMixin, nn.Module):
     def forward(self, batch):
         h = self.encode(batch["items"])
         sup = batch["targets"] > 0
+        seen = seen_pairs(batch["items"], sup, batch["targets"]) if self.cfg.mask_seen else None
         loss = next_item_loss(h[sup], self.item_emb.weight, batch["targets"][sup], self.cfg.loss, self.log_q,
-                              self.cfg.n_negatives)
+                              self.cfg.n_negatives, seen)
         return loss, {"next_item": loss.item()}
 
     @torch.no_grad()

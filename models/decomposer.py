@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.features import CONTEXT_FEATURES, N_HOUR_BUCKETS, N_RATING_BUCKETS
-from models.losses import next_item_loss
+from models.losses import next_item_loss, seen_pairs
 from models.sequence import EventLSTM, ItemTower, last_position
 
 NAMED_DIMENSIONS = ("topic", "sentiment", "time")
@@ -43,6 +43,7 @@ class DecomposerConfig:
     max_len: int = 200
     loss: str = "full"               # "full" softmax | "sampled" softmax
     n_negatives: int = 1024          # uniform negatives for the sampled softmax
+    mask_seen: bool = False          # full softmax without the items already in the window (as ranking masks them)
     use_gates: bool = True           # False = context-free prior w_k only (ablation)
     use_text: bool = True            # add P·z(i) to item vectors
     dim_names: tuple[str, ...] = field(init=False)
@@ -161,7 +162,8 @@ class InterestDecomposer(nn.Module):
             log_p = self.mixture_log_probs(I, alpha, self.items.all())  # (P, N+1)
             loss = F.nll_loss(log_p, targets)
         else:
-            loss = next_item_loss(u, self.items.all(), targets, self.cfg.loss, self.log_q, self.cfg.n_negatives)
+            seen = seen_pairs(batch["items"], sup, batch["targets"]) if self.cfg.mask_seen else None
+            loss = next_item_loss(u, self.items.all(), targets, self.cfg.loss, self.log_q, self.cfg.n_negatives, seen)
         parts = {"next_item": loss.item()}
         if self.cfg.aux_weight > 0 and len(self.aux):
             aux = self.aux_losses(I, targets, batch["next_rating"][sup], batch["next_log_gap"][sup],

@@ -128,3 +128,23 @@ def test_fit_and_evaluate_every_model(tiny_data, split, kind):
         assert ((metrics["ndcg@10"] >= 0) & (metrics["ndcg@10"] <= 1)).all()
     # masking history can only move targets up
     assert ev["masked"]["mrr"].mean() >= ev["unmasked"]["mrr"].mean()
+
+
+def test_seen_pairs_mask_consumed_items_but_never_the_target():
+    from models.losses import full_softmax_ce, seen_pairs
+
+    items = torch.tensor([[3, 5, 3, 7, 0], [2, 4, 0, 0, 0]])      # (B, T) windows
+    targets = torch.tensor([[5, 3, 7, 0, 0], [4, 0, 0, 0, 0]])    # next item at each position
+    rows, cols = seen_pairs(items, targets > 0, targets)
+    assert set(zip(rows.tolist(), cols.tolist())) == {(0, 3), (1, 5), (2, 3), (2, 5), (3, 2)}
+    # The masked loss is the cross-entropy with those logits removed by hand.
+    torch.manual_seed(0)
+    u, vecs = torch.randn(4, 6), torch.randn(9, 6)
+    flat_targets = targets[targets > 0]
+    logits = u @ vecs.T
+    logits[:, 0] = -torch.inf
+    for r, c in [(0, 3), (1, 5), (2, 3), (2, 5), (3, 2)]:
+        logits[r, c] = -torch.inf
+    expected = torch.nn.functional.cross_entropy(logits, flat_targets)
+    assert torch.allclose(full_softmax_ce(u, vecs, flat_targets, (rows, cols)), expected)
+    assert full_softmax_ce(u, vecs, flat_targets, (rows, cols)) < full_softmax_ce(u, vecs, flat_targets) + 1e-6
