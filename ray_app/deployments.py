@@ -1,0 +1,277 @@
+"""The Serve graph's model stages: Encoder (text -> vector), Decomposer (events / stored state ->
+LSTM state and the K dimension vectors), Combiner (context + dimensions -> gates, scores, top-k).
+
+The model-holding stages take their checkpoint through `user_config` ({"checkpoint": path}),
+so a new checkpoint is swapped in by `reconfigure` without restarting replicas. Every result
+carries the model version it came from; the Combiner loads that version on demand, so a
+request caught between two replicas' swaps is still answered consistently.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict, defaultdict
+
+import numpy as np
+import torch
+from ray import serve
+
+from models.encoder import TextEncoder
+from models.features import moment_features
+from ray_app.serving import Catalogue, ServedModel, event_tensors, pack_state, unpack_state
+from ray_app.store import StoredState, open_store
+
+log = logging.getLogger("ray.serve")
+
+
+def _configure_batching(method, max_batch_size: int, batch_wait_s: float) -> None:
+    method.set_max_batch_size(max_batch_size)
+    method.set_batch_wait_timeout_s(batch_wait_s)
+
+
+def _checkpoint_of(config: dict) -> str:
+    if not isinstance(config, dict) or not config.get("checkpoint"):
+        raise ValueError(f"user_config must be {{'checkpoint': PATH}}, got {config!r}")
+    return str(config["checkpoint"])
+
+
+@serve.deployment
+class Encoder:
+    """all-MiniLM-L6-v2 over a batch of texts (intent phrases, search queries)."""
+
+    def __init__(self, max_batch_size: int = 16, batch_wait_s: float = 0.005):
+        self.encoder = TextEncoder(cache=False)  # user text is arbitrary: keep it off the disk cache
+        self.encoder.encode(["warm up"])         # load the model now, not on the first request
+        _configure_batching(self.encode, max_batch_size, batch_wait_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def encode(self, texts: list[str]) -> list[np.ndarray]:
+        emb = self.encoder.encode(texts)         # (B, 384), one forward pass for the batch
+        return list(emb)
+
+
+@serve.deployment
+class Decomposer:
+    """Per user: stored (h, c) advanced by one LSTM step per event it has not consumed yet."""
+
+    def __init__(self, store_url: str, data_dir: str | None = None, max_batch_size: int = 16,
+                 batch_wait_s: float = 0.002):
+        self.store = open_store(store_url)
+        self.catalogue_ids = Catalogue.load(data_dir)[0].item_source_ids if data_dir else None
+        self.served: ServedModel | None = None
+        _configure_batching(self.user_state, max_batch_size, batch_wait_s)
+
+    def reconfigure(self, config: dict) -> None:
+        path = _checkpoint_of(config)
+        served = ServedModel.load(path, self.catalogue_ids)
+        if self.served is None or served.version != self.served.version:
+            # States written by the old version are rebuilt lazily, on each user's next request.
+            self.served = served
+            log.info("Decomposer serving %s (version %s)", served.path, served.version)
+
+    def info(self) -> dict:
+        s = self.served
+        return {"model_version": s.version, "checkpoint": str(s.path), "dimensions": s.dim_names,
+                "n_items": s.model.cfg.n_items}
+
+    # ---- a stored user -------------------------------------------------------------------
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def user_state(self, requests: list[tuple[str, bool]]) -> list[dict]:
+        """(user_id, with_seen) -> state dict; the one-step advances of a batch run together."""
+        return self._advance_users(requests)
+
+    @torch.no_grad()
+    def _advance_users(self, requests: list[tuple[str, bool]]) -> list[dict]:
+        served = self.served  # one model for the whole batch even if reconfigure runs meanwhile
+        units = served.units
+        out: list[dict | None] = [None] * len(requests)
+        groups: dict[tuple[bool, int], list] = defaultdict(list)   # (has state, new events) -> jobs
+        for j, (user_id, with_seen) in enumerate(requests):
+            stored = self.store.get_state(user_id)
+            state = None
+            start = 0
+            if stored is not None and stored.model_version == served.version:
+                state = unpack_state(stored.blob, units)
+                start = stored.n_events if state is not None else 0
+            # One read: the event before `start` (for its gap) and everything after it.
+            first = max(start - 1, 0)
+            events = self.store.events(user_id, first)
+            n = first + len(events)
+            if n < start:  # a state ahead of the log cannot happen unless the log was reset
+                state, start, first = None, 0, 0
+                events = self.store.events(user_id)
+                n = len(events)
+            job = {"j": j, "user_id": user_id, "n": n, "start": start, "state": state, "events": events,
+                   "first": first, "with_seen": with_seen}
+            if n == start:
+                self._finish(out, job, served, state)
+            else:
+                groups[(state is not None, n - start)].append(job)
+        for (has_state, _), jobs in groups.items():
+            tensors = [self._tensors(served, job) for job in jobs]
+            cat = {k: torch.cat([t[k] for t in tensors]) for k in ("items", "ratings", "event_feats")}
+            init = None
+            if has_state:
+                init = (torch.stack([job["state"][0] for job in jobs]).unsqueeze(0),   # (1, B, U)
+                        torch.stack([job["state"][1] for job in jobs]).unsqueeze(0))
+            h, c = served.model.advance(init, cat["items"], cat["ratings"], cat["event_feats"])  # (1, B, U) each
+            for b, job in enumerate(jobs):
+                new = (h[0, b], c[0, b])
+                self.store.put_state(job["user_id"], StoredState(served.version, job["n"], pack_state(*new)))
+                self._finish(out, job, served, new)
+        return out
+
+    def _tensors(self, served: ServedModel, job: dict) -> dict[str, torch.Tensor]:
+        ev = job["events"]
+        items = np.array([served.index_of.get(e.item_id, 0) for e in ev], np.int64)
+        ratings = np.array([e.rating for e in ev], np.float32)
+        ts = np.array([e.timestamp for e in ev], np.float64)
+        within = job["start"] - job["first"]  # events before it only give the first new event its gap
+        return event_tensors(items, ratings, ts, within, ts[-1])
+
+    def _finish(self, out: list, job: dict, served: ServedModel, state) -> None:
+        h = state[0] if state is not None else torch.zeros(served.units)
+        seen = None
+        if job["with_seen"]:
+            seen = np.array(sorted({served.index_of.get(e.item_id, 0) for e in self.store.events(job["user_id"])}),
+                            np.int64)
+        out[job["j"]] = self._result(served, h, job["n"], job["events"][-1].timestamp if job["events"] else None, seen)
+
+    @staticmethod
+    def _result(served: ServedModel, h: torch.Tensor, n: int, last_ts: float | None,
+                seen: np.ndarray | None) -> dict:
+        return {"model_version": served.version, "checkpoint": str(served.path), "h": h.numpy(),
+                "dims": served.model.dimensions(h).numpy(),   # (K, d) I_{t,k}
+                "n_events": n, "last_ts": last_ts, "seen": seen}
+
+    async def advance(self, user_id: str) -> int:
+        """Bring a user's stored state up to date (after new events); -> events consumed."""
+        return (await self.user_state((user_id, False)))["n_events"]
+
+    # ---- an inline history ---------------------------------------------------------------
+    @torch.no_grad()
+    def history_state(self, events: list[tuple[int, float, float]]) -> dict:
+        """Source-id events (any order; sorted by time, stably, as in training) -> state dict; nothing stored."""
+        served = self.served
+        events = sorted(events, key=lambda e: e[2])
+        if not events:
+            return self._result(served, torch.zeros(served.units), 0, None, np.zeros(0, np.int64))
+        items = np.array([served.index_of[int(e[0])] for e in events], np.int64)
+        ratings = np.array([e[1] for e in events], np.float32)
+        ts = np.array([e[2] for e in events], np.float64)
+        t = event_tensors(items, ratings, ts, 0, ts[-1])
+        h, _ = served.model.advance(None, t["items"], t["ratings"], t["event_feats"])
+        return self._result(served, h[0, 0], len(events), float(ts[-1]), np.unique(items))
+
+    # ---- gates step by step ----------------------------------------------------------------
+    @torch.no_grad()
+    def interests(self, user_id: str, last: int, now: float | None = None) -> dict:
+        """α after each of the user's last `last` events, read at the moment of the next event."""
+        served = self.served
+        events = self.store.events(user_id)
+        if not events:
+            return {"dimensions": served.dim_names, "steps": []}
+        now = time.time() if now is None else now
+        items = np.array([served.index_of.get(e.item_id, 0) for e in events], np.int64)
+        ts = np.array([e.timestamp for e in events], np.float64)
+        batch = event_tensors(items, np.array([e.rating for e in events], np.float32), ts, 0, max(now, ts[-1]))
+        m = served.model
+        h = m.encoder(batch)[0]                                   # (T, U)
+        lo = max(len(events) - last, 0)
+        alpha = m.gates(m.dimensions(h[lo:]), m.context(batch["ctx_feats"][0, lo:]))  # (L, K)
+        names = served.dim_names
+        steps = [{"index": lo + j, "item_id": events[lo + j].item_id, "timestamp": events[lo + j].timestamp,
+                  "gates": dict(zip(names, map(float, a)))} for j, a in enumerate(alpha)]
+        return {"dimensions": names, "steps": steps}
+
+
+@serve.deployment
+class Combiner:
+    """Context + dimensions -> gates α, scores over the catalogue, top-k, explanation."""
+
+    def __init__(self, max_batch_size: int = 16, batch_wait_s: float = 0.002, keep_versions: int = 2):
+        self.models: OrderedDict[str, ServedModel] = OrderedDict()
+        self.keep_versions = keep_versions
+        self.current: ServedModel | None = None
+        _configure_batching(self._rank_batch, max_batch_size, batch_wait_s)
+
+    def reconfigure(self, config: dict) -> None:
+        self.current = self._remember(ServedModel.load(_checkpoint_of(config)))
+
+    def _remember(self, served: ServedModel) -> ServedModel:
+        self.models[served.version] = served
+        self.models.move_to_end(served.version)
+        while len(self.models) > self.keep_versions:
+            self.models.popitem(last=False)
+        return served
+
+    def _model_for(self, version: str, path: str) -> ServedModel:
+        if version not in self.models:
+            served = ServedModel.load(path)
+            if served.version != version:
+                raise RuntimeError(f"checkpoint {path} changed on disk (version {served.version}, wanted {version})")
+            self._remember(served)
+        return self.models[version]
+
+    async def rank(self, state: dict, intent: np.ndarray | None, k: int, exclude_seen: bool, explain: bool,
+                   timestamp: float | None) -> dict:
+        """One request; batched with others in `_rank_batch` (one catalogue matmul per batch)."""
+        now = time.time() if timestamp is None else timestamp
+        return await self._rank_batch((state, intent, k, exclude_seen, explain, now))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _rank_batch(self, jobs: list[tuple]) -> list[dict]:
+        out: list[dict | None] = [None] * len(jobs)
+        by_version = defaultdict(list)
+        for j, job in enumerate(jobs):
+            by_version[(job[0]["model_version"], job[0]["checkpoint"])].append(j)
+        for (version, path), rows in by_version.items():
+            for j, res in zip(rows, self._rank(self._model_for(version, path), [jobs[j] for j in rows])):
+                out[j] = res
+        return out
+
+    @torch.no_grad()
+    def _rank(self, served: ServedModel, jobs: list[tuple]) -> list[dict]:
+        m = served.model
+        H = torch.from_numpy(np.stack([s["h"] for s, *_ in jobs]))                      # (B, U)
+        now = np.array([job[5] for job in jobs], np.float64)
+        last = np.array([s["last_ts"] if s["last_ts"] is not None else t for (s, *_), t in zip(jobs, now)])
+        ctx = torch.from_numpy(moment_features(now, now - last))                         # (B, 5)
+        intent = None
+        if any(job[1] is not None for job in jobs):
+            # The intent projection has no bias, so a zero vector is the same as no intent.
+            intent = torch.from_numpy(np.stack([job[1] if job[1] is not None else np.zeros(m.cfg.text_dim, np.float32)
+                                                for job in jobs]).astype(np.float32))   # (B, 384)
+        scores = m.score_state(H, ctx, intent)                                           # (B, N+1)
+        I = m.dimensions(H)                                                              # (B, K, d)
+        alpha = m.gates(I, m.context(ctx, intent))                                       # (B, K)
+        scores[:, 0] = -torch.inf
+        for b, (s, _, _, exclude_seen, *_) in enumerate(jobs):
+            if exclude_seen and s["seen"] is not None and len(s["seen"]):
+                scores[b, torch.tensor(s["seen"])] = -torch.inf
+        kmax = min(max(job[2] for job in jobs), m.cfg.n_items)
+        top = scores.topk(kmax, dim=-1)
+        want_explain = [b for b, job in enumerate(jobs) if job[4]]
+        expl = m.explain(H[want_explain], ctx[want_explain], intent[want_explain] if intent is not None else None,
+                         top_k=kmax) if want_explain else None
+        names = served.dim_names
+        results = []
+        for b, (s, _, k, _, explain, _) in enumerate(jobs):
+            items = [(int(i), float(v)) for i, v in zip(top.indices[b, :k], top.values[b, :k]) if torch.isfinite(v)]
+            explanation = None
+            if explain:
+                e = want_explain.index(b)
+                explanation = {name: [(int(i), float(v)) for i, v in zip(expl["top_items"][e, q, :k],
+                                                                          expl["top_scores"][e, q, :k])]
+                               for q, name in enumerate(names)}
+            results.append({"model_version": served.version, "n_events": s["n_events"], "items": items,
+                            "gates": dict(zip(names, map(float, alpha[b]))), "explanation": explanation})
+        return results
+
+    @torch.no_grad()
+    def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
+        """Items whose text embedding is closest (cosine) to the query's."""
+        text = self.current.model.items.text                                               # (N+1, 384), normalised
+        sims = text[1:] @ torch.tensor(np.asarray(query), dtype=torch.float32)                 # (N,)
+        top = sims.topk(min(k, len(sims)))
+        return [(int(i) + 1, float(v)) for i, v in zip(top.indices, top.values)]

@@ -1,0 +1,217 @@
+"""FastAPI ingress of the Serve app: validation, the state store, and the calls down the graph.
+
+Every client error is a JSON `{"detail", "field"}` with a 4xx status (422 validation, 404
+unknown user, 413 body too large), never a 500. An event is committed to the store before
+the response that acknowledges it.
+"""
+# No `from __future__ import annotations`: FastAPI reads the endpoint annotations of the class
+# methods that serve.ingress re-binds, and string annotations would not resolve there.
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ray_app.schemas import (MAX_K, MAX_USER_ID_CHARS, ErrorResponse, EventIn, EventsRequest, EventsResponse,
+                             Health, InterestsResponse, ItemsResponse, RecommendRequest, RecommendResponse,
+                             UserEventsResponse, UsersResponse)
+from ray_app.serving import Catalogue, training_user_events
+from ray_app.store import Event, open_store
+
+log = logging.getLogger("ray.serve")
+
+MAX_BODY_BYTES = 1 << 20   # 1 MiB: 1,000 events are about 70 kB of JSON
+ERRORS = {status: {"model": ErrorResponse} for status in (404, 413, 422)}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, detail: str, field: str | None = None):
+        super().__init__(detail)
+        self.status, self.detail, self.field = status, detail, field
+
+
+def _error(status: int, detail: str, field: str | None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"detail": detail, "field": field})
+
+
+def _field_path(loc: Sequence) -> str | None:
+    """('body', 'history', 3, 'item_id') -> 'history.3.item_id'; a whole-body error -> 'body'."""
+    parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "query", "path", "header") else [str(p) for p in loc]
+    if loc and loc[0] == "body" and (not parts or (len(parts) == 1 and parts[0].isdigit())):
+        return "body"   # a JSON syntax error's location is a character offset, not a field
+    return ".".join(parts) or None
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets 413 before anything parses it."""
+
+    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._too_large(scope, receive, send)
+        # No (or a lying) Content-Length: read up to the limit, then replay what was read.
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                return await self._too_large(scope, receive, send)
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send):
+        resp = _error(413, f"request body larger than {self.max_bytes} bytes", "body")
+        await resp(scope, receive, send)
+
+
+app = FastAPI(title="Dynamic interest recommender", version="1",
+              description="Recommendations from a user's decomposed, context-weighted interests.")
+app.add_middleware(BodyLimit)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    err = exc.errors()[0]
+    field = _field_path(err.get("loc", ()))
+    msg = err.get("msg", "invalid value")
+    if err.get("type") == "json_invalid":
+        msg = f"malformed JSON ({err.get('ctx', {}).get('error', msg)})"
+    return _error(422, f"{field}: {msg}" if field else msg, field)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+    # FastAPI's 400 for an unparseable body (e.g. bytes that are not UTF-8) is about the body.
+    return _error(exc.status_code, detail, "body" if exc.status_code == 400 else None)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return _error(exc.status, exc.detail, exc.field)
+
+
+UserId = Path(min_length=1, max_length=MAX_USER_ID_CHARS, description="user id (str of the source user id)")
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, encoder: DeploymentHandle, decomposer: DeploymentHandle, combiner: DeploymentHandle,
+                 store_url: str, data_dir: str, load_users: bool = True):
+        self.encoder, self.decomposer, self.combiner = encoder, decomposer, combiner
+        self.catalogue, data = Catalogue.load(data_dir)
+        self.n_training_users = data.n_users
+        self.store = open_store(store_url)
+        if load_users:  # idempotent: users already in the store keep their (possibly longer) logs
+            self.store.bulk_load(training_user_events(data))
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _check_items(self, events: Sequence[EventIn], field: str) -> None:
+        bad = self.catalogue.unknown(e.item_id for e in events)
+        if bad:
+            j = bad[0]
+            raise ApiError(422, f"{field}.{j}.item_id: unknown item id {events[j].item_id} "
+                                f"({len(bad)} unknown in all)", f"{field}.{j}.item_id")
+
+    def _require_user(self, user_id: str, field: str = "user_id") -> int:
+        n = self.store.count_events(user_id)
+        if n == 0:
+            raise ApiError(404, f"{field}: unknown user {user_id!r}", field)
+        return n
+
+    def _describe(self, item_id: int) -> dict:
+        idx = self.catalogue.index_of.get(int(item_id))
+        if idx is None:
+            return {"item_id": int(item_id), "title": "", "genres": []}
+        return self.catalogue.describe(idx)
+
+    # ---- endpoints -------------------------------------------------------------------------
+    @app.get("/healthz", response_model=Health)
+    async def healthz(self) -> Health:
+        info = await self.decomposer.info.remote()
+        return Health(status="ok", model_version=info["model_version"], n_items=self.catalogue.n_items,
+                      n_users=self.n_training_users, dimensions=info["dimensions"])
+
+    @app.post("/recommend", response_model=RecommendResponse, responses=ERRORS)
+    async def recommend(self, req: RecommendRequest) -> RecommendResponse:
+        intent = self.encoder.encode.remote(req.context.intent) if req.context.intent else None
+        if req.user_id is not None:
+            self._require_user(req.user_id)
+            state = self.decomposer.user_state.remote((req.user_id, req.exclude_seen))
+        else:
+            history = req.history or []
+            self._check_items(history, "history")
+            state = self.decomposer.history_state.remote([(e.item_id, e.rating, e.timestamp) for e in history])
+        # The responses are passed on unresolved: Serve hands their values to the Combiner.
+        res = await self.combiner.rank.remote(state, intent, req.k, req.exclude_seen, req.explain,
+                                              req.context.timestamp)
+        cat = self.catalogue
+        explanation = None
+        if res["explanation"] is not None:
+            explanation = {dim: [cat.describe(i, s) for i, s in items] for dim, items in res["explanation"].items()}
+        return RecommendResponse(user_id=req.user_id, model_version=res["model_version"], n_events=res["n_events"],
+                                 items=[cat.describe(i, s) for i, s in res["items"]], gates=res["gates"],
+                                 explanation=explanation)
+
+    @app.post("/users/{user_id}/events", response_model=EventsResponse, responses=ERRORS)
+    async def add_events(self, body: EventsRequest, user_id: str = UserId) -> EventsResponse:
+        self._check_items(body.events, "events")
+        events = [Event(e.item_id, e.rating, e.timestamp) for e in body.events]
+        n = await asyncio.to_thread(self.store.append_events, user_id, events)   # durable from here on
+        try:
+            await self.decomposer.advance.remote(user_id)
+        except Exception:  # the events are committed; the state is a cache the next request catches up
+            log.exception("advancing the state of user %r failed", user_id)
+        return EventsResponse(user_id=user_id, accepted=len(events), n_events=n)
+
+    @app.get("/users", response_model=UsersResponse, responses=ERRORS)
+    async def users(self, q: str = Query("", max_length=MAX_USER_ID_CHARS, description="user id prefix"),
+                    limit: int = Query(50, ge=1, le=1000)) -> UsersResponse:
+        return UsersResponse(users=[{"user_id": u, "n_events": n} for u, n in self.store.users(q, limit)])
+
+    @app.get("/users/{user_id}/events", response_model=UserEventsResponse, responses=ERRORS)
+    async def user_events(self, user_id: str = UserId, limit: int = Query(20, ge=1, le=1000)) -> UserEventsResponse:
+        n = self._require_user(user_id)
+        events = self.store.events(user_id, max(n - limit, 0), limit)
+        return UserEventsResponse(user_id=user_id, events=[
+            {**self._describe(e.item_id), "rating": e.rating, "timestamp": e.timestamp} for e in events])
+
+    @app.get("/users/{user_id}/interests", response_model=InterestsResponse, responses=ERRORS)
+    async def interests(self, user_id: str = UserId, last: int = Query(50, ge=1, le=1000)) -> InterestsResponse:
+        self._require_user(user_id)
+        res = await self.decomposer.interests.remote(user_id, last)
+        steps = [{**step, "title": self._describe(step["item_id"])["title"]} for step in res["steps"]]
+        return InterestsResponse(user_id=user_id, dimensions=res["dimensions"], steps=steps)
+
+    @app.get("/items", response_model=ItemsResponse, responses=ERRORS)
+    async def items(self, q: str = Query(min_length=1, max_length=500, description="free text"),
+                    k: int = Query(10, ge=1, le=MAX_K)) -> ItemsResponse:
+        if not q.strip():
+            raise ApiError(422, "q: empty query", "q")
+        found = await self.combiner.search.remote(self.encoder.encode.remote(q), k)
+        return ItemsResponse(items=[self.catalogue.describe(i, s) for i, s in found])

@@ -1,0 +1,126 @@
+"""The Serve application: Encoder → Decomposer → Combiner behind a FastAPI ingress.
+
+    serve run ray_app.serve_config.yaml                       # the checked-in config
+    serve run ray_app.serve:build_app checkpoint=runs/ray/NAME data_dir=runs/data/NAME
+    python -m ray_app.serve --checkpoint runs/ray/NAME --data runs/data/NAME [--port 8000]
+
+`checkpoint` is a model.pt or a Ray Train run folder (its best_checkpoint.json is followed).
+The checkpoint reaches the model deployments as `user_config`, so changing it in the config
+and redeploying swaps the model in place (`reconfigure`), without restarting replicas.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ray_app.deployments import Combiner, Decomposer, Encoder
+from ray_app.ingress import Ingress
+from ray_app.serving import ServingSetupError, resolve_checkpoint
+
+
+class DeploymentSettings(BaseModel):
+    """Replicas and resources of one deployment; min == max means a fixed replica count."""
+    model_config = ConfigDict(extra="forbid")
+    num_cpus: float = Field(0.25, gt=0)          # fractional, so the whole app fits in 2 cores
+    num_gpus: float = Field(0.0, ge=0)           # for the model deployments on a GPU cluster
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(4.0, gt=0)
+    max_ongoing_requests: int = Field(32, ge=1)  # > max_batch_size, or batches never fill
+    upscale_delay_s: float = Field(2.0, ge=0)
+    downscale_delay_s: float = Field(15.0, ge=0)
+
+    def options(self) -> dict:
+        opts = {"ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+                "max_ongoing_requests": self.max_ongoing_requests}
+        if self.min_replicas == self.max_replicas:
+            opts["num_replicas"] = self.max_replicas
+        else:
+            opts["autoscaling_config"] = {
+                "min_replicas": self.min_replicas, "initial_replicas": max(self.min_replicas, 1),
+                "max_replicas": self.max_replicas, "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s}
+        return opts
+
+
+class AppArgs(BaseModel):
+    """Typed arguments of `build_app` (the `args:` of the serve config)."""
+    model_config = ConfigDict(extra="forbid")
+    checkpoint: str                                # model.pt, or a Ray Train run folder
+    data_dir: str                                  # prepared dataset: titles, genres, training users
+    store_url: str = "sqlite:///runs/serve/state.db"
+    load_users: bool = True                        # bulk-load the dataset's users into the store
+    batching: bool = True                          # False: max_batch_size 1 everywhere (benchmark baseline)
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_s: float = Field(0.002, ge=0)
+    encoder: DeploymentSettings = DeploymentSettings(max_replicas=1, num_cpus=0.25)
+    decomposer: DeploymentSettings = DeploymentSettings()
+    combiner: DeploymentSettings = DeploymentSettings()
+    ingress: DeploymentSettings = DeploymentSettings(num_cpus=0.25, max_ongoing_requests=100)
+
+    def resolved(self) -> AppArgs:
+        """Absolute paths, so that replicas find the files whatever their working directory."""
+        store = self.store_url
+        if store.startswith("sqlite:///") and not store.startswith("sqlite:////"):
+            store = "sqlite:///" + str(Path(store[len("sqlite:///"):]).resolve())
+        return self.model_copy(update={"checkpoint": str(Path(self.checkpoint).expanduser().resolve()),
+                                       "data_dir": str(Path(self.data_dir).expanduser().resolve()),
+                                       "store_url": store})
+
+
+def build_app(args: AppArgs):
+    """One .bind() expression: the ingress holds handles to the three model stages."""
+    args = AppArgs.model_validate(args if isinstance(args, (dict, AppArgs)) else dict(args)).resolved()
+    resolve_checkpoint(args.checkpoint)  # fail at build time, naming the path, not in every replica
+    batch = {"max_batch_size": args.max_batch_size if args.batching else 1, "batch_wait_s": args.batch_wait_s}
+    model = {"checkpoint": args.checkpoint}
+    return Ingress.options(**args.ingress.options()).bind(
+        Encoder.options(**args.encoder.options()).bind(**batch),
+        Decomposer.options(**args.decomposer.options(), user_config=model).bind(args.store_url, args.data_dir, **batch),
+        Combiner.options(**args.combiner.options(), user_config=model).bind(**batch),
+        args.store_url, args.data_dir, args.load_users,
+    )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ray_app.serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="model.pt or a Ray Train run folder")
+    p.add_argument("--data", required=True, help="prepared dataset folder")
+    p.add_argument("--store-url", default=AppArgs.model_fields["store_url"].default)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--no-batching", action="store_true")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (without RAY_ADDRESS)")
+    a = p.parse_args(argv)
+    try:
+        app = build_app(AppArgs(checkpoint=a.checkpoint, data_dir=a.data, store_url=a.store_url,
+                                batching=not a.no_batching))
+    except (ServingSetupError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import ray
+    from ray import serve
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=a.num_cpus if not os.environ.get("RAY_ADDRESS") else None)
+    serve.start(http_options={"host": a.host, "port": a.port})
+    serve.run(app, name="recommender", route_prefix="/")
+    print(f"serving on http://{a.host}:{a.port} (docs at /docs); Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""What the Serve deployments share, without Ray: the loaded model, the catalogue, event tensors.
+
+Kept apart from the deployment classes so that the pieces a request goes through can be
+tested (and benchmarked in-process) without starting Serve.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import checkpoint
+from models.batching import BatchBuilder
+from models.data import InteractionData, load_prepared
+from models.decomposer import InterestDecomposer
+from ray_app.store import Event
+
+BEST_FILE = "best_checkpoint.json"  # written by ray_app.train next to the run's checkpoints
+
+
+class ServingSetupError(ValueError):
+    """A checkpoint or dataset the app cannot serve; the message names the path."""
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A `model.pt` file, a checkpoint folder holding one, or a Ray Train run folder -> model.pt."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        best = path / BEST_FILE
+        if best.is_file():
+            try:
+                model = Path(json.loads(best.read_text())["model"]).expanduser()
+            except (ValueError, KeyError, TypeError) as e:
+                raise ServingSetupError(f"{best}: no usable 'model' entry ({e})") from None
+            return model if model.is_absolute() else best.parent / model
+        if (path / "model.pt").is_file():
+            return path / "model.pt"
+        raise ServingSetupError(f"{path}: a folder without {BEST_FILE} or model.pt")
+    if not path.is_file():
+        raise ServingSetupError(f"{path}: no such checkpoint file or run folder")
+    return path
+
+
+def file_version(path: Path) -> str:
+    """model_version: the short sha256 of the checkpoint file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+@dataclass
+class ServedModel:
+    """A decomposer checkpoint ready to serve: model, version and the source-id vocabulary."""
+    model: InterestDecomposer
+    version: str
+    path: Path
+    item_source_ids: np.ndarray        # (N+1,) model index -> source id; [0] = -1 (padding)
+
+    @cached_property
+    def index_of(self) -> dict[int, int]:
+        """Source item id -> model index."""
+        return {int(s): i for i, s in enumerate(self.item_source_ids) if i > 0}
+
+    @property
+    def dim_names(self) -> list[str]:
+        return list(self.model.cfg.dim_names)
+
+    @property
+    def units(self) -> int:
+        return self.model.cfg.lstm_units
+
+    @classmethod
+    def load(cls, path: str | Path, catalogue_ids: np.ndarray | None = None) -> ServedModel:
+        file = resolve_checkpoint(path)
+        try:
+            model, meta = checkpoint.load(file)
+        except checkpoint.CheckpointError as e:
+            raise ServingSetupError(str(e)) from e
+        if not isinstance(model, InterestDecomposer):
+            raise ServingSetupError(f"{file}: a {checkpoint.model_type(model)!r} checkpoint; serving needs a "
+                                    "'decomposer' (the baselines have no dimensions or gates)")
+        ids = meta.get("item_source_ids")
+        ids = np.asarray(ids.numpy() if isinstance(ids, torch.Tensor) else ids, np.int64) if ids is not None else None
+        if ids is None:
+            if catalogue_ids is None:
+                raise ServingSetupError(f"{file}: no item vocabulary in the checkpoint and no dataset given")
+            ids = catalogue_ids
+        if len(ids) != model.cfg.n_items + 1:
+            raise ServingSetupError(f"{file}: item vocabulary has {len(ids) - 1} items, the model {model.cfg.n_items}")
+        if catalogue_ids is not None and not np.array_equal(ids, catalogue_ids):
+            raise ServingSetupError(f"{file}: its item vocabulary differs from the dataset's items")
+        return cls(model, file_version(file), file, ids)
+
+
+@dataclass
+class Catalogue:
+    """Item side of a prepared dataset: titles and genres by source id, for the responses."""
+    item_source_ids: np.ndarray        # (N+1,) model index -> source id
+    titles: list[str]                  # (N+1,)
+    genres: list[list[str]]            # (N+1,)
+    index_of: dict[int, int]           # source id -> model index
+
+    @classmethod
+    def from_data(cls, data: InteractionData) -> Catalogue:
+        names = np.asarray(data.genre_names, dtype=object)
+        genres = [list(names[row > 0]) for row in data.item_genres]
+        ids = data.item_source_ids
+        return cls(ids, list(data.titles), genres, {int(s): i for i, s in enumerate(ids) if i > 0})
+
+    @classmethod
+    def load(cls, data_dir: str | Path) -> tuple[Catalogue, InteractionData]:
+        try:
+            data = load_prepared(data_dir)
+        except (FileNotFoundError, ValueError) as e:
+            raise ServingSetupError(f"data_dir {data_dir}: {e}") from e
+        return cls.from_data(data), data
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_source_ids) - 1
+
+    def unknown(self, source_ids) -> list[int]:
+        """Positions of source ids not in the catalogue."""
+        return [j for j, s in enumerate(source_ids) if int(s) not in self.index_of]
+
+    def describe(self, idx: int, score: float | None = None) -> dict:
+        out = {"item_id": int(self.item_source_ids[idx]), "title": self.titles[idx], "genres": self.genres[idx]}
+        if score is not None:
+            out["score"] = float(score)
+        return out
+
+
+def training_user_events(data: InteractionData) -> dict[str, list[Event]]:
+    """The dataset's users as store events, keyed str(source user id), for the initial bulk load."""
+    out = {}
+    src = data.item_source_ids[data.items]
+    for u in range(1, data.n_users + 1):
+        sl = data.user_events(u)
+        out[str(int(data.user_source_ids[u]))] = [
+            Event(int(i), float(r), float(t)) for i, r, t in zip(src[sl], data.ratings[sl], data.timestamps[sl])]
+    return out
+
+
+def event_tensors(items: np.ndarray, ratings: np.ndarray, timestamps: np.ndarray, first: int,
+                  next_ts: float) -> dict[str, torch.Tensor]:
+    """Model inputs for events [first, len) of one user, with the training code's features.
+
+    `items` are model indices; events before `first` only provide the gap of event `first`.
+    `next_ts` is the moment after the last event (the request), so ctx_feats[:, t] is the
+    context at which the state after event t is read: the next event's moment, as in training.
+    """
+    n = len(items)
+    builder = BatchBuilder(np.append(items, 0), np.append(ratings, 1.0), np.append(timestamps, next_ts))
+    return builder(np.array([first]), np.array([n]), np.array([0]), supervise_all=False)
+
+
+def pack_state(h: torch.Tensor, c: torch.Tensor) -> bytes:
+    """(U,) h and c -> float32 bytes [h; c]."""
+    return np.concatenate([h.numpy(), c.numpy()]).astype(np.float32).tobytes()
+
+
+def unpack_state(blob: bytes, units: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    arr = np.frombuffer(blob, dtype=np.float32)
+    if arr.size != 2 * units:   # from a model of another shape: rebuild instead
+        return None
+    arr = torch.from_numpy(arr.copy()).view(2, units)
+    return arr[0], arr[1]
