@@ -1,0 +1,105 @@
+"""Generate the RayService's `serveConfigV2` from `ray_app/serve_config.yaml`.
+
+The serve config is written once, in the repository, in `serve build` form; the RayService
+embeds the same config with only what differs on the cluster replaced (`ClusterSettings`):
+the state store points at Redis, the checkpoint and the data are on the shared volume, the
+code comes from the image rather than a working_dir upload. tests/test_k8s.py fails when
+k8s/rayservice.yaml is out of date.
+
+    python k8s/render.py            # rewrite serveConfigV2 in k8s/rayservice.yaml
+    python k8s/render.py --check    # exit 1 if k8s/rayservice.yaml is out of date
+    python k8s/render.py --print    # print the rendered serve config
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVE_CONFIG = ROOT / "ray_app" / "serve_config.yaml"
+RAYSERVICE = ROOT / "k8s" / "rayservice.yaml"
+SHARED_MOUNT = "/mnt/runs"  # where every Ray pod mounts the shared volume (k8s/storage.yaml)
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """The app arguments that differ on the cluster; every other setting is the repository's."""
+    store_url: str = "redis://redis:6379/0"              # the Service in k8s/redis.yaml
+    checkpoint: str = f"{SHARED_MOUNT}/ray/ml-1m"        # the run folder of k8s/rayjob-train.yaml
+    data_dir: str = f"{SHARED_MOUNT}/data/ml-1m"         # the data that run was trained on
+
+
+def render_serve_config(source: dict, cluster: ClusterSettings = ClusterSettings()) -> dict:
+    """The serve config as the RayService runs it."""
+    if not isinstance(source, dict) or not source.get("applications"):
+        raise ValueError(f"{SERVE_CONFIG}: expected a `serve build` config with an `applications` list")
+    config = copy.deepcopy(source)
+    for app in config["applications"]:
+        app.setdefault("args", {}).update(asdict(cluster))
+        runtime_env = app.get("runtime_env") or {}
+        # The image holds the code (k8s/Dockerfile); a working_dir would be resolved on the
+        # machine that applies the manifest, which KubeRay cannot upload from.
+        runtime_env.pop("working_dir", None)
+        if runtime_env:
+            app["runtime_env"] = runtime_env
+        else:
+            app.pop("runtime_env", None)
+    # Serve must listen on the pod's address for the serve Service to reach it.
+    config.setdefault("http_options", {})["host"] = "0.0.0.0"
+    return config
+
+
+def dump(config: dict) -> str:
+    return yaml.safe_dump(config, sort_keys=False, default_flow_style=False, width=100)
+
+
+# `serveConfigV2: |` and the indented block that follows it (blank lines included).
+_BLOCK = re.compile(r"^(?P<indent>[ \t]*)serveConfigV2:[ \t]*\|[-+]?[ \t]*\n(?P<body>(?:(?:(?P=indent)[ \t]+.*)?\n)*)",
+                    re.MULTILINE)
+
+
+def render_rayservice(text: str, config: dict) -> str:
+    """`text` (the RayService manifest) with its serveConfigV2 block replaced by `config`,
+    the rest of the file (comments included) untouched."""
+    matches = list(_BLOCK.finditer(text))
+    if len(matches) != 1:
+        raise ValueError(f"{RAYSERVICE}: expected one `serveConfigV2: |` block, found {len(matches)}")
+    m = matches[0]
+    pad = m["indent"] + "  "
+    body = "".join(f"{pad}{line}\n" if line else "\n" for line in dump(config).splitlines())
+    old = m["body"]
+    blank_after = len(old) - len(old.rstrip("\n")) - 1 if old.strip() else 0  # keep the spacing below
+    return f"{text[:m.start()]}{m['indent']}serveConfigV2: |\n{body}{chr(10) * blank_after}{text[m.end():]}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="exit 1 if k8s/rayservice.yaml is out of date")
+    mode.add_argument("--print", action="store_true", help="print the rendered serve config")
+    a = p.parse_args(argv)
+    config = render_serve_config(yaml.safe_load(SERVE_CONFIG.read_text()))
+    if a.print:
+        print(dump(config), end="")
+        return 0
+    current = RAYSERVICE.read_text()
+    wanted = render_rayservice(current, config)
+    if a.check:
+        if wanted != current:
+            print(f"{RAYSERVICE} is out of date with {SERVE_CONFIG}: run python k8s/render.py", file=sys.stderr)
+            return 1
+        return 0
+    if wanted != current:
+        RAYSERVICE.write_text(wanted)
+        print(f"wrote serveConfigV2 of {RAYSERVICE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
