@@ -73,7 +73,22 @@ def ensure_checkpoint(checkpoint: Path, data: Path, time_budget_s: float = 90.0)
            "--out", str(checkpoint.parent)]
     print("training a checkpoint:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
+    add_vocabulary(checkpoint, data)
     return checkpoint
+
+
+def add_vocabulary(checkpoint: Path, data: Path) -> None:
+    """Store the item vocabulary in the checkpoint's meta, as Ray Train checkpoints do (`models.run`
+    leaves it out), so every serving stage can map source ids without the dataset."""
+    import torch
+
+    from models import checkpoint as ckpt
+    from models.data import load_prepared
+
+    model, meta = ckpt.load(checkpoint)
+    if "item_source_ids" not in meta:
+        ids = torch.as_tensor(load_prepared(data).item_source_ids)
+        ckpt.save(checkpoint, model, {**meta, "item_source_ids": ids})
 
 
 def wait_healthy(base_url: str, timeout_s: float = 180.0) -> dict:
