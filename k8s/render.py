@@ -16,7 +16,7 @@ import argparse
 import copy
 import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -29,10 +29,13 @@ SHARED_MOUNT = "/mnt/runs"  # where every Ray pod mounts the shared volume (k8s/
 
 @dataclass(frozen=True)
 class ClusterSettings:
-    """The app arguments that differ on the cluster; every other setting is the repository's."""
+    """What differs on the cluster; every other setting is the repository's."""
     store_url: str = "redis://redis:6379/0"              # the Service in k8s/redis.yaml
     checkpoint: str = f"{SHARED_MOUNT}/ray/ml-1m"        # the run folder of k8s/rayjob-train.yaml
     data_dir: str = f"{SHARED_MOUNT}/data/ml-1m"         # the data that run was trained on
+    # Upper bounds of Serve's autoscaling per deployment: a cluster has room for more replicas
+    # than a laptop (the worker group's maxReplicas bounds the pods behind them).
+    max_replicas: dict[str, int] = field(default_factory=lambda: {"Ingress": 4, "Decomposer": 8, "Combiner": 8})
 
 
 def render_serve_config(source: dict, cluster: ClusterSettings = ClusterSettings()) -> dict:
@@ -41,7 +44,15 @@ def render_serve_config(source: dict, cluster: ClusterSettings = ClusterSettings
         raise ValueError(f"{SERVE_CONFIG}: expected a `serve build` config with an `applications` list")
     config = copy.deepcopy(source)
     for app in config["applications"]:
-        app.setdefault("args", {}).update(asdict(cluster))
+        app.setdefault("args", {}).update(store_url=cluster.store_url, checkpoint=cluster.checkpoint,
+                                          data_dir=cluster.data_dir)
+        for deployment in app.get("deployments", []):
+            # The model deployments get the checkpoint as user_config (reloaded without restart).
+            if "checkpoint" in (deployment.get("user_config") or {}):
+                deployment["user_config"]["checkpoint"] = cluster.checkpoint
+            scaling = deployment.get("autoscaling_config")
+            if scaling and deployment["name"] in cluster.max_replicas:
+                scaling["max_replicas"] = cluster.max_replicas[deployment["name"]]
         runtime_env = app.get("runtime_env") or {}
         # The image holds the code (k8s/Dockerfile); a working_dir would be resolved on the
         # machine that applies the manifest, which KubeRay cannot upload from.

@@ -202,3 +202,140 @@ def test_tune_job_entrypoint_parses():
     settings, _ = parse_args(_entrypoint_args("rayjob-tune.yaml", "tuning.search"))
     (job,) = load("rayjob-tune.yaml")
     assert settings.use_gpu and job["spec"]["rayClusterSpec"]["enableInTreeAutoscaling"] is True
+
+
+# -- RayService: serveConfigV2 ------------------------------------------------------------
+
+def _repo_serve_config() -> dict:
+    return yaml.safe_load(render.SERVE_CONFIG.read_text())
+
+
+def _embedded_serve_config() -> dict:
+    (service,) = load("rayservice.yaml")
+    return yaml.safe_load(service["spec"]["serveConfigV2"])
+
+
+def test_serve_config_v2_is_rendered_from_the_repository_config():
+    text = render.RAYSERVICE.read_text()
+    rendered = render.render_serve_config(_repo_serve_config())
+    assert _embedded_serve_config() == rendered
+    assert render.render_rayservice(text, rendered) == text, "stale: run python k8s/render.py"
+    assert render.main(["--check"]) == 0
+
+
+def test_render_detects_a_changed_serve_config():
+    source = _repo_serve_config()
+    source["applications"][0]["deployments"][0]["max_ongoing_requests"] += 1
+    text = render.RAYSERVICE.read_text()
+    changed = render.render_rayservice(text, render.render_serve_config(source))
+    assert changed != text
+    # Only the block changed: the rest of the manifest (comments included) is kept.
+    assert changed.split("serveConfigV2: |")[0] == text.split("serveConfigV2: |")[0]
+    assert changed.split("\n  rayClusterConfig:")[1] == text.split("\n  rayClusterConfig:")[1]
+
+
+def _dropped_keys(given, parsed, path=""):
+    """Keys of `given` that a pydantic model silently ignored (Ray's schemas allow extra keys)."""
+    if isinstance(given, dict):
+        out = []
+        for k, v in given.items():
+            out += [f"{path}{k}"] if not isinstance(parsed, dict) or k not in parsed else \
+                _dropped_keys(v, parsed[k], f"{path}{k}.")
+        return out
+    if isinstance(given, list) and isinstance(parsed, list):
+        return [d for i, (a, b) in enumerate(zip(given, parsed)) for d in _dropped_keys(a, b, f"{path}{i}.")]
+    return []
+
+
+def serve_config_problems(config: dict) -> list[str]:
+    """Ray Serve's ServeDeploySchema, plus the unknown keys it would ignore without a word."""
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import ServeDeploySchema
+
+    parsed = ServeDeploySchema.model_validate(config)  # raises on a wrong type or value
+    problems = _dropped_keys(config, parsed.model_dump(exclude_unset=True))
+    for app in config["applications"]:
+        for d in app.get("deployments", []):
+            if "autoscaling_config" in d:  # a free-form dict in DeploymentSchema
+                scaling = AutoscalingConfig.model_validate(d["autoscaling_config"])
+                problems += [f"{d['name']}.autoscaling_config.{k}" for k in
+                             _dropped_keys(d["autoscaling_config"], scaling.model_dump(exclude_unset=True))]
+    return problems
+
+
+def test_serve_config_v2_validates_against_serve_schema():
+    from ray_app.serve import AppArgs
+
+    config = _embedded_serve_config()
+    assert serve_config_problems(config) == []
+    for app in config["applications"]:
+        AppArgs.model_validate(app["args"])  # the app builder's own typed arguments
+        assert "working_dir" not in app.get("runtime_env", {})  # the code is in the image
+
+
+@pytest.mark.parametrize("mutate, problem", [
+    (lambda c: c.update(proxy_locaton="EveryNode"), "proxy_locaton"),
+    (lambda c: c["applications"][0]["deployments"][0].update(max_ongoing_request=5), "max_ongoing_request"),
+    (lambda c: c["applications"][0]["deployments"][0]["autoscaling_config"].update(max_replica=5), "max_replica"),
+])
+def test_serve_config_typo_fails(mutate, problem):
+    config = _embedded_serve_config()
+    mutate(config)
+    assert any(p.endswith(problem) for p in serve_config_problems(config))
+
+
+def test_serve_config_wrong_value_fails():
+    from pydantic import ValidationError
+
+    config = _embedded_serve_config()
+    config["applications"][0]["deployments"][0]["max_ongoing_requests"] = "many"
+    with pytest.raises(ValidationError):
+        serve_config_problems(config)
+
+
+def test_serving_cluster_fits_the_deployments_and_reaches_redis():
+    from urllib.parse import urlparse
+
+    (service,) = load("rayservice.yaml")
+    config = _embedded_serve_config()
+    (cpu,) = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    worker_cpus = float(cpu["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    for app in config["applications"]:
+        need = [d.get("ray_actor_options", {}).get("num_cpus", 1) for d in app["deployments"]]
+        assert sum(need) <= worker_cpus, "one replica of every deployment must fit one worker pod"
+        assert not any(d.get("ray_actor_options", {}).get("num_gpus") for d in app["deployments"])
+        store = urlparse(app["args"]["store_url"])
+        redis_service = next(d for d in load("redis.yaml") if d["kind"] == "Service")
+        assert store.scheme == "redis" and store.hostname == redis_service["metadata"]["name"]
+        assert store.port == redis_service["spec"]["ports"][0]["port"]
+        # The serving checkpoint is the training job's run folder on the shared volume.
+        train_argv = shlex.split(load("rayjob-train.yaml")[0]["spec"]["entrypoint"])
+        run_dir = f"{train_argv[train_argv.index('--storage-path') + 1]}/{train_argv[train_argv.index('--name') + 1]}"
+        assert app["args"]["checkpoint"] == run_dir
+        assert app["args"]["data_dir"] == train_argv[train_argv.index("--prepared-dir") + 1]
+
+
+def test_redis_is_durable_and_persistent():
+    docs = {d["kind"]: d for d in load("redis.yaml")}
+    conf = docs["ConfigMap"]["data"]["redis.conf"].splitlines()
+    assert "appendonly yes" in conf and "appendfsync always" in conf and "maxmemory-policy noeviction" in conf
+    sts = docs["StatefulSet"]
+    mounts = {m["name"]: m["mountPath"] for m in sts["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    assert [t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]] == ["data"]
+    assert mounts["data"] == "/data" and "dir /data" in conf
+
+
+def test_demo_talks_to_the_serve_service():
+    from urllib.parse import urlparse
+
+    from gradio_demo.__main__ import parse_args
+
+    deployment = next(d for d in load("demo.yaml") if d["kind"] == "Deployment")
+    command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[:3] == ["python", "-m", "gradio_demo"]
+    args = parse_args(command[3:])
+    (service,) = load("rayservice.yaml")
+    api = urlparse(args.api)
+    assert api.hostname == f"{service['metadata']['name']}-serve-svc"
+    assert api.port == _embedded_serve_config()["http_options"]["port"]
+    assert args.host == "0.0.0.0"
