@@ -1,0 +1,311 @@
+"""Ray Serve app over real HTTP: the API, freshness, bad input, reconfigure, restart.
+
+The app is deployed from `ray_app/serve_config.yaml` (paths swapped for a tiny model and
+dataset) the way `serve deploy` does it, so the checked-in config is what is tested.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import ray
+import torch
+import yaml
+from ray import serve
+from ray.serve.schema import ServeDeploySchema
+
+from models import checkpoint
+from models.batching import make_split
+from models.training import TrainConfig, fit, new_model
+from ray_app.serve import AppArgs
+from ray_app.serving import file_version
+
+CONFIG = Path(__file__).resolve().parents[1] / "ray_app" / "serve_config.yaml"
+APP = "recommender"
+
+
+def train_checkpoint(data, path: Path, combine: str, seed: int) -> Path:
+    """A small decomposer trained for one epoch: seconds, and enough to rank."""
+    split = make_split(data.user_offsets, 1)
+    torch.manual_seed(seed)
+    m = new_model("decomposer", data, split, lstm_units=32, item_dim=32, dim_size=16, combine=combine)
+    fit(m, data, split, TrainConfig(epochs=1, patience=1, seed=seed), progress=False)
+    return checkpoint.save(path, m, {"item_source_ids": torch.tensor(data.item_source_ids)})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config_for(port: int, ckpt: Path, data_dir: Path, store_url: str) -> ServeDeploySchema:
+    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg["http_options"] = {"host": "127.0.0.1", "port": port}
+    app = cfg["applications"][0]
+    app["args"].update(checkpoint=str(ckpt), data_dir=str(data_dir), store_url=store_url)
+    for d in app["deployments"]:
+        if "user_config" in d:
+            d["user_config"] = {"checkpoint": str(ckpt)}
+        d["autoscaling_config"]["max_replicas"] = 1   # 2 cores shared by the whole test run
+    return ServeDeploySchema.model_validate(cfg)
+
+
+def deploy(config: ServeDeploySchema, timeout_s: float = 180) -> None:
+    # What `serve deploy` asks the controller to do, without needing the dashboard's REST API.
+    serve.context._get_global_client().deploy_apps(config)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        app = serve.status().applications.get(APP)
+        if app is not None and app.status == "RUNNING":
+            return
+        if app is not None and app.status == "DEPLOY_FAILED":
+            raise RuntimeError(app.message)
+        time.sleep(0.5)
+    raise TimeoutError(f"{APP} not running after {timeout_s}s")
+
+
+@pytest.fixture(scope="module")
+def env(tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    ckpt_a = train_checkpoint(tiny_data, root / "a" / "model.pt", "mixture", seed=0)
+    ckpt_b = train_checkpoint(tiny_data, root / "b" / "model.pt", "concat", seed=1)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    store_url = f"sqlite:///{root / 'state.db'}"
+    env = {"data": tiny_data, "ckpt_a": ckpt_a, "ckpt_b": ckpt_b, "port": port, "store_url": store_url,
+           "config": lambda ckpt: config_for(port, ckpt, tiny_data.path, store_url)}
+    deploy(env["config"](ckpt_a))
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        env["client"] = client
+        yield env
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture()
+def client(env) -> httpx.Client:
+    return env["client"]
+
+
+def events_of(client, user_id: str, limit: int = 1000) -> list[dict]:
+    r = client.get(f"/users/{user_id}/events", params={"limit": limit})
+    assert r.status_code == 200, r.text
+    return r.json()["events"]
+
+
+def as_events(rows: list[dict]) -> list[dict]:
+    return [{"item_id": e["item_id"], "rating": e["rating"], "timestamp": e["timestamp"]} for e in rows]
+
+
+# ---- config -------------------------------------------------------------------------------
+
+def test_config_yaml_is_a_valid_serve_build_config():
+    cfg = yaml.safe_load(CONFIG.read_text())
+    schema = ServeDeploySchema.model_validate(cfg)
+    app = schema.applications[0]
+    assert app.import_path == "ray_app.serve:build_app"
+    args = AppArgs.model_validate(app.args)
+    assert {d.name for d in app.deployments} == {"Ingress", "Encoder", "Decomposer", "Combiner"}
+    for d in app.deployments:
+        assert 0 < d.ray_actor_options.num_cpus <= 0.5
+        assert d.autoscaling_config["min_replicas"] >= 1
+    cpus = sum(d.ray_actor_options.num_cpus * d.autoscaling_config["max_replicas"] for d in app.deployments)
+    assert cpus <= 2, "at full scale the app must still fit 2 cores"
+    models = [d.user_config for d in app.deployments if d.name in ("Decomposer", "Combiner")]
+    assert models == [{"checkpoint": args.checkpoint}] * 2
+
+
+# ---- the API ------------------------------------------------------------------------------
+
+def test_healthz(client, env):
+    h = client.get("/healthz").json()
+    assert h["status"] == "ok" and h["model_version"] == file_version(env["ckpt_a"])
+    assert h["n_items"] == env["data"].n_items and h["n_users"] == env["data"].n_users
+    assert h["dimensions"] == ["topic", "sentiment", "time", "latent_1"]
+    assert client.get("/openapi.json").json()["paths"].keys() >= {"/recommend", "/users/{user_id}/events", "/items"}
+
+
+def test_recommend_known_user_excludes_seen_and_explains(client, env):
+    users = client.get("/users", params={"limit": 3}).json()["users"]
+    assert len(users) == 3 and users == sorted(users, key=lambda u: u["user_id"])
+    uid = users[0]["user_id"]
+    seen = {e["item_id"] for e in events_of(client, uid)}
+    r = client.post("/recommend", json={"user_id": uid, "k": 7, "explain": True,
+                                        "context": {"timestamp": 1.7e9, "intent": "something funny"}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["user_id"] == uid and body["n_events"] == users[0]["n_events"]
+    ids = [it["item_id"] for it in body["items"]]
+    assert len(ids) == 7 and not seen & set(ids) and len(set(ids)) == 7
+    scores = [it["score"] for it in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    assert set(body["gates"]) == {"topic", "sentiment", "time", "latent_1"}
+    assert abs(sum(body["gates"].values()) - 1) < 1e-4
+    assert set(body["explanation"]) == set(body["gates"])
+    assert all(len(v) == 7 and v[0]["title"] for v in body["explanation"].values())
+    again = client.post("/recommend", json={"user_id": uid, "k": 7, "exclude_seen": False,
+                                            "context": {"timestamp": 1.7e9}}).json()
+    assert again["explanation"] is None
+
+
+def test_inline_history_and_new_user(client, env):
+    data = env["data"]
+    uid = client.get("/users", params={"limit": 1}).json()["users"][0]["user_id"]
+    history = as_events(events_of(client, uid))
+    ctx = {"timestamp": history[-1]["timestamp"] + 3600}
+    by_id = client.post("/recommend", json={"user_id": uid, "k": 10, "context": ctx}).json()
+    inline = client.post("/recommend", json={"history": history[::-1], "k": 10, "context": ctx}).json()
+    # The stored, incrementally advanced state and a rebuild from the (unsorted) history agree.
+    assert [i["item_id"] for i in inline["items"]] == [i["item_id"] for i in by_id["items"]]
+    np.testing.assert_allclose([i["score"] for i in inline["items"]], [i["score"] for i in by_id["items"]], rtol=1e-4)
+    fresh = client.post("/recommend", json={"k": 5, "context": ctx}).json()
+    empty = client.post("/recommend", json={"history": [], "k": 5, "context": ctx}).json()
+    assert fresh["n_events"] == 0 and fresh["user_id"] is None and len(fresh["items"]) == 5
+    assert fresh["items"] == empty["items"]
+    assert {i["item_id"] for i in fresh["items"]} <= set(data.item_source_ids[1:].tolist())
+
+
+def test_items_text_search(client, env):
+    r = client.get("/items", params={"q": "comedy", "k": 5})
+    assert r.status_code == 200, r.text
+    items = r.json()["items"]
+    assert len(items) == 5 and "comedy" in items[0]["genres"]
+    assert [i["score"] for i in items] == sorted((i["score"] for i in items), reverse=True)
+
+
+def test_user_events_and_interests(client):
+    user = client.get("/users", params={"limit": 1}).json()["users"][0]
+    uid, n = user["user_id"], user["n_events"]
+    last3 = events_of(client, uid, limit=3)
+    assert len(last3) == 3 and last3 == events_of(client, uid)[-3:]
+    assert [e["timestamp"] for e in last3] == sorted(e["timestamp"] for e in last3)
+    steps = client.get(f"/users/{uid}/interests", params={"last": 5}).json()
+    assert steps["dimensions"] == ["topic", "sentiment", "time", "latent_1"]
+    assert [s["index"] for s in steps["steps"]] == list(range(n - 5, n))
+    assert [s["item_id"] for s in steps["steps"][-3:]] == [e["item_id"] for e in last3]
+    for s in steps["steps"]:
+        assert abs(sum(s["gates"].values()) - 1) < 1e-4 and s["title"]
+
+
+def test_an_acknowledged_event_shows_in_the_next_recommendation(client, env):
+    uid = "fresh-user"
+    first = client.post("/recommend", json={"k": 3, "context": {"timestamp": 1.6e9}}).json()["items"][0]["item_id"]
+    r = client.post(f"/users/{uid}/events", json={"events": [{"item_id": first, "rating": 5, "timestamp": 1.6e9}]})
+    assert r.json() == {"user_id": uid, "accepted": 1, "n_events": 1}
+    # The very next request sees the event: it is excluded, and the scores are those of the
+    # full history recomputed from scratch.
+    ctx = {"timestamp": 1.6e9 + 600}
+    rec = client.post("/recommend", json={"user_id": uid, "k": 10, "context": ctx}).json()
+    assert rec["n_events"] == 1 and first not in [i["item_id"] for i in rec["items"]]
+    more = [{"item_id": int(env["data"].item_source_ids[j]), "rating": 3.5, "timestamp": 1.6e9 + j} for j in (4, 9)]
+    assert client.post(f"/users/{uid}/events", json={"events": more}).json()["n_events"] == 3
+    rec = client.post("/recommend", json={"user_id": uid, "k": 10, "exclude_seen": False, "context": ctx}).json()
+    full = client.post("/recommend", json={"history": as_events(events_of(client, uid)), "k": 10,
+                                           "exclude_seen": False, "context": ctx}).json()
+    assert rec["n_events"] == 3
+    assert [i["item_id"] for i in rec["items"]] == [i["item_id"] for i in full["items"]]
+    np.testing.assert_allclose([i["score"] for i in rec["items"]], [i["score"] for i in full["items"]], rtol=1e-4)
+
+
+EV = {"item_id": 1, "rating": 4.0, "timestamp": 1.6e9}
+BAD = [
+    ("malformed JSON", "POST", "/recommend", {"content": b'{"k": 3,', "headers": {"content-type": "application/json"}}, 422, "body"),
+    ("not an object", "POST", "/recommend", {"json": [1, 2]}, 422, "body"),
+    ("k wrong type", "POST", "/recommend", {"json": {"k": "many"}}, 422, "k"),
+    ("k zero", "POST", "/recommend", {"json": {"k": 0}}, 422, "k"),
+    ("k negative", "POST", "/recommend", {"json": {"k": -5}}, 422, "k"),
+    ("k huge", "POST", "/recommend", {"json": {"k": 10**9}}, 422, "k"),
+    ("rating out of range", "POST", "/recommend", {"json": {"history": [{**EV, "rating": 9}]}}, 422, "history.0.rating"),
+    ("unknown item", "POST", "/recommend", {"json": {"history": [EV, {**EV, "item_id": 10**8}]}}, 422, "history.1.item_id"),
+    ("oversized history", "POST", "/recommend", {"json": {"history": [EV] * 1001}}, 422, "history"),
+    ("user and history", "POST", "/recommend", {"json": {"user_id": "1", "history": [EV]}}, 422, "history"),
+    ("unknown field", "POST", "/recommend", {"json": {"userid": "1"}}, 422, "userid"),
+    ("intent wrong type", "POST", "/recommend", {"json": {"context": {"intent": 5}}}, 422, "context.intent"),
+    ("unknown user", "POST", "/recommend", {"json": {"user_id": "no-such-user"}}, 404, "user_id"),
+    ("non-UTF-8 body", "POST", "/recommend", {"content": b'{"user_id": "\xff\xfe"}', "headers": {"content-type": "application/json"}}, 400, "body"),
+    ("oversized body", "POST", "/recommend", {"content": b" " * (2 << 20), "headers": {"content-type": "application/json"}}, 413, "body"),
+    ("empty events", "POST", "/users/x/events", {"json": {"events": []}}, 422, "events"),
+    ("too many events", "POST", "/users/x/events", {"json": {"events": [EV] * 1001}}, 422, "events"),
+    ("event unknown item", "POST", "/users/x/events", {"json": {"events": [{**EV, "item_id": -3}]}}, 422, "events.0.item_id"),
+    ("event missing field", "POST", "/users/x/events", {"json": {"events": [{"item_id": 1}]}}, 422, "events.0.rating"),
+    ("timestamp not a number", "POST", "/users/x/events", {"json": {"events": [{**EV, "timestamp": "noon"}]}}, 422, "events.0.timestamp"),
+    ("events of unknown user", "GET", "/users/no-such-user/events", {}, 404, "user_id"),
+    ("interests of unknown user", "GET", "/users/no-such-user/interests", {}, 404, "user_id"),
+    ("interests last zero", "GET", "/users/1/interests", {"params": {"last": 0}}, 422, "last"),
+    ("users limit huge", "GET", "/users", {"params": {"limit": 10**6}}, 422, "limit"),
+    ("empty query", "GET", "/items", {"params": {"q": ""}}, 422, "q"),
+    ("blank query", "GET", "/items", {"params": {"q": "   "}}, 422, "q"),
+    ("items k huge", "GET", "/items", {"params": {"q": "drama", "k": 1000}}, 422, "k"),
+]
+
+
+@pytest.mark.parametrize("method,path,kwargs,status,field", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_is_a_4xx_naming_the_field(client, method, path, kwargs, status, field):
+    r = client.request(method, path, **kwargs)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["field"] == field and isinstance(body["detail"], str) and body["detail"]
+    if field != "body":
+        assert field.split(".")[0] in body["detail"]
+    assert client.get("/healthz").status_code == 200   # and the service keeps serving
+
+
+# ---- model swap and restart -------------------------------------------------------------
+
+def test_new_checkpoint_through_user_config_without_failed_requests(client, env):
+    version_b = file_version(env["ckpt_b"])
+    uid = client.get("/users", params={"limit": 1}).json()["users"][0]["user_id"]
+    failures, versions, stop = [], set(), threading.Event()
+
+    def hammer():
+        with httpx.Client(base_url=f"http://127.0.0.1:{env['port']}", timeout=60) as c:
+            while not stop.is_set():
+                r = c.post("/recommend", json={"user_id": uid, "k": 5})
+                if r.status_code != 200:
+                    failures.append((r.status_code, r.text))
+                else:
+                    versions.add(r.json()["model_version"])
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        deploy(env["config"](env["ckpt_b"]))
+        deadline = time.time() + 120
+        while client.get("/healthz").json()["model_version"] != version_b and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        thread.join()
+    assert failures == []
+    assert version_b in versions
+    rec = client.post("/recommend", json={"user_id": uid, "k": 5}).json()
+    assert rec["model_version"] == version_b and len(rec["items"]) == 5
+
+
+def test_restart_loses_no_acknowledged_event(client, env):
+    uid = "restart-user"
+    items = env["data"].item_source_ids[1:6].tolist()
+    for j, item in enumerate(items):
+        r = client.post(f"/users/{uid}/events", json={"events": [{"item_id": item, "rating": 4, "timestamp": 1.6e9 + j}]})
+        assert r.status_code == 200
+    counts = {u["user_id"]: u["n_events"] for u in client.get("/users", params={"limit": 1000}).json()["users"]}
+    config = env["config"](env["ckpt_b"])
+    serve.delete(APP)
+    deploy(copy.deepcopy(config))
+    assert [e["item_id"] for e in events_of(client, uid)] == items
+    after = {u["user_id"]: u["n_events"] for u in client.get("/users", params={"limit": 1000}).json()["users"]}
+    assert after == counts   # the startup bulk load is idempotent: no training user is loaded twice
+    rec = client.post("/recommend", json={"user_id": uid, "k": 3}).json()
+    assert rec["n_events"] == len(items)
