@@ -5,7 +5,7 @@ Layout (every key under a namespace, default `di`):
 - `di:st:<user>`  a hash `{v: model_version, n: n_events, b: blob}`, the state cache;
 - `di:users`      a sorted set of user ids with equal scores, so `ZRANGEBYLEX` lists them by id
                   in the same byte order as SQLite's `ORDER BY user_id`;
-- `di:op:<token>` a short-lived marker per append call (see `_APPEND`).
+- `di:op:<token>` a marker per append call, kept `op_ttl_s` (5 min; retries end within seconds).
 
 Every write is one Lua script, which Redis runs atomically and logs to the AOF as one unit, so
 the event list, the user set and the state never disagree. Durability comes from the server:
@@ -75,7 +75,7 @@ def _unpack(raw: bytes) -> Event:
 class RedisStore:
     """`redis://[:password@]host:port/db` (or `rediss://`, `unix://`); see the module docstring."""
 
-    def __init__(self, url: str, namespace: str = "di", op_ttl_s: int = 3600, retries: int = 8):
+    def __init__(self, url: str, namespace: str = "di", op_ttl_s: int = 300, retries: int = 8):
         # Reconnect with backoff for about 2.5 s: long enough to ride out a server restart.
         retry = Retry(ExponentialBackoff(cap=0.5, base=0.02), retries)
         self.url = url

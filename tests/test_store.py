@@ -213,6 +213,31 @@ def test_concurrent_writers_lose_nothing(url):
         store.close()
 
 
+def _state_writer(url: str, proc: int, n: int) -> None:
+    """Cache writes of a replica: states 0..n-1 of model v1, upwards (proc 0) or downwards (proc 1),
+    as a slow replica would write stale states after a fast one."""
+    store = open_store(url)
+    for i in (range(n) if proc == 0 else reversed(range(n))):
+        store.put_state("cached", StoredState("v1", i, f"{proc}:{i}".encode()))
+    store.close()
+
+
+def test_concurrent_state_writers_never_go_backwards(url):
+    # Two replicas racing on one user's cache: whatever the interleaving, the newest survives.
+    procs = [SPAWN.Process(target=_state_writer, args=(url, p, 150)) for p in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+        assert proc.exitcode == 0
+    store = open_store(url)
+    try:
+        state = store.get_state("cached")
+        assert state.n_events == 149 and state.blob in (b"0:149", b"1:149")
+    finally:
+        store.close()
+
+
 def _acking_writer(url: str, log_path: str, n: int) -> None:
     """Append events 0..n-1 one by one; after each returned append write `ok i total` (or `err i`)."""
     store = open_store(url)
