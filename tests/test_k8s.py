@@ -109,7 +109,7 @@ def test_typo_in_a_field_name_fails(path, typo):
     node = bad
     for key in path:
         node = node[key]
-    node[typo] = node.get(typo.rstrip("s"), 1)
+    node[typo] = 1  # any value: the name alone must be refused
     assert any(typo in e for e in errors(bad)), f"{typo!r} was accepted"
 
 
