@@ -132,6 +132,29 @@ def test_rayservice_typo_inside_embedded_cluster_fails():
     assert any("rayStartParam" in e for e in errors(bad))
 
 
+@functools.cache
+def pod_spec_validator() -> jsonschema.Validator:
+    """Kubernetes' PodSpec as the RayCluster CRD embeds it (the head's pod template): the one
+    core schema available offline, used for the pods of the plain Deployments/StatefulSets."""
+    head = validator("RayCluster").schema["properties"]["spec"]["properties"]["headGroupSpec"]
+    return jsonschema.Draft4Validator(head["properties"]["template"]["properties"]["spec"])
+
+
+@pytest.mark.parametrize("name", ["redis.yaml", "demo.yaml"])
+def test_plain_workloads_have_valid_pod_specs(name):
+    workloads = [d for d in load(name) if d["kind"] in ("Deployment", "StatefulSet")]
+    assert workloads
+    for w in workloads:
+        pod = w["spec"]["template"]
+        assert w["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        problems = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+                    for e in pod_spec_validator().iter_errors(pod["spec"])]
+        assert problems == [], f"{name} {w['kind']}"
+    bad = copy.deepcopy(workloads[0]["spec"]["template"]["spec"])
+    bad["containers"][0]["readinesProbe"] = bad["containers"][0].pop("readinessProbe")
+    assert not pod_spec_validator().is_valid(bad)
+
+
 # -- what the cluster specs promise ---------------------------------------------------------
 
 def test_versions_match_the_pinned_ray():
