@@ -34,11 +34,11 @@ def new_user_id() -> str:
 
 
 def ok(text: str) -> str:
-    return f"✅ {text}"
+    return f"✓ {text}"
 
 
 def problem(text: str) -> str:
-    return f"⚠️ {text}"
+    return f"⚠ {text}"
 
 
 def guarded(fn: Callable, n_outputs: int) -> Callable:
@@ -136,7 +136,7 @@ class Handlers:
         out = self.refresh(user_id, intent, weekday, hour, k)
         note = ok(f"Posted item {item_id} (rating {rating:g}) at {views.fmt_time(moment)} UTC — "
                   f"{accepted.n_events} events now. ")
-        return (note + out[0].removeprefix("✅ "), *out[1:])
+        return (note + out[0].removeprefix("✓ "), *out[1:])
 
     # -- items --
 
@@ -167,7 +167,7 @@ def build_demo(api: ApiClient) -> gr.Blocks:
         status = gr.Markdown("Connecting…", elem_id="status")
         start = gr.State(None)  # where the request clock starts: the last event (or now)
         with gr.Row():
-            with gr.Column(scale=1):
+            with gr.Column(scale=2):
                 gr.Markdown("### 1 · Who")
                 user_q = gr.Textbox(label="Find a user", placeholder="user id prefix", elem_id="user-q")
                 user = gr.Dropdown(label="User", choices=[], filterable=True, elem_id="user")
@@ -175,7 +175,7 @@ def build_demo(api: ApiClient) -> gr.Blocks:
                 who = gr.Markdown(elem_id="who")
                 history = gr.Dataframe(headers=views.HISTORY_COLUMNS, label="Recent history (newest first)",
                                        interactive=False, max_height=360, elem_id="history")
-            with gr.Column(scale=2):
+            with gr.Column(scale=3):
                 gr.Markdown("### 2 · What and when")
                 intent = gr.Textbox(label="What are you in the mood for?",
                                     placeholder="something light and funny for tonight", elem_id="intent")
@@ -194,12 +194,12 @@ def build_demo(api: ApiClient) -> gr.Blocks:
                     watched_btn = gr.Button("Watched / liked", variant="secondary", scale=1, elem_id="watched")
         gr.Markdown("### 3 · The decomposition")
         with gr.Row():
-            gates = gr.BarPlot(x="dimension", y="weight", title="Gate weights for this request",
+            gates = gr.BarPlot(x="dimension", y="weight", color="dimension", title="Gate weights for this request",
                                y_lim=[0, 1], elem_id="gates-plot")
             interests = gr.LinePlot(x="event", y="weight", color="dimension",
                                     title="Gate weights after each event", y_lim=[0, 1],
                                     tooltip=["event", "dimension", "weight", "title"], elem_id="interests-plot")
-        dims = gr.Dataframe(label="What each dimension alone would recommend", interactive=False,
+        dims = gr.Dataframe(views.dimension_frame(None), label="What each dimension alone would recommend", interactive=False,
                             elem_id="dims")
         with gr.Accordion("Add an event by hand (search the catalogue by text)", open=False):
             with gr.Row():

@@ -213,7 +213,7 @@ def test_handlers_show_a_message_not_a_traceback_when_down():
     from gradio_demo.app import guarded
     with ApiClient(f"http://127.0.0.1:{free_port()}") as client:
         out = guarded(Handlers(client).connect, 2)("")
-    assert out[0].startswith("⚠️") and "not reachable" in out[0]
+    assert out[0].startswith("⚠") and "not reachable" in out[0]
 
 
 def test_new_user_watches_an_item(api):
@@ -221,7 +221,7 @@ def test_new_user_watches_an_item(api):
     fresh = h.refresh("new-abc", "", 4, 20, 10)          # no events yet: a cold-start request
     assert "no events yet" in fresh[1] and fresh[2].empty and list(fresh[5]["item_id"]) == [1, 2, 3]
     out = h.post_event("new-abc", 1, 5.0, fresh[3], "", 4, 20, 10)
-    assert out[0].startswith("✅ Posted item 1")
+    assert out[0].startswith("✓ Posted item 1")
     assert list(out[5]["item_id"]) == [2, 3]              # the watched item left the list
     assert list(out[2]["title"]) == ["Alpha"] and not out[8].empty
 

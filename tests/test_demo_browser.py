@@ -1,0 +1,198 @@
+"""The Gradio demo in headless Chromium (the system's /usr/bin/chromium, never a downloaded one)
+against a real Ray Serve endpoint serving a decomposer trained here in seconds.
+
+The demo process starts first, before the API exists, as it may in real life; the first test
+reads what the page says then. The second walks the issue's journey: select a user, type an
+intent, recommend, see the table and both plots, click "watched", see the list change.
+The screenshot path is printed (pytest -s) and the file kept under runs/artifacts/.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from models import checkpoint
+from models.batching import make_split
+from models.training import TrainConfig, fit, new_model
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "runs" / "artifacts"
+TIMEOUT_MS = 60_000
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="the system chromium is not installed")
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{url}: the process exited with status {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{url} did not answer within {timeout_s} s")
+
+
+@pytest.fixture(scope="module")
+def api_url() -> str:
+    """Where the API will listen; nothing does until the `serve_app` fixture starts it."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture(scope="module")
+def demo_url(api_url, tmp_path_factory):
+    """`python -m gradio_demo` as a user starts it, pointed at an API that is not up yet."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("demo") / "demo.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gradio_demo", "--api", api_url, "--port", str(port)],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    try:
+        wait_http(f"http://127.0.0.1:{port}/", 120, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        print(f"\ndemo log: {log}\n{log.read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_data, tmp_path_factory) -> Path:
+    """A small decomposer, two epochs on the tiny synthetic data: seconds, and enough to rank."""
+    split = make_split(tiny_data.user_offsets, 1)
+    torch.manual_seed(0)
+    model = new_model("decomposer", tiny_data, split, lstm_units=32, dim_size=16)
+    fit(model, tiny_data, split, TrainConfig(epochs=2, patience=2), progress=False)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    return checkpoint.save(path, model, {"item_source_ids": torch.tensor(tiny_data.item_source_ids)})
+
+
+@pytest.fixture(scope="module")
+def serve_app(api_url, tiny_checkpoint, tiny_data, tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from ray_app.serve import AppArgs, DeploymentSettings, build_app
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    one = DeploymentSettings(num_cpus=0.1, min_replicas=1, max_replicas=1)
+    store = tmp_path_factory.mktemp("state") / "state.db"
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": int(api_url.rsplit(":", 1)[1])})
+        app = build_app(AppArgs(checkpoint=str(tiny_checkpoint), data_dir=str(tiny_data.path),
+                                store_url=f"sqlite:///{store}", encoder=one, decomposer=one, combiner=one,
+                                ingress=one))
+        serve.run(app, name="demo-test", route_prefix="/", blocking=False)
+        wait_http(f"{api_url}/healthz", 180)
+        yield api_url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def page(demo_url):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1700})
+        page.set_default_timeout(TIMEOUT_MS)
+        yield page
+        browser.close()
+
+
+def status_shows(page, text: str) -> None:
+    sync_api.expect(page.locator("#status")).to_contain_text(text, timeout=TIMEOUT_MS)
+
+
+def body_rows(page, elem_id: str):
+    """The rendered data rows of a gr.Dataframe (ARIA rows with cells; the header has none)."""
+    return page.locator(f"#{elem_id}").get_by_role("row").filter(has=page.get_by_role("gridcell"))
+
+
+def table_column(page, elem_id: str, column: int) -> list[str]:
+    return [row.get_by_role("gridcell").nth(column).inner_text().strip() for row in body_rows(page, elem_id).all()]
+
+
+def test_demo_starts_before_the_api_and_says_so(page, demo_url, api_url):
+    page.goto(demo_url)
+    status_shows(page, "not reachable")
+    assert api_url in page.locator("#status").inner_text()
+    assert "Traceback" not in page.content()
+
+
+def test_recommend_watch_and_see_the_interests_move(page, demo_url, serve_app, tiny_data):
+    page.goto(demo_url)  # a reload is how a person retries once the API is up
+    status_shows(page, "Connected to")
+
+    # 1. find a user by id prefix, pick them: their history appears as a timeline
+    users = httpx.get(f"{serve_app}/users", params={"limit": 1}).json()["users"]
+    user = users[0]["user_id"]
+    page.locator("#user-q textarea").fill(user)
+    page.locator("#user-q textarea").press("Enter")
+    status_shows(page, "users match")
+    page.locator("#user input").click()
+    page.locator("#user [role=option]", has_text=re.compile(rf"(^|\s){re.escape(user)} \(")).click()
+    sync_api.expect(page.locator("#who")).to_contain_text(user)
+    sync_api.expect(body_rows(page, "history").first).to_be_visible()
+    shown = httpx.get(f"{serve_app}/users/{user}/events").json()["events"]
+    assert table_column(page, "history", 1)[0] == shown[-1]["title"]    # newest first
+
+    # 2. an intent and a moment -> the top-k with titles, genres and scores
+    page.locator("#intent textarea").fill("something light and funny for tonight")
+    page.locator("#recommend").click()
+    status_shows(page, "for “something light and funny for tonight”")
+    titles = table_column(page, "recs", 1)
+    assert len(titles) == 10 and set(titles) <= set(tiny_data.titles)
+    scores = [float(s) for s in table_column(page, "recs", 3)]
+    assert scores == sorted(scores, reverse=True)
+
+    # 3. both plots render (vega draws them), the per-dimension table names every dimension
+    for plot in ("gates-plot", "interests-plot"):
+        sync_api.expect(page.locator(f"#{plot} canvas, #{plot} svg").first).to_be_visible()
+    dims = httpx.get(f"{serve_app}/healthz").json()["dimensions"]
+    header = page.locator("#dims thead").inner_text()
+    assert all(d in header for d in dims)
+
+    # 4. watched -> posted at the chosen moment; the list and history change
+    n_before = httpx.get(f"{serve_app}/users", params={"q": user}).json()["users"][0]["n_events"]
+    top_id = table_column(page, "recs", 4)[0]
+    page.locator("#watched").click()
+    status_shows(page, f"Posted item {top_id}")
+    sync_api.expect(body_rows(page, "recs").first.get_by_role("gridcell").nth(4)).not_to_have_text(top_id)
+    assert top_id not in table_column(page, "recs", 4)                 # seen items are excluded
+    assert table_column(page, "history", 1)[0] == titles[0]           # newest first in the timeline
+    events = httpx.get(f"{serve_app}/users/{user}/events", params={"limit": 1}).json()["events"]
+    assert str(events[-1]["item_id"]) == top_id
+    assert httpx.get(f"{serve_app}/users", params={"q": user}).json()["users"][0]["n_events"] == n_before + 1
+    assert "Traceback" not in page.content()
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "demo_browser.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"\nscreenshot: {shot}")
