@@ -1,0 +1,301 @@
+"""Search the decomposer's shape with Ray Tune: Optuna's TPE (or random search) and ASHA.
+
+    python -m tuning.search --smoke-test                                  # tiny synthetic search
+    python -m tuning.search --dataset ml-latest-small --num-samples 30 --epochs 8 --name ml-small
+    python -m tuning.search --dataset ml-latest-small --name ml-small --num-samples 40   # resumes: 10 more
+    python -m tuning.search --space-override 'lstm_units={low: 64, high: 256, log: true}' \\
+        --space-override combine=concat --space-file space.yaml --optuna-storage postgresql://host/db
+
+Each trial is one Ray Train run of `ray_app.train` (Train V2 pattern: the Tune function builds
+and fits the `TorchTrainer`; `TuneReportCallback` forwards every epoch's report to Tune), so a
+trial can use several workers or GPUs on a cluster. ASHA stops weak trials after whole epochs;
+the objective is the trial's best validation NDCG@10 so far, which is also what its best
+checkpoint holds. The Optuna study lives in an RDB storage (SQLite in the run folder by
+default), so running the same `--name` again continues the study: `--num-samples` is the
+study's total, and only the missing trials run. Outputs in `<storage-path>/<name>/`:
+`best_config.json` (with the checkpoint serving loads), `results.parquet` / `results.csv`
+and `plots/*.png`. Bad input stops with a one-line error (exit 2) before any trial starts.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from ray_app.data import SetupError, load_checked, resolve_dataset
+from ray_app.train import METRIC, RayTrainSettings, build_trainer, check_storage, connect, plan
+from tuning import results
+from tuning.space import SearchSpace, SpaceError
+
+OBJECTIVE = f"best_{METRIC}"       # best validation NDCG@10 so far in the trial: ASHA and Optuna both read it
+MODE = "max"
+TRIAL_DRIVER_CPU = 0.01
+SMOKE_SPACE = ["lstm_units=[16, 32]", "dim_size=[8, 16]", "max_len=[10, 20]", "max_latent=2"]
+
+
+@dataclass
+class SearchSettings:
+    dataset: str = "synthetic"              # as for ray_app.train: a name or a prepared folder
+    data_dir: Path | None = None
+    prepared_dir: Path | None = None
+    storage_path: str = "runs/tune"         # local folder; the run folder is <storage_path>/<name>
+    name: str | None = None                 # same name = continue the same study
+    sampler: str = "tpe"                    # "tpe" (OptunaSearch) | "random" (BasicVariantGenerator)
+    num_samples: int = 20                   # trials in the study, counting those of earlier sessions
+    time_budget_s: float | None = None      # wall-clock seconds for this session's trials
+    seed: int = 0                           # sampler and training seed
+    startup_trials: int | None = None       # TPE's random start (default: a third of the trials, 2..10)
+    epochs: int = 10                        # per trial; ASHA's max_t
+    grace_period: int = 1                   # epochs every trial gets before ASHA may stop it
+    reduction_factor: int = 2
+    patience: int = 3                       # early stopping inside a trial
+    batch_size: int | None = None
+    num_workers: int = 1                    # Train workers per trial
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    optuna_storage: str | None = None       # RDB URL; default sqlite:///<run folder>/optuna.db
+    space_overrides: list[str] = field(default_factory=list)
+    space_files: list[Path] = field(default_factory=list)
+
+    def run_name(self) -> str:
+        return self.name or f"search-{Path(self.dataset).name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+@dataclass
+class Setup:
+    """A checked search: nothing here can fail once trials start."""
+    settings: SearchSettings
+    name: str
+    run_dir: Path
+    space: SearchSpace
+    prepared: Path
+    storage_url: str | None
+    remaining: int
+    done_before: int
+
+
+# ---- checks before any trial -----------------------------------------------------------------
+
+def prepare(s: SearchSettings) -> Setup:
+    if s.num_samples < 1:
+        raise SetupError(f"--num-samples must be at least 1, got {s.num_samples}")
+    if s.time_budget_s is not None and s.time_budget_s <= 0:
+        raise SetupError(f"--time-budget must be positive, got {s.time_budget_s:g}")
+    if s.sampler not in ("tpe", "random"):
+        raise SetupError(f"--sampler {s.sampler}: choose from tpe, random")
+    for flag, v in (("--epochs", s.epochs), ("--grace-period", s.grace_period), ("--patience", s.patience),
+                    ("--num-workers", s.num_workers)):
+        if v < 1:
+            raise SetupError(f"{flag} must be at least 1, got {v}")
+    if s.reduction_factor < 2:
+        raise SetupError(f"--reduction-factor must be at least 2, got {s.reduction_factor}")
+    if "://" in s.storage_path:
+        raise SetupError(f"--storage-path {s.storage_path}: the run folder holds the tables and plots; "
+                         "give a local or mounted folder")
+    try:
+        space = SearchSpace.from_overrides(s.space_overrides, s.space_files)
+    except SpaceError as e:
+        raise SetupError(str(e)) from None
+    name = s.run_name()
+    check_storage(s.storage_path, name)
+    run_dir = Path(s.storage_path).expanduser().resolve() / name
+    prepared = resolve_dataset(s.dataset, s.data_dir, s.prepared_dir)
+    load_checked(prepared)
+    url = None
+    done = 0
+    if s.sampler == "tpe":
+        url = s.optuna_storage or f"sqlite:///{run_dir / 'optuna.db'}"
+        done = results.finished_trials(open_storage(url), name)
+    else:
+        done = results.previous_rows(run_dir)
+    return Setup(s, name, run_dir, space, prepared, url, max(0, s.num_samples - done), done)
+
+
+def open_storage(url: str):
+    """The Optuna RDB storage at `url`, connected now: an unreachable one fails before any trial."""
+    import optuna
+
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    except Exception as e:  # sqlalchemy raises OperationalError, ArgumentError, ImportError (no driver)...
+        raise SetupError(f"--optuna-storage {redact(url)}: cannot open it ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]})") from None
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for error messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+# ---- one trial: a Ray Train run ----------------------------------------------------------------
+
+def run_trial(config: dict, base: RayTrainSettings) -> None:
+    """Tune function: build the trial's `TorchTrainer` from `ray_app.train` and fit it."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from tuning.space import trial_settings
+
+    params = config.get("params", config)                # random search nests them (see search_algorithm)
+    model_args, train = trial_settings(params)
+    crash = train["fail_at_epoch"] is not None
+    s = dataclasses.replace(base, model_args=model_args, lr=train["lr"], name=ray.tune.get_context().get_trial_id(),
+                            fail_at_epoch=train["fail_at_epoch"], max_failures=0 if crash else base.max_failures)
+    trainer = build_trainer(plan(s))
+    # The trial is a Train V2 driver: every epoch's report (and its checkpoint path) goes on to Tune.
+    trainer.run_config.callbacks.append(TuneReportCallback())
+    trainer.fit()
+
+
+def search_algorithm(setup: Setup, storage):
+    """(search algorithm, Tune param_space) for the chosen sampler, over the same define-by-run space."""
+    s = setup.settings
+    if s.sampler == "random":
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(max_concurrent=1, random_state=s.seed), results.random_param_space(setup.space, s.seed)
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)   # group=True
+    startup = s.startup_trials if s.startup_trials is not None else min(10, max(2, s.num_samples // 3))
+    # multivariate + group: TPE models the parameters jointly and per conditional branch.
+    sampler = optuna.samplers.TPESampler(seed=s.seed + setup.done_before, n_startup_trials=startup,
+                                         multivariate=True, group=True)
+
+    return OptunaSearch(space=Define(setup.space), metric=OBJECTIVE, mode=MODE, sampler=sampler, study_name=setup.name,
+                        storage=storage), None
+
+
+@dataclass
+class Define:
+    """The define-by-run function OptunaSearch calls (a picklable object: Tune saves the searcher)."""
+    space: SearchSpace
+
+    def __call__(self, trial) -> dict:
+        return {**self.space.suggest(trial), "optuna_trial": trial.number}   # links table rows to the study
+
+
+def run(s: SearchSettings, num_cpus: int | None = None) -> dict:
+    """Check, search, write the outputs -> the best configuration record (see results.best_config)."""
+    import optuna
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from tuning.cleanup import ReleaseWorkerGroups
+
+    setup = prepare(s)
+    storage = open_storage(setup.storage_url) if setup.storage_url else None
+    if storage is not None:
+        results.close_interrupted(storage, setup.name)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    session = f"session-{datetime.now():%Y%m%d-%H%M%S}"
+    print(f"search {setup.name}: {s.sampler}, {setup.done_before} trial(s) done before, {setup.remaining} to run "
+          f"(≤ {s.epochs} epochs each, ASHA grace {s.grace_period}); run folder {setup.run_dir}", flush=True)
+    rows = []
+    if setup.remaining:
+        connect(num_cpus)
+        base = RayTrainSettings(
+            dataset=str(setup.prepared), model="decomposer", epochs=s.epochs, patience=s.patience, seed=s.seed,
+            batch_size=s.batch_size, num_workers=s.num_workers, cpus_per_worker=s.cpus_per_worker,
+            use_gpu=s.use_gpu, storage_path=str(setup.run_dir / "trials"), num_to_keep=1)
+        algo, param_space = search_algorithm(setup, storage)
+        callbacks = [results.Progress(setup.remaining, OBJECTIVE)]
+        if not os.environ.get("RAY_ADDRESS"):                # a local Ray: every worker group is ours
+            bundle = {"CPU": s.cpus_per_worker, **({"GPU": 1.0} if s.use_gpu else {})}
+            callbacks.append(ReleaseWorkerGroups(bundle))
+        tuner = ray.tune.Tuner(
+            # The trial function only drives Train; its workers hold the CPUs (or GPUs). Tune wants a
+            # non-empty request, so a sliver of a CPU.
+            ray.tune.with_resources(ray.tune.with_parameters(run_trial, base=base), {"cpu": TRIAL_DRIVER_CPU}),
+            param_space=param_space,
+            tune_config=ray.tune.TuneConfig(
+                metric=OBJECTIVE, mode=MODE, search_alg=algo, num_samples=setup.remaining,
+                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=s.epochs,
+                                        grace_period=s.grace_period, reduction_factor=s.reduction_factor),
+                max_concurrent_trials=1, time_budget_s=s.time_budget_s),
+            run_config=ray.tune.RunConfig(name=session, storage_path=str(setup.run_dir), verbose=0,
+                                          callbacks=callbacks,
+                                          failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False)))
+        t0 = time.perf_counter()
+        grid = tuner.fit()
+        rows = results.trial_rows(grid, session, s.sampler, time.perf_counter() - t0)
+    table = results.write_table(setup.run_dir, rows)
+    study = optuna.load_study(study_name=setup.name, storage=storage) if storage is not None else None
+    best = results.best_config(table, setup, OBJECTIVE)
+    results.write_best(setup.run_dir, best)
+    results.plots(setup.run_dir, table, setup.space, study, OBJECTIVE)
+    n_failed = int((table["status"] == "failed").sum()) if len(table) else 0
+    if best:
+        print(f"best: trial {best['trial_id']} {OBJECTIVE} {best['value']:.4f} ({best['dimension_set']}); "
+              f"checkpoint {best['model']}", flush=True)
+    print(f"{len(table)} trial(s) in the table, {n_failed} failed; outputs in {setup.run_dir}", flush=True)
+    return best or {}
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> tuple[SearchSettings, argparse.Namespace]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="synthetic", help="synthetic | ml-latest-small | ... | a prepared folder")
+    p.add_argument("--data-dir", type=Path, help="MovieLens folder or .zip for a named dataset")
+    p.add_argument("--prepared-dir", type=Path, help="where a named dataset is prepared (default runs/data/NAME)")
+    p.add_argument("--storage-path", default="runs/tune", help="folder that holds the run folder")
+    p.add_argument("--name", help="run name; the same name continues the same Optuna study")
+    p.add_argument("--sampler", choices=("tpe", "random"), default="tpe")
+    p.add_argument("--num-samples", type=int, default=20, help="trials in the study (earlier sessions count)")
+    p.add_argument("--time-budget", type=float, help="wall-clock seconds for this session's trials")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--startup-trials", type=int, help="TPE's random start (default: a third of --num-samples, 2..10)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs per trial at most (ASHA max_t)")
+    p.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial")
+    p.add_argument("--reduction-factor", type=int, default=2, help="ASHA: keep 1/rf of the trials at each rung")
+    p.add_argument("--patience", type=int, default=3, help="early stopping inside a trial")
+    p.add_argument("--batch-size", type=int, help="training windows per step (default the trainer's)")
+    p.add_argument("--num-workers", type=int, default=1, help="Train workers per trial")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started when RAY_ADDRESS is not set")
+    p.add_argument("--optuna-storage", help="Optuna RDB URL (default sqlite:///<run folder>/optuna.db)")
+    p.add_argument("--space-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="value read as YAML: 64 (fixed), [concat, sum] (choices), {low: 32, high: 256, log: true}")
+    p.add_argument("--space-file", action="append", default=[], type=Path, help="YAML or JSON mapping of overrides")
+    p.add_argument("--smoke-test", action="store_true", help="a tiny search: 3 trials of 2 epochs, small models")
+    a = p.parse_args(argv)
+    s = SearchSettings(
+        dataset=a.dataset, data_dir=a.data_dir, prepared_dir=a.prepared_dir, storage_path=a.storage_path,
+        name=a.name, sampler=a.sampler, num_samples=a.num_samples, time_budget_s=a.time_budget, seed=a.seed,
+        startup_trials=a.startup_trials, epochs=a.epochs, grace_period=a.grace_period,
+        reduction_factor=a.reduction_factor, patience=a.patience, batch_size=a.batch_size,
+        num_workers=a.num_workers, cpus_per_worker=a.cpus_per_worker, use_gpu=a.use_gpu,
+        optuna_storage=a.optuna_storage, space_overrides=a.space_override, space_files=a.space_file)
+    if a.smoke_test:
+        s = dataclasses.replace(s, num_samples=3, epochs=2, patience=2, batch_size=s.batch_size or 16,
+                                space_overrides=SMOKE_SPACE + s.space_overrides)
+    return s, a
+
+
+def main(argv=None) -> int:
+    s, a = parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        run(s, num_cpus=a.num_cpus)
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
