@@ -46,11 +46,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def config_for(port: int, ckpt: Path, data_dir: Path, store_url: str) -> ServeDeploySchema:
+def config_for(port: int, first: Path, ckpt: Path, data_dir: Path, store_url: str) -> ServeDeploySchema:
+    """The checked-in config with `args.checkpoint` = first and the deployments' user_config = ckpt."""
     cfg = yaml.safe_load(CONFIG.read_text())
     cfg["http_options"] = {"host": "127.0.0.1", "port": port}
     app = cfg["applications"][0]
-    app["args"].update(checkpoint=str(ckpt), data_dir=str(data_dir), store_url=store_url)
+    app["args"].update(checkpoint=str(first), data_dir=str(data_dir), store_url=store_url)
     for d in app["deployments"]:
         if "user_config" in d:
             d["user_config"] = {"checkpoint": str(ckpt)}
@@ -83,7 +84,7 @@ def env(tiny_data, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     store_url = f"sqlite:///{root / 'state.db'}"
     env = {"data": tiny_data, "ckpt_a": ckpt_a, "ckpt_b": ckpt_b, "port": port, "store_url": store_url,
-           "config": lambda ckpt: config_for(port, ckpt, tiny_data.path, store_url)}
+           "config": lambda ckpt: config_for(port, ckpt_a, ckpt, tiny_data.path, store_url)}
     deploy(env["config"](ckpt_a))
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         env["client"] = client
@@ -280,6 +281,7 @@ def test_new_checkpoint_through_user_config_without_failed_requests(client, env)
     thread.start()
     try:
         time.sleep(0.5)
+        # Only user_config changes, as in the YAML's instructions: replicas reconfigure in place.
         deploy(env["config"](env["ckpt_b"]))
         deadline = time.time() + 120
         while client.get("/healthz").json()["model_version"] != version_b and time.time() < deadline:
