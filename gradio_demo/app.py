@@ -93,7 +93,7 @@ class Handlers:
 
     @staticmethod
     def _user_choices(users) -> list[tuple[str, str]]:
-        return [(f"{u.user_id} ({u.n_events} events)", u.user_id) for u in users]
+        return [(f"{u.user_id} ({views.events(u.n_events)})", u.user_id) for u in users]
 
     # -- the main view --
 
@@ -112,7 +112,7 @@ class Handlers:
         rec = self.api.recommend(user_id if history else None, timestamp=moment, intent=intent,
                                  k=int(k), explain=True)
         interests = self.api.interests(user_id, last=INTERESTS_SHOWN) if history else None
-        who = (f"**{user_id}** — {rec.n_events} events, last on {views.fmt_time(history[-1].timestamp)}"
+        who = (f"**{user_id}** — {views.events(rec.n_events)}, last on {views.fmt_time(history[-1].timestamp)}"
                if history else f"**{user_id}** — no events yet")
         intent_note = f" for “{intent.strip()}”" if intent and intent.strip() else ""
         status = ok(f"Top {len(rec.items)}{intent_note} on {views.fmt_time(moment)} UTC; "
@@ -135,7 +135,7 @@ class Handlers:
         accepted = self.api.post_events(user_id, [EventIn(item_id=int(item_id), rating=float(rating), timestamp=moment)])
         out = self.refresh(user_id, intent, weekday, hour, k)
         note = ok(f"Posted item {item_id} (rating {rating:g}) at {views.fmt_time(moment)} UTC — "
-                  f"{accepted.n_events} events now. ")
+                  f"{views.events(accepted.n_events)} now. ")
         return (note + out[0].removeprefix("✓ "), *out[1:])
 
     # -- items --
@@ -174,7 +174,8 @@ def build_demo(api: ApiClient) -> gr.Blocks:
                 new_btn = gr.Button("Start as a new user", elem_id="new-user")
                 who = gr.Markdown(elem_id="who")
                 history = gr.Dataframe(headers=views.HISTORY_COLUMNS, label="Recent history (newest first)",
-                                       interactive=False, max_height=360, elem_id="history")
+                                       interactive=False, max_height=560, wrap=True,
+                                       column_widths=["30%", "40%", "20%", "10%"], elem_id="history")
             with gr.Column(scale=3):
                 gr.Markdown("### 2 · What and when")
                 intent = gr.Textbox(label="What are you in the mood for?",
@@ -186,7 +187,9 @@ def build_demo(api: ApiClient) -> gr.Blocks:
                     k = gr.Slider(1, 30, value=10, step=1, label="How many", elem_id="k")
                 moment = gr.Markdown(elem_id="moment")
                 recommend_btn = gr.Button("Recommend", variant="primary", elem_id="recommend")
-                recs = gr.Dataframe(headers=views.RECS_COLUMNS, label="Recommendations", interactive=False,
+                recs = gr.Dataframe(headers=views.RECS_COLUMNS, label="Recommendations (click a row to pick it)",
+                                    interactive=False, wrap=True, max_height=900,
+                                    column_widths=["6%", "46%", "28%", "10%", "10%"],
                                     elem_id="recs")
                 with gr.Row():
                     pick = gr.Dropdown(label="Recommended item", choices=[], scale=3, elem_id="pick")
@@ -199,14 +202,14 @@ def build_demo(api: ApiClient) -> gr.Blocks:
             interests = gr.LinePlot(x="event", y="weight", color="dimension",
                                     title="Gate weights after each event", y_lim=[0, 1],
                                     tooltip=["event", "dimension", "weight", "title"], elem_id="interests-plot")
-        dims = gr.Dataframe(views.dimension_frame(None), label="What each dimension alone would recommend", interactive=False,
-                            elem_id="dims")
+        dims = gr.Dataframe(views.dimension_frame(None), label="What each dimension alone would recommend",
+                            interactive=False, wrap=True, column_widths=["15%", *["17%"] * 5], elem_id="dims")
         with gr.Accordion("Add an event by hand (search the catalogue by text)", open=False):
             with gr.Row():
                 item_q = gr.Textbox(label="Search items", placeholder="space adventure", scale=3,
                                     elem_id="item-q")
                 search_btn = gr.Button("Search", scale=1, elem_id="search")
-            found = gr.Dataframe(headers=views.SEARCH_COLUMNS, interactive=False, elem_id="found")
+            found = gr.Dataframe(headers=views.SEARCH_COLUMNS, interactive=False, wrap=True, elem_id="found")
             with gr.Row():
                 found_pick = gr.Dropdown(label="Item", choices=[], scale=3, elem_id="found-pick")
                 found_rating = gr.Slider(0.5, 5, value=4.0, step=0.5, label="Rating", scale=1)

@@ -45,6 +45,10 @@ def fmt_time(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%a %Y-%m-%d %H:%M")
 
 
+def events(n: int) -> str:
+    return f"{n} event" if n == 1 else f"{n} events"
+
+
 def genres(g: Sequence[str]) -> str:
     return ", ".join(g)
 
@@ -83,13 +87,14 @@ def interests_frame(interests: InterestsResponse | None) -> pd.DataFrame:
 
 
 def dimension_frame(rec: RecommendResponse | None, n: int = 5) -> pd.DataFrame:
-    """Rank × dimension: what each dimension alone would put first."""
+    """One row per dimension (with its gate weight): what that dimension alone would put first."""
     explanation = (rec.explanation or {}) if rec else {}
-    cols = {"#": list(range(1, n + 1))}
+    rows = []
     for dim, items in explanation.items():
         titles = [it.title for it in items[:n]]
-        cols[dim] = titles + [""] * (n - len(titles))
-    return pd.DataFrame(cols)
+        weight = rec.gates.get(dim)
+        rows.append([dim if weight is None else f"{dim} ({weight:.0%})", *titles, *[""] * (n - len(titles))])
+    return pd.DataFrame(rows, columns=["dimension", *(str(i) for i in range(1, n + 1))])
 
 
 def gates_summary(rec: RecommendResponse) -> str:

@@ -157,6 +157,7 @@ def test_recommend_sends_the_contract_body(api):
     assert [it.item_id for it in rec.items] == [2, 3]            # item 1 was seen by u1
     assert rec.gates == {"topic": 0.9, "time": 0.1}              # the intent reached the server
     assert rec.explanation["topic"][0].title == "Beta"
+    assert views.dimension_frame(rec).values.tolist()[0] == ["topic (90%)", "Beta", "", "", "", ""]
     blank = api.recommend(None, intent="   ")                   # a blank intent is sent as null
     assert blank.gates == {"topic": 0.5, "time": 0.5} and blank.explanation is None
 
@@ -254,7 +255,7 @@ def test_frames():
     frame = views.history_frame(history)
     assert list(frame["title"]) == ["Beta", "Alpha"] and frame["when (UTC)"][1] == "Mon 2024-01-01 00:00"
     assert views.anchor(history) == utc(2024, 1, 2) and views.anchor([], now=5.0) == 5.0
-    assert views.dimension_frame(None).shape == (5, 1)
+    assert views.dimension_frame(None).shape == (0, 6)
 
 
 def test_bad_requests_are_named_before_sending(api):
