@@ -8,8 +8,8 @@ Each client sends its next request as soon as the previous one is answered, pick
   post_event        POST /users/{id}/events with one event
 by the weights in the spec. The spec (JSON) holds "users" (known user ids), "item_ids" (source ids
 of the catalogue), "intents" (phrases) and optionally "weights". Prints one JSON record to stdout
-(or --out): per-operation latency percentiles, throughput, errors with a few samples, and every
-acknowledged event (so a test can check the store holds each of them).
+(or --out): per-operation latency percentiles, throughput, errors with a few samples; with --details
+also every acknowledged event (so a test can check the store holds each of them) and every request.
 """
 from __future__ import annotations
 
@@ -85,7 +85,8 @@ class Load:
             self.errors.append(msg)
 
 
-async def run(url: str, spec: dict, concurrency: int, duration: float, seed: int, timeout: float) -> dict:
+async def run(url: str, spec: dict, concurrency: int, duration: float, seed: int, timeout: float,
+              keep_details: bool = False) -> dict:
     load = Load(spec, seed)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as http:
@@ -107,7 +108,9 @@ async def run(url: str, spec: dict, concurrency: int, duration: float, seed: int
     return {"url": url, "concurrency": concurrency, "duration_s": duration, "elapsed_s": elapsed, "started_at": wall0,
             "requests": len(load.records), "ok": len(ok), "errors": len(load.records) - len(ok),
             "throughput_rps": len(ok) / elapsed, "latency_all": summarize([r[2] for r in ok]), "per_op": per_op,
-            "completed_per_second": timeline, "error_samples": load.errors, "acknowledged_events": load.acked}
+            "completed_per_second": timeline, "error_samples": load.errors,
+            "acknowledged_events": load.acked if keep_details else len(load.acked),
+            **({"records": load.records} if keep_details else {})}
 
 
 def main(argv=None) -> int:
@@ -119,6 +122,8 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout, seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="write the JSON here instead of stdout")
+    p.add_argument("--details", action="store_true",
+                   help="also list every acknowledged event and every request (op, start s, latency s, status)")
     args = p.parse_args(argv)
     try:
         spec = json.loads(args.spec.read_text())
@@ -129,7 +134,7 @@ def main(argv=None) -> int:
             p.error(f"--spec {args.spec}: {key!r} is missing or empty")
     if args.concurrency < 1 or args.duration <= 0:
         p.error("--concurrency must be >= 1 and --duration > 0")
-    result = asyncio.run(run(args.url, spec, args.concurrency, args.duration, args.seed, args.timeout))
+    result = asyncio.run(run(args.url, spec, args.concurrency, args.duration, args.seed, args.timeout, args.details))
     text = json.dumps(result)
     if args.out:
         args.out.write_text(text)
