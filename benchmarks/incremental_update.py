@@ -4,9 +4,12 @@
     python benchmarks/incremental_update.py --skip-http              # model level only
     python benchmarks/incremental_update.py --checkpoint runs/x/decomposer.pt --data runs/data/synthetic
 
-Two levels, same history lengths (default 50, 200, 500, 1000):
+Three levels, same history lengths (default 50, 200, 500, 1000):
   model  `InterestDecomposer.advance` by one event from a stored (h, c), against recomputing the
          state from the whole history (one `advance` from None over every event), in-process.
+  replica the Decomposer deployment's code in-process on a SQLite store: the stored state brought
+         up to date after one appended event, against the state rebuilt from every stored event
+         after it was invalidated (the append, one synchronous commit, timed apart).
   http   `POST /users/{id}/events` with one event to the running Serve app (which commits it and
          advances the stored state) for users whose stored history has that length; then the same
          request after the stored state was invalidated (a state of another model version, which the
@@ -75,6 +78,47 @@ def model_level(model, index_of: dict[int, int], source_ids: np.ndarray, lengths
                    "max_abs_state_diff": float((h_inc - h_full).abs().max())}
         print(f"model  n={n:5d}: update p50 {rows[n]['update']['p50_ms']:.3f} ms, recompute p50 "
               f"{rows[n]['recompute']['p50_ms']:.2f} ms (|Δh| {rows[n]['max_abs_state_diff']:.1e})", flush=True)
+    return rows
+
+
+def replica_level(args, source_ids: np.ndarray, lengths: list[int], repeats: int) -> dict:
+    """The Decomposer deployment's own code in-process (no Serve, no HTTP) on a SQLite store:
+    bringing the stored state up to date after one appended event, against rebuilding it from every
+    event after the stored state was invalidated. The append itself (one synchronous commit) is
+    timed apart: it is the same in both paths."""
+    from ray_app.deployments import Decomposer
+    from ray_app.store import Event, StoredState
+
+    rng = np.random.default_rng(args.seed + 2)
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="incremental-replica-") as tmp:
+        # `.func_or_class` is the plain class under @serve.deployment; its batched method needs a
+        # replica, so the batch body `_advance_users` is called with a batch of one.
+        dec = Decomposer.func_or_class(f"sqlite:///{tmp}/state.db", str(args.data.resolve()), max_batch_size=1)
+        dec.reconfigure({"checkpoint": str(args.checkpoint.resolve())})
+        version = dec.served.version
+        for n in lengths:
+            user = f"replica-{n}"
+            history = [Event(**e) for e in random_events(source_ids, n + 2 * repeats, rng)]
+            dec.store.append_events(user, history[:n])
+            dec._advance_users([(user, False)])
+            append, update, rebuild = [], [], []
+            for j in range(repeats):
+                t0 = time.perf_counter()
+                dec.store.append_events(user, [history[n + 2 * j]])
+                t1 = time.perf_counter()
+                dec._advance_users([(user, False)])
+                append.append(t1 - t0)
+                update.append(time.perf_counter() - t1)
+                dec.store.append_events(user, [history[n + 2 * j + 1]])
+                dec.store.put_state(user, StoredState(f"invalidated-{version}", 0, b""))
+                t0 = time.perf_counter()
+                dec._advance_users([(user, False)])
+                rebuild.append(time.perf_counter() - t0)
+            rows[n] = {"append": percentiles(append), "update": percentiles(update), "rebuild": percentiles(rebuild)}
+            print(f"replica n={n:5d}: append p50 {rows[n]['append']['p50_ms']:.2f} ms, state update p50 "
+                  f"{rows[n]['update']['p50_ms']:.2f} ms, rebuild p50 {rows[n]['rebuild']['p50_ms']:.2f} ms", flush=True)
+        dec.store.close()
     return rows
 
 
@@ -169,12 +213,15 @@ def plot(record: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [("model", [("update", "advance by 1 event"), ("recompute", "recompute from all events")])]
+    panels.append(("replica", [("update", "Decomposer: state up to date after 1 event"),
+                               ("rebuild", "Decomposer: state rebuilt from all events"),
+                               ("append", "store: append 1 event (commit)")]))
     if record.get("http"):
         panels.append(("http", [("post_event", "POST /users/{id}/events"),
                                 ("post_event_rebuilt", "POST event, state rebuilt from all events"),
                                 ("event_plus_recommend", "event + /recommend (stored state)"),
                                 ("event_plus_recommend_rebuilt", "event + /recommend (state rebuilt)")]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
     for ax, (level, series) in zip(axes[0], panels):
         lengths = [int(n) for n in record[level]]
         for key, label in series:
@@ -194,9 +241,9 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="prepared dataset folder the checkpoint was trained on")
     p.add_argument("--lengths", default="50,200,500,1000")
     p.add_argument("--repeats", type=int, default=200, help="model-level timings per length")
-    p.add_argument("--http-repeats", type=int, default=30, help="HTTP timings per length")
+    p.add_argument("--http-repeats", type=int, default=30, help="replica-level and HTTP timings per length")
     p.add_argument("--skip-http", action="store_true")
-    p.add_argument("--port", type=int, default=8011)
+    p.add_argument("--port", type=int, default=8031)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS / "incremental_update.json")
     args = p.parse_args(argv)
@@ -215,6 +262,10 @@ def main(argv=None) -> int:
                                                          args.seed).items()}
     figures = ratios({int(k): v for k, v in record["model"].items()}, lengths, "update", "recompute")
     record["figures"] = {"model_" + k: v for k, v in figures.items()}
+    replica = replica_level(args, source_ids, lengths, args.http_repeats)
+    record["replica"] = {str(n): r for n, r in replica.items()}
+    for k, v in ratios(replica, lengths, "update", "rebuild").items():
+        record["figures"]["replica_" + k] = v
     if not args.skip_http:
         http = http_level(args, source_ids, lengths)
         record["http"] = {str(n): r for n, r in http.items()}

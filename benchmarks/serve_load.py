@@ -258,7 +258,7 @@ def main(argv=None) -> int:
     p.add_argument("--downscale-delay", type=float, default=10.0, help="autoscaling downscale_delay_s")
     p.add_argument("--downscale-wait", type=float, default=120.0, help="seconds to wait for the scale-down")
     p.add_argument("--users", type=int, default=200, help="known users the clients pick from")
-    p.add_argument("--port", type=int, default=8012)
+    p.add_argument("--port", type=int, default=8032)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS / "serve_load.json")
     args = p.parse_args(argv)
