@@ -8,14 +8,23 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from urllib.parse import urlparse
 
 from gradio_demo.app import CSS, build_demo, describe_health
 from gradio_demo.client import DEFAULT_API, ApiClient, ApiError
 
 
+def api_url(text: str) -> str:
+    url = urlparse(text)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http(s) URL such as {DEFAULT_API}")
+    return text
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m gradio_demo", description=__doc__.splitlines()[0])
-    p.add_argument("--api", default=DEFAULT_API, help="base URL of the recommender's HTTP API (default %(default)s)")
+    p.add_argument("--api", type=api_url, default=DEFAULT_API,
+                   help="base URL of the recommender's HTTP API (default %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each API call")
@@ -32,7 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     except ApiError as e:
         print(f"Starting anyway: {e.message}", file=sys.stderr, flush=True)
     demo = build_demo(api)
-    demo.launch(server_name=args.host, server_port=args.port, css=CSS, show_error=False)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, css=CSS, show_error=False)
+    except OSError as e:  # gradio's message for a busy port names the port; no traceback for it
+        print(f"error: the demo cannot listen on {args.host}:{args.port}: {e} (pick another with --port)",
+              file=sys.stderr)
+        return 2
     return 0
 
 

@@ -25,8 +25,8 @@ NEW_PREFIX = "new-"
 HISTORY_SHOWN = 20
 INTERESTS_SHOWN = 50
 CSS = "#status {min-height: 2.5em}"
-# What `Handlers.refresh` returns: status, who, history, start, moment, recs, pick, gates, interests, dims.
-N_VIEW = 10
+# What `Handlers.refresh` returns: status, who, history, timeline, start, moment, recs, pick, gates, interests, dims.
+N_VIEW = 11
 
 
 def new_user_id() -> str:
@@ -118,7 +118,7 @@ class Handlers:
         status = ok(f"Top {len(rec.items)}{intent_note} on {views.fmt_time(moment)} UTC; "
                     f"{views.gates_summary(rec)}.")
         choices = views.item_choices(rec.items)
-        return (status, who, views.history_frame(history), start,
+        return (status, who, views.history_frame(history), views.timeline_frame(history), start,
                 f"Moment of the request: **{views.fmt_time(moment)} UTC**",
                 views.recs_frame(rec.items), gr.update(choices=choices, value=choices[0][1] if choices else None),
                 views.gates_frame(rec), views.interests_frame(interests), views.dimension_frame(rec))
@@ -160,7 +160,7 @@ class Handlers:
 def build_demo(api: ApiClient) -> gr.Blocks:
     h = Handlers(api)
     now = time.gmtime()
-    with gr.Blocks(title="Dynamic interests") as demo:
+    with gr.Blocks(title="Dynamic interests", analytics_enabled=False) as demo:  # no calls home
         gr.Markdown("# Dynamic interest decomposition\n"
                     "A user's interest, split into dimensions that the moment and your words weigh. "
                     "Mark something as watched and see the weights move.")
@@ -173,6 +173,8 @@ def build_demo(api: ApiClient) -> gr.Blocks:
                 user = gr.Dropdown(label="User", choices=[], filterable=True, elem_id="user")
                 new_btn = gr.Button("Start as a new user", elem_id="new-user")
                 who = gr.Markdown(elem_id="who")
+                timeline = gr.ScatterPlot(x="when", y="rating", title="Timeline of recent events", y_lim=[0, 5.5],
+                                          tooltip=["when", "title", "rating"], height=220, elem_id="timeline")
                 history = gr.Dataframe(headers=views.HISTORY_COLUMNS, label="Recent history (newest first)",
                                        interactive=False, max_height=560, wrap=True,
                                        column_widths=["30%", "40%", "20%", "10%"], elem_id="history")
@@ -215,7 +217,7 @@ def build_demo(api: ApiClient) -> gr.Blocks:
                 found_rating = gr.Slider(0.5, 5, value=4.0, step=0.5, label="Rating", scale=1)
                 add_btn = gr.Button("Add to history", scale=1, elem_id="add")
 
-        refresh_out = [status, who, history, start, moment, recs, pick, gates, interests, dims]
+        refresh_out = [status, who, history, timeline, start, moment, recs, pick, gates, interests, dims]
         moment_in = [intent, weekday, hour, k]
         n = len(refresh_out)
 

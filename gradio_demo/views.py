@@ -59,6 +59,12 @@ def history_frame(history: Sequence[UserEvent]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=HISTORY_COLUMNS)
 
 
+def timeline_frame(history: Sequence[UserEvent]) -> pd.DataFrame:
+    """One point per event: when (UTC, naive so the plot does not shift it to the browser's zone), rating."""
+    return pd.DataFrame({"when": pd.to_datetime([e.timestamp for e in history], unit="s"),
+                         "rating": [e.rating for e in history], "title": [e.title for e in history]})
+
+
 def recs_frame(items: Sequence[Item]) -> pd.DataFrame:
     rows = [[i + 1, it.title, genres(it.genres), round(it.score, 4), it.item_id] for i, it in enumerate(items)]
     return pd.DataFrame(rows, columns=RECS_COLUMNS)

@@ -172,8 +172,8 @@ def test_recommend_watch_and_see_the_interests_move(page, demo_url, serve_app, t
     scores = [float(s) for s in table_column(page, "recs", 3)]
     assert scores == sorted(scores, reverse=True)
 
-    # 3. both plots render (vega draws them), the per-dimension table names every dimension
-    for plot in ("gates-plot", "interests-plot"):
+    # 3. the plots render (vega draws them), the per-dimension table names every dimension
+    for plot in ("gates-plot", "interests-plot", "timeline"):
         sync_api.expect(page.locator(f"#{plot} canvas, #{plot} svg").first).to_be_visible()
     dims = httpx.get(f"{serve_app}/healthz").json()["dimensions"]
     assert [row.split(" (")[0] for row in table_column(page, "dims", 0)] == dims

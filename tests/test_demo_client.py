@@ -7,12 +7,14 @@ import threading
 import time
 from datetime import datetime, timezone
 
+import pandas as pd
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from gradio_demo import views
+from gradio_demo.__main__ import parse_args
 from gradio_demo.app import Handlers
 from gradio_demo.client import ApiClient, ApiError, EndpointDown, NotFound
 from ray_app import schemas
@@ -197,6 +199,13 @@ def test_server_failures_become_messages(base_url, prefix, pattern, status):
     assert "Traceback" not in e.value.message
 
 
+def test_cli_rejects_a_bad_api_url(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--api", "localhost:8000"])
+    assert e.value.code == 2 and "--api: 'localhost:8000' is not an http(s) URL" in capsys.readouterr().err
+    assert parse_args(["--api", "https://recs.example:8443/"]).api == "https://recs.example:8443/"
+
+
 def test_closed_port_is_endpoint_down():
     url = f"http://127.0.0.1:{free_port()}"  # bound then released: nothing listens there
     with ApiClient(url) as client, pytest.raises(EndpointDown, match="not reachable.*connection refused"):
@@ -220,11 +229,12 @@ def test_handlers_show_a_message_not_a_traceback_when_down():
 def test_new_user_watches_an_item(api):
     h = Handlers(api)
     fresh = h.refresh("new-abc", "", 4, 20, 10)          # no events yet: a cold-start request
-    assert "no events yet" in fresh[1] and fresh[2].empty and list(fresh[5]["item_id"]) == [1, 2, 3]
-    out = h.post_event("new-abc", 1, 5.0, fresh[3], "", 4, 20, 10)
+    assert "no events yet" in fresh[1] and fresh[2].empty and list(fresh[6]["item_id"]) == [1, 2, 3]
+    out = h.post_event("new-abc", 1, 5.0, fresh[4], "", 4, 20, 10)
     assert out[0].startswith("✓ Posted item 1")
-    assert list(out[5]["item_id"]) == [2, 3]              # the watched item left the list
-    assert list(out[2]["title"]) == ["Alpha"] and not out[8].empty
+    assert list(out[6]["item_id"]) == [2, 3]              # the watched item left the list
+    assert list(out[2]["title"]) == ["Alpha"] and not out[9].empty
+    assert out[3]["when"][0] == pd.Timestamp(views.next_moment(fresh[4], 4, 20), unit="s")
 
 
 # ---- pure helpers ---------------------------------------------------------------------------
