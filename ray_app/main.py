@@ -3,7 +3,7 @@
     python -m ray_app.main                                   # embedded synthetic data
     python -m ray_app.main --dataset ml-latest-small         # MovieLens (../shared copy, a folder/zip, or a download)
     python -m ray_app.main --checkpoint runs/ray/RUN         # skip training
-    python -m ray_app.main --tune 8                          # an 8-trial search first, then train its best config
+    python -m ray_app.main --tune 8                          # an 8-trial search; serve its best trial
 
 It keeps serving the API and the demo until Ctrl-C, then shuts everything down.
 """
@@ -43,7 +43,7 @@ class MainSettings:
     dataset: str = "synthetic"
     data_dir: Path | None = None
     checkpoint: Path | None = None        # skip training: a model.pt or a Ray Train run folder
-    tune_samples: int = 0                 # > 0: a tuning search first, its best config is trained
+    tune_samples: int = 0                 # > 0: a tuning search instead of one training run
     model_args: list[str] = field(default_factory=list)   # KEY=VALUE overrides of the decomposer
     epochs: int = 60
     patience: int = 8
@@ -121,14 +121,18 @@ def prepare(s: MainSettings) -> Path:
         raise NewcomerError(str(e)) from None
 
 
-def tune(s: MainSettings, prepared: Path) -> dict:
-    """A short search; returns the model overrides of its best trial."""
-    from tuning.search import SearchSettings, run_search
+def tune(s: MainSettings, prepared: Path) -> Path:
+    """A short search (Ray Tune + Optuna, each trial a Ray Train run) -> its best trial's checkpoint."""
+    from tuning.search import SearchSettings
+    from tuning.search import run as run_search
 
     print(f"\n==> tuning: {s.tune_samples} trials", flush=True)
     best = run_search(SearchSettings(dataset=str(prepared), num_samples=s.tune_samples, seed=s.seed,
-                                     storage_path=str((s.runs / "tune").resolve())))
-    return best["model_args"]
+                                     epochs=2 if s.smoke else 10, storage_path=str((s.runs / "tune").resolve())),
+                      num_cpus=s.num_cpus)
+    if not best.get("model"):
+        raise NewcomerError("the tuning search finished without a successful trial; see its table in runs/main/tune")
+    return Path(best["model"])
 
 
 def train(s: MainSettings, prepared: Path, model_args: dict) -> Path:
@@ -261,12 +265,12 @@ def run(s: MainSettings) -> int:
     connect(s.num_cpus)
     demo = None
     try:
-        if s.checkpoint is None:
-            if s.tune_samples:
-                model_args = {**tune(s, prepared), **model_args}
-            checkpoint_path = train(s, prepared, model_args)
-        else:
+        if s.checkpoint is not None:
             checkpoint_path = resolve_checkpoint(s.checkpoint)
+        elif s.tune_samples:
+            checkpoint_path = tune(s, prepared)
+        else:
+            checkpoint_path = train(s, prepared, model_args)
         print("\n" + evaluate(s, prepared, checkpoint_path), flush=True)
         api_url = start_serve(s, prepared, checkpoint_path)
         demo_url = None
@@ -312,7 +316,8 @@ def parse_args(argv=None) -> MainSettings:
     p.add_argument("--dataset", default="synthetic", help="synthetic | ml-latest-small | ml-1m | ml-25m | ...")
     p.add_argument("--data-dir", type=Path, help="MovieLens folder or .zip (else the ../shared copy or a download)")
     p.add_argument("--checkpoint", type=Path, help="serve this checkpoint (model.pt or a run folder): no training")
-    p.add_argument("--tune", type=int, default=0, metavar="N", help="run an N-trial search first, train its best config")
+    p.add_argument("--tune", type=int, default=0, metavar="N",
+                   help="an N-trial search (Ray Tune + Optuna) instead of one training run; its best trial is served")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="decomposer config override")
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--patience", type=int, default=8)
