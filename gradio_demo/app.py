@@ -41,6 +41,10 @@ def problem(text: str) -> str:
     return f"⚠ {text}"
 
 
+class Missing(Exception):
+    """An action the page cannot do yet (no user picked, no item chosen); the text says what to do."""
+
+
 def guarded(fn: Callable, n_outputs: int) -> Callable:
     """Run a handler; an API failure (or a bug) becomes a status message, other outputs stay as they are.
 
@@ -50,8 +54,8 @@ def guarded(fn: Callable, n_outputs: int) -> Callable:
     def run(*args):
         try:
             return fn(*args)
-        except ApiError as e:
-            message = problem(e.message)
+        except (ApiError, Missing) as e:
+            message = problem(str(e))
         except Exception:  # a bug must not put a traceback on the page; the log keeps it
             log.exception("demo handler %s failed", fn.__name__)
             message = problem("Something went wrong in the demo itself; the details are in its log.")
@@ -100,7 +104,7 @@ class Handlers:
     def refresh(self, user_id: str | None, intent: str, weekday: int, hour: int, k: int):
         """History, moment, recommendations, gates, the gates over the history, per-dimension tops."""
         if not user_id:
-            return (problem("Pick a user (or start a new one) first."), *[gr.skip()] * (N_VIEW - 1))
+            raise Missing("Pick a user (or start a new one) first.")
         try:
             history = self.api.user_events(user_id, limit=HISTORY_SHOWN)
         except NotFound:
@@ -127,10 +131,9 @@ class Handlers:
                    intent: str, weekday: int, hour: int, k: int):
         """Post `item_id` as watched at the chosen moment, then redraw everything from the API."""
         if not user_id:
-            return (problem("Pick a user (or start a new one) first."), *[gr.skip()] * (N_VIEW - 1))
+            raise Missing("Pick a user (or start a new one) first.")
         if item_id is None:
-            return (problem("Choose an item first (click a row or use the list)."),
-                    *[gr.skip()] * (N_VIEW - 1))
+            raise Missing("Choose an item first (click a row or use the list).")
         moment = views.next_moment(start if start is not None else time.time(), int(weekday), int(hour))
         accepted = self.api.post_events(user_id, [EventIn(item_id=int(item_id), rating=float(rating), timestamp=moment)])
         out = self.refresh(user_id, intent, weekday, hour, k)
@@ -142,7 +145,7 @@ class Handlers:
 
     def search_items(self, q: str):
         if not q or not q.strip():
-            return problem("Type a few words to search the catalogue."), gr.skip(), gr.skip()
+            raise Missing("Type a few words to search the catalogue.")
         items = self.api.search_items(q.strip(), k=10)
         choices = views.item_choices(items)
         return (ok(f"{len(items)} items close to “{q.strip()}”."), views.search_frame(items),
@@ -220,6 +223,7 @@ def build_demo(api: ApiClient) -> gr.Blocks:
         refresh_out = [status, who, history, timeline, start, moment, recs, pick, gates, interests, dims]
         moment_in = [intent, weekday, hour, k]
         n = len(refresh_out)
+        assert n == N_VIEW, "refresh_out must follow Handlers.refresh's return order"
 
         demo.load(guarded(h.connect, 2), [user_q], [status, user])
         user_q.submit(guarded(h.find_users, 2), [user_q], [status, user])

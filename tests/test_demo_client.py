@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from gradio_demo import views
 from gradio_demo.__main__ import parse_args
-from gradio_demo.app import Handlers
+from gradio_demo.app import N_VIEW, Handlers, guarded
 from gradio_demo.client import ApiClient, ApiError, EndpointDown, NotFound
 from ray_app import schemas
 from ray_app.schemas import EventIn, UserEvent
@@ -220,10 +220,12 @@ def test_slow_endpoint_times_out(base_url):
 # ---- the page's handlers over the stand-in (no browser) -------------------------------------
 
 def test_handlers_show_a_message_not_a_traceback_when_down():
-    from gradio_demo.app import guarded
     with ApiClient(f"http://127.0.0.1:{free_port()}") as client:
-        out = guarded(Handlers(client).connect, 2)("")
-    assert out[0].startswith("⚠") and "not reachable" in out[0]
+        h = Handlers(client)
+        out = guarded(h.connect, 2)("")
+        assert out[0].startswith("⚠") and "not reachable" in out[0]
+        out = guarded(h.refresh, N_VIEW)(None, "", 0, 0, 10)      # nothing picked: a hint, no request
+        assert out[0] == "⚠ Pick a user (or start a new one) first." and len(out) == N_VIEW
 
 
 def test_new_user_watches_an_item(api):
