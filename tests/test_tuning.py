@@ -10,6 +10,7 @@ import pytest
 import ray
 
 from models import checkpoint
+from tuning.results import random_param_space
 from tuning.search import main
 from tuning.space import SearchSpace, SpaceError, trial_settings
 
@@ -64,6 +65,16 @@ def test_overrides_from_flags_and_files(tmp_path):
         SearchSpace.from_overrides([], [tmp_path / "list.yaml"])
 
 
+def test_random_search_draws_from_the_same_conditional_space():
+    space = SearchSpace.from_overrides(["use_topic=false", "use_sentiment=false", "use_time=false", "lr=0.01"])
+    draw_a, draw_b = (random_param_space(space, seed=7)["params"].func for _ in range(2))
+    first = [draw_a(None) for _ in range(4)]
+    assert first == [draw_b(None) for _ in range(4)]                      # seeded
+    assert len({p["lstm_units"] for p in first}) > 1                        # and random
+    for p in first:
+        assert "aux_weight" not in p and p["n_latent_alone"] >= 1 and p["lr"] == 0.01
+
+
 @pytest.mark.parametrize("override, message", [
     ("units=64", "units: not a search-space parameter; choose from lstm_units"),
     ("lstm_units={low: 64, high: 32}", "low 64 is above high 32"),
@@ -92,6 +103,8 @@ def test_bad_input_fails_before_trials(tiny_data, tmp_path, capsys):
     assert "--optuna-storage sqlite:///" in (err := capsys.readouterr().err) and "cannot open it" in err
     assert main([*base, "--name", "pw", "--optuna-storage", "postgresql://tuner:secret@127.0.0.1:1/optuna"]) == 2
     assert "cannot open it" in (err := capsys.readouterr().err) and "secret" not in err
+    assert main([*base, "--name", "rnd", "--sampler", "random", "--optuna-storage", "sqlite:///x.db"]) == 2
+    assert "only --sampler tpe keeps an Optuna study" in capsys.readouterr().err
     assert main(["--dataset", str(tmp_path / "nowhere"), "--storage-path", str(tmp_path)]) == 2
     assert "no such folder" in capsys.readouterr().err
     assert not list(tmp_path.glob("*/trials")) and not list(tmp_path.glob("*/session-*"))    # nothing ran

@@ -77,7 +77,8 @@ class RandomDraw:
 
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=int(self.rng.integers(2**31))))
         trial = study.ask()
-        return {**trial.params, **self.space.suggest(trial)}
+        fixed = self.space.suggest(trial)                 # fills trial.params
+        return {**trial.params, **fixed}
 
 
 # ---- progress ---------------------------------------------------------------------------------

@@ -95,6 +95,8 @@ def prepare(s: SearchSettings) -> Setup:
             raise SetupError(f"{flag} must be at least 1, got {v}")
     if s.reduction_factor < 2:
         raise SetupError(f"--reduction-factor must be at least 2, got {s.reduction_factor}")
+    if s.sampler == "random" and s.optuna_storage:
+        raise SetupError("--optuna-storage: only --sampler tpe keeps an Optuna study")
     if "://" in s.storage_path:
         raise SetupError(f"--storage-path {s.storage_path}: the run folder holds the tables and plots; "
                          "give a local or mounted folder")
@@ -164,7 +166,9 @@ def search_algorithm(setup: Setup, storage):
     if s.sampler == "random":
         from ray.tune.search import BasicVariantGenerator
 
-        return BasicVariantGenerator(max_concurrent=1, random_state=s.seed), results.random_param_space(setup.space, s.seed)
+        # Offset by the trials already run, so a resumed random search does not redraw the same configurations.
+        seed = s.seed + setup.done_before
+        return BasicVariantGenerator(max_concurrent=1, random_state=seed), results.random_param_space(setup.space, seed)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
