@@ -9,6 +9,7 @@ the response that acknowledges it.
 import asyncio
 import json
 import logging
+from typing import Annotated
 from collections.abc import Sequence
 
 from fastapi import FastAPI, Path, Query, Request
@@ -18,7 +19,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ray_app.schemas import (MAX_K, MAX_USER_ID_CHARS, ErrorResponse, EventIn, EventsRequest, EventsResponse,
+from ray_app.schemas import (MAX_K, MAX_USER_ID_CHARS, ErrorResponse, Text, EventIn, EventsRequest, EventsResponse,
                              Health, InterestsResponse, ItemsResponse, RecommendRequest, RecommendResponse,
                              UserEventsResponse, UsersResponse)
 from ray_app.serving import Catalogue, training_user_events
@@ -115,7 +116,9 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return _error(exc.status, exc.detail, exc.field)
 
 
-UserId = Path(min_length=1, max_length=MAX_USER_ID_CHARS, description="user id (str of the source user id)")
+UserId = Annotated[Text, Path(min_length=1, max_length=MAX_USER_ID_CHARS,
+                              description="user id (str of the source user id)")]
+QueryText = Annotated[Text, Query(min_length=1, max_length=500, description="free text")]
 
 
 @serve.deployment
@@ -179,7 +182,7 @@ class Ingress:
                                  explanation=explanation)
 
     @app.post("/users/{user_id}/events", response_model=EventsResponse, responses=ERRORS)
-    async def add_events(self, body: EventsRequest, user_id: str = UserId) -> EventsResponse:
+    async def add_events(self, body: EventsRequest, user_id: UserId) -> EventsResponse:
         self._check_items(body.events, "events")
         events = [Event(e.item_id, e.rating, e.timestamp) for e in body.events]
         n = await asyncio.to_thread(self.store.append_events, user_id, events)   # durable from here on
@@ -190,27 +193,26 @@ class Ingress:
         return EventsResponse(user_id=user_id, accepted=len(events), n_events=n)
 
     @app.get("/users", response_model=UsersResponse, responses=ERRORS)
-    async def users(self, q: str = Query("", max_length=MAX_USER_ID_CHARS, description="user id prefix"),
+    async def users(self, q: Annotated[Text, Query(max_length=MAX_USER_ID_CHARS, description="user id prefix")] = "",
                     limit: int = Query(50, ge=1, le=1000)) -> UsersResponse:
         return UsersResponse(users=[{"user_id": u, "n_events": n} for u, n in self.store.users(q, limit)])
 
     @app.get("/users/{user_id}/events", response_model=UserEventsResponse, responses=ERRORS)
-    async def user_events(self, user_id: str = UserId, limit: int = Query(20, ge=1, le=1000)) -> UserEventsResponse:
+    async def user_events(self, user_id: UserId, limit: int = Query(20, ge=1, le=1000)) -> UserEventsResponse:
         n = self._require_user(user_id)
         events = self.store.events(user_id, max(n - limit, 0), limit)
         return UserEventsResponse(user_id=user_id, events=[
             {**self._describe(e.item_id), "rating": e.rating, "timestamp": e.timestamp} for e in events])
 
     @app.get("/users/{user_id}/interests", response_model=InterestsResponse, responses=ERRORS)
-    async def interests(self, user_id: str = UserId, last: int = Query(50, ge=1, le=1000)) -> InterestsResponse:
+    async def interests(self, user_id: UserId, last: int = Query(50, ge=1, le=1000)) -> InterestsResponse:
         self._require_user(user_id)
         res = await self.decomposer.interests.remote(user_id, last)
         steps = [{**step, "title": self._describe(step["item_id"])["title"]} for step in res["steps"]]
         return InterestsResponse(user_id=user_id, dimensions=res["dimensions"], steps=steps)
 
     @app.get("/items", response_model=ItemsResponse, responses=ERRORS)
-    async def items(self, q: str = Query(min_length=1, max_length=500, description="free text"),
-                    k: int = Query(10, ge=1, le=MAX_K)) -> ItemsResponse:
+    async def items(self, q: QueryText, k: int = Query(10, ge=1, le=MAX_K)) -> ItemsResponse:
         if not q.strip():
             raise ApiError(422, "q: empty query", "q")
         found = await self.combiner.search.remote(self.encoder.encode.remote(q), k)

@@ -5,12 +5,31 @@ silently ignored field. Item ids on the wire are SOURCE ids, never the model's i
 """
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+import unicodedata
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_K = 100
 MAX_HISTORY = 1000  # inline history and events per POST
 MAX_INTENT_CHARS = 500
 MAX_USER_ID_CHARS = 128
+MAX_TIMESTAMP = 1e11  # unix seconds (year 5138): larger values would overflow the int64 time features
+
+
+def clean_text(value: str) -> str:
+    """Reject text that is not valid Unicode: lone surrogates (not encodable as UTF-8), the
+    replacement character (what undecodable bytes in a URL become) and control characters."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not valid UTF-8 text") from None
+    if "\ufffd" in value or any(unicodedata.category(ch) == "Cc" for ch in value):
+        raise ValueError("contains undecodable bytes or control characters")
+    return value
+
+
+Text = Annotated[str, AfterValidator(clean_text)]
 
 
 class _Request(BaseModel):
@@ -21,12 +40,13 @@ class _Request(BaseModel):
 class EventIn(_Request):
     item_id: int = Field(description="source item id")
     rating: float = Field(ge=0.5, le=5.0, allow_inf_nan=False)
-    timestamp: float = Field(ge=0, allow_inf_nan=False, description="unix seconds")
+    timestamp: float = Field(ge=0, le=MAX_TIMESTAMP, allow_inf_nan=False, description="unix seconds")
 
 
 class Context(_Request):
-    timestamp: float | None = Field(default=None, ge=0, allow_inf_nan=False, description="unix seconds; default now")
-    intent: str | None = Field(default=None, min_length=1, max_length=MAX_INTENT_CHARS, description="free text")
+    timestamp: float | None = Field(default=None, ge=0, le=MAX_TIMESTAMP, allow_inf_nan=False,
+                                    description="unix seconds; default now")
+    intent: Text | None = Field(default=None, min_length=1, max_length=MAX_INTENT_CHARS, description="free text")
 
 
 class Item(BaseModel):
@@ -43,7 +63,7 @@ class ErrorResponse(BaseModel):
 
 # -- requests --------------------------------------------------------------------------
 class RecommendRequest(_Request):
-    user_id: str | None = Field(default=None, min_length=1, max_length=MAX_USER_ID_CHARS)
+    user_id: Text | None = Field(default=None, min_length=1, max_length=MAX_USER_ID_CHARS)
     history: list[EventIn] | None = Field(default=None, max_length=MAX_HISTORY)
     context: Context = Field(default_factory=Context)
     k: int = Field(default=10, ge=1, le=MAX_K)
