@@ -110,9 +110,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=a.num_cpus if not os.environ.get("RAY_ADDRESS") else None)
     serve.start(http_options={"host": a.host, "port": a.port})
-    serve.run(app, name="recommender", route_prefix="/")
-    print(f"serving on http://{a.host}:{a.port} (docs at /docs); Ctrl-C stops", flush=True)
     try:
+        serve.run(app, name="recommender", route_prefix="/")
+        print(f"serving on http://{a.host}:{a.port} (docs at /docs); Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
