@@ -197,6 +197,7 @@ def plot(record: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator, NullFormatter
 
     runs = record["autoscaled"]
     levels = sorted(int(c) for c in runs)
@@ -229,6 +230,9 @@ def plot(record: dict, path: Path) -> None:
             a3.axvspan(min(ts), max(ts), color=f"C{j % 10}", alpha=0.08)
             a3.text(min(ts), 0.2, phase.replace("load ", ""), fontsize=7)
     a3.set(xlabel="seconds since the app started", ylabel="RUNNING replicas", title="replicas over time")
+    a3.yaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (a1, a2):
+        ax.xaxis.set_minor_formatter(NullFormatter())
     a3.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -348,7 +352,7 @@ def figures(record: dict, levels: list[int]) -> dict:
         op: one["per_op"][op]["p50_ms"] / base["per_op"][op]["p50_ms"] for op in OPS if one["per_op"][op].get("count")}
     f["in_process_over_serve_throughput_1_client"] = base["throughput_rps"] / one["throughput_rps"]
     b = record["batching"]
-    f["batched_over_unbatched_throughput_32_clients"] = b["batched"]["throughput_rps"] / b["unbatched"]["throughput_rps"]
+    f[f"batched_over_unbatched_throughput_{max(levels)}_clients"] = b["batched"]["throughput_rps"] / b["unbatched"]["throughput_rps"]
     f["autoscaling_max_replicas"] = {n: s["max_seen"] for n, s in record["scaling"].items()}
     f["downscale_back_to_min_after_s"] = record["downscale_after_s"]
     return f
