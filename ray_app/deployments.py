@@ -40,7 +40,8 @@ class Encoder:
     """all-MiniLM-L6-v2 over a batch of texts (intent phrases, search queries)."""
 
     def __init__(self, max_batch_size: int = 16, batch_wait_s: float = 0.005):
-        self.encoder = TextEncoder(cache=False)  # user text is arbitrary: keep it off the disk cache
+        # User text is arbitrary: keep it off the disk cache. A GPU is used when the replica has one.
+        self.encoder = TextEncoder(cache=False, device="cuda" if torch.cuda.is_available() else "cpu")
         self.encoder.encode(["warm up"])         # load the model now, not on the first request
         _configure_batching(self.encode, max_batch_size, batch_wait_s)
 
@@ -109,12 +110,14 @@ class Decomposer:
                 groups[(state is not None, n - start)].append(job)
         for (has_state, _), jobs in groups.items():
             tensors = [self._tensors(served, job) for job in jobs]
-            cat = {k: torch.cat([t[k] for t in tensors]) for k in ("items", "ratings", "event_feats")}
+            dev = served.device
+            cat = {k: torch.cat([t[k] for t in tensors]).to(dev) for k in ("items", "ratings", "event_feats")}
             init = None
             if has_state:
-                init = (torch.stack([job["state"][0] for job in jobs]).unsqueeze(0),   # (1, B, U)
-                        torch.stack([job["state"][1] for job in jobs]).unsqueeze(0))
+                init = (torch.stack([job["state"][0] for job in jobs]).unsqueeze(0).to(dev),   # (1, B, U)
+                        torch.stack([job["state"][1] for job in jobs]).unsqueeze(0).to(dev))
             h, c = served.model.advance(init, cat["items"], cat["ratings"], cat["event_feats"])  # (1, B, U) each
+            h, c = h.cpu(), c.cpu()
             for b, job in enumerate(jobs):
                 new = (h[0, b], c[0, b])
                 self.store.put_state(job["user_id"], StoredState(served.version, job["n"], pack_state(*new)))
@@ -140,8 +143,8 @@ class Decomposer:
     @staticmethod
     def _result(served: ServedModel, h: torch.Tensor, n: int, last_ts: float | None,
                 seen: np.ndarray | None) -> dict:
-        return {"model_version": served.version, "checkpoint": str(served.path), "h": h.numpy(),
-                "dims": served.model.dimensions(h).numpy(),   # (K, d) I_{t,k}
+        return {"model_version": served.version, "checkpoint": str(served.path), "h": h.cpu().numpy(),
+                "dims": served.model.dimensions(h.to(served.device)).cpu().numpy(),   # (K, d) I_{t,k}
                 "n_events": n, "last_ts": last_ts, "seen": seen}
 
     async def advance(self, user_id: str) -> int:
@@ -159,7 +162,7 @@ class Decomposer:
         items = np.array([served.index_of[int(e[0])] for e in events], np.int64)
         ratings = np.array([e[1] for e in events], np.float32)
         ts = np.array([e[2] for e in events], np.float64)
-        t = event_tensors(items, ratings, ts, 0, ts[-1])
+        t = {k: v.to(served.device) for k, v in event_tensors(items, ratings, ts, 0, ts[-1]).items()}
         h, _ = served.model.advance(None, t["items"], t["ratings"], t["event_feats"])
         return self._result(served, h[0, 0], len(events), float(ts[-1]), np.unique(items))
 
@@ -175,10 +178,11 @@ class Decomposer:
         items = np.array([served.index_of.get(e.item_id, 0) for e in events], np.int64)
         ts = np.array([e.timestamp for e in events], np.float64)
         batch = event_tensors(items, np.array([e.rating for e in events], np.float32), ts, 0, max(now, ts[-1]))
+        batch = {k: v.to(served.device) for k, v in batch.items()}
         m = served.model
         h = m.encoder(batch)[0]                                   # (T, U)
         lo = max(len(events) - last, 0)
-        alpha = m.gates(m.dimensions(h[lo:]), m.context(batch["ctx_feats"][0, lo:]))  # (L, K)
+        alpha = m.gates(m.dimensions(h[lo:]), m.context(batch["ctx_feats"][0, lo:])).cpu()  # (L, K)
         names = served.dim_names
         steps = [{"index": lo + j, "item_id": events[lo + j].item_id, "timestamp": events[lo + j].timestamp,
                   "gates": dict(zip(names, map(float, a)))} for j, a in enumerate(alpha)]
@@ -233,31 +237,35 @@ class Combiner:
     @torch.no_grad()
     def _rank(self, served: ServedModel, jobs: list[tuple]) -> list[dict]:
         m = served.model
-        H = torch.from_numpy(np.stack([s["h"] for s, *_ in jobs]))                      # (B, U)
+        dev = served.device
+        H = torch.from_numpy(np.stack([s["h"] for s, *_ in jobs])).to(dev)              # (B, U)
         now = np.array([job[5] for job in jobs], np.float64)
         last = np.array([s["last_ts"] if s["last_ts"] is not None else t for (s, *_), t in zip(jobs, now)])
-        ctx = torch.from_numpy(moment_features(now, now - last))                         # (B, 5)
+        ctx = torch.from_numpy(moment_features(now, now - last)).to(dev)                 # (B, 5)
         intent = None
         if any(job[1] is not None for job in jobs):
             # The intent projection has no bias, so a zero vector is the same as no intent.
             intent = torch.from_numpy(np.stack([job[1] if job[1] is not None else np.zeros(m.cfg.text_dim, np.float32)
-                                                for job in jobs]).astype(np.float32))   # (B, 384)
+                                                for job in jobs]).astype(np.float32)).to(dev)   # (B, 384)
         scores = m.score_state(H, ctx, intent)                                           # (B, N+1)
         I = m.dimensions(H)                                                              # (B, K, d)
-        alpha = m.gates(I, m.context(ctx, intent))                                       # (B, K)
+        alpha = m.gates(I, m.context(ctx, intent)).cpu()                                 # (B, K)
         scores[:, 0] = -torch.inf
         for b, (s, _, _, exclude_seen, *_) in enumerate(jobs):
             if exclude_seen and s["seen"] is not None and len(s["seen"]):
-                scores[b, torch.tensor(s["seen"])] = -torch.inf
+                scores[b, torch.tensor(s["seen"], device=dev)] = -torch.inf
         kmax = min(max(job[2] for job in jobs), m.cfg.n_items)
         top = scores.topk(kmax, dim=-1)
+        top_indices, top_values = top.indices.cpu(), top.values.cpu()
         want_explain = [b for b, job in enumerate(jobs) if job[4]]
         expl = m.explain(H[want_explain], ctx[want_explain], intent[want_explain] if intent is not None else None,
                          top_k=kmax) if want_explain else None
+        if expl is not None:
+            expl = {key: (v.cpu() if isinstance(v, torch.Tensor) else v) for key, v in expl.items()}
         names = served.dim_names
         results = []
         for b, (s, _, k, _, explain, _) in enumerate(jobs):
-            items = [(int(i), float(v)) for i, v in zip(top.indices[b, :k], top.values[b, :k]) if torch.isfinite(v)]
+            items = [(int(i), float(v)) for i, v in zip(top_indices[b, :k], top_values[b, :k]) if torch.isfinite(v)]
             explanation = None
             if explain:
                 e = want_explain.index(b)
@@ -272,6 +280,7 @@ class Combiner:
     def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
         """Items whose text embedding is closest (cosine) to the query's."""
         text = self.current.model.items.text                                               # (N+1, 384), normalised
-        sims = text[1:] @ torch.tensor(np.asarray(query), dtype=torch.float32)                 # (N,)
+        sims = text[1:] @ torch.tensor(np.asarray(query), dtype=torch.float32, device=text.device)  # (N,)
         top = sims.topk(min(k, len(sims)))
-        return [(int(i) + 1, float(v)) for i, v in zip(top.indices, top.values)]
+        top = (top.indices.cpu(), top.values.cpu())
+        return [(int(i) + 1, float(v)) for i, v in zip(*top)]

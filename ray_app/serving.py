@@ -62,6 +62,7 @@ class ServedModel:
     version: str
     path: Path
     item_source_ids: np.ndarray        # (N+1,) model index -> source id; [0] = -1 (padding)
+    device: torch.device = torch.device("cpu")
 
     @cached_property
     def index_of(self) -> dict[int, int]:
@@ -96,7 +97,9 @@ class ServedModel:
             raise ServingSetupError(f"{file}: item vocabulary has {len(ids) - 1} items, the model {model.cfg.n_items}")
         if catalogue_ids is not None and not np.array_equal(ids, catalogue_ids):
             raise ServingSetupError(f"{file}: its item vocabulary differs from the dataset's items")
-        return cls(model, file_version(file), file, ids)
+        # A replica given a GPU (ray_actor_options num_gpus) sees it; others see none.
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(model.to(device), file_version(file), file, ids, device)
 
 
 @dataclass
