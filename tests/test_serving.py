@@ -1,0 +1,159 @@
+"""The Serve app's pieces without Ray: checkpoints, features, state blobs, the decomposer's
+incremental update against a rebuild, the combiner's ranking, errors and app arguments."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from models import checkpoint
+from models.batching import BatchBuilder, make_split
+from models.features import moment_features
+from models.training import new_model
+from ray_app.deployments import Combiner, Decomposer
+from ray_app.ingress import _field_path
+from ray_app.serve import AppArgs, DeploymentSettings, build_app
+from ray_app.serving import (Catalogue, ServedModel, ServingSetupError, event_tensors, file_version, pack_state,
+                             resolve_checkpoint, unpack_state)
+from ray_app.store import Event, StoredState, open_store
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_data, tmp_path_factory):
+    torch.manual_seed(0)
+    m = new_model("decomposer", tiny_data, make_split(tiny_data.user_offsets, 1), lstm_units=24, item_dim=16,
+                  dim_size=8, combine="mixture").eval()
+    return checkpoint.save(tmp_path_factory.mktemp("ckpt") / "model.pt", m,
+                           {"item_source_ids": torch.tensor(tiny_data.item_source_ids)})
+
+
+def test_resolve_checkpoint_accepts_file_folder_and_run(ckpt, tmp_path):
+    assert resolve_checkpoint(ckpt) == ckpt
+    assert resolve_checkpoint(ckpt.parent) == ckpt
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best_checkpoint.json").write_text(json.dumps({"model": str(ckpt)}))
+    assert resolve_checkpoint(run) == ckpt
+    (run / "best_checkpoint.json").write_text(json.dumps({"path": "x"}))
+    with pytest.raises(ServingSetupError, match="best_checkpoint.json.*'model'"):
+        resolve_checkpoint(run)
+    with pytest.raises(ServingSetupError, match="nowhere"):
+        resolve_checkpoint(tmp_path / "nowhere")
+    with pytest.raises(ServingSetupError, match="without"):
+        resolve_checkpoint(tmp_path)
+
+
+def test_served_model_checks_type_and_vocabulary(tiny_data, ckpt, tmp_path):
+    served = ServedModel.load(ckpt, tiny_data.item_source_ids)
+    assert served.version == file_version(ckpt) and len(served.version) == 12
+    assert served.index_of[int(tiny_data.item_source_ids[5])] == 5
+    other = tiny_data.item_source_ids.copy()
+    other[1] += 10_000
+    with pytest.raises(ServingSetupError, match="differs"):
+        ServedModel.load(ckpt, other)
+    lstm = new_model("lstm", tiny_data, make_split(tiny_data.user_offsets, 1))
+    with pytest.raises(ServingSetupError, match="'lstm'.*decomposer"):
+        ServedModel.load(checkpoint.save(tmp_path / "lstm.pt", lstm), tiny_data.item_source_ids)
+
+
+def test_event_tensors_are_the_training_features(tiny_data):
+    sl = tiny_data.user_events(3)
+    items, ratings, ts = tiny_data.items[sl], tiny_data.ratings[sl], tiny_data.timestamps[sl]
+    n = len(items) - 1   # inputs: all but the last event, whose moment is the context of the last state
+    train = BatchBuilder(items, ratings, ts)(np.array([0]), np.array([n]), np.array([0]))
+    serve = event_tensors(items[:n], ratings[:n], ts[:n], 0, ts[n])
+    for key in ("items", "ratings", "event_feats", "ctx_feats"):
+        torch.testing.assert_close(serve[key], train[key])
+    tail = event_tensors(items[:n], ratings[:n], ts[:n], 4, ts[n])   # events 4.. with event 3's gap
+    torch.testing.assert_close(tail["event_feats"], train["event_feats"][:, 4:])
+
+
+def test_state_blob_round_trip():
+    h, c = torch.randn(7), torch.randn(7)
+    back = unpack_state(pack_state(h, c), 7)
+    torch.testing.assert_close(back[0], h)
+    torch.testing.assert_close(back[1], c)
+    assert unpack_state(pack_state(h, c), 8) is None   # a state of another shape is rebuilt
+
+
+def test_incremental_update_equals_rebuild(tiny_data, ckpt, tmp_path):
+    """The decomposer's stored state, advanced event by event, equals a recomputation."""
+    dec = Decomposer.func_or_class(f"sqlite:///{tmp_path / 's.db'}", str(tiny_data.path))
+    dec.reconfigure({"checkpoint": str(ckpt)})
+    src = tiny_data.item_source_ids
+    events = [Event(int(src[i]), 3.5 + (i % 3) / 2, 1.6e9 + 3600 * i * i) for i in range(1, 9)]
+    dec.store.append_events("u", events[:5])
+    first = dec._advance_users([("u", True)])[0]
+    assert first["n_events"] == 5 and dec.store.get_state("u").n_events == 5
+    for e in events[5:]:                                   # one event at a time, as POST /events does
+        dec.store.append_events("u", [e])
+        step = dec._advance_users([("u", False), ("u", True)])
+    full = dec.history_state([(e.item_id, e.rating, e.timestamp) for e in events])
+    assert step[1]["n_events"] == full["n_events"] == 8 and step[1]["last_ts"] == events[-1].timestamp
+    np.testing.assert_allclose(step[1]["h"], full["h"], atol=1e-5)
+    np.testing.assert_array_equal(step[1]["seen"], full["seen"])
+    # A state written by another model version is ignored and rebuilt from the events.
+    dec.store.put_state("u", StoredState("old", 8, b"\0" * 8))
+    np.testing.assert_allclose(dec._advance_users([("u", False)])[0]["h"], full["h"], atol=1e-5)
+
+    comb = Combiner.func_or_class()
+    comb.reconfigure({"checkpoint": str(ckpt)})
+    now = events[-1].timestamp + 60
+    ranked = comb._rank(comb.current, [(step[1], None, 5, True, True, now), (full, None, 3, False, False, now)])
+    seen = set(full["seen"].tolist())
+    assert len(ranked[0]["items"]) == 5 and not seen & {i for i, _ in ranked[0]["items"]}
+    assert len(ranked[1]["items"]) == 3 and ranked[1]["explanation"] is None
+    assert set(ranked[0]["explanation"]) == set(ranked[0]["gates"]) and abs(sum(ranked[0]["gates"].values()) - 1) < 1e-5
+    # The scores are the model's own: score_state over the same state and context.
+    m = comb.current.model
+    ctx = torch.from_numpy(moment_features(np.array([now]), np.array([60.0])))
+    expected = m.score_state(torch.from_numpy(full["h"])[None], ctx)[0]
+    top = [i for i, _ in ranked[1]["items"]]
+    np.testing.assert_allclose([s for _, s in ranked[1]["items"]], expected[top].numpy(), rtol=1e-5)
+    assert top == expected[1:].topk(3).indices.add(1).tolist()
+
+
+@pytest.mark.parametrize("loc,field", [
+    (("body", "history", 3, "item_id"), "history.3.item_id"),
+    (("query", "k"), "k"),
+    (("path", "user_id"), "user_id"),
+    (("body",), "body"),
+    (("body", 17), "body"),
+])
+def test_error_field_paths(loc, field):
+    assert _field_path(loc) == field
+
+
+def test_app_args(tmp_path, ckpt, tiny_data):
+    args = AppArgs(checkpoint=str(ckpt), data_dir=str(tiny_data.path))
+    parts = [args.encoder, args.decomposer, args.combiner, args.ingress]
+    assert sum(p.num_cpus * p.max_replicas for p in parts) <= 2
+    assert DeploymentSettings(min_replicas=2, max_replicas=2).options()["num_replicas"] == 2
+    auto = DeploymentSettings(min_replicas=1, max_replicas=3).options()["autoscaling_config"]
+    assert auto["min_replicas"] == 1 and auto["max_replicas"] == 3
+    assert args.resolved().store_url.startswith("sqlite:////")
+    with pytest.raises(ValidationError, match="replica"):
+        AppArgs(checkpoint="x", data_dir="y", decomposer={"replica": 2})
+    with pytest.raises(ServingSetupError, match="missing.pt"):
+        build_app({"checkpoint": str(tmp_path / "missing.pt"), "data_dir": str(tiny_data.path)})
+    unbatched = build_app(args.model_copy(update={"batching": False}))
+    assert unbatched is not None
+
+
+def test_open_store_rejects_unknown_urls(tmp_path):
+    with pytest.raises(ValueError, match="ftp://x.*sqlite:///"):
+        open_store("ftp://x")
+    store = open_store(f"sqlite:///{tmp_path / 'a' / 'b.db'}")
+    assert store.append_events("u", [Event(1, 4.0, 1.0)]) == 1
+    store.close()
+
+
+def test_catalogue_describes_items(tiny_data):
+    cat = Catalogue.from_data(tiny_data)
+    d = cat.describe(1, 0.5)
+    assert d["item_id"] == int(tiny_data.item_source_ids[1]) and d["title"] == tiny_data.titles[1]
+    assert d["score"] == 0.5 and set(d["genres"]) <= set(tiny_data.genre_names)
+    assert cat.unknown([int(tiny_data.item_source_ids[2]), -99]) == [1]
