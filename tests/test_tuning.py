@@ -140,13 +140,15 @@ def test_search_writes_every_output_and_survives_a_crashed_trial(searched):
 
 def test_resume_continues_the_same_study(searched, tiny_data, capsys):
     before = pd.read_parquet(searched / "results.parquet")
+    study(searched).ask()                                   # a trial left RUNNING, as by an interrupted session
     args = ["--dataset", str(tiny_data.path), "--storage-path", str(searched.parent), "--name", "s", *SEARCH]
-    assert main([*args, "--num-samples", "3"]) == 0
-    assert "2 trial(s) done before, 1 to run" in capsys.readouterr().out
+    assert main([*args, "--num-samples", "4"]) == 0
+    assert "3 trial(s) done before, 1 to run" in capsys.readouterr().out
     after = pd.read_parquet(searched / "results.parquet")
     assert len(after) == 3 and set(before["trial_id"]) < set(after["trial_id"])
-    assert sorted(t.number for t in study(searched).trials) == [0, 1, 2]
-    assert after["optuna_trial"].tolist()[-1] == 2
-    assert main([*args, "--num-samples", "3"]) == 0                         # the study is complete: nothing runs
-    assert "3 trial(s) done before, 0 to run" in capsys.readouterr().out
+    trials = study(searched).trials
+    assert [t.number for t in trials] == [0, 1, 2, 3] and trials[2].state.name == "FAIL"   # interrupted -> failed
+    assert after["optuna_trial"].tolist()[-1] == 3
+    assert main([*args, "--num-samples", "4"]) == 0                         # the study is complete: nothing runs
+    assert "4 trial(s) done before, 0 to run" in capsys.readouterr().out
     assert len(pd.read_parquet(searched / "results.parquet")) == 3

@@ -76,6 +76,7 @@ class Setup:
     space: SearchSpace
     prepared: Path
     storage_url: str | None
+    storage: object | None                  # the opened Optuna RDBStorage (TPE only)
     remaining: int
     done_before: int
 
@@ -109,14 +110,15 @@ def prepare(s: SearchSettings) -> Setup:
     run_dir = Path(s.storage_path).expanduser().resolve() / name
     prepared = resolve_dataset(s.dataset, s.data_dir, s.prepared_dir)
     load_checked(prepared)
-    url = None
-    done = 0
+    url = storage = None
     if s.sampler == "tpe":
         url = s.optuna_storage or f"sqlite:///{run_dir / 'optuna.db'}"
-        done = results.finished_trials(open_storage(url), name)
+        storage = open_storage(url)
+        results.close_interrupted(storage, name)         # an interrupted session's trial counts as failed
+        done = results.finished_trials(storage, name)
     else:
         done = results.previous_rows(run_dir)
-    return Setup(s, name, run_dir, space, prepared, url, max(0, s.num_samples - done), done)
+    return Setup(s, name, run_dir, space, prepared, url, storage, max(0, s.num_samples - done), done)
 
 
 def open_storage(url: str):
@@ -200,9 +202,7 @@ def run(s: SearchSettings, num_cpus: int | None = None) -> dict:
     from tuning.cleanup import ReleaseWorkerGroups
 
     setup = prepare(s)
-    storage = open_storage(setup.storage_url) if setup.storage_url else None
-    if storage is not None:
-        results.close_interrupted(storage, setup.name)
+    storage = setup.storage
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     session = f"session-{datetime.now():%Y%m%d-%H%M%S}"
     print(f"search {setup.name}: {s.sampler}, {setup.done_before} trial(s) done before, {setup.remaining} to run "
