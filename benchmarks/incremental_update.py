@@ -90,36 +90,45 @@ def replica_level(args, source_ids: np.ndarray, lengths: list[int], repeats: int
     from ray_app.store import Event, StoredState
 
     rng = np.random.default_rng(args.seed + 2)
-    rows = {}
+    times = {n: {"append": [], "update": [], "rebuild": []} for n in lengths}
     with tempfile.TemporaryDirectory(prefix="incremental-replica-") as tmp:
         # `.func_or_class` is the plain class under @serve.deployment; its batched method needs a
         # replica, so the batch body `_advance_users` is called with a batch of one.
         dec = Decomposer.func_or_class(f"sqlite:///{tmp}/state.db", str(args.data.resolve()), max_batch_size=1)
         dec.reconfigure({"checkpoint": str(args.checkpoint.resolve())})
         version = dec.served.version
+        pending = {}
         for n in lengths:
-            user = f"replica-{n}"
             history = [Event(**e) for e in random_events(source_ids, n + 2 * repeats, rng)]
-            dec.store.append_events(user, history[:n])
-            dec._advance_users([(user, False)])
-            append, update, rebuild = [], [], []
-            for j in range(repeats):
+            dec.store.append_events(f"replica-{n}", history[:n])
+            dec._advance_users([(f"replica-{n}", False)])
+            pending[n] = iter(history[n:])
+        for _ in range(repeats):
+            for n in interleaved(lengths, rng):
+                user, t = f"replica-{n}", times[n]
                 t0 = time.perf_counter()
-                dec.store.append_events(user, [history[n + 2 * j]])
+                dec.store.append_events(user, [next(pending[n])])
                 t1 = time.perf_counter()
                 dec._advance_users([(user, False)])
-                append.append(t1 - t0)
-                update.append(time.perf_counter() - t1)
-                dec.store.append_events(user, [history[n + 2 * j + 1]])
+                t["append"].append(t1 - t0)
+                t["update"].append(time.perf_counter() - t1)
+                dec.store.append_events(user, [next(pending[n])])
                 dec.store.put_state(user, StoredState(f"invalidated-{version}", 0, b""))
                 t0 = time.perf_counter()
                 dec._advance_users([(user, False)])
-                rebuild.append(time.perf_counter() - t0)
-            rows[n] = {"append": percentiles(append), "update": percentiles(update), "rebuild": percentiles(rebuild)}
-            print(f"replica n={n:5d}: append p50 {rows[n]['append']['p50_ms']:.2f} ms, state update p50 "
-                  f"{rows[n]['update']['p50_ms']:.2f} ms, rebuild p50 {rows[n]['rebuild']['p50_ms']:.2f} ms", flush=True)
+                t["rebuild"].append(time.perf_counter() - t0)
         dec.store.close()
+    rows = {n: {k: percentiles(v) for k, v in times[n].items()} for n in lengths}
+    for n, r in rows.items():
+        print(f"replica n={n:5d}: append p50 {r['append']['p50_ms']:.2f} ms, state update p50 "
+              f"{r['update']['p50_ms']:.2f} ms, rebuild p50 {r['rebuild']['p50_ms']:.2f} ms", flush=True)
     return rows
+
+
+def interleaved(lengths: list[int], rng: np.random.Generator) -> list[int]:
+    """Every length once per round, in a fresh order: load from other jobs on the machine drifts,
+    and measuring the lengths one after another would turn that drift into a length effect."""
+    return [lengths[i] for i in rng.permutation(len(lengths))]
 
 
 def http_level(args, source_ids: np.ndarray, lengths: list[int]) -> dict:
@@ -133,7 +142,6 @@ def http_level(args, source_ids: np.ndarray, lengths: list[int]) -> dict:
 
     rng = np.random.default_rng(args.seed + 1)
     base = f"http://127.0.0.1:{args.port}"
-    rows = {}
     with tempfile.TemporaryDirectory(prefix="incremental-bench-") as tmp:
         store_url = f"sqlite:///{tmp}/state.db"
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
@@ -144,9 +152,8 @@ def http_level(args, source_ids: np.ndarray, lengths: list[int]) -> dict:
             health = wait_healthy(base)
             store = open_store(store_url)
             with httpx.Client(base_url=base, timeout=60.0) as client:
-                for n in lengths:
-                    rows[n] = _http_length(client, store, StoredState, health["model_version"], source_ids, n,
-                                           args.http_repeats, rng)
+                rows = _http_rounds(client, store, StoredState, health["model_version"], source_ids, lengths,
+                                    args.http_repeats, rng)
             store.close()
         finally:
             serve.shutdown()
@@ -163,41 +170,51 @@ def _post(client, path: str, body: dict) -> tuple[float, dict]:
     return dt, r.json()
 
 
-def _http_length(client, store, StoredState, version: str, source_ids, n: int, repeats: int, rng) -> dict:
-    user = f"bench-incremental-{n}"
-    history = random_events(source_ids, n + 2 * repeats + 2, rng)
-    for i in range(0, n, 1000):                                       # the API takes at most 1000 per request
-        _post(client, f"/users/{user}/events", {"events": history[i:min(i + 1000, n)]})
-    _post(client, "/recommend", {"user_id": user, "k": 10})          # the stored state now covers n events
-    update, recommend_after, rebuild_post, rebuild, fresh = [], [], [], [], 0
-    cursor = n
+def _http_rounds(client, store, StoredState, version: str, source_ids, lengths: list[int], repeats: int,
+                 rng) -> dict:
+    keys = ("post_event", "recommend_after_event", "post_event_rebuilt", "recommend_after_rebuilt")
+    times = {n: {k: [] for k in keys} for n in lengths}
+    fresh = {n: 0 for n in lengths}
+    pending = {}
+    for n in lengths:
+        user = f"bench-incremental-{n}"
+        history = random_events(source_ids, n + 2 * repeats, rng)
+        for i in range(0, n, 1000):                                   # the API takes at most 1000 per request
+            _post(client, f"/users/{user}/events", {"events": history[i:min(i + 1000, n)]})
+        _post(client, "/recommend", {"user_id": user, "k": 10})      # the stored state now covers n events
+        pending[n] = iter(history[n:])
     for _ in range(repeats):
-        ev = history[cursor]
-        cursor += 1
-        dt, got = _post(client, f"/users/{user}/events", {"events": [ev]})
-        update.append(dt)
-        dt, rec = _post(client, "/recommend", {"user_id": user, "k": 10, "context": {"timestamp": ev["timestamp"] + 60}})
-        recommend_after.append(dt)
-        fresh += rec["n_events"] == got["n_events"]
-    for _ in range(repeats):
-        # A state from another model version must be ignored: the next request recomputes from every event.
-        store.put_state(user, StoredState(model_version=f"invalidated-{version}", n_events=0, blob=b""))
-        ev = history[cursor]
-        cursor += 1
-        dt_post, _ = _post(client, f"/users/{user}/events", {"events": [ev]})
-        dt_rec, _ = _post(client, "/recommend", {"user_id": user, "k": 10, "context": {"timestamp": ev["timestamp"] + 60}})
-        rebuild_post.append(dt_post)
-        rebuild.append(dt_post + dt_rec)
-    row = {"post_event": percentiles(update), "recommend_after_event": percentiles(recommend_after),
-           "event_plus_recommend": percentiles(np.add(update, recommend_after)),
-           "post_event_rebuilt": percentiles(rebuild_post),
-           "event_plus_recommend_rebuilt": percentiles(rebuild),
-           "fresh_recommendations": f"{fresh}/{repeats}"}
-    print(f"http   n={n:5d}: POST event p50 {row['post_event']['p50_ms']:.1f} ms, event+recommend p50 "
-          f"{row['event_plus_recommend']['p50_ms']:.1f} ms; state rebuilt: POST event p50 "
-          f"{row['post_event_rebuilt']['p50_ms']:.1f} ms, event+recommend {row['event_plus_recommend_rebuilt']['p50_ms']:.1f} ms,"
-          f" fresh {row['fresh_recommendations']}", flush=True)
-    return row
+        for n in interleaved(lengths, rng):
+            user, t = f"bench-incremental-{n}", times[n]
+            ev = next(pending[n])
+            dt, got = _post(client, f"/users/{user}/events", {"events": [ev]})
+            t["post_event"].append(dt)
+            dt, rec = _post(client, "/recommend", {"user_id": user, "k": 10,
+                                                   "context": {"timestamp": ev["timestamp"] + 60}})
+            t["recommend_after_event"].append(dt)
+            fresh[n] += rec["n_events"] == got["n_events"]
+            # A state from another model version must be ignored: the next request recomputes from every event.
+            store.put_state(user, StoredState(model_version=f"invalidated-{version}", n_events=0, blob=b""))
+            ev = next(pending[n])
+            dt, _ = _post(client, f"/users/{user}/events", {"events": [ev]})
+            t["post_event_rebuilt"].append(dt)
+            dt, _ = _post(client, "/recommend", {"user_id": user, "k": 10, "context": {"timestamp": ev["timestamp"] + 60}})
+            t["recommend_after_rebuilt"].append(dt)
+    rows = {}
+    for n in lengths:
+        t = times[n]
+        rows[n] = {"post_event": percentiles(t["post_event"]),
+                   "recommend_after_event": percentiles(t["recommend_after_event"]),
+                   "event_plus_recommend": percentiles(np.add(t["post_event"], t["recommend_after_event"])),
+                   "post_event_rebuilt": percentiles(t["post_event_rebuilt"]),
+                   "event_plus_recommend_rebuilt": percentiles(np.add(t["post_event_rebuilt"], t["recommend_after_rebuilt"])),
+                   "fresh_recommendations": f"{fresh[n]}/{repeats}"}
+        r = rows[n]
+        print(f"http   n={n:5d}: POST event p50 {r['post_event']['p50_ms']:.1f} ms, event+recommend p50 "
+              f"{r['event_plus_recommend']['p50_ms']:.1f} ms; state rebuilt: POST event p50 "
+              f"{r['post_event_rebuilt']['p50_ms']:.1f} ms, event+recommend {r['event_plus_recommend_rebuilt']['p50_ms']:.1f} ms,"
+              f" fresh {r['fresh_recommendations']}", flush=True)
+    return rows
 
 
 def ratios(rows: dict, lengths: list[int], fast: str, slow: str) -> dict:
