@@ -43,7 +43,8 @@ def _error(status: int, detail: str, field: str | None) -> JSONResponse:
 
 def _field_path(loc: Sequence) -> str | None:
     """('body', 'history', 3, 'item_id') -> 'history.3.item_id'; a whole-body error -> 'body'."""
-    parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "query", "path", "header") else [str(p) for p in loc]
+    source = bool(loc) and loc[0] in ("body", "query", "path", "header")
+    parts = [str(p) for p in (loc[1:] if source else loc)]
     if loc and loc[0] == "body" and (not parts or (len(parts) == 1 and parts[0].isdigit())):
         return "body"   # a JSON syntax error's location is a character offset, not a field
     return ".".join(parts) or None

@@ -219,32 +219,39 @@ def test_an_acknowledged_event_shows_in_the_next_recommendation(client, env):
 
 
 EV = {"item_id": 1, "rating": 4.0, "timestamp": 1.6e9}
-BAD = [
-    ("malformed JSON", "POST", "/recommend", {"content": b'{"k": 3,', "headers": {"content-type": "application/json"}}, 422, "body"),
+JSON = {"content-type": "application/json"}
+BAD = [  # (id, method, path, httpx arguments, status, field named in the error)
+    ("malformed JSON", "POST", "/recommend", {"content": b'{"k": 3,', "headers": JSON}, 422, "body"),
     ("not an object", "POST", "/recommend", {"json": [1, 2]}, 422, "body"),
     ("k wrong type", "POST", "/recommend", {"json": {"k": "many"}}, 422, "k"),
     ("k zero", "POST", "/recommend", {"json": {"k": 0}}, 422, "k"),
     ("k negative", "POST", "/recommend", {"json": {"k": -5}}, 422, "k"),
     ("k huge", "POST", "/recommend", {"json": {"k": 10**9}}, 422, "k"),
-    ("rating out of range", "POST", "/recommend", {"json": {"history": [{**EV, "rating": 9}]}}, 422, "history.0.rating"),
-    ("unknown item", "POST", "/recommend", {"json": {"history": [EV, {**EV, "item_id": 10**8}]}}, 422, "history.1.item_id"),
+    ("rating out of range", "POST", "/recommend", {"json": {"history": [{**EV, "rating": 9}]}}, 422,
+     "history.0.rating"),
+    ("unknown item", "POST", "/recommend", {"json": {"history": [EV, {**EV, "item_id": 10**8}]}}, 422,
+     "history.1.item_id"),
     ("oversized history", "POST", "/recommend", {"json": {"history": [EV] * 1001}}, 422, "history"),
     ("user and history", "POST", "/recommend", {"json": {"user_id": "1", "history": [EV]}}, 422, "history"),
     ("unknown field", "POST", "/recommend", {"json": {"userid": "1"}}, 422, "userid"),
     ("intent wrong type", "POST", "/recommend", {"json": {"context": {"intent": 5}}}, 422, "context.intent"),
     ("unknown user", "POST", "/recommend", {"json": {"user_id": "no-such-user"}}, 404, "user_id"),
-    ("non-UTF-8 body", "POST", "/recommend", {"content": b'{"user_id": "\xff\xfe"}', "headers": {"content-type": "application/json"}}, 400, "body"),
-    ("lone surrogate", "POST", "/recommend", {"content": b'{"user_id": "\\ud800"}', "headers": {"content-type": "application/json"}}, 422, "user_id"),
-    ("control characters in intent", "POST", "/recommend", {"json": {"context": {"intent": "fun\u0000ny"}}}, 422, "context.intent"),
+    ("non-UTF-8 body", "POST", "/recommend", {"content": b'{"user_id": "\xff\xfe"}', "headers": JSON}, 400, "body"),
+    ("lone surrogate", "POST", "/recommend", {"content": b'{"user_id": "\\ud800"}', "headers": JSON}, 422, "user_id"),
+    ("control characters in intent", "POST", "/recommend", {"json": {"context": {"intent": "fun\u0000ny"}}}, 422,
+     "context.intent"),
     ("undecodable user id in URL", "POST", "/users/%FF%FE/events", {"json": {"events": [EV]}}, 422, "user_id"),
     ("undecodable prefix in query", "GET", "/users?q=%FF", {}, 422, "q"),
-    ("oversized body", "POST", "/recommend", {"content": b" " * (2 << 20), "headers": {"content-type": "application/json"}}, 413, "body"),
+    ("oversized body", "POST", "/recommend", {"content": b" " * (2 << 20), "headers": JSON}, 413, "body"),
     ("empty events", "POST", "/users/x/events", {"json": {"events": []}}, 422, "events"),
     ("too many events", "POST", "/users/x/events", {"json": {"events": [EV] * 1001}}, 422, "events"),
-    ("event unknown item", "POST", "/users/x/events", {"json": {"events": [{**EV, "item_id": -3}]}}, 422, "events.0.item_id"),
+    ("event unknown item", "POST", "/users/x/events", {"json": {"events": [{**EV, "item_id": -3}]}}, 422,
+     "events.0.item_id"),
     ("event missing field", "POST", "/users/x/events", {"json": {"events": [{"item_id": 1}]}}, 422, "events.0.rating"),
-    ("timestamp far future", "POST", "/recommend", {"json": {"context": {"timestamp": 1e300}}}, 422, "context.timestamp"),
-    ("timestamp not a number", "POST", "/users/x/events", {"json": {"events": [{**EV, "timestamp": "noon"}]}}, 422, "events.0.timestamp"),
+    ("timestamp far future", "POST", "/recommend", {"json": {"context": {"timestamp": 1e300}}}, 422,
+     "context.timestamp"),
+    ("timestamp not a number", "POST", "/users/x/events", {"json": {"events": [{**EV, "timestamp": "noon"}]}}, 422,
+     "events.0.timestamp"),
     ("events of unknown user", "GET", "/users/no-such-user/events", {}, 404, "user_id"),
     ("interests of unknown user", "GET", "/users/no-such-user/interests", {}, 404, "user_id"),
     ("interests last zero", "GET", "/users/1/interests", {"params": {"last": 0}}, 422, "last"),
@@ -305,7 +312,8 @@ def test_restart_loses_no_acknowledged_event(client, env):
     uid = "restart-user"
     items = env["data"].item_source_ids[1:6].tolist()
     for j, item in enumerate(items):
-        r = client.post(f"/users/{uid}/events", json={"events": [{"item_id": item, "rating": 4, "timestamp": 1.6e9 + j}]})
+        event = {"item_id": item, "rating": 4, "timestamp": 1.6e9 + j}
+        r = client.post(f"/users/{uid}/events", json={"events": [event]})
         assert r.status_code == 200
     counts = {u["user_id"]: u["n_events"] for u in client.get("/users", params={"limit": 1000}).json()["users"]}
     config = env["config"](env["ckpt_b"])
