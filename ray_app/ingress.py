@@ -132,7 +132,8 @@ class Ingress:
         self.n_training_users = data.n_users
         self.store = open_store(store_url)
         if load_users:  # idempotent: users already in the store keep their (possibly longer) logs
-            self.store.bulk_load(training_user_events(data))
+            for users in training_user_events(data):
+                self.store.bulk_load(users)
 
     # ---- helpers ---------------------------------------------------------------------------
     def _check_items(self, events: Sequence[EventIn], field: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -140,15 +141,17 @@ class Catalogue:
         return out
 
 
-def training_user_events(data: InteractionData) -> dict[str, list[Event]]:
-    """The dataset's users as store events, keyed str(source user id), for the initial bulk load."""
-    out = {}
+def training_user_events(data: InteractionData, chunk: int = 1000) -> Iterator[dict[str, list[Event]]]:
+    """The dataset's users as store events, keyed str(source user id), `chunk` users at a time
+    (a large dataset as Python objects all at once would not fit in a replica's memory)."""
     src = data.item_source_ids[data.items]
-    for u in range(1, data.n_users + 1):
-        sl = data.user_events(u)
-        out[str(int(data.user_source_ids[u]))] = [
-            Event(int(i), float(r), float(t)) for i, r, t in zip(src[sl], data.ratings[sl], data.timestamps[sl])]
-    return out
+    for lo in range(1, data.n_users + 1, chunk):
+        out = {}
+        for u in range(lo, min(lo + chunk, data.n_users + 1)):
+            sl = data.user_events(u)
+            out[str(int(data.user_source_ids[u]))] = [
+                Event(int(i), float(r), float(t)) for i, r, t in zip(src[sl], data.ratings[sl], data.timestamps[sl])]
+        yield out
 
 
 def event_tensors(items: np.ndarray, ratings: np.ndarray, timestamps: np.ndarray, first: int,

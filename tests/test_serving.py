@@ -17,7 +17,7 @@ from ray_app.deployments import Combiner, Decomposer
 from ray_app.ingress import _field_path
 from ray_app.serve import AppArgs, DeploymentSettings, build_app
 from ray_app.serving import (Catalogue, ServedModel, ServingSetupError, event_tensors, file_version, pack_state,
-                             resolve_checkpoint, unpack_state)
+                             resolve_checkpoint, training_user_events, unpack_state)
 from ray_app.store import Event, StoredState, open_store
 
 
@@ -149,6 +149,16 @@ def test_open_store_rejects_unknown_urls(tmp_path):
     store = open_store(f"sqlite:///{tmp_path / 'a' / 'b.db'}")
     assert store.append_events("u", [Event(1, 4.0, 1.0)]) == 1
     store.close()
+
+
+def test_training_users_in_chunks(tiny_data):
+    chunks = list(training_user_events(tiny_data, chunk=15))
+    assert [len(c) for c in chunks] == [15, 15, 10]
+    users = {k: v for c in chunks for k, v in c.items()}
+    first = users[str(int(tiny_data.user_source_ids[1]))]
+    sl = tiny_data.user_events(1)
+    assert [e.item_id for e in first] == tiny_data.item_source_ids[tiny_data.items[sl]].tolist()
+    assert sum(map(len, users.values())) == tiny_data.n_events
 
 
 def test_catalogue_describes_items(tiny_data):
