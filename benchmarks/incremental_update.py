@@ -198,7 +198,8 @@ def _http_rounds(client, store, StoredState, version: str, source_ids, lengths: 
             ev = next(pending[n])
             dt, _ = _post(client, f"/users/{user}/events", {"events": [ev]})
             t["post_event_rebuilt"].append(dt)
-            dt, _ = _post(client, "/recommend", {"user_id": user, "k": 10, "context": {"timestamp": ev["timestamp"] + 60}})
+            dt, _ = _post(client, "/recommend", {"user_id": user, "k": 10,
+                                                 "context": {"timestamp": ev["timestamp"] + 60}})
             t["recommend_after_rebuilt"].append(dt)
     rows = {}
     for n in lengths:
@@ -207,12 +208,14 @@ def _http_rounds(client, store, StoredState, version: str, source_ids, lengths: 
                    "recommend_after_event": percentiles(t["recommend_after_event"]),
                    "event_plus_recommend": percentiles(np.add(t["post_event"], t["recommend_after_event"])),
                    "post_event_rebuilt": percentiles(t["post_event_rebuilt"]),
-                   "event_plus_recommend_rebuilt": percentiles(np.add(t["post_event_rebuilt"], t["recommend_after_rebuilt"])),
+                   "event_plus_recommend_rebuilt": percentiles(np.add(t["post_event_rebuilt"],
+                                                                      t["recommend_after_rebuilt"])),
                    "fresh_recommendations": f"{fresh[n]}/{repeats}"}
         r = rows[n]
         print(f"http   n={n:5d}: POST event p50 {r['post_event']['p50_ms']:.1f} ms, event+recommend p50 "
               f"{r['event_plus_recommend']['p50_ms']:.1f} ms; state rebuilt: POST event p50 "
-              f"{r['post_event_rebuilt']['p50_ms']:.1f} ms, event+recommend {r['event_plus_recommend_rebuilt']['p50_ms']:.1f} ms,"
+              f"{r['post_event_rebuilt']['p50_ms']:.1f} ms, event+recommend "
+              f"{r['event_plus_recommend_rebuilt']['p50_ms']:.1f} ms,"
               f" fresh {r['fresh_recommendations']}", flush=True)
     return rows
 
@@ -254,8 +257,10 @@ def plot(record: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="decomposer checkpoint (trained if missing)")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="prepared dataset folder the checkpoint was trained on")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                   help="decomposer checkpoint (trained if missing)")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                   help="prepared dataset folder the checkpoint was trained on")
     p.add_argument("--lengths", default="50,200,500,1000")
     p.add_argument("--repeats", type=int, default=200, help="model-level timings per length")
     p.add_argument("--http-repeats", type=int, default=30, help="replica-level and HTTP timings per length")

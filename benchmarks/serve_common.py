@@ -23,7 +23,8 @@ def machine(busy_note: str | None = None) -> dict:
     import ray
     import torch
 
-    info = {"cpus": os.cpu_count(), "cpu": _cpu_model(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    info = {"cpus": os.cpu_count(), "cpu": _cpu_model(), "gpu": gpu,
             "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version(),
             "load_avg_at_start": list(os.getloadavg())}
     if busy_note:

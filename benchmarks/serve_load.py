@@ -252,7 +252,8 @@ def make_spec(data_dir: Path, n_users: int, seed: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="decomposer checkpoint (trained if missing)")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                   help="decomposer checkpoint (trained if missing)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="prepared dataset folder of the checkpoint")
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load at 8 clients")
@@ -352,7 +353,8 @@ def figures(record: dict, levels: list[int]) -> dict:
         op: one["per_op"][op]["p50_ms"] / base["per_op"][op]["p50_ms"] for op in OPS if one["per_op"][op].get("count")}
     f["in_process_over_serve_throughput_1_client"] = base["throughput_rps"] / one["throughput_rps"]
     b = record["batching"]
-    f[f"batched_over_unbatched_throughput_{max(levels)}_clients"] = b["batched"]["throughput_rps"] / b["unbatched"]["throughput_rps"]
+    f[f"batched_over_unbatched_throughput_{max(levels)}_clients"] = (b["batched"]["throughput_rps"]
+                                                                     / b["unbatched"]["throughput_rps"])
     f["autoscaling_max_replicas"] = {n: s["max_seen"] for n, s in record["scaling"].items()}
     f["downscale_back_to_min_after_s"] = record["downscale_after_s"]
     return f

@@ -64,8 +64,9 @@ def served(tiny_data, tmp_path_factory):
     store_url = f"sqlite:///{tmp}/state.db"
     one = DeploymentSettings(num_cpus=0.2, min_replicas=1, max_replicas=1)
     two = DeploymentSettings(num_cpus=0.2, min_replicas=2, max_replicas=2)
+    ingress = one.model_copy(update={"max_ongoing_requests": 100})
     args = AppArgs(checkpoint=str(ckpt), data_dir=str(tiny_data.path), store_url=store_url,
-                   encoder=one, decomposer=two, combiner=one, ingress=one.model_copy(update={"max_ongoing_requests": 100}))
+                   encoder=one, decomposer=two, combiner=one, ingress=ingress)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     ray.init(num_cpus=2, include_dashboard=False)
@@ -164,7 +165,7 @@ def test_killing_a_decomposer_replica_under_load_loses_no_acknowledged_event(ser
 # One test walks every operation itself: schemathesis' pytest fixture loader (`from_fixture`) sets
 # `node._nodeid`, which pytest 9 no longer has.
 
-EXAMPLES = 6   # per operation and mode: valid requests and requests that break the schema
+EXAMPLES = 10  # per operation and mode: valid requests and requests that break the schema
 
 
 def test_generated_requests_never_get_a_server_error(served):
