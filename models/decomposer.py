@@ -209,12 +209,17 @@ class InterestDecomposer(nn.Module):
 
     @torch.no_grad()
     def explain(self, h: torch.Tensor, ctx_feats: torch.Tensor, intent: torch.Tensor | None = None,
-                top_k: int = 5) -> dict:
-        """Gate weights α (B, K) and, per dimension, the items that dimension alone ranks first."""
+                top_k: int = 5, exclude: torch.Tensor | None = None) -> dict:
+        """Gate weights α (B, K) and, per dimension, the items that dimension alone ranks first.
+
+        exclude (B, N+1) bool removes items (e.g. the ones a user has seen) from every dimension's list.
+        """
         I = self.dimensions(h)                                         # (B, K, d)
         alpha = self.gates(I, self.context(ctx_feats, intent))         # (B, K)
         per_dim = self.dimension_vectors(I) @ self.items.all().T       # (B, K, N+1)
         per_dim[..., 0] = -torch.inf
+        if exclude is not None:
+            per_dim = per_dim.masked_fill(exclude[:, None, :], -torch.inf)
         top = per_dim.topk(top_k, dim=-1)
         return {"dims": list(self.cfg.dim_names), "alpha": alpha, "top_items": top.indices, "top_scores": top.values}
 

@@ -251,15 +251,17 @@ class Combiner:
         I = m.dimensions(H)                                                              # (B, K, d)
         alpha = m.gates(I, m.context(ctx, intent)).cpu()                                 # (B, K)
         scores[:, 0] = -torch.inf
+        excluded = torch.zeros_like(scores, dtype=torch.bool)                            # (B, N+1)
         for b, (s, _, _, exclude_seen, *_) in enumerate(jobs):
             if exclude_seen and s["seen"] is not None and len(s["seen"]):
-                scores[b, torch.tensor(s["seen"], device=dev)] = -torch.inf
+                excluded[b, torch.tensor(s["seen"], device=dev)] = True
+        scores = scores.masked_fill(excluded, -torch.inf)
         kmax = min(max(job[2] for job in jobs), m.cfg.n_items)
         top = scores.topk(kmax, dim=-1)
         top_indices, top_values = top.indices.cpu(), top.values.cpu()
         want_explain = [b for b, job in enumerate(jobs) if job[4]]
         expl = m.explain(H[want_explain], ctx[want_explain], intent[want_explain] if intent is not None else None,
-                         top_k=kmax) if want_explain else None
+                         top_k=kmax, exclude=excluded[want_explain]) if want_explain else None
         if expl is not None:
             expl = {key: (v.cpu() if isinstance(v, torch.Tensor) else v) for key, v in expl.items()}
         names = served.dim_names

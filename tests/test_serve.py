@@ -154,6 +154,7 @@ def test_recommend_known_user_excludes_seen_and_explains(client, env):
     assert abs(sum(body["gates"].values()) - 1) < 1e-4
     assert set(body["explanation"]) == set(body["gates"])
     assert all(len(v) == 7 and v[0]["title"] for v in body["explanation"].values())
+    assert not seen & {it["item_id"] for v in body["explanation"].values() for it in v}
     again = client.post("/recommend", json={"user_id": uid, "k": 7, "exclude_seen": False,
                                             "context": {"timestamp": 1.7e9}}).json()
     assert again["explanation"] is None
