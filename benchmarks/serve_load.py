@@ -88,7 +88,7 @@ def in_process(args, spec: dict, store_url: str) -> dict:
     # `.func_or_class` is the plain class under @serve.deployment; batch size 1 = no batching wait.
     dec = Decomposer.func_or_class(store_url, str(args.data.resolve()), max_batch_size=1)
     dec.reconfigure(ckpt)
-    comb = Combiner.func_or_class(max_batch_size=1)
+    comb = Combiner.func_or_class(str(args.data.resolve()), max_batch_size=1)
     comb.reconfigure(ckpt)
     enc = Encoder.func_or_class(max_batch_size=1)
     rng = np.random.default_rng(args.seed)

@@ -200,23 +200,29 @@ class InterestDecomposer(nn.Module):
         return self.score_state(h, ctx, intent)
 
     @torch.no_grad()
-    def score_state(self, h: torch.Tensor, ctx_feats: torch.Tensor, intent: torch.Tensor | None = None) -> torch.Tensor:
-        """From LSTM states h (B, U) and context (B, 5) [+ intent (B, 384)] -> scores (B, N+1)."""
+    def score_state(self, h: torch.Tensor, ctx_feats: torch.Tensor, intent: torch.Tensor | None = None,
+                    item_vecs: torch.Tensor | None = None) -> torch.Tensor:
+        """From LSTM states h (B, U) and context (B, 5) [+ intent (B, 384)] -> scores (B, N+1).
+
+        item_vecs (N+1, D): `items.all()` computed once by a caller that scores many times (serving).
+        """
+        V = self.items.all() if item_vecs is None else item_vecs
         u, I, alpha = self.user_vectors(h, ctx_feats, intent)
         if self.cfg.combine == "mixture":
-            return self.mixture_log_probs(I, alpha, self.items.all())
-        return u @ self.items.all().T
+            return self.mixture_log_probs(I, alpha, V)
+        return u @ V.T
 
     @torch.no_grad()
     def explain(self, h: torch.Tensor, ctx_feats: torch.Tensor, intent: torch.Tensor | None = None,
-                top_k: int = 5, exclude: torch.Tensor | None = None) -> dict:
+                top_k: int = 5, exclude: torch.Tensor | None = None, item_vecs: torch.Tensor | None = None) -> dict:
         """Gate weights α (B, K) and, per dimension, the items that dimension alone ranks first.
 
         exclude (B, N+1) bool removes items (e.g. the ones a user has seen) from every dimension's list.
         """
         I = self.dimensions(h)                                         # (B, K, d)
         alpha = self.gates(I, self.context(ctx_feats, intent))         # (B, K)
-        per_dim = self.dimension_vectors(I) @ self.items.all().T       # (B, K, N+1)
+        V = self.items.all() if item_vecs is None else item_vecs
+        per_dim = self.dimension_vectors(I) @ V.T                      # (B, K, N+1)
         per_dim[..., 0] = -torch.inf
         if exclude is not None:
             per_dim = per_dim.masked_fill(exclude[:, None, :], -torch.inf)

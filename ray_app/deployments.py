@@ -193,14 +193,17 @@ class Decomposer:
 class Combiner:
     """Context + dimensions -> gates α, scores over the catalogue, top-k, explanation."""
 
-    def __init__(self, max_batch_size: int = 16, batch_wait_s: float = 0.002, keep_versions: int = 2):
+    def __init__(self, data_dir: str | None = None, max_batch_size: int = 16, batch_wait_s: float = 0.002,
+                 keep_versions: int = 2):
+        # The dataset's vocabulary serves checkpoints that carry none (those of models.run).
+        self.catalogue_ids = Catalogue.load(data_dir)[0].item_source_ids if data_dir else None
         self.models: OrderedDict[str, ServedModel] = OrderedDict()
         self.keep_versions = keep_versions
         self.current: ServedModel | None = None
         _configure_batching(self._rank_batch, max_batch_size, batch_wait_s)
 
     def reconfigure(self, config: dict) -> None:
-        self.current = self._remember(ServedModel.load(_checkpoint_of(config)))
+        self.current = self._remember(ServedModel.load(_checkpoint_of(config), self.catalogue_ids))
 
     def _remember(self, served: ServedModel) -> ServedModel:
         self.models[served.version] = served
@@ -211,7 +214,7 @@ class Combiner:
 
     def _model_for(self, version: str, path: str) -> ServedModel:
         if version not in self.models:
-            served = ServedModel.load(path)
+            served = ServedModel.load(path, self.catalogue_ids)
             if served.version != version:
                 raise RuntimeError(f"checkpoint {path} changed on disk (version {served.version}, wanted {version})")
             self._remember(served)
@@ -247,7 +250,7 @@ class Combiner:
             # The intent projection has no bias, so a zero vector is the same as no intent.
             intent = torch.from_numpy(np.stack([job[1] if job[1] is not None else np.zeros(m.cfg.text_dim, np.float32)
                                                 for job in jobs]).astype(np.float32)).to(dev)   # (B, 384)
-        scores = m.score_state(H, ctx, intent)                                           # (B, N+1)
+        scores = m.score_state(H, ctx, intent, item_vecs=served.item_vecs)               # (B, N+1)
         I = m.dimensions(H)                                                              # (B, K, d)
         alpha = m.gates(I, m.context(ctx, intent)).cpu()                                 # (B, K)
         scores[:, 0] = -torch.inf
@@ -261,7 +264,7 @@ class Combiner:
         top_indices, top_values = top.indices.cpu(), top.values.cpu()
         want_explain = [b for b, job in enumerate(jobs) if job[4]]
         expl = m.explain(H[want_explain], ctx[want_explain], intent[want_explain] if intent is not None else None,
-                         top_k=kmax, exclude=excluded[want_explain]) if want_explain else None
+                         top_k=kmax, exclude=excluded[want_explain], item_vecs=served.item_vecs) if want_explain else None
         if expl is not None:
             expl = {key: (v.cpu() if isinstance(v, torch.Tensor) else v) for key, v in expl.items()}
         names = served.dim_names

@@ -85,11 +85,11 @@ def check_memory(dataset: str, free_bytes: int | None = None) -> None:
 
 def check_ray() -> None:
     """Join a cluster only when asked to (RAY_ADDRESS); a stray local one would be joined silently."""
-    from ray._private.services import find_gcs_addresses
+    from ray._private.services import find_bootstrap_address
 
     if os.environ.get("RAY_ADDRESS"):
         print(f"joining the Ray cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']}", flush=True)
-    elif find_gcs_addresses():
+    elif find_bootstrap_address(None):          # what a plain ray.init() would silently join
         raise NewcomerError("Ray is already running on this machine (a `ray start` cluster): stop it with "
                             "`ray stop`, or run on it on purpose with RAY_ADDRESS=auto")
 

@@ -82,7 +82,7 @@ def build_app(args: AppArgs):
     return Ingress.options(**args.ingress.options()).bind(
         Encoder.options(**args.encoder.options()).bind(**batch),
         Decomposer.options(**args.decomposer.options(), user_config=model).bind(args.store_url, args.data_dir, **batch),
-        Combiner.options(**args.combiner.options(), user_config=model).bind(**batch),
+        Combiner.options(**args.combiner.options(), user_config=model).bind(args.data_dir, **batch),
         args.store_url, args.data_dir, args.load_users,
     )
 

@@ -70,6 +70,12 @@ class ServedModel:
         """Source item id -> model index."""
         return {int(s): i for i, s in enumerate(self.item_source_ids) if i > 0}
 
+    @cached_property
+    def item_vecs(self) -> torch.Tensor:
+        """(N+1, D) every item's vector, computed once: the text projection is fixed while serving."""
+        with torch.no_grad():
+            return self.model.eval().items.all()
+
     @property
     def dim_names(self) -> list[str]:
         return list(self.model.cfg.dim_names)
