@@ -245,7 +245,7 @@ def example_ids(prepared: Path) -> tuple[str, int]:
     from models.data.dataset import load_prepared
 
     data = load_prepared(prepared)
-    return str(data.user_source_ids[0]), int(data.item_source_ids[1])
+    return str(data.user_source_ids[1]), int(data.item_source_ids[1])    # [0] is padding
 
 
 # ---- the whole job ---------------------------------------------------------------------------
