@@ -177,7 +177,8 @@ def main(argv=None) -> int:
 
     winner_key = max(runs, key=lambda k: runs[k]["best"] or -1)
     winner = runs[winner_key]
-    if "retrain" not in report or report["retrain"].get("from") != winner_key:
+    done = report.get("retrain", {})
+    if done.get("from") != winner_key or done.get("epochs") != args.retrain_epochs:
         tuned = retrain(f"tuned-{winner_key}", winner["best_model_args"], winner["best_lr"], prepared, args)
         default = retrain("default", {}, None, prepared, args)
         report["retrain"] = {"from": winner_key, "epochs": args.retrain_epochs, "tuned": tuned, "default": default,
