@@ -92,6 +92,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, run in report["searches"].items():
@@ -100,6 +101,7 @@ def plot(report: dict, path: Path) -> None:
                 color="C0" if run["sampler"] == "tpe" else "C1", alpha=0.8, label=key)
     if report.get("target") is not None:
         ax.axhline(report["target"], color="grey", linewidth=1, label=f"target {report['target']:.4f}")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("trials")
     ax.set_ylabel("best validation NDCG@10 so far")
     ax.set_title("ml-latest-small: TPE (solid) vs random (dashed)")
