@@ -43,7 +43,7 @@ class DecomposerConfig:
     max_len: int = 200
     loss: str = "full"               # "full" softmax | "sampled" softmax
     n_negatives: int = 1024          # uniform negatives for the sampled softmax
-    mask_seen: bool = False          # full softmax without the items already in the window (as ranking masks them)
+    mask_seen: bool = True           # full softmax without the items already in the window (as ranking masks them)
     use_gates: bool = True           # False = context-free prior w_k only (ablation)
     use_text: bool = True            # add P·z(i) to item vectors
     dim_names: tuple[str, ...] = field(init=False)
