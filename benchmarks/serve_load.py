@@ -284,7 +284,8 @@ def main(argv=None) -> int:
 
         base_store = f"sqlite:///{tmp}/inprocess.db"
         store = open_store(base_store)
-        store.bulk_load(training_user_events(Catalogue.load(args.data)[1]))
+        for users in training_user_events(Catalogue.load(args.data)[1]):
+            store.bulk_load(users)
         store.close()
         record["in_process"] = in_process(args, spec, base_store)
         print(f"{'in-process':>22}: {record['in_process']['throughput_rps']:6.1f} req/s, /recommend p50 "
