@@ -36,6 +36,15 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join([head, sep, *body])
 
 
+TABLE_METRICS = ("hr@10", "ndcg@10", "mrr", "hr@20")
+
+
+def table_row(name: str, masked: dict, unmasked: dict) -> dict:
+    """One row of the metrics table: the history-masked metrics and unmasked NDCG@10, formatted."""
+    return {"model": name, **{k: f"{masked[k]:.4f}" for k in TABLE_METRICS},
+            "ndcg@10 unmasked": f"{unmasked['ndcg@10']:.4f}"}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="synthetic", help="synthetic | ml-latest-small | ml-100k | ml-1m | ...")
@@ -83,11 +92,10 @@ def main(argv=None) -> int:
             masked, unmasked = summarize(ev["masked"]), summarize(ev["unmasked"])
             results[name] = {"masked": masked, "unmasked": unmasked, "best_epoch": fitted.best_epoch,
                              "train_seconds": round(seconds, 1)}
-            rows.append({"model": name, **{k: f"{masked[k]:.4f}" for k in ("hr@10", "ndcg@10", "mrr", "hr@20")},
-                         "ndcg@10 unmasked": f"{unmasked['ndcg@10']:.4f}", "epochs": fitted.best_epoch,
+            rows.append({**table_row(name, masked, unmasked), "epochs": fitted.best_epoch,
                          "train s": f"{seconds:.0f}"})
     print()
-    print(format_table(rows, ["model", "hr@10", "ndcg@10", "mrr", "hr@20", "ndcg@10 unmasked", "epochs", "train s"]))
+    print(format_table(rows, ["model", *TABLE_METRICS, "ndcg@10 unmasked", "epochs", "train s"]))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"dataset": args.dataset, "protocol": args.protocol,
                                                         "seed": args.seed, "results": results}, indent=2))

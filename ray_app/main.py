@@ -157,7 +157,7 @@ def evaluate(s: MainSettings, prepared: Path, checkpoint_path: Path) -> str:
     from models.batching import make_split
     from models.data.dataset import load_prepared
     from models.metrics import summarize
-    from models.run import format_table, train_config
+    from models.run import TABLE_METRICS, format_table, table_row, train_config
     from models.training import evaluate as evaluate_model
     from models.training import fit, new_model
 
@@ -175,10 +175,8 @@ def evaluate(s: MainSettings, prepared: Path, checkpoint_path: Path) -> str:
     table = []
     for name, m, intent in rows:
         ev = evaluate_model(m, data, split, "test", with_intent=intent)
-        masked, unmasked = summarize(ev["masked"]), summarize(ev["unmasked"])
-        table.append({"model": name, **{k: f"{masked[k]:.4f}" for k in ("hr@10", "ndcg@10", "mrr", "hr@20")},
-                      "ndcg@10 unmasked": f"{unmasked['ndcg@10']:.4f}"})
-    return format_table(table, ["model", "hr@10", "ndcg@10", "mrr", "hr@20", "ndcg@10 unmasked"])
+        table.append(table_row(name, summarize(ev["masked"]), summarize(ev["unmasked"])))
+    return format_table(table, ["model", *TABLE_METRICS, "ndcg@10 unmasked"])
 
 
 def wait_until_up(url: str, what: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
