@@ -3,6 +3,8 @@
 - `MostPopular`: training-set item counts.
 - `LSTMRec`: the decomposer's item tower and event LSTM, u_t = W h_t (no dimensions, no gates).
 - `SASRec`: 2 causal self-attention blocks over item embeddings, full-softmax cross-entropy.
+- `GRU4Rec`: a GRU over item-id embeddings alone (no text, ratings or time), full-softmax
+  cross-entropy with tied input/output embeddings, the form recent re-evaluations train it in.
 """
 from __future__ import annotations
 
@@ -137,3 +139,49 @@ class SASRec(_ItemDataMixin, nn.Module):
     def score(self, batch):
         h = last_position(self.encode(batch["items"]), batch["lengths"])  # (B, H)
         return h @ self.item_emb.weight.T                              # (B, N+1)
+
+
+@dataclass
+class GRU4RecConfig:
+    n_items: int = 0                 # catalogue size
+    hidden: int = 128                # GRU units
+    item_dim: int = 64               # item embedding size (tied input/output)
+    dropout: float = 0.2             # on embeddings and on GRU outputs
+    max_len: int = 200
+    loss: str = "full"               # "full" | "sampled"
+    n_negatives: int = 1024
+    mask_seen: bool = False          # full softmax without the items already in the window
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class GRU4Rec(_ItemDataMixin, nn.Module):
+    def __init__(self, cfg: GRU4RecConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.item_dim, padding_idx=0)
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.gru = nn.GRU(cfg.item_dim, cfg.hidden, batch_first=True)
+        self.out = nn.Linear(cfg.hidden, cfg.item_dim)
+        self.register_buffer("log_q", torch.zeros(cfg.n_items + 1))
+
+    def encode(self, items: torch.Tensor) -> torch.Tensor:
+        """(B, T) right-padded items -> (B, T, H); padding comes after every real position."""
+        h, _ = self.gru(self.drop(self.item_emb(items)))
+        return h
+
+    def forward(self, batch):
+        h = self.encode(batch["items"])                                # (B, T, H)
+        sup = batch["targets"] > 0
+        u = self.out(self.drop(h[sup]))                                # (P, D)
+        seen = seen_pairs(batch["items"], sup, batch["targets"]) if self.cfg.mask_seen else None
+        loss = next_item_loss(u, self.item_emb.weight, batch["targets"][sup], self.cfg.loss, self.log_q,
+                              self.cfg.n_negatives, seen)
+        return loss, {"next_item": loss.item()}
+
+    @torch.no_grad()
+    def score(self, batch):
+        h = last_position(self.encode(batch["items"]), batch["lengths"])  # (B, H)
+        return self.out(h) @ self.item_emb.weight.T                    # (B, N+1)

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.baselines import LSTMConfig, LSTMRec, MostPopular, PopularityConfig, SASRec, SASRecConfig
+from models.baselines import (GRU4Rec, GRU4RecConfig, LSTMConfig, LSTMRec, MostPopular, PopularityConfig, SASRec,
+                              SASRecConfig)
 from models.decomposer import DecomposerConfig, InterestDecomposer
 
 FORMAT = "dynamic-interest-checkpoint/1"
@@ -21,6 +22,7 @@ MODELS = {
     "decomposer": (DecomposerConfig, InterestDecomposer),
     "lstm": (LSTMConfig, LSTMRec),
     "sasrec": (SASRecConfig, SASRec),
+    "gru4rec": (GRU4RecConfig, GRU4Rec),
     "popular": (PopularityConfig, MostPopular),
 }
 

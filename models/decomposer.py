@@ -139,10 +139,16 @@ class InterestDecomposer(nn.Module):
         W = self.out.weight.unflatten(1, (self.K, self.cfg.dim_size))  # (D, K, d)
         return torch.einsum("...kd,ekd->...ke", I, W) + self.out.bias  # (…, K, D)
 
-    def mixture_log_probs(self, I: torch.Tensor, alpha: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
-        """log Σ_k α_k softmax(u_k · q) -> (P, N+1) log-probabilities over the catalogue."""
+    def mixture_log_probs(self, I: torch.Tensor, alpha: torch.Tensor, item_vecs: torch.Tensor,
+                          seen: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """log Σ_k α_k softmax(u_k · q) -> (P, N+1) log-probabilities over the catalogue.
+
+        `seen` (row, item) pairs (see `seen_pairs`) leave every dimension's softmax, as in concat mode.
+        """
         logits = self.dimension_vectors(I) @ item_vecs.T               # (P, K, N+1)
         logits[..., 0] = -1e9                                          # padding; finite keeps logsumexp grads finite
+        if seen is not None:
+            logits[seen[0], :, seen[1]] = -1e9
         return torch.logsumexp(torch.log_softmax(logits, -1) + torch.log(alpha.clamp_min(1e-12)).unsqueeze(-1), dim=1)
 
     def user_vectors(self, h: torch.Tensor, ctx_feats: torch.Tensor, intent: torch.Tensor | None = None):
@@ -158,11 +164,11 @@ class InterestDecomposer(nn.Module):
         intent = batch.get("intent")
         u, I, alpha = self.user_vectors(h[sup], batch["ctx_feats"][sup], intent[sup] if intent is not None else None)
         targets = batch["targets"][sup]                                # (P,)
+        seen = seen_pairs(batch["items"], sup, batch["targets"]) if self.cfg.mask_seen else None
         if self.cfg.combine == "mixture":
-            log_p = self.mixture_log_probs(I, alpha, self.items.all())  # (P, N+1)
+            log_p = self.mixture_log_probs(I, alpha, self.items.all(), seen)  # (P, N+1)
             loss = F.nll_loss(log_p, targets)
         else:
-            seen = seen_pairs(batch["items"], sup, batch["targets"]) if self.cfg.mask_seen else None
             loss = next_item_loss(u, self.items.all(), targets, self.cfg.loss, self.log_q, self.cfg.n_negatives, seen)
         parts = {"next_item": loss.item()}
         if self.cfg.aux_weight > 0 and len(self.aux):

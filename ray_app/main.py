@@ -27,7 +27,7 @@ import httpx
 
 log = logging.getLogger("dynamic_interest.main")
 
-BASELINES = ("popular", "lstm", "sasrec")
+BASELINES = ("popular", "lstm", "gru4rec", "sasrec")
 # Rough peak memory of preparation and training per event (arrays, windows, Parquet buffers).
 BYTES_PER_EVENT = 600
 KNOWN_EVENTS = {"ml-100k": 100_000, "ml-latest-small": 100_836, "ml-1m": 1_000_209, "ml-10m": 10_000_054,

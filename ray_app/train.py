@@ -44,7 +44,7 @@ from models.training import HEADLINE, TrainConfig, batch_builder, evaluate, new_
 from ray_app.data import SetupError, item_side, load_checked, read_shards, resolve_dataset, shard_data, user_ranges
 
 METRIC = f"valid_{HEADLINE}"              # what checkpoints are ranked by and early stopping watches
-MODEL_KINDS = ("decomposer", "lstm", "sasrec")   # the trainable ones; most-popular needs no training
+MODEL_KINDS = ("decomposer", "lstm", "gru4rec", "sasrec")  # the trainable ones; most-popular needs no training
 FIXED_BY_DATA = ("n_items", "n_genres", "text_dim")
 BEST_FILE = "best_checkpoint.json"
 log = logging.getLogger(__name__)   # in a Train worker, its records reach the driver's console and the run logs

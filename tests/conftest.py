@@ -22,9 +22,14 @@ def encoder_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory, encoder_cache):
+def tiny_prepared(tmp_path_factory, encoder_cache) -> Path:
+    """The prepared folder of a tiny synthetic dataset."""
     out = tmp_path_factory.mktemp("prepared") / "tiny"
     cfg = SyntheticConfig(n_users=40, n_items=60, min_events=8, max_events=20, seed=3)
-    prepare_source("synthetic", out, synthetic_config=cfg, encoder=TextEncoder(cache_path=encoder_cache),
-                   progress=False)
-    return load_prepared(out)
+    return prepare_source("synthetic", out, synthetic_config=cfg, encoder=TextEncoder(cache_path=encoder_cache),
+                          progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_prepared):
+    return load_prepared(tiny_prepared)

@@ -50,7 +50,7 @@ def test_config_validation():
         DecomposerConfig(n_items=5, combine="max")
 
 
-@pytest.mark.parametrize("kind", ["decomposer", "lstm", "sasrec"])
+@pytest.mark.parametrize("kind", ["decomposer", "lstm", "gru4rec", "sasrec"])
 def test_overfits_a_tiny_batch(tiny_data, split, kind):
     torch.manual_seed(0)
     over = {"dropout": 0.0}
@@ -117,7 +117,7 @@ def test_checkpoint_round_trip_and_bad_files(tiny_data, split, tmp_path):
         checkpoint.load(tmp_path / "missing.pt")
 
 
-@pytest.mark.parametrize("kind", ["popular", "lstm", "sasrec", "decomposer"])
+@pytest.mark.parametrize("kind", ["popular", "lstm", "gru4rec", "sasrec", "decomposer"])
 def test_fit_and_evaluate_every_model(tiny_data, split, kind):
     m = new_model(kind, tiny_data, split)
     result = fit(m, tiny_data, split, TrainConfig(epochs=2, patience=2), progress=False)
@@ -148,3 +148,15 @@ def test_seen_pairs_mask_consumed_items_but_never_the_target():
     expected = torch.nn.functional.cross_entropy(logits, flat_targets)
     assert torch.allclose(full_softmax_ce(u, vecs, flat_targets, (rows, cols)), expected)
     assert full_softmax_ce(u, vecs, flat_targets, (rows, cols)) < full_softmax_ce(u, vecs, flat_targets) + 1e-6
+
+
+def test_mixture_leaves_seen_items_out_of_every_dimension(tiny_data, split):
+    torch.manual_seed(0)
+    m = new_model("decomposer", tiny_data, split, combine="mixture", n_latent=2).eval()
+    P, K = 3, m.K
+    I, alpha = torch.randn(P, K, m.cfg.dim_size), torch.softmax(torch.randn(P, K), -1)
+    seen = (torch.tensor([0, 0, 2]), torch.tensor([1, 4, 4]))
+    log_p = m.mixture_log_probs(I, alpha, m.items.all(), seen)             # (P, N+1)
+    p = log_p.exp()
+    assert p[0, 1] < 1e-12 and p[0, 4] < 1e-12 and p[2, 4] < 1e-12 and p[1, 4] > 0
+    torch.testing.assert_close(p.sum(-1), torch.ones(P))                    # still a distribution
