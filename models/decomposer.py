@@ -45,6 +45,7 @@ class DecomposerConfig:
     n_negatives: int = 1024          # uniform negatives for the sampled softmax
     mask_seen: bool = True           # full softmax without the items already in the window (as ranking masks them)
     use_gates: bool = True           # False = context-free prior w_k only (ablation)
+    scale_gates: bool = False        # combine K·α_k I_k: uniform gates weigh each dimension 1, not 1/K
     use_text: bool = True            # add P·z(i) to item vectors
     dim_names: tuple[str, ...] = field(init=False)
 
@@ -127,6 +128,8 @@ class InterestDecomposer(nn.Module):
 
     def combine(self, I: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         """I (…, K, d), α (…, K) -> u (…, D) (concat and sum modes)."""
+        if self.cfg.scale_gates:
+            alpha = alpha * self.K
         weighted = alpha.unsqueeze(-1) * I                             # (…, K, d)
         if self.cfg.combine == "sum":
             return self.out(weighted.sum(-2))                          # (…, d) -> (…, D)

@@ -160,3 +160,13 @@ def test_mixture_leaves_seen_items_out_of_every_dimension(tiny_data, split):
     p = log_p.exp()
     assert p[0, 1] < 1e-12 and p[0, 4] < 1e-12 and p[2, 4] < 1e-12 and p[1, 4] > 0
     torch.testing.assert_close(p.sum(-1), torch.ones(P))                    # still a distribution
+
+
+def test_scale_gates_gives_uniform_gates_weight_one(tiny_data, split):
+    torch.manual_seed(0)
+    m = new_model("decomposer", tiny_data, split, scale_gates=True).eval()
+    I = torch.randn(3, m.K, m.cfg.dim_size)
+    uniform = torch.full((3, m.K), 1.0 / m.K)
+    torch.testing.assert_close(m.combine(I, uniform), m.out(I.flatten(-2)))
+    m.cfg.scale_gates = False
+    torch.testing.assert_close(m.combine(I, uniform), m.out(I.flatten(-2) / m.K))
