@@ -146,7 +146,7 @@ def aggregate(runs: dict, protocol: str) -> tuple[list[dict], dict]:
     for other in ("sasrec", "sasrec (mask seen)", "gru4rec", "gru4rec (mask seen)", "lstm", "lstm (mask seen)",
                   "decomposer"):
         for name in ("decomposer", "decomposer + intent text", "decomposer (mixture)", "decomposer (large)",
-                     "decomposer, dropout 0.4", "decomposer, lr 3e-3"):
+                     "decomposer, dropout 0.4", "decomposer, lr 3e-3", "decomposer, K·α"):
             if name in user_mean and other in user_mean and name != other:
                 boot[f"{name} − {other}"] = paired_bootstrap(user_mean[name], user_mean[other])
     return rows, boot
@@ -185,6 +185,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=1, help="runs trained at once, each in its own process")
     p.add_argument("--deadline", type=float, help="start no run after this many seconds")
     p.add_argument("--out", type=Path)
+    p.add_argument("--also", type=Path, action="append", default=[],
+                   help="another results JSON whose runs join the tables (read only; e.g. runs from another machine)")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [v.strip() for v in args.variants.split(";") if v.strip()]
@@ -255,9 +257,13 @@ def main(argv=None) -> int:
                     print(f"{time.perf_counter() - t_start:6.0f}s {protocol}/{variant}/{seed}: "
                           f"test ndcg@10 {r['masked']['ndcg@10']:.4f} valid {r['valid_ndcg@10']:.4f} "
                           f"epochs {r['epochs_run']} in {r['train_seconds']:.0f}s", flush=True)
+    shown = dict(runs)
+    for extra in args.also:
+        for key, r in json.loads(extra.read_text())["runs"].items():
+            shown.setdefault(key, r)
     tables = {}
     for protocol in protocols:
-        rows, boot = aggregate(runs, protocol)
+        rows, boot = aggregate(shown, protocol)
         tables[protocol] = {"rows": rows, "bootstrap": boot}
         print(f"\n### {args.dataset}, protocol {protocol} ({len(splits[protocol].test_pos)} test targets, "
               f"history-masked, mean ± std over seeds)\n")
