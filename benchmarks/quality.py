@@ -59,6 +59,7 @@ VARIANTS = {
     "decomposer, dropout 0.5": ("decomposer", {"dropout": 0.5}),
     "decomposer, dropout 0.4, sum": ("decomposer", {"dropout": 0.4, "combine": "sum"}),
     "decomposer, K·α": ("decomposer", {"scale_gates": True}),
+    "decomposer, residual readout": ("decomposer", {"residual": True}),
     "decomposer, no gates, no aux losses": ("decomposer", {"use_gates": False, "aux_weight": 0.0}),
     # The same regularisation offered to the recurrent baselines, so a gain is not one-sided tuning.
     "lstm (mask seen), dropout 0.4": ("lstm", {"mask_seen": True, "dropout": 0.4}),
@@ -146,7 +147,8 @@ def aggregate(runs: dict, protocol: str) -> tuple[list[dict], dict]:
     for other in ("sasrec", "sasrec (mask seen)", "gru4rec", "gru4rec (mask seen)", "lstm", "lstm (mask seen)",
                   "decomposer"):
         for name in ("decomposer", "decomposer + intent text", "decomposer (mixture)", "decomposer (large)",
-                     "decomposer, dropout 0.4", "decomposer, lr 3e-3", "decomposer, K·α"):
+                     "decomposer, dropout 0.4", "decomposer, lr 3e-3", "decomposer, K·α",
+                     "decomposer, residual readout"):
             if name in user_mean and other in user_mean and name != other:
                 boot[f"{name} − {other}"] = paired_bootstrap(user_mean[name], user_mean[other])
     return rows, boot

@@ -46,6 +46,7 @@ class DecomposerConfig:
     mask_seen: bool = True           # full softmax without the items already in the window (as ranking masks them)
     use_gates: bool = True           # False = context-free prior w_k only (ablation)
     scale_gates: bool = False        # combine K·α_k I_k: uniform gates weigh each dimension 1, not 1/K
+    residual: bool = False           # u_t = W h_t + W_o[α_1 I_1; …]: the dimensions add to a direct readout
     use_text: bool = True            # add P·z(i) to item vectors
     dim_names: tuple[str, ...] = field(init=False)
 
@@ -86,6 +87,7 @@ class InterestDecomposer(nn.Module):
         self.gate_v = nn.Parameter(torch.zeros(K, c))
         self.log_prior = nn.Parameter(torch.zeros(K))                 # log w_k (softmax-normalised)
         self.out = nn.Linear(d if cfg.combine == "sum" else K * d, cfg.item_dim)  # W_o = [W_1 … W_K]
+        self.direct = nn.Linear(cfg.lstm_units, cfg.item_dim) if cfg.residual else None  # W (residual readout)
         # Auxiliary heads anchoring the named dimensions.
         self.aux = nn.ModuleDict()
         if "topic" in cfg.dims:
@@ -157,7 +159,10 @@ class InterestDecomposer(nn.Module):
     def user_vectors(self, h: torch.Tensor, ctx_feats: torch.Tensor, intent: torch.Tensor | None = None):
         I = self.dimensions(h)
         alpha = self.gates(I, self.context(ctx_feats, intent))
-        return self.combine(I, alpha), I, alpha
+        u = self.combine(I, alpha)                                     # (…, D)
+        if self.direct is not None:
+            u = u + self.direct(self.drop(h))
+        return u, I, alpha
 
     # ---- training ---------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

@@ -170,3 +170,15 @@ def test_scale_gates_gives_uniform_gates_weight_one(tiny_data, split):
     torch.testing.assert_close(m.combine(I, uniform), m.out(I.flatten(-2)))
     m.cfg.scale_gates = False
     torch.testing.assert_close(m.combine(I, uniform), m.out(I.flatten(-2) / m.K))
+
+
+def test_residual_readout_adds_the_direct_lstm_vector(tiny_data, split):
+    torch.manual_seed(0)
+    m = new_model("decomposer", tiny_data, split, residual=True).eval()
+    h, ctx = torch.randn(3, m.cfg.lstm_units), torch.randn(3, 5)
+    u, I, alpha = m.user_vectors(h, ctx)
+    torch.testing.assert_close(u, m.combine(I, alpha) + m.direct(h))
+    assert new_model("decomposer", tiny_data, split).direct is None    # off by default: old checkpoints load
+    loss, _ = m(first_batch(tiny_data, split))
+    loss.backward()
+    assert m.direct.weight.grad is not None
