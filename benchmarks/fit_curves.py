@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import RESULTS, VARIANTS, machine, write_json  # noqa: E402
+from quality import RESULTS, VARIANTS, build_variant, machine, write_json  # noqa: E402
 
 from models.batching import make_split  # noqa: E402
 from models.data import load_prepared, prepare_source  # noqa: E402
-from models.run import PROTOCOLS, train_config  # noqa: E402
-from models.training import fit, new_model  # noqa: E402
+from models.run import PROTOCOLS  # noqa: E402
+from models.training import fit  # noqa: E402
 
 DEFAULT = "decomposer;decomposer, K·α;decomposer, no gates, no aux losses;lstm (mask seen)"
 
@@ -62,11 +62,7 @@ def main(argv=None) -> int:
     out = args.out or RESULTS / f"fit_curves_{args.dataset}.json"
     curves = {}
     for name in variants:
-        kind, overrides, *train_overrides = VARIANTS[name]
-        torch.manual_seed(args.seed)
-        model = new_model(kind, data, split, **overrides)
-        cfg = train_config(kind, epochs=args.epochs, patience=args.epochs, seed=args.seed,
-                           **(train_overrides[0] if train_overrides else {}))
+        model, cfg = build_variant(name, data, split, args.seed, epochs=args.epochs, patience=args.epochs)
         fitted = fit(model, data, split, cfg, device=args.device, desc=name)
         curves[name] = [{k: round(float(v), 5) for k, v in h.items()} for h in fitted.history]
         last = curves[name][-1]

@@ -31,7 +31,7 @@ from models.batching import make_split
 from models.data import load_prepared, prepare_source
 from models.metrics import paired_bootstrap, per_user_mean, summarize
 from models.run import PROTOCOLS, format_table, train_config
-from models.training import evaluate, fit, new_model
+from models.training import TrainConfig, evaluate, fit, new_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # name -> (model kind, model config overrides[, training overrides]); the intent-text variant is an
@@ -76,12 +76,17 @@ def machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
-def run_one(data, split, variant: str, seed: int, args, device: str = "cpu", progress: bool = True) -> dict:
+def build_variant(variant: str, data, split, seed: int, **train) -> tuple[torch.nn.Module, TrainConfig]:
+    """A fresh model of `variant` (seeded) and its training config; `train` sets epochs, patience, ..."""
     kind, overrides, *train_overrides = VARIANTS[variant]
     torch.manual_seed(seed)
     model = new_model(kind, data, split, **overrides)
-    cfg = train_config(kind, epochs=args.epochs, patience=args.patience, seed=seed, time_budget_s=args.time_budget,
-                       **(train_overrides[0] if train_overrides else {}))
+    return model, train_config(kind, seed=seed, **train, **(train_overrides[0] if train_overrides else {}))
+
+
+def run_one(data, split, variant: str, seed: int, args, device: str = "cpu", progress: bool = True) -> dict:
+    model, cfg = build_variant(variant, data, split, seed, epochs=args.epochs, patience=args.patience,
+                               time_budget_s=args.time_budget)
     t0 = time.perf_counter()
     fitted = fit(model, data, split, cfg, progress=progress, device=device, desc=f"{variant} s{seed}")
     seconds = time.perf_counter() - t0

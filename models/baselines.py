@@ -27,6 +27,27 @@ class _ItemDataMixin:
             self.log_q.copy_(torch.as_tensor(np.log(p), dtype=torch.float32))
 
 
+class _RecurrentReadout:
+    """Next-item loss and scores of a recurrent model read out as u_t = W h_t (the LSTM and GRU4Rec).
+
+    The model provides `hidden(batch)` (B, T, H), `item_vectors()` (N+1, D), `out` and `drop`.
+    """
+
+    def forward(self, batch):
+        h = self.hidden(batch)                                         # (B, T, H)
+        sup = batch["targets"] > 0
+        u = self.out(self.drop(h[sup]))                                # (P, D)
+        seen = seen_pairs(batch["items"], sup, batch["targets"]) if self.cfg.mask_seen else None
+        loss = next_item_loss(u, self.item_vectors(), batch["targets"][sup], self.cfg.loss, self.log_q,
+                              self.cfg.n_negatives, seen)
+        return loss, {"next_item": loss.item()}
+
+    @torch.no_grad()
+    def score(self, batch):
+        h = last_position(self.hidden(batch), batch["lengths"])        # (B, H)
+        return self.out(h) @ self.item_vectors().T                     # (B, N+1)
+
+
 @dataclass
 class PopularityConfig:
     n_items: int = 0                 # catalogue size
@@ -63,7 +84,7 @@ class LSTMConfig:
         return asdict(self)
 
 
-class LSTMRec(_ItemDataMixin, nn.Module):
+class LSTMRec(_RecurrentReadout, _ItemDataMixin, nn.Module):
     def __init__(self, cfg: LSTMConfig):
         super().__init__()
         self.cfg = cfg
@@ -73,19 +94,11 @@ class LSTMRec(_ItemDataMixin, nn.Module):
         self.out = nn.Linear(cfg.lstm_units, cfg.item_dim)
         self.register_buffer("log_q", torch.zeros(cfg.n_items + 1))
 
-    def forward(self, batch):
-        h = self.encoder(batch)                                        # (B, T, U)
-        sup = batch["targets"] > 0
-        u = self.out(self.drop(h[sup]))                                # (P, D)
-        seen = seen_pairs(batch["items"], sup, batch["targets"]) if self.cfg.mask_seen else None
-        loss = next_item_loss(u, self.items.all(), batch["targets"][sup], self.cfg.loss, self.log_q,
-                              self.cfg.n_negatives, seen)
-        return loss, {"next_item": loss.item()}
+    def hidden(self, batch) -> torch.Tensor:
+        return self.encoder(batch)                                     # (B, T, U)
 
-    @torch.no_grad()
-    def score(self, batch):
-        h = last_position(self.encoder(batch), batch["lengths"])       # (B, U)
-        return self.out(h) @ self.items.all().T                        # (B, N+1)
+    def item_vectors(self) -> torch.Tensor:
+        return self.items.all()                                        # (N+1, D)
 
 
 @dataclass
@@ -156,7 +169,7 @@ class GRU4RecConfig:
         return asdict(self)
 
 
-class GRU4Rec(_ItemDataMixin, nn.Module):
+class GRU4Rec(_RecurrentReadout, _ItemDataMixin, nn.Module):
     def __init__(self, cfg: GRU4RecConfig):
         super().__init__()
         self.cfg = cfg
@@ -167,21 +180,10 @@ class GRU4Rec(_ItemDataMixin, nn.Module):
         self.out = nn.Linear(cfg.hidden, cfg.item_dim)
         self.register_buffer("log_q", torch.zeros(cfg.n_items + 1))
 
-    def encode(self, items: torch.Tensor) -> torch.Tensor:
+    def hidden(self, batch) -> torch.Tensor:
         """(B, T) right-padded items -> (B, T, H); padding comes after every real position."""
-        h, _ = self.gru(self.drop(self.item_emb(items)))
+        h, _ = self.gru(self.drop(self.item_emb(batch["items"])))
         return h
 
-    def forward(self, batch):
-        h = self.encode(batch["items"])                                # (B, T, H)
-        sup = batch["targets"] > 0
-        u = self.out(self.drop(h[sup]))                                # (P, D)
-        seen = seen_pairs(batch["items"], sup, batch["targets"]) if self.cfg.mask_seen else None
-        loss = next_item_loss(u, self.item_emb.weight, batch["targets"][sup], self.cfg.loss, self.log_q,
-                              self.cfg.n_negatives, seen)
-        return loss, {"next_item": loss.item()}
-
-    @torch.no_grad()
-    def score(self, batch):
-        h = last_position(self.encode(batch["items"]), batch["lengths"])  # (B, H)
-        return self.out(h) @ self.item_emb.weight.T                    # (B, N+1)
+    def item_vectors(self) -> torch.Tensor:
+        return self.item_emb.weight                                    # (N+1, D), tied with the input
