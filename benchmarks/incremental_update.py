@@ -66,14 +66,14 @@ def model_level(model, index_of: dict[int, int], source_ids: np.ndarray, lengths
     for n in lengths:
         history = random_events(source_ids, n + 1, rng)
         past, new = history[:-1], history[-1:]
-        state = model.advance(None, *event_tensors(model, past, index_of, None))       # (h, c) each (1, 1, U)
+        state = model.advance(None, *event_tensors(model, past, index_of, None))       # (h, c[, profile]), (1, 1, ·)
         step = event_tensors(model, new, index_of, past[-1]["timestamp"])
         full = event_tensors(model, history, index_of, None)
         inc = timed(lambda: model.advance(state, *step), repeats)
         rec = timed(lambda: model.advance(None, *full), max(5, repeats // 10))
         # The two paths must agree: the incremental state is the full recomputation's state.
-        h_inc, _ = model.advance(state, *step)
-        h_full, _ = model.advance(None, *full)
+        h_inc = model.interest_state(model.advance(state, *step))                     # (1, U[+R·D])
+        h_full = model.interest_state(model.advance(None, *full))
         rows[n] = {"update": percentiles(inc), "recompute": percentiles(rec),
                    "max_abs_state_diff": float((h_inc - h_full).abs().max())}
         print(f"model  n={n:5d}: update p50 {rows[n]['update']['p50_ms']:.3f} ms, recompute p50 "

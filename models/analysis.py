@@ -30,7 +30,7 @@ def gates_over_history(model: InterestDecomposer, data, users: np.ndarray | None
     for lo in range(0, len(users), batch_size):
         sl = slice(lo, lo + batch_size)
         batch = builder(starts_all[sl], ends_all[sl], user_starts[sl])
-        h = model.encoder(batch)                                        # (B, T, U)
+        h = model.states(batch)                                         # (B, T, U[+R·D])
         sup = batch["targets"] > 0
         _, _, alpha = model.user_vectors(h[sup], batch["ctx_feats"][sup])  # (P, K)
         T = h.shape[1]

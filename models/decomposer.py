@@ -47,11 +47,15 @@ class DecomposerConfig:
     use_gates: bool = True           # False = context-free prior w_k only (ablation)
     scale_gates: bool = False        # combine K·α_k I_k: uniform gates weigh each dimension 1, not 1/K
     residual: bool = False           # u_t = W h_t + W_o[α_1 I_1; …]: the dimensions add to a direct readout
+    profile_decays: tuple[float, ...] = ()  # z_t = [h_t; m_t^(λ) for each λ]: decayed mean item vectors (1.0 = plain mean)
     use_text: bool = True            # add P·z(i) to item vectors
     dim_names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self):
         self.dims = tuple(self.dims)
+        self.profile_decays = tuple(float(x) for x in self.profile_decays)
+        if any(not 0.0 < x <= 1.0 for x in self.profile_decays):
+            raise ValueError(f"profile_decays: each decay must be in (0, 1], got {list(self.profile_decays)}")
         unknown = set(self.dims) - set(NAMED_DIMENSIONS)
         if unknown:
             raise ValueError(f"dims: unknown dimension(s) {sorted(unknown)}; choose from {NAMED_DIMENSIONS}")
@@ -65,6 +69,7 @@ class DecomposerConfig:
         d = asdict(self)
         d.pop("dim_names")
         d["dims"] = list(self.dims)
+        d["profile_decays"] = list(self.profile_decays)
         return d
 
 
@@ -77,7 +82,8 @@ class InterestDecomposer(nn.Module):
         self.items = ItemTower(cfg.n_items, cfg.item_dim, cfg.text_dim, cfg.use_text)
         self.encoder = EventLSTM(self.items, cfg.item_dim, cfg.lstm_units, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
-        self.heads = nn.Linear(cfg.lstm_units, K * d)                 # K independent linear heads f_k
+        state = cfg.lstm_units + len(cfg.profile_decays) * cfg.item_dim   # size of the interest state z_t
+        self.heads = nn.Linear(state, K * d)                           # K independent linear heads f_k
         # Context C_t: moment features plus, when given, the projected intent text.
         self.ctx = nn.Linear(CONTEXT_FEATURES, c)
         self.intent = nn.Linear(cfg.text_dim, c, bias=False)
@@ -87,7 +93,8 @@ class InterestDecomposer(nn.Module):
         self.gate_v = nn.Parameter(torch.zeros(K, c))
         self.log_prior = nn.Parameter(torch.zeros(K))                 # log w_k (softmax-normalised)
         self.out = nn.Linear(d if cfg.combine == "sum" else K * d, cfg.item_dim)  # W_o = [W_1 … W_K]
-        self.direct = nn.Linear(cfg.lstm_units, cfg.item_dim) if cfg.residual else None  # W (residual readout)
+        # W, the residual readout (concat and sum modes; the mixture scores from the dimensions alone)
+        self.direct = nn.Linear(state, cfg.item_dim) if cfg.residual and cfg.combine != "mixture" else None
         # Auxiliary heads anchoring the named dimensions.
         self.aux = nn.ModuleDict()
         if "topic" in cfg.dims:
@@ -108,6 +115,41 @@ class InterestDecomposer(nn.Module):
             self.log_q.copy_(torch.as_tensor(np.log(p), dtype=torch.float32))
 
     # ---- the pieces of the forward pass -----------------------------------------------------
+    def states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T) right-padded events -> interest states z_t (B, T, U + R·D), R = len(profile_decays).
+
+        The profile m_t^(λ) = Σ_{s≤t} λ^{t−s} q_s / Σ_{s≤t} λ^{t−s} is a decayed mean of the item
+        vectors consumed so far: λ = 1 is the whole window's mean (long-term taste), smaller λ
+        weighs the recent events. An LSTM state forgets; this memory does not, and costs O(1) per event.
+        """
+        h = self.encoder(batch)                                        # (B, T, U)
+        if not self.cfg.profile_decays:
+            return h
+        q = self.items(batch["items"])                                 # (B, T, D)
+        T = q.shape[1]
+        t = torch.arange(T, device=q.device)
+        lag = (t[:, None] - t[None, :]).to(q.dtype)                    # (T, T): t − s
+        past = lag >= 0
+        means = []
+        for lam in self.cfg.profile_decays:
+            W = torch.where(past, lam ** lag.clamp_min(0), torch.zeros((), dtype=q.dtype, device=q.device))  # (T, T)
+            means.append(torch.einsum("ts,bsd->btd", W, q) / W.sum(1)[:, None])                 # (B, T, D)
+        return torch.cat([h, *means], dim=-1)
+
+    def interest_state(self, state) -> torch.Tensor:
+        """A state from `advance` -> z (B, U + R·D), what `states` gives at the last event."""
+        h = state[0][0]                                                # (B, U)
+        if not self.cfg.profile_decays:
+            return h
+        s, w = state[2][0], state[3][0]                                # (B, R·D), (B, R)
+        D = self.cfg.item_dim
+        return torch.cat([h, s / w.clamp_min(1e-12).repeat_interleave(D, dim=-1)], dim=-1)
+
+    def state_sizes(self) -> tuple[int, ...]:
+        """Sizes of the parts of a stored state: (h, c) and, with a profile, the decayed sums and weights."""
+        U, R = self.cfg.lstm_units, len(self.cfg.profile_decays)
+        return (U, U) if not R else (U, U, R * self.cfg.item_dim, R)
+
     def dimensions(self, h: torch.Tensor) -> torch.Tensor:
         """(…, U) -> (…, K, d) interest dimensions I_{t,k}."""
         return self.heads(self.drop(h)).unflatten(-1, (self.K, self.cfg.dim_size))
@@ -167,7 +209,7 @@ class InterestDecomposer(nn.Module):
     # ---- training ---------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """Next-item loss at every supervised position plus λ · auxiliary losses."""
-        h = self.encoder(batch)                                        # (B, T, U)
+        h = self.states(batch)                                         # (B, T, U[+D])
         sup = batch["targets"] > 0                                     # (B, T)
         intent = batch.get("intent")
         u, I, alpha = self.user_vectors(h[sup], batch["ctx_feats"][sup], intent[sup] if intent is not None else None)
@@ -201,7 +243,7 @@ class InterestDecomposer(nn.Module):
 
     # ---- serving ----------------------------------------------------------------------------
     def last_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return last_position(self.encoder(batch), batch["lengths"])     # (B, U)
+        return last_position(self.states(batch), batch["lengths"])      # (B, U[+D])
 
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -246,6 +288,23 @@ class InterestDecomposer(nn.Module):
     # ---- incremental state ------------------------------------------------------------------
     @torch.no_grad()
     def advance(self, state, items: torch.Tensor, ratings: torch.Tensor, event_feats: torch.Tensor):
-        """Advance (h, c) (each (1, B, U), or None for a new user) by events (B, T) -> new state."""
-        _, state = self.encoder.run(items, ratings, event_feats, state)
-        return state
+        """Advance a state by unpadded events (B, T) -> new state; None is a new user.
+
+        A state is (h, c), each (1, B, U), and with a profile also the decayed sums (1, B, R·D) and
+        weights (1, B, R): s ← λ^T s + Σ_t λ^{T−1−t} q_t, w ← λ^T w + Σ_t λ^{T−1−t}.
+        """
+        _, hc = self.encoder.run(items, ratings, event_feats, state[:2] if state is not None else None)
+        if not self.cfg.profile_decays:
+            return hc
+        q = self.items(items)                                          # (B, T, D)
+        B, T, D = q.shape
+        R = len(self.cfg.profile_decays)
+        s = state[2][0] if state is not None else q.new_zeros(B, R * D)
+        w = state[3][0] if state is not None else q.new_zeros(B, R)
+        age = torch.arange(T - 1, -1, -1, device=q.device, dtype=q.dtype)   # (T,): T−1−t
+        new_s, new_w = [], []
+        for r, lam in enumerate(self.cfg.profile_decays):
+            k = lam ** age                                             # (T,)
+            new_s.append(lam ** T * s[:, r * D:(r + 1) * D] + torch.einsum("t,btd->bd", k, q))
+            new_w.append(lam ** T * w[:, r] + k.sum())
+        return (*hc, torch.cat(new_s, -1)[None], torch.stack(new_w, -1)[None])

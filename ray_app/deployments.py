@@ -53,7 +53,7 @@ class Encoder:
 
 @serve.deployment
 class Decomposer:
-    """Per user: stored (h, c) advanced by one LSTM step per event it has not consumed yet."""
+    """Per user: a stored state ((h, c)[, profile]) advanced by one LSTM step per event it has not consumed yet."""
 
     def __init__(self, store_url: str, data_dir: str | None = None, max_batch_size: int = 16,
                  batch_wait_s: float = 0.002):
@@ -84,7 +84,7 @@ class Decomposer:
     @torch.no_grad()
     def _advance_users(self, requests: list[tuple[str, bool]]) -> list[dict]:
         served = self.served  # one model for the whole batch even if reconfigure runs meanwhile
-        units = served.units
+        sizes = served.state_sizes
         out: list[dict | None] = [None] * len(requests)
         groups: dict[tuple[bool, int], list] = defaultdict(list)   # (has state, new events) -> jobs
         for j, (user_id, with_seen) in enumerate(requests):
@@ -92,7 +92,7 @@ class Decomposer:
             state = None
             start = 0
             if stored is not None and stored.model_version == served.version:
-                state = unpack_state(stored.blob, units)
+                state = unpack_state(stored.blob, sizes)
                 start = stored.n_events if state is not None else 0
             # One read: the event before `start` (for its gap) and everything after it.
             first = max(start - 1, 0)
@@ -113,13 +113,12 @@ class Decomposer:
             dev = served.device
             cat = {k: torch.cat([t[k] for t in tensors]).to(dev) for k in ("items", "ratings", "event_feats")}
             init = None
-            if has_state:
-                init = (torch.stack([job["state"][0] for job in jobs]).unsqueeze(0).to(dev),   # (1, B, U)
-                        torch.stack([job["state"][1] for job in jobs]).unsqueeze(0).to(dev))
-            h, c = served.model.advance(init, cat["items"], cat["ratings"], cat["event_feats"])  # (1, B, U) each
-            h, c = h.cpu(), c.cpu()
+            if has_state:   # each part (1, B, size): h, c[, profile sums, weights]
+                init = tuple(torch.stack([job["state"][p] for job in jobs]).unsqueeze(0).to(dev)
+                             for p in range(len(sizes)))
+            parts = [x.cpu() for x in served.model.advance(init, cat["items"], cat["ratings"], cat["event_feats"])]
             for b, job in enumerate(jobs):
-                new = (h[0, b], c[0, b])
+                new = tuple(x[0, b] for x in parts)
                 self.store.put_state(job["user_id"], StoredState(served.version, job["n"], pack_state(*new)))
                 self._finish(out, job, served, new)
         return out
@@ -133,7 +132,8 @@ class Decomposer:
         return event_tensors(items, ratings, ts, within, ts[-1])
 
     def _finish(self, out: list, job: dict, served: ServedModel, state) -> None:
-        h = state[0] if state is not None else torch.zeros(served.units)
+        h = (served.model.interest_state(tuple(x[None, None] for x in state))[0] if state is not None
+             else torch.zeros(served.state_dim))                 # (U[+R·D],) interest state z
         seen = None
         if job["with_seen"]:
             seen = np.array(sorted({served.index_of.get(e.item_id, 0) for e in self.store.events(job["user_id"])}),
@@ -158,13 +158,13 @@ class Decomposer:
         served = self.served
         events = sorted(events, key=lambda e: e[2])
         if not events:
-            return self._result(served, torch.zeros(served.units), 0, None, np.zeros(0, np.int64))
+            return self._result(served, torch.zeros(served.state_dim), 0, None, np.zeros(0, np.int64))
         items = np.array([served.index_of[int(e[0])] for e in events], np.int64)
         ratings = np.array([e[1] for e in events], np.float32)
         ts = np.array([e[2] for e in events], np.float64)
         t = {k: v.to(served.device) for k, v in event_tensors(items, ratings, ts, 0, ts[-1]).items()}
-        h, _ = served.model.advance(None, t["items"], t["ratings"], t["event_feats"])
-        return self._result(served, h[0, 0], len(events), float(ts[-1]), np.unique(items))
+        z = served.model.interest_state(served.model.advance(None, t["items"], t["ratings"], t["event_feats"]))
+        return self._result(served, z[0].cpu(), len(events), float(ts[-1]), np.unique(items))
 
     # ---- gates step by step ----------------------------------------------------------------
     @torch.no_grad()
@@ -180,7 +180,7 @@ class Decomposer:
         batch = event_tensors(items, np.array([e.rating for e in events], np.float32), ts, 0, max(now, ts[-1]))
         batch = {k: v.to(served.device) for k, v in batch.items()}
         m = served.model
-        h = m.encoder(batch)[0]                                   # (T, U)
+        h = m.states(batch)[0]                                    # (T, U[+R·D])
         lo = max(len(events) - last, 0)
         alpha = m.gates(m.dimensions(h[lo:]), m.context(batch["ctx_feats"][0, lo:])).cpu()  # (L, K)
         names = served.dim_names

@@ -81,8 +81,14 @@ class ServedModel:
         return list(self.model.cfg.dim_names)
 
     @property
-    def units(self) -> int:
-        return self.model.cfg.lstm_units
+    def state_sizes(self) -> tuple[int, ...]:
+        """Sizes of a stored state's parts: (h, c) and, with a profile, its decayed sums and weights."""
+        return self.model.state_sizes()
+
+    @property
+    def state_dim(self) -> int:
+        """Size of the interest state z the dimension heads read (U, plus R·D with a profile)."""
+        return self.model.heads.in_features
 
     @classmethod
     def load(cls, path: str | Path, catalogue_ids: np.ndarray | None = None) -> ServedModel:
@@ -173,14 +179,14 @@ def event_tensors(items: np.ndarray, ratings: np.ndarray, timestamps: np.ndarray
     return builder(np.array([first]), np.array([n]), np.array([0]), supervise_all=False)
 
 
-def pack_state(h: torch.Tensor, c: torch.Tensor) -> bytes:
-    """(U,) h and c -> float32 bytes [h; c]."""
-    return np.concatenate([h.numpy(), c.numpy()]).astype(np.float32).tobytes()
+def pack_state(*parts: torch.Tensor) -> bytes:
+    """A state's parts (each 1-D: h, c[, profile sums, weights]) -> float32 bytes, concatenated."""
+    return np.concatenate([p.numpy() for p in parts]).astype(np.float32).tobytes()
 
 
-def unpack_state(blob: bytes, units: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def unpack_state(blob: bytes, sizes: tuple[int, ...]) -> tuple[torch.Tensor, ...] | None:
+    """float32 bytes -> the parts of `sizes`; None for a state of another shape (rebuilt, not misread)."""
     arr = np.frombuffer(blob, dtype=np.float32)
-    if arr.size != 2 * units:   # from a model of another shape: rebuild instead
+    if arr.size != sum(sizes):
         return None
-    arr = torch.from_numpy(arr.copy()).view(2, units)
-    return arr[0], arr[1]
+    return tuple(torch.from_numpy(arr.copy()).split(list(sizes)))

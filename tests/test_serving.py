@@ -30,6 +30,16 @@ def ckpt(tiny_data, tmp_path_factory):
                            {"item_source_ids": torch.tensor(tiny_data.item_source_ids)})
 
 
+@pytest.fixture(scope="module")
+def profile_ckpt(tiny_data, tmp_path_factory):
+    """A concat-mode decomposer whose state carries decayed profiles beside (h, c)."""
+    torch.manual_seed(0)
+    m = new_model("decomposer", tiny_data, make_split(tiny_data.user_offsets, 1), lstm_units=24, item_dim=16,
+                  dim_size=8, residual=True, profile_decays=(1.0, 0.9)).eval()
+    return checkpoint.save(tmp_path_factory.mktemp("ckpt") / "profile.pt", m,
+                           {"item_source_ids": torch.tensor(tiny_data.item_source_ids)})
+
+
 def test_resolve_checkpoint_accepts_file_folder_and_run(ckpt, tmp_path):
     assert resolve_checkpoint(ckpt) == ckpt
     assert resolve_checkpoint(ckpt.parent) == ckpt
@@ -73,14 +83,21 @@ def test_event_tensors_are_the_training_features(tiny_data):
 
 def test_state_blob_round_trip():
     h, c = torch.randn(7), torch.randn(7)
-    back = unpack_state(pack_state(h, c), 7)
+    back = unpack_state(pack_state(h, c), (7, 7))
     torch.testing.assert_close(back[0], h)
     torch.testing.assert_close(back[1], c)
-    assert unpack_state(pack_state(h, c), 8) is None   # a state of another shape is rebuilt
+    assert unpack_state(pack_state(h, c), (8, 8)) is None   # a state of another shape is rebuilt
+    s, w = torch.randn(6), torch.rand(2)
+    back = unpack_state(pack_state(h, c, s, w), (7, 7, 6, 2))
+    torch.testing.assert_close(back[2], s)
+    torch.testing.assert_close(back[3], w)
+    assert unpack_state(pack_state(h, c), (7, 7, 6, 2)) is None   # a state saved without the profile
 
 
-def test_incremental_update_equals_rebuild(tiny_data, ckpt, tmp_path):
+@pytest.mark.parametrize("which", ["ckpt", "profile_ckpt"])
+def test_incremental_update_equals_rebuild(tiny_data, which, request, tmp_path):
     """The decomposer's stored state, advanced event by event, equals a recomputation."""
+    ckpt = request.getfixturevalue(which)
     dec = Decomposer.func_or_class(f"sqlite:///{tmp_path / 's.db'}", str(tiny_data.path))
     dec.reconfigure({"checkpoint": str(ckpt)})
     src = tiny_data.item_source_ids
