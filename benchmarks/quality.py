@@ -34,8 +34,8 @@ from models.run import PROTOCOLS, format_table, train_config
 from models.training import TrainConfig, evaluate, fit, new_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# name -> (model kind, model config overrides[, training overrides]); the intent-text variant is an
-# evaluation of "decomposer".
+# name -> (model kind, model config overrides[, training overrides]); INTENT_EVALUATED variants are
+# also evaluated with the intent text ("<name> + intent text").
 VARIANTS = {
     "decomposer": ("decomposer", {}),
     "lstm": ("lstm", {}),
@@ -59,12 +59,25 @@ VARIANTS = {
     "decomposer, dropout 0.5": ("decomposer", {"dropout": 0.5}),
     "decomposer, dropout 0.4, sum": ("decomposer", {"dropout": 0.4, "combine": "sum"}),
     "decomposer, K·α": ("decomposer", {"scale_gates": True}),
-    "decomposer, residual readout": ("decomposer", {"residual": True}),
     "decomposer, no gates, no aux losses": ("decomposer", {"use_gates": False, "aux_weight": 0.0}),
+    "decomposer, residual readout": ("decomposer", {"residual": True}),
+    "decomposer, residual, dropout 0.4": ("decomposer", {"residual": True, "dropout": 0.4}),
+    "decomposer, residual, profile": ("decomposer", {"residual": True, "profile_decays": (1.0,)}),
+    "decomposer, residual, profile, dropout 0.4": ("decomposer", {"residual": True, "profile_decays": (1.0,),
+                                                                  "dropout": 0.4}),
+    "decomposer, residual, profiles 1/0.98/0.9": ("decomposer", {"residual": True,
+                                                                 "profile_decays": (1.0, 0.98, 0.9)}),
+    # lr 1e-2 over ~14 steps an epoch: the recurrent runs that stop early rank worst.
+    "decomposer, residual, lr halved on plateau": ("decomposer", {"residual": True}, {"lr_decay_patience": 2}),
+    "decomposer, residual, dropout 0.4, lr halved on plateau": ("decomposer", {"residual": True, "dropout": 0.4},
+                                                                 {"lr_decay_patience": 2}),
+    "decomposer, residual, no intent training": ("decomposer", {"residual": True}, {"intent_rate": 0.0}),
+    "decomposer, residual, no text in item vectors": ("decomposer", {"residual": True, "use_text": False}),
     # The same regularisation offered to the recurrent baselines, so a gain is not one-sided tuning.
     "lstm (mask seen), dropout 0.4": ("lstm", {"mask_seen": True, "dropout": 0.4}),
     "gru4rec (mask seen), dropout 0.4": ("gru4rec", {"mask_seen": True, "dropout": 0.4}),
 }
+INTENT_EVALUATED = ("decomposer", "decomposer, residual readout")
 ABLATIONS = ("decomposer, no gates", "decomposer, no aux losses", "decomposer, seen items in the softmax")
 DEFAULT_VARIANTS = ("decomposer", "lstm", "sasrec", "popular", *ABLATIONS)
 METRICS = ("hr@10", "ndcg@10", "mrr", "hr@20")
@@ -91,7 +104,8 @@ def run_one(data, split, variant: str, seed: int, args, device: str = "cpu", pro
     fitted = fit(model, data, split, cfg, progress=progress, device=device, desc=f"{variant} s{seed}")
     seconds = time.perf_counter() - t0
     out = {}
-    for name, intent in [(variant, False)] + ([("decomposer + intent text", True)] if variant == "decomposer" else []):
+    with_intent = [(f"{variant} + intent text", True)] if variant in INTENT_EVALUATED else []
+    for name, intent in [(variant, False)] + with_intent:
         ev = evaluate(model, data, split, "test", with_intent=intent, device=device)
         out[name] = {"masked": summarize(ev["masked"]), "unmasked": summarize(ev["unmasked"]),
                      "user_ndcg@10": per_user_mean(ev["masked"]["ndcg@10"], ev["users"]).round(6).tolist(),
@@ -153,7 +167,8 @@ def aggregate(runs: dict, protocol: str) -> tuple[list[dict], dict]:
                   "decomposer"):
         for name in ("decomposer", "decomposer + intent text", "decomposer (mixture)", "decomposer (large)",
                      "decomposer, dropout 0.4", "decomposer, lr 3e-3", "decomposer, K·α",
-                     "decomposer, residual readout"):
+                     "decomposer, residual readout", "decomposer, residual readout + intent text",
+                     "decomposer, residual, profile"):
             if name in user_mean and other in user_mean and name != other:
                 boot[f"{name} − {other}"] = paired_bootstrap(user_mean[name], user_mean[other])
     return rows, boot

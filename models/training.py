@@ -29,6 +29,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     patience: int = 10               # epochs without a better validation NDCG@10 before stopping
+    lr_decay_patience: int | None = None  # halve lr after more than this many epochs without a better one
     intent_rate: float = 0.3         # share of training positions whose context carries intent text
     grad_clip: float = 5.0
     seed: int = 0
@@ -140,6 +141,14 @@ def evaluate(model: nn.Module, data, split: Split, which: str = "test", with_int
     return {"masked": rank_metrics(torch.cat(masked)), "unmasked": rank_metrics(torch.cat(unmasked)), "users": users}
 
 
+def lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    """Halve the learning rate on a validation plateau (None: constant lr)."""
+    if cfg.lr_decay_patience is None:
+        return None
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, threshold=0.0,
+                                                      patience=cfg.lr_decay_patience)  # "better" as for early stopping
+
+
 def fit(model: nn.Module, data, split: Split, cfg: TrainConfig, progress: bool = True,
         device: torch.device | str = "cpu", desc: str = "train") -> FitResult:
     """Train with early stopping on validation NDCG@10 (history-masked); restores the best weights."""
@@ -154,6 +163,7 @@ def fit(model: nn.Module, data, split: Split, cfg: TrainConfig, progress: bool =
     windows = (starts, ends, split.user_start[rows])
     builder = batch_builder(data)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    plateau = lr_schedule(optimizer, cfg)
     best, best_state, best_epoch, history = -1.0, None, 0, []
     train_seconds, seqs = 0.0, 0
     bar = tqdm(range(1, cfg.epochs + 1), desc=desc, disable=not progress, unit="epoch", leave=False)
@@ -163,7 +173,10 @@ def fit(model: nn.Module, data, split: Split, cfg: TrainConfig, progress: bool =
         train_seconds += time.perf_counter() - t0
         seqs += len(starts)
         valid = summarize(evaluate(model, data, split, "valid", batch_size=cfg.eval_batch_size, device=device)["masked"])
-        history.append({"epoch": epoch, **losses, **{f"valid_{k}": v for k, v in valid.items()}})
+        history.append({"epoch": epoch, **losses, **{f"valid_{k}": v for k, v in valid.items()},
+                        "lr": optimizer.param_groups[0]["lr"]})
+        if plateau is not None:
+            plateau.step(valid[HEADLINE])
         if valid[HEADLINE] > best:
             best, best_epoch, best_valid = valid[HEADLINE], epoch, valid
             best_state = copy.deepcopy(model.state_dict())

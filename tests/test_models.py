@@ -77,9 +77,10 @@ def test_sampled_softmax_trains(tiny_data, split):
     assert torch.isfinite(loss) and m.items.emb.weight.grad is not None
 
 
-def test_incremental_state_equals_full_sequence(tiny_data, split):
+@pytest.mark.parametrize("over", [{}, {"residual": True, "profile_decays": (1.0, 0.9)}], ids=["lstm state", "profiles"])
+def test_incremental_state_equals_full_sequence(tiny_data, split, over):
     torch.manual_seed(0)
-    m = new_model("decomposer", tiny_data, split).eval()
+    m = new_model("decomposer", tiny_data, split, **over).eval()
     batch = first_batch(tiny_data, split, n=1)
     T = int(batch["lengths"][0])
     items, ratings, feats = batch["items"][:, :T], batch["ratings"][:, :T], batch["event_feats"][:, :T]
@@ -89,8 +90,32 @@ def test_incremental_state_equals_full_sequence(tiny_data, split):
         state = m.advance(state, items[:, t:t + 1], ratings[:, t:t + 1], feats[:, t:t + 1])
     torch.testing.assert_close(state[0], full[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(state[1], full[1], atol=1e-5, rtol=1e-5)
+    assert [x.shape[-1] for x in state] == list(m.state_sizes())
+    # The stepped state is the training path's state at the last event, profile included,
+    # and several events at once give the same state as one at a time.
+    z = m.interest_state(state)
+    torch.testing.assert_close(z, m.last_hidden(batch), atol=1e-5, rtol=1e-5)
+    half = m.advance(m.advance(None, items[:, :T // 2], ratings[:, :T // 2], feats[:, :T // 2]),
+                     items[:, T // 2:], ratings[:, T // 2:], feats[:, T // 2:])
+    torch.testing.assert_close(m.interest_state(half), z, atol=1e-5, rtol=1e-5)
     ctx = batch["ctx_feats"][:, T - 1]
-    torch.testing.assert_close(m.score_state(state[0][0], ctx), m.score(batch), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(m.score_state(z, ctx), m.score(batch), atol=1e-4, rtol=1e-4)
+
+
+def test_profile_is_a_decayed_mean(tiny_data, split):
+    """m_t^(1) is the plain mean of the item vectors so far; m_t^(λ) weighs event s by λ^(t−s)."""
+    m = new_model("decomposer", tiny_data, split, profile_decays=(1.0, 0.5)).eval()
+    batch = first_batch(tiny_data, split, n=2)
+    with torch.no_grad():
+        z = m.states(batch)                                       # (B, T, U + 2D)
+        q = m.items(batch["items"])                               # (B, T, D)
+    U, D = m.cfg.lstm_units, m.cfg.item_dim
+    t = 4
+    torch.testing.assert_close(z[:, t, U:U + D], q[:, :t + 1].mean(1))
+    w = 0.5 ** torch.arange(t, -1, -1, dtype=torch.float32)      # λ^(t−s), s = 0..t
+    torch.testing.assert_close(z[:, t, U + D:], (w[None, :, None] * q[:, :t + 1]).sum(1) / w.sum())
+    with pytest.raises(ValueError, match="profile_decays"):
+        DecomposerConfig(n_items=5, profile_decays=(1.5,))
 
 
 def test_checkpoint_round_trip_and_bad_files(tiny_data, split, tmp_path):
@@ -182,3 +207,20 @@ def test_residual_readout_adds_the_direct_lstm_vector(tiny_data, split):
     loss, _ = m(first_batch(tiny_data, split))
     loss.backward()
     assert m.direct.weight.grad is not None
+
+
+def test_lr_is_halved_on_a_validation_plateau(tiny_data, split):
+    m = new_model("lstm", tiny_data, split)
+    result = fit(m, tiny_data, split, TrainConfig(epochs=8, patience=8, lr=1e-2, lr_decay_patience=0),
+                 progress=False)
+    lrs = [h["lr"] for h in result.history]
+    assert lrs[0] == 1e-2 and all(b in (a, a / 2) for a, b in zip(lrs, lrs[1:]))
+    # With patience 0 every epoch that is not a new best halves the rate for the next one.
+    best = -1.0
+    for h, nxt in zip(result.history, lrs[1:]):
+        improved = h["valid_ndcg@10"] > best
+        best = max(best, h["valid_ndcg@10"])
+        assert nxt == (h["lr"] if improved else h["lr"] / 2)
+    constant = fit(new_model("lstm", tiny_data, split), tiny_data, split, TrainConfig(epochs=3, patience=3, lr=1e-2),
+                   progress=False)
+    assert {h["lr"] for h in constant.history} == {1e-2}
