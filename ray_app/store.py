@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -93,13 +94,26 @@ class SQLiteStore:
         if conn is None:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves.
             conn = sqlite3.connect(self.path, timeout=self._timeout_s, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
+            self._enable_wal(conn)
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute(f"PRAGMA busy_timeout={int(self._timeout_s * 1000)}")
             self._local.conn = conn
             with self._lock:
                 self._all.append(conn)
         return conn
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+        """PRAGMA journal_mode=WAL, retried: on a new file, replicas that open it at the same moment
+        can get "database is locked" at once, without SQLite waiting out the busy timeout."""
+        deadline = time.monotonic() + self._timeout_s
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     class _write:
         """BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_app.store import Event, StoredState, open_store
+from ray_app.store import Event, SQLiteStore, StoredState, open_store
 
 REDIS_SERVER = shutil.which("redis-server")
 needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not on PATH (apt-get install redis-server)")
@@ -378,3 +378,24 @@ def test_unreachable_redis_names_the_url():
 
     with pytest.raises(ConnectionError, match=re.escape(url)):
         RedisStore(url, retries=0)
+
+
+def test_wal_switch_is_retried_while_another_opener_holds_the_file(tmp_path):
+    """Replicas opening a new file at once can see "database is locked" from the WAL switch itself."""
+    store = SQLiteStore(str(tmp_path / "s.db"))
+
+    class Racing:
+        def __init__(self, failures: int, message: str = "database is locked"):
+            self.failures, self.message, self.calls = failures, message, 0
+
+        def execute(self, sql):
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise sqlite3.OperationalError(self.message)
+
+    racing = Racing(3)
+    store._enable_wal(racing)
+    assert racing.calls == 4
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):   # other errors are not retried
+        store._enable_wal(Racing(1, "disk I/O error"))
+    store.close()
