@@ -209,7 +209,7 @@ class InterestDecomposer(nn.Module):
     # ---- training ---------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         """Next-item loss at every supervised position plus λ · auxiliary losses."""
-        h = self.states(batch)                                         # (B, T, U[+D])
+        h = self.states(batch)                                         # (B, T, U[+R·D])
         sup = batch["targets"] > 0                                     # (B, T)
         intent = batch.get("intent")
         u, I, alpha = self.user_vectors(h[sup], batch["ctx_feats"][sup], intent[sup] if intent is not None else None)
@@ -243,7 +243,7 @@ class InterestDecomposer(nn.Module):
 
     # ---- serving ----------------------------------------------------------------------------
     def last_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return last_position(self.states(batch), batch["lengths"])      # (B, U[+D])
+        return last_position(self.states(batch), batch["lengths"])      # (B, U[+R·D])
 
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
