@@ -65,7 +65,7 @@ VARIANTS = {
     "decomposer, residual, profile": ("decomposer", {"residual": True, "profile_decays": (1.0,)}),
     "decomposer, residual, profile, dropout 0.4": ("decomposer", {"residual": True, "profile_decays": (1.0,),
                                                                   "dropout": 0.4}),
-    "decomposer, residual, profiles 1/0.98/0.9": ("decomposer", {"residual": True,
+    "decomposer, residual, three profiles (λ 1, 0.98, 0.9)": ("decomposer", {"residual": True,
                                                                  "profile_decays": (1.0, 0.98, 0.9)}),
     # lr 1e-2 over ~14 steps an epoch: the recurrent runs that stop early rank worst.
     "decomposer, residual, lr halved on plateau": ("decomposer", {"residual": True}, {"lr_decay_patience": 2}),
@@ -77,6 +77,7 @@ VARIANTS = {
     "lstm (mask seen), dropout 0.4": ("lstm", {"mask_seen": True, "dropout": 0.4}),
     "gru4rec (mask seen), dropout 0.4": ("gru4rec", {"mask_seen": True, "dropout": 0.4}),
 }
+assert not [v for v in VARIANTS if "/" in v], "a variant name keys runs as protocol/variant/seed: no '/'"
 INTENT_EVALUATED = ("decomposer", "decomposer, residual readout")
 ABLATIONS = ("decomposer, no gates", "decomposer, no aux losses", "decomposer, seen items in the softmax")
 DEFAULT_VARIANTS = ("decomposer", "lstm", "sasrec", "popular", *ABLATIONS)
