@@ -29,7 +29,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     patience: int = 10               # epochs without a better validation NDCG@10 before stopping
-    lr_decay_patience: int | None = None  # halve lr after more than this many epochs without a better one
+    lr_decay_patience: int | None = None  # halve lr after more than this many epochs without a better one (`fit` only; Ray Train's loop does not take it)
     intent_rate: float = 0.3         # share of training positions whose context carries intent text
     grad_clip: float = 5.0
     seed: int = 0

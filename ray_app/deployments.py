@@ -132,8 +132,7 @@ class Decomposer:
         return event_tensors(items, ratings, ts, within, ts[-1])
 
     def _finish(self, out: list, job: dict, served: ServedModel, state) -> None:
-        h = (served.model.interest_state(tuple(x[None, None] for x in state))[0] if state is not None
-             else torch.zeros(served.state_dim))                 # (U[+R·D],) interest state z
+        h = served.interest(state)                               # (U[+R·D],) interest state z
         seen = None
         if job["with_seen"]:
             seen = np.array(sorted({served.index_of.get(e.item_id, 0) for e in self.store.events(job["user_id"])}),
@@ -158,7 +157,7 @@ class Decomposer:
         served = self.served
         events = sorted(events, key=lambda e: e[2])
         if not events:
-            return self._result(served, torch.zeros(served.state_dim), 0, None, np.zeros(0, np.int64))
+            return self._result(served, served.interest(None), 0, None, np.zeros(0, np.int64))
         items = np.array([served.index_of[int(e[0])] for e in events], np.int64)
         ratings = np.array([e[1] for e in events], np.float32)
         ts = np.array([e[2] for e in events], np.float64)

@@ -85,10 +85,11 @@ class ServedModel:
         """Sizes of a stored state's parts: (h, c) and, with a profile, its decayed sums and weights."""
         return self.model.state_sizes()
 
-    @property
-    def state_dim(self) -> int:
-        """Size of the interest state z the dimension heads read (U, plus R·D with a profile)."""
-        return self.model.heads.in_features
+    def interest(self, state: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
+        """A stored state's parts (each 1-D) -> the interest state z (U[+R·D],); zeros for a new user."""
+        if state is None:
+            return torch.zeros(self.model.heads.in_features)
+        return self.model.interest_state(tuple(x[None, None] for x in state))[0]
 
     @classmethod
     def load(cls, path: str | Path, catalogue_ids: np.ndarray | None = None) -> ServedModel:
