@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from models.batching import (BatchBuilder, IntentTable, Split, eval_samples, flat_ranges,
@@ -30,6 +31,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     patience: int = 10               # epochs without a better validation NDCG@10 before stopping
     lr_decay_patience: int | None = None  # halve lr after more than this many epochs without a better one (`fit` only; Ray Train's loop does not take it)
+    ema_decay: float | None = None   # validate and keep an exponential moving average of the weights, updated every step (`fit` only)
     intent_rate: float = 0.3         # share of training positions whose context carries intent text
     grad_clip: float = 5.0
     seed: int = 0
@@ -75,8 +77,11 @@ def new_model(kind: str, data, split: Split, **overrides) -> nn.Module:
 
 def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, builder: BatchBuilder, windows,
               cfg: TrainConfig, rng: np.random.Generator, device: torch.device | str = "cpu",
-              autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """One pass over the training windows (starts, ends, user_starts) -> mean losses."""
+              autocast_dtype: torch.dtype | None = None, ema: AveragedModel | None = None) -> dict[str, float]:
+    """One pass over the training windows (starts, ends, user_starts) -> mean losses.
+
+    `ema`, when given, takes the new weights after every optimizer step.
+    """
     starts, ends, user_starts = windows
     model.train()
     totals: dict[str, float] = {}
@@ -93,6 +98,8 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, builder: Batch
         if cfg.grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)
         for k, v in parts.items():
             totals[k] = totals.get(k, 0.0) + v * len(idx)
         n += len(idx)
@@ -149,6 +156,19 @@ def lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
                                                       patience=cfg.lr_decay_patience)  # "better" as for early stopping
 
 
+def weight_average(model: nn.Module, cfg: TrainConfig) -> AveragedModel | None:
+    """θ̄ ← d·θ̄ + (1 − d)·θ after every step (None: validate the live weights).
+
+    At lr 1e-2 the recurrent models' weights jump between epochs and their validation with them;
+    the average smooths that noise out the way a decaying learning rate would, without a schedule.
+    """
+    if cfg.ema_decay is None:
+        return None
+    if not 0.0 < cfg.ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in (0, 1), got {cfg.ema_decay}")
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+
+
 def fit(model: nn.Module, data, split: Split, cfg: TrainConfig, progress: bool = True,
         device: torch.device | str = "cpu", desc: str = "train") -> FitResult:
     """Train with early stopping on validation NDCG@10 (history-masked); restores the best weights."""
@@ -164,22 +184,24 @@ def fit(model: nn.Module, data, split: Split, cfg: TrainConfig, progress: bool =
     builder = batch_builder(data)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     plateau = lr_schedule(optimizer, cfg)
+    ema = weight_average(model, cfg)
+    judged = ema.module if ema is not None else model                  # the weights validated and kept
     best, best_state, best_epoch, history = -1.0, None, 0, []
     train_seconds, seqs = 0.0, 0
     bar = tqdm(range(1, cfg.epochs + 1), desc=desc, disable=not progress, unit="epoch", leave=False)
     for epoch in bar:
         t0 = time.perf_counter()
-        losses = run_epoch(model, optimizer, builder, windows, cfg, rng, device)
+        losses = run_epoch(model, optimizer, builder, windows, cfg, rng, device, ema=ema)
         train_seconds += time.perf_counter() - t0
         seqs += len(starts)
-        valid = summarize(evaluate(model, data, split, "valid", batch_size=cfg.eval_batch_size, device=device)["masked"])
+        valid = summarize(evaluate(judged, data, split, "valid", batch_size=cfg.eval_batch_size, device=device)["masked"])
         history.append({"epoch": epoch, **losses, **{f"valid_{k}": v for k, v in valid.items()},
                         "lr": optimizer.param_groups[0]["lr"]})
         if plateau is not None:
             plateau.step(valid[HEADLINE])
         if valid[HEADLINE] > best:
             best, best_epoch, best_valid = valid[HEADLINE], epoch, valid
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(judged.state_dict())
         bar.set_postfix(loss=f"{losses.get('next_item', 0):.3f}", valid_ndcg=f"{valid[HEADLINE]:.4f}", best=best_epoch)
         if epoch - best_epoch >= cfg.patience:
             break

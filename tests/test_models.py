@@ -226,3 +226,44 @@ def test_lr_is_halved_on_a_validation_plateau(tiny_data, split):
     constant = fit(new_model("lstm", tiny_data, split), tiny_data, split, TrainConfig(epochs=3, patience=3, lr=1e-2),
                    progress=False)
     assert {h["lr"] for h in constant.history} == {1e-2}
+
+
+def test_weight_average_is_the_moving_average_of_every_step(tiny_data, split):
+    from models.training import run_epoch, weight_average
+
+    class Recording(torch.optim.AdamW):          # the real optimizer, remembering the weights after each step
+        seen: list = []
+
+        def step(self, closure=None):
+            out = super().step(closure)
+            self.seen.append([p.detach().clone() for p in self.param_groups[0]["params"]])
+            return out
+
+    torch.manual_seed(0)
+    m = new_model("decomposer", tiny_data, split)
+    cfg = TrainConfig(lr=1e-2, batch_size=4, ema_decay=0.8)
+    ema = weight_average(m, cfg)
+    opt = Recording(m.parameters(), lr=cfg.lr)
+    starts, ends, rows = training_windows(split, 200)
+    run_epoch(m, opt, batch_builder(tiny_data), (starts, ends, split.user_start[rows]), cfg,
+              np.random.default_rng(0), ema=ema)
+    assert len(opt.seen) >= 3
+    expected = opt.seen[0]                       # the first update copies, later ones blend
+    for step in opt.seen[1:]:
+        expected = [0.8 * e + 0.2 * s for e, s in zip(expected, step)]
+    averaged = list(ema.module.parameters())
+    for a, e in zip(averaged, expected):
+        torch.testing.assert_close(a, e)
+    assert any(not torch.allclose(a, p) for a, p in zip(averaged, m.parameters()))   # not the live weights
+    with pytest.raises(ValueError, match="ema_decay"):
+        weight_average(m, TrainConfig(ema_decay=1.0))
+
+
+def test_fit_keeps_the_averaged_weights(tiny_data, split):
+    torch.manual_seed(0)
+    m = new_model("sasrec", tiny_data, split)
+    result = fit(m, tiny_data, split, TrainConfig(epochs=2, patience=2, ema_decay=0.9), progress=False)
+    m.eval()
+    kept = evaluate(m, tiny_data, split, "valid")["masked"]
+    from models.metrics import summarize
+    assert summarize(kept)["ndcg@10"] == pytest.approx(result.best_valid["ndcg@10"])
