@@ -22,7 +22,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from quality import RESULTS, machine  # noqa: E402  (sibling script)
-from models.analysis import correlation_matrix, gate_recovery, gates_over_history, planted_weights  # noqa: E402
+from models.analysis import (RECOVERY_MODEL, RECOVERY_TRAIN, correlation_matrix, gate_recovery,  # noqa: E402
+                             gates_over_history, planted_weights)
 from models.batching import make_split  # noqa: E402
 from models.data import load_prepared, prepare_source  # noqa: E402
 from models.run import train_config  # noqa: E402
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--lr", type=float, default=RECOVERY_TRAIN["lr"])
     p.add_argument("--combine", default="mixture", help="the decomposer's combine mode (mixture | concat | sum)")
     args = p.parse_args(argv)
     data = load_prepared(prepare_source("synthetic", Path("runs/data/synthetic")))
@@ -45,10 +46,9 @@ def main(argv=None) -> int:
     per_seed, matrices = {}, []
     for seed in [int(s) for s in args.seeds.split(",")]:
         torch.manual_seed(seed)
-        # The synthetic data plants re-consumption (about a fifth of events repeat an item), which
-        # a dimension must stay free to predict: seen items stay in the softmax here.
-        model = new_model("decomposer", data, split, combine=args.combine, mask_seen=False)
-        fit(model, data, split, train_config("decomposer", epochs=args.epochs, seed=seed, lr=args.lr), desc=f"seed {seed}")
+        model = new_model("decomposer", data, split, **{**RECOVERY_MODEL, "combine": args.combine})
+        fit(model, data, split, train_config("decomposer", epochs=args.epochs, seed=seed,
+                                             **{**RECOVERY_TRAIN, "lr": args.lr}), desc=f"seed {seed}")
         alpha, targets = gates_over_history(model, data)                 # once per model
         planted = planted_all[targets]
         per_seed[seed] = gate_recovery(model, data, gates=(alpha, targets))

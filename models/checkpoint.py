@@ -27,6 +27,11 @@ MODELS = {
 }
 
 
+# Config fields added after checkpoints of FORMAT were first written, with the value their absence
+# means: the model as it was before the field existed (whatever today's default is).
+ABSENT_MEANS = {"decomposer": {"residual": False, "profile_decays": (), "scale_gates": False, "use_text": True}}
+
+
 class CheckpointError(ValueError):
     pass
 
@@ -75,7 +80,7 @@ def from_dict(ckpt: dict, source: str = "checkpoint") -> tuple[nn.Module, dict]:
     for key in ("model_type", "model_args", "state_dict"):
         if key not in ckpt:
             raise CheckpointError(f"{source}: missing {key!r}")
-    model = build(ckpt["model_type"], dict(ckpt["model_args"]))
+    model = build(ckpt["model_type"], {**ABSENT_MEANS.get(ckpt["model_type"], {}), **ckpt["model_args"]})
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:

@@ -39,15 +39,16 @@ class DecomposerConfig:
     context_dim: int = 32            # size of the encoded context C_t
     combine: str = "concat"          # "concat" | "sum" | "mixture"
     aux_weight: float = 0.1          # λ (0 = purely latent dimensions)
-    dropout: float = 0.2
+    dropout: float = 0.5
     max_len: int = 200
     loss: str = "full"               # "full" softmax | "sampled" softmax
     n_negatives: int = 1024          # uniform negatives for the sampled softmax
     mask_seen: bool = True           # full softmax without the items already in the window (as ranking masks them)
     use_gates: bool = True           # False = context-free prior w_k only (ablation)
     scale_gates: bool = False        # combine K·α_k I_k: uniform gates weigh each dimension 1, not 1/K
-    residual: bool = False           # u_t = W h_t + W_o[α_1 I_1; …]: the dimensions add to a direct readout
-    profile_decays: tuple[float, ...] = ()  # z_t = [h_t; m_t^(λ) for each λ]: decayed mean item vectors (1.0 = plain mean)
+    residual: bool = True            # u_t = W z_t + W_o[α_1 I_1; …]: the dimensions add to a direct readout
+    # z_t = [h_t; m_t^(λ) for each λ]: decayed means of the item vectors consumed (1.0 = plain mean), () = h_t alone
+    profile_decays: tuple[float, ...] = (1.0, 0.98, 0.9)
     use_text: bool = True            # add P·z(i) to item vectors
     dim_names: tuple[str, ...] = field(init=False)
 

@@ -31,7 +31,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     patience: int = 10               # epochs without a better validation NDCG@10 before stopping
     lr_decay_patience: int | None = None  # halve lr after more than this many epochs without a better one (`fit` only; Ray Train's loop does not take it)
-    ema_decay: float | None = None   # validate and keep an exponential moving average of the weights, updated every step (`fit` only)
+    ema_decay: float | None = None   # validate and keep an exponential moving average of the weights, updated every step
     intent_rate: float = 0.3         # share of training positions whose context carries intent text
     grad_clip: float = 5.0
     seed: int = 0

@@ -40,7 +40,8 @@ from models.batching import make_split, training_windows
 from models.data import InteractionData
 from models.metrics import summarize
 from models.run import PROTOCOLS, train_config
-from models.training import HEADLINE, TrainConfig, batch_builder, evaluate, new_model, run_epoch, training_counts
+from models.training import (HEADLINE, TrainConfig, batch_builder, evaluate, new_model, run_epoch, training_counts,
+                             weight_average)
 from ray_app.data import SetupError, item_side, load_checked, read_shards, resolve_dataset, shard_data, user_ranges
 
 METRIC = f"valid_{HEADLINE}"              # what checkpoints are ranked by and early stopping watches
@@ -279,16 +280,20 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)                                         # the same initial weights everywhere
     core = new_model(config["model"], data, split, **config["model_args"])
     core.set_item_data(data.item_emb, data.item_genres, counts)        # popularity of all users, not the shard's
+    ema = weight_average(core, cfg)                                     # averaged weights (cfg.ema_decay), or None
+    judged = ema.module if ema is not None else core                    # the weights validated and checkpointed
     state, opt_state = TrainState(), None
     restored = ray.train.get_checkpoint()                               # [ray] set after a failure or on resume
     if restored:
         with restored.as_directory() as d:
-            state, opt_state = restore(Path(d), core, data)
+            state, opt_state = restore(Path(d), core, data, ema)
         if rank == 0:
             log.info("resuming after epoch %d (best %.4f at epoch %d)", state.epoch, state.best, state.best_epoch)
     model = ray.train.torch.prepare_model(                              # [ray] DDP when more than one worker
         core, parallel_strategy_kwargs={"find_unused_parameters": True,     # e.g. aux heads when λ = 0
                                         "forward_sync_buffers": False})     # buffers are the item tables: equal
+    if ema is not None:
+        ema.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if opt_state is not None:
         optimizer.load_state_dict(opt_state)
@@ -304,16 +309,16 @@ def train_loop_per_worker(config: dict) -> None:
         rng = epoch_rng(cfg.seed, epoch, rank)                          # a resumed run replays the same order
         started_at, t0 = time.time(), time.perf_counter()
         with uneven():                                                  # shards differ by a few batches
-            losses = run_epoch(model, optimizer, builder, windows, cfg, rng, device, autocast)
+            losses = run_epoch(model, optimizer, builder, windows, cfg, rng, device, autocast, ema=ema)
         train_s = time.perf_counter() - t0
         losses = mean_over_workers(losses, len(starts))
-        valid, n_valid = validate(core, data, split, cfg, device)
+        valid, n_valid = validate(judged, data, split, cfg, device)
         state.update(epoch, losses, valid, train_s, config["windows"], started_at)
         metrics = {**{k: v for k, v in state.history[-1].items() if k != "started_at"}, "valid_targets": n_valid,
                    f"best_{METRIC}": state.best, "best_epoch": state.best_epoch, "world_size": ctx.get_world_size()}
         if config["fail_at_epoch"] == epoch and rank == 0:
             inject_fault(config["fault_marker"])
-        report(metrics, rank, core, optimizer, state, items, config)
+        report(metrics, rank, core, judged, optimizer, state, items, config)
         if rank == 0:
             log.info("epoch %3d/%d  loss %.4f  valid ndcg@10 %.4f over %d targets  best %.4f @ %d  "
                      "%.0f seq/s  %.1fs", epoch, cfg.epochs, losses.get("next_item", 0.0), valid[HEADLINE],
@@ -377,33 +382,50 @@ def validate(core, data: InteractionData, split, cfg: TrainConfig, device) -> tu
     return out, len(masked[HEADLINE])
 
 
-def report(metrics: dict, rank: int, core, optimizer, state: TrainState, items: InteractionData, config: dict) -> None:
-    """Rank 0 writes the checkpoint; every rank reports (the call is a barrier)."""
+def report(metrics: dict, rank: int, core, judged, optimizer, state: TrainState, items: InteractionData,
+           config: dict) -> None:
+    """Rank 0 writes the checkpoint; every rank reports (the call is a barrier).
+
+    model.pt holds the validated weights (`judged`: the averaged ones when the run averages), which
+    tuning and serving load; with an average, live.pt holds the weights training goes on from.
+    """
     import ray.train
 
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)                      # [ray]
         return
     with tempfile.TemporaryDirectory() as d:
-        checkpoint.save(Path(d) / "model.pt", core, {
+        checkpoint.save(Path(d) / "model.pt", judged, {
             "epoch": state.epoch, "metrics": metrics, "dataset": config["dataset"], "protocol": config["protocol"],
             "train_config": config["train"],
             "item_source_ids": torch.tensor(items.item_source_ids),     # item index -> source id
         })
         torch.save(optimizer.state_dict(), Path(d) / "optimizer.pt")
+        if judged is not core:
+            torch.save(core.state_dict(), Path(d) / "live.pt")
         (Path(d) / "train_state.json").write_text(json.dumps(dataclasses.asdict(state), indent=1))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),   # [ray]
                          checkpoint_dir_name=f"epoch_{state.epoch:04d}")
 
 
-def restore(folder: Path, core, data: InteractionData) -> tuple[TrainState, dict]:
-    """Weights into `core` (checked against its config and item vocabulary) -> (state, optimizer state)."""
+def restore(folder: Path, core, data: InteractionData, ema=None) -> tuple[TrainState, dict]:
+    """Weights into `core` (checked against its config and item vocabulary) -> (state, optimizer state).
+
+    With a weight average `ema`, model.pt holds the average and live.pt the training weights.
+    """
     saved, meta = checkpoint.load(folder / "model.pt")
     if saved.cfg.to_dict() != core.cfg.to_dict():
         raise RuntimeError(f"{folder}: the run was started with other model settings; use another --name")
     if not np.array_equal(meta["item_source_ids"].numpy(), data.item_source_ids):
         raise RuntimeError(f"{folder}: the run was started on another item catalogue; use another --name")
-    core.load_state_dict(saved.state_dict())
+    if ema is None:
+        core.load_state_dict(saved.state_dict())
+    else:
+        if not (folder / "live.pt").is_file():
+            raise RuntimeError(f"{folder}: the run was started without averaged weights; use another --name")
+        ema.module.load_state_dict(saved.state_dict())
+        core.load_state_dict(torch.load(folder / "live.pt", map_location="cpu", weights_only=True))
+        ema.n_averaged.fill_(1)                                         # the next step blends rather than copies
     state = TrainState(**json.loads((folder / "train_state.json").read_text()))
     # Saved from the training device; load_state_dict moves it onto the parameters' device.
     return state, torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from models.analysis import gate_recovery
+from models.analysis import RECOVERY_MODEL, RECOVERY_TRAIN, gate_recovery
 from models.batching import make_split
 from models.data import load_prepared, prepare_source
 from models.data.synthetic import SyntheticConfig
@@ -28,10 +28,8 @@ def test_gates_recover_planted_context_dependence(tmp_path, encoder_cache):
     data = load_prepared(out)
     split = make_split(data.user_offsets, 1)
     torch.manual_seed(0)
-    # Re-consumption is planted (about a fifth of events repeat an item), and a dimension must stay
-    # free to predict it, so seen items stay in the softmax, as in benchmarks/gate_recovery.py.
-    model = new_model("decomposer", data, split, combine="mixture", mask_seen=False)
-    fit(model, data, split, train_config("decomposer", epochs=30, patience=30, lr=5e-3), progress=False)
+    model = new_model("decomposer", data, split, **RECOVERY_MODEL)
+    fit(model, data, split, train_config("decomposer", epochs=30, patience=30, **RECOVERY_TRAIN), progress=False)
     r = gate_recovery(model, data)
     assert r["matched"] > 0.5, r           # the gates follow the planted context dependence
     for name in ("topic", "sentiment", "time"):

@@ -133,7 +133,8 @@ def test_checkpoints_hold_model_vocabulary_metrics_and_optimizer(faulted, tiny_d
     assert model.cfg.lstm_units == 16 and meta["epoch"] == best["epoch"]
     np.testing.assert_array_equal(meta["item_source_ids"].numpy(), tiny_data.item_source_ids)
     folder = faulted / "fault" / f"epoch_{best['epoch']:04d}"
-    assert {p.name for p in folder.iterdir()} >= {"model.pt", "optimizer.pt", "train_state.json"}
+    # model.pt: the averaged weights that were validated (the decomposer's default); live.pt: the ones training resumes from
+    assert {p.name for p in folder.iterdir()} >= {"model.pt", "live.pt", "optimizer.pt", "train_state.json"}
     # Gathered shard metrics equal one evaluation over all users with the saved weights.
     local = summarize(evaluate(model, tiny_data, make_split(tiny_data.user_offsets, 1), "valid")["masked"])
     assert local["ndcg@10"] == pytest.approx(best[METRIC], abs=1e-9)

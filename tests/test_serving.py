@@ -25,7 +25,7 @@ from ray_app.store import Event, StoredState, open_store
 def ckpt(tiny_data, tmp_path_factory):
     torch.manual_seed(0)
     m = new_model("decomposer", tiny_data, make_split(tiny_data.user_offsets, 1), lstm_units=24, item_dim=16,
-                  dim_size=8, combine="mixture").eval()
+                  dim_size=8, combine="mixture", profile_decays=()).eval()    # the plain (h, c) state
     return checkpoint.save(tmp_path_factory.mktemp("ckpt") / "model.pt", m,
                            {"item_source_ids": torch.tensor(tiny_data.item_source_ids)})
 
