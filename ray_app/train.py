@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -311,6 +312,7 @@ def train_loop_per_worker(config: dict) -> None:
         with uneven():                                                  # shards differ by a few batches
             losses = run_epoch(model, optimizer, builder, windows, cfg, rng, device, autocast, ema=ema)
         train_s = time.perf_counter() - t0
+        sync_average(ema)
         losses = mean_over_workers(losses, len(starts))
         valid, n_valid = validate(judged, data, split, cfg, device)
         state.update(epoch, losses, valid, train_s, config["windows"], started_at)
@@ -366,6 +368,20 @@ def gather(obj) -> list:
     return out
 
 
+def sync_average(ema) -> None:
+    """Every rank takes the weight average of the rank that stepped most (None: no average).
+
+    Shards differ by a few batches: under DDP's `join` a rank that runs out stops stepping (and
+    updating its average) while the others go on, and DDP re-syncs the live weights at the end but
+    not the averages. The rank with the most updates so far has seen every step of this epoch.
+    """
+    if ema is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    src = int(np.argmax(gather(int(ema.n_averaged.item()))))
+    for t in itertools.chain(ema.module.parameters(), ema.module.buffers(), [ema.n_averaged]):
+        dist.broadcast(t.data, src)
+
+
 def mean_over_workers(losses: dict[str, float], n: int) -> dict[str, float]:
     parts = gather((losses, n))
     total = sum(m for _, m in parts)
@@ -419,6 +435,8 @@ def restore(folder: Path, core, data: InteractionData, ema=None) -> tuple[TrainS
     if not np.array_equal(meta["item_source_ids"].numpy(), data.item_source_ids):
         raise RuntimeError(f"{folder}: the run was started on another item catalogue; use another --name")
     if ema is None:
+        if (folder / "live.pt").is_file():
+            raise RuntimeError(f"{folder}: the run was started with averaged weights; use another --name")
         core.load_state_dict(saved.state_dict())
     else:
         if not (folder / "live.pt").is_file():

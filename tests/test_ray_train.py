@@ -36,6 +36,45 @@ def best_record(storage, name) -> dict:
 
 # ---- no cluster needed ---------------------------------------------------------------------
 
+def _uneven_average(rank: int, world: int, store: str, out: str) -> None:
+    """One rank of two (gloo): rank 1 averages one step more, as a rank with a longer shard does."""
+    import torch
+    import torch.distributed as dist
+
+    from models.training import TrainConfig, weight_average
+    from ray_app.train import sync_average
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    ema = weight_average(net, TrainConfig(ema_decay=0.5))
+    for step in range(3 if rank == 0 else 4):
+        with torch.no_grad():
+            net.weight.add_(step + 1.0)
+        ema.update_parameters(net)
+    sync_average(ema)
+    torch.save({"weight": ema.module.weight.detach().clone(), "n": int(ema.n_averaged)}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ranks_share_the_weight_average_of_the_rank_that_stepped_most(tmp_path):
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(_uneven_average, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    r0, r1 = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
+    assert r0["n"] == r1["n"] == 4
+    torch.testing.assert_close(r0["weight"], r1["weight"])
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)                                        # rank 1's four steps, by hand
+    avg = None
+    for step in range(4):
+        with torch.no_grad():
+            net.weight.add_(step + 1.0)
+        avg = net.weight.detach().clone() if avg is None else 0.5 * avg + 0.5 * net.weight.detach()
+    torch.testing.assert_close(r0["weight"], avg)
+
+
 def test_set_overrides_are_typed_and_checked():
     got = parse_model_args("decomposer", ["lstm_units=32", "dims=topic,time", "use_gates=false", "dropout=0.1"])
     assert got == {"lstm_units": 32, "dims": ("topic", "time"), "use_gates": False, "dropout": 0.1}
