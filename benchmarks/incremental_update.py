@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serve_common import (DEFAULT_CHECKPOINT, DEFAULT_DATA, RESULTS, command_line,  # sibling script
-                          ensure_checkpoint, machine, percentiles, random_events)
+from serve_common import (DEFAULT_CHECKPOINT, DEFAULT_DATA, RESULTS, checkpoint_config,  # sibling script
+                          command_line, ensure_checkpoint, machine, percentiles, random_events)
 from models import checkpoint as ckpt
 from models.data import load_prepared
 from models.features import moment_features, rating_bucket
@@ -276,7 +276,8 @@ def main(argv=None) -> int:
     source_ids = load_prepared(args.data).item_source_ids
     index_of = {int(s): i for i, s in enumerate(source_ids) if i > 0}
     torch.set_num_threads(1)                                         # one serving replica's share of the CPU
-    record = {"benchmark": "incremental_update", "checkpoint": str(args.checkpoint), "data": str(args.data),
+    record = {"benchmark": "incremental_update", "checkpoint": str(args.checkpoint),
+              "checkpoint_config": checkpoint_config(args.checkpoint), "data": str(args.data),
               "n_items": int(model.cfg.n_items), "lstm_units": int(model.cfg.lstm_units),
               "machine": machine("2 shared cores; other engineers' jobs ran at the same time"),
               "command": command_line(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch_threads": 1}

@@ -78,6 +78,14 @@ def ensure_checkpoint(checkpoint: Path, data: Path, time_budget_s: float = 90.0)
     return checkpoint
 
 
+def checkpoint_config(checkpoint: Path) -> dict:
+    """The model type and settings of a checkpoint, recorded beside the figures measured with it."""
+    from models import checkpoint as ckpt
+
+    model, _ = ckpt.load(checkpoint)
+    return {"model_type": ckpt.model_type(model), **model.cfg.to_dict()}
+
+
 def add_vocabulary(checkpoint: Path, data: Path) -> None:
     """Store the item vocabulary in the checkpoint's meta, as Ray Train checkpoints do (`models.run`
     leaves it out), so every serving stage can map source ids without the dataset."""

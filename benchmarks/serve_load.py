@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serve_common import (DEFAULT_CHECKPOINT, DEFAULT_DATA, RESULTS, command_line, ensure_checkpoint,  # sibling script
-                          machine, percentiles, replica_counts, running_replicas, wait_healthy)
+from serve_common import (DEFAULT_CHECKPOINT, DEFAULT_DATA, RESULTS, checkpoint_config, command_line,  # sibling script
+                          ensure_checkpoint, machine, percentiles, replica_counts, running_replicas, wait_healthy)
 
 HERE = Path(__file__).resolve().parent
 OPS = ("recommend", "recommend_intent", "post_event")
@@ -271,7 +271,8 @@ def main(argv=None) -> int:
     args.url = f"http://127.0.0.1:{args.port}"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ensure_checkpoint(args.checkpoint, args.data)
-    record = {"benchmark": "serve_load", "checkpoint": str(args.checkpoint), "data": str(args.data),
+    record = {"benchmark": "serve_load", "checkpoint": str(args.checkpoint),
+              "checkpoint_config": checkpoint_config(args.checkpoint), "data": str(args.data),
               "machine": machine("2 cores shared with other engineers' jobs (tests, training) during the run; "
                                  "the load client runs on the same 2 cores as Serve"),
               "command": command_line(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "weights": WEIGHTS}

@@ -17,7 +17,7 @@ from models.training import batch_builder
 # events repeat an item), which a dimension must stay free to predict. The rest is the decomposer as
 # the recorded figure was made (dropout 0.2, the LSTM state alone, the last weights); with today's
 # ml-latest-small defaults the gates still match the planted sources, under permuted names.
-RECOVERY_MODEL = {"combine": "mixture", "mask_seen": False, "dropout": 0.2, "profile_decays": ()}
+RECOVERY_MODEL = {"combine": "mixture", "mask_seen": False, "dropout": 0.2, "profile_decays": (), "residual": False}
 RECOVERY_TRAIN = {"lr": 5e-3, "ema_decay": None}
 
 

@@ -1,7 +1,9 @@
 """The dynamic interest decomposition and composition model (DESIGN §2).
 
-h_t = LSTM(e_≤t);  I_{t,k} = f_k(h_t) ∈ R^d;  α_{t,k} = softmax_k(log w_k + g(I_{t,k}, C_t));
-Î_t = [α_1 I_1; …; α_K I_K] (concat) or Σ_k α_k I_k (sum);  u_t = W_o Î_t;  s(i) = u_t · q_i.
+h_t = LSTM(e_≤t);  z_t = [h_t; m_t^(λ) for each λ] (decayed means of the item vectors consumed);
+I_{t,k} = f_k(z_t) ∈ R^d;  α_{t,k} = softmax_k(log w_k + g(I_{t,k}, C_t));
+Î_t = [α_1 I_1; …; α_K I_K] (concat) or Σ_k α_k I_k (sum);  u_t = W z_t + W_o Î_t (W: the residual
+readout, on by default);  s(i) = u_t · q_i.
 Named dimensions are anchored by auxiliary predictions of the next event from I_{t,k} alone.
 
 A third combine mode, "mixture", makes α a probability over dimensions:

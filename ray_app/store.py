@@ -26,7 +26,7 @@ class Event:
 class StoredState:
     model_version: str  # which checkpoint produced it; a state from another version is ignored (rebuilt)
     n_events: int  # how many of the user's events it has consumed
-    blob: bytes  # the serialised LSTM (h, c), e.g. numpy float32 bytes
+    blob: bytes  # the serialised state parts: LSTM (h, c) and, with profiles, their sums and weights (float32)
 
 
 @runtime_checkable
