@@ -65,6 +65,7 @@ class RayTrainSettings:
     seed: int = 0
     lr: float | None = None                 # None: the model's default (models.run.TRAIN_DEFAULTS)
     batch_size: int | None = None           # training windows per step, over all workers
+    ema_decay: float | None = None          # weight average per step; None: the model's default, 0: off
     time_budget_s: float | None = None      # training seconds, summed over epochs
     num_workers: int = 1
     cpus_per_worker: float = 1.0
@@ -80,9 +81,11 @@ class RayTrainSettings:
 
     def train_config(self) -> TrainConfig:
         given = {"lr": self.lr, "batch_size": self.batch_size}
+        if self.ema_decay is not None:
+            given["ema_decay"] = self.ema_decay or None                 # 0 turns the average off
         return train_config(self.model, epochs=self.epochs, patience=self.patience, seed=self.seed,
                             time_budget_s=self.time_budget_s,
-                            **{k: v for k, v in given.items() if v is not None})
+                            **{k: v for k, v in given.items() if k == "ema_decay" or v is not None})
 
     def run_name(self) -> str:
         if self.name:
@@ -519,6 +522,9 @@ def parse_args(argv=None) -> tuple[RayTrainSettings, argparse.Namespace]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, help="learning rate (default: the model's)")
     p.add_argument("--batch-size", type=int, help="training windows per step, over all workers (default 64)")
+    p.add_argument("--ema-decay", type=float, metavar="D",
+                   help="validate and keep a moving average of the weights, θ̄ ← D·θ̄ + (1 − D)·θ after every "
+                        "step (default: the model's, 0.98 for the decomposer); 0 turns it off")
     p.add_argument("--time-budget", type=float, help="seconds of training, summed over epochs")
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
@@ -539,6 +545,8 @@ def parse_args(argv=None) -> tuple[RayTrainSettings, argparse.Namespace]:
                         ("--gpus-per-worker", a.gpus_per_worker)):
         if value <= 0:
             p.error(f"{flag} must be positive, got {value}")
+    if a.ema_decay is not None and not 0.0 <= a.ema_decay < 1.0:
+        p.error(f"--ema-decay must be in [0, 1), got {a.ema_decay}")
     try:
         model_args = parse_model_args(a.model, a.set)
     except SetupError as e:
@@ -546,6 +554,7 @@ def parse_args(argv=None) -> tuple[RayTrainSettings, argparse.Namespace]:
     s = RayTrainSettings(
         dataset=a.dataset, data_dir=a.data_dir, prepared_dir=a.prepared_dir, model=a.model, model_args=model_args,
         protocol=a.protocol, epochs=a.epochs, patience=a.patience, seed=a.seed, lr=a.lr, batch_size=a.batch_size,
+        ema_decay=a.ema_decay,
         time_budget_s=a.time_budget, num_workers=a.num_workers, cpus_per_worker=a.cpus_per_worker,
         use_gpu=a.use_gpu, gpus_per_worker=a.gpus_per_worker, bf16=a.bf16, storage_path=a.storage_path,
         name=a.name, max_failures=a.max_failures, num_to_keep=a.keep,

@@ -14,7 +14,7 @@ from models.batching import make_split
 from models.metrics import summarize
 from models.training import evaluate
 from ray_app.data import SetupError, user_ranges
-from ray_app.train import BEST_FILE, METRIC, main, parse_model_args
+from ray_app.train import BEST_FILE, METRIC, main, parse_args, parse_model_args
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,19 @@ def test_ranks_share_the_weight_average_of_the_rank_that_stepped_most(tmp_path):
             net.weight.add_(step + 1.0)
         avg = net.weight.detach().clone() if avg is None else 0.5 * avg + 0.5 * net.weight.detach()
     torch.testing.assert_close(r0["weight"], avg)
+
+
+def test_weight_average_is_the_models_default_and_can_be_set_or_turned_off(capsys):
+    def decay(*argv):
+        return parse_args(list(argv))[0].train_config().ema_decay
+
+    assert decay() == 0.98                                             # the decomposer's default
+    assert decay("--model", "sasrec") is None
+    assert decay("--ema-decay", "0.9") == 0.9 and decay("--model", "lstm", "--ema-decay", "0.5") == 0.5
+    assert decay("--ema-decay", "0") is None                           # off
+    with pytest.raises(SystemExit):
+        parse_args(["--ema-decay", "1"])
+    assert "--ema-decay must be in [0, 1), got 1.0" in capsys.readouterr().err
 
 
 def test_set_overrides_are_typed_and_checked():
