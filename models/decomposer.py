@@ -129,15 +129,12 @@ class InterestDecomposer(nn.Module):
         if not self.cfg.profile_decays:
             return h
         q = self.items(batch["items"])                                 # (B, T, D)
-        T = q.shape[1]
-        t = torch.arange(T, device=q.device)
+        t = torch.arange(q.shape[1], device=q.device)
         lag = (t[:, None] - t[None, :]).to(q.dtype)                    # (T, T): t − s
-        past = lag >= 0
-        means = []
-        for lam in self.cfg.profile_decays:
-            W = torch.where(past, lam ** lag.clamp_min(0), torch.zeros((), dtype=q.dtype, device=q.device))  # (T, T)
-            means.append(torch.einsum("ts,bsd->btd", W, q) / W.sum(1)[:, None])                 # (B, T, D)
-        return torch.cat([h, *means], dim=-1)
+        lam = q.new_tensor(self.cfg.profile_decays)[:, None, None]     # (R, 1, 1)
+        W = torch.where(lag >= 0, lam ** lag.clamp_min(0), 0.0)        # (R, T, T): λ^(t−s) for s ≤ t
+        m = torch.einsum("rts,bsd->btrd", W, q) / W.sum(-1).T[None, :, :, None]   # (B, T, R, D)
+        return torch.cat([h, m.flatten(-2)], dim=-1)
 
     def interest_state(self, state) -> torch.Tensor:
         """A state from `advance` -> z (B, U + R·D), what `states` gives at the last event."""
@@ -302,12 +299,10 @@ class InterestDecomposer(nn.Module):
         q = self.items(items)                                          # (B, T, D)
         B, T, D = q.shape
         R = len(self.cfg.profile_decays)
-        s = state[2][0] if state is not None else q.new_zeros(B, R * D)
+        s = state[2][0].view(B, R, D) if state is not None else q.new_zeros(B, R, D)
         w = state[3][0] if state is not None else q.new_zeros(B, R)
-        age = torch.arange(T - 1, -1, -1, device=q.device, dtype=q.dtype)   # (T,): T−1−t
-        new_s, new_w = [], []
-        for r, lam in enumerate(self.cfg.profile_decays):
-            k = lam ** age                                             # (T,)
-            new_s.append(lam ** T * s[:, r * D:(r + 1) * D] + torch.einsum("t,btd->bd", k, q))
-            new_w.append(lam ** T * w[:, r] + k.sum())
-        return (*hc, torch.cat(new_s, -1)[None], torch.stack(new_w, -1)[None])
+        lam = q.new_tensor(self.cfg.profile_decays)                    # (R,)
+        k = lam[:, None] ** torch.arange(T - 1, -1, -1, device=q.device, dtype=q.dtype)   # (R, T): λ^(T−1−t)
+        s = lam[:, None] ** T * s + torch.einsum("rt,btd->brd", k, q)  # (B, R, D)
+        w = lam ** T * w + k.sum(1)                                    # (B, R)
+        return (*hc, s.flatten(1)[None], w[None])

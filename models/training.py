@@ -161,12 +161,14 @@ def weight_average(model: nn.Module, cfg: TrainConfig) -> AveragedModel | None:
 
     At lr 1e-2 the recurrent models' weights jump between epochs and their validation with them;
     the average smooths that noise out the way a decaying learning rate would, without a schedule.
+    Only parameters are averaged: the buffers are constant item tables (texts, genres, popularity),
+    set before the copy, which a per-step average would only rewrite.
     """
     if cfg.ema_decay is None:
         return None
     if not 0.0 < cfg.ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in (0, 1), got {cfg.ema_decay}")
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
 
 
 def fit(model: nn.Module, data, split: Split, cfg: TrainConfig, progress: bool = True,

@@ -80,12 +80,11 @@ class RayTrainSettings:
     fail_at_epoch: int | None = None        # testing: rank 0 dies once, before reporting this epoch
 
     def train_config(self) -> TrainConfig:
-        given = {"lr": self.lr, "batch_size": self.batch_size}
+        given = {k: v for k, v in (("lr", self.lr), ("batch_size", self.batch_size)) if v is not None}
         if self.ema_decay is not None:
             given["ema_decay"] = self.ema_decay or None                 # 0 turns the average off
         return train_config(self.model, epochs=self.epochs, patience=self.patience, seed=self.seed,
-                            time_budget_s=self.time_budget_s,
-                            **{k: v for k, v in given.items() if k == "ema_decay" or v is not None})
+                            time_budget_s=self.time_budget_s, **given)
 
     def run_name(self) -> str:
         if self.name:
@@ -380,8 +379,11 @@ def sync_average(ema) -> None:
     """
     if ema is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    src = int(np.argmax(gather(int(ema.n_averaged.item()))))
-    for t in itertools.chain(ema.module.parameters(), ema.module.buffers(), [ema.n_averaged]):
+    steps = gather(int(ema.n_averaged.item()))
+    if len(set(steps)) == 1:                                            # even shards: already equal
+        return
+    src = int(np.argmax(steps))
+    for t in itertools.chain(ema.module.parameters(), [ema.n_averaged]):   # buffers are not averaged
         dist.broadcast(t.data, src)
 
 
