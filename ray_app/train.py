@@ -40,6 +40,7 @@ from models import checkpoint
 from models.batching import make_split, training_windows
 from models.data import InteractionData
 from models.metrics import summarize
+from models.precision import bf16_problem
 from models.run import PROTOCOLS, train_config
 from models.training import (HEADLINE, TrainConfig, batch_builder, evaluate, new_model, run_epoch, training_counts,
                              weight_average)
@@ -207,6 +208,10 @@ def plan(s: RayTrainSettings, num_cpus: int | None = None) -> Plan:
     check_model_args(s.model, s.model_args)
     if s.use_gpu and s.num_workers > 1 and s.gpus_per_worker < 1:
         raise SetupError("--gpus-per-worker below 1 with several workers: NCCL cannot share one GPU between ranks")
+    if s.bf16 and not s.use_gpu and not os.environ.get("RAY_ADDRESS"):
+        problem = bf16_problem("cpu")                                   # the workers run on this machine
+        if problem:
+            raise SetupError(f"--bf16: {problem}; train without --bf16, or on GPUs with --use-gpu")
     name = s.run_name()
     check_storage(s.storage_path, name)
     prepared = resolve_dataset(s.dataset, s.data_dir, s.prepared_dir)
@@ -304,7 +309,7 @@ def train_loop_per_worker(config: dict) -> None:
     starts, ends, rows = training_windows(split, core.cfg.max_len)
     windows = (starts, ends, split.user_start[rows])
     builder = batch_builder(data)
-    autocast = torch.bfloat16 if config["bf16"] else None
+    autocast = autocast_dtype(config["bf16"], device)
     uneven = model.join if isinstance(model, torch.nn.parallel.DistributedDataParallel) else contextlib.nullcontext
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         if state.finished(cfg):
@@ -352,6 +357,21 @@ class TrainState:
         if self.epoch and self.epoch - self.best_epoch >= cfg.patience:
             return True
         return cfg.time_budget_s is not None and self.train_seconds >= cfg.time_budget_s
+
+
+def autocast_dtype(bf16: bool, device) -> torch.dtype | None:
+    """bfloat16 when asked for and the worker's device runs it; otherwise float32, with a warning.
+
+    The driver refuses --bf16 up front on a local CPU without bf16; a worker on another machine of a
+    cluster may still lack it, and then trains in float32 rather than failing mid-epoch.
+    """
+    if not bf16:
+        return None
+    problem = bf16_problem(torch.device(device).type)
+    if problem:
+        log.warning("--bf16 ignored on this worker, training in float32: %s", problem)
+        return None
+    return torch.bfloat16
 
 
 def epoch_rng(seed: int, epoch: int, rank: int) -> np.random.Generator:
@@ -532,7 +552,9 @@ def parse_args(argv=None) -> tuple[RayTrainSettings, argparse.Namespace]:
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (see --gpus-per-worker)")
     p.add_argument("--gpus-per-worker", type=float, default=1.0)
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast in training")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast in training: GPUs, and CPUs with native bf16 (AVX-512 BF16 or AMX); "
+                        "refused on a local CPU without it, float32 with a warning on such a cluster worker")
     p.add_argument("--storage-path", default="runs/ray", help="local folder or pyarrow URI (s3://, gs://, ...)")
     p.add_argument("--name", help="run name; the same name resumes from its latest checkpoint")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the latest checkpoint")

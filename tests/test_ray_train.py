@@ -200,10 +200,38 @@ def test_same_name_resumes(faulted, tiny_data):
     assert after[:3] == before                                          # epochs 1-3 were not trained again
 
 
-def test_single_worker_bf16_cpu_path(cluster, tiny_data, tmp_path):
-    """The --use-gpu code path with use_gpu=False: get_device() is the CPU, autocast runs in bfloat16."""
-    assert train(tiny_data, tmp_path, "bf16", "--model", "lstm", "--set", "lstm_units=8", "--bf16",
-                 "--epochs", "1", "--cpus-per-worker", "2") == 0
+def test_single_worker_bf16_cpu_path(cluster, tiny_data, tmp_path, capsys):
+    """The --use-gpu code path with use_gpu=False: get_device() is the CPU, autocast runs in bfloat16
+    where the CPU supports it; elsewhere (AVX2 without AVX-512 BF16) --bf16 stops before training."""
+    from models.precision import bf16_problem
+
+    rc = train(tiny_data, tmp_path, "bf16", "--model", "lstm", "--set", "lstm_units=8", "--bf16",
+               "--epochs", "1", "--cpus-per-worker", "2")
+    problem = bf16_problem("cpu")
+    if problem:
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and err.count("\n") == 0 and "--bf16" in err and "bfloat16" in err, err
+        assert not (tmp_path / "bf16" / BEST_FILE).exists()
+        return
+    assert rc == 0
     best = best_record(tmp_path, "bf16")
     assert best["model_type"] == "lstm" and best["metrics"]["world_size"] == 1
     assert np.isfinite(best["metrics"]["loss_next_item"])
+
+
+def test_bf16_is_refused_on_a_cpu_without_it_and_a_worker_falls_back(monkeypatch, tiny_data, tmp_path, caplog):
+    """Both branches on any CPU: the driver's one-line refusal, a cluster worker's float32 fallback."""
+    import torch
+
+    from ray_app import train as train_mod
+    from ray_app.train import RayTrainSettings, autocast_dtype, plan
+
+    monkeypatch.setattr(train_mod, "bf16_problem", lambda device_type: "this CPU cannot run the LSTM in bfloat16")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(SetupError, match="--bf16: this CPU cannot run the LSTM in bfloat16; train without"):
+        plan(RayTrainSettings(dataset=str(tiny_data.path), storage_path=str(tmp_path), name="x", bf16=True))
+    with caplog.at_level("WARNING"):
+        assert autocast_dtype(True, "cpu") is None
+    assert "training in float32" in caplog.text
+    monkeypatch.setattr(train_mod, "bf16_problem", lambda device_type: None)
+    assert autocast_dtype(True, "cpu") is torch.bfloat16 and autocast_dtype(False, "cpu") is None
