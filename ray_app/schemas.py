@@ -15,6 +15,9 @@ MAX_HISTORY = 1000  # inline history and events per POST
 MAX_INTENT_CHARS = 500
 MAX_USER_ID_CHARS = 128
 MAX_TIMESTAMP = 1e11  # unix seconds (year 5138): larger values would overflow the int64 time features
+# An implicit event (a view, a click) carries no rating; the model reads it as this one, the most
+# common rating in MovieLens (4.0 stars), and the store keeps it as given.
+IMPLICIT_RATING = 4.0
 
 
 def clean_text(value: str) -> str:
@@ -39,7 +42,9 @@ class _Request(BaseModel):
 # -- shared pieces ---------------------------------------------------------------------
 class EventIn(_Request):
     item_id: int = Field(description="source item id")
-    rating: float = Field(ge=0.5, le=5.0, allow_inf_nan=False)
+    rating: float = Field(default=IMPLICIT_RATING, ge=0.5, le=5.0, allow_inf_nan=False,
+                          description=f"0.5 to 5 stars; leave it out for an implicit event (a view or a click), "
+                                      f"which counts as {IMPLICIT_RATING:g}")
     timestamp: float = Field(ge=0, le=MAX_TIMESTAMP, allow_inf_nan=False, description="unix seconds")
 
 

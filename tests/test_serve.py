@@ -219,6 +219,27 @@ def test_an_acknowledged_event_shows_in_the_next_recommendation(client, env):
     np.testing.assert_allclose([i["score"] for i in rec["items"]], [i["score"] for i in full["items"]], rtol=1e-4)
 
 
+def test_an_event_without_a_rating_is_an_implicit_one(client, env):
+    """A view or a click has no rating: accepted, and scored as the documented IMPLICIT_RATING."""
+    from ray_app.schemas import IMPLICIT_RATING
+
+    items = [int(env["data"].item_source_ids[j]) for j in (2, 5, 7)]
+    implicit = [{"item_id": i, "timestamp": 1.6e9 + 60 * j} for j, i in enumerate(items)]
+    rated = [{**e, "rating": IMPLICIT_RATING} for e in implicit]
+    other = [{**e, "rating": 1.0} for e in implicit]
+    ctx = {"timestamp": 1.6e9 + 3600}
+
+    def scores(history):
+        r = client.post("/recommend", json={"history": history, "k": 10, "exclude_seen": False, "context": ctx})
+        assert r.status_code == 200, r.text
+        return [(i["item_id"], round(i["score"], 4)) for i in r.json()["items"]]
+
+    assert scores(implicit) == scores(rated) != scores(other)
+    r = client.post("/users/implicit-user/events", json={"events": implicit})
+    assert r.status_code == 200 and r.json()["accepted"] == 3, r.text
+    assert [e["rating"] for e in events_of(client, "implicit-user")] == [IMPLICIT_RATING] * 3
+
+
 EV = {"item_id": 1, "rating": 4.0, "timestamp": 1.6e9}
 JSON = {"content-type": "application/json"}
 BAD = [  # (id, method, path, httpx arguments, status, field named in the error)
@@ -248,7 +269,8 @@ BAD = [  # (id, method, path, httpx arguments, status, field named in the error)
     ("too many events", "POST", "/users/x/events", {"json": {"events": [EV] * 1001}}, 422, "events"),
     ("event unknown item", "POST", "/users/x/events", {"json": {"events": [{**EV, "item_id": -3}]}}, 422,
      "events.0.item_id"),
-    ("event missing field", "POST", "/users/x/events", {"json": {"events": [{"item_id": 1}]}}, 422, "events.0.rating"),
+    ("event missing field", "POST", "/users/x/events", {"json": {"events": [{"item_id": 1, "rating": 4}]}}, 422,
+     "events.0.timestamp"),
     ("timestamp far future", "POST", "/recommend", {"json": {"context": {"timestamp": 1e300}}}, 422,
      "context.timestamp"),
     ("timestamp not a number", "POST", "/users/x/events", {"json": {"events": [{**EV, "timestamp": "noon"}]}}, 422,
