@@ -79,6 +79,7 @@ class RayTrainSettings:
     num_to_keep: int = 3                    # best checkpoints kept (the latest is kept too)
     check_resources: bool = True            # off for an autoscaling cluster that grows on demand
     fail_at_epoch: int | None = None        # testing: rank 0 dies once, before reporting this epoch
+    verbose: bool = False                   # Ray's own logs and the workers' output on the console
 
     def train_config(self) -> TrainConfig:
         given = {k: v for k, v in (("lr", self.lr), ("batch_size", self.batch_size)) if v is not None}
@@ -171,16 +172,26 @@ def check_resources(s: RayTrainSettings) -> None:
             raise SetupError(f"one worker needs {per_worker:g} {res}, the largest node has {biggest:g}")
 
 
-def connect(num_cpus: int | None = None) -> float:
-    """Join the cluster at RAY_ADDRESS, else start a local one -> seconds it took."""
+def connect(num_cpus: int | None = None, verbose: bool = False) -> float:
+    """Join the cluster at RAY_ADDRESS, else start a local one -> seconds it took.
+
+    Quiet unless `verbose`: the logs of Ray's own processes and of the workers stay in Ray's log
+    files (`/tmp/ray/session_latest/logs`) instead of the console, and Ray's driver-side messages
+    below WARNING are not shown. What a run has to say reaches the console through the driver
+    (`EpochLines`, the summary and result lines).
+    """
     import ray
 
     t0 = time.perf_counter()
     if not ray.is_initialized():
+        quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
         if os.environ.get("RAY_ADDRESS"):
-            ray.init()
+            ray.init(**quiet)
         else:
-            ray.init(num_cpus=num_cpus)
+            ray.init(num_cpus=num_cpus, **quiet)
+    if not verbose:
+        for name in ("ray", "ray.train", "ray.tune", "ray.serve", "ray.data"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     return time.perf_counter() - t0
 
 
@@ -220,7 +231,7 @@ def plan(s: RayTrainSettings, num_cpus: int | None = None) -> Plan:
         split = make_split(data.user_offsets, PROTOCOLS[s.protocol])
     except ValueError as e:
         raise SetupError(f"--dataset {prepared}: {e}") from None
-    connect(num_cpus)
+    connect(num_cpus, s.verbose)
     if s.check_resources:
         check_resources(s)
     cfg = s.train_config()
@@ -243,7 +254,7 @@ def plan(s: RayTrainSettings, num_cpus: int | None = None) -> Plan:
     return Plan(s, name, prepared, loop_config, {f"users_{r}": shard for r, shard in enumerate(shards)}, summary)
 
 
-def build_trainer(p: Plan):
+def build_trainer(p: Plan, callbacks: list | None = None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -258,7 +269,8 @@ def build_trainer(p: Plan):
             name=p.name, storage_path=_run_path(s.storage_path),
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=s.num_to_keep, checkpoint_score_attribute=METRIC,
-                                                         checkpoint_score_order="max")),
+                                                         checkpoint_score_order="max"),
+            callbacks=callbacks or None),
         datasets=p.datasets,
         # Worker r reads only "users_r": the shards are cut at user boundaries, none is split again.
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
@@ -327,11 +339,7 @@ def train_loop_per_worker(config: dict) -> None:
                    f"best_{METRIC}": state.best, "best_epoch": state.best_epoch, "world_size": ctx.get_world_size()}
         if config["fail_at_epoch"] == epoch and rank == 0:
             inject_fault(config["fault_marker"])
-        report(metrics, rank, core, judged, optimizer, state, items, config)
-        if rank == 0:
-            log.info("epoch %3d/%d  loss %.4f  valid ndcg@10 %.4f over %d targets  best %.4f @ %d  "
-                     "%.0f seq/s  %.1fs", epoch, cfg.epochs, losses.get("next_item", 0.0), valid[HEADLINE],
-                     n_valid, state.best, state.best_epoch, metrics["sequences_per_s"], train_s)
+        report(metrics, rank, core, judged, optimizer, state, items, config)   # the driver prints its line
 
 
 # ---- pieces of the worker loop -------------------------------------------------------------
@@ -493,6 +501,74 @@ def _run_path(storage_path: str, *parts: str) -> str:
 
 # ---- the driver ----------------------------------------------------------------------------
 
+def epoch_line(m: dict, epochs: int) -> str:
+    """One epoch's reported metrics -> the line the driver prints."""
+    return (f"epoch {m['epoch']:3d}/{epochs}  loss {m.get('loss_next_item', 0.0):.4f}  "
+            f"valid ndcg@10 {m[METRIC]:.4f} over {m['valid_targets']} targets  "
+            f"best {m[f'best_{METRIC}']:.4f} @ {m['best_epoch']}  {m['sequences_per_s']:.0f} seq/s  "
+            f"{m['train_seconds']:.1f}s")
+
+
+def _epoch_lines_callback(queue):
+    """A Train callback, run on the controller, that sends rank 0's metrics of each report to `queue`."""
+    from ray.train import UserCallback
+
+    class EpochLines(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and METRIC in metrics[0]:
+                queue.put({k: v for k, v in metrics[0].items() if isinstance(v, (int, float, str))})
+
+        def after_exception(self, run_context, worker_exceptions):
+            for rank, e in sorted(worker_exceptions.items()):
+                last_line = (str(e).strip().splitlines() or [""])[-1][:200]
+                queue.put({"failed_rank": rank, "error": f"{type(e).__name__}: {last_line}"})
+
+    return EpochLines()
+
+
+@contextlib.contextmanager
+def printed_epochs(epochs: int, out=None):
+    """Yields Train callbacks; meanwhile a driver thread prints one line per reported epoch.
+
+    The lines come from the controller through a Ray queue, so they show on the console even though
+    the workers' own output stays in Ray's log files (see `connect`), and in a `ray job` log too.
+    """
+    import threading
+
+    from ray.util.queue import Empty, Queue
+
+    out = out or sys.stdout
+    queue = Queue(actor_options={"num_cpus": 0})
+    done = threading.Event()
+
+    def pump() -> None:
+        last = None
+        while True:
+            try:
+                m = queue.get(timeout=0.5)
+            except Empty:
+                if done.is_set():
+                    return
+                continue
+            if "failed_rank" in m:
+                print(f"worker {m['failed_rank']} failed ({m['error']}); Ray Train restarts the workers from the "
+                      "latest checkpoint while --max-failures allows", file=out, flush=True)
+                continue
+            if m["epoch"] != (last or 0) + 1:                        # a resumed run, or a restarted worker group
+                print(f"resumed from the checkpoint of epoch {m['epoch'] - 1}", file=out, flush=True)
+            last = m["epoch"]
+            print(epoch_line(m, epochs), file=out, flush=True)
+
+    thread = threading.Thread(target=pump, name="epoch-lines", daemon=True)
+    thread.start()
+    try:
+        yield [_epoch_lines_callback(queue)]
+    finally:
+        done.set()
+        thread.join(timeout=10)
+        queue.shutdown()
+
+
 def best_checkpoint(result, p: Plan) -> dict | None:
     """The kept checkpoint with the highest validation NDCG@10 (earliest on ties), as later stages read it."""
     kept = [(c, m) for c, m in (result.best_checkpoints or []) if METRIC in m]
@@ -519,7 +595,8 @@ def run(s: RayTrainSettings, num_cpus: int | None = None) -> dict:
     """Check, train, and record the best checkpoint -> its record (see `best_checkpoint`)."""
     p = plan(s, num_cpus)
     print(p.summary, flush=True)
-    result = build_trainer(p).fit()
+    with printed_epochs(s.train_config().epochs) as callbacks:
+        result = build_trainer(p, callbacks).fit()
     best = best_checkpoint(result, p)
     if best is None:
         raise RuntimeError(f"run {p.name} reported no checkpoint")
@@ -563,6 +640,8 @@ def parse_args(argv=None) -> tuple[RayTrainSettings, argparse.Namespace]:
     p.add_argument("--skip-resource-check", action="store_true",
                    help="autoscaling cluster: do not require the resources to be there already")
     p.add_argument("--fail-at-epoch", type=int, help="testing: rank 0 exits once before reporting this epoch")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own logs and the workers' output (otherwise in /tmp/ray/session_latest/logs)")
     a = p.parse_args(argv)
     for flag, value in (("--num-workers", a.num_workers), ("--epochs", a.epochs), ("--patience", a.patience),
                         ("--keep", a.keep), ("--cpus-per-worker", a.cpus_per_worker),
@@ -582,7 +661,7 @@ def parse_args(argv=None) -> tuple[RayTrainSettings, argparse.Namespace]:
         time_budget_s=a.time_budget, num_workers=a.num_workers, cpus_per_worker=a.cpus_per_worker,
         use_gpu=a.use_gpu, gpus_per_worker=a.gpus_per_worker, bf16=a.bf16, storage_path=a.storage_path,
         name=a.name, max_failures=a.max_failures, num_to_keep=a.keep,
-        check_resources=not a.skip_resource_check, fail_at_epoch=a.fail_at_epoch)
+        check_resources=not a.skip_resource_check, fail_at_epoch=a.fail_at_epoch, verbose=a.verbose)
     return s, a
 
 
