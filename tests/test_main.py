@@ -6,6 +6,7 @@ on CI this is a clean clone, so `scripts/setup.sh` has just built a clean virtua
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +20,9 @@ import pytest
 from ray_app import main as main_job
 
 ROOT = Path(__file__).resolve().parents[1]
+# What Ray's own processes print when their logs reach the console.
+RAY_INTERNALS = re.compile(r"TrainingReport\(|Checkpoint successfully created|TrainController|\(pid=|RayTrainWorker|"
+                           r"ServeController|ProxyActor|ServeReplica|INFO worker\.py|StorageContext")
 
 
 def free_port() -> int:
@@ -64,6 +68,11 @@ def test_first_command_serves_the_api_and_the_demo(tmp_path):
         text = log.read_text()
         assert "ndcg@10" in text and "popular" in text, "the evaluation table was not printed"
         assert f"{api}/docs" in text and f"127.0.0.1:{demo_port}" in text
+        before = text[:text.index("=" * 72)].splitlines()           # what a newcomer reads before the banner
+        assert len(before) <= 60, "\n".join(before)
+        noisy = [line for line in before if RAY_INTERNALS.search(line)]
+        assert not noisy, "\n".join(noisy)
+        assert sum(line.startswith("epoch ") for line in before) == 2  # --smoke trains 2 epochs
 
         user = httpx.get(f"{api}/users", params={"limit": 1}, timeout=10).json()["users"][0]["user_id"]
         rec = httpx.post(f"{api}/recommend", json={"user_id": user, "k": 5}, timeout=30)
@@ -111,3 +120,13 @@ def test_not_enough_memory_names_the_dataset_and_a_smaller_one():
 def test_bad_checkpoint_path_is_explained(tmp_path):
     with pytest.raises(main_job.NewcomerError, match="--checkpoint"):
         main_job.resolve_checkpoint(tmp_path / "missing")
+
+
+def test_serve_first_the_full_comparison_is_one_flag_away():
+    assert main_job.parse_args([]).baselines == ("popular",)
+    assert main_job.parse_args(["--compare"]).baselines == main_job.BASELINES
+    assert main_job.parse_args(["--baselines", "all"]).baselines == main_job.BASELINES
+    assert main_job.parse_args(["--baselines", "popular,sasrec"]).baselines == ("popular", "sasrec")
+    assert main_job.parse_args(["--baselines", ""]).baselines == ()
+    with pytest.raises(SystemExit):
+        main_job.parse_args(["--baselines", "bogus"])
