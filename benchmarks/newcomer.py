@@ -1,0 +1,236 @@
+"""The README's first command as a newcomer meets it: a fresh clone, a fresh virtual environment.
+
+    python benchmarks/newcomer.py                    # the pip cache as this machine has it
+    python benchmarks/newcomer.py --no-pip-cache     # every package downloaded from the index
+    python benchmarks/newcomer.py --repo . --branch main --out benchmarks/results/newcomer.json
+
+Clones the branch into a temporary folder, runs `bash scripts/main.sh` there (which creates
+`.venv` and installs the project, prepares the data, trains, serves and starts the demo) and
+records:
+
+- `seconds_to_healthz`, `seconds_to_demo`: from the command's start to a 200 from the API's
+  `/healthz`, and from the demo's page;
+- `lines_before_banner` (and how many of them look like Ray's internals), the lines themselves;
+- `curl_ok`: every `curl` line of the banner, and of the README's API section, run as printed
+  (the README's with `API` set to the job's address) answers JSON without an error `detail`;
+- the machine: CPU model and flags that matter here (AVX2, AVX-512, AVX-512 BF16, AMX), cores,
+  memory.
+
+Then it sends Ctrl-C (SIGINT to the job's process group) and waits for the job to end. Only
+loopback addresses are contacted. Results go to `--out` as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+BANNER_RULE = "=" * 72
+RAY_INTERNALS = re.compile(r"TrainingReport\(|Checkpoint successfully created|TrainController|\(pid=|"
+                           r"RayTrainWorker|ServeController|ProxyActor|ServeReplica|INFO worker\.py|"
+                           r"ray\.train|ray\.serve|StorageContext|raylet|gcs_server")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def machine_record() -> dict:
+    flags: set[str] = set()
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"cpu": model, "cpus": os.cpu_count(), "memory_gib": round(mem / 2**30, 1),
+            "cpu_flags": {f: f in flags for f in CPU_FLAGS}, "python": platform.python_version(),
+            "load_avg_at_start": list(os.getloadavg())}
+
+
+class Output:
+    """The job's merged stdout/stderr, line by line with the second each arrived."""
+
+    def __init__(self, proc: subprocess.Popen, t0: float, echo: bool):
+        self.lines: list[tuple[float, str]] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._read, args=(proc, t0, echo), daemon=True)
+        self._thread.start()
+
+    def _read(self, proc, t0, echo):
+        for raw in iter(proc.stdout.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            with self._lock:
+                self.lines.append((time.perf_counter() - t0, line))
+            if echo:
+                print(f"  | {line}", flush=True)
+
+    def text(self) -> list[str]:
+        with self._lock:
+            return [line for _, line in self.lines]
+
+    def banner_end(self) -> int | None:
+        """Index of the banner's closing rule, once it has been printed."""
+        text = self.text()
+        rules = [i for i, line in enumerate(text) if line == BANNER_RULE]
+        return rules[1] if len(rules) >= 2 else None
+
+
+def wait_200(url: str, proc: subprocess.Popen, t0: float, timeout_s: float) -> float | None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return time.perf_counter() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return None
+
+
+def shell_commands(lines: list[str]) -> list[str]:
+    """Shell lines -> whole commands: backslash continuations and multi-line quotes joined, comments kept out."""
+    commands, current = [], ""
+    for line in lines:
+        current = f"{current}\n{line}" if current else line
+        if current.rstrip().endswith("\\") or current.count("'") % 2:
+            continue
+        if current.strip() and not current.strip().startswith("#"):
+            commands.append(current)
+        current = ""
+    return commands
+
+
+def banner_curls(text: list[str], start: int, end: int) -> list[str]:
+    block = [line.strip() for line in text[start:end]]
+    return [c for c in shell_commands(block) if c.startswith("curl ")]
+
+
+def readme_curls(readme: Path) -> list[str]:
+    """The `curl` commands of the README's API section (its first bash block), as written."""
+    text = readme.read_text()
+    section = text[text.index("## The API"):]
+    block = section[section.index("```bash") + len("```bash"):]
+    block = block[:block.index("```")]
+    return [c for c in shell_commands(block.strip().splitlines()) if c.lstrip().startswith("curl ")]
+
+
+def run_curl(command: str, env: dict) -> dict:
+    """Run one printed `curl` line with bash; ok when it answers JSON with no error `detail`."""
+    cmd = re.sub(r"\s+#[^'\"]*$", "", command)                          # a trailing comment
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120, env=env)
+    ok, why = False, ""
+    try:
+        body = json.loads(r.stdout)
+        ok = r.returncode == 0 and not (isinstance(body, dict) and "detail" in body)
+        why = "" if ok else str(body)[:300]
+    except json.JSONDecodeError:
+        why = (r.stdout or r.stderr)[:300] or f"exit {r.returncode}"
+    return {"command": command, "ok": ok, **({"error": why} if why else {})}
+
+
+def stop(proc: subprocess.Popen, timeout_s: float = 120) -> float | None:
+    """Ctrl-C to the job's process group -> seconds it took to end (None: killed)."""
+    if proc.poll() is not None:
+        return 0.0
+    t0 = time.perf_counter()
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout_s)
+        return time.perf_counter() - t0
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repo", default=str(ROOT), help="repository to clone (default: this one)")
+    p.add_argument("--branch", default="main")
+    p.add_argument("--no-pip-cache", action="store_true", help="download every package (PIP_NO_CACHE_DIR=1)")
+    p.add_argument("--args", default="", help="extra arguments of the first command, e.g. '--no-demo'")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the API")
+    p.add_argument("--keep", action="store_true", help="keep the clone")
+    p.add_argument("--quiet", action="store_true", help="do not echo the job's output")
+    p.add_argument("--out", type=Path, default=RESULTS / "newcomer.json")
+    a = p.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="newcomer-"))
+    clone = work / "dynamic-interest"
+    subprocess.run(["git", "clone", "--quiet", "--branch", a.branch, a.repo, str(clone)], check=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
+    api_port, demo_port = free_port(), free_port()
+    command = f"bash scripts/main.sh --port {api_port} --demo-port {demo_port} {a.args}".strip()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "RAY_ADDRESS", "PYTHONPATH"))}
+    env["PATH"] = os.pathsep.join(x for x in env.get("PATH", "").split(os.pathsep) if ".venv" not in x)
+    if a.no_pip_cache:
+        env["PIP_NO_CACHE_DIR"] = "1"
+    print(f"==> {command}  (in {clone}, commit {commit[:10]})", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(["bash", "-c", command], cwd=clone, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    out = Output(proc, t0, echo=not a.quiet)
+    api, demo = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{demo_port}"
+    record: dict = {"command": command, "commit": commit, "pip_cache": not a.no_pip_cache,
+                    "machine": machine_record()}
+    try:
+        record["seconds_to_healthz"] = wait_200(f"{api}/healthz", proc, t0, a.timeout)
+        no_demo = "--no-demo" in a.args
+        record["seconds_to_demo"] = None if no_demo else wait_200(f"{demo}/", proc, t0, 300)
+        deadline = time.monotonic() + 60
+        while out.banner_end() is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        text, end = out.text(), out.banner_end()
+        start = text.index(BANNER_RULE) if end is not None else None
+        record["lines_before_banner"] = start
+        before = text[:start] if start is not None else text
+        record["ray_internal_lines_before_banner"] = sum(bool(RAY_INTERNALS.search(line)) for line in before)
+        record["output_before_banner"] = before
+        curls = []
+        if end is not None:
+            curls += [{"from": "banner", **run_curl(c, env)} for c in banner_curls(text, start, end)]
+        readme_env = {**env, "API": api}
+        curls += [{"from": "README", **run_curl(c, readme_env)} for c in readme_curls(clone / "README.md")]
+        record["curls"] = curls
+        record["curl_ok"] = bool(curls) and all(c["ok"] for c in curls)
+    finally:
+        record["seconds_to_stop_after_ctrl_c"] = stop(proc)
+        record["exit_status"] = proc.returncode
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(record, indent=2) + "\n")
+    summary = {k: record.get(k) for k in ("seconds_to_healthz", "seconds_to_demo", "lines_before_banner",
+                                          "ray_internal_lines_before_banner", "curl_ok", "exit_status")}
+    print(json.dumps(summary, indent=2))
+    for c in record.get("curls", []):
+        if not c["ok"]:
+            print(f"FAILED ({c['from']}): {c['command']}\n  -> {c.get('error')}", file=sys.stderr)
+    return 0 if record.get("seconds_to_healthz") and record.get("curl_ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
