@@ -10,7 +10,8 @@ records:
 
 - `seconds_to_healthz`, `seconds_to_demo`: from the command's start to a 200 from the API's
   `/healthz`, and from the demo's page;
-- `lines_before_banner` (and how many of them look like Ray's internals), the lines themselves;
+- `lines_before_banner` (and how many of them look like Ray's internals), the lines themselves
+  with the second each was printed;
 - `curl_ok`: every `curl` line of the banner, and of the README's API section, run as printed
   (the README's with `API` set to the job's address) answers JSON without an error `detail`;
 - the machine: CPU model and flags that matter here (AVX2, AVX-512, AVX-512 BF16, AMX), cores,
@@ -90,6 +91,10 @@ class Output:
     def text(self) -> list[str]:
         with self._lock:
             return [line for _, line in self.lines]
+
+    def timed(self) -> list[tuple[float, str]]:
+        with self._lock:
+            return list(self.lines)
 
     def banner_end(self) -> int | None:
         """Index of the banner's closing rule, once it has been printed."""
@@ -208,7 +213,7 @@ def main(argv=None) -> int:
         record["lines_before_banner"] = start
         before = text[:start] if start is not None else text
         record["ray_internal_lines_before_banner"] = sum(bool(RAY_INTERNALS.search(line)) for line in before)
-        record["output_before_banner"] = before
+        record["output_before_banner"] = [[round(t, 1), line] for t, line in out.timed()[:len(before)]]
         curls = []
         if end is not None:
             curls += [{"from": "banner", **run_curl(c, env)} for c in banner_curls(text, start, end)]

@@ -183,16 +183,35 @@ def connect(num_cpus: int | None = None, verbose: bool = False) -> float:
     import ray
 
     t0 = time.perf_counter()
+    if not verbose:
+        quiet_console()
     if not ray.is_initialized():
-        quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
+        quiet = {} if verbose else {"log_to_driver": False}
         if os.environ.get("RAY_ADDRESS"):
             ray.init(**quiet)
         else:
             ray.init(num_cpus=num_cpus, **quiet)
-    if not verbose:
-        for name in ("ray", "ray.train", "ray.tune", "ray.serve", "ray.data"):
-            logging.getLogger(name).setLevel(logging.WARNING)
     return time.perf_counter() - t0
+
+
+class _ConsoleFilter(logging.Filter):
+    """Warnings and errors only, less two notices that ask nothing of the user: Ray's default token
+    authentication, and Ray Data's progress bars being off (`ray_app.data` turns them off)."""
+
+    HIDDEN = ("Token authentication is enabled for this Ray cluster", "Progress bars disabled")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING and not any(h in record.getMessage() for h in self.HIDDEN)
+
+
+def quiet_console() -> None:
+    """Ray's driver-side console handlers keep warnings only; its log files keep everything."""
+    import ray.data  # noqa: F401  configures its own console and file handlers when imported
+
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve"):
+        for h in logging.getLogger(name).handlers:
+            if isinstance(h, logging.StreamHandler) and not any(isinstance(f, _ConsoleFilter) for f in h.filters):
+                h.addFilter(_ConsoleFilter())
 
 
 # ---- the trainer ---------------------------------------------------------------------------

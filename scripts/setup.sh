@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Create .venv and install the project with its dev extra; a no-op when pyproject.toml is unchanged.
+# Create .venv and install the project; a no-op when pyproject.toml is unchanged.
+#   bash scripts/setup.sh        what the main job needs
+#   bash scripts/setup.sh dev    and the test suite's extra (pytest, playwright, ...)
+# pip's own output goes to .venv/pip-install.log (shown when the install fails; VERBOSE=1 shows it live).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -7,12 +10,36 @@ if [ ! -x .venv/bin/python ]; then
   echo "==> creating .venv"
   "$PY" -m venv .venv
 fi
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
-if [ ! -f "$stamp" ]; then
-  echo "==> installing dependencies (first time: a few minutes)"
-  .venv/bin/pip install --quiet --upgrade pip
-  # torch is pinned to the CPU wheel in pyproject.toml; a looser pin would pull a multi-GB CUDA build.
-  .venv/bin/pip install --quiet -e '.[dev]'
+extra=${1:-}
+case "$extra" in ""|dev) ;; *) echo "usage: bash scripts/setup.sh [dev]" >&2; exit 2 ;; esac
+hash=$(sha256sum pyproject.toml | cut -c1-16)
+stamp=.venv/.installed-$hash${extra:+-$extra}
+if [ ! -f "$stamp" ] && [ ! -f ".venv/.installed-$hash-dev" ]; then     # the dev install covers the plain one
+  log=.venv/pip-install.log
+  echo "==> installing dependencies (first time: a few minutes; pip's log: $log)"
+  install() {
+    .venv/bin/pip install --quiet --upgrade pip
+    # torch is pinned to the CPU wheel in pyproject.toml; a looser pin would pull a multi-GB CUDA build.
+    .venv/bin/pip install --quiet -e ".${extra:+[$extra]}"
+  }
+  if [ "${VERBOSE:-0}" = 1 ]; then
+    install 2>&1 | tee "$log"
+  else
+    install >"$log" 2>&1 &
+    pid=$!
+    start=$SECONDS
+    while kill -0 "$pid" 2>/dev/null; do          # a heartbeat on a terminal, silence in a log
+      [ -t 1 ] && printf '\r    %d s' $((SECONDS - start))
+      sleep 1
+    done
+    [ -t 1 ] && printf '\r'
+    if ! wait "$pid"; then
+      echo "error: installing the dependencies failed; the end of $log:" >&2
+      tail -n 30 "$log" >&2
+      exit 1
+    fi
+    echo "    installed in $((SECONDS - start)) s"
+  fi
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -2,6 +2,6 @@
 # Set up and run the test suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh dev
 export RAY_USAGE_STATS_ENABLED=0
 exec .venv/bin/python -m pytest -q "$@"
