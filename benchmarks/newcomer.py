@@ -5,8 +5,9 @@
     python benchmarks/newcomer.py --repo . --branch main --out benchmarks/results/newcomer.json
 
 Clones the branch into a temporary folder, runs `bash scripts/main.sh` there (which creates
-`.venv` and installs the project, prepares the data, trains, serves and starts the demo) and
-records:
+`.venv` and installs the project, prepares the data, trains, serves and starts the demo), then
+once more in the same clone with the install and the prepared data cached (`install_cached`),
+and records for each:
 
 - `seconds_to_healthz`, `seconds_to_demo`: from the command's start to a 200 from the API's
   `/healthz`, and from the demo's page;
@@ -115,14 +116,29 @@ def wait_200(url: str, proc: subprocess.Popen, t0: float, timeout_s: float) -> f
     return None
 
 
+def strip_comment(line: str, quote: str | None = None) -> tuple[str, str | None]:
+    """A shell line without its trailing `# comment` -> (line, the quote still open at its end)."""
+    for i, ch in enumerate(line):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i].rstrip(), None
+    return line, quote
+
+
 def shell_commands(lines: list[str]) -> list[str]:
-    """Shell lines -> whole commands: backslash continuations and multi-line quotes joined, comments kept out."""
-    commands, current = [], ""
-    for line in lines:
+    """Shell lines -> whole commands: backslash continuations and multi-line quotes joined, comments left out."""
+    commands, current, quote = [], "", None
+    for raw in lines:
+        line, quote = strip_comment(raw, quote)
         current = f"{current}\n{line}" if current else line
-        if current.rstrip().endswith("\\") or current.count("'") % 2:
+        if quote:
             continue
-        if current.strip() and not current.strip().startswith("#"):
+        if current.rstrip().endswith("\\"):
+            continue
+        if current.strip():
             commands.append(current)
         current = ""
     return commands
@@ -144,8 +160,7 @@ def readme_curls(readme: Path) -> list[str]:
 
 def run_curl(command: str, env: dict) -> dict:
     """Run one printed `curl` line with bash; ok when it answers JSON with no error `detail`."""
-    cmd = re.sub(r"\s+#[^'\"]*$", "", command)                          # a trailing comment
-    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120, env=env)
+    r = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120, env=env)
     ok, why = False, ""
     try:
         body = json.loads(r.stdout)
@@ -171,39 +186,20 @@ def stop(proc: subprocess.Popen, timeout_s: float = 120) -> float | None:
         return None
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repo", default=str(ROOT), help="repository to clone (default: this one)")
-    p.add_argument("--branch", default="main")
-    p.add_argument("--no-pip-cache", action="store_true", help="download every package (PIP_NO_CACHE_DIR=1)")
-    p.add_argument("--args", default="", help="extra arguments of the first command, e.g. '--no-demo'")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the API")
-    p.add_argument("--keep", action="store_true", help="keep the clone")
-    p.add_argument("--quiet", action="store_true", help="do not echo the job's output")
-    p.add_argument("--out", type=Path, default=RESULTS / "newcomer.json")
-    a = p.parse_args(argv)
-
-    work = Path(tempfile.mkdtemp(prefix="newcomer-"))
-    clone = work / "dynamic-interest"
-    subprocess.run(["git", "clone", "--quiet", "--branch", a.branch, a.repo, str(clone)], check=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
+def run_once(clone: Path, env: dict, extra_args: str, timeout_s: float, echo: bool) -> dict:
+    """The first command once in `clone`, until its banner; its curl lines; Ctrl-C -> the figures."""
     api_port, demo_port = free_port(), free_port()
-    command = f"bash scripts/main.sh --port {api_port} --demo-port {demo_port} {a.args}".strip()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "RAY_ADDRESS", "PYTHONPATH"))}
-    env["PATH"] = os.pathsep.join(x for x in env.get("PATH", "").split(os.pathsep) if ".venv" not in x)
-    if a.no_pip_cache:
-        env["PIP_NO_CACHE_DIR"] = "1"
-    print(f"==> {command}  (in {clone}, commit {commit[:10]})", flush=True)
+    command = f"bash scripts/main.sh --port {api_port} --demo-port {demo_port} {extra_args}".strip()
+    print(f"==> {command}  (in {clone})", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen(["bash", "-c", command], cwd=clone, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
-    out = Output(proc, t0, echo=not a.quiet)
+    out = Output(proc, t0, echo=echo)
     api, demo = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{demo_port}"
-    record: dict = {"command": command, "commit": commit, "pip_cache": not a.no_pip_cache,
-                    "machine": machine_record()}
+    record: dict = {"command": command}
     try:
-        record["seconds_to_healthz"] = wait_200(f"{api}/healthz", proc, t0, a.timeout)
-        no_demo = "--no-demo" in a.args
+        record["seconds_to_healthz"] = wait_200(f"{api}/healthz", proc, t0, timeout_s)
+        no_demo = "--no-demo" in extra_args
         record["seconds_to_demo"] = None if no_demo else wait_200(f"{demo}/", proc, t0, 300)
         deadline = time.monotonic() + 60
         while out.banner_end() is None and time.monotonic() < deadline and proc.poll() is None:
@@ -224,17 +220,56 @@ def main(argv=None) -> int:
     finally:
         record["seconds_to_stop_after_ctrl_c"] = stop(proc)
         record["exit_status"] = proc.returncode
+    return record
+
+
+HEADLINE = ("seconds_to_healthz", "seconds_to_demo", "lines_before_banner", "ray_internal_lines_before_banner",
+            "curl_ok", "exit_status")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repo", default=str(ROOT), help="repository to clone (default: this one)")
+    p.add_argument("--branch", default="main")
+    p.add_argument("--no-pip-cache", action="store_true", help="download every package (PIP_NO_CACHE_DIR=1)")
+    p.add_argument("--args", default="", help="extra arguments of the first command, e.g. '--no-demo'")
+    p.add_argument("--fresh-only", action="store_true",
+                   help="skip the second run in the same clone (install and prepared data cached)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the API")
+    p.add_argument("--keep", action="store_true", help="keep the clone")
+    p.add_argument("--quiet", action="store_true", help="do not echo the job's output")
+    p.add_argument("--out", type=Path, default=RESULTS / "newcomer.json")
+    a = p.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="newcomer-"))
+    clone = work / "dynamic-interest"
+    subprocess.run(["git", "clone", "--quiet", "--branch", a.branch, a.repo, str(clone)], check=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "RAY_ADDRESS", "PYTHONPATH"))}
+    env["PATH"] = os.pathsep.join(x for x in env.get("PATH", "").split(os.pathsep) if ".venv" not in x)
+    if a.no_pip_cache:
+        env["PIP_NO_CACHE_DIR"] = "1"
+    record: dict = {"commit": commit, "pip_cache": not a.no_pip_cache, "machine": machine_record()}
+    try:
+        fresh = run_once(clone, env, a.args, a.timeout, echo=not a.quiet)       # fresh clone, fresh .venv
+        record.update({k: fresh[k] for k in HEADLINE if k in fresh}, fresh=fresh)
+        if not a.fresh_only:
+            record["install_cached"] = run_once(clone, env, a.args, a.timeout, echo=not a.quiet)
+    finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(record, indent=2) + "\n")
-    summary = {k: record.get(k) for k in ("seconds_to_healthz", "seconds_to_demo", "lines_before_banner",
-                                          "ray_internal_lines_before_banner", "curl_ok", "exit_status")}
-    print(json.dumps(summary, indent=2))
-    for c in record.get("curls", []):
-        if not c["ok"]:
-            print(f"FAILED ({c['from']}): {c['command']}\n  -> {c.get('error')}", file=sys.stderr)
-    return 0 if record.get("seconds_to_healthz") and record.get("curl_ok") else 1
+    runs = {"fresh": record.get("fresh", {}), "install_cached": record.get("install_cached", {})}
+    print(json.dumps({name: {k: r.get(k) for k in HEADLINE} for name, r in runs.items() if r}, indent=2))
+    failed = False
+    for name, r in runs.items():
+        for c in r.get("curls", []):
+            if not c["ok"]:
+                failed = True
+                print(f"FAILED ({name}, {c['from']}): {c['command']}\n  -> {c.get('error')}", file=sys.stderr)
+    ok = all(r.get("seconds_to_healthz") and r.get("curl_ok") for r in runs.values() if r)
+    return 0 if ok and not failed else 1
 
 
 if __name__ == "__main__":
