@@ -18,7 +18,7 @@ if [ ! -f "$stamp" ] && [ ! -f ".venv/.installed-$hash-dev" ]; then     # the de
   log=.venv/pip-install.log
   echo "==> installing dependencies (first time: a few minutes; pip's log: $log)"
   install() {
-    .venv/bin/pip install --quiet --upgrade pip
+    # The venv's own pip (Python 3.11's is 23.2) installs everything here; upgrading it first cost time.
     # torch is pinned to the CPU wheel in pyproject.toml; a looser pin would pull a multi-GB CUDA build.
     .venv/bin/pip install --quiet -e ".${extra:+[$extra]}"
   }
