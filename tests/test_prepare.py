@@ -107,7 +107,7 @@ def test_prepare_tables_and_manifest(tmp_path):
                                                                    "source_user": [5, 7]}
     assert pq.read_table(out / "truth.parquet").equals(make_raw().extra["truth"])
     m = json.loads((out / "manifest.json").read_text())
-    assert m["format_version"] == 1 and m["dataset"] == "toy" and m["source"] == "made by hand"
+    assert m["format_version"] == 2 and m["dataset"] == "toy" and m["source"] == "made by hand"
     assert m["counts"] == {"users": 2, "items": 3, "interactions": 7, "genres": 5,
                            "intents": len(phrases)}
     assert m["genres"] == ["Action", "Animation", "Comedy", "Crime", "Romance"]
@@ -215,3 +215,53 @@ def test_prepare_source_synthetic(tmp_path):
 def test_prepare_source_unknown_dataset(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset"):
         prepare_source("netflix", tmp_path / "x", encoder=FakeEncoder())
+
+
+# ---- no future information in item text -------------------------------------------------------
+
+def _tagged_folder(root: Path, extra_tags: list[str]) -> Path:
+    """Three users × 14 events (every protocol's targets at times ≥ 1000), six movies, early tags."""
+    folder = root / "ml-latest-small"
+    folder.mkdir(parents=True)
+    (folder / "movies.csv").write_text("movieId,title,genres\n" + "".join(
+        f"{i},Movie {i} (1999),{g}\n" for i, g in zip(range(1, 7), ["Comedy", "Drama", "Horror"] * 2)))
+    rows = [f"{u},{1 + (u + j) % 6},4.0,{1000 * j + u}" for u in (1, 2, 3) for j in range(14)]
+    (folder / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "\n".join(rows) + "\n")
+    tags = ["1,1,funny,5", "2,2,sad,6", *extra_tags]
+    (folder / "tags.csv").write_text("userId,movieId,tag,timestamp\n" + "\n".join(tags) + "\n")
+    return folder
+
+
+def test_a_tag_applied_after_a_target_does_not_change_its_score(tmp_path):
+    import torch
+
+    from models.batching import make_split
+    from models.data.prepare import evaluation_cutoff
+    from models.training import evaluate, new_model
+
+    def prepared_scores(name: str, extra: list[str]):
+        out = prepare_source("ml-latest-small", tmp_path / name / "out", encoder=FakeEncoder(),
+                             data_dir=_tagged_folder(tmp_path / name, extra), progress=False)
+        data = load_prepared(out)
+        split = make_split(data.user_offsets, 10)
+        torch.manual_seed(0)
+        model = new_model("decomposer", data, split)
+        ev = evaluate(model, data, split, "test")
+        return data, np.concatenate([ev["masked"]["ndcg@10"], ev["unmasked"]["mrr"]]), out
+
+    base, base_scores, out = prepared_scores("base", [])
+    manifest = json.loads((out / "manifest.json").read_text())
+    cutoff = manifest["tags"]["used_before"]
+    # The earliest evaluated event: user 1's 4th (14 events: 10 test, 1 validation, 3 history).
+    assert cutoff == 3001 == evaluation_cutoff(np.repeat([1, 2, 3], 14), np.tile(1000 * np.arange(14), 3)
+                                               + np.repeat([1, 2, 3], 14))
+    target_item = int(base.item_source_ids[base.items[base.user_offsets[1] - 1]])   # user 1's last target
+    late = [f"9,{target_item},spoiler ending,{cutoff + 1}", f"9,{target_item},spoiler ending,99999"]
+    planted, planted_scores, planted_out = prepared_scores("late", late)
+    assert json.loads((planted_out / "manifest.json").read_text())["tags"]["applied"] == 4
+    np.testing.assert_array_equal(planted.item_emb, base.item_emb)          # the item text did not see it
+    np.testing.assert_array_equal(planted_scores, base_scores)              # nor did any target's score
+    # The same tag applied before every target is used: the check above can fail.
+    early, early_scores, _ = prepared_scores("early", [f"9,{target_item},spoiler ending,{cutoff - 1}"])
+    assert not np.array_equal(early.item_emb, base.item_emb)
+    assert not np.array_equal(early_scores, base_scores)

@@ -21,14 +21,13 @@ import pyarrow.csv as pacsv
 from tqdm.auto import tqdm
 
 from models.data.errors import DataFormatError
-from models.data.raw import ITEMS_SCHEMA, RATINGS_SCHEMA, RawData
+from models.data.raw import ITEMS_SCHEMA, RATINGS_SCHEMA, TAG_EVENTS_SCHEMA, RawData, rank_tags
 
 MOVIELENS_URL = "https://files.grouplens.org/datasets/movielens/{name}.zip"
 KNOWN_DATASETS = ("ml-latest-small", "ml-100k", "ml-1m", "ml-10m", "ml-25m", "ml-32m")
 KNOWN_SHA256 = {
     "ml-1m": "a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20",  # 5,917,549 bytes
 }
-MAX_TAGS_PER_ITEM = 10
 RATING_RANGE = (0.5, 5.0)
 # Folder names inside the official archives that differ from the dataset name.
 _FOLDER_ALIASES = {"ml-10m100k": "ml-10m"}
@@ -337,11 +336,11 @@ def _read_movies_100k(src: _Source):
 
 # ---- tags -----------------------------------------------------------------------------------
 
-def _read_tags(src: _Source, kind: str, item_ids: set[int], movies_file: str) -> dict[int, list[str]]:
-    """Distinct lower-cased tags per movie, the most used first (ties: first seen), at most 10."""
+def _read_tags(src: _Source, kind: str, item_ids: set[int], movies_file: str) -> pa.Table | None:
+    """Every tag application (item, normalised tag, time) in file order (TAG_EVENTS_SCHEMA); None without tags."""
     name = "tags.csv" if kind == "csv" else "tags.dat"
     if kind == "100k" or not src.has(name):
-        return {}
+        return None
     disp = src.display(name)
     if kind == "csv":
         rows = _lines(src.read_text(name), ",", quoted=True)
@@ -350,7 +349,7 @@ def _read_tags(src: _Source, kind: str, item_ids: set[int], movies_file: str) ->
     else:
         rows = _lines(src.read_text(name), "::", quoted=False)
         names = ["UserID", "MovieID", "Tag", "Timestamp"]
-    counts: dict[int, dict[str, int]] = {}
+    out_items, out_tags, out_times = [], [], []
     for line, f in rows:
         if kind == "dat" and len(f) > 4:  # a tag that itself contains '::'
             f = [f[0], f[1], "::".join(f[2:-1]), f[-1]]
@@ -358,15 +357,15 @@ def _read_tags(src: _Source, kind: str, item_ids: set[int], movies_file: str) ->
             raise DataFormatError(disp, f"expected 4 fields, got {len(f)}", line)
         _int(f[0], names[0], disp, line)
         item = _int(f[1], names[1], disp, line)
-        _int(f[3], names[3], disp, line)
+        when = _int(f[3], names[3], disp, line)
         if item not in item_ids:
             raise DataFormatError(disp, f"{names[1]} {item} is not in {movies_file}", line)
         tag = " ".join(f[2].split()).lower()
         if tag:
-            per_item = counts.setdefault(item, {})
-            per_item[tag] = per_item.get(tag, 0) + 1
-    return {item: [t for t, _ in sorted(c.items(), key=lambda kv: -kv[1])[:MAX_TAGS_PER_ITEM]]
-            for item, c in counts.items()}
+            out_items.append(item)
+            out_tags.append(tag)
+            out_times.append(when)
+    return pa.table({"item": out_items, "tag": out_tags, "timestamp": out_times}, schema=TAG_EVENTS_SCHEMA)
 
 
 # ---- public ---------------------------------------------------------------------------------
@@ -389,7 +388,9 @@ def read_movielens(path: str | Path, name: str | None = None) -> RawData:
         if not ids:
             raise DataFormatError(src.display(movies_file), "no movies in the file", line=1)
         item_set = set(ids)
-        tags = _read_tags(src, src.kind, item_set, movies_file)
+        tag_events = _read_tags(src, src.kind, item_set, movies_file)
+        tags = {} if tag_events is None else rank_tags(tag_events.column("item").to_numpy(),
+                                                        tag_events.column("tag").to_pylist())
         items = _items_table(ids, titles, genres, tags)
         ratings = _read_ratings(src, src.kind, items, movies_file)
     finally:
@@ -398,7 +399,7 @@ def read_movielens(path: str | Path, name: str | None = None) -> RawData:
     if name is None:
         stem = path.stem if src.zip is not None else Path(src.folder).name
         name = _FOLDER_ALIASES.get(stem.lower(), stem)
-    return RawData(name=name, items=items, ratings=ratings, source=str(path.resolve()))
+    return RawData(name=name, items=items, ratings=ratings, source=str(path.resolve()), tag_events=tag_events)
 
 
 def _sha256_file(path: Path) -> str:

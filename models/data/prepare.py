@@ -17,13 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from models.data.errors import DataFormatError
-from models.data.raw import ITEMS_SCHEMA, RATINGS_SCHEMA, RawData
+from models.data.raw import ITEMS_SCHEMA, RATINGS_SCHEMA, RawData, rank_tags
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: item text from the tags applied before every evaluation target only
+# The longest evaluation protocol predicts each user's last 10 events (`models.run.PROTOCOLS`), with
+# the event before them as validation: no feature may use what happened after the earliest of these.
+MAX_TEST_EVENTS = 10
 SPLIT_PROTOCOL = ("leave-one-out: last event test, second-to-last validation; "
                   "maximum sequence length 200; full ranking; history-masked headline")
 TABLE_FILES = ("items.parquet", "interactions.parquet", "intents.parquet", "user_map.parquet")
@@ -103,6 +107,36 @@ def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
 
 # ---- prepare --------------------------------------------------------------------------------
 
+def evaluation_cutoff(users: np.ndarray, times: np.ndarray) -> int:
+    """Events sorted by (user, time) -> the time of the earliest event any protocol evaluates.
+
+    Per user that is the first of its last MAX_TEST_EVENTS + 1 events (test targets and the
+    validation target; all but the first event for short users), as `models.batching.make_split`
+    cuts them; the minimum over users.
+    """
+    _, first, counts = np.unique(users, return_index=True, return_counts=True)
+    k = np.minimum(MAX_TEST_EVENTS + 1, counts - 1)
+    return int(times[first + counts - k].min())
+
+
+def item_tags(raw: RawData, catalogue: pa.Table, cutoff: int) -> tuple[list[list[str]], dict]:
+    """The tags of each catalogue row that item text and intent phrases may use -> (tags, manifest record).
+
+    Timestamped tags (`raw.tag_events`) count only when applied before `cutoff`, the earliest
+    evaluated event, so that no target is scored with a tag from after its own time. Static tags
+    (the synthetic data's) are item attributes and count as they are.
+    """
+    if raw.tag_events is None:
+        tags = [t or [] for t in catalogue.column("tags").to_pylist()]
+        return tags, {"source": "static", "items_with_tags": sum(bool(t) for t in tags)}
+    events = raw.tag_events
+    before = events.filter(pc.less(events.column("timestamp"), cutoff))
+    ranked = rank_tags(before.column("item").to_numpy(), before.column("tag").to_pylist())
+    tags = [ranked.get(int(i), []) for i in catalogue.column("source_id").to_numpy()]
+    return tags, {"source": "timestamped", "used_before": cutoff, "applied": events.num_rows,
+                  "applied_before": before.num_rows, "items_with_tags": sum(bool(t) for t in tags)}
+
+
 def prepare(raw: RawData, out_dir: Path, encoder=None, min_user_events: int = 3,
             overwrite: bool = False, progress: bool = True, *,
             request: dict | None = None) -> Path:
@@ -141,6 +175,7 @@ def prepare(raw: RawData, out_dir: Path, encoder=None, min_user_events: int = 3,
         raise ValueError(f"{raw.name}: no user has at least {min_user_events} events")
     users = ratings.column("user").to_numpy()[keep]
     items = ratings.column("item").to_numpy()[keep]
+    cutoff = evaluation_cutoff(users, ratings.column("timestamp").to_numpy()[keep])
 
     # 2. Re-index: users 1..U and items 1..N in order of their source ids; 0 is padding.
     step("indexing users and items")
@@ -164,9 +199,8 @@ def prepare(raw: RawData, out_dir: Path, encoder=None, min_user_events: int = 3,
     catalogue = catalogue.take(pa.array(src_order[pos]))
     titles = catalogue.column("title").to_pylist()
     genres = catalogue.column("genres").to_pylist()
-    tags = catalogue.column("tags").to_pylist()
     genres = [g or [] for g in genres]
-    tags = [t or [] for t in tags]
+    tags, tag_record = item_tags(raw, catalogue, cutoff)
 
     # 3. Text and intent phrases, each encoded once.
     if encoder is None:
@@ -236,6 +270,7 @@ def prepare(raw: RawData, out_dir: Path, encoder=None, min_user_events: int = 3,
             "encoder": {"model": getattr(encoder, "model_name", type(encoder).__name__),
                         "dim": int(dim)},
             "min_user_events": min_user_events,
+            "tags": tag_record,
             "extra_tables": sorted(raw.extra),
             "files": files,
             "split_protocol": SPLIT_PROTOCOL,
@@ -251,6 +286,15 @@ def prepare(raw: RawData, out_dir: Path, encoder=None, min_user_events: int = 3,
 
 
 # ---- from a named source --------------------------------------------------------------------
+
+def _older_format(out_dir: Path) -> bool:
+    """A prepared folder whose manifest names an older format version (derived data: safe to redo)."""
+    try:
+        version = json.loads((Path(out_dir) / MANIFEST).read_text()).get("format_version")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(version, int) and version < FORMAT_VERSION
+
 
 def read_manifest_if_complete(out_dir: Path) -> dict | None:
     """The manifest of a complete prepared folder (every listed file present, checksums
@@ -324,7 +368,12 @@ def prepare_source(dataset: str, out_dir: Path, data_dir: Path | None = None,
             if progress:
                 tqdm.write(f"[prepare {dataset}] up to date: {out_dir}")
             return out_dir
-        why = "is incomplete" if manifest is None else "was prepared from another source"
-        raise FileExistsError(f"{out_dir} {why}; pass overwrite=True to replace it")
+        if manifest is None and _older_format(out_dir):
+            if progress:
+                tqdm.write(f"[prepare {dataset}] {out_dir} was prepared by an older version: preparing it again")
+            overwrite = True
+        else:
+            why = "is incomplete" if manifest is None else "was prepared from another source"
+            raise FileExistsError(f"{out_dir} {why}; pass overwrite=True to replace it")
     return prepare(load(), out_dir, encoder=encoder, min_user_events=min_user_events,
                    overwrite=overwrite, progress=progress, request=request)

@@ -7,13 +7,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
+
+MAX_TAGS_PER_ITEM = 10
 
 ITEMS_SCHEMA = pa.schema([
     ("source_id", pa.int64()),          # the source's own item id (movieId, ...)
     ("title", pa.string()),
     ("genres", pa.list_(pa.string())),  # genre words, in source order
-    ("tags", pa.list_(pa.string())),    # distinct user tags (may be empty)
+    ("tags", pa.list_(pa.string())),    # distinct tags, all of them (may be empty); see RawData.tag_events
+])
+
+TAG_EVENTS_SCHEMA = pa.schema([
+    ("item", pa.int64()),        # source_id of the item
+    ("tag", pa.string()),        # normalised: lower case, single spaces
+    ("timestamp", pa.int64()),   # when a user applied it (seconds since the epoch, UTC)
 ])
 
 RATINGS_SCHEMA = pa.schema([
@@ -31,3 +40,18 @@ class RawData:
     ratings: pa.Table            # RATINGS_SCHEMA, in file order (ties keep this order)
     source: str = ""             # where it came from (path, URL, generator seed)
     extra: dict[str, pa.Table] = field(default_factory=dict)  # written beside as NAME.parquet
+    # Tags users applied, with their times (TAG_EVENTS_SCHEMA), when the source has them. Preparation
+    # then builds the item text from the tags applied before every evaluation target only, in place
+    # of `items.tags`; a source without it (the synthetic data) has static tags.
+    tag_events: pa.Table | None = None
+
+
+def rank_tags(items: np.ndarray, tags: list[str]) -> dict[int, list[str]]:
+    """Tag events (item, tag) -> per item its distinct tags, the most used first (ties: first seen),
+    at most MAX_TAGS_PER_ITEM."""
+    counts: dict[int, dict[str, int]] = {}
+    for item, tag in zip(items.tolist(), tags):
+        per_item = counts.setdefault(item, {})
+        per_item[tag] = per_item.get(tag, 0) + 1
+    return {item: [t for t, _ in sorted(c.items(), key=lambda kv: -kv[1])[:MAX_TAGS_PER_ITEM]]
+            for item, c in counts.items()}
