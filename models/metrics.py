@@ -15,6 +15,11 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, history: torch.Ten
     """
     scores = scores.float().clone()
     scores[:, 0] = -torch.inf
+    bad = torch.isnan(scores).any(1)
+    if bad.any():       # NaN compares false with everything: a NaN target would rank -0.5 (NDCG 1.71)
+        rows = torch.nonzero(bad).flatten()
+        raise ValueError(f"scores hold NaN in {len(rows)} of {len(scores)} rows (first: row {int(rows[0])}); "
+                         "the model diverged or was fed NaN")
     if history is not None:
         keep = torch.zeros_like(history)
         keep[torch.arange(len(targets)), targets] = True

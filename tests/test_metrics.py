@@ -20,6 +20,16 @@ def test_ranks_with_ties_and_history_mask():
     assert r.tolist() == [0.0, 0.5]
 
 
+def test_a_nan_score_is_an_error_not_a_metric_above_one():
+    scores = torch.tensor([[0.0, 0.3, float("nan"), 0.1], [0.0, 0.2, 0.5, 0.1]])
+    with pytest.raises(ValueError, match="NaN in 1 of 2 rows .first: row 0"):
+        target_ranks(scores, torch.tensor([2, 1]))
+    with pytest.raises(ValueError, match="NaN"):                 # a NaN elsewhere in the row too
+        target_ranks(scores, torch.tensor([1, 1]))
+    scores[0, 2] = 0.4
+    assert target_ranks(scores, torch.tensor([2, 1])).tolist() == [0.0, 1.0]
+
+
 def test_metric_values_by_hand():
     m = rank_metrics(np.array([0.0, 1.0, 9.0, 10.0, 25.0]))
     assert m["hr@10"].tolist() == [1, 1, 1, 0, 0]
