@@ -54,6 +54,8 @@ VARIANTS = {
     "lstm": ("lstm", {}),
     "sasrec": ("sasrec", {}),
     "popular": ("popular", {}),
+    # The trivial rule of repeating histories: the window's items first, then by popularity.
+    "seen, then popular": ("seen-popular", {}),
     # Ablations of today's default (ABLATIONS).
     "decomposer, no gates": ("decomposer", {"use_gates": False}),
     "decomposer, no aux losses": ("decomposer", {"aux_weight": 0.0}),

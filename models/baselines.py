@@ -1,6 +1,9 @@
 """Baselines trained and evaluated by the same loop as the decomposer (DESIGN §4).
 
 - `MostPopular`: training-set item counts.
+- `SeenThenPopular`: the items of the user's window first (by popularity), then the rest by
+  popularity. A trivial rule, not a model: where histories repeat items (the synthetic data) and
+  the evaluation masks the other seen items, it measures how much the mask alone gives away.
 - `LSTMRec`: the decomposer's item tower and event LSTM, u_t = W h_t (no dimensions, no gates).
 - `SASRec`: 2 causal self-attention blocks over item embeddings, full-softmax cross-entropy.
 - `GRU4Rec`: a GRU over item-id embeddings alone (no text, ratings or time), full-softmax
@@ -65,6 +68,18 @@ class MostPopular(_ItemDataMixin, nn.Module):
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.log_q.expand(len(batch["lengths"]), -1)           # (B, N+1)
+
+
+class SeenThenPopular(MostPopular):
+    SEEN_BONUS = 1e4                 # larger than any spread of log popularity
+
+    @torch.no_grad()
+    def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        scores = self.log_q.expand(len(batch["lengths"]), -1).clone()  # (B, N+1)
+        seen = torch.zeros_like(scores, dtype=torch.bool)
+        seen.scatter_(1, batch["items"], True)                          # (B, T) item ids, 0 = padding
+        seen[:, 0] = False
+        return scores + self.SEEN_BONUS * seen
 
 
 @dataclass

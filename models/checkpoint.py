@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from models.baselines import (GRU4Rec, GRU4RecConfig, LSTMConfig, LSTMRec, MostPopular, PopularityConfig, SASRec,
-                              SASRecConfig)
+                              SASRecConfig, SeenThenPopular)
 from models.decomposer import DecomposerConfig, InterestDecomposer
 
 FORMAT = "dynamic-interest-checkpoint/1"
@@ -24,6 +24,7 @@ MODELS = {
     "sasrec": (SASRecConfig, SASRec),
     "gru4rec": (GRU4RecConfig, GRU4Rec),
     "popular": (PopularityConfig, MostPopular),
+    "seen-popular": (PopularityConfig, SeenThenPopular),
 }
 
 

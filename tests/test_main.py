@@ -123,7 +123,7 @@ def test_bad_checkpoint_path_is_explained(tmp_path):
 
 
 def test_serve_first_the_full_comparison_is_one_flag_away():
-    assert main_job.parse_args([]).baselines == ("popular",)
+    assert main_job.parse_args([]).baselines == ("popular", "seen-popular")
     assert main_job.parse_args(["--compare"]).baselines == main_job.BASELINES
     assert main_job.parse_args(["--baselines", "all"]).baselines == main_job.BASELINES
     assert main_job.parse_args(["--baselines", "popular,sasrec"]).baselines == ("popular", "sasrec")

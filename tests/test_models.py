@@ -157,7 +157,7 @@ def test_a_checkpoint_from_before_a_field_existed_loads_as_the_model_it_was(tiny
     torch.testing.assert_close(loaded.score(batch), old.score(batch))
 
 
-@pytest.mark.parametrize("kind", ["popular", "lstm", "gru4rec", "sasrec", "decomposer"])
+@pytest.mark.parametrize("kind", ["popular", "seen-popular", "lstm", "gru4rec", "sasrec", "decomposer"])
 def test_fit_and_evaluate_every_model(tiny_data, split, kind):
     m = new_model(kind, tiny_data, split)
     result = fit(m, tiny_data, split, TrainConfig(epochs=2, patience=2), progress=False)
@@ -168,6 +168,29 @@ def test_fit_and_evaluate_every_model(tiny_data, split, kind):
         assert ((metrics["ndcg@10"] >= 0) & (metrics["ndcg@10"] <= 1)).all()
     # masking history can only move targets up
     assert ev["masked"]["mrr"].mean() >= ev["unmasked"]["mrr"].mean()
+
+
+def test_seen_then_popular_ranks_the_window_first_and_under_the_mask_a_seen_target_first(tiny_data, split):
+    from models.metrics import target_ranks
+    from models.training import history_mask
+
+    m = new_model("seen-popular", tiny_data, split)
+    pop = new_model("popular", tiny_data, split)
+    batch = batch_builder(tiny_data)(split.user_start[:4], split.test_pos[:4], split.user_start[:4])
+    scores, base = m.score(batch), pop.score(batch)
+    for row in range(4):
+        seen = set(batch["items"][row].tolist()) - {0}
+        top = torch.argsort(scores[row], descending=True)[:len(seen)].tolist()
+        assert set(top) == seen                                   # the window's items come first
+        rest = [i for i in range(1, tiny_data.n_items + 1) if i not in seen]
+        assert torch.equal(torch.argsort(scores[row, rest], descending=True),
+                           torch.argsort(base[row, rest], descending=True))   # then by popularity
+    # A target seen before is ranked first once the mask removes the other seen items.
+    targets = torch.as_tensor(tiny_data.items[split.test_pos[:4]])
+    batch["items"][:, -1] = targets
+    history = history_mask(tiny_data.items, split.user_start[:4], split.test_pos[:4], tiny_data.n_items)
+    history[torch.arange(4), targets] = True
+    assert target_ranks(m.score(batch), targets, history).tolist() == [0.0] * 4
 
 
 def test_seen_pairs_mask_consumed_items_but_never_the_target():
