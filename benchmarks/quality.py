@@ -56,6 +56,9 @@ VARIANTS = {
     "popular": ("popular", {}),
     # The trivial rule of repeating histories: the window's items first, then by popularity.
     "seen, then popular": ("seen-popular", {}),
+    # Intent-aware rules: with the same words as "<model> + intent text", they are its baselines.
+    "text retrieval": ("intent-text", {}),
+    "phrase popularity": ("intent-popular", {}),
     # Ablations of today's default (ABLATIONS).
     "decomposer, no gates": ("decomposer", {"use_gates": False}),
     "decomposer, no aux losses": ("decomposer", {"aux_weight": 0.0}),
@@ -111,7 +114,7 @@ VARIANTS = {
     "gru4rec (mask seen), dropout 0.4": ("gru4rec", {"mask_seen": True, "dropout": 0.4}),
 }
 assert not [v for v in VARIANTS if "/" in v], "a variant name keys runs as protocol/variant/seed: no '/'"
-INTENT_EVALUATED = ("decomposer", "decomposer (first default)", "decomposer, residual readout",
+INTENT_EVALUATED = ("decomposer", "text retrieval", "phrase popularity", "decomposer (first default)", "decomposer, residual readout",
                     "decomposer, residual, dropout 0.5", "decomposer, residual, three profiles, dropout 0.5",
                     "decomposer, dropout 0.5, weights averaged")
 ABLATIONS = ("decomposer, no gates", "decomposer, no aux losses", "decomposer, seen items in the softmax")

@@ -4,6 +4,10 @@
 - `SeenThenPopular`: the items of the user's window first (by popularity), then the rest by
   popularity. A trivial rule, not a model: where histories repeat items (the synthetic data) and
   the evaluation masks the other seen items, it measures how much the mask alone gives away.
+- `TextRetrieval`, `PhrasePopular`: intent-aware rules for requests that carry the user's words:
+  the items by the similarity of their text to the words, and the items that carry the phrase
+  first, by popularity. What the decomposer with intent text has to beat; without words both
+  are most-popular.
 - `LSTMRec`: the decomposer's item tower and event LSTM, u_t = W h_t (no dimensions, no gates).
 - `SASRec`: 2 causal self-attention blocks over item embeddings, full-softmax cross-entropy.
 - `GRU4Rec`: a GRU over item-id embeddings alone (no text, ratings or time), full-softmax
@@ -80,6 +84,57 @@ class SeenThenPopular(MostPopular):
         seen.scatter_(1, batch["items"], True)                          # (B, T) item ids, 0 = padding
         seen[:, 0] = False
         return scores + self.SEEN_BONUS * seen
+
+
+class _IntentRule(MostPopular):
+    """Untrained rules over the intent of the last position (B rows; no intent: most-popular)."""
+
+    def set_intents(self, table) -> None:
+        """The phrases of each item and their embeddings (`models.batching.IntentTable`)."""
+        emb = torch.as_tensor(np.asarray(table.emb, dtype=np.float32))                     # (P, 384)
+        member = torch.zeros(self.cfg.n_items + 1, len(emb), dtype=torch.bool)           # (N+1, P)
+        counts = np.diff(table.offsets)[:self.cfg.n_items + 1]
+        rows = np.repeat(np.arange(len(counts)), counts)
+        member[torch.as_tensor(rows), torch.as_tensor(table.ids[:len(rows)].astype(np.int64))] = True
+        self.phrase_emb, self.member = emb, member
+
+    def set_item_data(self, text_emb, genres, counts=None) -> None:
+        super().set_item_data(text_emb, genres, counts)
+        t = torch.as_tensor(np.asarray(text_emb, dtype=np.float32))
+        self.text = t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)                      # (N+1, 384)
+
+    def last_intent(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (B, 384) the intent vector at each row's last position, (B,) whether it has one."""
+        B = len(batch["lengths"])
+        if "intent" not in batch:
+            return torch.zeros(B, self.text.shape[1]), torch.zeros(B, dtype=torch.bool)
+        last = batch["lengths"] - 1
+        rows = torch.arange(B)
+        return batch["intent"][rows, last].float(), batch["intent_mask"][rows, last]
+
+
+class TextRetrieval(_IntentRule):
+    @torch.no_grad()
+    def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        pop = self.log_q.expand(len(batch["lengths"]), -1)                                # (B, N+1)
+        z, has = self.last_intent(batch)
+        z = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        sim = z @ self.text.T                                                            # (B, N+1)
+        return torch.where(has[:, None], sim + 1e-6 * pop, pop)     # popularity only breaks ties
+
+
+class PhrasePopular(_IntentRule):
+    MATCH_BONUS = 1e4
+
+    @torch.no_grad()
+    def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        pop = self.log_q.expand(len(batch["lengths"]), -1).clone()                        # (B, N+1)
+        z, has = self.last_intent(batch)
+        if not len(self.phrase_emb):
+            return pop
+        phrase = (z @ self.phrase_emb.T).argmax(1)                  # the phrase z is (free text: the nearest)
+        match = self.member[:, phrase].T & has[:, None]                                  # (B, N+1)
+        return pop + self.MATCH_BONUS * match
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from models.baselines import (GRU4Rec, GRU4RecConfig, LSTMConfig, LSTMRec, MostPopular, PopularityConfig, SASRec,
-                              SASRecConfig, SeenThenPopular)
+                              PhrasePopular, SASRecConfig, SeenThenPopular, TextRetrieval)
 from models.decomposer import DecomposerConfig, InterestDecomposer
 
 FORMAT = "dynamic-interest-checkpoint/1"
@@ -25,6 +25,8 @@ MODELS = {
     "gru4rec": (GRU4RecConfig, GRU4Rec),
     "popular": (PopularityConfig, MostPopular),
     "seen-popular": (PopularityConfig, SeenThenPopular),
+    "intent-text": (PopularityConfig, TextRetrieval),
+    "intent-popular": (PopularityConfig, PhrasePopular),
 }
 
 

@@ -72,6 +72,8 @@ def new_model(kind: str, data, split: Split, **overrides) -> nn.Module:
         args.setdefault("n_genres", max(1, data.item_genres.shape[1]))
     model = build(kind, args)
     model.set_item_data(data.item_emb, data.item_genres, training_counts(data, split))
+    if hasattr(model, "set_intents"):                                  # the intent-aware rules
+        model.set_intents(intent_table(data))
     return model
 
 

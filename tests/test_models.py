@@ -157,7 +157,8 @@ def test_a_checkpoint_from_before_a_field_existed_loads_as_the_model_it_was(tiny
     torch.testing.assert_close(loaded.score(batch), old.score(batch))
 
 
-@pytest.mark.parametrize("kind", ["popular", "seen-popular", "lstm", "gru4rec", "sasrec", "decomposer"])
+@pytest.mark.parametrize("kind", ["popular", "seen-popular", "intent-text", "intent-popular", "lstm", "gru4rec",
+                                  "sasrec", "decomposer"])
 def test_fit_and_evaluate_every_model(tiny_data, split, kind):
     m = new_model(kind, tiny_data, split)
     result = fit(m, tiny_data, split, TrainConfig(epochs=2, patience=2), progress=False)
@@ -191,6 +192,34 @@ def test_seen_then_popular_ranks_the_window_first_and_under_the_mask_a_seen_targ
     history = history_mask(tiny_data.items, split.user_start[:4], split.test_pos[:4], tiny_data.n_items)
     history[torch.arange(4), targets] = True
     assert target_ranks(m.score(batch), targets, history).tolist() == [0.0] * 4
+
+
+def test_intent_rules_rank_by_the_words(tiny_data, split):
+    """Text retrieval ranks by similarity to the words; phrase popularity puts the phrase's items first."""
+    rng = np.random.default_rng(0)
+    batch = batch_builder(tiny_data)(split.user_start[:6], split.test_pos[:6], split.user_start[:6],
+                                     supervise_all=False, intent_rate=1.0, rng=rng)
+    last = batch["lengths"] - 1
+    z = batch["intent"][torch.arange(6), last]                                       # (6, 384)
+    assert batch["intent_mask"][torch.arange(6), last].all()
+    text = torch.as_tensor(tiny_data.item_emb)
+    sim = torch.nn.functional.normalize(z, dim=1) @ torch.nn.functional.normalize(text, dim=1).T
+    retrieval = new_model("intent-text", tiny_data, split).score(batch)
+    assert torch.equal(retrieval[:, 1:].argmax(1), sim[:, 1:].argmax(1))
+    phrase = new_model("intent-popular", tiny_data, split)
+    scores, pop = phrase.score(batch), new_model("popular", tiny_data, split).score(batch)
+    emb = torch.as_tensor(tiny_data.intent_emb)
+    for row in range(6):
+        pid = int(torch.argmax(z[row] @ emb.T))
+        carriers = [i for i in range(1, tiny_data.n_items + 1) if pid in tiny_data.item_intents(i)]
+        top = torch.argsort(scores[row], descending=True)[:len(carriers)].tolist()
+        assert carriers and set(top) == set(carriers)
+        assert top == sorted(carriers, key=lambda i: -float(pop[row, i]))[:len(top)] or \
+            len({float(pop[row, i]) for i in carriers}) < len(carriers)           # ties in popularity
+    no_words = batch_builder(tiny_data)(split.user_start[:6], split.test_pos[:6], split.user_start[:6],
+                                        supervise_all=False)
+    assert torch.equal(phrase.score(no_words), pop) and torch.equal(
+        new_model("intent-text", tiny_data, split).score(no_words), pop)            # no words: most-popular
 
 
 def test_seen_pairs_mask_consumed_items_but_never_the_target():
