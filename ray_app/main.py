@@ -138,7 +138,8 @@ def tune(s: MainSettings, prepared: Path) -> Path:
 
     print(f"\n==> tuning: {s.tune_samples} trials", flush=True)
     best = run_search(SearchSettings(dataset=str(prepared), num_samples=s.tune_samples, seed=s.seed,
-                                     epochs=2 if s.smoke else 10, storage_path=str((s.runs / "tune").resolve())),
+                                     epochs=2 if s.smoke else 10, storage_path=str((s.runs / "tune").resolve()),
+                                     verbose=s.verbose),
                       num_cpus=s.num_cpus)
     if not best.get("model"):
         raise NewcomerError("the tuning search finished without a successful trial; see its table in runs/main/tune")
@@ -216,8 +217,8 @@ def start_serve(s: MainSettings, prepared: Path, checkpoint_path: Path) -> str:
     print("\n==> deploying the Serve app (encoder → decomposer → combiner)", flush=True)
     s.runs.mkdir(parents=True, exist_ok=True)
     store = f"sqlite:///{(s.runs / 'state.db').resolve()}"
-    serve.start(http_options={"host": s.host, "port": s.port},
-                logging_config={"log_level": "INFO" if s.verbose else "WARNING", "enable_access_log": s.verbose})
+    # Quiet is `connect`'s doing: the replicas' logs stay in Ray's log files, at Serve's own levels.
+    serve.start(http_options={"host": s.host, "port": s.port})
     serve.run(build_app(AppArgs(checkpoint=str(checkpoint_path), data_dir=str(prepared), store_url=store)),
               name="dynamic-interest", route_prefix="/", blocking=False)
     url = f"http://{s.host}:{s.port}"
@@ -308,7 +309,8 @@ def run(s: MainSettings) -> int:
             signal.signal(sig, lambda *_: stop.set())
         while not stop.wait(1.0):
             if demo is not None and demo.poll() is not None:
-                raise NewcomerError(f"the demo exited with status {demo.returncode}; see its output above")
+                where = "see its output above" if s.verbose else f"its output is in {s.runs / 'demo.log'}"
+                raise NewcomerError(f"the demo exited with status {demo.returncode}; {where}")
     finally:
         print("\nshutting down…", flush=True)
         if demo is not None and demo.poll() is None:

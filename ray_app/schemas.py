@@ -15,8 +15,8 @@ MAX_HISTORY = 1000  # inline history and events per POST
 MAX_INTENT_CHARS = 500
 MAX_USER_ID_CHARS = 128
 MAX_TIMESTAMP = 1e11  # unix seconds (year 5138): larger values would overflow the int64 time features
-# An implicit event (a view, a click) carries no rating; the model reads it as this one, the most
-# common rating in MovieLens (4.0 stars), and the store keeps it as given.
+# An implicit event (a view, a click) carries no rating; it is taken as this one, the most common
+# rating in MovieLens (4.0 stars): the model reads it and the store keeps it so, like a given 4.0.
 IMPLICIT_RATING = 4.0
 
 

@@ -48,6 +48,7 @@ from ray_app.data import SetupError, item_side, load_checked, read_shards, resol
 
 METRIC = f"valid_{HEADLINE}"              # what checkpoints are ranked by and early stopping watches
 MODEL_KINDS = ("decomposer", "lstm", "gru4rec", "sasrec")  # the trainable ones; most-popular needs no training
+LSTM_MODELS = ("decomposer", "lstm")     # oneDNN's bf16 LSTM needs native bf16 on a CPU (models/precision.py)
 FIXED_BY_DATA = ("n_items", "n_genres", "text_dim")
 BEST_FILE = "best_checkpoint.json"
 log = logging.getLogger(__name__)   # in a Train worker, its records reach the driver's console and the run logs
@@ -238,7 +239,7 @@ def plan(s: RayTrainSettings, num_cpus: int | None = None) -> Plan:
     check_model_args(s.model, s.model_args)
     if s.use_gpu and s.num_workers > 1 and s.gpus_per_worker < 1:
         raise SetupError("--gpus-per-worker below 1 with several workers: NCCL cannot share one GPU between ranks")
-    if s.bf16 and not s.use_gpu and not os.environ.get("RAY_ADDRESS"):
+    if s.bf16 and not s.use_gpu and s.model in LSTM_MODELS and not os.environ.get("RAY_ADDRESS"):
         problem = bf16_problem("cpu")                                   # the workers run on this machine
         if problem:
             raise SetupError(f"--bf16: {problem}; train without --bf16, or on GPUs with --use-gpu")
@@ -340,7 +341,8 @@ def train_loop_per_worker(config: dict) -> None:
     starts, ends, rows = training_windows(split, core.cfg.max_len)
     windows = (starts, ends, split.user_start[rows])
     builder = batch_builder(data)
-    autocast = autocast_dtype(config["bf16"], device)
+    autocast = autocast_dtype(config["bf16"], device, has_lstm=config["model"] in LSTM_MODELS)
+    precision = precision_name(config["bf16"], autocast, device)
     uneven = model.join if isinstance(model, torch.nn.parallel.DistributedDataParallel) else contextlib.nullcontext
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         if state.finished(cfg):
@@ -355,7 +357,8 @@ def train_loop_per_worker(config: dict) -> None:
         valid, n_valid = validate(judged, data, split, cfg, device)
         state.update(epoch, losses, valid, train_s, config["windows"], started_at)
         metrics = {**{k: v for k, v in state.history[-1].items() if k != "started_at"}, "valid_targets": n_valid,
-                   f"best_{METRIC}": state.best, "best_epoch": state.best_epoch, "world_size": ctx.get_world_size()}
+                   f"best_{METRIC}": state.best, "best_epoch": state.best_epoch, "world_size": ctx.get_world_size(),
+                   "precision": precision}
         if config["fail_at_epoch"] == epoch and rank == 0:
             inject_fault(config["fault_marker"])
         report(metrics, rank, core, judged, optimizer, state, items, config)   # the driver prints its line
@@ -386,19 +389,32 @@ class TrainState:
         return cfg.time_budget_s is not None and self.train_seconds >= cfg.time_budget_s
 
 
-def autocast_dtype(bf16: bool, device) -> torch.dtype | None:
-    """bfloat16 when asked for and the worker's device runs it; otherwise float32, with a warning.
+def autocast_dtype(bf16: bool, device, has_lstm: bool = True) -> torch.dtype | None:
+    """bfloat16 when asked for and the worker's device runs it; otherwise float32.
 
     The driver refuses --bf16 up front on a local CPU without bf16; a worker on another machine of a
-    cluster may still lack it, and then trains in float32 rather than failing mid-epoch.
+    cluster may still lack it, and then trains in float32 rather than failing mid-epoch (its metrics
+    say so, see `precision_name`, and the driver prints a warning). Only the LSTM needs native bf16
+    on a CPU: GRU4Rec and SASRec autocast anywhere.
     """
     if not bf16:
         return None
-    problem = bf16_problem(torch.device(device).type)
+    kind = torch.device(device).type
+    problem = bf16_problem(kind) if (has_lstm or kind != "cpu") else None
     if problem:
         log.warning("--bf16 ignored on this worker, training in float32: %s", problem)
         return None
     return torch.bfloat16
+
+
+def precision_name(bf16: bool, autocast: torch.dtype | None, device) -> str:
+    """What the worker trains in, as its metrics report it: "bfloat16", "float32", or
+    "float32 (bf16 unsupported: <why>)" when --bf16 was asked for and the device cannot run it."""
+    if autocast is not None:
+        return "bfloat16"
+    if bf16:
+        return f"float32 (bf16 unsupported: {bf16_problem(torch.device(device).type)})"
+    return "float32"
 
 
 def epoch_rng(seed: int, epoch: int, rank: int) -> np.random.Generator:
@@ -529,63 +545,87 @@ def epoch_line(m: dict, epochs: int) -> str:
 
 
 def _epoch_lines_callback(queue):
-    """A Train callback, run on the controller, that sends rank 0's metrics of each report to `queue`."""
+    """A Train callback, run on the controller, that sends rank 0's metrics of each report to `queue`.
+
+    Printing is a side channel: a put that fails (the queue gone) drops the line, never the run.
+    """
     from ray.train import UserCallback
+
+    def send(item: dict) -> None:
+        try:
+            queue.put(item, timeout=5)
+        except Exception:  # noqa: BLE001  a lost line must not fail the training run
+            pass
 
     class EpochLines(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
             if metrics and METRIC in metrics[0]:
-                queue.put({k: v for k, v in metrics[0].items() if isinstance(v, (int, float, str))})
+                send({k: v for k, v in metrics[0].items() if isinstance(v, (int, float, str))})
 
         def after_exception(self, run_context, worker_exceptions):
             for rank, e in sorted(worker_exceptions.items()):
                 last_line = (str(e).strip().splitlines() or [""])[-1][:200]
-                queue.put({"failed_rank": rank, "error": f"{type(e).__name__}: {last_line}"})
+                send({"failed_rank": rank, "error": f"{type(e).__name__}: {last_line}"})
 
     return EpochLines()
+
+
+_END = {"end": True}        # the driver's last item: every report was put before fit() returned
 
 
 @contextlib.contextmanager
 def printed_epochs(epochs: int, out=None):
     """Yields Train callbacks; meanwhile a driver thread prints one line per reported epoch.
 
-    The lines come from the controller through a Ray queue, so they show on the console even though
-    the workers' own output stays in Ray's log files (see `connect`), and in a `ray job` log too.
+    The lines come from the controller through a Ray queue (an actor on the driver's node, where
+    the controller runs too), so they show on the console even though the workers' own output stays
+    in Ray's log files (see `connect`), and in a `ray job` log too. A worker that trained in float32
+    although --bf16 was asked for says so in its metrics, and the driver prints that once.
     """
     import threading
 
-    from ray.util.queue import Empty, Queue
+    import ray
+    from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     out = out or sys.stdout
-    queue = Queue(actor_options={"num_cpus": 0})
-    done = threading.Event()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+
+    def say(text: str) -> None:
+        print(text, file=out, flush=True)
 
     def pump() -> None:
-        last = None
+        last, warned = None, False
         while True:
             try:
-                m = queue.get(timeout=0.5)
-            except Empty:
-                if done.is_set():
-                    return
-                continue
+                m = queue.get()
+            except Exception:  # noqa: BLE001  the queue (or Ray) is gone: nothing more to print
+                return
+            if m == _END:
+                return
             if "failed_rank" in m:
-                print(f"worker {m['failed_rank']} failed ({m['error']}); Ray Train restarts the workers from the "
-                      "latest checkpoint while --max-failures allows", file=out, flush=True)
+                say(f"worker {m['failed_rank']} failed ({m['error']}); Ray Train restarts the workers from the "
+                    "latest checkpoint while --max-failures allows")
                 continue
+            if m.get("precision", "").startswith("float32 (") and not warned:
+                say(f"warning: --bf16 ignored, training in {m['precision']}")
+                warned = True
             if m["epoch"] != (last or 0) + 1:                        # a resumed run, or a restarted worker group
-                print(f"resumed from the checkpoint of epoch {m['epoch'] - 1}", file=out, flush=True)
+                say(f"resumed from the checkpoint of epoch {m['epoch'] - 1}")
             last = m["epoch"]
-            print(epoch_line(m, epochs), file=out, flush=True)
+            say(epoch_line(m, epochs))
 
     thread = threading.Thread(target=pump, name="epoch-lines", daemon=True)
     thread.start()
     try:
         yield [_epoch_lines_callback(queue)]
     finally:
-        done.set()
+        with contextlib.suppress(Exception):   # never hide fit()'s own error behind the queue's
+            queue.put(_END, timeout=5)
         thread.join(timeout=10)
-        queue.shutdown()
+        with contextlib.suppress(Exception):
+            queue.shutdown()
 
 
 def best_checkpoint(result, p: Plan) -> dict | None:

@@ -18,7 +18,9 @@ if [ ! -f "$stamp" ] && [ ! -f ".venv/.installed-$hash-dev" ]; then     # the de
   log=.venv/pip-install.log
   echo "==> installing dependencies (first time: a few minutes; pip's log: $log)"
   install() {
-    # The venv's own pip (Python 3.11's is 23.2) installs everything here; upgrading it first cost time.
+    # The venv's own pip where it is new enough (an editable pyproject-only install needs 21.3;
+    # Python 3.10.0-3.10.2 ship 21.2): no upgrade to the latest, which cost time.
+    .venv/bin/pip install --quiet 'pip>=21.3'
     # torch is pinned to the CPU wheel in pyproject.toml; a looser pin would pull a multi-GB CUDA build.
     .venv/bin/pip install --quiet -e ".${extra:+[$extra]}"
   }

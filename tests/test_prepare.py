@@ -265,3 +265,10 @@ def test_a_tag_applied_after_a_target_does_not_change_its_score(tmp_path):
     early, early_scores, _ = prepared_scores("early", [f"9,{target_item},spoiler ending,{cutoff - 1}"])
     assert not np.array_equal(early.item_emb, base.item_emb)
     assert not np.array_equal(early_scores, base_scores)
+
+
+def test_the_tag_cutoff_covers_the_longest_protocol():
+    from models.data.prepare import MAX_TEST_EVENTS
+    from models.run import PROTOCOLS
+
+    assert MAX_TEST_EVENTS == max(PROTOCOLS.values())

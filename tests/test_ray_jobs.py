@@ -135,6 +135,7 @@ def test_submitted_training_job_writes_a_checkpoint(head, tiny_data):
     finally:
         client.stop_job(job)
     assert "best checkpoint:" in logs
+    assert "epoch   1/2" in logs and "TrainingReport(" not in logs      # the driver's epoch lines, quiet Ray
     best = json.loads((storage / "job" / "best_checkpoint.json").read_text())
     model, meta = checkpoint.load(best["model"])
     assert model.cfg.lstm_units == 16 and meta["epoch"] == best["epoch"] in (1, 2)

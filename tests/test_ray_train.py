@@ -226,19 +226,42 @@ def test_single_worker_bf16_cpu_path(cluster, tiny_data, tmp_path, capsys):
     assert np.isfinite(best["metrics"]["loss_next_item"])
 
 
-def test_bf16_is_refused_on_a_cpu_without_it_and_a_worker_falls_back(monkeypatch, tiny_data, tmp_path, caplog):
+def test_bf16_is_refused_on_a_cpu_without_it_and_a_worker_falls_back(cluster, monkeypatch, tiny_data, tmp_path,
+                                                                      caplog):
     """Both branches on any CPU: the driver's one-line refusal, a cluster worker's float32 fallback."""
     import torch
 
     from ray_app import train as train_mod
-    from ray_app.train import RayTrainSettings, autocast_dtype, plan
+    from ray_app.train import RayTrainSettings, autocast_dtype, plan, precision_name
 
     monkeypatch.setattr(train_mod, "bf16_problem", lambda device_type: "this CPU cannot run the LSTM in bfloat16")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(SetupError, match="--bf16: this CPU cannot run the LSTM in bfloat16; train without"):
         plan(RayTrainSettings(dataset=str(tiny_data.path), storage_path=str(tmp_path), name="x", bf16=True))
+    plan(RayTrainSettings(dataset=str(tiny_data.path), storage_path=str(tmp_path), name="y", bf16=True,
+                          model="sasrec", check_resources=False))   # no LSTM: nothing to refuse
     with caplog.at_level("WARNING"):
         assert autocast_dtype(True, "cpu") is None
     assert "training in float32" in caplog.text
+    assert autocast_dtype(True, "cpu", has_lstm=False) is torch.bfloat16
+    assert precision_name(True, None, "cpu") == "float32 (bf16 unsupported: this CPU cannot run the LSTM in bfloat16)"
     monkeypatch.setattr(train_mod, "bf16_problem", lambda device_type: None)
     assert autocast_dtype(True, "cpu") is torch.bfloat16 and autocast_dtype(False, "cpu") is None
+    assert precision_name(True, torch.bfloat16, "cpu") == "bfloat16" and precision_name(False, None, "cpu") == "float32"
+
+
+def test_the_driver_warns_once_when_a_worker_falls_back_to_float32(cluster, capsys):
+    """A cluster worker without bf16 reports float32 in its metrics: the driver prints one warning."""
+    from ray_app.train import METRIC, _epoch_lines_callback, printed_epochs
+
+    m = {"epoch": 1, "loss_next_item": 1.0, METRIC: 0.1, "valid_targets": 5, f"best_{METRIC}": 0.1, "best_epoch": 1,
+         "sequences_per_s": 10.0, "train_seconds": 1.0, "precision": "float32 (bf16 unsupported: no AVX-512 BF16)"}
+    with printed_epochs(2) as callbacks:
+        for epoch in (1, 2):
+            callbacks[0].after_report(None, [{**m, "epoch": epoch}], None)
+    out = capsys.readouterr().out
+    assert out.count("warning: --bf16 ignored, training in float32 (bf16 unsupported: no AVX-512 BF16)") == 1
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("epoch ")] == ["1/2", "2/2"]
+    # A queue that is gone drops the line, not the run.
+    dead = _epoch_lines_callback(None)
+    dead.after_report(None, [m], None)

@@ -107,6 +107,9 @@ class Progress(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._line(trial, "FAILED")
+        error = getattr(trial, "error_file", None) or ""
+        if error:
+            print(f"[tune]   its error: {error}", flush=True)
 
 
 # ---- the table ----------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ class SearchSettings:
     optuna_storage: str | None = None       # RDB URL; default sqlite:///<run folder>/optuna.db
     space_overrides: list[str] = field(default_factory=list)
     space_files: list[Path] = field(default_factory=list)
+    verbose: bool = False                   # Ray's own logs and the trials' output on the console
 
     def run_name(self) -> str:
         return self.name or f"search-{Path(self.dataset).name}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -209,7 +210,7 @@ def run(s: SearchSettings, num_cpus: int | None = None) -> dict:
           f"(≤ {s.epochs} epochs each, ASHA grace {s.grace_period}); run folder {setup.run_dir}", flush=True)
     rows = []
     if setup.remaining:
-        connect(num_cpus)
+        connect(num_cpus, s.verbose)
         base = RayTrainSettings(
             dataset=str(setup.prepared), model="decomposer", epochs=s.epochs, patience=s.patience, seed=s.seed,
             batch_size=s.batch_size, num_workers=s.num_workers, cpus_per_worker=s.cpus_per_worker,
@@ -276,6 +277,8 @@ def parse_args(argv=None) -> tuple[SearchSettings, argparse.Namespace]:
                    help="value read as YAML: 64 (fixed), [concat, sum] (choices), {low: 32, high: 256, log: true}")
     p.add_argument("--space-file", action="append", default=[], type=Path, help="YAML or JSON mapping of overrides")
     p.add_argument("--smoke-test", action="store_true", help="a tiny search: 3 trials of 2 epochs, small models")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own logs and the trials' output (otherwise in /tmp/ray/session_latest/logs)")
     a = p.parse_args(argv)
     s = SearchSettings(
         dataset=a.dataset, data_dir=a.data_dir, prepared_dir=a.prepared_dir, storage_path=a.storage_path,
@@ -283,7 +286,8 @@ def parse_args(argv=None) -> tuple[SearchSettings, argparse.Namespace]:
         startup_trials=a.startup_trials, epochs=a.epochs, grace_period=a.grace_period,
         reduction_factor=a.reduction_factor, patience=a.patience, batch_size=a.batch_size,
         num_workers=a.num_workers, cpus_per_worker=a.cpus_per_worker, use_gpu=a.use_gpu,
-        optuna_storage=a.optuna_storage, space_overrides=a.space_override, space_files=a.space_file)
+        optuna_storage=a.optuna_storage, space_overrides=a.space_override, space_files=a.space_file,
+        verbose=a.verbose)
     if a.smoke_test:
         s = dataclasses.replace(s, num_samples=3, epochs=2, patience=2, batch_size=s.batch_size or 16,
                                 space_overrides=SMOKE_SPACE + s.space_overrides)

@@ -16,7 +16,7 @@ ITEMS_SCHEMA = pa.schema([
     ("source_id", pa.int64()),          # the source's own item id (movieId, ...)
     ("title", pa.string()),
     ("genres", pa.list_(pa.string())),  # genre words, in source order
-    ("tags", pa.list_(pa.string())),    # distinct tags, all of them (may be empty); see RawData.tag_events
+    ("tags", pa.list_(pa.string())),    # distinct tags, most used first, at most MAX_TAGS_PER_ITEM; see RawData.tag_events
 ])
 
 TAG_EVENTS_SCHEMA = pa.schema([
