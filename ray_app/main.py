@@ -209,7 +209,17 @@ def wait_until_up(url: str, what: str, timeout_s: float, proc: subprocess.Popen 
     raise NewcomerError(f"{what} did not answer at {url} within {timeout_s:.0f} s")
 
 
-def start_serve(s: MainSettings, prepared: Path, checkpoint_path: Path) -> str:
+def start_serve_proxy(s: MainSettings) -> str:
+    """Serve's controller and HTTP proxy (no CPUs reserved): started before training, on the core
+    the Train worker leaves idle -> the API's URL."""
+    from ray import serve
+
+    # Quiet is `connect`'s doing: the replicas' logs stay in Ray's log files, at Serve's own levels.
+    serve.start(http_options={"host": s.host, "port": s.port})
+    return f"http://{s.host}:{s.port}"
+
+
+def deploy_app(s: MainSettings, prepared: Path, checkpoint_path: Path) -> None:
     from ray import serve
 
     from ray_app.serve import AppArgs, build_app
@@ -217,13 +227,9 @@ def start_serve(s: MainSettings, prepared: Path, checkpoint_path: Path) -> str:
     print("\n==> deploying the Serve app (encoder → decomposer → combiner)", flush=True)
     s.runs.mkdir(parents=True, exist_ok=True)
     store = f"sqlite:///{(s.runs / 'state.db').resolve()}"
-    # Quiet is `connect`'s doing: the replicas' logs stay in Ray's log files, at Serve's own levels.
-    serve.start(http_options={"host": s.host, "port": s.port})
     serve.run(build_app(AppArgs(checkpoint=str(checkpoint_path), data_dir=str(prepared), store_url=store)),
               name="dynamic-interest", route_prefix="/", blocking=False)
-    url = f"http://{s.host}:{s.port}"
-    wait_until_up(f"{url}/healthz", "the Serve app", 300)
-    return url
+    wait_until_up(f"http://{s.host}:{s.port}/healthz", "the Serve app", 300)
 
 
 def start_demo(s: MainSettings, api_url: str) -> tuple[subprocess.Popen, str]:
@@ -287,8 +293,13 @@ def run(s: MainSettings) -> int:
         raise NewcomerError(str(e)) from None
     prepared = prepare(s)
     connect(s.num_cpus, s.verbose)
-    demo = None
+    demo = demo_url = None
     try:
+        # The demo and Serve's proxy start first, beside the training (which keeps one core busy);
+        # the demo waits for the API itself.
+        api_url = start_serve_proxy(s)
+        if s.demo:
+            demo, demo_url = start_demo(s, api_url)
         if s.checkpoint is not None:
             checkpoint_path = resolve_checkpoint(s.checkpoint)
         elif s.tune_samples:
@@ -296,11 +307,7 @@ def run(s: MainSettings) -> int:
         else:
             checkpoint_path = train(s, prepared, model_args)
         print("\n" + evaluate(s, prepared, checkpoint_path), flush=True)
-        api_url = f"http://{s.host}:{s.port}"
-        demo_url = None
-        if s.demo:                             # it starts while the app deploys, and waits for the API itself
-            demo, demo_url = start_demo(s, api_url)
-        start_serve(s, prepared, checkpoint_path)
+        deploy_app(s, prepared, checkpoint_path)
         if demo is not None:
             wait_until_up(demo_url, "the demo", 120, demo, log=None if s.verbose else s.runs / "demo.log")
         print(banner(api_url, demo_url, *example_ids(prepared)), flush=True)
