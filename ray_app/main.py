@@ -30,7 +30,7 @@ log = logging.getLogger("dynamic_interest.main")
 BASELINES = ("popular", "seen-popular", "lstm", "gru4rec", "sasrec")
 # Serve first: the default compares with the two trivial rules only (seconds): most-popular, and the
 # user's own items first, then popular (what repeating histories make easy). `--baselines all` (or
-# `--compare`) adds the trained baselines, about 8 minutes more on 2 cores for the synthetic data.
+# `--compare`) adds the trained baselines, each trained with the same epochs and batches (not timed).
 DEFAULT_BASELINES = ("popular", "seen-popular")
 ORACLE_ROW = "decomposer + oracle intent (the target's own words)"
 # Rough peak memory of preparation and training per event (arrays, windows, Parquet buffers).
@@ -361,7 +361,7 @@ def parse_args(argv=None) -> MainSettings:
     p.add_argument("--baselines", default=",".join(DEFAULT_BASELINES),
                    help=f"comma-separated from {', '.join(BASELINES)}, 'all', or empty for none (default: the "
                         "two untrained rules, so that the API is up in minutes; 'all' trains LSTM, GRU4Rec and "
-                        "SASRec too, about 8 minutes more on 2 cores)")
+                        "SASRec too, with the same epochs and batches: minutes more)")
     p.add_argument("--compare", action="store_true", help="the same as --baselines all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--host", default="127.0.0.1", help="where the API and the demo listen (0.0.0.0 for all)")
