@@ -89,13 +89,12 @@ class Output:
             if echo:
                 print(f"  | {line}", flush=True)
 
-    def text(self) -> list[str]:
-        with self._lock:
-            return [line for _, line in self.lines]
-
     def timed(self) -> list[tuple[float, str]]:
         with self._lock:
             return list(self.lines)
+
+    def text(self) -> list[str]:
+        return [line for _, line in self.timed()]
 
     def banner_end(self) -> int | None:
         """Index of the banner's closing rule, once it has been printed."""

@@ -73,17 +73,22 @@ class MostPopular(_ItemDataMixin, nn.Module):
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.log_q.expand(len(batch["lengths"]), -1)           # (B, N+1)
 
+    def ahead(self, scores: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """Popularity scores (B, N+1) with the `first` items (bool) ranked above all others, their own
+        order kept. The lift is the spread of log popularity plus one: a large constant would round
+        away the small popularity differences in float32."""
+        lift = float(self.log_q.max() - self.log_q.min()) + 1.0
+        return scores + lift * first
+
 
 class SeenThenPopular(MostPopular):
-    SEEN_BONUS = 1e4                 # larger than any spread of log popularity
-
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         scores = self.log_q.expand(len(batch["lengths"]), -1).clone()  # (B, N+1)
         seen = torch.zeros_like(scores, dtype=torch.bool)
         seen.scatter_(1, batch["items"], True)                          # (B, T) item ids, 0 = padding
         seen[:, 0] = False
-        return scores + self.SEEN_BONUS * seen
+        return self.ahead(scores, seen)
 
 
 class _IntentRule(MostPopular):
@@ -124,8 +129,6 @@ class TextRetrieval(_IntentRule):
 
 
 class PhrasePopular(_IntentRule):
-    MATCH_BONUS = 1e4
-
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         pop = self.log_q.expand(len(batch["lengths"]), -1).clone()                        # (B, N+1)
@@ -134,7 +137,7 @@ class PhrasePopular(_IntentRule):
             return pop
         phrase = (z @ self.phrase_emb.T).argmax(1)                  # the phrase z is (free text: the nearest)
         match = self.member[:, phrase].T & has[:, None]                                  # (B, N+1)
-        return pop + self.MATCH_BONUS * match
+        return self.ahead(pop, match)
 
 
 @dataclass

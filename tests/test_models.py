@@ -214,8 +214,11 @@ def test_intent_rules_rank_by_the_words(tiny_data, split):
         carriers = [i for i in range(1, tiny_data.n_items + 1) if pid in tiny_data.item_intents(i)]
         top = torch.argsort(scores[row], descending=True)[:len(carriers)].tolist()
         assert carriers and set(top) == set(carriers)
-        assert top == sorted(carriers, key=lambda i: -float(pop[row, i]))[:len(top)] or \
-            len({float(pop[row, i]) for i in carriers}) < len(carriers)           # ties in popularity
+        others = [i for i in range(1, tiny_data.n_items + 1) if i not in carriers]
+        assert scores[row, carriers].min() > scores[row, others].max()
+        lift = scores[row, carriers[0]] - pop[row, carriers[0]]
+        torch.testing.assert_close(scores[row, carriers] - lift, pop[row, carriers])  # by popularity
+        torch.testing.assert_close(scores[row, others], pop[row, others])
     no_words = batch_builder(tiny_data)(split.user_start[:6], split.test_pos[:6], split.user_start[:6],
                                         supervise_all=False)
     assert torch.equal(phrase.score(no_words), pop) and torch.equal(
