@@ -68,6 +68,11 @@ class MainSettings:
     num_cpus: int | None = None
     verbose: bool = False                 # Ray's own logs and the demo's output on the console
 
+    @property
+    def demo_log(self) -> Path | None:
+        """Where the demo's output goes (None: to the console, with --verbose)."""
+        return None if self.verbose else self.runs / "demo.log"
+
 
 # ---- checks a newcomer benefits from, before anything starts --------------------------------
 
@@ -236,9 +241,8 @@ def deploy_app(s: MainSettings, prepared: Path, checkpoint_path: Path) -> None:
 def start_demo(s: MainSettings, api_url: str) -> tuple[subprocess.Popen, str]:
     """Start the demo process (not waiting for it) -> (process, its URL)."""
     print("\n==> starting the Gradio demo", flush=True)
-    log_path = s.runs / "demo.log"
     s.runs.mkdir(parents=True, exist_ok=True)
-    out = None if s.verbose else open(log_path, "ab")                  # the child keeps its own copy
+    out = None if s.demo_log is None else open(s.demo_log, "ab")        # the child keeps its own copy
     try:
         proc = subprocess.Popen([sys.executable, "-m", "gradio_demo", "--api", api_url, "--host", s.host,
                                  "--port", str(s.demo_port)], stdout=out, stderr=subprocess.STDOUT if out else None)
@@ -310,14 +314,14 @@ def run(s: MainSettings) -> int:
         print("\n" + evaluate(s, prepared, checkpoint_path), flush=True)
         deploy_app(s, prepared, checkpoint_path)
         if demo is not None:
-            wait_until_up(demo_url, "the demo", 120, demo, log=None if s.verbose else s.runs / "demo.log")
+            wait_until_up(demo_url, "the demo", 120, demo, log=s.demo_log)
         print(banner(api_url, demo_url, *example_ids(prepared)), flush=True)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         while not stop.wait(1.0):
             if demo is not None and demo.poll() is not None:
-                where = "see its output above" if s.verbose else f"its output is in {s.runs / 'demo.log'}"
+                where = f"its output is in {s.demo_log}" if s.demo_log else "see its output above"
                 raise NewcomerError(f"the demo exited with status {demo.returncode}; {where}")
     finally:
         print("\nshutting down…", flush=True)
