@@ -136,7 +136,7 @@ def http_level(args, source_ids: np.ndarray, lengths: list[int]) -> dict:
     import ray
     from ray import serve
 
-    from serve_common import wait_healthy
+    from serve_common import api_access, wait_healthy
     from ray_app.serve import AppArgs, build_app
     from ray_app.store import StoredState, open_store
 
@@ -144,6 +144,7 @@ def http_level(args, source_ids: np.ndarray, lengths: list[int]) -> dict:
     base = f"http://127.0.0.1:{args.port}"
     with tempfile.TemporaryDirectory(prefix="incremental-bench-") as tmp:
         store_url = f"sqlite:///{tmp}/state.db"
+        headers = api_access()
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": args.port})
@@ -151,7 +152,7 @@ def http_level(args, source_ids: np.ndarray, lengths: list[int]) -> dict:
                       name="bench", route_prefix="/")
             health = wait_healthy(base)
             store = open_store(store_url)
-            with httpx.Client(base_url=base, timeout=60.0) as client:
+            with httpx.Client(base_url=base, timeout=60.0, headers=headers) as client:
                 rows = _http_rounds(client, store, StoredState, health["model_version"], source_ids, lengths,
                                     args.http_repeats, rng)
             store.close()

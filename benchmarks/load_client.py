@@ -10,12 +10,14 @@ by the weights in the spec. The spec (JSON) holds "users" (known user ids), "ite
 of the catalogue), "intents" (phrases) and optionally "weights". Prints one JSON record to stdout
 (or --out): per-operation latency percentiles, throughput, errors with a few samples; with --details
 also every acknowledged event (so a test can check the store holds each of them) and every request.
+The API's bearer token comes from $DYNAMIC_INTEREST_TOKEN (a service token: the load acts for many users).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -89,7 +91,9 @@ async def run(url: str, spec: dict, concurrency: int, duration: float, seed: int
               keep_details: bool = False) -> dict:
     load = Load(spec, seed)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as http:
+    token = os.environ.get("DYNAMIC_INTEREST_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, headers=headers) as http:
         t0 = time.perf_counter()
         wall0 = time.time()
         deadline = t0 + duration

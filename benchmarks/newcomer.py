@@ -143,23 +143,45 @@ def shell_commands(lines: list[str]) -> list[str]:
     return commands
 
 
-def banner_curls(text: list[str], start: int, end: int) -> list[str]:
+def is_assignment(command: str) -> bool:
+    """`export NAME=...` or `NAME=...`: a line that sets what the following curl lines use."""
+    words = command.split(maxsplit=1)
+    first = words[1] if words and words[0] == "export" and len(words) > 1 else command
+    name = first.split("=", 1)[0]
+    return "=" in first and name.isidentifier() and not command.startswith("curl ")
+
+
+def banner_commands(text: list[str], start: int, end: int) -> list[str]:
     block = [line.strip() for line in text[start:end]]
-    return [c for c in shell_commands(block) if c.startswith("curl ")]
+    return [c for c in shell_commands(block) if c.startswith("curl ") or is_assignment(c)]
 
 
-def readme_curls(readme: Path) -> list[str]:
-    """The `curl` commands of the README's API section (its first bash block), as written."""
+def readme_commands(readme: Path) -> list[str]:
+    """The `curl` commands of the README's API section (its first bash block) and the variables
+    they use, as written."""
     text = readme.read_text()
     section = text[text.index("## The API"):]
     block = section[section.index("```bash") + len("```bash"):]
     block = block[:block.index("```")]
-    return [c for c in shell_commands(block.strip().splitlines()) if c.lstrip().startswith("curl ")]
+    return [c for c in shell_commands(block.strip().splitlines())
+            if c.lstrip().startswith("curl ") or is_assignment(c)]
 
 
-def run_curl(command: str, env: dict) -> dict:
+def run_curls(commands: list[str], env: dict, cwd: Path, source: str) -> list[dict]:
+    """Each curl line run as a user pastes it: after the lines before it that set variables."""
+    prelude, out = [], []
+    for c in commands:
+        if is_assignment(c):
+            prelude.append(c)
+        else:
+            out.append({"from": source, **run_curl(c, env, cwd, prelude)})
+    return out
+
+
+def run_curl(command: str, env: dict, cwd: Path, prelude: list[str] = ()) -> dict:
     """Run one printed `curl` line with bash; ok when it answers JSON with no error `detail`."""
-    r = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120, env=env)
+    script = "\n".join([*prelude, command])
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120, env=env, cwd=cwd)
     ok, why = False, ""
     try:
         body = json.loads(r.stdout)
@@ -211,9 +233,10 @@ def run_once(clone: Path, env: dict, extra_args: str, timeout_s: float, echo: bo
         record["output_before_banner"] = [[round(t, 1), line] for t, line in out.timed()[:len(before)]]
         curls = []
         if end is not None:
-            curls += [{"from": "banner", **run_curl(c, env)} for c in banner_curls(text, start, end)]
-        readme_env = {**env, "API": api}
-        curls += [{"from": "README", **run_curl(c, readme_env)} for c in readme_curls(clone / "README.md")]
+            curls += run_curls(banner_commands(text, start, end), env, clone, "banner")
+        # The README's block sets API itself; here it points at this run's port.
+        readme = [c for c in readme_commands(clone / "README.md") if not c.startswith("API=")]
+        curls += run_curls(readme, {**env, "API": api}, clone, "README")
         record["curls"] = curls
         record["curl_ok"] = bool(curls) and all(c["ok"] for c in curls)
     finally:

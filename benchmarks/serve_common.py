@@ -100,6 +100,17 @@ def add_vocabulary(checkpoint: Path, data: Path) -> None:
         ckpt.save(checkpoint, model, {**meta, "item_source_ids": ids})
 
 
+def api_access() -> dict[str, str]:
+    """Before ray.init: the API's signing secret in this process's environment (a fresh one unless
+    set; the replicas inherit it) and a service token in $DYNAMIC_INTEREST_TOKEN (the load client
+    processes inherit that) -> the headers of that token."""
+    from ray_app.auth import SECRET_ENV, TOKEN_ENV, mint, new_secret
+
+    os.environ.setdefault(SECRET_ENV, new_secret())
+    os.environ[TOKEN_ENV] = mint(os.environ[SECRET_ENV], "service")
+    return {"Authorization": f"Bearer {os.environ[TOKEN_ENV]}"}
+
+
 def wait_healthy(base_url: str, timeout_s: float = 180.0) -> dict:
     import httpx
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from serve_common import (DEFAULT_CHECKPOINT, DEFAULT_DATA, RESULTS, checkpoint_config, command_line,  # sibling script
-                          ensure_checkpoint, machine, percentiles, replica_counts, running_replicas, wait_healthy)
+                          api_access, ensure_checkpoint, machine, percentiles, replica_counts, running_replicas, wait_healthy)
 
 HERE = Path(__file__).resolve().parent
 OPS = ("recommend", "recommend_intent", "post_event")
@@ -306,6 +306,7 @@ def serve_runs(args, levels: list[int], spec_path: Path, store_url: str) -> dict
     import ray
     from ray import serve
 
+    api_access()                              # with authentication on, as it is deployed
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
     out = {"autoscaled": {}}
     monitor = None

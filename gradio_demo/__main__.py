@@ -1,17 +1,20 @@
 """`python -m gradio_demo --api http://127.0.0.1:8000 --port 7860`
 
 Starts even when the API is not up yet: it says so here and on the page, and every action on
-the page tries the API again.
+the page tries the API again. The API's token comes from $DYNAMIC_INTEREST_TOKEN (a service
+token, `python -m ray_app.auth --service`): it stays in this process, the page never sees it.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from urllib.parse import urlparse
 
 from gradio_demo.app import CSS, build_demo, describe_health
 from gradio_demo.client import DEFAULT_API, ApiClient, ApiError
+from ray_app.auth import TOKEN_ENV
 
 
 def api_url(text: str) -> str:
@@ -35,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call drowns the useful ones
-    api = ApiClient(args.api, timeout=args.timeout)
+    token = os.environ.get(TOKEN_ENV)
+    if not token:
+        print(f"warning: {TOKEN_ENV} is not set: the API will refuse the demo's calls (401)", file=sys.stderr, flush=True)
+    api = ApiClient(args.api, timeout=args.timeout, token=token)
     try:
         print(describe_health(api, api.health()), flush=True)
     except ApiError as e:

@@ -47,12 +47,14 @@ M = TypeVar("M", bound=BaseModel)
 # ---- client ---------------------------------------------------------------------------------
 
 class ApiClient:
-    """Thread-safe (httpx.Client is); one per demo process."""
+    """Thread-safe (httpx.Client is); one per demo process. `token` is sent as a bearer token on
+    every call (the demo's is a service token, kept in its own process)."""
 
     def __init__(self, base_url: str = DEFAULT_API, timeout: float = 10.0,
-                 transport: httpx.BaseTransport | None = None):
+                 transport: httpx.BaseTransport | None = None, token: str | None = None):
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport, headers=headers)
 
     def close(self) -> None:
         self._http.close()
@@ -152,6 +154,8 @@ def _error(method: str, path: str, response: httpx.Response) -> ApiError:
         # FastAPI's default shape (a list of problems) or a plain-text proxy page.
         detail = str(detail) if detail is not None else (response.text.strip()[:200] or response.reason_phrase)
     status = response.status_code
+    if status in (401, 403):
+        return ApiError(f"The API refused the demo's token: {detail}", status=status, field=field)
     if status == 404:
         return NotFound(f"Not found: {detail}", status=status, field=field)
     if status < 500:

@@ -37,8 +37,10 @@ def next_moment(after: float, weekday: int, hour: int) -> float:
 
 
 def anchor(history: Sequence[UserEvent], now: float | None = None) -> float:
-    """Where the clock of a request starts: the last event, or now for a user without events."""
-    return max(e.timestamp for e in history) if history else (time.time() if now is None else now)
+    """Where the clock of a request starts: the last event, or a week ago for a user without
+    events, so that every weekday and hour of the past week can be chosen (the API refuses events
+    dated in the future)."""
+    return max(e.timestamp for e in history) if history else (time.time() if now is None else now) - WEEK
 
 
 def fmt_time(ts: float) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -94,15 +95,16 @@ class MiniLM:
 class TextEncoder:
     """Text → L2-normalised float32 vectors of size `DIM`, with a persistent cache.
 
-    `cache=False` keeps everything in memory (serving encodes arbitrary user text; rewriting
-    the cache file per request would be wasteful).
+    `cache=False` keeps vectors in memory instead, the `max_cached` most recently used ones
+    (serving encodes arbitrary user text: rewriting the cache file per request would be wasteful,
+    and a cache that kept every text a caller ever sent would grow without bound).
     """
 
     model_name = MODEL_NAME
     dim = DIM
 
     def __init__(self, cache_path: str | Path | None = None, device: str = "cpu",
-                 batch_size: int = 64, cache: bool = True):
+                 batch_size: int = 64, cache: bool = True, max_cached: int = 10_000):
         self.cache_path = Path(cache_path).expanduser() if cache_path else default_cache_path()
         self.device = device
         self.batch_size = batch_size
@@ -111,6 +113,8 @@ class TextEncoder:
         self._index: dict[str, int] | None = None   # key -> row of self._emb
         self._emb = np.zeros((0, DIM), np.float32)
         self._loaded_stat: tuple[float, int] | None = None
+        self.max_cached = max_cached
+        self._recent: OrderedDict[str, np.ndarray] = OrderedDict()   # key -> (384,), least recent first
 
     # ---- model -----------------------------------------------------------------------------
     def _load_model(self) -> MiniLM:
@@ -182,6 +186,8 @@ class TextEncoder:
         texts = list(texts)
         if not texts:
             return np.zeros((0, DIM), np.float32)
+        if not self.persist:
+            return self._encode_recent(texts)
         self._ensure_cache()
         keys = [text_key(t, self.model_name) for t in texts]
         missing: dict[str, str] = {}
@@ -196,3 +202,25 @@ class TextEncoder:
                 self._save()
         rows = np.fromiter((self._index[k] for k in keys), dtype=np.int64, count=len(keys))
         return self._emb[rows]
+
+    def _encode_recent(self, texts: list[str]) -> np.ndarray:
+        """In-memory mode: an LRU of at most `max_cached` vectors."""
+        keys = [text_key(t, self.model_name) for t in texts]
+        found: dict[str, np.ndarray] = {}
+        for k in keys:
+            if k in self._recent:
+                self._recent.move_to_end(k)
+                found[k] = self._recent[k]
+        missing = {k: t for k, t in zip(keys, texts) if k not in found}
+        if missing:
+            emb = self._load_model().encode(list(missing.values()), batch_size=self.batch_size)
+            for k, v in zip(missing, emb):
+                found[k] = self._recent[k] = v
+            while len(self._recent) > self.max_cached:
+                self._recent.popitem(last=False)
+        return np.stack([found[k] for k in keys])
+
+    @property
+    def cached(self) -> int:
+        """How many vectors the in-memory cache holds now."""
+        return len(self._recent)

@@ -39,9 +39,11 @@ def _checkpoint_of(config: dict) -> str:
 class Encoder:
     """all-MiniLM-L6-v2 over a batch of texts (intent phrases, search queries)."""
 
-    def __init__(self, max_batch_size: int = 16, batch_wait_s: float = 0.005):
-        # User text is arbitrary: keep it off the disk cache. A GPU is used when the replica has one.
-        self.encoder = TextEncoder(cache=False, device="cuda" if torch.cuda.is_available() else "cpu")
+    def __init__(self, max_batch_size: int = 16, batch_wait_s: float = 0.005, cache_size: int = 10_000):
+        # User text is arbitrary: keep it off the disk cache, in an LRU of `cache_size` vectors
+        # (1.5 kB each). A GPU is used when the replica has one.
+        self.encoder = TextEncoder(cache=False, max_cached=cache_size,
+                                   device="cuda" if torch.cuda.is_available() else "cpu")
         self.encoder.encode(["warm up"])         # load the model now, not on the first request
         _configure_batching(self.encode, max_batch_size, batch_wait_s)
 

@@ -1,8 +1,9 @@
 """FastAPI ingress of the Serve app: validation, the state store, and the calls down the graph.
 
-Every client error is a JSON `{"detail", "field"}` with a 4xx status (422 validation, 404
-unknown user, 413 body too large), never a 500. An event is committed to the store before
-the response that acknowledges it.
+Every client error is a JSON `{"detail", "field"}` with a 4xx status (401 no or bad token, 403
+another user's token, 422 validation, 404 unknown user, 413 body too large), never a 500. An
+event is committed to the store before the response that acknowledges it. Every route but
+/healthz needs a bearer token (`ray_app.auth`).
 """
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations of the class
 # methods that serve.ingress re-binds, and string annotations would not resolve there.
@@ -12,23 +13,26 @@ import logging
 from typing import Annotated
 from collections.abc import Sequence
 
-from fastapi import FastAPI, Path, Query, Request
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ray_app.schemas import (MAX_K, MAX_USER_ID_CHARS, ErrorResponse, Text, EventIn, EventsRequest, EventsResponse,
+from ray_app.auth import FIELD as AUTH_FIELD
+from ray_app.auth import AuthError, Principal, RateLimit, secret_from_env, verify
+from ray_app.schemas import (IDEMPOTENCY_KEY, MAX_K, MAX_USER_ID_CHARS, ErrorResponse, Text, EventIn, EventsRequest, EventsResponse,
                              Health, InterestsResponse, ItemsResponse, RecommendRequest, RecommendResponse,
                              UserEventsResponse, UsersResponse)
 from ray_app.serving import Catalogue, training_user_events
-from ray_app.store import Event, open_store
+from ray_app.store import Event, IdempotencyConflict, open_store
 
 log = logging.getLogger("ray.serve")
 
 MAX_BODY_BYTES = 1 << 20   # 1 MiB: 1,000 events are about 70 kB of JSON
-ERRORS = {status: {"model": ErrorResponse} for status in (404, 413, 422)}
+ERRORS = {status: {"model": ErrorResponse} for status in (401, 403, 404, 413, 422, 429)}
 
 
 class ApiError(Exception):
@@ -117,8 +121,36 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return _error(exc.status, exc.detail, exc.field)
 
 
+@app.exception_handler(AuthError)
+async def _auth_error(request: Request, exc: AuthError) -> JSONResponse:
+    resp = _error(exc.status, exc.detail, AUTH_FIELD)
+    if exc.status == 401:
+        resp.headers["WWW-Authenticate"] = "Bearer"
+    if exc.status == 429:
+        resp.headers["Retry-After"] = str(exc.retry_after_s or 1)
+    return resp
+
+
+# The scheme is declared for the OpenAPI description (Swagger's "Authorize"); `caller` reads the
+# header itself, so that a missing token and a malformed header get messages of their own.
+_bearer = HTTPBearer(auto_error=False, description="a user or service token (python -m ray_app.auth)")
+
+
+async def caller(request: Request, _: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Principal:
+    # Read from the environment on each call (a dict lookup): Serve ships the app's functions to the
+    # replica apart from this module's globals, so nothing set at start-up would be seen here.
+    return verify(secret_from_env(), request.headers.get("authorization"))
+
+
+Caller = Annotated[Principal, Depends(caller)]
+
+
 UserId = Annotated[Text, Path(min_length=1, max_length=MAX_USER_ID_CHARS,
                               description="user id (str of the source user id)")]
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", pattern=IDEMPOTENCY_KEY,
+    description="any unique string per batch of events (a UUID): a retry with the same key and events "
+                "appends nothing and gets the first answer again, for 24 h")]
 QueryText = Annotated[Text, Query(min_length=1, max_length=500, description="free text")]
 
 
@@ -126,7 +158,10 @@ QueryText = Annotated[Text, Query(min_length=1, max_length=500, description="fre
 @serve.ingress(app)
 class Ingress:
     def __init__(self, encoder: DeploymentHandle, decomposer: DeploymentHandle, combiner: DeploymentHandle,
-                 store_url: str, data_dir: str, load_users: bool = True):
+                 store_url: str, data_dir: str, load_users: bool = True, rate_per_minute: int = 600,
+                 service_rate_per_minute: int = 60_000):
+        secret_from_env()                     # from the environment only; no secret, no start
+        self.rate = RateLimit(rate_per_minute, service_rate_per_minute)
         self.encoder, self.decomposer, self.combiner = encoder, decomposer, combiner
         self.catalogue, data = Catalogue.load(data_dir)
         self.n_training_users = data.n_users
@@ -163,7 +198,10 @@ class Ingress:
                       n_users=self.n_training_users, dimensions=info["dimensions"])
 
     @app.post("/recommend", response_model=RecommendResponse, responses=ERRORS)
-    async def recommend(self, req: RecommendRequest) -> RecommendResponse:
+    async def recommend(self, req: RecommendRequest, who: Caller) -> RecommendResponse:
+        self.rate.admit(who)
+        if req.user_id is not None:
+            who.require_user(req.user_id)
         intent = self.encoder.encode.remote(req.context.intent) if req.context.intent else None
         if req.user_id is not None:
             self._require_user(req.user_id)
@@ -184,37 +222,57 @@ class Ingress:
                                  explanation=explanation)
 
     @app.post("/users/{user_id}/events", response_model=EventsResponse, responses=ERRORS)
-    async def add_events(self, body: EventsRequest, user_id: UserId) -> EventsResponse:
+    async def add_events(self, body: EventsRequest, user_id: UserId, who: Caller,
+                         idempotency_key: IdempotencyKey = None) -> EventsResponse:
+        self.rate.admit(who)
+        who.require_user(user_id)
         self._check_items(body.events, "events")
         events = [Event(e.item_id, e.rating, e.timestamp) for e in body.events]
-        n = await asyncio.to_thread(self.store.append_events, user_id, events)   # durable from here on
-        try:
-            await self.decomposer.advance.remote(user_id)
-        except Exception:  # the events are committed; the state is a cache the next request catches up
-            log.exception("advancing the state of user %r failed", user_id)
-        return EventsResponse(user_id=user_id, accepted=len(events), n_events=n)
+        replayed = False
+        if idempotency_key is None:
+            n = await asyncio.to_thread(self.store.append_events, user_id, events)   # durable from here on
+        else:
+            try:
+                n, replayed = await asyncio.to_thread(self.store.append_once, user_id, idempotency_key, events)
+            except IdempotencyConflict as e:
+                raise ApiError(422, str(e), "Idempotency-Key") from None
+        if not replayed:
+            try:
+                await self.decomposer.advance.remote(user_id)
+            except Exception:  # the events are committed; the state is a cache the next request catches up
+                log.exception("advancing the state of user %r failed", user_id)
+        return EventsResponse(user_id=user_id, accepted=len(events), n_events=n, replayed=replayed)
 
     @app.get("/users", response_model=UsersResponse, responses=ERRORS)
-    async def users(self, q: Annotated[Text, Query(max_length=MAX_USER_ID_CHARS, description="user id prefix")] = "",
+    async def users(self, who: Caller, q: Annotated[Text, Query(max_length=MAX_USER_ID_CHARS, description="user id prefix")] = "",
                     limit: int = Query(50, ge=1, le=1000)) -> UsersResponse:
+        self.rate.admit(who)
+        who.require_service("listing users")
         return UsersResponse(users=[{"user_id": u, "n_events": n} for u, n in self.store.users(q, limit)])
 
     @app.get("/users/{user_id}/events", response_model=UserEventsResponse, responses=ERRORS)
-    async def user_events(self, user_id: UserId, limit: int = Query(20, ge=1, le=1000)) -> UserEventsResponse:
+    async def user_events(self, user_id: UserId, who: Caller,
+                          limit: int = Query(20, ge=1, le=1000)) -> UserEventsResponse:
+        self.rate.admit(who)
+        who.require_user(user_id)
         n = self._require_user(user_id)
         events = self.store.events(user_id, max(n - limit, 0), limit)
         return UserEventsResponse(user_id=user_id, events=[
             {**self._describe(e.item_id), "rating": e.rating, "timestamp": e.timestamp} for e in events])
 
     @app.get("/users/{user_id}/interests", response_model=InterestsResponse, responses=ERRORS)
-    async def interests(self, user_id: UserId, last: int = Query(50, ge=1, le=1000)) -> InterestsResponse:
+    async def interests(self, user_id: UserId, who: Caller,
+                        last: int = Query(50, ge=1, le=1000)) -> InterestsResponse:
+        self.rate.admit(who)
+        who.require_user(user_id)
         self._require_user(user_id)
         res = await self.decomposer.interests.remote(user_id, last)
         steps = [{**step, "title": self._describe(step["item_id"])["title"]} for step in res["steps"]]
         return InterestsResponse(user_id=user_id, dimensions=res["dimensions"], steps=steps)
 
     @app.get("/items", response_model=ItemsResponse, responses=ERRORS)
-    async def items(self, q: QueryText, k: int = Query(10, ge=1, le=MAX_K)) -> ItemsResponse:
+    async def items(self, q: QueryText, who: Caller, k: int = Query(10, ge=1, le=MAX_K)) -> ItemsResponse:
+        self.rate.admit(who)
         if not q.strip():
             raise ApiError(422, "q: empty query", "q")
         found = await self.combiner.search.remote(self.encoder.encode.remote(q), k)

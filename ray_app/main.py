@@ -74,6 +74,46 @@ class MainSettings:
         """Where the demo's output goes (None: to the console, with --verbose)."""
         return None if self.verbose else self.runs / "demo.log"
 
+    @property
+    def secret_file(self) -> Path:
+        return self.runs / "auth-secret"
+
+    @property
+    def token_file(self) -> Path:
+        return self.runs / "token"
+
+
+# ---- access ----------------------------------------------------------------------------------
+
+def private_write(path: Path, text: str) -> None:
+    """Write a file only its owner can read, atomically (a crash leaves the old one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    os.replace(tmp, path)
+
+
+def setup_access(s: MainSettings) -> str:
+    """The API's signing secret into this process's environment, before Ray starts (its workers,
+    the Ingress among them, inherit it): $DYNAMIC_INTEREST_AUTH_SECRET when set, else the one
+    generated at the first start and kept in runs/main/auth-secret (owner-only). A service token
+    for this run goes to runs/main/token (owner-only) -> that token."""
+    from ray_app.auth import SECRET_ENV, mint, new_secret, secret_from_env
+
+    if not os.environ.get(SECRET_ENV):
+        if not s.secret_file.is_file():
+            private_write(s.secret_file, new_secret())
+        os.environ[SECRET_ENV] = s.secret_file.read_text().strip()
+    try:
+        secret = secret_from_env()
+    except RuntimeError as e:
+        raise NewcomerError(str(e)) from None
+    token = mint(secret, "service")
+    private_write(s.token_file, token)
+    return token
+
 
 # ---- checks a newcomer benefits from, before anything starts --------------------------------
 
@@ -259,38 +299,54 @@ def wait_for_app(healthz: str, timeout_s: float = 300) -> None:
     raise NewcomerError(f"the Serve app was not running within {timeout_s:.0f} s; see `serve status`")
 
 
-def start_demo(s: MainSettings, api_url: str) -> tuple[subprocess.Popen, str]:
-    """Start the demo process (not waiting for it) -> (process, its URL)."""
+def start_demo(s: MainSettings, api_url: str, token: str) -> tuple[subprocess.Popen, str]:
+    """Start the demo process (not waiting for it) with the service token in its environment
+    (not its command line, which `ps` shows) -> (process, its URL)."""
+    from ray_app.auth import TOKEN_ENV
+
     print("\n==> starting the Gradio demo", flush=True)
     s.runs.mkdir(parents=True, exist_ok=True)
     out = None if s.demo_log is None else open(s.demo_log, "ab")        # the child keeps its own copy
     try:
         proc = subprocess.Popen([sys.executable, "-m", "gradio_demo", "--api", api_url, "--host", s.host,
-                                 "--port", str(s.demo_port)], stdout=out, stderr=subprocess.STDOUT if out else None)
+                                 "--port", str(s.demo_port)], stdout=out, stderr=subprocess.STDOUT if out else None,
+                                env={**os.environ, TOKEN_ENV: token})
     finally:
         if out is not None:
             out.close()
     return proc, f"http://{s.host}:{s.demo_port}"
 
 
-def banner(api_url: str, demo_url: str | None, user_id: str, item_id: int) -> str:
+def banner(api_url: str, demo_url: str | None, user_id: str, item_id: int, s: MainSettings) -> str:
+    from ray_app.auth import SECRET_ENV, TOKEN_ENV
+
+    token_file = s.token_file
+    # The secret is the user's own ($DYNAMIC_INTEREST_AUTH_SECRET) or the one kept in the secret file.
+    kept = s.secret_file.is_file() and s.secret_file.read_text().strip() == os.environ.get(SECRET_ENV)
+    mint_user = f"{sys.executable} -m ray_app.auth --user {user_id}"
+
+    auth = f'-H "Authorization: Bearer ${TOKEN_ENV}"'
+    json_ = "-H 'content-type: application/json'"
     lines = [
         "",
         "=" * 72,
         f"API   {api_url}        (OpenAPI docs: {api_url}/docs)",
         *([f"demo  {demo_url}"] if demo_url else []),
         "",
-        "try:",
-        f"  curl -s {api_url}/recommend -H 'content-type: application/json' \\",
+        "try (every route but /healthz needs a token; this one acts for any user):",
+        f"  export {TOKEN_ENV}=$(cat {token_file.resolve()})",
+        f"  curl -s {api_url}/recommend {auth} {json_} \\",
         f"       -d '{{\"user_id\": \"{user_id}\", \"context\": {{\"intent\": \"something light and funny\"}}, \"k\": 5, \"explain\": true}}'",
-        f"  curl -s {api_url}/users/{user_id}/events -H 'content-type: application/json' \\",
+        f"  curl -s {api_url}/users/{user_id}/events {auth} {json_} \\",
         f"       -d '{{\"events\": [{{\"item_id\": {item_id}, \"rating\": 4.5, \"timestamp\": {time.time():.0f}}}]}}'",
-        f"  curl -s {api_url}/recommend -H 'content-type: application/json' \\",
+        f"  curl -s {api_url}/recommend {auth} {json_} \\",
         f"       -d '{{\"history\": [{{\"item_id\": {item_id}, \"timestamp\": {time.time():.0f}}}], \"k\": 5}}'"
         "   # no rating: a view",
-        f"  curl -s '{api_url}/users/{user_id}/interests?last=20'",
-        f"  curl -s '{api_url}/items?q=space+adventure&k=5'",
+        f"  curl -s '{api_url}/users/{user_id}/interests?last=20' {auth}",
+        f"  curl -s '{api_url}/items?q=space+adventure&k=5' {auth}",
         "",
+        f"a token for user {user_id} only:",
+        f"  {SECRET_ENV}=$(cat {s.secret_file.resolve()}) {mint_user}" if kept else f"  {mint_user}",
         "Ctrl-C stops the API and the demo.",
         "=" * 72,
     ]
@@ -318,6 +374,7 @@ def run(s: MainSettings) -> int:
     except SetupError as e:
         raise NewcomerError(str(e)) from None
     prepared = prepare(s)
+    token = setup_access(s)
     connect(s.num_cpus, s.verbose)
     demo = demo_url = None
     try:
@@ -325,7 +382,7 @@ def run(s: MainSettings) -> int:
         # the demo waits for the API itself.
         api_url = start_serve_proxy(s)
         if s.demo:
-            demo, demo_url = start_demo(s, api_url)
+            demo, demo_url = start_demo(s, api_url, token)
         if s.checkpoint is not None:
             checkpoint_path = resolve_checkpoint(s.checkpoint)
         elif s.tune_samples:
@@ -337,7 +394,7 @@ def run(s: MainSettings) -> int:
         wait_for_app(healthz)
         if demo is not None:
             wait_until_up(demo_url, "the demo", 120, demo, log=s.demo_log)
-        print(banner(api_url, demo_url, *example_ids(prepared)), flush=True)
+        print(banner(api_url, demo_url, *example_ids(prepared), s), flush=True)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())

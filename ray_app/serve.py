@@ -58,6 +58,9 @@ class AppArgs(BaseModel):
     batching: bool = True                          # False: max_batch_size 1 everywhere (benchmark baseline)
     max_batch_size: int = Field(16, ge=1)
     batch_wait_s: float = Field(0.002, ge=0)
+    text_cache_size: int = Field(10_000, ge=0)     # the Encoder's LRU of text vectors, per replica
+    rate_per_minute: int = Field(600, ge=1)        # requests a user token may make a minute, per Ingress replica
+    service_rate_per_minute: int = Field(60_000, ge=1)   # the same for a service token (the demo, a back end)
     encoder: DeploymentSettings = DeploymentSettings(max_replicas=1, num_cpus=0.25)
     decomposer: DeploymentSettings = DeploymentSettings()
     combiner: DeploymentSettings = DeploymentSettings()
@@ -80,10 +83,11 @@ def build_app(args: AppArgs):
     batch = {"max_batch_size": args.max_batch_size if args.batching else 1, "batch_wait_s": args.batch_wait_s}
     model = {"checkpoint": args.checkpoint}
     return Ingress.options(**args.ingress.options()).bind(
-        Encoder.options(**args.encoder.options()).bind(**batch),
+        Encoder.options(**args.encoder.options()).bind(**batch, cache_size=args.text_cache_size),
         Decomposer.options(**args.decomposer.options(), user_config=model).bind(args.store_url, args.data_dir, **batch),
         Combiner.options(**args.combiner.options(), user_config=model).bind(args.data_dir, **batch),
-        args.store_url, args.data_dir, args.load_users,
+        args.store_url, args.data_dir, args.load_users, args.rate_per_minute,
+        args.service_rate_per_minute,
     )
 
 

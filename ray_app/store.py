@@ -6,8 +6,10 @@ rebuilds from the events when it is missing or was produced by another model ver
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
+import struct
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -29,11 +31,30 @@ class StoredState:
     blob: bytes  # the serialised state parts: LSTM (h, c) and, with profiles, their sums and weights (float32)
 
 
+IDEMPOTENCY_TTL_S = 24 * 3600     # how long an Idempotency-Key is remembered; retries end long before
+
+
+class IdempotencyConflict(ValueError):
+    """An Idempotency-Key seen before with other events: a client bug, not a retry."""
+
+
+def events_digest(events: Sequence[Event]) -> str:
+    """What an Idempotency-Key promises: these events, in this order."""
+    h = hashlib.sha256()
+    for e in events:
+        h.update(struct.pack("<qdd", int(e.item_id), float(e.rating), float(e.timestamp)))
+    return h.hexdigest()
+
+
 @runtime_checkable
 class StateStore(Protocol):
     """Thread-safe; every method may be called from several processes at once."""
 
     def append_events(self, user_id: str, events: Sequence[Event]) -> int: ...
+    def append_once(self, user_id: str, key: str, events: Sequence[Event]) -> tuple[int, bool]:
+        """Append unless `key` was used for this user within IDEMPOTENCY_TTL_S -> (n_events after
+        the first append, replayed?); IdempotencyConflict when the key came with other events."""
+        ...
     def events(self, user_id: str, start: int = 0, limit: int | None = None) -> list[Event]: ...
     def count_events(self, user_id: str) -> int: ...
     def get_state(self, user_id: str) -> StoredState | None: ...
@@ -56,6 +77,15 @@ CREATE TABLE IF NOT EXISTS events (
     timestamp REAL    NOT NULL,
     PRIMARY KEY (user_id, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS idempotency (
+    user_id  TEXT NOT NULL,
+    key      TEXT NOT NULL,
+    digest   TEXT NOT NULL,
+    n_events INTEGER NOT NULL,
+    created  REAL NOT NULL,
+    PRIMARY KEY (user_id, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (created);
 CREATE TABLE IF NOT EXISTS states (
     user_id       TEXT PRIMARY KEY,
     model_version TEXT    NOT NULL,
@@ -135,18 +165,39 @@ class SQLiteStore:
     def append_events(self, user_id: str, events: Sequence[Event]) -> int:
         conn = self._conn()
         with self._write(conn):
-            row = conn.execute("SELECT n_events FROM users WHERE user_id = ?", (user_id,)).fetchone()
-            n = row[0] if row else 0
-            conn.executemany(
-                "INSERT INTO events (user_id, seq, item_id, rating, timestamp) VALUES (?, ?, ?, ?, ?)",
-                [(user_id, n + i, int(e.item_id), float(e.rating), float(e.timestamp)) for i, e in enumerate(events)],
-            )
-            total = n + len(events)
-            conn.execute(
-                "INSERT INTO users (user_id, n_events) VALUES (?, ?) "
-                "ON CONFLICT(user_id) DO UPDATE SET n_events = excluded.n_events",
-                (user_id, total),
-            )
+            return self._append(conn, user_id, events)
+
+    def append_once(self, user_id: str, key: str, events: Sequence[Event]) -> tuple[int, bool]:
+        digest, now = events_digest(events), time.time()
+        conn = self._conn()
+        with self._write(conn):                 # the key and the events commit together, or neither
+            conn.execute("DELETE FROM idempotency WHERE created < ?", (now - IDEMPOTENCY_TTL_S,))
+            row = conn.execute("SELECT digest, n_events FROM idempotency WHERE user_id = ? AND key = ?",
+                               (user_id, key)).fetchone()
+            if row is not None:
+                if row[0] != digest:
+                    raise IdempotencyConflict(f"Idempotency-Key {key!r} was used for other events of this user")
+                return int(row[1]), True
+            total = self._append(conn, user_id, events)
+            conn.execute("INSERT INTO idempotency (user_id, key, digest, n_events, created) VALUES (?, ?, ?, ?, ?)",
+                         (user_id, key, digest, total, now))
+        return total, False
+
+    @staticmethod
+    def _append(conn: sqlite3.Connection, user_id: str, events: Sequence[Event]) -> int:
+        """Inside a write transaction: the events after the user's last -> the new count."""
+        row = conn.execute("SELECT n_events FROM users WHERE user_id = ?", (user_id,)).fetchone()
+        n = row[0] if row else 0
+        conn.executemany(
+            "INSERT INTO events (user_id, seq, item_id, rating, timestamp) VALUES (?, ?, ?, ?, ?)",
+            [(user_id, n + i, int(e.item_id), float(e.rating), float(e.timestamp)) for i, e in enumerate(events)],
+        )
+        total = n + len(events)
+        conn.execute(
+            "INSERT INTO users (user_id, n_events) VALUES (?, ?) "
+            "ON CONFLICT(user_id) DO UPDATE SET n_events = excluded.n_events",
+            (user_id, total),
+        )
         return total
 
     def events(self, user_id: str, start: int = 0, limit: int | None = None) -> list[Event]:

@@ -6,6 +6,8 @@ Layout (every key under a namespace, default `di`):
 - `di:users`      a sorted set of user ids with equal scores, so `ZRANGEBYLEX` lists them by id
                   in the same byte order as SQLite's `ORDER BY user_id`;
 - `di:op:<token>` a marker per append call, kept `op_ttl_s` (5 min; retries end within seconds).
+- `di:idem:<user>:<key>` a client's Idempotency-Key, `{d: events digest, n: n_events after}`,
+                  kept IDEMPOTENCY_TTL_S (24 h).
 
 Every write is one Lua script, which Redis runs atomically and logs to the AOF as one unit, so
 the event list, the user set and the state never disagree. Durability comes from the server:
@@ -24,7 +26,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from ray_app.store import Event, StoredState
+from ray_app.store import IDEMPOTENCY_TTL_S, Event, IdempotencyConflict, StoredState, events_digest
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,19 @@ end
 return redis.call('LLEN', KEYS[1])
 """
 
+# A client's Idempotency-Key: the first call appends and records (digest, count); a later one with
+# the key only answers what the first did. The key and the events are written by the same script.
+# KEYS: ev, users, idem; ARGV: ttl_s, user, digest, events... -> {replayed 0/1, n_events, digest}
+_APPEND_ONCE = """
+local seen = redis.call('HMGET', KEYS[3], 'd', 'n')
+if seen[1] then return {1, tonumber(seen[2]), seen[1]} end
+for i = 4, #ARGV, 1000 do redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
+redis.call('ZADD', KEYS[2], 0, ARGV[2])
+local n = redis.call('LLEN', KEYS[1])
+redis.call('HSET', KEYS[3], 'd', ARGV[3], 'n', n)
+redis.call('EXPIRE', KEYS[3], tonumber(ARGV[1]))
+return {0, n, ARGV[3]}
+"""
 # Idempotent initial load of one user: skipped if the user is already known. KEYS: ev, users;
 # ARGV: user, events... -> 1 if loaded.
 _LOAD = """
@@ -87,6 +102,7 @@ class RedisStore:
         except redis.ConnectionError as e:
             raise ConnectionError(f"store URL {url!r}: cannot reach Redis ({e})") from None
         self._append = self._r.register_script(_APPEND)
+        self._append_key = self._r.register_script(_APPEND_ONCE)
         self._load = self._r.register_script(_LOAD)
         self._put_state = self._r.register_script(_PUT_STATE)
         self.durable = self._check_durability()
@@ -118,6 +134,15 @@ class RedisStore:
     # -- events ----------------------------------------------------------------------
     def append_events(self, user_id: str, events: Sequence[Event]) -> int:
         return self._append_once(user_id, _pack(events), uuid.uuid4().hex)
+
+    def append_once(self, user_id: str, key: str, events: Sequence[Event]) -> tuple[int, bool]:
+        # A retry of the script itself (a dropped connection) finds the key and only reads: exactly once.
+        digest = events_digest(events)
+        keys = [self._ev(user_id), self._users, f"{self._ns}:idem:{user_id}:{key}"]
+        replayed, n, seen = self._append_key(keys=keys, args=[IDEMPOTENCY_TTL_S, user_id, digest, *_pack(events)])
+        if replayed and (seen.decode() if isinstance(seen, bytes) else seen) != digest:
+            raise IdempotencyConflict(f"Idempotency-Key {key!r} was used for other events of this user")
+        return int(n), bool(replayed)
 
     def _append_once(self, user_id: str, packed: list[bytes], token: str) -> int:
         keys = [self._ev(user_id), self._users, f"{self._ns}:op:{token}"]

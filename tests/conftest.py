@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny synthetic dataset prepared once per session with the real text encoder."""
+"""Shared fixtures: a tiny synthetic dataset prepared once per session with the real text encoder,
+and the API's signing secret with tokens for it."""
 from __future__ import annotations
 
 import os
@@ -9,8 +10,22 @@ import pytest
 from models.data import load_prepared, prepare_source
 from models.data.synthetic import SyntheticConfig
 from models.encoder import TextEncoder
+from ray_app.auth import SECRET_ENV, mint, new_secret
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+# Set before any test module starts Ray, whose workers (the Ingress among them) inherit it.
+os.environ.setdefault(SECRET_ENV, new_secret())
+
+
+def service_auth() -> dict[str, str]:
+    """Headers of a service token (acts for any user)."""
+    return {"Authorization": f"Bearer {mint(os.environ[SECRET_ENV], 'service')}"}
+
+
+def user_auth(user_id: str) -> dict[str, str]:
+    """Headers of user `user_id`'s token."""
+    return {"Authorization": f"Bearer {mint(os.environ[SECRET_ENV], 'user', user_id)}"}
 
 
 @pytest.fixture(scope="session")

@@ -21,14 +21,17 @@ import httpx
 import pytest
 import torch
 
+from conftest import service_auth
 from models import checkpoint
 from models.batching import make_split
 from models.training import TrainConfig, fit, new_model
+from ray_app.auth import TOKEN_ENV
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "runs" / "artifacts"
 TIMEOUT_MS = 60_000
+SERVICE = service_auth()         # the test's own calls; the demo gets a service token of its own
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="the system chromium is not installed")
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -68,7 +71,8 @@ def demo_url(api_url, tmp_path_factory):
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "gradio_demo", "--api", api_url, "--port", str(port)],
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+                                env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False",
+                                     TOKEN_ENV: SERVICE["Authorization"].removeprefix("Bearer ")})
     try:
         wait_http(f"http://127.0.0.1:{port}/", 120, proc)
         yield f"http://127.0.0.1:{port}"
@@ -151,7 +155,7 @@ def test_recommend_watch_and_see_the_interests_move(page, demo_url, serve_app, t
     status_shows(page, "Connected to")
 
     # 1. find a user by id prefix, pick them: their history appears as a timeline
-    users = httpx.get(f"{serve_app}/users", params={"limit": 1}).json()["users"]
+    users = httpx.get(f"{serve_app}/users", params={"limit": 1}, headers=SERVICE).json()["users"]
     user = users[0]["user_id"]
     page.locator("#user-q textarea").fill(user)
     page.locator("#user-q textarea").press("Enter")
@@ -160,7 +164,7 @@ def test_recommend_watch_and_see_the_interests_move(page, demo_url, serve_app, t
     page.locator("#user [role=option]", has_text=re.compile(rf"(^|\s){re.escape(user)} \(")).click()
     sync_api.expect(page.locator("#who")).to_contain_text(user)
     sync_api.expect(body_rows(page, "history").first).to_be_visible()
-    shown = httpx.get(f"{serve_app}/users/{user}/events").json()["events"]
+    shown = httpx.get(f"{serve_app}/users/{user}/events", headers=SERVICE).json()["events"]
     assert table_column(page, "history", 1)[0] == shown[-1]["title"]    # newest first
 
     # 2. an intent and a moment -> the top-k with titles, genres and scores
@@ -180,7 +184,7 @@ def test_recommend_watch_and_see_the_interests_move(page, demo_url, serve_app, t
 
     # 4. watched -> posted at the chosen moment; the list and history change. The second row is
     #    picked by clicking it, as a person would; the dropdown follows the click.
-    n_before = httpx.get(f"{serve_app}/users", params={"q": user}).json()["users"][0]["n_events"]
+    n_before = httpx.get(f"{serve_app}/users", params={"q": user}, headers=SERVICE).json()["users"][0]["n_events"]
     ids = table_column(page, "recs", 4)
     body_rows(page, "recs").nth(1).get_by_role("gridcell").nth(1).click()
     sync_api.expect(page.locator("#pick input")).to_have_value(re.compile(re.escape(titles[1])))
@@ -189,9 +193,9 @@ def test_recommend_watch_and_see_the_interests_move(page, demo_url, serve_app, t
     sync_api.expect(body_rows(page, "recs").nth(1).get_by_role("gridcell").nth(4)).not_to_have_text(ids[1])
     assert ids[1] not in table_column(page, "recs", 4)                 # seen items are excluded
     assert table_column(page, "history", 1)[0] == titles[1]           # newest first in the timeline
-    events = httpx.get(f"{serve_app}/users/{user}/events", params={"limit": 1}).json()["events"]
+    events = httpx.get(f"{serve_app}/users/{user}/events", params={"limit": 1}, headers=SERVICE).json()["events"]
     assert str(events[-1]["item_id"]) == ids[1]
-    assert httpx.get(f"{serve_app}/users", params={"q": user}).json()["users"][0]["n_events"] == n_before + 1
+    assert httpx.get(f"{serve_app}/users", params={"q": user}, headers=SERVICE).json()["users"][0]["n_events"] == n_before + 1
     assert "Traceback" not in page.content()
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -220,7 +224,7 @@ def test_new_user_adds_an_event_found_by_text(page, demo_url, serve_app, tiny_da
     status_shows(page, "1 event now")
     sync_api.expect(page.locator("#who")).to_contain_text("1 event,")
     assert table_column(page, "history", 1) == [found[0]]
-    assert httpx.get(f"{serve_app}/users/{user}/events").json()["events"][0]["title"] == found[0]
+    assert httpx.get(f"{serve_app}/users/{user}/events", headers=SERVICE).json()["events"][0]["title"] == found[0]
 
     # a bad request is a message, not a traceback: an empty search never reaches the API
     page.locator("#item-q textarea").fill("   ")

@@ -266,7 +266,7 @@ def test_frames():
                UserEvent(item_id=2, title="Beta", genres=[], rating=2.0, timestamp=utc(2024, 1, 2))]
     frame = views.history_frame(history)
     assert list(frame["title"]) == ["Beta", "Alpha"] and frame["when (UTC)"][1] == "Mon 2024-01-01 00:00"
-    assert views.anchor(history) == utc(2024, 1, 2) and views.anchor([], now=5.0) == 5.0
+    assert views.anchor(history) == utc(2024, 1, 2) and views.anchor([], now=5.0) == 5.0 - views.WEEK
     assert views.dimension_frame(None).shape == (0, 6)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from models.encoder import DIM, MODEL_NAME, TextEncoder, default_cache_path
+from models.encoder import DIM, MODEL_NAME, TextEncoder, default_cache_path, text_key
 
 TEXTS = ["A light romantic comedy about two strangers in Paris.",
          "A funny romantic comedy set in Paris.",
@@ -69,3 +69,16 @@ def test_vectors_match_sentence_transformers():
     ref = json.loads((Path(__file__).parent / "data" / "minilm_reference.json").read_text())
     got = TextEncoder(cache=False).encode(ref["texts"])
     np.testing.assert_allclose(got, np.array(ref["embeddings"], np.float32), atol=1e-5)
+
+
+def test_the_in_memory_cache_keeps_only_the_most_recent(warm):
+    """Serving's cache (cache=False) is an LRU: distinct texts beyond its size push the oldest out,
+    and a text read again is kept; the vectors are those of the model either way."""
+    _, emb = warm
+    enc = TextEncoder(cache=False, max_cached=2)
+    np.testing.assert_allclose(enc.encode(TEXTS), emb, atol=1e-6)     # 3 texts through a cache of 2
+    assert enc.cached == 2
+    enc.encode([TEXTS[1]])                                             # used again: now the most recent
+    enc.encode(["A fourth text, new to the cache."])
+    assert enc.cached == 2
+    assert text_key(TEXTS[1]) in enc._recent and text_key(TEXTS[2]) not in enc._recent

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from ray_app import main as main_job
+from ray_app.auth import SECRET_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 # What Ray's own processes print when their logs reach the console.
@@ -52,6 +53,7 @@ def test_first_command_serves_the_api_and_the_demo(tmp_path):
     log = tmp_path / "main.log"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
+    env.pop(SECRET_ENV, None)                   # the job makes (or reuses) its own secret, as for a newcomer
     with open(log, "w") as out:
         proc = subprocess.Popen(["bash", "scripts/main.sh", "--smoke", "--port", str(api_port),
                                  "--demo-port", str(demo_port), "--num-cpus", "2"],
@@ -74,13 +76,19 @@ def test_first_command_serves_the_api_and_the_demo(tmp_path):
         assert not noisy, "\n".join(noisy)
         assert sum(line.startswith("epoch ") for line in before) == 2  # --smoke trains 2 epochs
 
-        user = httpx.get(f"{api}/users", params={"limit": 1}, timeout=10).json()["users"][0]["user_id"]
-        rec = httpx.post(f"{api}/recommend", json={"user_id": user, "k": 5}, timeout=30)
+        assert httpx.get(f"{api}/users", params={"limit": 1}, timeout=10).status_code == 401   # no token
+        token_file = ROOT / "runs" / "main" / "token"
+        assert token_file.stat().st_mode & 0o777 == 0o600 and (ROOT / "runs/main/auth-secret").stat().st_mode & 0o077 == 0
+        assert f"$(cat {token_file})" in text                # the banner says where the token is
+        auth = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
+        user = httpx.get(f"{api}/users", params={"limit": 1}, timeout=10, headers=auth).json()["users"][0]["user_id"]
+        rec = httpx.post(f"{api}/recommend", json={"user_id": user, "k": 5}, timeout=30, headers=auth)
         assert rec.status_code == 200, rec.text
         items = [i["item_id"] for i in rec.json()["items"]]
         assert len(items) == 5
         ev = httpx.post(f"{api}/users/{user}/events",
-                        json={"events": [{"item_id": items[0], "rating": 5.0, "timestamp": time.time()}]}, timeout=30)
+                        json={"events": [{"item_id": items[0], "rating": 5.0, "timestamp": time.time()}]}, timeout=30,
+                        headers=auth)
         assert ev.status_code == 200, ev.text
         assert ev.json()["accepted"] == 1
     finally:

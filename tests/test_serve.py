@@ -24,6 +24,8 @@ from ray.serve.schema import ServeDeploySchema
 from models import checkpoint
 from models.batching import make_split
 from models.training import TrainConfig, fit, new_model
+from conftest import service_auth, user_auth
+from ray_app.auth import mint
 from ray_app.serve import AppArgs
 from ray_app.serving import file_version
 
@@ -86,7 +88,7 @@ def env(tiny_data, tmp_path_factory):
     env = {"data": tiny_data, "ckpt_a": ckpt_a, "ckpt_b": ckpt_b, "port": port, "store_url": store_url,
            "config": lambda ckpt: config_for(port, ckpt_a, ckpt, tiny_data.path, store_url)}
     deploy(env["config"](ckpt_a))
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers=service_auth()) as client:
         env["client"] = client
         yield env
     serve.shutdown()
@@ -203,7 +205,7 @@ def test_an_acknowledged_event_shows_in_the_next_recommendation(client, env):
     uid = "fresh-user"
     first = client.post("/recommend", json={"k": 3, "context": {"timestamp": 1.6e9}}).json()["items"][0]["item_id"]
     r = client.post(f"/users/{uid}/events", json={"events": [{"item_id": first, "rating": 5, "timestamp": 1.6e9}]})
-    assert r.json() == {"user_id": uid, "accepted": 1, "n_events": 1}
+    assert r.json() == {"user_id": uid, "accepted": 1, "n_events": 1, "replayed": False}
     # The very next request sees the event: it is excluded, and the scores are those of the
     # full history recomputed from scratch.
     ctx = {"timestamp": 1.6e9 + 600}
@@ -275,6 +277,12 @@ BAD = [  # (id, method, path, httpx arguments, status, field named in the error)
      "context.timestamp"),
     ("timestamp not a number", "POST", "/users/x/events", {"json": {"events": [{**EV, "timestamp": "noon"}]}}, 422,
      "events.0.timestamp"),
+    ("event in the future", "POST", "/users/x/events",
+     {"json": {"events": [{**EV, "timestamp": time.time() + 3600}]}}, 422, "events.0.timestamp"),
+    ("inline event in the future", "POST", "/recommend",
+     {"json": {"history": [{**EV, "timestamp": time.time() + 3600}]}}, 422, "history.0.timestamp"),
+    ("malformed idempotency key", "POST", "/users/x/events",
+     {"json": {"events": [EV]}, "headers": {"Idempotency-Key": "two words"}}, 422, "Idempotency-Key"),
     ("events of unknown user", "GET", "/users/no-such-user/events", {}, 404, "user_id"),
     ("interests of unknown user", "GET", "/users/no-such-user/interests", {}, 404, "user_id"),
     ("interests last zero", "GET", "/users/1/interests", {"params": {"last": 0}}, 422, "last"),
@@ -296,6 +304,79 @@ def test_bad_input_is_a_4xx_naming_the_field(client, method, path, kwargs, statu
     assert client.get("/healthz").status_code == 200   # and the service keeps serving
 
 
+def test_a_retried_post_with_its_idempotency_key_appends_once(client):
+    """The client's first answer is lost (say, a timeout after the commit); it retries with the same
+    key: the events are in the store once, and the retry gets the first answer."""
+    uid, key = "retrying-user", "3f1c9e2a-retry"
+    body = {"events": [{**EV, "timestamp": 1.6e9 + i} for i in range(3)]}
+    first = client.post(f"/users/{uid}/events", json=body, headers={"Idempotency-Key": key})
+    assert first.status_code == 200 and first.json()["replayed"] is False, first.text
+    for _ in range(2):
+        again = client.post(f"/users/{uid}/events", json=body, headers={"Idempotency-Key": key})
+        assert again.status_code == 200 and again.json() == {**first.json(), "replayed": True}
+    assert len(events_of(client, uid)) == 3
+    other = client.post(f"/users/{uid}/events", json={"events": [EV]}, headers={"Idempotency-Key": key})
+    assert other.status_code == 422 and other.json()["field"] == "Idempotency-Key"
+    assert client.post(f"/users/{uid}/events", json={"events": [EV]}).json()["n_events"] == 4   # no key: appends
+
+
+# ---- access control: every route but /healthz --------------------------------------------
+
+OWNER, OTHER = "1", "2"
+ROUTES = [  # (id, method, path, httpx arguments, whose data it touches: OWNER, or None for nobody's)
+    ("recommend for a user", "POST", "/recommend", {"json": {"user_id": OWNER, "k": 3}}, OWNER),
+    ("recommend an inline history", "POST", "/recommend", {"json": {"history": [EV], "k": 3}}, None),
+    ("append events", "POST", f"/users/{OWNER}/events", {"json": {"events": [EV]}}, OWNER),
+    ("read events", "GET", f"/users/{OWNER}/events", {}, OWNER),
+    ("read interests", "GET", f"/users/{OWNER}/interests", {"params": {"last": 3}}, OWNER),
+    ("search items", "GET", "/items", {"params": {"q": "comedy", "k": 3}}, None),
+    ("list users", "GET", "/users", {"params": {"limit": 3}}, "service"),
+]
+CALLERS = {  # (id, headers) -> the status expected for (route owner kind)
+    "no token": ({}, {OWNER: 401, None: 401, "service": 401}),
+    "not a bearer header": ({"Authorization": "Basic dXNlcjpwYXNz"}, {OWNER: 401, None: 401, "service": 401}),
+    "garbage token": ({"Authorization": "Bearer not-a-jwt"}, {OWNER: 401, None: 401, "service": 401}),
+    "token of another secret": ({"Authorization": f"Bearer {mint('x' * 40, 'service')}"},
+                                {OWNER: 401, None: 401, "service": 401}),
+    "expired token": ({"Authorization": f"Bearer {mint(os.environ['DYNAMIC_INTEREST_AUTH_SECRET'], 'service', ttl_s=-1)}"},
+                      {OWNER: 401, None: 401, "service": 401}),
+    "another user's token": (user_auth(OTHER), {OWNER: 403, None: 200, "service": 403}),
+    "the user's own token": (user_auth(OWNER), {OWNER: 200, None: 200, "service": 403}),
+    "a service token": (service_auth(), {OWNER: 200, None: 200, "service": 200}),
+}
+
+
+@pytest.mark.parametrize("caller", list(CALLERS))
+@pytest.mark.parametrize("method,path,kwargs,owner", [r[1:] for r in ROUTES], ids=[r[0] for r in ROUTES])
+def test_every_route_but_healthz_needs_the_right_token(env, caller, method, path, kwargs, owner):
+    headers, expected = CALLERS[caller]
+    with httpx.Client(base_url=f"http://127.0.0.1:{env['port']}", timeout=60) as anonymous:
+        r = anonymous.request(method, path, headers=headers, **kwargs)
+        assert r.status_code == expected[owner], r.text
+        if r.status_code in (401, 403):
+            body = r.json()
+            assert body["field"] == "authorization" and body["detail"], body
+            assert r.status_code == 403 or r.headers["www-authenticate"] == "Bearer"
+        assert anonymous.get("/healthz").status_code == 200          # no token needed, ever
+
+
+def test_a_token_past_its_rate_gets_429_and_others_do_not(env, client):
+    """The checked-in config allows a user token 600 requests a minute (per Ingress replica; one here)."""
+    mine = user_auth("rate-limited-user")
+    with httpx.Client(base_url=f"http://127.0.0.1:{env['port']}", timeout=60, headers=mine) as c:
+        codes = [c.get("/items", params={"q": "x", "k": 1}).status_code for _ in range(601)]
+        assert codes[:600].count(429) == 0 and codes[-1] == 429
+        r = c.get("/items", params={"q": "x", "k": 1})
+        assert r.status_code == 429 and r.json()["field"] == "authorization" and int(r.headers["retry-after"]) >= 1
+    assert client.get("/items", params={"q": "x", "k": 1}).status_code == 200   # another token is not slowed
+
+
+def test_the_api_description_declares_the_bearer_scheme(client):
+    spec = client.get("/openapi.json").json()
+    assert any(v.get("scheme") == "bearer" for v in spec["components"]["securitySchemes"].values())
+    assert "security" not in spec["paths"]["/healthz"]["get"] and spec["paths"]["/items"]["get"]["security"]
+
+
 # ---- model swap and restart -------------------------------------------------------------
 
 def test_new_checkpoint_through_user_config_without_failed_requests(client, env):
@@ -304,7 +385,7 @@ def test_new_checkpoint_through_user_config_without_failed_requests(client, env)
     failures, versions, stop = [], set(), threading.Event()
 
     def hammer():
-        with httpx.Client(base_url=f"http://127.0.0.1:{env['port']}", timeout=60) as c:
+        with httpx.Client(base_url=f"http://127.0.0.1:{env['port']}", timeout=60, headers=service_auth()) as c:
             while not stop.is_set():
                 r = c.post("/recommend", json={"user_id": uid, "k": 5})
                 if r.status_code != 200:

@@ -28,6 +28,8 @@ from ray import serve
 from models import checkpoint
 from models.batching import make_split
 from models.training import new_model
+from conftest import service_auth
+from ray_app.auth import TOKEN_ENV
 from ray_app.serve import AppArgs, DeploymentSettings, build_app
 from ray_app.store import open_store
 
@@ -100,9 +102,10 @@ def start_load(served, name: str, duration: float, concurrency: int = 4) -> tupl
     spec_path = served.tmp / f"{name}-spec.json"
     spec_path.write_text(json.dumps(spec))
     out = served.tmp / f"{name}.json"
+    token = service_auth()["Authorization"].removeprefix("Bearer ")
     proc = subprocess.Popen([sys.executable, str(LOAD_CLIENT), "--url", served.url, "--spec", str(spec_path),
                              "--concurrency", str(concurrency), "--duration", str(duration), "--details",
-                             "--timeout", "20", "--out", str(out)])
+                             "--timeout", "20", "--out", str(out)], env={**os.environ, TOKEN_ENV: token})
     return proc, out
 
 
@@ -180,7 +183,7 @@ def test_generated_requests_never_get_a_server_error(served):
             @settings(max_examples=EXAMPLES, deadline=None, phases=[Phase.generate], database=None,
                       suppress_health_check=list(HealthCheck))
             def check(case):
-                response = case.call(base_url=served.url, timeout=30)
+                response = case.call(base_url=served.url, timeout=30, headers=service_auth())
                 calls.append(response.status_code)
                 where = f"{case.method} {case.formatted_path} query={case.query} body={str(case.body)[:200]}"
                 if response.status_code >= 500:

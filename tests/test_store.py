@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_app.store import Event, SQLiteStore, StoredState, open_store
+from ray_app.store import Event, IdempotencyConflict, SQLiteStore, StoredState, open_store
 
 REDIS_SERVER = shutil.which("redis-server")
 needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not on PATH (apt-get install redis-server)")
@@ -130,6 +130,20 @@ def test_large_append_is_one_call(store):
     big = [ev(i) for i in range(9001)]
     assert store.append_events("big", big) == 9001
     assert store.events("big", 8990) == big[8990:]
+
+
+def test_an_idempotency_key_appends_once(store):
+    """A client that retries after the commit (its answer lost) sends the same key: nothing more is
+    appended and it gets the first answer; the key is per user; other events under it are refused."""
+    assert store.append_once("k", "batch-1", [ev(1), ev(2)]) == (2, False)
+    assert store.append_once("k", "batch-1", [ev(1), ev(2)]) == (2, True)      # the retry
+    assert store.append_events("k", [ev(3)]) == 3
+    assert store.append_once("k", "batch-1", [ev(1), ev(2)]) == (2, True)      # still the first answer
+    assert store.append_once("k", "batch-2", [ev(4)]) == (4, False)
+    assert store.append_once("other-user", "batch-1", [ev(1), ev(2)]) == (2, False)
+    with pytest.raises(IdempotencyConflict, match="batch-1"):
+        store.append_once("k", "batch-1", [ev(9)])
+    assert store.events("k") == [ev(1), ev(2), ev(3), ev(4)]
 
 
 def test_state_cache(store):
