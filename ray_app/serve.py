@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ray_app.auth import secret_from_env
 from ray_app.deployments import Combiner, Decomposer, Encoder
 from ray_app.ingress import Ingress
 from ray_app.serving import ServingSetupError, resolve_checkpoint
@@ -103,9 +104,11 @@ def main(argv=None) -> int:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (without RAY_ADDRESS)")
     a = p.parse_args(argv)
     try:
+        if not os.environ.get("RAY_ADDRESS"):          # a local Ray: its replicas inherit this environment
+            secret_from_env()
         app = build_app(AppArgs(checkpoint=a.checkpoint, data_dir=a.data, store_url=a.store_url,
                                 batching=not a.no_batching))
-    except (ServingSetupError, ValueError) as e:
+    except (ServingSetupError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     import ray
