@@ -643,10 +643,15 @@ def best_checkpoint(result, p: Plan) -> dict | None:
 
 
 def write_best(best: dict, p: Plan) -> str:
+    """The record serving reads, replaced whole: written beside the old one, then moved over it
+    (a rename on a local or shared file system; on object stores a PUT is whole anyway), so a
+    reader or a crash never meets half a file."""
     fs, root = storage_location(p.settings.storage_path)
     target = f"{root.rstrip('/')}/{p.name}/{BEST_FILE}"
-    with fs.open_output_stream(target) as f:
+    tmp = f"{target}.{os.getpid()}.tmp"
+    with fs.open_output_stream(tmp) as f:
         f.write(json.dumps(best, indent=2, default=str).encode())
+    fs.move(tmp, target)
     return _run_path(p.settings.storage_path, p.name, BEST_FILE)
 
 

@@ -31,6 +31,8 @@ def train(data, storage, name, *extra) -> int:
 
 
 def best_record(storage, name) -> dict:
+    """The run's best-checkpoint record; written whole (through a temporary file, none left over)."""
+    assert not list((storage / name).glob(f"{BEST_FILE}.*.tmp"))
     return json.loads((storage / name / BEST_FILE).read_text())
 
 
