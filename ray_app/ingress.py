@@ -171,6 +171,15 @@ class Ingress:
                 self.store.bulk_load(users)
 
     # ---- helpers ---------------------------------------------------------------------------
+    def _allow(self, who: Principal, user_id: str | None = None, service_only: str | None = None) -> None:
+        """The caller's rate (429), then whether its token may act for `user_id` or do
+        `service_only` (403)."""
+        self.rate.admit(who)
+        if user_id is not None:
+            who.require_user(user_id)
+        if service_only is not None:
+            who.require_service(service_only)
+
     def _check_items(self, events: Sequence[EventIn], field: str) -> None:
         bad = self.catalogue.unknown(e.item_id for e in events)
         if bad:
@@ -199,9 +208,7 @@ class Ingress:
 
     @app.post("/recommend", response_model=RecommendResponse, responses=ERRORS)
     async def recommend(self, req: RecommendRequest, who: Caller) -> RecommendResponse:
-        self.rate.admit(who)
-        if req.user_id is not None:
-            who.require_user(req.user_id)
+        self._allow(who, req.user_id)
         intent = self.encoder.encode.remote(req.context.intent) if req.context.intent else None
         if req.user_id is not None:
             self._require_user(req.user_id)
@@ -224,8 +231,7 @@ class Ingress:
     @app.post("/users/{user_id}/events", response_model=EventsResponse, responses=ERRORS)
     async def add_events(self, body: EventsRequest, user_id: UserId, who: Caller,
                          idempotency_key: IdempotencyKey = None) -> EventsResponse:
-        self.rate.admit(who)
-        who.require_user(user_id)
+        self._allow(who, user_id)
         self._check_items(body.events, "events")
         events = [Event(e.item_id, e.rating, e.timestamp) for e in body.events]
         replayed = False
@@ -246,15 +252,13 @@ class Ingress:
     @app.get("/users", response_model=UsersResponse, responses=ERRORS)
     async def users(self, who: Caller, q: Annotated[Text, Query(max_length=MAX_USER_ID_CHARS, description="user id prefix")] = "",
                     limit: int = Query(50, ge=1, le=1000)) -> UsersResponse:
-        self.rate.admit(who)
-        who.require_service("listing users")
+        self._allow(who, service_only="listing users")
         return UsersResponse(users=[{"user_id": u, "n_events": n} for u, n in self.store.users(q, limit)])
 
     @app.get("/users/{user_id}/events", response_model=UserEventsResponse, responses=ERRORS)
     async def user_events(self, user_id: UserId, who: Caller,
                           limit: int = Query(20, ge=1, le=1000)) -> UserEventsResponse:
-        self.rate.admit(who)
-        who.require_user(user_id)
+        self._allow(who, user_id)
         n = self._require_user(user_id)
         events = self.store.events(user_id, max(n - limit, 0), limit)
         return UserEventsResponse(user_id=user_id, events=[
@@ -263,8 +267,7 @@ class Ingress:
     @app.get("/users/{user_id}/interests", response_model=InterestsResponse, responses=ERRORS)
     async def interests(self, user_id: UserId, who: Caller,
                         last: int = Query(50, ge=1, le=1000)) -> InterestsResponse:
-        self.rate.admit(who)
-        who.require_user(user_id)
+        self._allow(who, user_id)
         self._require_user(user_id)
         res = await self.decomposer.interests.remote(user_id, last)
         steps = [{**step, "title": self._describe(step["item_id"])["title"]} for step in res["steps"]]
@@ -272,7 +275,7 @@ class Ingress:
 
     @app.get("/items", response_model=ItemsResponse, responses=ERRORS)
     async def items(self, q: QueryText, who: Caller, k: int = Query(10, ge=1, le=MAX_K)) -> ItemsResponse:
-        self.rate.admit(who)
+        self._allow(who)
         if not q.strip():
             raise ApiError(422, "q: empty query", "q")
         found = await self.combiner.search.remote(self.encoder.encode.remote(q), k)
