@@ -266,9 +266,9 @@ def start_serve_proxy(s: MainSettings) -> str:
     return f"http://{s.host}:{s.port}"
 
 
-def deploy_app(s: MainSettings, prepared: Path, checkpoint_path: Path) -> str:
-    """Start deploying the Serve app, not waiting for its replicas (they start while the driver
-    evaluates) -> the URL of its /healthz."""
+def deploy_app(s: MainSettings, prepared: Path, checkpoint_path: Path) -> None:
+    """Deploy the Serve app and wait until it runs; a failed deploy is one line with Serve's reason
+    (a bad checkpoint, a replica that crashed while starting)."""
     from ray import serve
 
     from ray_app.serve import AppArgs, build_app
@@ -277,26 +277,11 @@ def deploy_app(s: MainSettings, prepared: Path, checkpoint_path: Path) -> str:
     s.runs.mkdir(parents=True, exist_ok=True)
     store = f"sqlite:///{(s.runs / 'state.db').resolve()}"
     app = build_app(AppArgs(checkpoint=str(checkpoint_path), data_dir=str(prepared), store_url=store))
-    serve.run_many([serve.RunTarget(app, name=APP_NAME, route_prefix="/")], wait_for_applications_running=False)
-    return f"http://{s.host}:{s.port}/healthz"
-
-
-def wait_for_app(healthz: str, timeout_s: float = 300) -> None:
-    """Until Serve reports the app RUNNING and its /healthz answers 200; a failed deploy is an error
-    with Serve's own message (a bad checkpoint, a replica that crashed while starting)."""
-    from ray import serve
-    from ray.serve.schema import ApplicationStatus
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        app = serve.status().applications.get(APP_NAME)
-        if app is not None and app.status == ApplicationStatus.DEPLOY_FAILED:
-            raise NewcomerError(f"the Serve app failed to deploy: {app.message}")
-        if app is not None and app.status == ApplicationStatus.RUNNING:
-            wait_until_up(healthz, "the Serve app", max(1.0, deadline - time.monotonic()))
-            return
-        time.sleep(0.5)
-    raise NewcomerError(f"the Serve app was not running within {timeout_s:.0f} s; see `serve status`")
+    try:
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    except RuntimeError as e:
+        raise NewcomerError(f"the Serve app failed to deploy: {e}") from None
+    wait_until_up(f"http://{s.host}:{s.port}/healthz", "the Serve app", 300)
 
 
 def start_demo(s: MainSettings, api_url: str, token: str) -> tuple[subprocess.Popen, str]:
@@ -389,9 +374,8 @@ def run(s: MainSettings) -> int:
             checkpoint_path = tune(s, prepared)
         else:
             checkpoint_path = train(s, prepared, model_args)
-        healthz = deploy_app(s, prepared, checkpoint_path)
         print("\n" + evaluate(s, prepared, checkpoint_path), flush=True)
-        wait_for_app(healthz)
+        deploy_app(s, prepared, checkpoint_path)
         if demo is not None:
             wait_until_up(demo_url, "the demo", 120, demo, log=s.demo_log)
         print(banner(api_url, demo_url, *example_ids(prepared), s), flush=True)
