@@ -34,8 +34,8 @@ from models.run import PROTOCOLS, format_table, train_config
 from models.training import TrainConfig, evaluate, fit, new_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# The decomposer's first defaults (stops 1-12): every decomposer run recorded before stop 13 trained
-# with them, and the candidate variants named "decomposer, <change>" below are changes to them.
+# The plain decomposer (no residual readout, no profiles, dropout 0.2, last weights): the
+# "(first default)" runs train with it, and the variants "decomposer, <change>" below change it.
 FIRST = {"residual": False, "dropout": 0.2, "profile_decays": ()}
 FIRST_TRAIN = {"ema_decay": None}
 THREE_PROFILES = (1.0, 0.98, 0.9)     # today's default, spelled out: the variants below keep their meaning
@@ -49,7 +49,7 @@ def first(changes: dict | None = None, train: dict | None = None) -> tuple:
 # name -> (model kind, model config overrides[, training overrides]); INTENT_EVALUATED variants are
 # also evaluated with the intent text ("<name> + intent text").
 VARIANTS = {
-    # Today's defaults: residual readout, three profiles, dropout 0.5, averaged weights (chosen at stop 13).
+    # The defaults: residual readout, three profiles, dropout 0.5, averaged weights (chosen on validation).
     "decomposer": ("decomposer", {}),
     "lstm": ("lstm", {}),
     "sasrec": ("sasrec", {}),
@@ -63,7 +63,7 @@ VARIANTS = {
     "decomposer, no gates": ("decomposer", {"use_gates": False}),
     "decomposer, no aux losses": ("decomposer", {"aux_weight": 0.0}),
     "decomposer, seen items in the softmax": ("decomposer", {"mask_seen": False}),
-    # The decomposer as it was up to stop 12, and its ablations then. (The synthetic runs of these
+    # The plain decomposer and its ablations. (The synthetic runs of these
     # ablations and of the mixture predate `mask_seen` and trained without it; their configs say so.)
     "decomposer (first default)": first(),
     "decomposer (first default), no gates": first({"use_gates": False}),
