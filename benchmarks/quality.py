@@ -9,7 +9,15 @@ bootstrap intervals over users for the decomposer against each baseline, and rec
 everything in benchmarks/results/quality_<dataset>.json (finished runs are kept, so an
 interrupted benchmark resumes where it stopped). `--workers N` trains N runs at once in
 separate processes (on one GPU, or on N CPU cores); `--deadline S` starts no run after S
-seconds, for a bounded session on a borrowed machine.
+seconds, for a bounded session on a borrowed machine; `--by-variant` runs every seed of
+the first variant before the next (the default runs every variant of the first seed first).
+
+One comparison is declared before any run (`PRIMARY`): the decomposer against SASRec with the
+same information (item text, rating and time features) and the same recipe options (seen items
+out of the softmax, averaged weights), on last-10. Its interval resamples seeds and users; every
+other interval printed is exploratory. Requests with words are evaluated in four regimes
+(`models.batching.INTENT_REGIMES`); the oracle one is built from the answer and is only ever
+compared with baselines given the same words.
 """
 from __future__ import annotations
 
@@ -27,9 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.batching import make_split
+from models.baselines import FusedWithText
+from models.batching import INTENT_REGIMES, make_split
 from models.data import load_prepared, prepare_source
-from models.metrics import paired_bootstrap, per_user_mean, summarize
+from models.metrics import per_user_mean, seed_user_bootstrap, summarize
 from models.run import PROTOCOLS, format_table, train_config
 from models.training import TrainConfig, evaluate, fit, new_model
 
@@ -112,9 +121,21 @@ VARIANTS = {
     # The same regularisation offered to the recurrent baselines, so a gain is not one-sided tuning.
     "lstm (mask seen), dropout 0.4": ("lstm", {"mask_seen": True, "dropout": 0.4}),
     "gru4rec (mask seen), dropout 0.4": ("gru4rec", {"mask_seen": True, "dropout": 0.4}),
+    # Equal information: SASRec with the decomposer's inputs, and the decomposer without text,
+    # so that the table separates what the text buys from what the decomposition buys.
+    "sasrec, text and event features, mask seen, weights averaged": (
+        "sasrec", {"mask_seen": True, "use_text": True, "use_events": True}, {"ema_decay": 0.98}),
+    "decomposer, no text": ("decomposer", {"use_text": False}),
 }
+TEXT_SASREC = "sasrec, text and event features, mask seen, weights averaged"
+# Declared before the runs: the one comparison the headline rests on.
+PRIMARY = {"protocol": "last10", "model": "decomposer", "baseline": TEXT_SASREC, "metric": "ndcg@10"}
+# Trained baselines that are also evaluated fused with text retrieval, for requests with words.
+FUSED = (TEXT_SASREC, "sasrec (mask seen), weights averaged")
+FUSION_WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0)      # chosen on validation, per regime
 assert not [v for v in VARIANTS if "/" in v], "a variant name keys runs as protocol/variant/seed: no '/'"
-INTENT_EVALUATED = ("decomposer", "text retrieval", "phrase popularity", "decomposer (first default)", "decomposer, residual readout",
+INTENT_EVALUATED = ("decomposer", "text retrieval", "phrase popularity", "decomposer, no text",
+                    "decomposer (first default)", "decomposer, residual readout",
                     "decomposer, residual, dropout 0.5", "decomposer, residual, three profiles, dropout 0.5",
                     "decomposer, dropout 0.5, weights averaged")
 ABLATIONS = ("decomposer, no gates", "decomposer, no aux losses", "decomposer, seen items in the softmax")
@@ -136,23 +157,55 @@ def build_variant(variant: str, data, split, seed: int, **train) -> tuple[torch.
     return model, train_config(kind, seed=seed, **train, **(train_overrides[0] if train_overrides else {}))
 
 
+def intent_name(variant: str, regime: str) -> str:
+    return f"{variant} + {regime} intent"
+
+
+def fused_name(variant: str) -> str:
+    return f"{variant}, fused with text retrieval"
+
+
+def fusion_weight(model, text_rule, data, split, regime: str, device: str) -> tuple[float, float]:
+    """The fusion weight with the best validation NDCG@10 under `regime` -> (weight, that NDCG@10)."""
+    scored = []
+    for w in FUSION_WEIGHTS:
+        ev = evaluate(FusedWithText(model, text_rule, w), data, split, "valid", with_intent=True,
+                      intent=regime, device=device)
+        scored.append((float(np.mean(ev["masked"]["ndcg@10"])), w))
+    best, w = max(scored)
+    return w, best
+
+
 def run_one(data, split, variant: str, seed: int, args, device: str = "cpu", progress: bool = True) -> dict:
     model, cfg = build_variant(variant, data, split, seed, epochs=args.epochs, patience=args.patience,
                                time_budget_s=args.time_budget)
     t0 = time.perf_counter()
     fitted = fit(model, data, split, cfg, progress=progress, device=device, desc=f"{variant} s{seed}")
     seconds = time.perf_counter() - t0
-    out = {}
-    with_intent = [(f"{variant} + intent text", True)] if variant in INTENT_EVALUATED else []
-    for name, intent in [(variant, False)] + with_intent:
-        ev = evaluate(model, data, split, "test", with_intent=intent, device=device)
-        out[name] = {"masked": summarize(ev["masked"]), "unmasked": summarize(ev["unmasked"]),
-                     "user_ndcg@10": per_user_mean(ev["masked"]["ndcg@10"], ev["users"]).round(6).tolist(),
-                     "valid_ndcg@10": round(fitted.best_valid["ndcg@10"], 6),
-                     "best_epoch": fitted.best_epoch, "epochs_run": len(fitted.history),
-                     "train_seconds": round(seconds, 1), "device": device,
-                     "machine": machine()["gpu"] if device.startswith("cuda") else f"{os.cpu_count()} CPUs",
-                     "config": {**model.cfg.to_dict(), **cfg.to_dict()}}
+    common = {"valid_ndcg@10": round(fitted.best_valid["ndcg@10"], 6),
+              "best_epoch": fitted.best_epoch, "epochs_run": len(fitted.history),
+              "train_seconds": round(seconds, 1), "device": device,
+              "machine": machine()["gpu"] if device.startswith("cuda") else f"{os.cpu_count()} CPUs",
+              "config": {**model.cfg.to_dict(), **cfg.to_dict()}}
+
+    def entry(ev: dict, **extra) -> dict:
+        return {"masked": summarize(ev["masked"]), "unmasked": summarize(ev["unmasked"]),
+                "user_ndcg@10": per_user_mean(ev["masked"]["ndcg@10"], ev["users"]).round(6).tolist(),
+                **common, **extra}
+
+    out = {variant: entry(evaluate(model, data, split, "test", device=device))}
+    if variant in INTENT_EVALUATED:
+        for regime in INTENT_REGIMES:
+            ev = evaluate(model, data, split, "test", with_intent=True, intent=regime, device=device)
+            out[intent_name(variant, regime)] = entry(ev, intent=regime)
+    if variant in FUSED:
+        text_rule = new_model("intent-text", data, split).to(device)
+        for regime in INTENT_REGIMES:
+            w, valid = fusion_weight(model, text_rule, data, split, regime, device)
+            ev = evaluate(FusedWithText(model, text_rule, w), data, split, "test", with_intent=True,
+                          intent=regime, device=device)
+            out[intent_name(fused_name(variant), regime)] = entry(ev, intent=regime, fusion_weight=w,
+                                                                   fusion_valid_ndcg=round(valid, 6))
     return out
 
 
@@ -200,15 +253,58 @@ def aggregate(runs: dict, protocol: str) -> tuple[list[dict], dict]:
         row["train s"] = f"{np.mean([r['train_seconds'] for r in rs]):.0f}"
         rows.append(row)
     rows.sort(key=lambda r: -float(r["ndcg@10"].split()[0]))
-    user_mean = {n: np.mean([r["user_ndcg@10"] for r in rs], axis=0) for n, rs in by_variant.items()}
+    per_seed = {n: np.array([r["user_ndcg@10"] for r in rs]) for n, rs in by_variant.items()}   # (S, U)
     boot = {}
-    baselines = [n for n in user_mean if n.split()[0] in ("sasrec", "gru4rec", "lstm")]
+    baselines = [n for n in per_seed if n.split()[0] in ("sasrec", "gru4rec", "lstm") and " intent" not in n]
     baselines += ["decomposer", "decomposer (first default)"]
     for other in baselines:
-        for name in [n for n in user_mean if n.startswith("decomposer")]:   # every decomposer variant
-            if other in user_mean and name != other:
-                boot[f"{name} − {other}"] = paired_bootstrap(user_mean[name], user_mean[other])
+        for name in [n for n in per_seed if n.startswith("decomposer") and " intent" not in n]:
+            if other in per_seed and name != other:
+                boot[f"{name} − {other}"] = seed_user_bootstrap(per_seed[name], per_seed[other])
     return rows, boot
+
+
+def seed_means(runs: dict, protocol: str, name: str, metric: str = "ndcg@10") -> list[float]:
+    return [r["masked"][metric] for k, r in runs.items() if k.rsplit("/", 1)[0] == f"{protocol}/{name}"]
+
+
+def primary_comparison(runs: dict) -> dict | None:
+    """The declared comparison (PRIMARY) from the runs recorded so far; None until both sides have run."""
+    p = PRIMARY
+    users = {}
+    for side in ("model", "baseline"):
+        users[side] = np.array([r["user_ndcg@10"] for k, r in runs.items()
+                                if k.rsplit("/", 1)[0] == f"{p['protocol']}/{p[side]}"])
+    if not len(users["model"]) or not len(users["baseline"]):
+        return None
+    a = float(np.mean(seed_means(runs, p["protocol"], p["model"], p["metric"])))
+    b = float(np.mean(seed_means(runs, p["protocol"], p["baseline"], p["metric"])))
+    boot = seed_user_bootstrap(users["model"], users["baseline"])
+    return {**p, "model_mean": round(a, 6), "baseline_mean": round(b, 6), "ratio": round(a / b, 4),
+            "difference": round(a - b, 6), "lo": round(boot["lo"], 6), "hi": round(boot["hi"], 6),
+            "seeds": boot["seeds"], "users": boot["users"],
+            "interval": "95%, bootstrap over seeds and users (paired by user)"}
+
+
+def intent_table(runs: dict, protocol: str) -> dict:
+    """Per regime: the decomposer with the words against the strongest baseline given the same words."""
+    out = {}
+    no_words = seed_means(runs, protocol, "decomposer")
+    for regime in INTENT_REGIMES:
+        mine = seed_means(runs, protocol, intent_name("decomposer", regime))
+        rivals = {name: seed_means(runs, protocol, intent_name(name, regime))
+                  for name in ("text retrieval", "phrase popularity", *map(fused_name, FUSED))}
+        rivals = {n: float(np.mean(v)) for n, v in rivals.items() if v}
+        if not mine or not rivals:
+            continue
+        name = max(rivals, key=rivals.get)
+        m = float(np.mean(mine))
+        out[regime] = {"model": round(m, 6), "baseline": round(rivals[name], 6), "baseline_name": name,
+                       "ratio": round(m / rivals[name], 4) if rivals[name] else None,
+                       "model_seeds": len(mine), "oracle": regime == "oracle"}
+        if no_words:
+            out[regime]["model_without_words"] = round(float(np.mean(no_words)), 6)
+    return out
 
 
 def plot(tables: dict, dataset: str, path: Path) -> None:
@@ -243,6 +339,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=1, help="runs trained at once, each in its own process")
     p.add_argument("--deadline", type=float, help="start no run after this many seconds")
+    p.add_argument("--by-variant", action="store_true",
+                   help="every seed of a variant before the next variant (default: every variant of a seed first)")
     p.add_argument("--out", type=Path)
     p.add_argument("--also", type=Path, action="append", default=[],
                    help="another results JSON whose runs join the tables (read only; e.g. runs from another machine)")
@@ -265,7 +363,10 @@ def main(argv=None) -> int:
     data = load_prepared(prepared)
     splits = {p: make_split(data.user_offsets, PROTOCOLS[p]) for p in protocols}
     # Most important first, so an interrupted run (resumed later) has the headline figures.
-    plan = [(p, v, s) for p in protocols for s in seeds for v in variants if v not in ABLATIONS]
+    if args.by_variant:
+        plan = [(p, v, s) for p in protocols for v in variants if v not in ABLATIONS for s in seeds]
+    else:
+        plan = [(p, v, s) for p in protocols for s in seeds for v in variants if v not in ABLATIONS]
     plan += [(p, v, s) for p in protocols if p in args.ablation_protocols.split(",")
              for s in seeds for v in variants if v in ABLATIONS]
     plan = [t for t in plan if "/".join(map(str, t)) not in runs]
@@ -327,10 +428,25 @@ def main(argv=None) -> int:
         print(f"\n### {args.dataset}, protocol {protocol} ({len(splits[protocol].test_pos)} test targets, "
               f"history-masked, mean ± std over seeds)\n")
         print(format_table(rows, ["model", "seeds", *METRICS, "ndcg@10 unmasked", "valid ndcg@10", "train s"]))
-        print("\nPaired bootstrap over users, NDCG@10 difference (95% interval):")
+        print("\nExploratory: NDCG@10 differences, 95% bootstrap over seeds and users "
+              "(not the declared comparison; read as leads, not findings):")
         for k, v in boot.items():
-            print(f"- {k}: {v['mean']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}]")
+            print(f"- {k}: {v['mean']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}] ({v['seeds'][0]}/{v['seeds'][1]} seeds)")
     record["summary"] = tables
+    primary = primary_comparison(shown)
+    record["primary"] = primary
+    if primary:
+        print(f"\nPrimary comparison (declared before the runs), {primary['protocol']} NDCG@10: "
+              f"{primary['model']} {primary['model_mean']:.4f} against {primary['baseline']} "
+              f"{primary['baseline_mean']:.4f}: ratio {primary['ratio']:.3f}, difference "
+              f"{primary['difference']:+.4f} [{primary['lo']:+.4f}, {primary['hi']:+.4f}] "
+              f"({primary['seeds'][0]} and {primary['seeds'][1]} seeds, {primary['users']} users)")
+    intent = intent_table(shown, PRIMARY["protocol"])
+    record["intent"] = intent
+    for regime, r in intent.items():
+        label = " (oracle: the words come from the target)" if r["oracle"] else ""
+        print(f"intent {regime}{label}: decomposer {r['model']:.4f} against {r['baseline_name']} "
+              f"{r['baseline']:.4f} (ratio {r['ratio']}); without words {r.get('model_without_words', float('nan')):.4f}")
     write_json(out, record)
     plot(tables, args.dataset, out.with_suffix(".png"))
     print(f"\nrecorded in {out}")

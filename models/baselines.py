@@ -10,6 +10,10 @@
   are most-popular.
 - `LSTMRec`: the decomposer's item tower and event LSTM, u_t = W h_t (no dimensions, no gates).
 - `SASRec`: 2 causal self-attention blocks over item embeddings, full-softmax cross-entropy.
+  With `use_text` its item vectors are the decomposer's item tower (id embedding plus the
+  projected MiniLM text), and with `use_events` each input position also adds the event's
+  rating and time features: the same information the decomposer sees, so that a difference
+  between the two is the architecture's, not the inputs'.
 - `GRU4Rec`: a GRU over item-id embeddings alone (no text, ratings or time), full-softmax
   cross-entropy with tied input/output embeddings, the form recent re-evaluations train it in.
 """
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.features import EVENT_FEATURES, N_RATING_BUCKETS
 from models.losses import next_item_loss, seen_pairs
 from models.sequence import EventLSTM, ItemTower, last_position
 
@@ -140,6 +145,34 @@ class PhrasePopular(_IntentRule):
         return self.ahead(pop, match)
 
 
+class FusedWithText(nn.Module):
+    """A trained model's scores fused with text retrieval's for requests with words.
+
+    s = z(model) + w · z(similarity of the words to the item text), each standardised over the
+    catalogue per row; rows without words keep the model's scores. `w` is chosen on validation
+    (`quality.py`), so the model gets the same words as the decomposer with intent, used the
+    simplest way a team would. Not a checkpointed model: it wraps two that are.
+    """
+
+    def __init__(self, model: nn.Module, text: TextRetrieval, weight: float):
+        super().__init__()
+        self.model, self.text, self.weight = model, text, float(weight)
+        self.cfg = model.cfg
+
+    @staticmethod
+    def _z(s: torch.Tensor) -> torch.Tensor:
+        s = s[:, 1:].float()                                           # column 0 is padding
+        z = (s - s.mean(1, keepdim=True)) / s.std(1, keepdim=True).clamp_min(1e-12)
+        return torch.nn.functional.pad(z, (1, 0))
+
+    @torch.no_grad()
+    def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        base = self._z(self.model.score(batch))                        # (B, N+1)
+        _, has = self.text.last_intent(batch)
+        sim = self._z(self.text.score(batch).to(base.device))
+        return torch.where(has[:, None].to(base.device), base + self.weight * sim, base)
+
+
 @dataclass
 class LSTMConfig:
     n_items: int = 0                 # catalogue size
@@ -185,6 +218,9 @@ class SASRecConfig:
     loss: str = "full"               # "full" | "sampled"
     n_negatives: int = 1024
     mask_seen: bool = False          # full softmax without the items already in the window
+    use_text: bool = False           # item vectors E(i) + P·z(i), as the decomposer's item tower
+    use_events: bool = False         # inputs also carry the event's rating bucket and time features
+    text_dim: int = 384              # language-model embedding size (with use_text)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -195,6 +231,12 @@ class SASRec(_ItemDataMixin, nn.Module):
         super().__init__()
         self.cfg = cfg
         self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.hidden, padding_idx=0)
+        if cfg.use_text:    # the frozen text travels with the checkpoint, as in the item tower
+            self.register_buffer("text", torch.zeros(cfg.n_items + 1, cfg.text_dim))
+            self.text_proj = nn.Linear(cfg.text_dim, cfg.hidden, bias=False)
+        if cfg.use_events:
+            self.rating_emb = nn.Embedding(N_RATING_BUCKETS, cfg.hidden, padding_idx=0)
+            self.event_proj = nn.Linear(EVENT_FEATURES, cfg.hidden)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
         self.drop = nn.Dropout(cfg.dropout)
         layer = nn.TransformerEncoderLayer(cfg.hidden, cfg.heads, dim_feedforward=cfg.hidden, dropout=cfg.dropout,
@@ -205,26 +247,40 @@ class SASRec(_ItemDataMixin, nn.Module):
         nn.init.normal_(self.item_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
 
-    def encode(self, items: torch.Tensor) -> torch.Tensor:
-        """(B, T) right-padded items -> (B, T, H); causal attention keeps padding out of real positions."""
+    def set_item_data(self, text_emb: np.ndarray, genres: np.ndarray, counts: np.ndarray | None = None) -> None:
+        super().set_item_data(text_emb, genres, counts)
+        if self.cfg.use_text:
+            self.text.copy_(torch.as_tensor(text_emb, dtype=torch.float32))
+
+    def item_vectors(self) -> torch.Tensor:
+        """(N+1, H) input and output vectors of every item (tied); row 0 is padding."""
+        if not self.cfg.use_text:
+            return self.item_emb.weight
+        return self.item_emb.weight + self.text_proj(self.text)
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T) right-padded events -> (B, T, H); causal attention keeps padding out of real positions."""
+        items = batch["items"]
         T = items.shape[1]
         pos = torch.arange(T, device=items.device)
-        x = self.item_emb(items) * self.cfg.hidden ** 0.5 + self.pos_emb(pos)[None]
+        x = self.item_vectors()[items] * self.cfg.hidden ** 0.5 + self.pos_emb(pos)[None]   # (B, T, H)
+        if self.cfg.use_events:
+            x = x + self.rating_emb(batch["ratings"]) + self.event_proj(batch["event_feats"])
         causal = nn.Transformer.generate_square_subsequent_mask(T, device=items.device)
         return self.norm(self.blocks(self.drop(x), mask=causal, is_causal=True))
 
     def forward(self, batch):
-        h = self.encode(batch["items"])
+        h = self.encode(batch)
         sup = batch["targets"] > 0
         seen = seen_pairs(batch["items"], sup, batch["targets"]) if self.cfg.mask_seen else None
-        loss = next_item_loss(h[sup], self.item_emb.weight, batch["targets"][sup], self.cfg.loss, self.log_q,
+        loss = next_item_loss(h[sup], self.item_vectors(), batch["targets"][sup], self.cfg.loss, self.log_q,
                               self.cfg.n_negatives, seen)
         return loss, {"next_item": loss.item()}
 
     @torch.no_grad()
     def score(self, batch):
-        h = last_position(self.encode(batch["items"]), batch["lengths"])  # (B, H)
-        return h @ self.item_emb.weight.T                              # (B, N+1)
+        h = last_position(self.encode(batch), batch["lengths"])       # (B, H)
+        return h @ self.item_vectors().T                               # (B, N+1)
 
 
 @dataclass

@@ -65,12 +65,63 @@ def eval_samples(split: Split, targets: np.ndarray, users: np.ndarray, max_len: 
     return np.maximum(split.user_start[users], targets - max_len), targets
 
 
+# How the words of an evaluated request relate to its target (DESIGN §5):
+# - oracle: one of the target's own phrases (its genre words or tags): built from the answer;
+# - noisy: one of the target's phrases mixed with an unrelated one (the mean of both vectors);
+# - wrong: a phrase the target does not carry (the model must not fall far below no words);
+# - history: the phrase most frequent among the user's last HISTORY_ITEMS items before the
+#   target (what a UI could pre-fill; it uses nothing of the target).
+INTENT_REGIMES = ("oracle", "noisy", "wrong", "history")
+HISTORY_ITEMS = 5
+
+
 @dataclass
 class IntentTable:
     """Intent phrases of each item (CSR) and their text embeddings."""
     offsets: np.ndarray      # (N + 2,) item i's phrases are ids[offsets[i]:offsets[i + 1]]
     ids: np.ndarray          # (P_total,)
     emb: np.ndarray          # (P, 384)
+
+    def carries(self, items: np.ndarray, phrase: np.ndarray) -> np.ndarray:
+        """(M,) whether item items[j] carries phrase phrase[j]."""
+        lo = self.offsets[items]
+        rows, idx = flat_ranges(lo, self.offsets[items + 1] - lo)
+        out = np.zeros(len(items), dtype=bool)
+        np.logical_or.at(out, rows, self.ids[idx] == phrase[rows])
+        return out
+
+    def unrelated(self, items: np.ndarray, rng: np.random.Generator, tries: int = 20) -> np.ndarray:
+        """(M,) one random phrase id per item that the item does not carry."""
+        out = rng.integers(0, len(self.emb), size=len(items))
+        for _ in range(tries):
+            bad = self.carries(items, out)
+            if not bad.any():
+                return out
+            out[bad] = rng.integers(0, len(self.emb), size=int(bad.sum()))
+        raise ValueError("intents: could not draw a phrase the item does not carry (too few phrases)")
+
+    def most_frequent(self, items: np.ndarray, owner: np.ndarray, n_rows: int) -> np.ndarray:
+        """(n_rows,) the phrase most frequent among the items owned by each row (-1: none).
+
+        items (M,) and owner (M,) row of each item, oldest first; ties go to the newest item's phrase.
+        """
+        lo = self.offsets[items]
+        k, idx = flat_ranges(lo, self.offsets[items + 1] - lo)
+        if not len(idx):
+            return np.full(n_rows, -1, dtype=np.int64)
+        row, phrase, when = owner[k], self.ids[idx].astype(np.int64), k
+        key = row * len(self.emb) + phrase
+        uniq, inv = np.unique(key, return_inverse=True)
+        count = np.bincount(inv)
+        latest = np.zeros(len(uniq), dtype=np.int64)
+        np.maximum.at(latest, inv, when)
+        u_row = uniq // len(self.emb)
+        order = np.lexsort((latest, count, u_row))                     # best of each row last
+        last_of_row = np.r_[u_row[order][1:] != u_row[order][:-1], True]
+        out = np.full(n_rows, -1, dtype=np.int64)
+        best = order[last_of_row]
+        out[u_row[best]] = uniq[best] % len(self.emb)
+        return out
 
     def sample(self, items: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One random phrase id per item (-1 where the item has none)."""
@@ -92,7 +143,8 @@ class BatchBuilder:
 
     def __call__(self, starts: np.ndarray, ends: np.ndarray, user_starts: np.ndarray,
                  supervise_all: bool = True, intent_rate: float = 0.0,
-                 rng: np.random.Generator | None = None) -> dict[str, torch.Tensor]:
+                 rng: np.random.Generator | None = None, intent: str = "oracle") -> dict[str, torch.Tensor]:
+        """`intent` (one of INTENT_REGIMES) picks the words of the supervised positions that get any."""
         lengths = ends - starts                                              # (B,)
         T = int(lengths.max())
         pos = np.arange(T)[None, :]
@@ -121,9 +173,37 @@ class BatchBuilder:
             phrase = self.intents.sample(self.items[nxt], rng)                 # (B, T)
             use = sup & (phrase >= 0) & (rng.random(phrase.shape) < intent_rate)
             vec = self.intents.emb[np.maximum(phrase, 0)] * use[..., None]     # (B, T, 384)
+            if intent != "oracle":
+                use, vec = self._regime(intent, use, vec, phrase, idx, mask, nxt, rng)
             batch["intent"] = torch.from_numpy(vec.astype(np.float32))
             batch["intent_mask"] = torch.from_numpy(use)
         return batch
+
+    def _regime(self, intent, use, vec, phrase, idx, mask, nxt, rng):
+        """The words of the used positions under a non-oracle regime -> (use, vec)."""
+        if intent not in INTENT_REGIMES:
+            raise ValueError(f"intent must be one of {INTENT_REGIMES}, got {intent!r}")
+        b, t = np.nonzero(use)                                               # (M,) used positions
+        emb = self.intents.emb
+        if intent in ("noisy", "wrong"):
+            other = emb[self.intents.unrelated(self.items[nxt[b, t]], rng)]  # (M, 384)
+            words = other if intent == "wrong" else emb[phrase[b, t]] + other
+        else:                                                                # history: inputs only
+            back = np.arange(HISTORY_ITEMS)[None, :]
+            pos = t[:, None] - back                                          # (M, H) positions ≤ t
+            ok = (pos >= 0) & mask[b[:, None], np.maximum(pos, 0)]
+            rows = np.broadcast_to(np.arange(len(b))[:, None], pos.shape)[ok][::-1]
+            items = self.items[idx[b[:, None], np.maximum(pos, 0)]][ok][::-1]  # oldest first per row
+            order = np.argsort(rows, kind="stable")
+            best = self.intents.most_frequent(items[order], rows[order], len(b))
+            keep = best >= 0
+            use = use.copy()
+            use[b[~keep], t[~keep]] = False
+            words = emb[np.maximum(best, 0)] * keep[:, None]
+        words = words / np.maximum(np.linalg.norm(words, axis=1, keepdims=True), 1e-12)
+        vec = np.zeros_like(vec)
+        vec[b, t] = words
+        return use, vec
 
 
 def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:

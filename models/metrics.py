@@ -61,3 +61,26 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int
     means = d[idx].mean(1)
     lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
     return {"mean": float(d.mean()), "lo": float(lo), "hi": float(hi)}
+
+
+def seed_user_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                        level: float = 0.95) -> dict[str, float]:
+    """Mean of a − b and its interval with both seeds and users resampled.
+
+    a (Sa, U) and b (Sb, U): per-user scores of each seed of two models on the same users. Each
+    replicate draws Sa seeds of a and Sb of b with replacement (the two models' seeds are
+    independent runs) and U users with replacement (paired: the same users for both), so the
+    interval holds the variance between training runs as well as between users.
+    """
+    a, b = np.atleast_2d(np.asarray(a, dtype=np.float64)), np.atleast_2d(np.asarray(b, dtype=np.float64))
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a and b must score the same users: {a.shape[1]} against {b.shape[1]}")
+    rng = np.random.default_rng(seed)
+    sa = rng.integers(0, len(a), size=(n_boot, len(a)))
+    sb = rng.integers(0, len(b), size=(n_boot, len(b)))
+    d = a[sa].mean(1) - b[sb].mean(1)                                  # (n_boot, U) per replicate's seeds
+    users = rng.integers(0, a.shape[1], size=(n_boot, a.shape[1]))
+    means = np.take_along_axis(d, users, axis=1).mean(1)               # (n_boot,)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return {"mean": float(a.mean() - b.mean()), "lo": float(lo), "hi": float(hi),
+            "seeds": [len(a), len(b)], "users": int(a.shape[1])}

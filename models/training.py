@@ -118,10 +118,13 @@ def history_mask(items: np.ndarray, user_starts: np.ndarray, targets: np.ndarray
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data, split: Split, which: str = "test", with_intent: bool = False,
-             batch_size: int = 256, device: torch.device | str = "cpu", rows: np.ndarray | None = None) -> dict:
+             batch_size: int = 256, device: torch.device | str = "cpu", rows: np.ndarray | None = None,
+             intent: str = "oracle") -> dict:
     """Full-ranking metrics of each target -> {"masked": {...}, "unmasked": {...}, "users": (M,)}.
 
-    `rows` restricts evaluation to a subset of targets (a worker's shard).
+    `rows` restricts evaluation to a subset of targets (a worker's shard); with `with_intent`,
+    `intent` (one of `models.batching.INTENT_REGIMES`) says how the request's words relate to
+    the target.
     """
     if which == "valid":
         targets, users = split.valid_pos, np.arange(len(split.valid_pos))
@@ -141,7 +144,7 @@ def evaluate(model: nn.Module, data, split: Split, which: str = "test", with_int
         sl = slice(lo, lo + batch_size)
         ustart = split.user_start[users[sl]]
         batch = builder(starts[sl], ends[sl], ustart, supervise_all=False,
-                        intent_rate=1.0 if with_intent else 0.0, rng=rng)
+                        intent_rate=1.0 if with_intent else 0.0, rng=rng, intent=intent)
         batch = {k: v.to(device) for k, v in batch.items()}
         scores = model.score(batch).float().cpu()                       # (B, N+1)
         tgt = torch.from_numpy(data.items[targets[sl]])

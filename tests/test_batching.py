@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from models.batching import BatchBuilder, IntentTable, eval_samples, make_split, training_windows
+from models.batching import INTENT_REGIMES, BatchBuilder, IntentTable, eval_samples, make_split, training_windows
 from models.features import moment_features, rating_bucket
 
 # two users: 5 events and 12 events
@@ -63,3 +63,60 @@ def test_eval_samples_truncate_to_max_len():
     s = make_split(OFFSETS, n_test=1)
     starts, ends = eval_samples(s, s.test_pos, s.test_user, max_len=3)
     assert starts.tolist() == [1, 13] and ends.tolist() == [4, 16]
+
+
+def regime_table():
+    """Items 1..12 with phrases: odd items carry phrase 0 and 1, even items phrase 2, item 12 phrase 3."""
+    phrases = {i: ([0, 1] if i % 2 else [2]) for i in range(1, 12)}
+    phrases[12] = [3]
+    counts = [0] + [len(phrases[i]) for i in range(1, 13)] + [0]
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    ids = np.concatenate([phrases[i] for i in range(1, 13)])
+    emb = np.eye(4, 384, dtype=np.float32)                       # phrase p is the unit vector e_p
+    return IntentTable(offsets=offsets, ids=ids, emb=emb), phrases
+
+
+def test_intent_regimes_relate_the_words_to_the_target_as_named():
+    table, phrases = regime_table()
+    items = np.array([1, 3, 5, 2, 12, 7, 9, 11, 4, 6, 8, 10, 12, 1])  # one user; the last event is item 1
+    b = BatchBuilder(items, np.full(len(items), 4.0, np.float32), 1_600_000_000 + np.arange(len(items)) * 60, table)
+    starts, ends, ustart = np.array([0, 2, 6]), np.array([8, 12, 13]), np.zeros(3, int)
+    targets = items[ends]                                          # 4, 12, 1
+    for seed in range(5):
+        got = {r: b(starts, ends, ustart, supervise_all=False, intent_rate=1.0, rng=np.random.default_rng(seed),
+                    intent=r) for r in INTENT_REGIMES}
+        last = ends - starts - 1
+        rows = np.arange(3)
+        vec = {r: got[r]["intent"][rows, last].numpy() for r in got}
+        chosen = {r: [{int(p) for p in np.nonzero(row)[0]} for row in v] for r, v in vec.items()}
+        for i, t in enumerate(targets):
+            assert chosen["oracle"][i] <= set(phrases[t])                  # one of the target's own
+            assert chosen["wrong"][i] and not chosen["wrong"][i] & set(phrases[t])
+            own = chosen["noisy"][i] & set(phrases[t])
+            assert len(own) == 1 and len(chosen["noisy"][i]) == 2      # one of its own and one it lacks
+            np.testing.assert_allclose(np.linalg.norm(vec["noisy"][i]), 1.0, rtol=1e-6)
+    # history: the most frequent phrase of the last five inputs, ties to the newest item's phrase
+    hist = {int(p) for p in np.nonzero(vec["history"][0])[0]}          # inputs 3,4,5,6,7 = items 2,12,7,9,11
+    assert hist == {0} or hist == {1}                              # phrases 0 and 1 three times each
+    assert {int(p) for p in np.nonzero(vec["history"][1])[0]} == {2}   # items 11,4,6,8,10: phrase 2 four times
+    assert {int(p) for p in np.nonzero(vec["history"][2])[0]} == {2}   # items 4,6,8,10,12: phrase 2 four times
+
+
+def test_history_words_ignore_the_target():
+    """The history regime reads the inputs only: a target that carries other phrases changes nothing."""
+    table, _ = regime_table()
+    items = np.array([1, 3, 5, 2, 4, 6])
+    other = items.copy()
+    other[-1] = 12                                                  # the target: phrase 2 -> phrase 3
+    out = [BatchBuilder(x, np.full(6, 4.0, np.float32), np.arange(6) * 60, table)(
+        np.array([0]), np.array([5]), np.array([0]), supervise_all=False, intent_rate=1.0,
+        rng=np.random.default_rng(0), intent="history")["intent"].numpy() for x in (items, other)]
+    np.testing.assert_array_equal(out[0], out[1])
+    assert out[0][0, -1].argmax() in (0, 1)                          # items 1, 3, 5 outnumber 2, 4
+
+
+def test_unknown_intent_regime_is_named():
+    table, _ = regime_table()
+    b = BatchBuilder(np.arange(1, 7), np.full(6, 4.0, np.float32), np.arange(6) * 60, table)
+    with pytest.raises(ValueError, match="intent must be one of"):
+        b(np.array([0]), np.array([4]), np.array([0]), supervise_all=False, intent_rate=1.0, intent="psychic")

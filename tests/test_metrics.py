@@ -50,3 +50,20 @@ def test_per_user_mean_and_bootstrap():
     assert 0.18 < ci["lo"] and ci["hi"] < 0.22
     tie = paired_bootstrap(a, a)
     assert tie["lo"] == tie["hi"] == 0.0
+
+
+def test_seed_user_bootstrap_holds_the_seed_variance():
+    from models.metrics import seed_user_bootstrap
+    rng = np.random.default_rng(0)
+    users = rng.normal(0.3, 0.1, 300)                          # per-user level shared by every run
+    steady = users[None] + rng.normal(0, 0.01, (3, 300))       # three seeds that agree
+    shaky = users[None] + np.array([[-0.05], [0.0], [0.05]]) + rng.normal(0, 0.01, (3, 300))
+    base = users[None] - 0.02 + rng.normal(0, 0.01, (3, 300))
+    calm, wild = seed_user_bootstrap(steady, base), seed_user_bootstrap(shaky, base)
+    assert calm["lo"] > 0 and calm["hi"] - calm["lo"] < 0.01   # users paired: only noise is left
+    assert wild["hi"] - wild["lo"] > 3 * (calm["hi"] - calm["lo"])   # seeds that disagree widen it
+    assert wild["seeds"] == [3, 3] and wild["users"] == 300
+    same = seed_user_bootstrap(steady[:1], steady[:1])
+    assert same["lo"] == same["hi"] == 0.0
+    with pytest.raises(ValueError, match="same users"):
+        seed_user_bootstrap(steady, base[:, :10])

@@ -343,3 +343,37 @@ def test_fit_keeps_the_averaged_weights(tiny_data, split):
     averaged.eval()
     kept = summarize(evaluate(averaged, tiny_data, split, "valid")["masked"])
     assert kept["ndcg@10"] == pytest.approx(result.best_valid["ndcg@10"])   # what was validated is what is kept
+
+
+def test_sasrec_with_text_and_events_reads_them(tiny_data, split):
+    """The equally informed SASRec: its scores move with the item text and the event ratings,
+    the id-only one ignores both."""
+    batch = first_batch(tiny_data, split, n=4)
+    for flags, reads in [({"use_text": True, "use_events": True}, True), ({}, False)]:
+        torch.manual_seed(0)
+        m = new_model("sasrec", tiny_data, split, **flags).eval()
+        before = m.score(batch)
+        rated = {**batch, "ratings": torch.where(batch["ratings"] > 0, 1, 0)}
+        assert (not torch.allclose(m.score(rated), before)) == reads
+        m.set_item_data(np.asarray(tiny_data.item_emb)[::-1].copy(), tiny_data.item_genres)
+        assert (not torch.allclose(m.score(batch), before)) == reads
+    loss, _ = new_model("sasrec", tiny_data, split, use_text=True, use_events=True, mask_seen=True)(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_fusion_with_text_keeps_rows_without_words(tiny_data, split):
+    from models.baselines import FusedWithText
+    torch.manual_seed(0)
+    model = new_model("sasrec", tiny_data, split).eval()
+    text = new_model("intent-text", tiny_data, split)
+    starts, ends, rows = training_windows(split, 200)
+    batch = batch_builder(tiny_data)(starts[:6], ends[:6], split.user_start[rows[:6]], supervise_all=False,
+                                     intent_rate=1.0, rng=np.random.default_rng(0))
+    has = text.last_intent(batch)[1]
+    assert has.any()
+    plain = FusedWithText(model, text, 0.0).score(batch)
+    assert torch.equal(plain.argsort(1, descending=True)[:, :10],
+                       model.score(batch).argsort(1, descending=True)[:, :10])   # weight 0: the model's order
+    fused = FusedWithText(model, text, 4.0).score(batch)
+    assert torch.equal(fused[~has], plain[~has]) and not torch.allclose(fused[has], plain[has])

@@ -42,3 +42,30 @@ def test_deadline_starts_no_run_after_it(tiny_prepared, tmp_path):
 def test_unknown_variant_is_named(tiny_prepared, tmp_path):
     done = run(tiny_prepared, tmp_path / "q.json", "--variants", "popular;transformer-xl")
     assert done.returncode == 2 and "transformer-xl" in done.stderr
+
+
+def test_primary_comparison_and_intent_table_are_recorded(tiny_prepared, tmp_path):
+    """The declared comparison carries both means, their ratio and a seed-and-user interval; the
+    intent table names, per regime, the strongest baseline that got the same words."""
+    out = tmp_path / "quality.json"
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quality
+    variants = ";".join(["decomposer", quality.TEXT_SASREC, "sasrec (mask seen), weights averaged",
+                         "text retrieval", "phrase popularity"])
+    done = run(tiny_prepared, out, "--protocols", "last10", "--variants", variants, "--by-variant")
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    p = record["primary"]
+    assert (p["model"], p["baseline"], p["protocol"]) == ("decomposer", quality.TEXT_SASREC, "last10")
+    assert p["ratio"] == round(p["model_mean"] / p["baseline_mean"], 4) and p["lo"] <= p["hi"]
+    assert p["seeds"] == [2, 2]
+    assert set(record["intent"]) == {"oracle", "noisy", "wrong", "history"}
+    for regime, row in record["intent"].items():
+        assert row["oracle"] == (regime == "oracle")
+        assert row["baseline_name"] in ("text retrieval", "phrase popularity",
+                                        *(quality.fused_name(v) for v in quality.FUSED))
+        key = f"last10/{quality.intent_name(row['baseline_name'], regime)}/0"
+        assert record["runs"][key]["intent"] == regime
+    fused = record["runs"][f"last10/{quality.intent_name(quality.fused_name(quality.TEXT_SASREC), 'noisy')}/1"]
+    assert fused["fusion_weight"] in quality.FUSION_WEIGHTS
+    assert "Primary comparison (declared before the runs)" in done.stdout and "Exploratory" in done.stdout
