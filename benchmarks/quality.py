@@ -40,7 +40,7 @@ from models.batching import INTENT_REGIMES, make_split
 from models.data import load_prepared, prepare_source
 from models.metrics import per_user_mean, seed_user_bootstrap, summarize
 from models.run import PROTOCOLS, format_table, train_config
-from models.training import TrainConfig, evaluate, fit, new_model
+from models.training import TrainConfig, evaluate, fit, new_model, training_counts
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The plain decomposer (no residual readout, no profiles, dropout 0.2, last weights): the
@@ -68,6 +68,8 @@ VARIANTS = {
     # Intent-aware rules: with the same words as "<model> + intent text", they are its baselines.
     "text retrieval": ("intent-text", {}),
     "phrase popularity": ("intent-popular", {}),
+    # Content-based: the items whose text is nearest the mean text of the window's last items.
+    "text similarity to the history": ("history-text", {}),
     # Ablations of today's default (ABLATIONS).
     "decomposer, no gates": ("decomposer", {"use_gates": False}),
     "decomposer, no aux losses": ("decomposer", {"aux_weight": 0.0}),
@@ -165,6 +167,22 @@ def fused_name(variant: str) -> str:
     return f"{variant}, fused with text retrieval"
 
 
+def cold_rows(data, split) -> np.ndarray:
+    """Test rows whose target item appears in no training event (first seen after training)."""
+    return np.nonzero(training_counts(data, split)[data.items[split.test_pos]] == 0)[0]
+
+
+def cold_table(runs: dict, protocol: str) -> dict:
+    """Per model (no words): NDCG@10 on the cold-start targets, mean over seeds."""
+    by: dict[str, list] = {}
+    for key, r in runs.items():
+        if key.startswith(protocol + "/") and "cold_items" in r:
+            by.setdefault(key.split("/")[1], []).append(r["cold_items"])
+    return {name: {"targets": rs[0]["targets"], "seeds": len(rs),
+                   "ndcg@10": round(float(np.mean([c["ndcg@10"] for c in rs])), 6),
+                   "hr@10": round(float(np.mean([c["hr@10"] for c in rs])), 6)} for name, rs in by.items()}
+
+
 def fusion_weight(model, text_rule, data, split, regime: str, device: str) -> tuple[float, float]:
     """The fusion weight with the best validation NDCG@10 under `regime` -> (weight, that NDCG@10)."""
     scored = []
@@ -194,6 +212,11 @@ def run_one(data, split, variant: str, seed: int, args, device: str = "cpu", pro
                 **common, **extra}
 
     out = {variant: entry(evaluate(model, data, split, "test", device=device))}
+    cold = cold_rows(data, split)
+    if len(cold):        # targets whose item no training event holds: only text can place them
+        ev = evaluate(model, data, split, "test", device=device, rows=cold)
+        out[variant]["cold_items"] = {"targets": int(len(cold)), **summarize(ev["masked"]),
+                                      "target_ndcg@10": np.round(ev["masked"]["ndcg@10"], 6).tolist()}
     if variant in INTENT_EVALUATED:
         for regime in INTENT_REGIMES:
             ev = evaluate(model, data, split, "test", with_intent=True, intent=regime, device=device)
@@ -441,6 +464,14 @@ def main(argv=None) -> int:
               f"{primary['baseline_mean']:.4f}: ratio {primary['ratio']:.3f}, difference "
               f"{primary['difference']:+.4f} [{primary['lo']:+.4f}, {primary['hi']:+.4f}] "
               f"({primary['seeds'][0]} and {primary['seeds'][1]} seeds, {primary['users']} users)")
+    cold = cold_table(shown, PRIMARY["protocol"])
+    record["cold_items"] = cold
+    if cold:
+        print(f"\nCold-start targets ({PRIMARY['protocol']}: items no training event holds; id-only models "
+              "have nothing learned about them, their scores are untrained embeddings):")
+        for name, c in sorted(cold.items(), key=lambda kv: -kv[1]["ndcg@10"]):
+            print(f"- {name}: NDCG@10 {c['ndcg@10']:.4f}, HR@10 {c['hr@10']:.4f} "
+                  f"({c['targets']} targets, {c['seeds']} seeds)")
     intent = intent_table(shown, PRIMARY["protocol"])
     record["intent"] = intent
     for regime, r in intent.items():

@@ -19,6 +19,9 @@ from models.training import batch_builder
 # ml-latest-small defaults the gates still match the planted sources, under permuted names.
 RECOVERY_MODEL = {"combine": "mixture", "mask_seen": False, "dropout": 0.2, "profile_decays": (), "residual": False}
 RECOVERY_TRAIN = {"lr": 5e-3, "ema_decay": None}
+# The headline model's own settings (the decomposer's defaults): its figure is read on |r|,
+# since in concat mode a gate can act through a negative preference (r's sign is not fixed).
+SETTINGS = {"mixture": (RECOVERY_MODEL, RECOVERY_TRAIN, "matched"), "default": ({}, {}, "matched_abs")}
 
 
 @torch.no_grad()
@@ -74,6 +77,47 @@ def gate_recovery(model: InterestDecomposer, data, gates: tuple[np.ndarray, np.n
     names = model.cfg.dim_names
     out = {name: float(r[j, names.index(name)]) for j, name in enumerate(("topic", "sentiment", "time"))
            if name in names}
-    out["matched"] = float(max(np.mean([r[j, k] for j, k in enumerate(perm)])
-                               for perm in itertools.permutations(range(len(names)), 3)))
+    out["matched"] = best_assignment(r)
+    out["matched_abs"] = best_assignment(np.abs(r))
+    return out
+
+
+def best_assignment(r: np.ndarray) -> float:
+    """(3, K) correlations -> the mean under the best one-to-one assignment of sources to gates."""
+    return float(max(np.mean([r[j, k] for j, k in enumerate(perm)])
+                     for perm in itertools.permutations(range(r.shape[1]), 3)))
+
+
+def randomize_gates(model: InterestDecomposer) -> InterestDecomposer:
+    """Draw the gates' output weights v like their other weights (they start at zero, which
+    makes an untrained model's α constant): an untrained model with random gates."""
+    with torch.no_grad():
+        c = model.gate_v.shape[-1]
+        model.gate_v.normal_(0.0, c ** -0.5)
+    return model
+
+
+def random_gate_null(new_untrained, data, n: int, statistic: str = "matched") -> np.ndarray:
+    """(n,) the recovery statistic of untrained models with random gates (`new_untrained(i)`
+    builds the i-th): the figure random gates reach by chance, through the context alone."""
+    return np.array([gate_recovery(randomize_gates(new_untrained(i)), data)[statistic] for i in range(n)])
+
+
+def context_linear_fit(data, targets: np.ndarray) -> dict[str, float]:
+    """Correlation of each planted weight with its least-squares fit on the request context
+    (the features the gates read: hour and weekday on the circle, log gap), over the same events.
+
+    The reference from above: how much of the planted dependence a linear map of the context
+    explains; the gates are a learned map of that context (among other inputs).
+    """
+    from models.features import moment_features
+    prev = np.maximum(targets - 1, 0)
+    x = moment_features(data.timestamps[targets], data.timestamps[targets] - data.timestamps[prev])
+    x = np.concatenate([x, np.ones((len(x), 1), np.float32)], 1).astype(np.float64)   # (M, 6)
+    planted = planted_weights(data)[targets]                                         # (M, 3)
+    coef, *_ = np.linalg.lstsq(x, planted, rcond=None)
+    fit = x @ coef
+    out = {name: float(np.corrcoef(fit[:, j], planted[:, j])[0, 1])
+           for j, name in enumerate(("topic", "sentiment", "time"))}
+    out["mean"] = float(np.mean(list(out.values())))
     return out

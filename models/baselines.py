@@ -133,6 +133,24 @@ class TextRetrieval(_IntentRule):
         return torch.where(has[:, None], sim + 1e-6 * pop, pop)     # popularity only breaks ties
 
 
+class HistoryText(_IntentRule):
+    """Content-based rule: the items by the similarity of their text to the mean text of the
+    window's last `HISTORY` items (no words needed; popularity breaks ties). It ranks items nobody
+    has interacted with as readily as any other, which makes it the cold-start reference."""
+    HISTORY = 10
+
+    @torch.no_grad()
+    def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        items, lengths = batch["items"], batch["lengths"]                                 # (B, T), (B,)
+        T = items.shape[1]
+        pos = torch.arange(T)[None, :]
+        recent = (pos < lengths[:, None]) & (pos >= lengths[:, None] - self.HISTORY)      # (B, T)
+        profile = (self.text[items] * recent[..., None]).sum(1)                          # (B, 384)
+        profile = profile / profile.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        pop = self.log_q.expand(len(lengths), -1)
+        return profile @ self.text.T + 1e-6 * pop                                         # (B, N+1)
+
+
 class PhrasePopular(_IntentRule):
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from models.baselines import (GRU4Rec, GRU4RecConfig, LSTMConfig, LSTMRec, MostPopular, PopularityConfig, SASRec,
-                              PhrasePopular, SASRecConfig, SeenThenPopular, TextRetrieval)
+                              HistoryText, PhrasePopular, SASRecConfig, SeenThenPopular, TextRetrieval)
 from models.decomposer import DecomposerConfig, InterestDecomposer
 
 FORMAT = "dynamic-interest-checkpoint/1"
@@ -27,6 +27,7 @@ MODELS = {
     "seen-popular": (PopularityConfig, SeenThenPopular),
     "intent-text": (PopularityConfig, TextRetrieval),
     "intent-popular": (PopularityConfig, PhrasePopular),
+    "history-text": (PopularityConfig, HistoryText),
 }
 
 

@@ -19,13 +19,13 @@ from models.data import load_prepared, prepare_source
 from models.metrics import summarize
 from models.training import TrainConfig, evaluate, fit, new_model
 
-MODEL_KINDS = ("decomposer", "lstm", "gru4rec", "sasrec", "popular", "seen-popular", "intent-text", "intent-popular")
+MODEL_KINDS = ("decomposer", "lstm", "gru4rec", "sasrec", "popular", "seen-popular", "intent-text", "intent-popular", "history-text")
 PROTOCOLS = {"loo": 1, "last10": 10}
 # Found on ml-latest-small validation: the LSTM models train faster with a larger step, and the
 # decomposer's weights, averaged over the last few epochs' steps, rank better than its last ones.
 TRAIN_DEFAULTS = {"decomposer": {"lr": 1e-2, "ema_decay": 0.98}, "lstm": {"lr": 1e-2}, "gru4rec": {"lr": 1e-2},
                   "sasrec": {"lr": 1e-3}, "popular": {}, "seen-popular": {},
-                  "intent-text": {}, "intent-popular": {}}
+                  "intent-text": {}, "intent-popular": {}, "history-text": {}}
 
 
 def train_config(kind: str, **overrides) -> TrainConfig:

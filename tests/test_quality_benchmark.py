@@ -69,3 +69,18 @@ def test_primary_comparison_and_intent_table_are_recorded(tiny_prepared, tmp_pat
     fused = record["runs"][f"last10/{quality.intent_name(quality.fused_name(quality.TEXT_SASREC), 'noisy')}/1"]
     assert fused["fusion_weight"] in quality.FUSION_WEIGHTS
     assert "Primary comparison (declared before the runs)" in done.stdout and "Exploratory" in done.stdout
+
+
+def test_cold_start_targets_are_the_items_no_training_event_holds(tiny_data):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import numpy as np
+    import quality
+    from models.batching import make_split
+    split = make_split(tiny_data.user_offsets, 5)
+    rows = quality.cold_rows(tiny_data, split)
+    train_items = set()
+    for u in range(len(split.user_start)):
+        train_items |= set(tiny_data.items[split.user_start[u]:split.valid_pos[u]].tolist())
+    expect = [i for i, t in enumerate(tiny_data.items[split.test_pos]) if t not in train_items]
+    assert rows.tolist() == expect and len(expect) > 0
+    assert np.isin(tiny_data.items[split.test_pos[rows]], list(train_items)).sum() == 0
