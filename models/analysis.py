@@ -100,7 +100,9 @@ def randomize_gates(model: InterestDecomposer) -> InterestDecomposer:
 def random_gate_null(new_untrained, data, n: int, statistic: str = "matched") -> np.ndarray:
     """(n,) the recovery statistic of untrained models with random gates (`new_untrained(i)`
     builds the i-th): the figure random gates reach by chance, through the context alone."""
-    return np.array([gate_recovery(randomize_gates(new_untrained(i)), data)[statistic] for i in range(n)])
+    from tqdm.auto import tqdm
+    return np.array([gate_recovery(randomize_gates(new_untrained(i)), data)[statistic]
+                     for i in tqdm(range(n), desc="random gates", unit="model", leave=False)])
 
 
 def context_linear_fit(data, targets: np.ndarray) -> dict[str, float]:

@@ -157,8 +157,8 @@ def test_a_checkpoint_from_before_a_field_existed_loads_as_the_model_it_was(tiny
     torch.testing.assert_close(loaded.score(batch), old.score(batch))
 
 
-@pytest.mark.parametrize("kind", ["popular", "seen-popular", "intent-text", "intent-popular", "lstm", "gru4rec",
-                                  "sasrec", "decomposer"])
+@pytest.mark.parametrize("kind", ["popular", "seen-popular", "intent-text", "intent-popular", "history-text",
+                                  "lstm", "gru4rec", "sasrec", "decomposer"])
 def test_fit_and_evaluate_every_model(tiny_data, split, kind):
     m = new_model(kind, tiny_data, split)
     result = fit(m, tiny_data, split, TrainConfig(epochs=2, patience=2), progress=False)
@@ -223,6 +223,23 @@ def test_intent_rules_rank_by_the_words(tiny_data, split):
                                         supervise_all=False)
     assert torch.equal(phrase.score(no_words), pop) and torch.equal(
         new_model("intent-text", tiny_data, split).score(no_words), pop)            # no words: most-popular
+
+
+def test_history_text_ranks_by_the_recent_items_text(tiny_data, split):
+    """The content-based rule: similarity of each item's text to the mean text of the last ten inputs."""
+    batch = batch_builder(tiny_data)(split.user_start[:6], split.test_pos[:6], split.user_start[:6],
+                                     supervise_all=False)
+    text = torch.nn.functional.normalize(torch.as_tensor(tiny_data.item_emb), dim=1)
+    scores = new_model("history-text", tiny_data, split).score(batch)
+    for row in range(6):
+        n = int(batch["lengths"][row])
+        recent = batch["items"][row, max(0, n - 10):n]
+        profile = torch.nn.functional.normalize(text[recent].sum(0), dim=0)
+        assert int(scores[row, 1:].argmax()) + 1 == int((text[1:] @ profile).argmax()) + 1
+        older = batch["items"].clone()
+        older[row, :max(0, n - 10)] = 1                   # what came before the last ten does not count
+        torch.testing.assert_close(new_model("history-text", tiny_data, split).score(
+            {**batch, "items": older})[row], scores[row])
 
 
 def test_seen_pairs_mask_consumed_items_but_never_the_target():
