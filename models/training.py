@@ -120,7 +120,13 @@ def history_mask(items: np.ndarray, user_starts: np.ndarray, targets: np.ndarray
 def evaluate(model: nn.Module, data, split: Split, which: str = "test", with_intent: bool = False,
              batch_size: int = 256, device: torch.device | str = "cpu", rows: np.ndarray | None = None,
              intent: str = "oracle") -> dict:
-    """Full-ranking metrics of each target -> {"masked": {...}, "unmasked": {...}, "users": (M,)}.
+    """Full-ranking metrics of each target -> {"masked": {...}, "unmasked": {...}, "users": (M,),
+    "repeat": (M,) bool}.
+
+    `repeat` marks the targets the user had interacted with before: under the history mask such a
+    target is the only seen item left, which hands it to any rule that ranks seen items first, so
+    where histories repeat items (the synthetic data) the masked figure is read on the other
+    targets (`masked_new` in the quality benchmark).
 
     `rows` restricts evaluation to a subset of targets (a worker's shard); with `with_intent`,
     `intent` (one of `models.batching.INTENT_REGIMES`) says how the request's words relate to
@@ -139,7 +145,7 @@ def evaluate(model: nn.Module, data, split: Split, which: str = "test", with_int
     builder = batch_builder(data)
     rng = np.random.default_rng(12345)
     model.eval()
-    masked, unmasked = [], []
+    masked, unmasked, repeat = [], [], []
     for lo in range(0, len(targets), batch_size):
         sl = slice(lo, lo + batch_size)
         ustart = split.user_start[users[sl]]
@@ -148,9 +154,12 @@ def evaluate(model: nn.Module, data, split: Split, which: str = "test", with_int
         batch = {k: v.to(device) for k, v in batch.items()}
         scores = model.score(batch).float().cpu()                       # (B, N+1)
         tgt = torch.from_numpy(data.items[targets[sl]])
+        seen = history_mask(data.items, ustart, targets[sl], data.n_items)
         unmasked.append(target_ranks(scores, tgt))
-        masked.append(target_ranks(scores, tgt, history_mask(data.items, ustart, targets[sl], data.n_items)))
-    return {"masked": rank_metrics(torch.cat(masked)), "unmasked": rank_metrics(torch.cat(unmasked)), "users": users}
+        masked.append(target_ranks(scores, tgt, seen))
+        repeat.append(seen[torch.arange(len(tgt)), tgt])
+    return {"masked": rank_metrics(torch.cat(masked)), "unmasked": rank_metrics(torch.cat(unmasked)), "users": users,
+            "repeat": torch.cat(repeat).numpy()}
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
