@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sqlite3
 import struct
 import threading
@@ -15,6 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+from urllib.parse import urlsplit, urlunsplit
 
 
 @dataclass(frozen=True)
@@ -271,17 +273,41 @@ class SQLiteStore:
 
 
 _SCHEMES = "sqlite:///PATH (relative; sqlite:////abs/path for an absolute one) or redis://host:port/db"
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def redact_url(url: str) -> str:
+    """`url` as it may be printed or logged: a password in it becomes `***`
+    (`redis://user:***@host:port/db`, `...?password=***`); a URL without one is returned as is."""
+    parts = urlsplit(url)
+    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+    if parts.password is None and query == parts.query:
+        return url
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, host = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def open_store(url: str) -> StateStore:
-    """`sqlite:///relative.db`, `sqlite:////abs/path.db` (SQLAlchemy convention) or `redis://host:port/db`."""
+    """`sqlite:///relative.db`, `sqlite:////abs/path.db` (SQLAlchemy convention) or `redis://host:port/db`.
+
+    `${NAME}` in the URL is replaced by the environment variable NAME where the store is opened (in
+    each replica), so that a password can come from a Kubernetes Secret instead of the serve config."""
+    def from_env(m: re.Match) -> str:
+        if not os.environ.get(m[1]):
+            raise ValueError(f"store URL {redact_url(url)!r} takes ${{{m[1]}}} from the environment, where it is not set")
+        return os.environ[m[1]]
+
+    url = _ENV_REFERENCE.sub(from_env, url)
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///"):]
         if not path:
-            raise ValueError(f"store URL {url!r} has no file path; accepted: {_SCHEMES}")
+            raise ValueError(f"store URL {redact_url(url)!r} has no file path; accepted: {_SCHEMES}")
         return SQLiteStore(path)
     if url.startswith(("redis://", "rediss://", "unix://")):
         from ray_app.store_redis import RedisStore  # lazily: redis is only needed for this backend
 
         return RedisStore(url)
-    raise ValueError(f"unsupported store URL {url!r}; accepted: {_SCHEMES}")
+    raise ValueError(f"unsupported store URL {redact_url(url)!r}; accepted: {_SCHEMES}")

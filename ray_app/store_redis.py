@@ -26,7 +26,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from ray_app.store import IDEMPOTENCY_TTL_S, Event, IdempotencyConflict, StoredState, events_digest
+from ray_app.store import IDEMPOTENCY_TTL_S, Event, IdempotencyConflict, StoredState, events_digest, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +93,14 @@ class RedisStore:
     def __init__(self, url: str, namespace: str = "di", op_ttl_s: int = 300, retries: int = 8):
         # Reconnect with backoff for about 2.5 s: long enough to ride out a server restart.
         retry = Retry(ExponentialBackoff(cap=0.5, base=0.02), retries)
-        self.url = url
+        self.url = redact_url(url)  # for messages and logs: never the password
         self._ns = namespace
         self._op_ttl_s = op_ttl_s
         self._r = redis.Redis.from_url(url, retry=retry, socket_connect_timeout=5, socket_timeout=30)
         try:
             self._r.ping()
         except redis.ConnectionError as e:
-            raise ConnectionError(f"store URL {url!r}: cannot reach Redis ({e})") from None
+            raise ConnectionError(f"store URL {self.url!r}: cannot reach Redis ({e})") from None
         self._append = self._r.register_script(_APPEND)
         self._append_key = self._r.register_script(_APPEND_ONCE)
         self._load = self._r.register_script(_LOAD)
