@@ -116,6 +116,11 @@ class TextEncoder:
         self.max_cached = max_cached
         self._recent: OrderedDict[str, np.ndarray] = OrderedDict()   # key -> (384,), least recent first
 
+    @property
+    def cached(self) -> int:
+        """Vectors held in the in-memory LRU (`cache=False` mode)."""
+        return len(self._recent)
+
     # ---- model -----------------------------------------------------------------------------
     def _load_model(self) -> MiniLM:
         if self.model is None:

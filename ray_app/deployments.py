@@ -8,6 +8,7 @@ request caught between two replicas' swaps is still answered consistently.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict, defaultdict
@@ -18,6 +19,7 @@ from ray import serve
 
 from models.encoder import TextEncoder
 from models.features import moment_features
+from ray_app.metrics import AppMetrics
 from ray_app.serving import Catalogue, ServedModel, event_tensors, pack_state, unpack_state
 from ray_app.store import StoredState, open_store
 
@@ -45,11 +47,13 @@ class Encoder:
         self.encoder = TextEncoder(cache=False, max_cached=cache_size,
                                    device="cuda" if torch.cuda.is_available() else "cpu")
         self.encoder.encode(["warm up"])         # load the model now, not on the first request
+        self.metrics = AppMetrics()
         _configure_batching(self.encode, max_batch_size, batch_wait_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def encode(self, texts: list[str]) -> list[np.ndarray]:
         emb = self.encoder.encode(texts)         # (B, 384), one forward pass for the batch
+        self.metrics.text_cache.set(self.encoder.cached)
         return list(emb)
 
 
@@ -62,7 +66,12 @@ class Decomposer:
         self.store = open_store(store_url)
         self.catalogue_ids = Catalogue.load(data_dir)[0].item_source_ids if data_dir else None
         self.served: ServedModel | None = None
+        self.metrics = AppMetrics()
         _configure_batching(self.user_state, max_batch_size, batch_wait_s)
+
+    def check_health(self) -> None:
+        """Serve's health check: the store answers (StoreUnavailable marks the replica unhealthy)."""
+        self.store.ping()
 
     def reconfigure(self, config: dict) -> None:
         path = _checkpoint_of(config)
@@ -80,8 +89,10 @@ class Decomposer:
     # ---- a stored user -------------------------------------------------------------------
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def user_state(self, requests: list[tuple[str, bool]]) -> list[dict]:
-        """(user_id, with_seen) -> state dict; the one-step advances of a batch run together."""
-        return self._advance_users(requests)
+        """(user_id, with_seen) -> state dict; the one-step advances of a batch run together,
+        in a thread: the store calls never block the replica's event loop."""
+        with self.metrics.store_errors_in("user_state"):
+            return await asyncio.to_thread(self._advance_users, requests)
 
     @torch.no_grad()
     def _advance_users(self, requests: list[tuple[str, bool]]) -> list[dict]:
@@ -104,6 +115,8 @@ class Decomposer:
                 state, start, first = None, 0, 0
                 events = self.store.events(user_id)
                 n = len(events)
+            if state is None and n > 0:
+                self.metrics.state_rebuilds.inc()
             job = {"j": j, "user_id": user_id, "n": n, "start": start, "state": state, "events": events,
                    "first": first, "with_seen": with_seen}
             if n == start:
@@ -168,9 +181,13 @@ class Decomposer:
         return self._result(served, z[0].cpu(), len(events), float(ts[-1]), np.unique(items))
 
     # ---- gates step by step ----------------------------------------------------------------
-    @torch.no_grad()
-    def interests(self, user_id: str, last: int, now: float | None = None) -> dict:
+    async def interests(self, user_id: str, last: int, now: float | None = None) -> dict:
         """α after each of the user's last `last` events, read at the moment of the next event."""
+        with self.metrics.store_errors_in("interests"):
+            return await asyncio.to_thread(self._interests, user_id, last, now)
+
+    @torch.no_grad()
+    def _interests(self, user_id: str, last: int, now: float | None) -> dict:
         served = self.served
         events = self.store.events(user_id)
         if not events:

@@ -1,15 +1,18 @@
 """FastAPI ingress of the Serve app: validation, the state store, and the calls down the graph.
 
 Every client error is a JSON `{"detail", "field"}` with a 4xx status (401 no or bad token, 403
-another user's token, 422 validation, 404 unknown user, 413 body too large), never a 500. An
-event is committed to the store before the response that acknowledges it. Every route but
-/healthz needs a bearer token (`ray_app.auth`).
+another user's token, 422 validation, 404 unknown user, 413 body too large), never a 500; a
+store that cannot answer is 503 (`field: "store"`, with Retry-After), a model stage that does not
+answer within `call_timeout_s` is 504. An event is committed to the store before the response
+that acknowledges it. Every route but /healthz needs a bearer token (`ray_app.auth`). Store
+calls run in threads, never on the replica's event loop.
 """
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations of the class
 # methods that serve.ingress re-binds, and string annotations would not resolve there.
 import asyncio
 import json
 import logging
+import time
 from typing import Annotated
 from collections.abc import Sequence
 
@@ -26,13 +29,16 @@ from ray_app.auth import AuthError, Principal, RateLimit, secret_from_env, verif
 from ray_app.schemas import (IDEMPOTENCY_KEY, MAX_K, MAX_USER_ID_CHARS, ErrorResponse, Text, EventIn, EventsRequest, EventsResponse,
                              Health, InterestsResponse, ItemsResponse, RecommendRequest, RecommendResponse,
                              UserEventsResponse, UsersResponse)
+from ray_app.metrics import AppMetrics
 from ray_app.serving import Catalogue, training_user_events
-from ray_app.store import Event, IdempotencyConflict, open_store
+from ray_app.store import Event, IdempotencyConflict, StoreUnavailable, open_store
 
 log = logging.getLogger("ray.serve")
 
 MAX_BODY_BYTES = 1 << 20   # 1 MiB: 1,000 events are about 70 kB of JSON
-ERRORS = {status: {"model": ErrorResponse} for status in (401, 403, 404, 413, 422, 429)}
+ERRORS = {status: {"model": ErrorResponse} for status in (401, 403, 404, 413, 422, 429, 503, 504)}
+STORE_FIELD = "store"
+CALL_TIMEOUT_S = 10.0      # a model stage that takes longer is answered 504
 
 
 class ApiError(Exception):
@@ -121,6 +127,22 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return _error(exc.status, exc.detail, exc.field)
 
 
+def _unavailable(exc: BaseException) -> StoreUnavailable | None:
+    """The StoreUnavailable behind `exc`: itself, or the cause of a failed call down the graph."""
+    for e in (exc, getattr(exc, "cause", None), exc.__cause__):
+        if isinstance(e, StoreUnavailable):
+            return e
+    return None
+
+
+@app.exception_handler(StoreUnavailable)
+async def _store_error(request: Request, exc: StoreUnavailable) -> JSONResponse:
+    log.warning("store unavailable on %s: %s", request.url.path, exc)
+    resp = _error(503, f"the event store is unavailable, try again shortly ({exc})", STORE_FIELD)
+    resp.headers["Retry-After"] = "1"
+    return resp
+
+
 @app.exception_handler(AuthError)
 async def _auth_error(request: Request, exc: AuthError) -> JSONResponse:
     resp = _error(exc.status, exc.detail, AUTH_FIELD)
@@ -159,9 +181,11 @@ QueryText = Annotated[Text, Query(min_length=1, max_length=500, description="fre
 class Ingress:
     def __init__(self, encoder: DeploymentHandle, decomposer: DeploymentHandle, combiner: DeploymentHandle,
                  store_url: str, data_dir: str, load_users: bool = True, rate_per_minute: int = 600,
-                 service_rate_per_minute: int = 60_000):
+                 service_rate_per_minute: int = 60_000, call_timeout_s: float = CALL_TIMEOUT_S):
         secret_from_env()                     # from the environment only; no secret, no start
         self.rate = RateLimit(rate_per_minute, service_rate_per_minute)
+        self.call_timeout_s = call_timeout_s
+        self.metrics = AppMetrics()
         self.encoder, self.decomposer, self.combiner = encoder, decomposer, combiner
         self.catalogue, data = Catalogue.load(data_dir)
         self.n_training_users = data.n_users
@@ -170,7 +194,30 @@ class Ingress:
             for users in training_user_events(data):
                 self.store.bulk_load(users)
 
+    def check_health(self) -> None:
+        """Serve's health check: the store answers (StoreUnavailable marks the replica unhealthy)."""
+        self.store.ping()
+
     # ---- helpers ---------------------------------------------------------------------------
+    async def _store(self, operation: str, fn, *args):
+        """A store call in a thread, timed and counted; its StoreUnavailable becomes the 503."""
+        with self.metrics.store_call(operation):
+            return await asyncio.to_thread(fn, *args)
+
+    async def _call(self, response, stage: str):
+        """Await a call down the graph for at most `call_timeout_s` (504 past it); a store fault
+        behind it is the 503."""
+        try:
+            return await asyncio.wait_for(response, self.call_timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise ApiError(504, f"the {stage} did not answer within {self.call_timeout_s:g} s", None) from None
+        except Exception as e:
+            cause = _unavailable(e)
+            if cause is not None:
+                raise StoreUnavailable(str(cause)) from None
+            raise
+
     def _allow(self, who: Principal, user_id: str | None = None, service_only: str | None = None) -> None:
         """The caller's rate (429), then whether its token may act for `user_id` or do
         `service_only` (403)."""
@@ -187,8 +234,8 @@ class Ingress:
             raise ApiError(422, f"{field}.{j}.item_id: unknown item id {events[j].item_id} "
                                 f"({len(bad)} unknown in all)", f"{field}.{j}.item_id")
 
-    def _require_user(self, user_id: str, field: str = "user_id") -> int:
-        n = self.store.count_events(user_id)
+    async def _require_user(self, user_id: str, field: str = "user_id") -> int:
+        n = await self._store("count_events", self.store.count_events, user_id)
         if n == 0:
             raise ApiError(404, f"{field}: unknown user {user_id!r}", field)
         return n
@@ -202,7 +249,7 @@ class Ingress:
     # ---- endpoints -------------------------------------------------------------------------
     @app.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:
-        info = await self.decomposer.info.remote()
+        info = await self._call(self.decomposer.info.remote(), "decomposer")
         return Health(status="ok", model_version=info["model_version"], n_items=self.catalogue.n_items,
                       n_users=self.n_training_users, dimensions=info["dimensions"])
 
@@ -211,15 +258,15 @@ class Ingress:
         self._allow(who, req.user_id)
         intent = self.encoder.encode.remote(req.context.intent) if req.context.intent else None
         if req.user_id is not None:
-            self._require_user(req.user_id)
+            await self._require_user(req.user_id)
             state = self.decomposer.user_state.remote((req.user_id, req.exclude_seen))
         else:
             history = req.history or []
             self._check_items(history, "history")
             state = self.decomposer.history_state.remote([(e.item_id, e.rating, e.timestamp) for e in history])
         # The responses are passed on unresolved: Serve hands their values to the Combiner.
-        res = await self.combiner.rank.remote(state, intent, req.k, req.exclude_seen, req.explain,
-                                              req.context.timestamp)
+        res = await self._call(self.combiner.rank.remote(state, intent, req.k, req.exclude_seen, req.explain,
+                                                         req.context.timestamp), "ranking")
         cat = self.catalogue
         explanation = None
         if res["explanation"] is not None:
@@ -236,15 +283,16 @@ class Ingress:
         events = [Event(e.item_id, e.rating, e.timestamp) for e in body.events]
         replayed = False
         if idempotency_key is None:
-            n = await asyncio.to_thread(self.store.append_events, user_id, events)   # durable from here on
+            n = await self._store("append", self.store.append_events, user_id, events)   # durable from here on
         else:
             try:
-                n, replayed = await asyncio.to_thread(self.store.append_once, user_id, idempotency_key, events)
+                n, replayed = await self._store("append", self.store.append_once, user_id, idempotency_key, events)
             except IdempotencyConflict as e:
                 raise ApiError(422, str(e), "Idempotency-Key") from None
         if not replayed:
+            self.metrics.events_appended.inc(len(events))
             try:
-                await self.decomposer.advance.remote(user_id)
+                await self._call(self.decomposer.advance.remote(user_id), "decomposer")
             except Exception:  # the events are committed; the state is a cache the next request catches up
                 log.exception("advancing the state of user %r failed", user_id)
         return EventsResponse(user_id=user_id, accepted=len(events), n_events=n, replayed=replayed)
@@ -253,14 +301,15 @@ class Ingress:
     async def users(self, who: Caller, q: Annotated[Text, Query(max_length=MAX_USER_ID_CHARS, description="user id prefix")] = "",
                     limit: int = Query(50, ge=1, le=1000)) -> UsersResponse:
         self._allow(who, service_only="listing users")
-        return UsersResponse(users=[{"user_id": u, "n_events": n} for u, n in self.store.users(q, limit)])
+        found = await self._store("users", self.store.users, q, limit)
+        return UsersResponse(users=[{"user_id": u, "n_events": n} for u, n in found])
 
     @app.get("/users/{user_id}/events", response_model=UserEventsResponse, responses=ERRORS)
     async def user_events(self, user_id: UserId, who: Caller,
                           limit: int = Query(20, ge=1, le=1000)) -> UserEventsResponse:
         self._allow(who, user_id)
-        n = self._require_user(user_id)
-        events = self.store.events(user_id, max(n - limit, 0), limit)
+        n = await self._require_user(user_id)
+        events = await self._store("events", self.store.events, user_id, max(n - limit, 0), limit)
         return UserEventsResponse(user_id=user_id, events=[
             {**self._describe(e.item_id), "rating": e.rating, "timestamp": e.timestamp} for e in events])
 
@@ -268,8 +317,8 @@ class Ingress:
     async def interests(self, user_id: UserId, who: Caller,
                         last: int = Query(50, ge=1, le=1000)) -> InterestsResponse:
         self._allow(who, user_id)
-        self._require_user(user_id)
-        res = await self.decomposer.interests.remote(user_id, last)
+        await self._require_user(user_id)
+        res = await self._call(self.decomposer.interests.remote(user_id, last), "decomposer")
         steps = [{**step, "title": self._describe(step["item_id"])["title"]} for step in res["steps"]]
         return InterestsResponse(user_id=user_id, dimensions=res["dimensions"], steps=steps)
 
@@ -278,5 +327,5 @@ class Ingress:
         self._allow(who)
         if not q.strip():
             raise ApiError(422, "q: empty query", "q")
-        found = await self.combiner.search.remote(self.encoder.encode.remote(q), k)
+        found = await self._call(self.combiner.search.remote(self.encoder.encode.remote(q), k), "search")
         return ItemsResponse(items=[self.catalogue.describe(i, s) for i, s in found])

@@ -62,6 +62,7 @@ class AppArgs(BaseModel):
     text_cache_size: int = Field(10_000, ge=0)     # the Encoder's LRU of text vectors, per replica
     rate_per_minute: int = Field(600, ge=1)        # requests a user token may make a minute, per Ingress replica
     service_rate_per_minute: int = Field(60_000, ge=1)   # the same for a service token (the demo, a back end)
+    call_timeout_s: float = Field(10.0, gt=0)      # the Ingress answers 504 when a model stage takes longer
     encoder: DeploymentSettings = DeploymentSettings(max_replicas=1, num_cpus=0.25)
     decomposer: DeploymentSettings = DeploymentSettings()
     combiner: DeploymentSettings = DeploymentSettings()
@@ -88,7 +89,7 @@ def build_app(args: AppArgs):
         Decomposer.options(**args.decomposer.options(), user_config=model).bind(args.store_url, args.data_dir, **batch),
         Combiner.options(**args.combiner.options(), user_config=model).bind(args.data_dir, **batch),
         args.store_url, args.data_dir, args.load_users, args.rate_per_minute,
-        args.service_rate_per_minute,
+        args.service_rate_per_minute, args.call_timeout_s,
     )
 
 

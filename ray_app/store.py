@@ -6,6 +6,7 @@ rebuilds from the events when it is missing or was produced by another model ver
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -40,6 +41,26 @@ class IdempotencyConflict(ValueError):
     """An Idempotency-Key seen before with other events: a client bug, not a retry."""
 
 
+class StoreUnavailable(RuntimeError):
+    """The store cannot answer now (down, unreachable, full, locked past its timeout, or
+    unreadable). A refused write wrote nothing; only a connection lost after Redis ran a write
+    leaves it unknown, which a retry with the same Idempotency-Key settles. The API answers 503."""
+
+
+def _sqlite_faults(method):
+    """SQLite's operational errors (disk full, busy past the timeout, I/O, not a database) ->
+    StoreUnavailable naming the file; the write transaction was rolled back, so nothing is lost."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (sqlite3.OperationalError, sqlite3.DatabaseError) as e:
+            if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError)):
+                raise
+            raise StoreUnavailable(f"SQLite store {self.path}: {e}") from None
+    return wrapper
+
+
 def events_digest(events: Sequence[Event]) -> str:
     """What an Idempotency-Key promises: these events, in this order."""
     h = hashlib.sha256()
@@ -63,6 +84,9 @@ class StateStore(Protocol):
     def put_state(self, user_id: str, state: StoredState) -> None: ...
     def users(self, prefix: str = "", limit: int = 50) -> list[tuple[str, int]]: ...
     def bulk_load(self, user_events: Mapping[str, Sequence[Event]]) -> None: ...
+    def ping(self) -> None:
+        """A cheap round trip; StoreUnavailable when the store cannot answer."""
+        ...
     def close(self) -> None: ...
 
 
@@ -105,7 +129,7 @@ class SQLiteStore:
     processes serialise and sequence numbers never collide.
     """
 
-    def __init__(self, path: str, timeout_s: float = 30.0):
+    def __init__(self, path: str, timeout_s: float = 5.0):
         if path != ":memory:":
             parent = os.path.dirname(os.path.abspath(path))
             os.makedirs(parent, exist_ok=True)
@@ -116,7 +140,12 @@ class SQLiteStore:
         self._lock = threading.Lock()
         self._closed = False
         # executescript manages its own transaction; CREATE IF NOT EXISTS makes it idempotent.
-        self._conn().executescript(_SCHEMA)
+        try:
+            self._conn().executescript(_SCHEMA)
+        except sqlite3.DatabaseError as e:       # "file is not a database", "disk image is malformed"
+            self.close()
+            raise StoreUnavailable(f"SQLite store {path}: cannot be opened as a store ({e}); "
+                                   "restore it from a backup or move it aside") from None
 
     # -- connections -----------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -160,15 +189,17 @@ class SQLiteStore:
         def __exit__(self, exc_type, exc, tb) -> None:
             if exc_type is None:
                 self.conn.execute("COMMIT")
-            else:
+            elif self.conn.in_transaction:   # SQLite may have rolled back itself (a full disk)
                 self.conn.execute("ROLLBACK")
 
     # -- events ----------------------------------------------------------------------
+    @_sqlite_faults
     def append_events(self, user_id: str, events: Sequence[Event]) -> int:
         conn = self._conn()
         with self._write(conn):
             return self._append(conn, user_id, events)
 
+    @_sqlite_faults
     def append_once(self, user_id: str, key: str, events: Sequence[Event]) -> tuple[int, bool]:
         digest, now = events_digest(events), time.time()
         conn = self._conn()
@@ -202,6 +233,7 @@ class SQLiteStore:
         )
         return total
 
+    @_sqlite_faults
     def events(self, user_id: str, start: int = 0, limit: int | None = None) -> list[Event]:
         if start < 0:
             raise ValueError(f"start must be >= 0, got {start}")
@@ -211,17 +243,20 @@ class SQLiteStore:
         ).fetchall()
         return [Event(int(i), float(r), float(t)) for i, r, t in rows]
 
+    @_sqlite_faults
     def count_events(self, user_id: str) -> int:
         row = self._conn().execute("SELECT n_events FROM users WHERE user_id = ?", (user_id,)).fetchone()
         return int(row[0]) if row else 0
 
     # -- state cache -----------------------------------------------------------------
+    @_sqlite_faults
     def get_state(self, user_id: str) -> StoredState | None:
         row = self._conn().execute(
             "SELECT model_version, n_events, blob FROM states WHERE user_id = ?", (user_id,)
         ).fetchone()
         return StoredState(row[0], int(row[1]), bytes(row[2])) if row else None
 
+    @_sqlite_faults
     def put_state(self, user_id: str, state: StoredState) -> None:
         # A slower writer must not overwrite a newer state of the same model version.
         conn = self._conn()
@@ -240,6 +275,7 @@ class SQLiteStore:
             conn.execute("PRAGMA synchronous=FULL")
 
     # -- users -----------------------------------------------------------------------
+    @_sqlite_faults
     def users(self, prefix: str = "", limit: int = 50) -> list[tuple[str, int]]:
         rows = self._conn().execute(
             "SELECT user_id, n_events FROM users WHERE substr(user_id, 1, ?) = ? ORDER BY user_id LIMIT ?",
@@ -247,6 +283,7 @@ class SQLiteStore:
         ).fetchall()
         return [(u, int(n)) for u, n in rows]
 
+    @_sqlite_faults
     def bulk_load(self, user_events: Mapping[str, Sequence[Event]]) -> None:
         conn = self._conn()
         with self._write(conn):
@@ -260,6 +297,10 @@ class SQLiteStore:
                     "INSERT INTO events (user_id, seq, item_id, rating, timestamp) VALUES (?, ?, ?, ?, ?)",
                     [(user_id, i, int(e.item_id), float(e.rating), float(e.timestamp)) for i, e in enumerate(events)],
                 )
+
+    @_sqlite_faults
+    def ping(self) -> None:
+        self._conn().execute("SELECT count(*) FROM users WHERE user_id = ''").fetchone()
 
     def close(self) -> None:
         with self._lock:

@@ -17,6 +17,7 @@ Redis Cluster is not supported (the scripts touch the global user set and a user
 """
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 import uuid
@@ -26,7 +27,8 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from ray_app.store import IDEMPOTENCY_TTL_S, Event, IdempotencyConflict, StoredState, events_digest, redact_url
+from ray_app.store import (IDEMPOTENCY_TTL_S, Event, IdempotencyConflict, StoredState, StoreUnavailable, events_digest,
+                            redact_url)
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,29 @@ return 1
 """
 
 
+# Replies that mean "not now" rather than a bug: out of memory under maxmemory noeviction, a
+# replica that only reads, a failed snapshot, a server still loading, credentials refused.
+_UNAVAILABLE_REPLIES = ("OOM", "READONLY", "MISCONF", "LOADING", "NOAUTH", "WRONGPASS", "NOPERM")
+
+
+def _redis_faults(method):
+    """Connection errors, timeouts and the replies above -> StoreUnavailable naming the (redacted)
+    URL. A Lua script runs whole or not at all, so a refused write wrote nothing."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise StoreUnavailable(f"Redis store {self.url}: unreachable ({e})") from None
+        except redis.ResponseError as e:
+            refused = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError,
+                       redis.exceptions.NoPermissionError)
+            if isinstance(e, refused) or str(e).startswith(_UNAVAILABLE_REPLIES):
+                raise StoreUnavailable(f"Redis store {self.url}: refused ({type(e).__name__}: {e})") from None
+            raise
+    return wrapper
+
+
 def _pack(events: Sequence[Event]) -> list[bytes]:
     return [_EVENT.pack(int(e.item_id), float(e.rating), float(e.timestamp)) for e in events]
 
@@ -90,13 +115,15 @@ def _unpack(raw: bytes) -> Event:
 class RedisStore:
     """`redis://[:password@]host:port/db` (or `rediss://`, `unix://`); see the module docstring."""
 
-    def __init__(self, url: str, namespace: str = "di", op_ttl_s: int = 300, retries: int = 8):
+    def __init__(self, url: str, namespace: str = "di", op_ttl_s: int = 300, retries: int = 8,
+                 timeout_s: float = 5.0):
         # Reconnect with backoff for about 2.5 s: long enough to ride out a server restart.
         retry = Retry(ExponentialBackoff(cap=0.5, base=0.02), retries)
         self.url = redact_url(url)  # for messages and logs: never the password
         self._ns = namespace
         self._op_ttl_s = op_ttl_s
-        self._r = redis.Redis.from_url(url, retry=retry, socket_connect_timeout=5, socket_timeout=30)
+        self._r = redis.Redis.from_url(url, retry=retry, socket_connect_timeout=min(timeout_s, 2.0),
+                                       socket_timeout=timeout_s)
         try:
             self._r.ping()
         except redis.ConnectionError as e:
@@ -132,9 +159,11 @@ class RedisStore:
         return f"{self._ns}:users"
 
     # -- events ----------------------------------------------------------------------
+    @_redis_faults
     def append_events(self, user_id: str, events: Sequence[Event]) -> int:
         return self._append_once(user_id, _pack(events), uuid.uuid4().hex)
 
+    @_redis_faults
     def append_once(self, user_id: str, key: str, events: Sequence[Event]) -> tuple[int, bool]:
         # A retry of the script itself (a dropped connection) finds the key and only reads: exactly once.
         digest = events_digest(events)
@@ -148,6 +177,7 @@ class RedisStore:
         keys = [self._ev(user_id), self._users, f"{self._ns}:op:{token}"]
         return int(self._append(keys=keys, args=[self._op_ttl_s, user_id, *packed]))
 
+    @_redis_faults
     def events(self, user_id: str, start: int = 0, limit: int | None = None) -> list[Event]:
         if start < 0:
             raise ValueError(f"start must be >= 0, got {start}")
@@ -156,20 +186,24 @@ class RedisStore:
         end = -1 if limit is None else start + int(limit) - 1
         return [_unpack(raw) for raw in self._r.lrange(self._ev(user_id), start, end)]
 
+    @_redis_faults
     def count_events(self, user_id: str) -> int:
         return int(self._r.llen(self._ev(user_id)))
 
     # -- state cache -----------------------------------------------------------------
+    @_redis_faults
     def get_state(self, user_id: str) -> StoredState | None:
         got = self._r.hgetall(self._st(user_id))
         if not got:
             return None
         return StoredState(got[b"v"].decode(), int(got[b"n"]), bytes(got[b"b"]))
 
+    @_redis_faults
     def put_state(self, user_id: str, state: StoredState) -> None:
         self._put_state(keys=[self._st(user_id)], args=[state.model_version, int(state.n_events), state.blob])
 
     # -- users -----------------------------------------------------------------------
+    @_redis_faults
     def users(self, prefix: str = "", limit: int = 50) -> list[tuple[str, int]]:
         if limit <= 0:
             return []
@@ -186,6 +220,7 @@ class RedisStore:
             counts = pipe.execute()
         return [(u.decode(), int(n)) for u, n in zip(ids, counts)]
 
+    @_redis_faults
     def bulk_load(self, user_events: Mapping[str, Sequence[Event]], chunk: int = 500) -> None:
         # Pipelined in chunks of users: one round trip per chunk, each user atomic on its own.
         items = list(user_events.items())
@@ -194,6 +229,10 @@ class RedisStore:
                 for user_id, events in items[i:i + chunk]:
                     self._load(keys=[self._ev(user_id), self._users], args=[user_id, *_pack(events)], client=pipe)
                 pipe.execute()
+
+    @_redis_faults
+    def ping(self) -> None:
+        self._r.ping()
 
     def close(self) -> None:
         self._r.close()

@@ -184,3 +184,44 @@ def test_catalogue_describes_items(tiny_data):
     assert d["item_id"] == int(tiny_data.item_source_ids[1]) and d["title"] == tiny_data.titles[1]
     assert d["score"] == 0.5 and set(d["genres"]) <= set(tiny_data.genre_names)
     assert cat.unknown([int(tiny_data.item_source_ids[2]), -99]) == [1]
+
+
+def test_a_model_stage_past_its_timeout_is_a_504_and_is_cancelled():
+    """The Ingress awaits each call down the graph for at most call_timeout_s."""
+    import asyncio
+
+    from ray_app.ingress import ApiError, Ingress
+    from ray_app.store import StoreUnavailable
+
+    class Slow:
+        cancelled = False
+
+        def __await__(self):
+            return asyncio.sleep(60).__await__()
+
+        def cancel(self):
+            Slow.cancelled = True
+
+    class Fails:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def __await__(self):
+            async def go():
+                raise self.exc
+            return go().__await__()
+
+    ingress = object.__new__(Ingress.func_or_class)
+    ingress.call_timeout_s = 0.05
+    with pytest.raises(ApiError) as e:
+        asyncio.run(ingress._call(Slow(), "ranking"))
+    assert e.value.status == 504 and "ranking did not answer within 0.05 s" in e.value.detail and Slow.cancelled
+
+    class Wrapped(Exception):          # how a failure down the graph arrives: the cause inside
+        def __init__(self, cause):
+            super().__init__(str(cause))
+            self.cause = cause
+    with pytest.raises(StoreUnavailable, match="redis://h:6379"):
+        asyncio.run(ingress._call(Fails(Wrapped(StoreUnavailable("Redis store redis://h:6379: down"))), "decomposer"))
+    with pytest.raises(KeyError):                       # anything else is not dressed up as a store fault
+        asyncio.run(ingress._call(Fails(KeyError("x")), "decomposer"))

@@ -413,3 +413,66 @@ def test_wal_switch_is_retried_while_another_opener_holds_the_file(tmp_path):
     with pytest.raises(sqlite3.OperationalError, match="disk I/O"):   # other errors are not retried
         store._enable_wal(Racing(1, "disk I/O error"))
     store.close()
+
+
+# -- faults: a clear StoreUnavailable, and nothing acknowledged is lost ------------------------------
+
+def test_a_full_sqlite_store_refuses_the_write_and_keeps_the_old_data(tmp_path):
+    from ray_app.store import StoreUnavailable
+    store = SQLiteStore(str(tmp_path / "s.db"))
+    store.append_events("u", [ev(i) for i in range(5)])
+    conn = store._conn()
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count={pages}")        # the size limit: this file cannot grow
+    with pytest.raises(StoreUnavailable, match=re.escape(str(tmp_path / "s.db")) + ".*full"):
+        store.append_events("u", [ev(i) for i in range(5, 2000)])
+    assert store.events("u") == [ev(i) for i in range(5)] and store.count_events("u") == 5
+    store.ping()                                        # still answers reads
+    store.close()
+
+
+def test_a_corrupt_sqlite_file_is_reported_by_name_at_start(tmp_path):
+    from ray_app.store import StoreUnavailable
+    bad = tmp_path / "state.db"
+    bad.write_bytes(b"this is no database, " * 200)
+    with pytest.raises(StoreUnavailable, match=re.escape(str(bad)) + ".*cannot be opened"):
+        open_store(f"sqlite:///{bad}")
+    assert bad.read_bytes().startswith(b"this is no database")   # left as it was, for a look
+
+
+@needs_redis
+def test_a_stopped_redis_is_unavailable_not_a_hang(tmp_path):
+    from ray_app.store import StoreUnavailable
+    server = RedisServer(tmp_path)
+    server.start()
+    store = open_store(server.url)
+    store.append_events("u", [ev(1)])
+    server.stop()
+    t0 = time.monotonic()
+    for call in (lambda: store.events("u"), lambda: store.append_events("u", [ev(2)]), store.ping):
+        with pytest.raises(StoreUnavailable, match=re.escape(server.url) + ".*unreachable"):
+            call()
+    assert time.monotonic() - t0 < 30                    # the retries give up within seconds each
+    server.start()
+    assert store.events("u") == [ev(1)]                  # back: nothing was lost, nothing half-written
+    store.close()
+    server.stop()
+
+
+@needs_redis
+def test_a_full_redis_refuses_writes_rather_than_evicting_events(redis_server):
+    import redis
+
+    from ray_app.store import StoreUnavailable
+    store = open_store(redis_server.url)
+    store.append_events("kept", [ev(i) for i in range(50)])
+    with redis.Redis.from_url(redis_server.url) as r:
+        r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", max(int(r.info("memory")["used_memory"]) - 1, 1))
+        try:
+            with pytest.raises(StoreUnavailable, match="OutOfMemoryError.*maxmemory"):
+                store.append_events("more", [ev(i) for i in range(1000)])
+        finally:
+            r.config_set("maxmemory", 0)
+    assert store.events("kept") == [ev(i) for i in range(50)] and store.count_events("more") == 0
+    store.close()
