@@ -52,3 +52,17 @@ if [ ! -f "$stamp" ] && [ ! -f ".venv/.installed-$hash-dev" ]; then     # the de
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+# dev: checkov, the policy scanner tests/test_k8s.py runs on k8s/, in a virtual environment of its
+# own (.venv/checkov): its dependencies pin other versions of packages the project uses.
+CHECKOV_VERSION=3.3.30
+if [ "$extra" = dev ] && [ ! -f ".venv/checkov/.installed-$CHECKOV_VERSION" ]; then
+  echo "==> installing checkov $CHECKOV_VERSION in .venv/checkov"
+  rm -rf .venv/checkov
+  "$PY" -m venv .venv/checkov
+  if ! .venv/checkov/bin/pip install --quiet --no-compile "checkov==$CHECKOV_VERSION" >.venv/checkov/pip-install.log 2>&1; then
+    echo "error: installing checkov failed; the end of .venv/checkov/pip-install.log:" >&2
+    tail -n 30 .venv/checkov/pip-install.log >&2
+    exit 1
+  fi
+  touch ".venv/checkov/.installed-$CHECKOV_VERSION"
+fi
