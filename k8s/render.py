@@ -2,7 +2,7 @@
 
 The serve config is written once, in the repository, in `serve build` form; the RayService
 embeds the same config with only what differs on the cluster replaced (`ClusterSettings`):
-the state store points at Redis, the checkpoint and the data are on the shared volume, the
+the state store points at Redis (its password from the environment), the checkpoint and the data are on the shared volume, the
 code comes from the image rather than a working_dir upload. tests/test_k8s.py fails when
 k8s/rayservice.yaml is out of date.
 
@@ -30,7 +30,9 @@ SHARED_MOUNT = "/mnt/runs"  # where every Ray pod mounts the shared volume (k8s/
 @dataclass(frozen=True)
 class ClusterSettings:
     """What differs on the cluster; every other setting is the repository's."""
-    store_url: str = "redis://redis:6379/0"              # the Service in k8s/redis.yaml
+    # The Service in k8s/redis.yaml, as its ACL user; each replica reads the password from its
+    # environment (ray_app/store.py), set from the Secret dynamic-interest-redis by the pod templates.
+    store_url: str = "redis://dynamic-interest:${DYNAMIC_INTEREST_REDIS_PASSWORD}@redis:6379/0"
     checkpoint: str = f"{SHARED_MOUNT}/ray/ml-1m"        # the run folder of k8s/rayjob-train.yaml
     data_dir: str = f"{SHARED_MOUNT}/data/ml-1m"         # the data that run was trained on
     # Upper bounds of Serve's autoscaling per deployment: a cluster has room for more replicas
