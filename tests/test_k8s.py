@@ -570,6 +570,9 @@ def test_only_the_serve_port_and_the_demo_are_reachable_from_outside():
             assert reachable == expected, (name, what, port)
     head = pods[("rayservice.yaml", "head")]
     assert admits(head, 8265, {}, "kuberay-system")        # the operator: serve config, status
+    for (name, what), labels in pods.items():               # Prometheus, on Ray's metrics port only
+        assert admits(labels, 8080, {}, "monitoring") == (labels.get("ray.io/is-ray-node") == "yes"), (name, what)
+        assert not admits(labels, 8265, {}, "monitoring")
     assert admits(head, 6379, pods[("rayservice.yaml", "worker cpu")])  # the cluster's own traffic
     assert admits(pods[("rayjob-train.yaml", "head")], 8265, pods[("rayjob-train.yaml", "submitter")])
     assert admits(pods[("rayservice.yaml", "worker cpu")], 8000, pods[("demo.yaml", "Deployment")])
