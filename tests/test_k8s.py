@@ -480,6 +480,19 @@ def test_every_pod_is_hardened():
             assert {"cpu", "memory"} <= set(options["resources"]["limits"]), name
 
 
+def test_the_image_writes_only_under_tmp():
+    """With a read-only root filesystem, what the programs write goes to the /tmp emptyDir: the
+    image points the project's cache and the libraries' caches and configuration there."""
+    from models.encoder import CACHE_ENV
+
+    dockerfile = (K8S / "Dockerfile").read_text()
+    env = dict(re.findall(r"^\s+([A-Z_]+)=(\S+?)(?: \\)?$", dockerfile, re.M))
+    for variable in (CACHE_ENV, "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "MPLCONFIGDIR"):
+        assert env.get(variable, "").startswith("/tmp/"), variable
+    assert env.get("PYTHONDONTWRITEBYTECODE") == "1"
+    assert re.search(r"^USER 1000:100$", dockerfile, re.M), "a numeric user, which runAsNonRoot can verify"
+
+
 def test_probes():
     """The plain workloads probe themselves; the Ray containers leave it to KubeRay, which injects
     raylet/GCS health checks and, on the RayService's workers, the Serve proxy's readiness."""
