@@ -1,7 +1,8 @@
 """The Serve graph's model stages: Encoder (text -> vector), Decomposer (events / stored state ->
 LSTM state and the K dimension vectors), Combiner (context + dimensions -> gates, scores, top-k).
 
-The model-holding stages take their checkpoint through `user_config` ({"checkpoint": path}),
+The model-holding stages take their checkpoint through `user_config` ({"checkpoint": path,
+"sha256": digest}; the digest is optional and, when given, checked before the swap),
 so a new checkpoint is swapped in by `reconfigure` without restarting replicas. Every result
 carries the model version it came from; the Combiner loads that version on demand, so a
 request caught between two replicas' swaps is still answered consistently.
@@ -31,10 +32,14 @@ def _configure_batching(method, max_batch_size: int, batch_wait_s: float) -> Non
     method.set_batch_wait_timeout_s(batch_wait_s)
 
 
-def _checkpoint_of(config: dict) -> str:
+def _checkpoint_of(config: dict) -> tuple[str, str | None]:
+    """user_config -> (checkpoint path, its sha256 or None)."""
     if not isinstance(config, dict) or not config.get("checkpoint"):
-        raise ValueError(f"user_config must be {{'checkpoint': PATH}}, got {config!r}")
-    return str(config["checkpoint"])
+        raise ValueError(f"user_config must be {{'checkpoint': PATH[, 'sha256': HEX]}}, got {config!r}")
+    unknown = set(config) - {"checkpoint", "sha256"}
+    if unknown:
+        raise ValueError(f"user_config: unknown keys {sorted(unknown)}; accepted: checkpoint, sha256")
+    return str(config["checkpoint"]), config.get("sha256")
 
 
 @serve.deployment
@@ -74,8 +79,8 @@ class Decomposer:
         self.store.ping()
 
     def reconfigure(self, config: dict) -> None:
-        path = _checkpoint_of(config)
-        served = ServedModel.load(path, self.catalogue_ids)
+        path, sha256 = _checkpoint_of(config)
+        served = ServedModel.load(path, self.catalogue_ids, sha256)
         if self.served is None or served.version != self.served.version:
             # States written by the old version are rebuilt lazily, on each user's next request.
             self.served = served
@@ -221,7 +226,8 @@ class Combiner:
         _configure_batching(self._rank_batch, max_batch_size, batch_wait_s)
 
     def reconfigure(self, config: dict) -> None:
-        self.current = self._remember(ServedModel.load(_checkpoint_of(config), self.catalogue_ids))
+        path, sha256 = _checkpoint_of(config)
+        self.current = self._remember(ServedModel.load(path, self.catalogue_ids, sha256))
 
     def _remember(self, served: ServedModel) -> ServedModel:
         self.models[served.version] = served

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray_app.auth import secret_from_env
 from ray_app.deployments import Combiner, Decomposer, Encoder
 from ray_app.ingress import Ingress
-from ray_app.serving import ServingSetupError, resolve_checkpoint
+from ray_app.serving import ServingSetupError, file_sha256, resolve_checkpoint
 
 
 class DeploymentSettings(BaseModel):
@@ -81,9 +81,11 @@ class AppArgs(BaseModel):
 def build_app(args: AppArgs):
     """One .bind() expression: the ingress holds handles to the three model stages."""
     args = AppArgs.model_validate(args if isinstance(args, (dict, AppArgs)) else dict(args)).resolved()
-    resolve_checkpoint(args.checkpoint)  # fail at build time, naming the path, not in every replica
+    file = resolve_checkpoint(args.checkpoint)  # fail at build time, naming the path, not in every replica
     batch = {"max_batch_size": args.max_batch_size if args.batching else 1, "batch_wait_s": args.batch_wait_s}
-    model = {"checkpoint": args.checkpoint}
+    # The file a run folder resolves to now, and its digest: every replica loads these bytes, even
+    # if training writes a better checkpoint into the folder meanwhile.
+    model = {"checkpoint": str(file), "sha256": file_sha256(file)}
     return Ingress.options(**args.ingress.options()).bind(
         Encoder.options(**args.encoder.options()).bind(**batch, cache_size=args.text_cache_size),
         Decomposer.options(**args.decomposer.options(), user_config=model).bind(args.store_url, args.data_dir, **batch),

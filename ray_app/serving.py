@@ -47,13 +47,18 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def file_version(path: Path) -> str:
-    """model_version: the short sha256 of the checkpoint file's bytes."""
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (hex)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()[:12]
+    return h.hexdigest()
+
+
+def file_version(path: Path) -> str:
+    """model_version: the short sha256 of the checkpoint file's bytes."""
+    return file_sha256(path)[:12]
 
 
 @dataclass
@@ -92,8 +97,16 @@ class ServedModel:
         return self.model.interest_state(tuple(x[None, None] for x in state))[0]
 
     @classmethod
-    def load(cls, path: str | Path, catalogue_ids: np.ndarray | None = None) -> ServedModel:
+    def load(cls, path: str | Path, catalogue_ids: np.ndarray | None = None,
+             sha256: str | None = None) -> ServedModel:
+        """`sha256`, when given, is the checkpoint file's digest: another file is refused, so that
+        every replica of a swap serves the bytes the swap named."""
         file = resolve_checkpoint(path)
+        if sha256 is not None:
+            got = file_sha256(file)
+            if got != sha256.lower():
+                raise ServingSetupError(f"{file}: sha256 {got} is not the {sha256} the configuration names; "
+                                        "the file changed after the swap was made")
         try:
             model, meta = checkpoint.load(file)
         except checkpoint.CheckpointError as e:
@@ -113,7 +126,7 @@ class ServedModel:
             raise ServingSetupError(f"{file}: its item vocabulary differs from the dataset's items")
         # A replica given a GPU (ray_actor_options num_gpus) sees it; others see none.
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(model.to(device), file_version(file), file, ids, device)
+        return cls(model.to(device), file_version(file), file, ids, device)   # version: digest of the same bytes
 
 
 @dataclass

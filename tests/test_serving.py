@@ -69,6 +69,39 @@ def test_served_model_checks_type_and_vocabulary(tiny_data, ckpt, tmp_path):
         ServedModel.load(checkpoint.save(tmp_path / "lstm.pt", lstm), tiny_data.item_source_ids)
 
 
+def test_a_checkpoint_is_served_only_with_the_digest_its_configuration_names(tiny_data, ckpt, tmp_path):
+    import shutil
+
+    from ray_app.deployments import _checkpoint_of
+    from ray_app.serve import AppArgs, build_app
+    from ray_app.serving import file_sha256
+    digest = file_sha256(ckpt)
+    assert ServedModel.load(ckpt, tiny_data.item_source_ids, digest.upper()).version == digest[:12]
+    moved = tmp_path / "swapped.pt"
+    shutil.copy(ckpt, moved)
+    with open(moved, "ab") as f:
+        f.write(b"\0")                                  # the file changed after the swap named it
+    with pytest.raises(ServingSetupError, match=f"swapped.pt: sha256 .* is not the {digest}"):
+        ServedModel.load(moved, tiny_data.item_source_ids, digest)
+    assert _checkpoint_of({"checkpoint": "a.pt"}) == ("a.pt", None)
+    with pytest.raises(ValueError, match="unknown keys.*'sha'"):
+        _checkpoint_of({"checkpoint": "a.pt", "sha": digest})
+    # The app names the resolved file and its digest in every model stage's user_config.
+    app = build_app(AppArgs(checkpoint=str(ckpt), data_dir=str(tiny_data.path)))
+    configs = [d.user_config for d in _deployments(app) if d.user_config]
+    assert len(configs) == 2 and all(c == {"checkpoint": str(ckpt.resolve()), "sha256": digest} for c in configs)
+
+
+def _deployments(app):
+    """The deployments of a bound app, depth first."""
+    seen, todo = [], [app]
+    while todo:
+        d = todo.pop()._bound_deployment
+        seen.append(d)
+        todo += [a for a in (*d.init_args, *d.init_kwargs.values()) if hasattr(a, "_bound_deployment")]
+    return seen
+
+
 def test_event_tensors_are_the_training_features(tiny_data):
     sl = tiny_data.user_events(3)
     items, ratings, ts = tiny_data.items[sl], tiny_data.ratings[sl], tiny_data.timestamps[sl]
