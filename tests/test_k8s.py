@@ -207,8 +207,11 @@ def test_every_pod_mounts_the_shared_volume():
             claims = {v["persistentVolumeClaim"]["claimName"]: v["name"]
                       for v in t["spec"]["volumes"] if "persistentVolumeClaim" in v}
             assert pvc["metadata"]["name"] in claims, name
-            mounts = {m["name"]: m["mountPath"] for m in t["spec"]["containers"][0]["volumeMounts"]}
-            assert mounts[claims[pvc["metadata"]["name"]]] == render.SHARED_MOUNT, name
+            mounts = {m["name"]: m for m in t["spec"]["containers"][0]["volumeMounts"]}
+            runs = mounts[claims[pvc["metadata"]["name"]]]
+            assert runs["mountPath"] == render.SHARED_MOUNT, name
+            # Serving only reads checkpoints and data; training and tuning write them.
+            assert runs.get("readOnly", False) == (name == "rayservice.yaml"), name
 
 
 # -- RayJobs ------------------------------------------------------------------------------
