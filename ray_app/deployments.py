@@ -108,18 +108,21 @@ class Decomposer:
         for j, (user_id, with_seen) in enumerate(requests):
             stored = self.store.get_state(user_id)
             state = None
-            start = 0
             if stored is not None and stored.model_version == served.version:
                 state = unpack_state(stored.blob, sizes)
-                start = stored.n_events if state is not None else 0
+            if state is not None:
+                start = stored.n_events
+            else:   # a rebuild reads the window the model ranks from (its max_len), not the whole log
+                start = max(self.store.count_events(user_id) - served.model.cfg.max_len, 0)
             # One read: the event before `start` (for its gap) and everything after it.
             first = max(start - 1, 0)
             events = self.store.events(user_id, first)
             n = first + len(events)
             if n < start:  # a state ahead of the log cannot happen unless the log was reset
-                state, start, first = None, 0, 0
-                events = self.store.events(user_id)
-                n = len(events)
+                state, start = None, max(n - served.model.cfg.max_len, 0)
+                first = max(start - 1, 0)
+                events = self.store.events(user_id, first)
+                n = first + len(events)
             if state is None and n > 0:
                 self.metrics.state_rebuilds.inc()
             job = {"j": j, "user_id": user_id, "n": n, "start": start, "state": state, "events": events,

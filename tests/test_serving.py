@@ -258,3 +258,33 @@ def test_a_model_stage_past_its_timeout_is_a_504_and_is_cancelled():
         asyncio.run(ingress._call(Fails(Wrapped(StoreUnavailable("Redis store redis://h:6379: down"))), "decomposer"))
     with pytest.raises(KeyError):                       # anything else is not dressed up as a store fault
         asyncio.run(ingress._call(Fails(KeyError("x")), "decomposer"))
+
+
+def test_a_state_rebuild_reads_the_models_window_not_the_whole_log(tiny_data, tmp_path):
+    """A user with a long log and no usable state: the rebuild reads the last max_len events (and
+    the one before, for its gap), then advances one event at a time as usual."""
+    torch.manual_seed(0)
+    model = new_model("decomposer", tiny_data, make_split(tiny_data.user_offsets, 1), lstm_units=16,
+                      dim_size=8, max_len=6)
+    ckpt = checkpoint.save(tmp_path / "short.pt", model, {"item_source_ids": torch.as_tensor(tiny_data.item_source_ids)})
+    dec = Decomposer.func_or_class(f"sqlite:///{tmp_path / 's.db'}", str(tiny_data.path))
+    dec.reconfigure({"checkpoint": str(ckpt)})
+    src = tiny_data.item_source_ids
+    events = [Event(int(src[1 + i % 20]), 4.0, 1.6e9 + 3600 * i) for i in range(40)]
+    dec.store.append_events("long", events)
+    reads = []
+    real = dec.store.events
+    dec.store.events = lambda user, start=0, limit=None: reads.append(start) or real(user, start, limit)
+    out = dec._advance_users([("long", False)])[0]
+    assert out["n_events"] == 40 and reads == [40 - 6 - 1]              # the window and the event before it
+    # The same state as the last six events ranked in training, their first gap included.
+    from ray_app.serving import event_tensors
+    served = dec.served
+    items = np.array([served.index_of[e.item_id] for e in events[33:]], np.int64)
+    t = event_tensors(items, np.full(7, 4.0, np.float32), np.array([e.timestamp for e in events[33:]]), 1,
+                      events[-1].timestamp)
+    parts = served.model.advance(None, t["items"], t["ratings"], t["event_feats"])
+    np.testing.assert_allclose(out["h"], served.model.interest_state(parts)[0].numpy(), atol=1e-5)
+    reads.clear()
+    dec.store.append_events("long", [Event(int(src[3]), 5.0, 1.6e9 + 3600 * 41)])
+    assert dec._advance_users([("long", False)])[0]["n_events"] == 41 and reads == [39]   # one step, as usual
