@@ -237,8 +237,22 @@ def run_one(data, split, variant: str, seed: int, args, device: str = "cpu", pro
 _WORKER: dict = {}
 
 
-def _worker_init(prepared: str, n_tests: dict, args, device: str, threads: int) -> None:
+def _exit_with_parent(parent: int, every_s: float = 2.0) -> None:
+    """A worker ends itself once the benchmark that started it is gone (killed, not only stopped):
+    a spawned pool's workers would otherwise train on for hours with nobody to record them."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+def _worker_init(prepared: str, n_tests: dict, args, device: str, threads: int, parent: int) -> None:
     """Each worker process loads the prepared data once and keeps its splits."""
+    _exit_with_parent(parent)
     torch.set_num_threads(threads)
     data = load_prepared(Path(prepared))
     _WORKER.update(data=data, args=args, device=device,
@@ -420,7 +434,7 @@ def main(argv=None) -> int:
             save(keyed(protocol, seed, run_one(data, splits[protocol], variant, seed, args, args.device)))
     else:
         threads = max(1, (os.cpu_count() or 1) // args.workers)
-        init = (str(prepared), {p: PROTOCOLS[p] for p in protocols}, args, args.device, threads)
+        init = (str(prepared), {p: PROTOCOLS[p] for p in protocols}, args, args.device, threads, os.getpid())
         with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), initializer=_worker_init,
                                  initargs=init) as pool:
             todo, running = list(plan), {}

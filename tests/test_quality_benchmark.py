@@ -102,3 +102,34 @@ def test_repeated_targets_are_marked_and_the_new_target_figure_ignores_them(tiny
         assert tiny_data.items[split.test_pos[t]] in tiny_data.items[split.user_start[u]:split.test_pos[t]]
     assert (ev["masked"]["ndcg@10"][rep] == 1.0).all()              # handed to the rule by the mask
     np.testing.assert_allclose(ev["masked"]["ndcg@10"][~rep], base["masked"]["ndcg@10"][~rep])
+
+
+def test_killing_the_benchmark_ends_its_workers(tiny_prepared, tmp_path):
+    """SIGKILL of the benchmark leaves no worker training on by itself."""
+    import os
+    import signal
+    import time
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--prepared", str(tiny_prepared),
+           "--dataset", "tiny", "--device", "cpu", "--epochs", "500", "--patience", "500", "--seeds", "0,1",
+           "--protocols", "loo", "--workers", "2", "--variants", "gru4rec", "--out", str(tmp_path / "q.json")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children() -> list[int]:
+        out = subprocess.run(["ps", "-eo", "pid,ppid"], capture_output=True, text=True).stdout.split("\n")[1:]
+        return [int(p) for p, pp in (line.split() for line in out if line.strip()) if int(pp) == proc.pid]
+
+    deadline = time.monotonic() + 120
+    while len(children()) < 2 and time.monotonic() < deadline:   # the pool's workers (and its tracker)
+        time.sleep(0.5)
+    workers = children()
+    assert len(workers) >= 2, "the pool did not start"
+    time.sleep(5)                                   # the workers are training now
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        time.sleep(1)
+        alive = [w for w in workers if os.path.exists(f"/proc/{w}") and
+                 open(f"/proc/{w}/stat").read().split()[2] != "Z"]
+    assert not alive, f"workers {alive} outlived the benchmark"
