@@ -296,7 +296,7 @@ def aggregate(runs: dict, protocol: str) -> tuple[list[dict], dict]:
     rows.sort(key=lambda r: -float(r["ndcg@10"].split()[0]))
     per_seed = {n: np.array([r["user_ndcg@10"] for r in rs]) for n, rs in by_variant.items()}   # (S, U)
     boot = {}
-    baselines = [n for n in per_seed if n.split()[0] in ("sasrec", "gru4rec", "lstm") and " intent" not in n]
+    baselines = [n for n in per_seed if n.startswith(("sasrec", "gru4rec", "lstm")) and " intent" not in n]
     baselines += ["decomposer", "decomposer (first default)"]
     for other in baselines:
         for name in [n for n in per_seed if n.startswith("decomposer") and " intent" not in n]:
