@@ -13,6 +13,8 @@ from contextlib import contextmanager
 
 from ray.serve import metrics
 
+from ray_app.store import StoreUnavailable
+
 LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
 
 
@@ -35,7 +37,6 @@ class AppMetrics:
     @contextmanager
     def store_errors_in(self, operation: str):
         """Count a StoreUnavailable raised inside (a step that calls the store among other work)."""
-        from ray_app.store import StoreUnavailable
         try:
             yield
         except StoreUnavailable:
@@ -45,7 +46,6 @@ class AppMetrics:
     @contextmanager
     def store_call(self, operation: str):
         """Time one store call and count it as an error if it raises StoreUnavailable."""
-        from ray_app.store import StoreUnavailable
         t0 = time.perf_counter()
         try:
             yield

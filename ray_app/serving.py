@@ -18,6 +18,7 @@ import torch
 from models import checkpoint
 from models.batching import BatchBuilder
 from models.data import InteractionData, load_prepared
+from models.data.prepare import sha256_file as file_sha256
 from models.decomposer import InterestDecomposer
 from ray_app.store import Event
 
@@ -45,15 +46,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.is_file():
         raise ServingSetupError(f"{path}: no such checkpoint file or run folder")
     return path
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file's bytes (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def file_version(path: Path) -> str:
