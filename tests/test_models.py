@@ -387,8 +387,10 @@ def test_fusion_with_text_keeps_rows_without_words(tiny_data, split):
     starts, ends, rows = training_windows(split, 200)
     batch = batch_builder(tiny_data)(starts[:6], ends[:6], split.user_start[rows[:6]], supervise_all=False,
                                      intent_rate=1.0, rng=np.random.default_rng(0))
+    batch["intent_mask"][:3] = False                     # three rows without words
+    batch["intent"][:3] = 0.0
     has = text.last_intent(batch)[1]
-    assert has.any()
+    assert has.any() and (~has).any()
     plain = FusedWithText(model, text, 0.0).score(batch)
     assert torch.equal(plain.argsort(1, descending=True)[:, :10],
                        model.score(batch).argsort(1, descending=True)[:, :10])   # weight 0: the model's order
