@@ -80,6 +80,9 @@ class StateStore(Protocol):
         ...
     def events(self, user_id: str, start: int = 0, limit: int | None = None) -> list[Event]: ...
     def count_events(self, user_id: str) -> int: ...
+    def seen_items(self, user_id: str) -> list[int]:
+        """The distinct item ids of the user's events, kept beside the log (no read of the log)."""
+        ...
     def get_state(self, user_id: str) -> StoredState | None: ...
     def put_state(self, user_id: str, state: StoredState) -> None: ...
     def users(self, prefix: str = "", limit: int = 50) -> list[tuple[str, int]]: ...
@@ -102,6 +105,11 @@ CREATE TABLE IF NOT EXISTS events (
     rating    REAL    NOT NULL,
     timestamp REAL    NOT NULL,
     PRIMARY KEY (user_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS seen (
+    user_id TEXT    NOT NULL,
+    item_id INTEGER NOT NULL,
+    PRIMARY KEY (user_id, item_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS idempotency (
     user_id  TEXT NOT NULL,
@@ -141,7 +149,13 @@ class SQLiteStore:
         self._closed = False
         # executescript manages its own transaction; CREATE IF NOT EXISTS makes it idempotent.
         try:
-            self._conn().executescript(_SCHEMA)
+            conn = self._conn()
+            had_events = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'events'").fetchone() is not None
+            had_seen = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'seen'").fetchone() is not None
+            conn.executescript(_SCHEMA)
+            if had_events and not had_seen:     # a store from before the seen table: fill it once
+                with self._write(conn):
+                    conn.execute("INSERT OR IGNORE INTO seen (user_id, item_id) SELECT user_id, item_id FROM events")
         except sqlite3.DatabaseError as e:       # "file is not a database", "disk image is malformed"
             self.close()
             raise StoreUnavailable(f"SQLite store {path}: cannot be opened as a store ({e}); "
@@ -225,6 +239,8 @@ class SQLiteStore:
             "INSERT INTO events (user_id, seq, item_id, rating, timestamp) VALUES (?, ?, ?, ?, ?)",
             [(user_id, n + i, int(e.item_id), float(e.rating), float(e.timestamp)) for i, e in enumerate(events)],
         )
+        conn.executemany("INSERT OR IGNORE INTO seen (user_id, item_id) VALUES (?, ?)",
+                         [(user_id, int(e.item_id)) for e in events])
         total = n + len(events)
         conn.execute(
             "INSERT INTO users (user_id, n_events) VALUES (?, ?) "
@@ -247,6 +263,10 @@ class SQLiteStore:
     def count_events(self, user_id: str) -> int:
         row = self._conn().execute("SELECT n_events FROM users WHERE user_id = ?", (user_id,)).fetchone()
         return int(row[0]) if row else 0
+
+    @_sqlite_faults
+    def seen_items(self, user_id: str) -> list[int]:
+        return [int(i) for (i,) in self._conn().execute("SELECT item_id FROM seen WHERE user_id = ?", (user_id,))]
 
     # -- state cache -----------------------------------------------------------------
     @_sqlite_faults
@@ -297,6 +317,8 @@ class SQLiteStore:
                     "INSERT INTO events (user_id, seq, item_id, rating, timestamp) VALUES (?, ?, ?, ?, ?)",
                     [(user_id, i, int(e.item_id), float(e.rating), float(e.timestamp)) for i, e in enumerate(events)],
                 )
+                conn.executemany("INSERT OR IGNORE INTO seen (user_id, item_id) VALUES (?, ?)",
+                                 [(user_id, int(e.item_id)) for e in events])
 
     @_sqlite_faults
     def ping(self) -> None:

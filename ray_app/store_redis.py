@@ -2,6 +2,7 @@
 
 Layout (every key under a namespace, default `di`):
 - `di:ev:<user>`  a list of packed events in append order (so the count is `LLEN`);
+- `di:seen:<user>` a set of the item ids in the user's events (for `exclude_seen`);
 - `di:st:<user>`  a hash `{v: model_version, n: n_events, b: blob}`, the state cache;
 - `di:users`      a sorted set of user ids with equal scores, so `ZRANGEBYLEX` lists them by id
                   in the same byte order as SQLite's `ORDER BY user_id`;
@@ -35,13 +36,24 @@ log = logging.getLogger(__name__)
 # item_id int64, rating float64, timestamp float64: exact round trip of what SQLite stores.
 _EVENT = struct.Struct("<qdd")
 
+# Each script pushes the events' item ids into the user's seen set in the same unit as the
+# events, so the set never disagrees with the log. `push` goes in chunks because Lua's unpack()
+# is bounded by the C stack (8000 values).
+_PUSH = """
+local function push(cmd, key, from, to)
+  for i = from, to, 1000 do redis.call(cmd, key, unpack(ARGV, i, math.min(i + 999, to))) end
+end
+"""
+
 # The token makes an append exactly-once under the client's automatic retries: if the
 # connection drops after Redis ran the script but before the reply arrived, the retry carries
-# the same token and only reads the count. KEYS: ev, users, op; ARGV: ttl_s, user, events...
-# RPUSH goes in chunks because Lua's unpack() is bounded by the C stack (8000 values).
-_APPEND = """
+# the same token and only reads the count. KEYS: ev, users, op, seen; ARGV: ttl_s, user, k,
+# k item ids, k packed events.
+_APPEND = _PUSH + """
+local k = tonumber(ARGV[3])
 if redis.call('SET', KEYS[3], '1', 'NX', 'EX', tonumber(ARGV[1])) then
-  for i = 3, #ARGV, 1000 do redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
+  push('RPUSH', KEYS[1], 4 + k, 3 + 2 * k)
+  push('SADD', KEYS[4], 4, 3 + k)
   redis.call('ZADD', KEYS[2], 0, ARGV[2])
 end
 return redis.call('LLEN', KEYS[1])
@@ -49,23 +61,28 @@ return redis.call('LLEN', KEYS[1])
 
 # A client's Idempotency-Key: the first call appends and records (digest, count); a later one with
 # the key only answers what the first did. The key and the events are written by the same script.
-# KEYS: ev, users, idem; ARGV: ttl_s, user, digest, events... -> {replayed 0/1, n_events, digest}
-_APPEND_ONCE = """
+# KEYS: ev, users, idem, seen; ARGV: ttl_s, user, digest, k, k item ids, k packed events
+# -> {replayed 0/1, n_events, digest}
+_APPEND_ONCE = _PUSH + """
 local seen = redis.call('HMGET', KEYS[3], 'd', 'n')
 if seen[1] then return {1, tonumber(seen[2]), seen[1]} end
-for i = 4, #ARGV, 1000 do redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
+local k = tonumber(ARGV[4])
+push('RPUSH', KEYS[1], 5 + k, 4 + 2 * k)
+push('SADD', KEYS[4], 5, 4 + k)
 redis.call('ZADD', KEYS[2], 0, ARGV[2])
 local n = redis.call('LLEN', KEYS[1])
 redis.call('HSET', KEYS[3], 'd', ARGV[3], 'n', n)
 redis.call('EXPIRE', KEYS[3], tonumber(ARGV[1]))
 return {0, n, ARGV[3]}
 """
-# Idempotent initial load of one user: skipped if the user is already known. KEYS: ev, users;
-# ARGV: user, events... -> 1 if loaded.
-_LOAD = """
+# Idempotent initial load of one user: skipped if the user is already known. KEYS: ev, users, seen;
+# ARGV: user, k, k item ids, k packed events -> 1 if loaded.
+_LOAD = _PUSH + """
 if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
-redis.call('DEL', KEYS[1])
-for i = 2, #ARGV, 1000 do redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
+local k = tonumber(ARGV[2])
+redis.call('DEL', KEYS[1], KEYS[3])
+push('RPUSH', KEYS[1], 3 + k, 2 + 2 * k)
+push('SADD', KEYS[3], 3, 2 + k)
 redis.call('ZADD', KEYS[2], 0, ARGV[1])
 return 1
 """
@@ -105,6 +122,11 @@ def _redis_faults(method):
 
 def _pack(events: Sequence[Event]) -> list[bytes]:
     return [_EVENT.pack(int(e.item_id), float(e.rating), float(e.timestamp)) for e in events]
+
+
+def _args(events: Sequence[Event]) -> list:
+    """k, the k item ids, the k packed events: the tail of every appending script's ARGV."""
+    return [len(events), *(int(e.item_id) for e in events), *_pack(events)]
 
 
 def _unpack(raw: bytes) -> Event:
@@ -151,6 +173,9 @@ class RedisStore:
     def _ev(self, user_id: str) -> str:
         return f"{self._ns}:ev:{user_id}"
 
+    def _seen(self, user_id: str) -> str:
+        return f"{self._ns}:seen:{user_id}"
+
     def _st(self, user_id: str) -> str:
         return f"{self._ns}:st:{user_id}"
 
@@ -161,21 +186,21 @@ class RedisStore:
     # -- events ----------------------------------------------------------------------
     @_redis_faults
     def append_events(self, user_id: str, events: Sequence[Event]) -> int:
-        return self._append_once(user_id, _pack(events), uuid.uuid4().hex)
+        return self._append_once(user_id, events, uuid.uuid4().hex)
 
     @_redis_faults
     def append_once(self, user_id: str, key: str, events: Sequence[Event]) -> tuple[int, bool]:
         # A retry of the script itself (a dropped connection) finds the key and only reads: exactly once.
         digest = events_digest(events)
-        keys = [self._ev(user_id), self._users, f"{self._ns}:idem:{user_id}:{key}"]
-        replayed, n, seen = self._append_key(keys=keys, args=[IDEMPOTENCY_TTL_S, user_id, digest, *_pack(events)])
+        keys = [self._ev(user_id), self._users, f"{self._ns}:idem:{user_id}:{key}", self._seen(user_id)]
+        replayed, n, seen = self._append_key(keys=keys, args=[IDEMPOTENCY_TTL_S, user_id, digest, *_args(events)])
         if replayed and (seen.decode() if isinstance(seen, bytes) else seen) != digest:
             raise IdempotencyConflict(f"Idempotency-Key {key!r} was used for other events of this user")
         return int(n), bool(replayed)
 
-    def _append_once(self, user_id: str, packed: list[bytes], token: str) -> int:
-        keys = [self._ev(user_id), self._users, f"{self._ns}:op:{token}"]
-        return int(self._append(keys=keys, args=[self._op_ttl_s, user_id, *packed]))
+    def _append_once(self, user_id: str, events: Sequence[Event], token: str) -> int:
+        keys = [self._ev(user_id), self._users, f"{self._ns}:op:{token}", self._seen(user_id)]
+        return int(self._append(keys=keys, args=[self._op_ttl_s, user_id, *_args(events)]))
 
     @_redis_faults
     def events(self, user_id: str, start: int = 0, limit: int | None = None) -> list[Event]:
@@ -189,6 +214,15 @@ class RedisStore:
     @_redis_faults
     def count_events(self, user_id: str) -> int:
         return int(self._r.llen(self._ev(user_id)))
+
+    @_redis_faults
+    def seen_items(self, user_id: str) -> list[int]:
+        items = self._r.smembers(self._seen(user_id))
+        if not items and self._r.llen(self._ev(user_id)):   # a log from before the seen sets: fill it once
+            ids = {e.item_id for e in self.events(user_id)}
+            self._r.sadd(self._seen(user_id), *ids)
+            return sorted(ids)
+        return [int(i) for i in items]
 
     # -- state cache -----------------------------------------------------------------
     @_redis_faults
@@ -227,7 +261,8 @@ class RedisStore:
         for i in range(0, len(items), chunk):
             with self._r.pipeline(transaction=False) as pipe:
                 for user_id, events in items[i:i + chunk]:
-                    self._load(keys=[self._ev(user_id), self._users], args=[user_id, *_pack(events)], client=pipe)
+                    self._load(keys=[self._ev(user_id), self._users, self._seen(user_id)],
+                               args=[user_id, *_args(events)], client=pipe)
                 pipe.execute()
 
     @_redis_faults

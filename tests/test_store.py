@@ -182,6 +182,47 @@ def test_bulk_load_is_idempotent(store):
     assert store.append_events("a", [ev(5)]) == 3
 
 
+def test_seen_items_follow_every_kind_of_append(store):
+    """The seen set is kept beside the log by every write: appends, keyed appends, bulk loads, and
+    large appends that the Redis scripts chunk; a repeated item counts once."""
+    assert store.seen_items("nobody") == []
+    store.append_events("s", [ev(1), ev(2), ev(1)])
+    store.append_once("s", "key-1", [ev(3)])
+    store.append_once("s", "key-1", [ev(3)])                     # the retry adds nothing
+    store.bulk_load({"s": [ev(50)], "t": [ev(4), ev(4), ev(5)]})  # "s" is known: not reloaded
+    assert sorted(store.seen_items("s")) == [1, 2, 3]
+    assert sorted(store.seen_items("t")) == [4, 5]
+    big = [ev(i % 9001) for i in range(9001)]
+    store.append_events("big", big)
+    assert sorted(store.seen_items("big")) == sorted({e.item_id for e in big})
+
+
+def test_a_store_from_before_the_seen_sets_is_filled_on_first_use(tmp_path, request):
+    """An event log written before the seen sets existed: its seen set is filled from the log
+    (SQLite at open, Redis on the first read), not left empty."""
+    path = tmp_path / "old.db"
+    store = open_store(f"sqlite:///{path}")
+    store.append_events("old", [ev(1), ev(2), ev(1)])
+    store.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP TABLE seen")
+    store = open_store(f"sqlite:///{path}")
+    try:
+        assert sorted(store.seen_items("old")) == [1, 2]
+    finally:
+        store.close()
+    if REDIS_SERVER is not None:
+        server = request.getfixturevalue("redis_server")
+        store = open_store(server.url)
+        try:
+            store.append_events("old-r", [ev(7), ev(8)])
+            store._r.delete(store._seen("old-r"))
+            assert sorted(store.seen_items("old-r")) == [7, 8]
+            assert sorted(int(i) for i in store._r.smembers(store._seen("old-r"))) == [7, 8]
+        finally:
+            store.close()
+
+
 # -- several processes -------------------------------------------------------------------
 
 N_PROCS, N_EVENTS = 4, 200
@@ -359,12 +400,11 @@ def test_redis_append_is_exactly_once_under_retry(redis_server):
     try:
         store.append_events("r", [ev(1)])
         raw = [ev(2)]
-        from ray_app.store_redis import _pack
-
         # A retried call carries the same token: the second run only reads the count.
-        assert store._append_once("r", _pack(raw), "token-1") == 2
-        assert store._append_once("r", _pack(raw), "token-1") == 2
+        assert store._append_once("r", raw, "token-1") == 2
+        assert store._append_once("r", raw, "token-1") == 2
         assert store.events("r") == [ev(1), ev(2)]
+        assert sorted(store.seen_items("r")) == [1, 2]
     finally:
         store.close()
 
