@@ -262,11 +262,16 @@ class InterestDecomposer(nn.Module):
 
         item_vecs (N+1, D): `items.all()` computed once by a caller that scores many times (serving).
         """
+        return self.score_and_gates(h, ctx_feats, intent, item_vecs)[0]
+
+    def score_and_gates(self, h: torch.Tensor, ctx_feats: torch.Tensor, intent: torch.Tensor | None = None,
+                        item_vecs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`score_state` and the gates α (B, K) it weighted the dimensions with, from one pass."""
         V = self.items.all() if item_vecs is None else item_vecs
         u, I, alpha = self.user_vectors(h, ctx_feats, intent)
         if self.cfg.combine == "mixture":
-            return self.mixture_log_probs(I, alpha, V)
-        return u @ V.T
+            return self.mixture_log_probs(I, alpha, V), alpha
+        return u @ V.T, alpha
 
     @torch.no_grad()
     def explain(self, h: torch.Tensor, ctx_feats: torch.Tensor, intent: torch.Tensor | None = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import OrderedDict, defaultdict
 
@@ -157,16 +158,16 @@ class Decomposer:
     def _finish(self, out: list, job: dict, served: ServedModel, state) -> None:
         h = served.interest(state)                               # (U[+R·D],) interest state z
         seen = None
-        if job["with_seen"]:
-            seen = np.array(sorted({served.index_of.get(e.item_id, 0) for e in self.store.events(job["user_id"])}),
+        if job["with_seen"]:   # the store's seen set, not a read of the whole log
+            seen = np.array(sorted({served.index_of.get(i, 0) for i in self.store.seen_items(job["user_id"])}),
                             np.int64)
         out[job["j"]] = self._result(served, h, job["n"], job["events"][-1].timestamp if job["events"] else None, seen)
 
     @staticmethod
     def _result(served: ServedModel, h: torch.Tensor, n: int, last_ts: float | None,
                 seen: np.ndarray | None) -> dict:
+        # The Combiner derives the dimensions I_{t,k} from h itself: only h crosses the hop.
         return {"model_version": served.version, "checkpoint": str(served.path), "h": h.cpu().numpy(),
-                "dims": served.model.dimensions(h.to(served.device)).cpu().numpy(),   # (K, d) I_{t,k}
                 "n_events": n, "last_ts": last_ts, "seen": seen}
 
     async def advance(self, user_id: str) -> int:
@@ -277,9 +278,8 @@ class Combiner:
             # The intent projection has no bias, so a zero vector is the same as no intent.
             intent = torch.from_numpy(np.stack([job[1] if job[1] is not None else np.zeros(m.cfg.text_dim, np.float32)
                                                 for job in jobs]).astype(np.float32)).to(dev)   # (B, 384)
-        scores = m.score_state(H, ctx, intent, item_vecs=served.item_vecs)               # (B, N+1)
-        I = m.dimensions(H)                                                              # (B, K, d)
-        alpha = m.gates(I, m.context(ctx, intent)).cpu()                                 # (B, K)
+        scores, alpha = m.score_and_gates(H, ctx, intent, item_vecs=served.item_vecs)   # (B, N+1), (B, K)
+        alpha = alpha.cpu().tolist()
         scores[:, 0] = -torch.inf
         excluded = torch.zeros_like(scores, dtype=torch.bool)                            # (B, N+1)
         for b, (s, _, _, exclude_seen, *_) in enumerate(jobs):
@@ -288,7 +288,7 @@ class Combiner:
         scores = scores.masked_fill(excluded, -torch.inf)
         kmax = min(max(job[2] for job in jobs), m.cfg.n_items)
         top = scores.topk(kmax, dim=-1)
-        top_indices, top_values = top.indices.cpu(), top.values.cpu()
+        top_indices, top_values = top.indices.cpu().tolist(), top.values.cpu().tolist()   # plain lists: fast to walk
         want_explain = [b for b, job in enumerate(jobs) if job[4]]
         expl = m.explain(H[want_explain], ctx[want_explain], intent[want_explain] if intent is not None else None,
                          top_k=kmax, exclude=excluded[want_explain], item_vecs=served.item_vecs) if want_explain else None
@@ -297,7 +297,7 @@ class Combiner:
         names = served.dim_names
         results = []
         for b, (s, _, k, _, explain, _) in enumerate(jobs):
-            items = [(int(i), float(v)) for i, v in zip(top_indices[b, :k], top_values[b, :k]) if torch.isfinite(v)]
+            items = [(i, v) for i, v in zip(top_indices[b][:k], top_values[b][:k]) if math.isfinite(v)]
             explanation = None
             if explain:
                 e = want_explain.index(b)
@@ -305,7 +305,7 @@ class Combiner:
                                                                           expl["top_scores"][e, q, :k])]
                                for q, name in enumerate(names)}
             results.append({"model_version": served.version, "n_events": s["n_events"], "items": items,
-                            "gates": dict(zip(names, map(float, alpha[b]))), "explanation": explanation})
+                            "gates": dict(zip(names, alpha[b])), "explanation": explanation})
         return results
 
     @torch.no_grad()

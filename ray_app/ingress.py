@@ -257,8 +257,7 @@ class Ingress:
     async def recommend(self, req: RecommendRequest, who: Caller) -> RecommendResponse:
         self._allow(who, req.user_id)
         intent = self.encoder.encode.remote(req.context.intent) if req.context.intent else None
-        if req.user_id is not None:
-            await self._require_user(req.user_id)
+        if req.user_id is not None:   # an unknown user comes back with no events: the 404 below
             state = self.decomposer.user_state.remote((req.user_id, req.exclude_seen))
         else:
             history = req.history or []
@@ -267,6 +266,8 @@ class Ingress:
         # The responses are passed on unresolved: Serve hands their values to the Combiner.
         res = await self._call(self.combiner.rank.remote(state, intent, req.k, req.exclude_seen, req.explain,
                                                          req.context.timestamp), "ranking")
+        if req.user_id is not None and res["n_events"] == 0:
+            raise ApiError(404, f"user_id: unknown user {req.user_id!r}", "user_id")
         cat = self.catalogue
         explanation = None
         if res["explanation"] is not None:
