@@ -68,6 +68,7 @@ class MainSettings:
     runs: Path = Path("runs/main")
     num_cpus: int | None = None
     verbose: bool = False                 # Ray's own logs and the demo's output on the console
+    throughput_optimized: bool | None = None   # Serve's throughput-optimized mode (None: on, unless the env says 0)
 
     @property
     def demo_log(self) -> Path | None:
@@ -399,7 +400,23 @@ def run(s: MainSettings) -> int:
                 serve.shutdown()
             finally:
                 ray.shutdown()
+            # Serve's proxy ends a moment after Ray returns: wait, so the same command can run again at once.
+            wait_port_free(s.host, s.port, 60)
     return 0
+
+
+def wait_port_free(host: str, port: int, timeout_s: float) -> bool:
+    """True once `port` can be bound again (False after `timeout_s`)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+                return True
+            except OSError:
+                if time.monotonic() > deadline:
+                    return False
+        time.sleep(0.5)
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -437,6 +454,9 @@ def parse_args(argv=None) -> MainSettings:
     p.add_argument("--no-demo", action="store_true", help="serve the API only")
     p.add_argument("--smoke", action="store_true", help="a tiny run (small synthetic data, 2 epochs): a quick check")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--throughput-optimized", action=argparse.BooleanOptionalAction, default=None,
+                   help="Serve's throughput-optimized mode (default on; --no-throughput-optimized for Serve's "
+                        "default mode; RAY_SERVE_THROUGHPUT_OPTIMIZED=0 does the same)")
     p.add_argument("--verbose", action="store_true",
                    help="show Ray's own logs, the workers' and the demo's output (otherwise in "
                         "/tmp/ray/session_latest/logs and runs/main/demo.log)")
@@ -453,12 +473,15 @@ def parse_args(argv=None) -> MainSettings:
                         model_args=a.set, epochs=a.epochs, patience=a.patience, batch_size=a.batch_size,
                         baselines=baselines, seed=a.seed,
                         host=a.host, port=a.port, demo_port=a.demo_port, demo=not a.no_demo, smoke=a.smoke,
-                        num_cpus=a.num_cpus, verbose=a.verbose)
+                        num_cpus=a.num_cpus, verbose=a.verbose, throughput_optimized=a.throughput_optimized)
 
 
 def main(argv=None) -> int:
+    from ray_app import serve_mode
+
     logging.basicConfig(level=logging.WARNING)
     s = parse_args(argv)
+    serve_mode.use(s.throughput_optimized)      # before Ray starts: its processes inherit the choice
     try:
         return run(s)
     except NewcomerError as e:

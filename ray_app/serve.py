@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ray_app import serve_mode
 from ray_app.auth import secret_from_env
 from ray_app.deployments import Combiner, Decomposer, Encoder
 from ray_app.ingress import Ingress
@@ -35,10 +36,12 @@ class DeploymentSettings(BaseModel):
     max_ongoing_requests: int = Field(32, ge=1)  # > max_batch_size, or batches never fill
     upscale_delay_s: float = Field(2.0, ge=0)
     downscale_delay_s: float = Field(15.0, ge=0)
+    access_log: bool = True                      # a log line per request; the Ingress's carries the request id
 
     def options(self) -> dict:
         opts = {"ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
-                "max_ongoing_requests": self.max_ongoing_requests}
+                "max_ongoing_requests": self.max_ongoing_requests,
+                "logging_config": {"enable_access_log": self.access_log}}
         if self.min_replicas == self.max_replicas:
             opts["num_replicas"] = self.max_replicas
         else:
@@ -63,9 +66,10 @@ class AppArgs(BaseModel):
     rate_per_minute: int = Field(600, ge=1)        # requests a user token may make a minute, per Ingress replica
     service_rate_per_minute: int = Field(60_000, ge=1)   # the same for a service token (the demo, a back end)
     call_timeout_s: float = Field(10.0, gt=0)      # the Ingress answers 504 when a model stage takes longer
-    encoder: DeploymentSettings = DeploymentSettings(max_replicas=1, num_cpus=0.25)
-    decomposer: DeploymentSettings = DeploymentSettings()
-    combiner: DeploymentSettings = DeploymentSettings()
+    # The model stages log no line per call: the Ingress's access log has every request, with its id.
+    encoder: DeploymentSettings = DeploymentSettings(max_replicas=1, num_cpus=0.25, access_log=False)
+    decomposer: DeploymentSettings = DeploymentSettings(access_log=False)
+    combiner: DeploymentSettings = DeploymentSettings(access_log=False)
     ingress: DeploymentSettings = DeploymentSettings(num_cpus=0.25, max_ongoing_requests=100)
 
     def resolved(self) -> AppArgs:
@@ -105,7 +109,10 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--no-batching", action="store_true")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (without RAY_ADDRESS)")
+    p.add_argument("--throughput-optimized", action=argparse.BooleanOptionalAction, default=None,
+                   help="Serve's throughput-optimized mode for a local Ray (default on)")
     a = p.parse_args(argv)
+    serve_mode.use(a.throughput_optimized)
     try:
         if not os.environ.get("RAY_ADDRESS"):          # a local Ray: its replicas inherit this environment
             secret_from_env()

@@ -353,6 +353,8 @@ def test_serving_cluster_fits_the_deployments_and_reaches_redis():
         variable = re.fullmatch(r"\$\{([A-Z_]+)\}", store.password)[1]
         for template in _ray_templates(service):
             assert _env(template)[variable] == {"secretKeyRef": {"name": REDIS_SECRET, "key": "store-password"}}
+            # Serve's throughput-optimized mode is read by every Ray process: every pod sets it.
+            assert _env(template)["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
         # The serving checkpoint is the training job's run folder on the shared volume.
         train_argv = shlex.split(load("rayjob-train.yaml")[0]["spec"]["entrypoint"])
         run_dir = f"{train_argv[train_argv.index('--storage-path') + 1]}/{train_argv[train_argv.index('--name') + 1]}"
