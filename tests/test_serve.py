@@ -364,13 +364,19 @@ def test_a_token_past_its_rate_gets_429_and_others_do_not(env, client):
     """The checked-in config allows a user token 600 requests a minute (per Ingress replica; one here).
 
     The rate is counted before anything else, so 600 cheap requests (another user's events: 403)
-    fill it well within the minute even on a busy machine."""
+    fill it well within the minute even on a busy machine. The limiter's sliding window weighs
+    the previous minute's count by the part of it still in the window: when the requests straddle
+    a minute boundary, it admits a few past the 600th before the 429 (never one before)."""
     mine = user_auth("rate-limited-user")
     with httpx.Client(base_url=f"http://127.0.0.1:{env['port']}", timeout=60, headers=mine) as c:
         t0 = time.monotonic()
-        codes = [c.get("/users/someone-else/events").status_code for _ in range(601)]
+        codes = [c.get("/users/someone-else/events").status_code for _ in range(600)]
         assert time.monotonic() - t0 < 55, "too slow to test a per-minute rate"
-        assert codes[:600] == [403] * 600 and codes[-1] == 429
+        assert codes == [403] * 600
+        more = []
+        while len(more) < 600 and (not more or more[-1] != 429):
+            more.append(c.get("/users/someone-else/events").status_code)
+        assert more[-1] == 429 and set(more[:-1]) <= {403}, {code: more.count(code) for code in set(more)}
         r = c.get("/items", params={"q": "x", "k": 1})
         assert r.status_code == 429 and r.json()["field"] == "authorization" and int(r.headers["retry-after"]) >= 1
     assert client.get("/items", params={"q": "x", "k": 1}).status_code == 200   # another token is not slowed
