@@ -16,7 +16,11 @@ Steps, all in one run so every ratio compares figures from the same machine stat
      its minimum replicas, so scaling up and back down is on record.
   3. batched against unbatched app at 32 clients, both with one replica per deployment (autoscaling
      off), so the ratio is batching's alone.
-Records benchmarks/results/serve_load.json and serve_load.png.
+  4. the floor (`serve_floor.py`): POST /recommend under wrk against a no-op chain of the same three
+     hops, in Serve's default and throughput-optimized modes, each in a Ray of its own; the app's
+     req/s and p99 over the floor's are `vs_floor`.
+Steps 1-3 run in the mode this process chooses (`ray_app.serve_mode`: throughput-optimized unless
+RAY_SERVE_THROUGHPUT_OPTIMIZED=0). Records benchmarks/results/serve_load.json and serve_load.png.
 """
 from __future__ import annotations
 
@@ -48,18 +52,20 @@ def autoscaled(args):
     from ray_app.serve import DeploymentSettings
 
     scale = dict(num_cpus=0.2, min_replicas=1, max_replicas=3, target_ongoing_requests=args.target_ongoing,
-                 upscale_delay_s=1.0, downscale_delay_s=args.downscale_delay)
+                 upscale_delay_s=1.0, downscale_delay_s=args.downscale_delay, access_log=False)
     return {"encoder": DeploymentSettings(**{**scale, "max_replicas": 2}), "decomposer": DeploymentSettings(**scale),
             "combiner": DeploymentSettings(**scale),
-            "ingress": DeploymentSettings(**{**scale, "max_replicas": 2, "max_ongoing_requests": 100})}
+            "ingress": DeploymentSettings(**{**scale, "max_replicas": 2, "max_ongoing_requests": 100,
+                                             "access_log": True})}
 
 
 def fixed():
     from ray_app.serve import DeploymentSettings
 
-    one = dict(num_cpus=0.2, min_replicas=1, max_replicas=1)
+    one = dict(num_cpus=0.2, min_replicas=1, max_replicas=1, access_log=False)   # as the app's defaults
     return {"encoder": DeploymentSettings(**one), "decomposer": DeploymentSettings(**one),
-            "combiner": DeploymentSettings(**one), "ingress": DeploymentSettings(**one, max_ongoing_requests=100)}
+            "combiner": DeploymentSettings(**one),
+            "ingress": DeploymentSettings(**{**one, "access_log": True}, max_ongoing_requests=100)}
 
 
 def deploy(args, store_url: str, batching: bool, settings: dict) -> dict:
@@ -265,8 +271,15 @@ def main(argv=None) -> int:
     p.add_argument("--users", type=int, default=200, help="known users the clients pick from")
     p.add_argument("--port", type=int, default=8032)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--floor-duration", type=float, default=10.0, help="seconds of one wrk run against the floor")
+    p.add_argument("--floor-rounds", type=int, default=3, help="turns app and floor take at each wrk level")
+    p.add_argument("--floor-levels", default="8,32", help="wrk connection counts")
+    p.add_argument("--no-floor", action="store_true", help="skip step 4")
     p.add_argument("--out", type=Path, default=RESULTS / "serve_load.json")
     args = p.parse_args(argv)
+    from ray_app import serve_mode
+
+    throughput_optimized = serve_mode.use()          # before ray.init: the replicas inherit it
     levels = [int(c) for c in args.concurrency.split(",")]
     args.url = f"http://127.0.0.1:{args.port}"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -275,7 +288,8 @@ def main(argv=None) -> int:
               "checkpoint_config": checkpoint_config(args.checkpoint), "data": str(args.data),
               "machine": machine("2 cores shared with other engineers' jobs (tests, training) during the run; "
                                  "the load client runs on the same 2 cores as Serve"),
-              "command": command_line(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "weights": WEIGHTS}
+              "command": command_line(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "weights": WEIGHTS,
+              "throughput_optimized": throughput_optimized}
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         spec = make_spec(args.data, args.users, args.seed)
         spec_path = Path(tmp) / "spec.json"
@@ -292,6 +306,13 @@ def main(argv=None) -> int:
         print(f"{'in-process':>22}: {record['in_process']['throughput_rps']:6.1f} req/s, /recommend p50 "
               f"{record['in_process']['per_op']['recommend']['p50_ms']:.1f} ms", flush=True)
         record.update(serve_runs(args, levels, spec_path, f"sqlite:///{tmp}/served.db"))
+    if not args.no_floor:
+        from serve_floor import MODES, floor_runs, summary
+
+        floor_levels = [int(c) for c in args.floor_levels.split(",")]
+        record["floor"] = floor_runs(args.checkpoint, args.data, spec["users"], list(MODES), floor_levels,
+                                     args.floor_duration, args.port + 1, args.floor_rounds)
+        record["vs_floor"] = summary(record["floor"])
     record["figures"] = figures(record, levels)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))
@@ -360,6 +381,10 @@ def figures(record: dict, levels: list[int]) -> dict:
                                                                      / b["unbatched"]["throughput_rps"])
     f["autoscaling_max_replicas"] = {n: s["max_seen"] for n, s in record["scaling"].items()}
     f["downscale_back_to_min_after_s"] = record["downscale_after_s"]
+    for mode, by_level in record.get("vs_floor", {}).items():
+        for c, v in by_level.items():
+            f[f"{mode}_{c}_conns_vs_floor"] = {"throughput": v["throughput_vs_floor"], "p99": v["p99_vs_floor"],
+                                               "app_rps": v["app_rps"], "floor_rps": v["floor_rps"]}
     return f
 
 
