@@ -69,8 +69,8 @@ def model_level(model, index_of: dict[int, int], source_ids: np.ndarray, lengths
         state = model.advance(None, *event_tensors(model, past, index_of, None))       # (h, c[, profile]), (1, 1, ·)
         step = event_tensors(model, new, index_of, past[-1]["timestamp"])
         full = event_tensors(model, history, index_of, None)
-        inc = timed(lambda: model.advance(state, *step), repeats)
-        rec = timed(lambda: model.advance(None, *full), max(5, repeats // 10))
+        inc = timed(lambda state=state, step=step: model.advance(state, *step), repeats)
+        rec = timed(lambda full=full: model.advance(None, *full), max(5, repeats // 10))
         # The two paths must agree: the incremental state is the full recomputation's state.
         h_inc = model.interest_state(model.advance(state, *step))                     # (1, U[+R·D])
         h_full = model.interest_state(model.advance(None, *full))

@@ -224,8 +224,3 @@ class TextEncoder:
             while len(self._recent) > self.max_cached:
                 self._recent.popitem(last=False)
         return np.stack([found[k] for k in keys])
-
-    @property
-    def cached(self) -> int:
-        """How many vectors the in-memory cache holds now."""
-        return len(self._recent)

@@ -12,7 +12,6 @@ calls run in threads, never on the replica's event loop.
 import asyncio
 import json
 import logging
-import time
 from typing import Annotated
 from collections.abc import Sequence
 

@@ -5,7 +5,6 @@ tested (and benchmarked in-process) without starting Serve.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass

@@ -99,7 +99,8 @@ def test_first_command_serves_the_api_and_the_demo(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                raise AssertionError("the main job did not shut down within 120 s of Ctrl-C:\n" + log.read_text()[-3000:])
+                raise AssertionError("the main job did not shut down within 120 s of Ctrl-C:\n"
+                                     + log.read_text()[-3000:]) from None
     assert proc.returncode == 0, log.read_text()[-3000:]
     assert "shutting down" in log.read_text()
     with socket.socket() as s:                              # the API port is free again

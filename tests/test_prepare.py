@@ -171,7 +171,7 @@ def test_prepare_crash_while_writing(tmp_path):
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     raw = make_raw()
     raw.extra["broken"] = object()          # fails after the main tables are written
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError, match="schema"):     # not a table: fails when written
         prepare(raw, out, encoder=FakeEncoder(), overwrite=True, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["toy"]
