@@ -2,17 +2,22 @@
 Lua script sends, and how wrk's summary is read and pooled."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from serve_floor import _pooled, run_wrk  # noqa: E402  (a sibling script, not a package)
+# The benchmark is a script, not a package: loaded from its file, without putting benchmarks/ on
+# sys.path (its tuning.py would shadow the tuning package for the other test modules).
+_spec = importlib.util.spec_from_file_location(
+    "serve_floor", Path(__file__).resolve().parents[1] / "benchmarks" / "serve_floor.py")
+serve_floor = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(serve_floor)
+_pooled, run_wrk = serve_floor._pooled, serve_floor.run_wrk
 
 needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not on PATH (apt-get install wrk)")
 
