@@ -2,13 +2,13 @@
 Serve's default mode and its throughput-optimized mode, under wrk (an outside load generator).
 
     python benchmarks/serve_floor.py                     # both modes, 8 and 32 connections, 3 rounds of 10 s
-    python benchmarks/serve_floor.py --modes throughput_optimized --duration 10
+    python benchmarks/serve_floor.py --modes throughput_optimized --unbatched   # + the app without batching
 
 `benchmarks/serve_load.py` runs this in the same run as its other steps. The no-op chain is a
 FastAPI ingress that parses the same JSON body and calls two deployments in a chain, the first's
 response passed on unresolved to the second as the app passes the user's state to the Combiner;
 both return constants. It is what any three-hop Serve app costs on this machine: the floor. Both
-apps get one replica per deployment (num_cpus 0.2; no access log in the inner stages), are
+apps get one replica per deployment (no access log in the inner stages; fractional CPUs), are
 deployed side by side in the same Ray instance (the floor under /floor) and take turns: at each
 level, round after round, app then floor, so that a drift in the shared machine's speed falls on
 both alike. Each mode runs in a process of its own, because Serve reads
@@ -48,7 +48,7 @@ def floor_app():
         user_id: str
         k: int = 10
 
-    inner = dict(ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=100,
+    inner = dict(ray_actor_options={"num_cpus": 0.15}, max_ongoing_requests=100,
                  logging_config={"enable_access_log": False})      # as the app's model stages
 
     @serve.deployment(**inner)
@@ -61,7 +61,7 @@ def floor_app():
         async def step(self, state: dict) -> dict:
             return {"user_id": state["user_id"], "items": [], "gates": {}}
 
-    @serve.deployment(ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=100)
+    @serve.deployment(ray_actor_options={"num_cpus": 0.15}, max_ongoing_requests=100)
     @serve.ingress(api)
     class FloorIngress:
         def __init__(self, first, second):
@@ -111,7 +111,7 @@ def _print(mode: str, what: str, r: dict) -> None:
 # ---- one mode, in its own process --------------------------------------------------------------
 
 def measure_mode(mode: str, checkpoint: Path, data: Path, levels: list[int], duration_s: float, port: int,
-                 users_file: Path, store_url: str, rounds: int) -> dict:
+                 users_file: Path, store_url: str, rounds: int, unbatched: bool = False) -> dict:
     """Runs in a fresh process whose environment already holds RAY_SERVE_THROUGHPUT_OPTIMIZED."""
     import ray
     from ray import serve
@@ -121,7 +121,9 @@ def measure_mode(mode: str, checkpoint: Path, data: Path, levels: list[int], dur
 
     api_access()
     url = f"http://127.0.0.1:{port}"
-    one = dict(num_cpus=0.2, min_replicas=1, max_replicas=1, access_log=False)
+    # 0.2 CPU a replica; 0.15 with the third app, so that its replicas fit the 2 cores too (a
+    # fraction only schedules: every replica runs one thread either way).
+    one = dict(num_cpus=0.15 if unbatched else 0.2, min_replicas=1, max_replicas=1, access_log=False)
     app_args = AppArgs(checkpoint=str(checkpoint), data_dir=str(data), store_url=store_url,
                        encoder=DeploymentSettings(**one), decomposer=DeploymentSettings(**one),
                        combiner=DeploymentSettings(**one),
@@ -129,12 +131,18 @@ def measure_mode(mode: str, checkpoint: Path, data: Path, levels: list[int], dur
     out = {"mode": mode, "RAY_SERVE_THROUGHPUT_OPTIMIZED": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED"),
            "rounds": rounds, "runs": []}
     paths = {"app": "/recommend", "floor": f"/{FLOOR_APP}/recommend"}
+    if unbatched:
+        paths["unbatched"] = "/unbatched/recommend"
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         t0 = time.time()
         serve.run(build_app(app_args), name="app", route_prefix="/")
         serve.run(floor_app(), name=FLOOR_APP, route_prefix=f"/{FLOOR_APP}")
+        if unbatched:       # the same app with max_batch_size 1 in every stage: batching's own share
+            serve.run(build_app(app_args.model_copy(update={"batching": False})), name="unbatched",
+                      route_prefix="/unbatched")
+            wait_healthy(f"{url}/unbatched")
         wait_healthy(url)
         wait_healthy(f"{url}/{FLOOR_APP}")
         out["startup_s"] = time.time() - t0
@@ -158,6 +166,9 @@ def measure_mode(mode: str, checkpoint: Path, data: Path, levels: list[int], dur
                                 "p99": out["app"][str(c)]["p99_ms"] / out["floor"][str(c)]["p99_ms"],
                                 "p50": out["app"][str(c)]["p50_ms"] / out["floor"][str(c)]["p50_ms"]}
                        for c in levels}
+    if unbatched:
+        out["batched_over_unbatched"] = {str(c): out["app"][str(c)]["throughput_rps"]
+                                         / out["unbatched"][str(c)]["throughput_rps"] for c in levels}
     return out
 
 
@@ -174,7 +185,7 @@ def _pooled(runs: list[dict]) -> dict:
 
 
 def floor_runs(checkpoint: Path, data: Path, users: list[str], modes: list[str], levels: list[int],
-               duration_s: float, port: int, rounds: int) -> dict:
+               duration_s: float, port: int, rounds: int, unbatched: bool = False) -> dict:
     """Each mode in a child process of its own -> {mode: record}."""
     out = {}
     with tempfile.TemporaryDirectory(prefix="serve-floor-") as tmp:
@@ -188,7 +199,8 @@ def floor_runs(checkpoint: Path, data: Path, users: list[str], modes: list[str],
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--checkpoint", str(checkpoint),
                    "--data", str(data), "--levels", ",".join(map(str, levels)), "--duration", str(duration_s),
                    "--rounds", str(rounds), "--port", str(port), "--users-file", str(users_file),
-                   "--store-url", f"sqlite:///{tmp}/{mode}.db", "--out", str(result)]
+                   "--store-url", f"sqlite:///{tmp}/{mode}.db", "--out", str(result),
+                   *(["--unbatched"] if unbatched else [])]
             subprocess.run(cmd, check=True, env=env, timeout=1800)
             out[mode] = json.loads(result.read_text())
     return out
@@ -216,6 +228,8 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=8033)
     p.add_argument("--users", type=int, default=200, help="known users the requests pick from")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--unbatched", action="store_true",
+                   help="also the app without batching, side by side and taking turns: batched over unbatched")
     p.add_argument("--out", type=Path, default=RESULTS / "serve_floor.json")
     p.add_argument("--child", choices=list(MODES), help=argparse.SUPPRESS)
     p.add_argument("--users-file", type=Path, help=argparse.SUPPRESS)
@@ -224,16 +238,19 @@ def main(argv=None) -> int:
     levels = [int(c) for c in a.levels.split(",")]
     if a.child:
         record = measure_mode(a.child, a.checkpoint.resolve(), a.data.resolve(), levels, a.duration, a.port,
-                              a.users_file, a.store_url, a.rounds)
+                              a.users_file, a.store_url, a.rounds, a.unbatched)
         a.out.write_text(json.dumps(record))
         return 0
     from serve_load import make_spec
 
     ensure_checkpoint(a.checkpoint, a.data)
     users = make_spec(a.data, a.users, a.seed)["users"]
-    runs = floor_runs(a.checkpoint, a.data, users, a.modes.split(","), levels, a.duration, a.port, a.rounds)
+    runs = floor_runs(a.checkpoint, a.data, users, a.modes.split(","), levels, a.duration, a.port, a.rounds,
+                      a.unbatched)
     record = {"benchmark": "serve_floor", "command": command_line(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "machine": machine("wrk runs on the same 2 cores as Serve"), "modes": runs, "vs_floor": summary(runs)}
+              "machine": machine("wrk runs on the same 2 cores as Serve"), "modes": runs, "vs_floor": summary(runs),
+              **({"batched_over_unbatched": {m: r["batched_over_unbatched"] for m, r in runs.items()}}
+                 if a.unbatched else {})}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(record, indent=1))
     print(json.dumps(record["vs_floor"], indent=1))
