@@ -21,6 +21,7 @@ import pyarrow.csv as pacsv
 from tqdm.auto import tqdm
 
 from models.data.errors import DataFormatError
+from models.data.prepare import sha256_file
 from models.data.raw import ITEMS_SCHEMA, RATINGS_SCHEMA, TAG_EVENTS_SCHEMA, RawData, rank_tags
 
 MOVIELENS_URL = "https://files.grouplens.org/datasets/movielens/{name}.zip"
@@ -402,14 +403,6 @@ def read_movielens(path: str | Path, name: str | None = None) -> RawData:
     return RawData(name=name, items=items, ratings=ratings, source=str(path.resolve()), tag_events=tag_events)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download(name: str, dest_dir: Path, url: str | None = None, sha256: str | None = None,
              progress: bool = True) -> Path:
     """Download `{name}.zip` into dest_dir (streamed to a temp file, renamed when verified).
@@ -429,7 +422,7 @@ def download(name: str, dest_dir: Path, url: str | None = None, sha256: str | No
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / f"{name}.zip"
     if dest.exists():
-        if expected is None or _sha256_file(dest) == expected:
+        if expected is None or sha256_file(dest) == expected:
             return dest
         dest.unlink()  # a damaged earlier copy
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest_dir)
