@@ -118,13 +118,20 @@ def setup_access(s: MainSettings) -> str:
 
 # ---- checks a newcomer benefits from, before anything starts --------------------------------
 
-def check_port(host: str, port: int, what: str, flag: str) -> None:
+def port_free(host: str, port: int) -> bool:
+    """Whether `port` can be bound now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
             s.bind((host, port))
+            return True
         except OSError:
-            raise NewcomerError(f"port {port} ({what}) is already in use — another copy of this job or "
-                                f"another server is running there: stop it, or pick a free port with {flag} {port + 10}") from None
+            return False
+
+
+def check_port(host: str, port: int, what: str, flag: str) -> None:
+    if not port_free(host, port):
+        raise NewcomerError(f"port {port} ({what}) is already in use — another copy of this job or "
+                            f"another server is running there: stop it, or pick a free port with {flag} {port + 10}")
 
 
 def check_memory(dataset: str, free_bytes: int | None = None) -> None:
@@ -408,15 +415,11 @@ def run(s: MainSettings) -> int:
 def wait_port_free(host: str, port: int, timeout_s: float) -> bool:
     """True once `port` can be bound again (False after `timeout_s`)."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind((host, port))
-                return True
-            except OSError:
-                if time.monotonic() > deadline:
-                    return False
+    while not port_free(host, port):
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.5)
+    return True
 
 
 def resolve_checkpoint(path: Path) -> Path:

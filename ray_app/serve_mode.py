@@ -2,8 +2,8 @@
 
 Ray Serve ≥ 2.56 has a mode for throughput (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1`: direct ingress,
 gRPC between replicas, user code and router on the replica's main loop, a frozen GC). On a
-2-core machine it serves this app's /recommend about a fifth faster than the default mode, and
-the no-op chain of the same three hops gains as much (`benchmarks/serve_floor.py`). Serve reads
+2-core machine it served this app's /recommend 1.4–1.6 times as fast as the default mode in one run
+of `benchmarks/serve_floor.py` and level with it in another (docs/results.md). Serve reads
 the variable once, when it is imported, in every Ray process (the controller, the proxies, the
 replicas); a local Ray's processes inherit it from the process that starts them, so `use` runs
 before `ray.init`. The driver only deploys, so what it imported earlier does not matter. On an

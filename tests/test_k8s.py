@@ -737,6 +737,7 @@ def test_redis_acl_lets_the_store_work_and_nothing_else(manifest_redis):
     assert store.append_once("u1", "key-1", events[2:4]) == (4, False)
     assert store.append_once("u1", "key-1", events[2:4]) == (4, True)
     assert store.events("u1", start=1, limit=2) == events[1:3] and store.count_events("u1") == 4
+    assert sorted(store.seen_items("u1")) == sorted({e.item_id for e in events[:4]})
     store.put_state("u1", StoredState("v1", 4, b"blob"))
     assert store.get_state("u1") == StoredState("v1", 4, b"blob")
     store.bulk_load({"u2": events, "u10": events[:1]})
