@@ -36,8 +36,9 @@ FLOOR_APP = "floor"
 
 # ---- the no-op chain ---------------------------------------------------------------------------
 
-def floor_app():
-    """FastAPI ingress -> First -> Second, each returning a constant: Serve's own cost of three hops."""
+def floor_app(num_cpus: float = 0.2):
+    """FastAPI ingress -> First -> Second, each returning a constant: Serve's own cost of three hops.
+    `num_cpus` per replica, as the app's replicas get."""
     from fastapi import FastAPI
     from pydantic import BaseModel
     from ray import serve
@@ -48,7 +49,7 @@ def floor_app():
         user_id: str
         k: int = 10
 
-    inner = dict(ray_actor_options={"num_cpus": 0.15}, max_ongoing_requests=100,
+    inner = dict(ray_actor_options={"num_cpus": num_cpus}, max_ongoing_requests=100,
                  logging_config={"enable_access_log": False})      # as the app's model stages
 
     @serve.deployment(**inner)
@@ -61,7 +62,7 @@ def floor_app():
         async def step(self, state: dict) -> dict:
             return {"user_id": state["user_id"], "items": [], "gates": {}}
 
-    @serve.deployment(ray_actor_options={"num_cpus": 0.15}, max_ongoing_requests=100)
+    @serve.deployment(ray_actor_options={"num_cpus": num_cpus}, max_ongoing_requests=100)
     @serve.ingress(api)
     class FloorIngress:
         def __init__(self, first, second):
@@ -138,7 +139,7 @@ def measure_mode(mode: str, checkpoint: Path, data: Path, levels: list[int], dur
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         t0 = time.time()
         serve.run(build_app(app_args), name="app", route_prefix="/")
-        serve.run(floor_app(), name=FLOOR_APP, route_prefix=f"/{FLOOR_APP}")
+        serve.run(floor_app(one["num_cpus"]), name=FLOOR_APP, route_prefix=f"/{FLOOR_APP}")
         if unbatched:       # the same app with max_batch_size 1 in every stage: batching's own share
             serve.run(build_app(app_args.model_copy(update={"batching": False})), name="unbatched",
                       route_prefix="/unbatched")

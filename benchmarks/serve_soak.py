@@ -20,8 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,17 +35,17 @@ WORDS = ("quiet", "loud", "old", "new", "dark", "funny", "slow", "fast", "french
 
 
 def replica_rss(app: str = "soak") -> dict[str, int]:
-    """{deployment: resident bytes} of the replica processes of Serve app `app` on this machine."""
-    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    """{deployment: resident bytes} of the replica processes of Serve app `app` on this machine
+    (Ray titles each `ray::ServeReplica:<app>:<deployment>`)."""
+    import psutil
+
+    prefix = f"ray::ServeReplica:{app}:"
     out: dict[str, int] = {}
-    for pid, name in re.findall(rf"^\s*(\d+) ray::ServeReplica:{re.escape(app)}:(\w+)", ps, re.M):
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        kb = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
-        if kb:
-            out[name] = out.get(name, 0) + int(kb.group(1)) * 1024
+    for proc in psutil.process_iter(["cmdline", "memory_info"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        if title.startswith(prefix) and proc.info["memory_info"] is not None:
+            name = title[len(prefix):].split()[0].split(".")[0]
+            out[name] = out.get(name, 0) + proc.info["memory_info"].rss
     return out
 
 
@@ -158,8 +156,8 @@ def main(argv=None) -> int:
 
     mode = serve_mode.use()
     ensure_checkpoint(a.checkpoint, a.data)
-    headers = api_access()
-    from ray_app.auth import SECRET_ENV
+    api_access()
+    from ray_app.auth import SECRET_ENV, TOKEN_ENV
     from serve_load import make_spec
 
     spec = make_spec(a.data, 200, a.seed)
@@ -181,8 +179,7 @@ def main(argv=None) -> int:
             serve.start(http_options={"host": "127.0.0.1", "port": a.port})
             serve.run(build_app(app_args), name="soak", route_prefix="/")
             wait_healthy(url)
-            stream = Stream(spec["users"], spec["item_ids"], os.environ[SECRET_ENV],
-                            headers["Authorization"].split()[1], a.seed)
+            stream = Stream(spec["users"], spec["item_ids"], os.environ[SECRET_ENV], os.environ[TOKEN_ENV], a.seed)
             samples = asyncio.run(soak(url, stream, a.intents, new_user_every, a.every, a.concurrency))
         finally:
             serve.shutdown()
