@@ -27,14 +27,13 @@ from torch import nn
 
 from models.features import EVENT_FEATURES, N_RATING_BUCKETS
 from models.losses import next_item_loss, seen_pairs
-from models.sequence import EventLSTM, ItemTower, known_rows, last_position
+from models.sequence import EventLSTM, ItemTower, last_position
 
 
 class _ItemDataMixin:
     def set_item_data(self, text_emb: np.ndarray, genres: np.ndarray, counts: np.ndarray | None = None) -> None:
         if hasattr(self, "items") and isinstance(self.items, ItemTower):
             self.items.set_text(text_emb)
-            self.items.set_known(counts)
         if counts is not None:
             p = (np.asarray(counts, dtype=np.float64) + 1.0) / (np.sum(counts) + len(counts))
             self.log_q.copy_(torch.as_tensor(np.log(p), dtype=torch.float32))
@@ -253,7 +252,6 @@ class SASRec(_ItemDataMixin, nn.Module):
         if cfg.use_text:    # the frozen text travels with the checkpoint, as in the item tower
             self.register_buffer("text", torch.zeros(cfg.n_items + 1, cfg.text_dim))
             self.text_proj = nn.Linear(cfg.text_dim, cfg.hidden, bias=False)
-            self.register_buffer("known", torch.ones(cfg.n_items + 1))   # as the item tower's `known`
         if cfg.use_events:
             self.rating_emb = nn.Embedding(N_RATING_BUCKETS, cfg.hidden, padding_idx=0)
             self.event_proj = nn.Linear(EVENT_FEATURES, cfg.hidden)
@@ -271,19 +269,12 @@ class SASRec(_ItemDataMixin, nn.Module):
         super().set_item_data(text_emb, genres, counts)
         if self.cfg.use_text:
             self.text.copy_(torch.as_tensor(text_emb, dtype=torch.float32))
-            self.known.copy_(known_rows(counts, len(self.known)))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if self.cfg.use_text:       # a checkpoint from before `known` existed used every id embedding
-            state_dict.setdefault(prefix + "known", torch.ones_like(self.known))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def item_vectors(self) -> torch.Tensor:
-        """(N+1, H) input and output vectors of every item (tied); row 0 is padding. With text, an
-        item no training event holds is its text alone (see `models.sequence.known_rows`)."""
+        """(N+1, H) input and output vectors of every item (tied); row 0 is padding."""
         if not self.cfg.use_text:
             return self.item_emb.weight
-        return self.item_emb.weight * self.known[:, None] + self.text_proj(self.text)
+        return self.item_emb.weight + self.text_proj(self.text)
 
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, T) right-padded events -> (B, T, H); causal attention keeps padding out of real positions."""

@@ -112,7 +112,6 @@ class InterestDecomposer(nn.Module):
     # ---- data the model carries -------------------------------------------------------------
     def set_item_data(self, text_emb: np.ndarray, genres: np.ndarray, counts: np.ndarray | None = None) -> None:
         self.items.set_text(text_emb)
-        self.items.set_known(counts)
         self.item_genres.copy_(torch.as_tensor(genres, dtype=torch.float32))
         if counts is not None:
             p = (np.asarray(counts, dtype=np.float64) + 1.0) / (np.sum(counts) + len(counts))

@@ -11,24 +11,8 @@ from torch import nn
 from models.features import EVENT_FEATURES, N_RATING_BUCKETS
 
 
-def known_rows(counts: np.ndarray | None, n_rows: int) -> torch.Tensor:
-    """(N+1,) 1.0 for the items some training event holds, 0.0 for the rest (and padding); all ones
-    without counts. An item no training event holds has an id embedding that training only ever
-    pushed away from every user (it is a negative of every softmax, never a target), so the
-    text-aware towers give such an item its text alone: P·z(i)."""
-    if counts is None:
-        return torch.ones(n_rows)
-    known = torch.as_tensor(np.asarray(counts) > 0, dtype=torch.float32)
-    if known.shape != (n_rows,):
-        raise ValueError(f"counts: expected {n_rows} entries (items and padding), got {tuple(known.shape)}")
-    return known
-
-
 class ItemTower(nn.Module):
-    """Item vectors E_item(i) + P·z(i); used as LSTM input and, tied, as output embeddings q_i.
-
-    With text, an item no training event holds is P·z(i) alone (`set_known`): its id embedding
-    is left out, in training and in scoring, so the text places it among the others."""
+    """Item vectors E_item(i) + P·z(i); used as LSTM input and, tied, as output embeddings q_i."""
 
     def __init__(self, n_items: int, dim: int, text_dim: int, use_text: bool):
         super().__init__()
@@ -40,31 +24,20 @@ class ItemTower(nn.Module):
         # Frozen language-model embeddings travel with the checkpoint, so serving needs no dataset.
         self.register_buffer("text", torch.zeros(n_items + 1, text_dim))
         self.proj = nn.Linear(text_dim, dim, bias=False) if use_text else None
-        self.register_buffer("known", torch.ones(n_items + 1))        # 0: no training event holds the item
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A checkpoint from before `known` existed used every id embedding.
-        state_dict.setdefault(prefix + "known", torch.ones_like(self.known))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_text(self, text_emb: np.ndarray) -> None:
         self.text.copy_(torch.as_tensor(text_emb, dtype=torch.float32))
-
-    def set_known(self, counts: np.ndarray | None) -> None:
-        """Training events per item (N+1,): with text, the items with none lose their id embedding."""
-        if self.proj is not None:
-            self.known.copy_(known_rows(counts, len(self.known)))
 
     def all(self) -> torch.Tensor:
         """(N+1, D) vectors of every item; row 0 is padding."""
         if self.proj is None:
             return self.emb.weight
-        return self.emb.weight * self.known[:, None] + self.proj(self.text)
+        return self.emb.weight + self.proj(self.text)
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         out = self.emb(items)                                           # (B, T, D)
         if self.proj is not None:
-            out = out * self.known[items][..., None] + self.proj(self.text[items])
+            out = out + self.proj(self.text[items])
         return out
 
 

@@ -396,38 +396,3 @@ def test_fusion_with_text_keeps_rows_without_words(tiny_data, split):
                        model.score(batch).argsort(1, descending=True)[:, :10])   # weight 0: the model's order
     fused = FusedWithText(model, text, 4.0).score(batch)
     assert torch.equal(fused[~has], plain[~has]) and not torch.allclose(fused[has], plain[has])
-
-
-@pytest.mark.parametrize("kind,flags", [("decomposer", {}), ("lstm", {}), ("sasrec", {"use_text": True})])
-def test_item_without_training_events_is_its_text_alone(tiny_data, split, kind, flags):
-    """An item no training event holds: its id embedding reaches no score and gets no gradient, its
-    text does; a checkpoint keeps which items those are, and one from before the flag loads as all known."""
-    from models.training import training_counts
-
-    counts = training_counts(tiny_data, split)
-    cold = int(np.nonzero(counts[1:] > 0)[0][0]) + 1            # a trained item, made cold by hand
-    counts = counts.copy()
-    counts[cold] = 0
-    torch.manual_seed(0)
-    m = new_model(kind, tiny_data, split, **flags)
-    m.set_item_data(tiny_data.item_emb, tiny_data.item_genres, counts)
-    emb = m.item_emb if kind == "sasrec" else m.items.emb
-    batch = first_batch(tiny_data, split, n=6)
-    m.eval()
-    before = m.score(batch)
-    with torch.no_grad():
-        emb.weight[cold] += 5.0
-    torch.testing.assert_close(m.score(batch), before)           # the id row is not read
-    m.train()
-    m(batch)[0].backward()
-    assert emb.weight.grad[cold].abs().sum() == 0 and emb.weight.grad[1:].abs().sum() > 0
-    m.eval()
-    text = np.asarray(tiny_data.item_emb).copy()
-    text[cold] = text[cold][::-1]
-    m.set_item_data(text, tiny_data.item_genres, counts)
-    assert not torch.allclose(m.score(batch)[:, cold], before[:, cold])   # the text is
-    loaded, _ = checkpoint.from_dict(checkpoint.to_bytes_dict(m))
-    torch.testing.assert_close(loaded.score(batch), m.score(batch))
-    old = checkpoint.to_bytes_dict(m)
-    old["state_dict"] = {k: v for k, v in old["state_dict"].items() if not k.endswith("known")}
-    assert checkpoint.from_dict(old)[0].score(batch)[:, cold].ne(m.score(batch)[:, cold]).all()
