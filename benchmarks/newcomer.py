@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -39,6 +38,7 @@ import time
 from pathlib import Path
 
 import httpx
+from machine_info import machine  # sibling script
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -46,30 +46,12 @@ BANNER_RULE = "=" * 72
 RAY_INTERNALS = re.compile(r"TrainingReport\(|Checkpoint successfully created|TrainController|\(pid=|"
                            r"RayTrainWorker|ServeController|ProxyActor|ServeReplica|INFO worker\.py|"
                            r"ray\.train|ray\.serve|StorageContext|raylet|gcs_server")
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def machine_record() -> dict:
-    flags: set[str] = set()
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"cpu": model, "cpus": os.cpu_count(), "memory_gib": round(mem / 2**30, 1),
-            "cpu_flags": {f: f in flags for f in CPU_FLAGS}, "python": platform.python_version(),
-            "load_avg_at_start": list(os.getloadavg())}
 
 
 class Output:
@@ -271,7 +253,7 @@ def main(argv=None) -> int:
     env["PATH"] = os.pathsep.join(x for x in env.get("PATH", "").split(os.pathsep) if ".venv" not in x)
     if a.no_pip_cache:
         env["PIP_NO_CACHE_DIR"] = "1"
-    record: dict = {"commit": commit, "pip_cache": not a.no_pip_cache, "machine": machine_record()}
+    record: dict = {"commit": commit, "pip_cache": not a.no_pip_cache, "machine": machine(libraries=False)}
     try:
         fresh = run_once(clone, env, a.args, a.timeout, echo=not a.quiet)       # fresh clone, fresh .venv
         record.update({k: fresh[k] for k in HEADLINE if k in fresh}, fresh=fresh)

@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
-import tempfile
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
@@ -35,7 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from machine_info import machine  # sibling script
 from models.baselines import FusedWithText
+from models.files import atomic_path
 from models.batching import INTENT_REGIMES, make_split
 from models.data import load_prepared, prepare_source
 from models.metrics import per_user_mean, seed_user_bootstrap, summarize
@@ -143,12 +143,6 @@ INTENT_EVALUATED = ("decomposer", "text retrieval", "phrase popularity", "decomp
 ABLATIONS = ("decomposer, no gates", "decomposer, no aux losses", "decomposer, seen items in the softmax")
 DEFAULT_VARIANTS = ("decomposer", "lstm", "sasrec", "popular", *ABLATIONS)
 METRICS = ("hr@10", "ndcg@10", "mrr", "hr@20")
-
-
-def machine() -> dict:
-    return {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "python": platform.python_version()}
 
 
 def build_variant(variant: str, data, split, seed: int, **train) -> tuple[torch.nn.Module, TrainConfig]:
@@ -266,12 +260,8 @@ def _worker_run(protocol: str, variant: str, seed: int) -> dict:
 
 def write_json(path: Path, record: dict) -> None:
     """Atomic: an interrupted write leaves the previous results intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=1)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=1))
 
 
 def aggregate(runs: dict, protocol: str) -> tuple[list[dict], dict]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from machine_info import machine  # sibling script
 from models.batching import make_split
 from models.data import load_prepared, prepare_source
 from models.run import train_config
@@ -32,14 +32,6 @@ from models.training import fit, new_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRIC = "valid_ndcg@10"
-
-
-def machine() -> dict:
-    import ray
-
-    return {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version()}
 
 
 def local_run(prepared: Path, args) -> dict:

@@ -6,40 +6,17 @@ The app itself is `ray_app.serve.build_app`; this module only starts and stops i
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from machine_info import machine  # noqa: F401  (sibling script; re-exported to the serving benchmarks)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_CHECKPOINT = Path("runs/serve-bench/ml-latest-small/decomposer.pt")
 DEFAULT_DATA = Path("runs/data/ml-latest-small")
-
-
-def machine(busy_note: str | None = None) -> dict:
-    import ray
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    info = {"cpus": os.cpu_count(), "cpu": _cpu_model(), "gpu": gpu,
-            "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version(),
-            "load_avg_at_start": list(os.getloadavg())}
-    if busy_note:
-        info["note"] = busy_note
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def command_line() -> str:

@@ -6,8 +6,6 @@ Load = `Config(**ckpt["model_args"])`, the same call everywhere.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -16,6 +14,7 @@ from torch import nn
 from models.baselines import (GRU4Rec, GRU4RecConfig, LSTMConfig, LSTMRec, MostPopular, PopularityConfig, SASRec,
                               HistoryText, PhrasePopular, SASRecConfig, SeenThenPopular, TextRetrieval)
 from models.decomposer import DecomposerConfig, InterestDecomposer
+from models.files import atomic_path
 
 FORMAT = "dynamic-interest-checkpoint/1"
 MODELS = {
@@ -66,15 +65,8 @@ def to_bytes_dict(model: nn.Module, meta: dict | None = None) -> dict:
 def save(path: str | Path, model: nn.Module, meta: dict | None = None) -> Path:
     """Atomic write: a crash mid-save leaves any previous checkpoint at `path` intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
+    with atomic_path(path, mode=0o600) as tmp:
         torch.save(to_bytes_dict(model, meta), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

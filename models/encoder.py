@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from models.files import atomic_path
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 DIM = 384
@@ -173,16 +174,8 @@ class TextEncoder:
         flat = pa.array(self._emb.reshape(-1), pa.float32())
         table = pa.table([pa.array(keys, pa.string()),
                           pa.FixedSizeListArray.from_arrays(flat, DIM)], schema=_cache_schema(DIM))
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.cache_path.name}.", suffix=".tmp",
-                                   dir=self.cache_path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(self.cache_path) as tmp:
             pq.write_table(table, tmp)
-            os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-            os.replace(tmp, self.cache_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         self._loaded_stat = self._stat()
 
     # ---- public ----------------------------------------------------------------------------

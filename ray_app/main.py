@@ -10,7 +10,6 @@ It keeps serving the API and the demo until Ctrl-C, then shuts everything down.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -88,12 +87,10 @@ class MainSettings:
 
 def private_write(path: Path, text: str) -> None:
     """Write a file only its owner can read, atomically (a crash leaves the old one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text + "\n")
-    os.replace(tmp, path)
+    from models.files import atomic_path
+
+    with atomic_path(path, mode=0o600) as tmp:          # owner-only from its creation on
+        tmp.write_text(text + "\n")
 
 
 def setup_access(s: MainSettings) -> str:
@@ -423,15 +420,14 @@ def wait_port_free(host: str, port: int, timeout_s: float) -> bool:
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    path = Path(path)
-    if path.is_dir() and (path / "best_checkpoint.json").is_file():
-        return Path(json.loads((path / "best_checkpoint.json").read_text())["model"])
-    if path.is_dir() and (path / "model.pt").is_file():
-        return path / "model.pt"
-    if path.is_file():
-        return path
-    raise NewcomerError(f"--checkpoint {path}: not a model.pt file nor a training run folder "
-                        "(one holding best_checkpoint.json)")
+    """`--checkpoint`: what `ray_app.serving.resolve_checkpoint` accepts, its error a NewcomerError."""
+    from ray_app.serving import ServingSetupError
+    from ray_app.serving import resolve_checkpoint as resolve
+
+    try:
+        return resolve(path)
+    except ServingSetupError as e:
+        raise NewcomerError(f"--checkpoint {e}") from None
 
 
 def parse_args(argv=None) -> MainSettings:

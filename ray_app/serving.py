@@ -17,7 +17,7 @@ import torch
 from models import checkpoint
 from models.batching import BatchBuilder
 from models.data import InteractionData, load_prepared
-from models.data.prepare import sha256_file as file_sha256
+from models.files import sha256_file as file_sha256
 from models.decomposer import InterestDecomposer
 from ray_app.store import Event
 

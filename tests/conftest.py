@@ -1,8 +1,9 @@
 """Shared fixtures: a tiny synthetic dataset prepared once per session with the real text encoder,
-and the API's signing secret with tokens for it."""
+the API's signing secret with tokens for it, and the one local Ray (and Serve) of a test module."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,32 @@ def service_auth() -> dict[str, str]:
 def user_auth(user_id: str) -> dict[str, str]:
     """Headers of user `user_id`'s token."""
     return {"Authorization": f"Bearer {mint(os.environ[SECRET_ENV], 'user', user_id)}"}
+
+
+@contextmanager
+def local_ray(**extra):
+    """The test module's own Ray: 2 CPUs, no dashboard, no usage stats; shut down on leaving."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, **extra)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextmanager
+def local_serve(port: int, **ray_extra):
+    """`local_ray` with Serve's proxy on 127.0.0.1:`port`; Serve is shut down before Ray."""
+    from ray import serve
+
+    with local_ray(**ray_extra):
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        try:
+            yield
+        finally:
+            serve.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import service_auth
+from conftest import local_serve, service_auth
 from models import checkpoint
 from models.batching import make_split
 from models.training import TrainConfig, fit, new_model
@@ -98,26 +98,19 @@ def tiny_checkpoint(tiny_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def serve_app(api_url, tiny_checkpoint, tiny_data, tmp_path_factory):
-    import ray
     from ray import serve
 
     from ray_app.serve import AppArgs, DeploymentSettings, build_app
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     one = DeploymentSettings(num_cpus=0.1, min_replicas=1, max_replicas=1)
     store = tmp_path_factory.mktemp("state") / "state.db"
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": int(api_url.rsplit(":", 1)[1])})
+    with local_serve(int(api_url.rsplit(":", 1)[1])):
         app = build_app(AppArgs(checkpoint=str(tiny_checkpoint), data_dir=str(tiny_data.path),
                                 store_url=f"sqlite:///{store}", encoder=one, decomposer=one, combiner=one,
                                 ingress=one))
         serve.run(app, name="demo-test", route_prefix="/", blocking=False)
         wait_http(f"{api_url}/healthz", 180)
         yield api_url
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

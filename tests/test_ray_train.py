@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import numpy as np
 import pytest
-import ray
+from conftest import local_ray
 
 from models import checkpoint
 from models.batching import make_split
@@ -19,10 +18,8 @@ from ray_app.train import BEST_FILE, METRIC, main, parse_args, parse_model_args
 
 @pytest.fixture(scope="module")
 def cluster():
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
+    with local_ray():
+        yield
 
 
 def train(data, storage, name, *extra) -> int:

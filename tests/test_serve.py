@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import ray
 import torch
 import yaml
 from ray import serve
@@ -24,7 +23,7 @@ from ray.serve.schema import ServeDeploySchema
 from models import checkpoint
 from models.batching import make_split
 from models.training import TrainConfig, fit, new_model
-from conftest import service_auth, user_auth
+from conftest import local_serve, service_auth, user_auth
 from ray_app.auth import mint
 from ray_app.serve import AppArgs
 from ray_app.serving import file_version
@@ -80,19 +79,15 @@ def env(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     ckpt_a = train_checkpoint(tiny_data, root / "a" / "model.pt", "mixture", seed=0)
     ckpt_b = train_checkpoint(tiny_data, root / "b" / "model.pt", "concat", seed=1)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False)
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     store_url = f"sqlite:///{root / 'state.db'}"
     env = {"data": tiny_data, "ckpt_a": ckpt_a, "ckpt_b": ckpt_b, "port": port, "store_url": store_url,
            "config": lambda ckpt: config_for(port, ckpt_a, ckpt, tiny_data.path, store_url)}
-    deploy(env["config"](ckpt_a))
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers=service_auth()) as client:
-        env["client"] = client
-        yield env
-    serve.shutdown()
-    ray.shutdown()
+    with local_serve(port):
+        deploy(env["config"](ckpt_a))
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers=service_auth()) as client:
+            env["client"] = client
+            yield env
 
 
 @pytest.fixture()

@@ -5,17 +5,15 @@ client's X-Request-ID comes back on the response.
 """
 from __future__ import annotations
 
-import os
 import re
 import time
 
 import httpx
 import pytest
-import ray
 import torch
 from ray import serve
 
-from conftest import service_auth
+from conftest import local_serve, service_auth
 from models import checkpoint
 from models.batching import make_split
 from models.training import new_model
@@ -29,7 +27,6 @@ APP = "faults"
 
 @pytest.fixture(scope="module")
 def served(tiny_data, tmp_path_factory):
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     tmp = tmp_path_factory.mktemp("serve-faults")
     redis = RedisServer(tmp)
     redis.start()
@@ -41,16 +38,11 @@ def served(tiny_data, tmp_path_factory):
                    encoder=one, decomposer=one, combiner=one, ingress=one)
     port, metrics_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
-    ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_serve(port, _metrics_export_port=metrics_port):
         serve.run(build_app(args), name=APP, route_prefix="/")
         wait_healthy(url)
         with httpx.Client(base_url=url, timeout=60, headers=service_auth()) as client:
             yield client, redis, metrics_port, tiny_data
-    finally:
-        serve.shutdown()
-        ray.shutdown()
         redis.stop()
 
 

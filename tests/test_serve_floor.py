@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 # The benchmark is a script, not a package: loaded from its file, without putting benchmarks/ on
-# sys.path (its tuning.py would shadow the tuning package for the other test modules).
+# sys.path (a module there could shadow a package of the same name for the other test modules).
 _spec = importlib.util.spec_from_file_location(
     "serve_floor", Path(__file__).resolve().parents[1] / "benchmarks" / "serve_floor.py")
 serve_floor = importlib.util.module_from_spec(_spec)

@@ -28,7 +28,7 @@ from ray import serve
 from models import checkpoint
 from models.batching import make_split
 from models.training import new_model
-from conftest import service_auth
+from conftest import local_serve, service_auth
 from ray_app.auth import TOKEN_ENV
 from ray_app.serve import AppArgs, DeploymentSettings, build_app
 from ray_app.store import open_store
@@ -57,7 +57,6 @@ def wait_healthy(url: str, timeout_s: float = 120.0) -> None:
 
 @pytest.fixture(scope="module")
 def served(tiny_data, tmp_path_factory):
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     tmp = tmp_path_factory.mktemp("serve-reliability")
     # Untrained weights are enough: what is under test is the serving path, not ranking quality.
     torch.manual_seed(0)
@@ -71,15 +70,10 @@ def served(tiny_data, tmp_path_factory):
                    encoder=one, decomposer=two, combiner=one, ingress=ingress)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_serve(port):
         serve.run(build_app(args), name=APP, route_prefix="/")
         wait_healthy(url)
         yield SimpleNamespace(url=url, store_url=store_url, data=tiny_data, tmp=tmp)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def decomposer_replicas() -> set[str]:

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 
 import optuna
 import pandas as pd
 import pytest
-import ray
+from conftest import local_ray
 
 from models import checkpoint
 from tuning.results import random_param_space
@@ -22,10 +21,8 @@ SEARCH = ("--num-samples", "2", "--epochs", "2", "--batch-size", "8", "--seed", 
 
 @pytest.fixture(scope="module")
 def cluster():
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
+    with local_ray():
+        yield
 
 
 def study(run_dir) -> optuna.Study:

@@ -16,7 +16,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from models.data.errors import DataFormatError
-from models.data.prepare import FORMAT_VERSION, MANIFEST, TABLE_FILES, sha256_file
+from models.data.prepare import FORMAT_VERSION, MANIFEST, TABLE_FILES
+from models.files import sha256_file
 
 
 @dataclass

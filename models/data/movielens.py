@@ -9,8 +9,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
-import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +19,7 @@ import pyarrow.csv as pacsv
 from tqdm.auto import tqdm
 
 from models.data.errors import DataFormatError
-from models.data.prepare import sha256_file
+from models.files import atomic_path, sha256_file
 from models.data.raw import ITEMS_SCHEMA, RATINGS_SCHEMA, TAG_EVENTS_SCHEMA, RawData, rank_tags
 
 MOVIELENS_URL = "https://files.grouplens.org/datasets/movielens/{name}.zip"
@@ -425,10 +423,9 @@ def download(name: str, dest_dir: Path, url: str | None = None, sha256: str | No
         if expected is None or sha256_file(dest) == expected:
             return dest
         dest.unlink()  # a damaged earlier copy
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest_dir)
     try:
         h = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, httpx.stream(
+        with atomic_path(dest) as tmp, open(tmp, "wb") as out, httpx.stream(
                 "GET", url, follow_redirects=True, timeout=httpx.Timeout(30.0, read=120.0)) as resp:
             resp.raise_for_status()
             total = int(resp.headers.get("content-length", 0)) or None
@@ -438,16 +435,14 @@ def download(name: str, dest_dir: Path, url: str | None = None, sha256: str | No
                     out.write(chunk)
                     h.update(chunk)
                     bar.update(len(chunk))
-        digest = h.hexdigest()
-        if expected is not None and digest != expected:
-            raise DownloadError(f"{url}: SHA-256 mismatch (expected {expected}, got {digest}); "
-                                "the download was discarded")
-        os.replace(tmp, dest)
+            out.flush()
+            digest = h.hexdigest()
+            if expected is not None and digest != expected:      # raised inside: the file is discarded
+                raise DownloadError(f"{url}: SHA-256 mismatch (expected {expected}, got {digest}); "
+                                    "the download was discarded")
     except httpx.HTTPStatusError as e:
         raise DownloadError(f"cannot download {url}: HTTP {e.response.status_code}") from None
     except httpx.TransportError as e:
         raise DownloadError(f"cannot download {url}: {type(e).__name__}: {e} (no network? put "
                             f"{dest.name} in {dest_dir} or pass a local folder)") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return dest

@@ -6,7 +6,6 @@ end, so a crash leaves any earlier output untouched and never a half-written one
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 
 from models.data.errors import DataFormatError
 from models.data.raw import ITEMS_SCHEMA, RATINGS_SCHEMA, RawData, rank_tags
+from models.files import sha256_file
 
 FORMAT_VERSION = 2          # 2: item text from the tags applied before every evaluation target only
 # The longest evaluation protocol predicts each user's last 10 events (`models.run.PROTOCOLS`), with
@@ -56,14 +56,6 @@ def intent_phrases(genres: list[str], tags: list[str]) -> list[str]:
         phrases.append(f"{words[0]} and {words[1]}")
     phrases += [t.strip().lower() for t in tags[:3] if t.strip()]
     return list(dict.fromkeys(phrases))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _emb_array(emb: np.ndarray) -> pa.FixedSizeListArray:

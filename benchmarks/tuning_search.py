@@ -1,7 +1,7 @@
 """TPE against random search on ml-latest-small, then the best configuration against the default.
 
-    nice -n 10 python benchmarks/tuning.py                      # writes benchmarks/results/tuning.{json,png}
-    python benchmarks/tuning.py --trials 6 --seeds 0,1 --epochs 3 --retrain-epochs 6
+    nice -n 10 python benchmarks/tuning_search.py                      # writes benchmarks/results/tuning.{json,png}
+    python benchmarks/tuning_search.py --trials 6 --seeds 0,1 --epochs 3 --retrain-epochs 6
 
 Each search is `tuning.search` with the same trial budget, ASHA and space; the sampler is Optuna's
 TPE (OptunaSearch) or Tune's BasicVariantGenerator drawing from the same define-by-run space.
@@ -16,17 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine_info import machine                                          # noqa: E402  (sibling script)
 from models import checkpoint                                              # noqa: E402
 from models.batching import make_split                                     # noqa: E402
 from models.data import load_prepared                                      # noqa: E402
@@ -42,15 +41,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SPACE = ["lstm_units={low: 32, high: 256, log: true}", "max_len=[50, 100]"]
 SHARED_NOTE = ("machine was shared: 2 CPU cores used by several engineers' jobs at once, "
                "so times are inflated and noisy; quality figures are unaffected")
-
-
-def machine() -> dict:
-    import ray
-
-    return {"cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version(),
-            "load_average": os.getloadavg()}
 
 
 def curve(run_dir: Path) -> list[float | None]:
