@@ -435,7 +435,6 @@ def download(name: str, dest_dir: Path, url: str | None = None, sha256: str | No
                     out.write(chunk)
                     h.update(chunk)
                     bar.update(len(chunk))
-            out.flush()
             digest = h.hexdigest()
             if expected is not None and digest != expected:      # raised inside: the file is discarded
                 raise DownloadError(f"{url}: SHA-256 mismatch (expected {expected}, got {digest}); "
