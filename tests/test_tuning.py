@@ -72,6 +72,30 @@ def test_random_search_draws_from_the_same_conditional_space():
         assert "aux_weight" not in p and p["n_latent_alone"] >= 1 and p["lr"] == 0.01
 
 
+def test_every_model_searches_with_the_same_recipe_fixed():
+    decomposer = draw(SearchSpace.from_overrides())
+    sasrec = draw(SearchSpace.from_overrides(["use_text=true", "use_events=true"], model="sasrec"), seed=3)
+    assert decomposer["model"] == "decomposer" and sasrec["model"] == "sasrec"
+    assert decomposer["ema_decay"] == sasrec["ema_decay"] == 0.98 and sasrec["mask_seen"] is True
+    model_args, train = trial_settings(sasrec)
+    assert model_args["use_text"] is True and model_args["mask_seen"] is True and model_args["blocks"] in (1, 2, 3)
+    assert "lr" not in model_args and "ema_decay" not in model_args and train["ema_decay"] == 0.98
+    assert isinstance(model_args["max_len"], int) and 3e-4 <= train["lr"] <= 1e-2
+    assert trial_settings(decomposer)[1]["ema_decay"] == 0.98
+
+
+@pytest.mark.parametrize("model, override, message", [
+    ("sasrec", "dim_size=8", "dim_size: not a search-space parameter of sasrec; choose from blocks"),
+    ("sasrec", "blocks=0", "blocks=0: must be a positive integer"),
+    ("gru4rec", "ema_decay=1.5", "ema_decay=1.5: must be in \\[0, 1\\)"),
+    ("lstm", "use_text=maybe", "use_text='maybe': Input should be a valid boolean"),
+    ("knn", "lr=0.1", "model 'knn': no search space"),
+])
+def test_bad_baseline_spaces_are_named(model, override, message):
+    with pytest.raises(SpaceError, match=message):
+        SearchSpace.from_overrides([override], model=model)
+
+
 @pytest.mark.parametrize("override, message", [
     ("units=64", "units: not a search-space parameter; choose from lstm_units"),
     ("lstm_units={low: 64, high: 32}", "low 64 is above high 32"),
@@ -149,3 +173,16 @@ def test_resume_continues_the_same_study(searched, tiny_data, capsys):
     assert main([*args, "--num-samples", "4"]) == 0                         # the study is complete: nothing runs
     assert "4 trial(s) done before, 0 to run" in capsys.readouterr().out
     assert len(pd.read_parquet(searched / "results.parquet")) == 3
+
+
+def test_a_baseline_is_searched_the_same_way(cluster, tiny_data, tmp_path):
+    args = ["--dataset", str(tiny_data.path), "--storage-path", str(tmp_path), "--name", "g", "--model", "gru4rec",
+            "--protocol", "last10", "--num-samples", "1", "--epochs", "1", "--batch-size", "8", "--num-cpus", "2",
+            "--space-override", "hidden=8", "--space-override", "item_dim=8", "--space-override", "max_len=8"]
+    assert main(args) == 0
+    best = json.loads((tmp_path / "g" / "best_config.json").read_text())
+    assert best["model_kind"] == "gru4rec" and best["train"]["protocol"] == "last10"
+    assert best["model_args"]["hidden"] == 8 and best["model_args"]["mask_seen"] is True
+    model, meta = checkpoint.load(best["model"])
+    assert type(model).__name__ == "GRU4Rec" and model.cfg.hidden == 8 and model.cfg.mask_seen
+    assert meta["protocol"] == "last10"

@@ -99,7 +99,8 @@ class Progress(Callback):
         best = f"{self.best:.4f}" if self.best > -math.inf else "-"
         print(f"[tune] trial {self.done}/{self.total} {trial.trial_id} {what}: {self.metric} {shown} "
               f"after {(trial.last_result or {}).get('training_iteration', 0)} epoch(s), "
-              f"{dimension_set(params)}, lstm {params.get('lstm_units')}, lr {params.get('lr', 0):.4g}; "
+              f"{dimension_set(params)}, size {params.get('lstm_units', params.get('hidden'))}, "
+              f"lr {params.get('lr', 0):.4g}; "
               f"best so far {best}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -171,8 +172,10 @@ def best_config(table: pd.DataFrame, setup, metric: str) -> dict | None:
         "value": float(row["best_valid_ndcg@10"]), "trial_id": row["trial_id"],
         "optuna_trial": None if _missing(row.get("optuna_trial")) else int(row["optuna_trial"]),
         "epoch": int(row["best_epoch"]), "dimension_set": row["dimension_set"],
-        "params": params, "model_args": {**model_args, "dims": list(model_args["dims"])},
-        "train": {"lr": train["lr"], "epochs": setup.settings.epochs, "batch_size": setup.settings.batch_size},
+        "params": params, "model_kind": params.get("model", "decomposer"),
+        "model_args": {k: list(v) if isinstance(v, tuple) else v for k, v in model_args.items()},
+        "train": {"lr": train["lr"], "ema_decay": train["ema_decay"], "epochs": setup.settings.epochs,
+                  "batch_size": setup.settings.batch_size, "protocol": setup.settings.protocol},
         "checkpoint": ckpt, "model": f"{ckpt}/model.pt" if ckpt else "",     # "model": what checkpoint.load reads
         "dataset": str(setup.prepared), "optuna_storage": setup.storage_url, "study_name": setup.name,
         "n_trials": int(len(table)), "n_failed": int((table["status"] == "failed").sum()),

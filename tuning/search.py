@@ -1,6 +1,8 @@
-"""Search the decomposer's shape with Ray Tune: Optuna's TPE (or random search) and ASHA.
+"""Search a model's shape with Ray Tune: Optuna's TPE (or random search) and ASHA.
 
     python -m tuning.search --smoke-test                                  # tiny synthetic search
+    python -m tuning.search --dataset ml-latest-small --protocol last10 --model sasrec \\
+        --space-override use_text=true --space-override use_events=true   # a baseline, same budget
     python -m tuning.search --dataset ml-latest-small --num-samples 30 --epochs 8 --name ml-small
     python -m tuning.search --dataset ml-latest-small --name ml-small --num-samples 40   # resumes: 10 more
     python -m tuning.search --space-override 'lstm_units={low: 64, high: 256, log: true}' \\
@@ -31,7 +33,8 @@ from pathlib import Path
 from ray_app.data import SetupError, load_checked, resolve_dataset
 from ray_app.train import METRIC, RayTrainSettings, build_trainer, check_storage, connect, plan
 from tuning import results
-from tuning.space import SearchSpace, SpaceError
+from models.run import PROTOCOLS
+from tuning.space import MODEL_SPACES, SearchSpace, SpaceError
 
 OBJECTIVE = f"best_{METRIC}"       # best validation NDCG@10 so far in the trial: ASHA and Optuna both read it
 MODE = "max"
@@ -42,6 +45,8 @@ SMOKE_SPACE = ["lstm_units=[16, 32]", "dim_size=[8, 16]", "max_len=[10, 20]", "m
 @dataclass
 class SearchSettings:
     dataset: str = "synthetic"              # as for ray_app.train: a name or a prepared folder
+    model: str = "decomposer"               # what is searched: decomposer | sasrec | gru4rec | lstm
+    protocol: str = "loo"                   # the split whose validation targets score a trial
     data_dir: Path | None = None
     prepared_dir: Path | None = None
     storage_path: str = "runs/tune"         # local folder; the run folder is <storage_path>/<name>
@@ -89,6 +94,8 @@ def prepare(s: SearchSettings) -> Setup:
         raise SetupError(f"--num-samples must be at least 1, got {s.num_samples}")
     if s.time_budget_s is not None and s.time_budget_s <= 0:
         raise SetupError(f"--time-budget must be positive, got {s.time_budget_s:g}")
+    if s.protocol not in PROTOCOLS:
+        raise SetupError(f"--protocol {s.protocol}: choose from {', '.join(sorted(PROTOCOLS))}")
     if s.sampler not in ("tpe", "random"):
         raise SetupError(f"--sampler {s.sampler}: choose from tpe, random")
     for flag, v in (("--epochs", s.epochs), ("--grace-period", s.grace_period), ("--patience", s.patience),
@@ -103,7 +110,7 @@ def prepare(s: SearchSettings) -> Setup:
         raise SetupError(f"--storage-path {s.storage_path}: the run folder holds the tables and plots; "
                          "give a local or mounted folder")
     try:
-        space = SearchSpace.from_overrides(s.space_overrides, s.space_files)
+        space = SearchSpace.from_overrides(s.space_overrides, s.space_files, model=s.model)
     except SpaceError as e:
         raise SetupError(str(e)) from None
     name = s.run_name()
@@ -155,7 +162,8 @@ def run_trial(config: dict, base: RayTrainSettings) -> None:
     params = config.get("params", config)                # random search nests them (see search_algorithm)
     model_args, train = trial_settings(params)
     crash = train["fail_at_epoch"] is not None
-    s = dataclasses.replace(base, model_args=model_args, lr=train["lr"], name=ray.tune.get_context().get_trial_id(),
+    s = dataclasses.replace(base, model_args=model_args, lr=train["lr"], ema_decay=train["ema_decay"],
+                            name=ray.tune.get_context().get_trial_id(),
                             fail_at_epoch=train["fail_at_epoch"], max_failures=0 if crash else base.max_failures)
     trainer = build_trainer(plan(s))
     # The trial is a Train V2 driver: every epoch's report (and its checkpoint path) goes on to Tune.
@@ -212,7 +220,7 @@ def run(s: SearchSettings, num_cpus: int | None = None) -> dict:
     if setup.remaining:
         connect(num_cpus, s.verbose)
         base = RayTrainSettings(
-            dataset=str(setup.prepared), model="decomposer", epochs=s.epochs, patience=s.patience, seed=s.seed,
+            dataset=str(setup.prepared), model=s.model, protocol=s.protocol, epochs=s.epochs, patience=s.patience, seed=s.seed,
             batch_size=s.batch_size, num_workers=s.num_workers, cpus_per_worker=s.cpus_per_worker,
             use_gpu=s.use_gpu, storage_path=str(setup.run_dir / "trials"), num_to_keep=1)
         algo, param_space = search_algorithm(setup, storage)
@@ -254,6 +262,10 @@ def run(s: SearchSettings, num_cpus: int | None = None) -> dict:
 def parse_args(argv=None) -> tuple[SearchSettings, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="synthetic", help="synthetic | ml-latest-small | ... | a prepared folder")
+    p.add_argument("--model", choices=tuple(MODEL_SPACES), default="decomposer",
+                   help="the model searched; each has its space in tuning/space.py, with the same recipe fixed")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="loo",
+                   help="the split: loo (validation = the event before the last) or last10")
     p.add_argument("--data-dir", type=Path, help="MovieLens folder or .zip for a named dataset")
     p.add_argument("--prepared-dir", type=Path, help="where a named dataset is prepared (default runs/data/NAME)")
     p.add_argument("--storage-path", default="runs/tune", help="folder that holds the run folder")
@@ -281,7 +293,7 @@ def parse_args(argv=None) -> tuple[SearchSettings, argparse.Namespace]:
                    help="show Ray's own logs and the trials' output (otherwise in /tmp/ray/session_latest/logs)")
     a = p.parse_args(argv)
     s = SearchSettings(
-        dataset=a.dataset, data_dir=a.data_dir, prepared_dir=a.prepared_dir, storage_path=a.storage_path,
+        dataset=a.dataset, model=a.model, protocol=a.protocol, data_dir=a.data_dir, prepared_dir=a.prepared_dir, storage_path=a.storage_path,
         name=a.name, sampler=a.sampler, num_samples=a.num_samples, time_budget_s=a.time_budget, seed=a.seed,
         startup_trials=a.startup_trials, epochs=a.epochs, grace_period=a.grace_period,
         reduction_factor=a.reduction_factor, patience=a.patience, batch_size=a.batch_size,

@@ -1,0 +1,212 @@
+"""The primary comparison on equal footing: the same search budget for the decomposer and its baseline.
+
+    nice -n 10 python benchmarks/equal_budget.py          # writes benchmarks/results/equal_budget_ml-latest-small.{json,png}
+    python benchmarks/equal_budget.py --trials 12 --epochs 20 --seeds 0,1,2   # a larger budget (a GPU, a cluster)
+
+Each model of `MODELS` is searched by `tuning.search` (Ray Tune + Optuna TPE + ASHA) with the
+same settings: the same number of trials, epochs per trial, ASHA rungs, sampler seed, split
+(last-10) and validation targets, and the same recipe fixed in every space (the seen-item mask
+and the weight average, `tuning.space.RECIPE`). The baseline is SASRec given what the decomposer
+gets: the MiniLM item text and the rating/time event features. The best configuration of each
+search is then retrained from scratch with Ray Train on every seed, with an epoch cap and
+patience the report checks no best epoch reached, and scored on the test targets
+(history-masked NDCG@10). Popularity is the trivial row. The primary comparison, declared
+before the run, is decomposer against the SASRec baseline; its interval resamples seeds and users.
+A finished search or retrain is kept in the JSON and skipped on a rerun, so an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from machine_info import machine                                          # noqa: E402  (sibling script)
+from models import checkpoint                                              # noqa: E402
+from models.batching import make_split                                     # noqa: E402
+from models.data import load_prepared                                      # noqa: E402
+from models.files import atomic_path                                       # noqa: E402
+from models.metrics import per_user_mean, seed_user_bootstrap              # noqa: E402
+from models.run import PROTOCOLS                                           # noqa: E402
+from models.training import HEADLINE, evaluate, new_model                  # noqa: E402
+from ray_app.data import resolve_dataset                                   # noqa: E402
+from ray_app.train import RayTrainSettings, connect                        # noqa: E402
+from ray_app.train import run as train_run                                 # noqa: E402
+from tuning import search                                                  # noqa: E402
+from tuning.results import TABLE                                           # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROTOCOL = "last10"
+# name -> (model kind, fixed settings on top of its space). Both spaces fix the same recipe.
+MODELS = {
+    "decomposer": ("decomposer", []),
+    "sasrec, text and event features": ("sasrec", ["use_text=true", "use_events=true"]),
+}
+PRIMARY = {"model": "decomposer", "baseline": "sasrec, text and event features", "protocol": PROTOCOL,
+           "metric": "ndcg@10"}
+# Kept affordable for 2 CPU cores: the largest LSTMs are out of the decomposer's space.
+SPACE_LIMITS = {"decomposer": ["lstm_units={low: 32, high: 256, log: true}"]}
+
+
+def search_record(run_dir: Path, best: dict, wall_s: float) -> dict:
+    table = pd.read_parquet(run_dir / TABLE)
+    keep = [c for c in table.columns if c.startswith("param_") or c in (
+        "trial_id", "status", "epochs", "best_valid_ndcg@10", "best_epoch", "train_seconds")]
+    rows = json.loads(table[keep].to_json(orient="records"))
+    best_so_far = np.fmax.accumulate(table["best_valid_ndcg@10"].to_numpy(dtype=float)).tolist()
+    return {"trials": len(table), "epochs_run": int(table["epochs"].sum()), "rows": rows,
+            "best_so_far": [None if np.isnan(v) else v for v in best_so_far],
+            "best_value": best.get("value"), "best_params": best.get("params"),
+            "best_model_args": best.get("model_args"), "best_train": best.get("train"), "wall_s": wall_s}
+
+
+def test_scores(model_path: str, data, split) -> dict:
+    model, _ = checkpoint.load(model_path)
+    ev = evaluate(model, data, split, "test")
+    return {"test_ndcg@10": float(ev["masked"][HEADLINE].mean()), "test_hr@10": float(ev["masked"]["hr@10"].mean()),
+            "user_ndcg@10": per_user_mean(ev["masked"][HEADLINE], ev["users"]).round(6).tolist()}
+
+
+def retrain(kind: str, found: dict, seed: int, prepared: Path, data, split, args, name: str) -> dict:
+    s = RayTrainSettings(dataset=str(prepared), model=kind, model_args=found["best_model_args"],
+                         protocol=PROTOCOL, lr=found["best_train"]["lr"],
+                         ema_decay=found["best_train"]["ema_decay"] or 0.0, epochs=args.retrain_epochs,
+                         patience=args.retrain_patience, seed=seed, cpus_per_worker=args.cpus_per_worker,
+                         storage_path=str(args.storage / "retrain"), name=name, num_to_keep=1)
+    t0 = time.perf_counter()
+    best = train_run(s)
+    epochs_run = max((h.get("epoch", 0) for h in best.get("history", [])), default=best["epoch"])
+    return {"seed": seed, "best_epoch": best["epoch"], "epochs_run": epochs_run,
+            "best_epoch_below_cap": best["epoch"] < args.retrain_epochs,
+            "valid_ndcg@10": best["valid_ndcg@10"], "wall_s": time.perf_counter() - t0,
+            **test_scores(best["model"], data, split)}
+
+
+def popularity(data, split) -> dict:
+    ev = evaluate(new_model("popular", data, split), data, split, "test")
+    return {"test_ndcg@10": float(ev["masked"][HEADLINE].mean()),
+            "user_ndcg@10": per_user_mean(ev["masked"][HEADLINE], ev["users"]).round(6).tolist()}
+
+
+def primary(report: dict) -> dict | None:
+    runs = report["retrain"]
+    a, b = runs.get(PRIMARY["model"], {}), runs.get(PRIMARY["baseline"], {})
+    if not a or not b:
+        return None
+    ua = np.array([r["user_ndcg@10"] for r in a.values()])
+    ub = np.array([r["user_ndcg@10"] for r in b.values()])
+    diff = seed_user_bootstrap(ua, ub)
+    ma, mb = float(ua.mean()), float(ub.mean())
+    return {**PRIMARY, "model_mean": ma, "baseline_mean": mb, "ratio": ma / mb, "difference": diff["mean"],
+            "lo": diff["lo"], "hi": diff["hi"], "seeds": diff["seeds"], "users": diff["users"],
+            "target_ratio": 1.05, "met": bool(ma >= 1.05 * mb and diff["lo"] > 0)}
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, (name, run) in enumerate(report["searches"].items()):
+        ys = [np.nan if v is None else v for v in run["best_so_far"]]
+        left.plot(range(1, len(ys) + 1), ys, "-o", color=f"C{i}", label=name)
+    left.set_xlabel("trials")
+    left.set_ylabel("best validation NDCG@10 so far")
+    left.set_title(f"the same search budget ({report['settings']['trials']} trials, ASHA)")
+    left.legend(fontsize=8)
+    names = list(report["retrain"]) + ["popular"]
+    for i, name in enumerate(names):
+        vals = ([r["test_ndcg@10"] for r in report["retrain"][name].values()] if name != "popular"
+                else [report["popular"]["test_ndcg@10"]])
+        right.bar(i, np.mean(vals), color=f"C{i}", alpha=0.6)
+        right.scatter([i] * len(vals), vals, color="k", s=12, zorder=3)
+    right.set_xticks(range(len(names)), [n.replace(", ", ",\n") for n in names], fontsize=8)
+    right.set_ylabel("test NDCG@10 (last 10, history-masked)")
+    right.set_title("best configurations retrained (dots: seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="ml-latest-small")
+    p.add_argument("--trials", type=int, default=6, help="trial budget of every model's search")
+    p.add_argument("--epochs", type=int, default=10, help="epochs per trial at most (ASHA max_t)")
+    p.add_argument("--grace-period", type=int, default=2)
+    p.add_argument("--startup-trials", type=int, default=3, help="TPE's random start")
+    p.add_argument("--seeds", default="0,1", help="retraining seeds of each best configuration")
+    p.add_argument("--retrain-epochs", type=int, default=80)
+    p.add_argument("--retrain-patience", type=int, default=8)
+    p.add_argument("--cpus-per-worker", type=float, default=2.0)
+    p.add_argument("--storage", type=Path, default=Path("runs/bench-equal-budget"))
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    args.storage = args.storage.resolve()
+    out = args.out or RESULTS / f"equal_budget_{Path(args.dataset).name}.json"
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    prepared = resolve_dataset(args.dataset)
+    data = load_prepared(prepared)
+    split = make_split(data.user_offsets, PROTOCOLS[PROTOCOL])
+    report = json.loads(out.read_text()) if out.is_file() else {}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("out", "seeds")}
+    if report.get("settings") != settings:
+        report = {"searches": {}, "retrain": {}}                       # another budget: start over
+    report.update({"benchmark": "equal_budget", "dataset": args.dataset, "protocol": PROTOCOL,
+                   "machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                   "settings": settings, "models": {k: {"kind": v[0], "fixed": v[1]} for k, v in MODELS.items()},
+                   "space_limits": SPACE_LIMITS, "declared_primary": PRIMARY})
+
+    def save() -> None:
+        with atomic_path(out) as tmp:
+            tmp.write_text(json.dumps(report, indent=2, default=str))
+
+    # A trial's driver holds a sliver of a CPU beside its Train worker: one logical CPU more than
+    # the worker's, so a 2-CPU worker fits on a 2-core machine.
+    connect(int(np.ceil(args.cpus_per_worker)) + 1)
+    for name, (kind, fixed) in MODELS.items():
+        if name in report["searches"]:
+            print(f"search {name}: recorded, skipped", flush=True)
+            continue
+        key = kind if not fixed else f"{kind}-" + "-".join(f.split("=")[0] for f in fixed)
+        s = search.SearchSettings(
+            dataset=str(prepared), model=kind, protocol=PROTOCOL, storage_path=str(args.storage), name=key,
+            num_samples=args.trials, seed=0, startup_trials=args.startup_trials, epochs=args.epochs,
+            grace_period=args.grace_period, reduction_factor=3, patience=3, cpus_per_worker=args.cpus_per_worker,
+            space_overrides=[*SPACE_LIMITS.get(kind, []), *fixed])
+        t0 = time.perf_counter()
+        best = search.run(s)
+        report["searches"][name] = search_record(args.storage / key, best, time.perf_counter() - t0)
+        save()
+    for seed in [int(x) for x in args.seeds.split(",")]:
+        for name, (kind, _) in MODELS.items():
+            done = report["retrain"].setdefault(name, {})
+            if str(seed) in done:
+                continue
+            run_name = f"{name.split(',')[0]}-seed{seed}"
+            print(f"retrain {name}, seed {seed}", flush=True)
+            done[str(seed)] = retrain(kind, report["searches"][name], seed, prepared, data, split, args, run_name)
+            report["primary"] = primary(report)
+            save()
+    report["popular"] = popularity(data, split)
+    report["primary"] = primary(report)
+    report["all_best_epochs_below_cap"] = all(r["best_epoch_below_cap"] for m in report["retrain"].values()
+                                              for r in m.values())
+    save()
+    plot(report, out.with_suffix(".png"))
+    summary = {name: [round(r["test_ndcg@10"], 4) for r in runs.values()] for name, runs in report["retrain"].items()}
+    print(json.dumps({"test ndcg@10 per seed": summary, "popular": round(report["popular"]["test_ndcg@10"], 4),
+                      "primary": report["primary"]}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
