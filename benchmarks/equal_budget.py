@@ -82,11 +82,11 @@ def retrain(kind: str, found: dict, seed: int, prepared: Path, data, split, args
                          storage_path=str(args.storage / "retrain"), name=name, num_to_keep=1)
     t0 = time.perf_counter()
     best = train_run(s)
-    epochs_run = max((h.get("epoch", 0) for h in best.get("history", [])), default=best["epoch"])
-    return {"seed": seed, "best_epoch": best["epoch"], "epochs_run": epochs_run,
-            "best_epoch_below_cap": best["epoch"] < args.retrain_epochs,
-            "valid_ndcg@10": best["valid_ndcg@10"], "wall_s": time.perf_counter() - t0,
-            **test_scores(best["model"], data, split)}
+    epochs_run = max((h.get("epoch", 0) for h in best.history), default=best.epoch)
+    return {"seed": seed, "best_epoch": best.epoch, "epochs_run": epochs_run,
+            "best_epoch_below_cap": best.epoch < args.retrain_epochs,
+            "valid_ndcg@10": best.valid_ndcg10, "wall_s": time.perf_counter() - t0,
+            **test_scores(best.model, data, split)}
 
 
 def popularity(data, split) -> dict:

@@ -58,7 +58,7 @@ def ray_run(prepared: Path, storage: Path, workers: int, args) -> dict:
     t0 = time.time()
     best = run(s)
     end = time.time()
-    h = best["history"]
+    h = best.history
     starts = [e["started_at"] for e in h]
     seqs = sum(e["sequences_per_s"] * e["train_seconds"] for e in h)
     return {"workers": workers, "cpus_per_worker": s.cpus_per_worker,

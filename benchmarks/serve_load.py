@@ -87,6 +87,7 @@ def in_process(args, spec: dict, store_url: str) -> dict:
     import torch
 
     from ray_app.deployments import Combiner, Decomposer, Encoder
+    from ray_app.serving import RankJob
     from ray_app.store import Event
 
     torch.set_num_threads(1)       # what a replica with a fractional CPU gets (OMP_NUM_THREADS=1)
@@ -112,7 +113,7 @@ def in_process(args, spec: dict, store_url: str) -> dict:
         else:
             intent = enc.encoder.encode([str(rng.choice(spec["intents"]))])[0] if op == "recommend_intent" else None
             state = dec._advance_users([(user, True)])[0]             # Decomposer.user_state's work
-            comb._rank(comb.current, [(state, intent, 10, True, False, time.time())])  # Combiner.rank's work
+            comb._rank(comb.current, [RankJob(state, intent, 10, True, False, time.time())])  # Combiner.rank's work
         lat[op].append(time.perf_counter() - start)
     elapsed = time.perf_counter() - t0
     dec.store.close()

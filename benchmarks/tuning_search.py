@@ -73,9 +73,9 @@ def retrain(name: str, model_args: dict, lr: float | None, prepared: Path, args)
                          storage_path=str(args.storage / "retrain"), name=name, num_to_keep=1)
     t0 = time.perf_counter()
     best = train_run(s)
-    return {"model_args": model_args, "lr": lr, "checkpoint": best["model"], "best_epoch": best["epoch"],
-            "valid_ndcg@10": best["valid_ndcg@10"], "wall_s": time.perf_counter() - t0,
-            **test_ndcg(best["model"], prepared)}
+    return {"model_args": model_args, "lr": lr, "checkpoint": best.model, "best_epoch": best.epoch,
+            "valid_ndcg@10": best.valid_ndcg10, "wall_s": time.perf_counter() - t0,
+            **test_ndcg(best.model, prepared)}
 
 
 def plot(report: dict, path: Path) -> None:

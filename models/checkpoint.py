@@ -6,9 +6,11 @@ Load = `Config(**ckpt["model_args"])`, the same call everywhere.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from models.baselines import (GRU4Rec, GRU4RecConfig, LSTMConfig, LSTMRec, MostPopular, PopularityConfig, SASRec,
@@ -17,6 +19,7 @@ from models.decomposer import DecomposerConfig, InterestDecomposer
 from models.files import atomic_path
 
 FORMAT = "dynamic-interest-checkpoint/1"
+BEST_FILE = "best_checkpoint.json"  # a training run's record of its best checkpoint, beside its checkpoints
 MODELS = {
     "decomposer": (DecomposerConfig, InterestDecomposer),
     "lstm": (LSTMConfig, LSTMRec),
@@ -96,3 +99,34 @@ def load(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict]:
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"{path}: unreadable or corrupt checkpoint ({type(e).__name__}: {e})") from e
     return from_dict(ckpt, str(path))
+
+
+class BestCheckpoint(BaseModel):
+    """`<run>/best_checkpoint.json`: written by `ray_app.train`, read by tuning, serving and the main job."""
+    model_config = ConfigDict(populate_by_name=True, protected_namespaces=(), extra="ignore")
+    run: str                          # the run's name (its folder under the storage path)
+    path: str                         # the checkpoint folder
+    model: str                        # its model.pt, what serving loads
+    epoch: int
+    valid_ndcg10: float = Field(alias="valid_ndcg@10")
+    metrics: dict                     # everything the epoch reported
+    model_type: str
+    dataset: str
+    protocol: str
+    history: list[dict] = []          # every epoch's report, oldest first
+
+    @classmethod
+    def read(cls, path: str | Path) -> "BestCheckpoint":
+        """The record in `path`; ValueError naming the file and the field when it is not one."""
+        path = Path(path)
+        try:
+            return cls.model_validate(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON ({e})") from None
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(x) for x in err["loc"]) or "record"
+            raise ValueError(f"{path}: not a best-checkpoint record ({field!r}: {err['msg']})") from None
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, indent=2)

@@ -22,7 +22,8 @@ from ray import serve
 from models.encoder import TextEncoder
 from models.features import moment_features
 from ray_app.metrics import AppMetrics
-from ray_app.serving import Catalogue, ServedModel, event_tensors, pack_state, unpack_state
+from ray_app.serving import (Catalogue, RankJob, Ranking, ServedModel, UserState, event_tensors, pack_state,
+                             unpack_state)
 from ray_app.store import StoredState, open_store
 
 log = logging.getLogger("ray.serve")
@@ -94,17 +95,17 @@ class Decomposer:
 
     # ---- a stored user -------------------------------------------------------------------
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def user_state(self, requests: list[tuple[str, bool]]) -> list[dict]:
-        """(user_id, with_seen) -> state dict; the one-step advances of a batch run together,
+    async def user_state(self, requests: list[tuple[str, bool]]) -> list[UserState]:
+        """(user_id, with_seen) -> UserState; the one-step advances of a batch run together,
         in a thread: the store calls never block the replica's event loop."""
         with self.metrics.store_errors_in("user_state"):
             return await asyncio.to_thread(self._advance_users, requests)
 
     @torch.no_grad()
-    def _advance_users(self, requests: list[tuple[str, bool]]) -> list[dict]:
+    def _advance_users(self, requests: list[tuple[str, bool]]) -> list[UserState]:
         served = self.served  # one model for the whole batch even if reconfigure runs meanwhile
         sizes = served.state_sizes
-        out: list[dict | None] = [None] * len(requests)
+        out: list[UserState | None] = [None] * len(requests)
         groups: dict[tuple[bool, int], list] = defaultdict(list)   # (has state, new events) -> jobs
         for j, (user_id, with_seen) in enumerate(requests):
             stored = self.store.get_state(user_id)
@@ -165,19 +166,17 @@ class Decomposer:
 
     @staticmethod
     def _result(served: ServedModel, h: torch.Tensor, n: int, last_ts: float | None,
-                seen: np.ndarray | None) -> dict:
-        # The Combiner derives the dimensions I_{t,k} from h itself: only h crosses the hop.
-        return {"model_version": served.version, "checkpoint": str(served.path), "h": h.cpu().numpy(),
-                "n_events": n, "last_ts": last_ts, "seen": seen}
+                seen: np.ndarray | None) -> UserState:
+        return UserState(served.version, str(served.path), h.cpu().numpy(), n, last_ts, seen)
 
     async def advance(self, user_id: str) -> int:
         """Bring a user's stored state up to date (after new events); -> events consumed."""
-        return (await self.user_state((user_id, False)))["n_events"]
+        return (await self.user_state((user_id, False))).n_events
 
     # ---- an inline history ---------------------------------------------------------------
     @torch.no_grad()
-    def history_state(self, events: list[tuple[int, float, float]]) -> dict:
-        """Source-id events (any order; sorted by time, stably, as in training) -> state dict; nothing stored."""
+    def history_state(self, events: list[tuple[int, float, float]]) -> UserState:
+        """Source-id events (any order; sorted by time, stably, as in training) -> UserState; nothing stored."""
         served = self.served
         events = sorted(events, key=lambda e: e[2])
         if not events:
@@ -248,64 +247,65 @@ class Combiner:
             self._remember(served)
         return self.models[version]
 
-    async def rank(self, state: dict, intent: np.ndarray | None, k: int, exclude_seen: bool, explain: bool,
-                   timestamp: float | None) -> dict:
+    async def rank(self, state: UserState, intent: np.ndarray | None, k: int, exclude_seen: bool, explain: bool,
+                   timestamp: float | None) -> Ranking:
         """One request; batched with others in `_rank_batch` (one catalogue matmul per batch)."""
         now = time.time() if timestamp is None else timestamp
-        return await self._rank_batch((state, intent, k, exclude_seen, explain, now))
+        return await self._rank_batch(RankJob(state, intent, k, exclude_seen, explain, now))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _rank_batch(self, jobs: list[tuple]) -> list[dict]:
-        out: list[dict | None] = [None] * len(jobs)
+    async def _rank_batch(self, jobs: list[RankJob]) -> list[Ranking]:
+        out: list[Ranking | None] = [None] * len(jobs)
         by_version = defaultdict(list)
         for j, job in enumerate(jobs):
-            by_version[(job[0]["model_version"], job[0]["checkpoint"])].append(j)
+            by_version[(job.state.model_version, job.state.checkpoint)].append(j)
         for (version, path), rows in by_version.items():
             for j, res in zip(rows, self._rank(self._model_for(version, path), [jobs[j] for j in rows])):
                 out[j] = res
         return out
 
     @torch.no_grad()
-    def _rank(self, served: ServedModel, jobs: list[tuple]) -> list[dict]:
+    def _rank(self, served: ServedModel, jobs: list[RankJob]) -> list[Ranking]:
         m = served.model
         dev = served.device
-        H = torch.from_numpy(np.stack([s["h"] for s, *_ in jobs])).to(dev)              # (B, U)
-        now = np.array([job[5] for job in jobs], np.float64)
-        last = np.array([s["last_ts"] if s["last_ts"] is not None else t for (s, *_), t in zip(jobs, now)])
+        H = torch.from_numpy(np.stack([job.state.h for job in jobs])).to(dev)           # (B, U)
+        now = np.array([job.now for job in jobs], np.float64)
+        last = np.array([job.state.last_ts if job.state.last_ts is not None else job.now for job in jobs])
         ctx = torch.from_numpy(moment_features(now, now - last)).to(dev)                 # (B, 5)
         intent = None
-        if any(job[1] is not None for job in jobs):
+        if any(job.intent is not None for job in jobs):
             # The intent projection has no bias, so a zero vector is the same as no intent.
-            intent = torch.from_numpy(np.stack([job[1] if job[1] is not None else np.zeros(m.cfg.text_dim, np.float32)
+            intent = torch.from_numpy(np.stack([job.intent if job.intent is not None else np.zeros(m.cfg.text_dim, np.float32)
                                                 for job in jobs]).astype(np.float32)).to(dev)   # (B, 384)
         scores, alpha = m.score_and_gates(H, ctx, intent, item_vecs=served.item_vecs)   # (B, N+1), (B, K)
         alpha = alpha.cpu().tolist()
         scores[:, 0] = -torch.inf
         excluded = torch.zeros_like(scores, dtype=torch.bool)                            # (B, N+1)
-        for b, (s, _, _, exclude_seen, *_) in enumerate(jobs):
-            if exclude_seen and s["seen"] is not None and len(s["seen"]):
-                excluded[b, torch.tensor(s["seen"], device=dev)] = True
+        for b, job in enumerate(jobs):
+            seen = job.state.seen
+            if job.exclude_seen and seen is not None and len(seen):
+                excluded[b, torch.tensor(seen, device=dev)] = True
         scores = scores.masked_fill(excluded, -torch.inf)
-        kmax = min(max(job[2] for job in jobs), m.cfg.n_items)
+        kmax = min(max(job.k for job in jobs), m.cfg.n_items)
         top = scores.topk(kmax, dim=-1)
         top_indices, top_values = top.indices.cpu().tolist(), top.values.cpu().tolist()   # plain lists: fast to walk
-        want_explain = [b for b, job in enumerate(jobs) if job[4]]
+        want_explain = [b for b, job in enumerate(jobs) if job.explain]
         expl = m.explain(H[want_explain], ctx[want_explain], intent[want_explain] if intent is not None else None,
                          top_k=kmax, exclude=excluded[want_explain], item_vecs=served.item_vecs) if want_explain else None
         if expl is not None:
             expl = {key: (v.cpu() if isinstance(v, torch.Tensor) else v) for key, v in expl.items()}
         names = served.dim_names
         results = []
-        for b, (s, _, k, _, explain, _) in enumerate(jobs):
+        for b, job in enumerate(jobs):
+            k = job.k
             items = [(i, v) for i, v in zip(top_indices[b][:k], top_values[b][:k]) if math.isfinite(v)]
             explanation = None
-            if explain:
+            if job.explain:
                 e = want_explain.index(b)
                 explanation = {name: [(int(i), float(v)) for i, v in zip(expl["top_items"][e, q, :k],
                                                                           expl["top_scores"][e, q, :k])]
                                for q, name in enumerate(names)}
-            results.append({"model_version": served.version, "n_events": s["n_events"], "items": items,
-                            "gates": dict(zip(names, alpha[b])), "explanation": explanation})
+            results.append(Ranking(served.version, job.state.n_events, items, dict(zip(names, alpha[b])), explanation))
         return results
 
     @torch.no_grad()

@@ -265,14 +265,14 @@ class Ingress:
         # The responses are passed on unresolved: Serve hands their values to the Combiner.
         res = await self._call(self.combiner.rank.remote(state, intent, req.k, req.exclude_seen, req.explain,
                                                          req.context.timestamp), "ranking")
-        if req.user_id is not None and res["n_events"] == 0:
+        if req.user_id is not None and res.n_events == 0:
             raise ApiError(404, f"user_id: unknown user {req.user_id!r}", "user_id")
         cat = self.catalogue
         explanation = None
-        if res["explanation"] is not None:
-            explanation = {dim: [cat.describe(i, s) for i, s in items] for dim, items in res["explanation"].items()}
-        return RecommendResponse(user_id=req.user_id, model_version=res["model_version"], n_events=res["n_events"],
-                                 items=[cat.describe(i, s) for i, s in res["items"]], gates=res["gates"],
+        if res.explanation is not None:
+            explanation = {dim: [cat.describe(i, s) for i, s in items] for dim, items in res.explanation.items()}
+        return RecommendResponse(user_id=req.user_id, model_version=res.model_version, n_events=res.n_events,
+                                 items=[cat.describe(i, s) for i, s in res.items], gates=res.gates,
                                  explanation=explanation)
 
     @app.post("/users/{user_id}/events", response_model=EventsResponse, responses=ERRORS)

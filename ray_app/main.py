@@ -210,7 +210,7 @@ def train(s: MainSettings, prepared: Path, model_args: dict) -> Path:
         best = run(settings, num_cpus=s.num_cpus)
     except SetupError as e:
         raise NewcomerError(str(e)) from None
-    return Path(best["model"])
+    return Path(best.model)
 
 
 def evaluate(s: MainSettings, prepared: Path, checkpoint_path: Path) -> str:

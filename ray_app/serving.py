@@ -5,7 +5,6 @@ tested (and benchmarked in-process) without starting Serve.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -21,7 +20,42 @@ from models.files import sha256_file as file_sha256
 from models.decomposer import InterestDecomposer
 from ray_app.store import Event
 
-BEST_FILE = "best_checkpoint.json"  # written by ray_app.train next to the run's checkpoints
+BEST_FILE = checkpoint.BEST_FILE
+
+
+# ---- what crosses the hops between deployments --------------------------------------------------
+
+@dataclass(frozen=True)
+class UserState:
+    """Decomposer -> Combiner, one user: only the interest state z crosses the hop; the Combiner
+    derives the dimensions I_{t,k} and gates from it with the same model version."""
+    model_version: str
+    checkpoint: str          # where the Combiner loads that version if it does not hold it
+    h: np.ndarray            # (U[+R·D],) interest state z_t
+    n_events: int            # events consumed (0: a new or unknown user)
+    last_ts: float | None    # time of the last event (the context's gap), None without events
+    seen: np.ndarray | None  # (S,) catalogue indices of the items seen; None when not asked for
+
+
+@dataclass(frozen=True)
+class RankJob:
+    """One request as the Combiner batches it."""
+    state: UserState
+    intent: np.ndarray | None   # (384,) the encoded words, None without
+    k: int
+    exclude_seen: bool
+    explain: bool
+    now: float                  # the request's moment (seconds since the epoch)
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Combiner -> Ingress: catalogue indices and scores, best first, and how the gates weighed."""
+    model_version: str
+    n_events: int
+    items: list[tuple[int, float]]
+    gates: dict[str, float]
+    explanation: dict[str, list[tuple[int, float]]] | None   # per dimension: its own top items
 
 
 class ServingSetupError(ValueError):
@@ -35,9 +69,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         best = path / BEST_FILE
         if best.is_file():
             try:
-                model = Path(json.loads(best.read_text())["model"]).expanduser()
-            except (ValueError, KeyError, TypeError) as e:
-                raise ServingSetupError(f"{best}: no usable 'model' entry ({e})") from None
+                model = Path(checkpoint.BestCheckpoint.read(best).model).expanduser()
+            except ValueError as e:
+                raise ServingSetupError(str(e)) from None
             return model if model.is_absolute() else best.parent / model
         if (path / "model.pt").is_file():
             return path / "model.pt"

@@ -50,7 +50,7 @@ METRIC = f"valid_{HEADLINE}"              # what checkpoints are ranked by and e
 MODEL_KINDS = ("decomposer", "lstm", "gru4rec", "sasrec")  # the trainable ones; most-popular needs no training
 LSTM_MODELS = ("decomposer", "lstm")     # oneDNN's bf16 LSTM needs native bf16 on a CPU (models/precision.py)
 FIXED_BY_DATA = ("n_items", "n_genres", "text_dim")
-BEST_FILE = "best_checkpoint.json"
+BEST_FILE = checkpoint.BEST_FILE
 log = logging.getLogger(__name__)   # in a Train worker, its records reach the driver's console and the run logs
 
 
@@ -628,7 +628,7 @@ def printed_epochs(epochs: int, out=None):
             queue.shutdown()
 
 
-def best_checkpoint(result, p: Plan) -> dict | None:
+def best_checkpoint(result, p: Plan) -> checkpoint.BestCheckpoint | None:
     """The kept checkpoint with the highest validation NDCG@10 (earliest on ties), as later stages read it."""
     kept = [(c, m) for c, m in (result.best_checkpoints or []) if METRIC in m]
     if not kept:
@@ -637,12 +637,13 @@ def best_checkpoint(result, p: Plan) -> dict | None:
     path = _run_path(p.settings.storage_path, p.name, Path(ckpt.path).name)
     with result.checkpoint.as_directory() as d:                        # the latest holds the whole history
         history = json.loads((Path(d) / "train_state.json").read_text())["history"]
-    return {"run": p.name, "path": path, "model": f"{path}/model.pt", "epoch": metrics["epoch"],
-            METRIC: metrics[METRIC], "metrics": metrics, "model_type": p.settings.model,
-            "dataset": str(p.prepared), "protocol": p.settings.protocol, "history": history}
+    return checkpoint.BestCheckpoint(
+        run=p.name, path=path, model=f"{path}/model.pt", epoch=metrics["epoch"], valid_ndcg10=metrics[METRIC],
+        metrics=metrics, model_type=p.settings.model, dataset=str(p.prepared), protocol=p.settings.protocol,
+        history=history)
 
 
-def write_best(best: dict, p: Plan) -> str:
+def write_best(best: checkpoint.BestCheckpoint, p: Plan) -> str:
     """The record serving reads, replaced whole: written beside the old one, then moved over it
     (a rename on a local or shared file system; on object stores a PUT is whole anyway), so a
     reader or a crash never meets half a file."""
@@ -650,12 +651,12 @@ def write_best(best: dict, p: Plan) -> str:
     target = f"{root.rstrip('/')}/{p.name}/{BEST_FILE}"
     tmp = f"{target}.{os.getpid()}.tmp"
     with fs.open_output_stream(tmp) as f:
-        f.write(json.dumps(best, indent=2, default=str).encode())
+        f.write(best.to_json().encode())
     fs.move(tmp, target)
     return _run_path(p.settings.storage_path, p.name, BEST_FILE)
 
 
-def run(s: RayTrainSettings, num_cpus: int | None = None) -> dict:
+def run(s: RayTrainSettings, num_cpus: int | None = None) -> checkpoint.BestCheckpoint:
     """Check, train, and record the best checkpoint -> its record (see `best_checkpoint`)."""
     p = plan(s, num_cpus)
     print(p.summary, flush=True)
@@ -665,7 +666,7 @@ def run(s: RayTrainSettings, num_cpus: int | None = None) -> dict:
     if best is None:
         raise RuntimeError(f"run {p.name} reported no checkpoint")
     where = write_best(best, p)
-    print(f"best checkpoint: {best['path']} (epoch {best['epoch']}, {METRIC} {best[METRIC]:.4f}); "
+    print(f"best checkpoint: {best.path} (epoch {best.epoch}, {METRIC} {best.valid_ndcg10:.4f}); "
           f"recorded in {where}; resume with --name {p.name}", flush=True)
     return best
 

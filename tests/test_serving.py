@@ -13,10 +13,11 @@ from models import checkpoint
 from models.batching import BatchBuilder, make_split
 from models.features import moment_features
 from models.training import new_model
+from models.checkpoint import BestCheckpoint
 from ray_app.deployments import Combiner, Decomposer
 from ray_app.ingress import _field_path
 from ray_app.serve import AppArgs, DeploymentSettings, build_app
-from ray_app.serving import (Catalogue, ServedModel, ServingSetupError, event_tensors, file_version, pack_state,
+from ray_app.serving import (Catalogue, RankJob, ServedModel, ServingSetupError, event_tensors, file_version, pack_state,
                              resolve_checkpoint, training_user_events, unpack_state)
 from ray_app.store import Event, StoredState, open_store
 
@@ -45,10 +46,16 @@ def test_resolve_checkpoint_accepts_file_folder_and_run(ckpt, tmp_path):
     assert resolve_checkpoint(ckpt.parent) == ckpt
     run = tmp_path / "run"
     run.mkdir()
-    (run / "best_checkpoint.json").write_text(json.dumps({"model": str(ckpt)}))
+    record = BestCheckpoint(run="run", path=str(ckpt.parent), model=str(ckpt), epoch=3, valid_ndcg10=0.1,
+                            metrics={"epoch": 3}, model_type="decomposer", dataset="d", protocol="loo")
+    (run / "best_checkpoint.json").write_text(record.to_json())
     assert resolve_checkpoint(run) == ckpt
+    assert json.loads(record.to_json())["valid_ndcg@10"] == 0.1             # the key train, tune and serve read
+    (run / "best_checkpoint.json").write_text(json.dumps({**json.loads(record.to_json()), "model": None}))
+    with pytest.raises(ServingSetupError, match="best_checkpoint.json: not a best-checkpoint record .'model'"):
+        resolve_checkpoint(run)
     (run / "best_checkpoint.json").write_text(json.dumps({"path": "x"}))
-    with pytest.raises(ServingSetupError, match="best_checkpoint.json.*'model'"):
+    with pytest.raises(ServingSetupError, match="best_checkpoint.json: not a best-checkpoint record .'run'"):
         resolve_checkpoint(run)
     with pytest.raises(ServingSetupError, match="nowhere"):
         resolve_checkpoint(tmp_path / "nowhere")
@@ -137,32 +144,33 @@ def test_incremental_update_equals_rebuild(tiny_data, which, request, tmp_path):
     events = [Event(int(src[i]), 3.5 + (i % 3) / 2, 1.6e9 + 3600 * i * i) for i in range(1, 9)]
     dec.store.append_events("u", events[:5])
     first = dec._advance_users([("u", True)])[0]
-    assert first["n_events"] == 5 and dec.store.get_state("u").n_events == 5
+    assert first.n_events == 5 and dec.store.get_state("u").n_events == 5
     for e in events[5:]:                                   # one event at a time, as POST /events does
         dec.store.append_events("u", [e])
         step = dec._advance_users([("u", False), ("u", True)])
     full = dec.history_state([(e.item_id, e.rating, e.timestamp) for e in events])
-    assert step[1]["n_events"] == full["n_events"] == 8 and step[1]["last_ts"] == events[-1].timestamp
-    np.testing.assert_allclose(step[1]["h"], full["h"], atol=1e-5)
-    np.testing.assert_array_equal(step[1]["seen"], full["seen"])
+    assert step[1].n_events == full.n_events == 8 and step[1].last_ts == events[-1].timestamp
+    np.testing.assert_allclose(step[1].h, full.h, atol=1e-5)
+    np.testing.assert_array_equal(step[1].seen, full.seen)
     # A state written by another model version is ignored and rebuilt from the events.
     dec.store.put_state("u", StoredState("old", 8, b"\0" * 8))
-    np.testing.assert_allclose(dec._advance_users([("u", False)])[0]["h"], full["h"], atol=1e-5)
+    np.testing.assert_allclose(dec._advance_users([("u", False)])[0].h, full.h, atol=1e-5)
 
     comb = Combiner.func_or_class()
     comb.reconfigure({"checkpoint": str(ckpt)})
     now = events[-1].timestamp + 60
-    ranked = comb._rank(comb.current, [(step[1], None, 5, True, True, now), (full, None, 3, False, False, now)])
-    seen = set(full["seen"].tolist())
-    assert len(ranked[0]["items"]) == 5 and not seen & {i for i, _ in ranked[0]["items"]}
-    assert len(ranked[1]["items"]) == 3 and ranked[1]["explanation"] is None
-    assert set(ranked[0]["explanation"]) == set(ranked[0]["gates"]) and abs(sum(ranked[0]["gates"].values()) - 1) < 1e-5
+    jobs = [RankJob(step[1], None, 5, True, True, now), RankJob(full, None, 3, False, False, now)]
+    ranked = comb._rank(comb.current, jobs)
+    seen = set(full.seen.tolist())
+    assert len(ranked[0].items) == 5 and not seen & {i for i, _ in ranked[0].items}
+    assert len(ranked[1].items) == 3 and ranked[1].explanation is None
+    assert set(ranked[0].explanation) == set(ranked[0].gates) and abs(sum(ranked[0].gates.values()) - 1) < 1e-5
     # The scores are the model's own: score_state over the same state and context.
     m = comb.current.model
     ctx = torch.from_numpy(moment_features(np.array([now]), np.array([60.0])))
-    expected = m.score_state(torch.from_numpy(full["h"])[None], ctx)[0]
-    top = [i for i, _ in ranked[1]["items"]]
-    np.testing.assert_allclose([s for _, s in ranked[1]["items"]], expected[top].numpy(), rtol=1e-5)
+    expected = m.score_state(torch.from_numpy(full.h)[None], ctx)[0]
+    top = [i for i, _ in ranked[1].items]
+    np.testing.assert_allclose([s for _, s in ranked[1].items], expected[top].numpy(), rtol=1e-5)
     assert top == expected[1:].topk(3).indices.add(1).tolist()
 
 
@@ -276,7 +284,7 @@ def test_a_state_rebuild_reads_the_models_window_not_the_whole_log(tiny_data, tm
     real = dec.store.events
     dec.store.events = lambda user, start=0, limit=None: reads.append(start) or real(user, start, limit)
     out = dec._advance_users([("long", False)])[0]
-    assert out["n_events"] == 40 and reads == [40 - 6 - 1]              # the window and the event before it
+    assert out.n_events == 40 and reads == [40 - 6 - 1]              # the window and the event before it
     # The same state as the last six events ranked in training, their first gap included.
     from ray_app.serving import event_tensors
     served = dec.served
@@ -284,7 +292,7 @@ def test_a_state_rebuild_reads_the_models_window_not_the_whole_log(tiny_data, tm
     t = event_tensors(items, np.full(7, 4.0, np.float32), np.array([e.timestamp for e in events[33:]]), 1,
                       events[-1].timestamp)
     parts = served.model.advance(None, t["items"], t["ratings"], t["event_feats"])
-    np.testing.assert_allclose(out["h"], served.model.interest_state(parts)[0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(out.h, served.model.interest_state(parts)[0].numpy(), atol=1e-5)
     reads.clear()
     dec.store.append_events("long", [Event(int(src[3]), 5.0, 1.6e9 + 3600 * 41)])
-    assert dec._advance_users([("long", False)])[0]["n_events"] == 41 and reads == [39]   # one step, as usual
+    assert dec._advance_users([("long", False)])[0].n_events == 41 and reads == [39]   # one step, as usual
