@@ -23,7 +23,7 @@ from models.data import load_prepared, prepare_source  # noqa: E402
 from models.run import PROTOCOLS  # noqa: E402
 from models.training import fit  # noqa: E402
 
-DEFAULT = "decomposer (first default);decomposer, K·α;decomposer, no gates, no aux losses;lstm (mask seen)"
+DEFAULT = "plain decomposer;decomposer, K·α;decomposer, no gates, no aux losses;lstm (mask seen)"
 
 
 def plot(curves: dict, path: Path) -> None:

@@ -44,14 +44,14 @@ from models.training import TrainConfig, evaluate, fit, new_model, training_coun
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The plain decomposer (no residual readout, no profiles, dropout 0.2, last weights): the
-# "(first default)" runs train with it, and the variants "decomposer, <change>" below change it.
+# "plain decomposer" runs train with it, and the variants "decomposer, <change>" below change it.
 FIRST = {"residual": False, "dropout": 0.2, "profile_decays": ()}
 FIRST_TRAIN = {"ema_decay": None}
 THREE_PROFILES = (1.0, 0.98, 0.9)     # today's default, spelled out: the variants below keep their meaning
 
 
 def first(changes: dict | None = None, train: dict | None = None) -> tuple:
-    """A decomposer variant: the first defaults with `changes` (model) and `train` (TrainConfig) on top."""
+    """A decomposer variant: the plain decomposer with `changes` (model) and `train` (TrainConfig) on top."""
     return "decomposer", {**FIRST, **(changes or {})}, {**FIRST_TRAIN, **(train or {})}
 
 
@@ -76,10 +76,10 @@ VARIANTS = {
     "decomposer, seen items in the softmax": ("decomposer", {"mask_seen": False}),
     # The plain decomposer and its ablations. (The synthetic runs of these
     # ablations and of the mixture predate `mask_seen` and trained without it; their configs say so.)
-    "decomposer (first default)": first(),
-    "decomposer (first default), no gates": first({"use_gates": False}),
-    "decomposer (first default), no aux losses": first({"aux_weight": 0.0}),
-    "decomposer (first default), seen items in the softmax": first({"mask_seen": False}),
+    "plain decomposer": first(),
+    "plain decomposer, no gates": first({"use_gates": False}),
+    "plain decomposer, no aux losses": first({"aux_weight": 0.0}),
+    "plain decomposer, seen items in the softmax": first({"mask_seen": False}),
     # K softmaxes per position: cheap on the synthetic catalogue, ~15x an epoch on MovieLens.
     "decomposer (mixture)": first({"combine": "mixture"}),
     # The decomposer leaves seen items out of its training softmax (mask_seen, the default);
@@ -88,7 +88,7 @@ VARIANTS = {
     "sasrec (mask seen)": ("sasrec", {"mask_seen": True}),
     "gru4rec": ("gru4rec", {}),
     "gru4rec (mask seen)": ("gru4rec", {"mask_seen": True}),
-    # Candidate changes to the first default, chosen between on validation NDCG@10, never on test.
+    # Candidate changes to the plain decomposer, chosen between on validation NDCG@10, never on test.
     "decomposer (large)": first({"lstm_units": 256, "item_dim": 128, "dim_size": 64}),
     "decomposer, dropout 0.4": first({"dropout": 0.4}),
     "decomposer, lr 3e-3": first({}, {"lr": 3e-3}),
@@ -137,7 +137,7 @@ FUSED = (TEXT_SASREC, "sasrec (mask seen), weights averaged")
 FUSION_WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0)      # chosen on validation, per regime
 assert not [v for v in VARIANTS if "/" in v], "a variant name keys runs as protocol/variant/seed: no '/'"
 INTENT_EVALUATED = ("decomposer", "text retrieval", "phrase popularity", "decomposer, no text",
-                    "decomposer (first default)", "decomposer, residual readout",
+                    "plain decomposer", "decomposer, residual readout",
                     "decomposer, residual, dropout 0.5", "decomposer, residual, three profiles, dropout 0.5",
                     "decomposer, dropout 0.5, weights averaged")
 ABLATIONS = ("decomposer, no gates", "decomposer, no aux losses", "decomposer, seen items in the softmax")
@@ -287,7 +287,7 @@ def aggregate(runs: dict, protocol: str) -> tuple[list[dict], dict]:
     per_seed = {n: np.array([r["user_ndcg@10"] for r in rs]) for n, rs in by_variant.items()}   # (S, U)
     boot = {}
     baselines = [n for n in per_seed if n.startswith(("sasrec", "gru4rec", "lstm")) and " intent" not in n]
-    baselines += ["decomposer", "decomposer (first default)"]
+    baselines += ["decomposer", "plain decomposer"]
     for other in baselines:
         for name in [n for n in per_seed if n.startswith("decomposer") and " intent" not in n]:
             if other in per_seed and name != other:
