@@ -29,16 +29,18 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine_info import machine                                          # noqa: E402  (sibling script)
-from models import checkpoint                                              # noqa: E402
-from models.batching import make_split                                     # noqa: E402
+from models.nn import checkpoint                                                    # noqa: E402
+from models.data.batching import make_split                                         # noqa: E402
 from models.data import load_prepared                                      # noqa: E402
 from models.files import atomic_path                                       # noqa: E402
-from models.metrics import per_user_mean, seed_user_bootstrap              # noqa: E402
-from models.run import PROTOCOLS                                           # noqa: E402
-from models.training import HEADLINE, evaluate, new_model                  # noqa: E402
-from ray_app.data import resolve_dataset                                   # noqa: E402
-from ray_app.train import RayTrainSettings, connect                        # noqa: E402
-from ray_app.train import run as train_run                                 # noqa: E402
+from models.evaluation.metrics import per_user_mean, seed_user_bootstrap            # noqa: E402
+from models.training.defaults import PROTOCOLS                                      # noqa: E402
+from models.evaluation.evaluate import HEADLINE, evaluate                           # noqa: E402
+from models.training.loop import new_model                                          # noqa: E402
+from ray_app.train.data import resolve_dataset                                      # noqa: E402
+from ray_app.train.settings import RayTrainSettings                                 # noqa: E402
+from ray_app.train.preflight import connect                                         # noqa: E402
+from ray_app.train.driver import run as train_run                                   # noqa: E402
 from tuning import search                                                  # noqa: E402
 from tuning.results import TABLE                                           # noqa: E402
 

@@ -18,10 +18,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import RESULTS, VARIANTS, build_variant, machine, write_json  # noqa: E402
 
-from models.batching import make_split  # noqa: E402
+from models.data.batching import make_split                                         # noqa: E402
 from models.data import load_prepared, prepare_source  # noqa: E402
-from models.run import PROTOCOLS  # noqa: E402
-from models.training import fit  # noqa: E402
+from models.training.defaults import PROTOCOLS                                      # noqa: E402
+from models.training.loop import fit                                                # noqa: E402
 
 DEFAULT = "plain decomposer;decomposer, K·α;decomposer, no gates, no aux losses;lstm (mask seen)"
 

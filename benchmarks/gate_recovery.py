@@ -31,12 +31,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from quality import RESULTS, machine  # noqa: E402  (sibling script)
-from models.analysis import (SETTINGS, context_linear_fit, correlation_matrix, gate_recovery,  # noqa: E402
-                             gates_over_history, planted_weights, random_gate_null)
-from models.batching import make_split  # noqa: E402
+from models.evaluation.gates import SETTINGS, context_linear_fit, correlation_matrix, gate_recovery, gates_over_history, planted_weights, random_gate_null
+from models.data.batching import make_split                                         # noqa: E402
 from models.data import load_prepared, prepare_source  # noqa: E402
-from models.run import train_config  # noqa: E402
-from models.training import fit, new_model  # noqa: E402
+from models.training.defaults import train_config                                   # noqa: E402
+from models.training.loop import fit, new_model                                     # noqa: E402
 
 SOURCES = ("topic", "sentiment", "time")
 

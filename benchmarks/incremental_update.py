@@ -34,9 +34,9 @@ import torch
 
 from serve_common import (DEFAULT_CHECKPOINT, DEFAULT_DATA, RESULTS, checkpoint_config,  # sibling script
                           command_line, ensure_checkpoint, machine, percentiles, random_events)
-from models import checkpoint as ckpt
+from models.nn import checkpoint as ckpt
 from models.data import load_prepared
-from models.features import moment_features, rating_bucket
+from models.data.features import moment_features, rating_bucket
 
 
 def event_tensors(model, events: list[dict], index_of: dict[int, int], prev_ts: float | None):
@@ -86,8 +86,8 @@ def replica_level(args, source_ids: np.ndarray, lengths: list[int], repeats: int
     bringing the stored state up to date after one appended event, against rebuilding it from every
     event after the stored state was invalidated. The append itself (one synchronous commit) is
     timed apart: it is the same in both paths."""
-    from ray_app.deployments import Decomposer
-    from ray_app.store import Event, StoredState
+    from ray_app.serve.deployments import Decomposer
+    from ray_app.store.base import Event, StoredState
 
     rng = np.random.default_rng(args.seed + 2)
     times = {n: {"append": [], "update": [], "rebuild": []} for n in lengths}
@@ -137,8 +137,9 @@ def http_level(args, source_ids: np.ndarray, lengths: list[int]) -> dict:
     from ray import serve
 
     from serve_common import api_access, wait_healthy
-    from ray_app.serve import AppArgs, build_app
-    from ray_app.store import StoredState, open_store
+    from ray_app.serve.app import AppArgs, build_app
+    from ray_app.store.base import StoredState
+    from ray_app.store.opener import open_store
 
     rng = np.random.default_rng(args.seed + 1)
     base = f"http://127.0.0.1:{args.port}"

@@ -16,7 +16,7 @@ One comparison is declared before any run (`PRIMARY`): the decomposer against SA
 same information (item text, rating and time features) and the same recipe options (seen items
 out of the softmax, averaged weights), on last-10. Its interval resamples seeds and users; every
 other interval printed is exploratory. Requests with words are evaluated in four regimes
-(`models.batching.INTENT_REGIMES`); the oracle one is built from the answer and is only ever
+(`models.data.batching.INTENT_REGIMES`); the oracle one is built from the answer and is only ever
 compared with baselines given the same words.
 """
 from __future__ import annotations
@@ -34,13 +34,15 @@ import numpy as np
 import torch
 
 from machine_info import machine  # sibling script
-from models.baselines import FusedWithText
+from models.nn.baselines import FusedWithText
 from models.files import atomic_path
-from models.batching import INTENT_REGIMES, make_split
+from models.data.batching import INTENT_REGIMES, make_split
 from models.data import load_prepared, prepare_source
-from models.metrics import per_user_mean, seed_user_bootstrap, summarize
-from models.run import PROTOCOLS, format_table, train_config
-from models.training import TrainConfig, evaluate, fit, new_model, training_counts
+from models.evaluation.metrics import per_user_mean, seed_user_bootstrap, summarize
+from models.training.defaults import PROTOCOLS, train_config
+from models.evaluation.report import format_table
+from models.training.loop import TrainConfig, fit, new_model, training_counts
+from models.evaluation.evaluate import evaluate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The plain decomposer (no residual readout, no profiles, dropout 0.2, last weights): the

@@ -4,7 +4,7 @@
     python benchmarks/ray_train.py --dataset synthetic --epochs 1          # a smoke run
 
 Three runs of the same model, epochs and seed, no early stopping, all on this machine's CPUs:
-  local    `models.training.fit` with torch on every core;
+  local    `models.training.loop.fit` with torch on every core;
   1 worker `ray_app.train` with one worker holding every core;
   2 workers `ray_app.train` with two DDP workers of one core each, splitting each global batch.
 Ray start-up (`ray.init`, reading the shards, starting the worker group) is reported apart from the
@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from machine_info import machine  # sibling script
-from models.batching import make_split
+from models.data.batching import make_split
 from models.data import load_prepared, prepare_source
-from models.run import train_config
-from models.training import fit, new_model
+from models.training.defaults import train_config
+from models.training.loop import fit, new_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRIC = "valid_ndcg@10"
@@ -50,7 +50,8 @@ def local_run(prepared: Path, args) -> dict:
 
 
 def ray_run(prepared: Path, storage: Path, workers: int, args) -> dict:
-    from ray_app.train import RayTrainSettings, run
+    from ray_app.train.settings import RayTrainSettings
+    from ray_app.train.driver import run
 
     s = RayTrainSettings(dataset=str(prepared), model=args.model, epochs=args.epochs, patience=args.epochs,
                          seed=args.seed, num_workers=workers, cpus_per_worker=os.cpu_count() // workers,

@@ -1,7 +1,7 @@
 """Helpers shared by the serving benchmarks: machine record, synthetic event histories, the app's
 lifecycle on a local Ray cluster, and latency summaries.
 
-The app itself is `ray_app.serve.build_app`; this module only starts and stops it.
+The app itself is `ray_app.serve.app.build_app`; this module only starts and stops it.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def ensure_checkpoint(checkpoint: Path, data: Path, time_budget_s: float = 90.0)
     if checkpoint.is_file():
         return checkpoint
     dataset = "ml-latest-small" if "ml-latest-small" in str(data) else "synthetic"
-    cmd = [sys.executable, "-m", "models.run", "--dataset", dataset, "--prepared-dir", str(data),
+    cmd = [sys.executable, "-m", "models.training.run", "--dataset", dataset, "--prepared-dir", str(data),
            "--models", "decomposer", "--epochs", "3", "--time-budget", str(time_budget_s),
            "--out", str(checkpoint.parent)]
     print("training a checkpoint:", " ".join(cmd), flush=True)
@@ -57,18 +57,18 @@ def ensure_checkpoint(checkpoint: Path, data: Path, time_budget_s: float = 90.0)
 
 def checkpoint_config(checkpoint: Path) -> dict:
     """The model type and settings of a checkpoint, recorded beside the figures measured with it."""
-    from models import checkpoint as ckpt
+    from models.nn import checkpoint as ckpt
 
     model, _ = ckpt.load(checkpoint)
     return {"model_type": ckpt.model_type(model), **model.cfg.to_dict()}
 
 
 def add_vocabulary(checkpoint: Path, data: Path) -> None:
-    """Store the item vocabulary in the checkpoint's meta, as Ray Train checkpoints do (`models.run`
+    """Store the item vocabulary in the checkpoint's meta, as Ray Train checkpoints do (`models.training.run`
     leaves it out), so every serving stage can map source ids without the dataset."""
     import torch
 
-    from models import checkpoint as ckpt
+    from models.nn import checkpoint as ckpt
     from models.data import load_prepared
 
     model, meta = ckpt.load(checkpoint)
@@ -81,7 +81,7 @@ def api_access() -> dict[str, str]:
     """Before ray.init: the API's signing secret in this process's environment (a fresh one unless
     set; the replicas inherit it) and a service token in $DYNAMIC_INTEREST_TOKEN (the load client
     processes inherit that) -> the headers of that token."""
-    from ray_app.auth import SECRET_ENV, TOKEN_ENV, mint, new_secret
+    from ray_app.serve.auth import SECRET_ENV, TOKEN_ENV, mint, new_secret
 
     os.environ.setdefault(SECRET_ENV, new_secret())
     os.environ[TOKEN_ENV] = mint(os.environ[SECRET_ENV], "service")

@@ -117,7 +117,7 @@ def measure_mode(mode: str, checkpoint: Path, data: Path, levels: list[int], dur
     import ray
     from ray import serve
 
-    from ray_app.serve import AppArgs, DeploymentSettings, build_app
+    from ray_app.serve.app import AppArgs, DeploymentSettings, build_app
     from serve_common import api_access, wait_healthy
 
     api_access()

@@ -8,7 +8,7 @@ Steps, all in one run so every ratio compares figures from the same machine stat
   1. in-process: the deployments' own model code (the bodies of the batched methods, a batch of one)
      called sequentially without Serve or HTTP, with the same operation mix: the baseline of the
      Serve overhead.
-  2. autoscaled app (`ray_app.serve.build_app`, @serve.batch on): a separate client process
+  2. autoscaled app (`ray_app.serve.app.build_app`, @serve.batch on): a separate client process
      (`load_client.py`, async httpx, closed loop) at each concurrency for a fixed time
      (`--duration` at 8 clients, `--short-duration` at the others); the mix is POST /recommend for
      known users without and with intent text and POST /users/{id}/events. `serve.status()` is
@@ -19,7 +19,7 @@ Steps, all in one run so every ratio compares figures from the same machine stat
   4. the floor (`serve_floor.py`): POST /recommend under wrk against a no-op chain of the same three
      hops, in Serve's default and throughput-optimized modes, each in a Ray of its own; the app's
      req/s and p99 over the floor's are `vs_floor`.
-Steps 1-3 run in the mode this process chooses (`ray_app.serve_mode`: throughput-optimized unless
+Steps 1-3 run in the mode this process chooses (`ray_app.serve.mode`: throughput-optimized unless
 RAY_SERVE_THROUGHPUT_OPTIMIZED=0). Records benchmarks/results/serve_load.json and serve_load.png.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ APP = "bench"
 
 def autoscaled(args):
     """Model stages that scale 1 -> 3 under load and back after `downscale_delay_s`; 2 cores in all."""
-    from ray_app.serve import DeploymentSettings
+    from ray_app.serve.app import DeploymentSettings
 
     scale = dict(num_cpus=0.2, min_replicas=1, max_replicas=3, target_ongoing_requests=args.target_ongoing,
                  upscale_delay_s=1.0, downscale_delay_s=args.downscale_delay, access_log=False)
@@ -60,7 +60,7 @@ def autoscaled(args):
 
 
 def fixed():
-    from ray_app.serve import DeploymentSettings
+    from ray_app.serve.app import DeploymentSettings
 
     one = dict(num_cpus=0.2, min_replicas=1, max_replicas=1, access_log=False)   # as the app's defaults
     return {"encoder": DeploymentSettings(**one), "decomposer": DeploymentSettings(**one),
@@ -71,7 +71,7 @@ def fixed():
 def deploy(args, store_url: str, batching: bool, settings: dict) -> dict:
     from ray import serve
 
-    from ray_app.serve import AppArgs, build_app
+    from ray_app.serve.app import AppArgs, build_app
 
     app_args = AppArgs(checkpoint=str(args.checkpoint), data_dir=str(args.data), store_url=store_url,
                        batching=batching, **settings)
@@ -86,9 +86,9 @@ def in_process(args, spec: dict, store_url: str) -> dict:
     """The deployments' model code without Serve or HTTP: same store, same checkpoint, one thread."""
     import torch
 
-    from ray_app.deployments import Combiner, Decomposer, Encoder
-    from ray_app.serving import RankJob
-    from ray_app.store import Event
+    from ray_app.serve.deployments import Combiner, Decomposer, Encoder
+    from ray_app.serve.served_model import RankJob
+    from ray_app.store.base import Event
 
     torch.set_num_threads(1)       # what a replica with a fractional CPU gets (OMP_NUM_THREADS=1)
     ckpt = {"checkpoint": str(args.checkpoint.resolve())}
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-floor", action="store_true", help="skip step 4")
     p.add_argument("--out", type=Path, default=RESULTS / "serve_load.json")
     args = p.parse_args(argv)
-    from ray_app import serve_mode
+    from ray_app.serve import mode as serve_mode
 
     throughput_optimized = serve_mode.use()          # before ray.init: the replicas inherit it
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -295,8 +295,8 @@ def main(argv=None) -> int:
         spec = make_spec(args.data, args.users, args.seed)
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
-        from ray_app.serving import Catalogue, training_user_events
-        from ray_app.store import open_store
+        from ray_app.serve.served_model import Catalogue, training_user_events
+        from ray_app.store.opener import open_store
 
         base_store = f"sqlite:///{tmp}/inprocess.db"
         store = open_store(base_store)

@@ -3,7 +3,7 @@
     python benchmarks/serve_soak.py                                # 20,000 intents, 5,000 new users
     python benchmarks/serve_soak.py --intents 4000 --new-users 1000 --every 500
 
-The app (`ray_app.serve.build_app`, one replica per deployment, the default text cache of
+The app (`ray_app.serve.app.build_app`, one replica per deployment, the default text cache of
 10,000 vectors) is sent, by a closed loop of `--concurrency` async clients, a stream in which
 every request is new to it:
   - POST /recommend for a known user with an intent no request used before (the Encoder's cache
@@ -66,7 +66,7 @@ class Stream:
         return f"{' '.join(words)} number {i}"           # distinct text: the number is in it
 
     async def step(self, http: httpx.AsyncClient, with_new_user: bool) -> None:
-        from ray_app.auth import mint
+        from ray_app.serve.auth import mint
 
         i = self.next_intent
         self.next_intent += 1
@@ -152,19 +152,19 @@ def main(argv=None) -> int:
         p.error("--baseline and --intents must be multiples of --every, and --new-users >= 1")
     new_user_every = max(1, a.intents // a.new_users)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from ray_app import serve_mode
+    from ray_app.serve import mode as serve_mode
 
     mode = serve_mode.use()
     ensure_checkpoint(a.checkpoint, a.data)
     api_access()
-    from ray_app.auth import SECRET_ENV, TOKEN_ENV
+    from ray_app.serve.auth import SECRET_ENV, TOKEN_ENV
     from serve_load import make_spec
 
     spec = make_spec(a.data, 200, a.seed)
     import ray
     from ray import serve
 
-    from ray_app.serve import AppArgs, DeploymentSettings, build_app
+    from ray_app.serve.app import AppArgs, DeploymentSettings, build_app
 
     one = dict(min_replicas=1, max_replicas=1, num_cpus=0.2)
     url = f"http://127.0.0.1:{a.port}"

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serve_common import RESULTS, command_line, machine, percentiles  # noqa: E402
 
-from ray_app.store import Event, StoredState, open_store  # noqa: E402
+from ray_app.store.base import Event, StoredState                                   # noqa: E402
+from ray_app.store.opener import open_store                                         # noqa: E402
 
 USERS = 20
 BLOB = bytes(2 * 256 * 4)  # (h, c) of a 256-unit LSTM as float32

@@ -2,7 +2,7 @@
 
 Starts even when the API is not up yet: it says so here and on the page, and every action on
 the page tries the API again. The API's token comes from $DYNAMIC_INTEREST_TOKEN (a service
-token, `python -m ray_app.auth --service`): it stays in this process, the page never sees it.
+token, `python -m ray_app.serve.auth --service`): it stays in this process, the page never sees it.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 from gradio_demo.app import CSS, build_demo, describe_health
 from gradio_demo.client import DEFAULT_API, ApiClient, ApiError
-from ray_app.auth import TOKEN_ENV
+from ray_app.serve.auth import TOKEN_ENV
 
 
 def api_url(text: str) -> str:

@@ -17,7 +17,7 @@ import gradio as gr
 
 from gradio_demo import views
 from gradio_demo.client import ApiClient, ApiError, NotFound
-from ray_app.schemas import EventIn, Health
+from ray_app.serve.schemas import EventIn, Health
 
 log = logging.getLogger(__name__)
 

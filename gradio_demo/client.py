@@ -1,7 +1,7 @@
 """A small typed client of the recommender's HTTP API.
 
 The demo is a separate process that knows the API only through HTTP; requests and answers are
-the API's own pydantic models (`ray_app.schemas`, plain pydantic, no Ray), so a request is checked
+the API's own pydantic models (`ray_app.serve.schemas`, plain pydantic, no Ray), so a request is checked
 before it leaves and an answer that breaks the contract is caught here. Every failure surfaces
 as an `ApiError` whose `message` is fit to show a person: no tracebacks, no httpx internals.
 """
@@ -14,9 +14,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from ray_app.schemas import (Context, EventIn, EventsRequest, EventsResponse, Health, InterestsResponse, Item,
-                             ItemsResponse, RecommendRequest, RecommendResponse, UserEvent, UserEventsResponse,
-                             UsersResponse, UserSummary)
+from ray_app.serve.schemas import Context, EventIn, EventsRequest, EventsResponse, Health, InterestsResponse, Item, ItemsResponse, RecommendRequest, RecommendResponse, UserEvent, UserEventsResponse, UsersResponse, UserSummary
 
 DEFAULT_API = "http://127.0.0.1:8000"
 

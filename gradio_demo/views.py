@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 
 import pandas as pd
 
-from ray_app.schemas import InterestsResponse, Item, RecommendResponse, UserEvent
+from ray_app.serve.schemas import InterestsResponse, Item, RecommendResponse, UserEvent
 
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 DAY, HOUR, WEEK = 86400, 3600, 7 * 86400
@@ -29,7 +29,7 @@ def next_moment(after: float, weekday: int, hour: int) -> float:
     if not 0 <= weekday < 7 or not 0 <= hour < 24:
         raise ValueError(f"weekday must be 0..6 and hour 0..23, got weekday={weekday}, hour={hour}")
     day0 = (int(after) // DAY) * DAY
-    weekday0 = (day0 // DAY + 3) % 7            # 1970-01-01 was a Thursday (models/features.py)
+    weekday0 = (day0 // DAY + 3) % 7            # 1970-01-01 was a Thursday (models/data/features.py)
     slot = day0 + ((weekday - weekday0) % 7) * DAY + hour * HOUR
     if slot + HOUR <= after:
         slot += WEEK

@@ -1,4 +1,4 @@
-"""Generate the RayService's `serveConfigV2` from `ray_app/serve_config.yaml`.
+"""Generate the RayService's `serveConfigV2` from `ray_app/serve/config.yaml`.
 
 The serve config is written once, in the repository, in `serve build` form; the RayService
 embeds the same config with only what differs on the cluster replaced (`ClusterSettings`):
@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVE_CONFIG = ROOT / "ray_app" / "serve_config.yaml"
+SERVE_CONFIG = ROOT / "ray_app" / "serve" / "config.yaml"
 RAYSERVICE = ROOT / "k8s" / "rayservice.yaml"
 SHARED_MOUNT = "/mnt/runs"  # where every Ray pod mounts the shared volume (k8s/storage.yaml)
 
@@ -31,7 +31,7 @@ SHARED_MOUNT = "/mnt/runs"  # where every Ray pod mounts the shared volume (k8s/
 class ClusterSettings:
     """What differs on the cluster; every other setting is the repository's."""
     # The Service in k8s/redis.yaml, as its ACL user; each replica reads the password from its
-    # environment (ray_app/store.py), set from the Secret dynamic-interest-redis by the pod templates.
+    # environment (ray_app/store/), set from the Secret dynamic-interest-redis by the pod templates.
     store_url: str = "redis://dynamic-interest:${DYNAMIC_INTEREST_REDIS_PASSWORD}@redis:6379/0"
     checkpoint: str = f"{SHARED_MOUNT}/ray/ml-1m"        # the run folder of k8s/rayjob-train.yaml
     data_dir: str = f"{SHARED_MOUNT}/data/ml-1m"         # the data that run was trained on

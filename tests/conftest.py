@@ -10,8 +10,8 @@ import pytest
 
 from models.data import load_prepared, prepare_source
 from models.data.synthetic import SyntheticConfig
-from models.encoder import TextEncoder
-from ray_app.auth import SECRET_ENV, mint, new_secret
+from models.data.encoder import TextEncoder
+from ray_app.serve.auth import SECRET_ENV, mint, new_secret
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

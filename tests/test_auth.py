@@ -1,11 +1,11 @@
-"""Bearer tokens (ray_app.auth) without a server: what each token proves, and what it does not.
+"""Bearer tokens (ray_app.serve.auth) without a server: what each token proves, and what it does not.
 The same rules over real HTTP, on every route, are in tests/test_serve.py."""
 from __future__ import annotations
 
 import jwt
 import pytest
 
-from ray_app.auth import SECRET_ENV, AuthError, Principal, RateLimit, main, mint, new_secret, secret_from_env, verify
+from ray_app.serve.auth import SECRET_ENV, AuthError, Principal, RateLimit, main, mint, new_secret, secret_from_env, verify
 
 SECRET = new_secret()
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from models.batching import INTENT_REGIMES, BatchBuilder, IntentTable, eval_samples, make_split, training_windows
-from models.features import moment_features, rating_bucket
+from models.data.batching import INTENT_REGIMES, BatchBuilder, IntentTable, eval_samples, make_split, training_windows
+from models.data.features import moment_features, rating_bucket
 
 # two users: 5 events and 12 events
 OFFSETS = np.array([0, 5, 17])

@@ -22,10 +22,10 @@ import pytest
 import torch
 
 from conftest import local_serve, service_auth
-from models import checkpoint
-from models.batching import make_split
-from models.training import TrainConfig, fit, new_model
-from ray_app.auth import TOKEN_ENV
+from models.nn import checkpoint
+from models.data.batching import make_split
+from models.training.loop import TrainConfig, fit, new_model
+from ray_app.serve.auth import TOKEN_ENV
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +100,7 @@ def tiny_checkpoint(tiny_data, tmp_path_factory) -> Path:
 def serve_app(api_url, tiny_checkpoint, tiny_data, tmp_path_factory):
     from ray import serve
 
-    from ray_app.serve import AppArgs, DeploymentSettings, build_app
+    from ray_app.serve.app import AppArgs, DeploymentSettings, build_app
 
     one = DeploymentSettings(num_cpus=0.1, min_replicas=1, max_replicas=1)
     store = tmp_path_factory.mktemp("state") / "state.db"

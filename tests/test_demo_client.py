@@ -17,8 +17,8 @@ from gradio_demo import views
 from gradio_demo.__main__ import parse_args
 from gradio_demo.app import N_VIEW, Handlers, guarded
 from gradio_demo.client import ApiClient, ApiError, EndpointDown, NotFound
-from ray_app import schemas
-from ray_app.schemas import EventIn, UserEvent
+from ray_app.serve import schemas
+from ray_app.serve.schemas import EventIn, UserEvent
 
 TITLES = {1: ("Alpha", ["Comedy"]), 2: ("Beta", ["Drama"]), 3: ("Gamma", ["Comedy", "Romance"])}
 

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from models.encoder import DIM, MODEL_NAME, TextEncoder, default_cache_path, text_key
+from models.data.encoder import DIM, MODEL_NAME, TextEncoder, default_cache_path, text_key
 
 TEXTS = ["A light romantic comedy about two strangers in Paris.",
          "A funny romantic comedy set in Paris.",

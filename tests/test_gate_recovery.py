@@ -19,13 +19,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.analysis import RECOVERY_MODEL, RECOVERY_TRAIN, gate_recovery, random_gate_null, randomize_gates
-from models.batching import make_split
+from models.evaluation.gates import RECOVERY_MODEL, RECOVERY_TRAIN, gate_recovery, random_gate_null, randomize_gates
+from models.data.batching import make_split
 from models.data import load_prepared, prepare_source
 from models.data.synthetic import SyntheticConfig
-from models.encoder import TextEncoder
-from models.run import train_config
-from models.training import fit, new_model
+from models.data.encoder import TextEncoder
+from models.training.defaults import train_config
+from models.training.loop import fit, new_model
 
 NULL_MODELS = 20
 
@@ -53,7 +53,7 @@ def test_gates_recover_planted_context_dependence_beyond_random_gates(tmp_path, 
 
 def test_random_gates_are_not_constant(tiny_data):
     """Untrained gates start with v = 0 (α constant); the null draws v so that α moves."""
-    from models.analysis import gates_over_history
+    from models.evaluation.gates import gates_over_history
     split = make_split(tiny_data.user_offsets, 1)
     torch.manual_seed(0)
     model = new_model("decomposer", tiny_data, split)

@@ -228,7 +228,7 @@ def _entrypoint_args(name: str, module: str) -> list[str]:
 
 
 def test_train_job_entrypoint_parses():
-    from ray_app.train import parse_args
+    from ray_app.train.settings import parse_args
 
     settings, _ = parse_args(_entrypoint_args("rayjob-train.yaml", "ray_app.train"))
     (job,) = load("rayjob-train.yaml")
@@ -304,7 +304,7 @@ def serve_config_problems(config: dict) -> list[str]:
 
 
 def test_serve_config_v2_validates_against_serve_schema():
-    from ray_app.serve import AppArgs
+    from ray_app.serve.app import AppArgs
 
     config = _embedded_serve_config()
     assert serve_config_problems(config) == []
@@ -488,7 +488,7 @@ def test_every_pod_is_hardened():
 def test_the_image_writes_only_under_tmp():
     """With a read-only root filesystem, what the programs write goes to the /tmp emptyDir: the
     image points the project's cache and the libraries' caches and configuration there."""
-    from models.encoder import CACHE_ENV
+    from models.data.encoder import CACHE_ENV
 
     dockerfile = (K8S / "Dockerfile").read_text()
     env = dict(re.findall(r"^\s+([A-Z_]+)=(\S+?)(?: \\)?$", dockerfile, re.M))
@@ -721,7 +721,8 @@ def _admin(server: ManifestRedis):
 def test_redis_acl_lets_the_store_work_and_nothing_else(manifest_redis):
     import redis
 
-    from ray_app.store import Event, StoredState, open_store
+    from ray_app.store.base import Event, StoredState
+    from ray_app.store.opener import open_store
 
     server = manifest_redis
     # Without credentials, or with the wrong ones: nothing.
@@ -768,7 +769,8 @@ def test_redis_acl_lets_the_store_work_and_nothing_else(manifest_redis):
 @needs_redis
 def test_redis_refuses_writes_at_the_memory_cap_and_evicts_nothing(tmp_path):
     """noeviction: past maxmemory a write fails and every acknowledged event is still there."""
-    from ray_app.store import Event, open_store
+    from ray_app.store.base import Event
+    from ray_app.store.opener import open_store
 
     server = ManifestRedis(tmp_path / "redis", "--maxmemory", "3mb").start()
     try:

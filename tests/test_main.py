@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ray_app import main as main_job
-from ray_app.auth import SECRET_ENV
+from main_job import main as main_job
+from ray_app.serve.auth import SECRET_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 # What Ray's own processes print when their logs reach the console.
@@ -112,7 +112,7 @@ def test_port_in_use_is_one_line_with_the_fix():
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", "ray_app.main", "--port", str(port), "--no-demo"],
+        r = subprocess.run([sys.executable, "-m", "main_job", "--port", str(port), "--no-demo"],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()

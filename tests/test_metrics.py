@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.metrics import paired_bootstrap, per_user_mean, rank_metrics, summarize, target_ranks
+from models.evaluation.metrics import paired_bootstrap, per_user_mean, rank_metrics, summarize, target_ranks
 
 
 def test_ranks_with_ties_and_history_mask():
@@ -53,7 +53,7 @@ def test_per_user_mean_and_bootstrap():
 
 
 def test_seed_user_bootstrap_holds_the_seed_variance():
-    from models.metrics import seed_user_bootstrap
+    from models.evaluation.metrics import seed_user_bootstrap
     rng = np.random.default_rng(0)
     users = rng.normal(0.3, 0.1, 300)                          # per-user level shared by every run
     steady = users[None] + rng.normal(0, 0.01, (3, 300))       # three seeds that agree

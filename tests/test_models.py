@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from models import checkpoint
-from models.batching import make_split, training_windows
-from models.checkpoint import CheckpointError
-from models.decomposer import DecomposerConfig
-from models.training import TrainConfig, batch_builder, evaluate, fit, new_model
+from models.nn import checkpoint
+from models.data.batching import make_split, training_windows
+from models.nn.checkpoint import CheckpointError
+from models.nn.decomposer import DecomposerConfig
+from models.training.loop import TrainConfig, fit, new_model
+from models.data.batching import batch_builder
+from models.evaluation.evaluate import evaluate
 
 
 @pytest.fixture(scope="module")
@@ -172,8 +174,8 @@ def test_fit_and_evaluate_every_model(tiny_data, split, kind):
 
 
 def test_seen_then_popular_ranks_the_window_first_and_under_the_mask_a_seen_target_first(tiny_data, split):
-    from models.metrics import target_ranks
-    from models.training import history_mask
+    from models.evaluation.metrics import target_ranks
+    from models.evaluation.evaluate import history_mask
 
     m = new_model("seen-popular", tiny_data, split)
     pop = new_model("popular", tiny_data, split)
@@ -243,7 +245,7 @@ def test_history_text_ranks_by_the_recent_items_text(tiny_data, split):
 
 
 def test_seen_pairs_mask_consumed_items_but_never_the_target():
-    from models.losses import full_softmax_ce, seen_pairs
+    from models.nn.losses import full_softmax_ce, seen_pairs
 
     items = torch.tensor([[3, 5, 3, 7, 0], [2, 4, 0, 0, 0]])      # (B, T) windows
     targets = torch.tensor([[5, 3, 7, 0, 0], [4, 0, 0, 0, 0]])    # next item at each position
@@ -316,7 +318,7 @@ def test_lr_is_halved_on_a_validation_plateau(tiny_data, split):
 
 
 def test_weight_average_is_the_moving_average_of_every_step(tiny_data, split):
-    from models.training import run_epoch, weight_average
+    from models.training.loop import run_epoch, weight_average
 
     class Recording(torch.optim.AdamW):          # the real optimizer, remembering the weights after each step
         seen: list = []
@@ -347,7 +349,7 @@ def test_weight_average_is_the_moving_average_of_every_step(tiny_data, split):
 
 
 def test_fit_keeps_the_averaged_weights(tiny_data, split):
-    from models.metrics import summarize
+    from models.evaluation.metrics import summarize
 
     def trained(**train):
         torch.manual_seed(0)
@@ -380,7 +382,7 @@ def test_sasrec_with_text_and_events_reads_them(tiny_data, split):
 
 
 def test_fusion_with_text_keeps_rows_without_words(tiny_data, split):
-    from models.baselines import FusedWithText
+    from models.nn.baselines import FusedWithText
     torch.manual_seed(0)
     model = new_model("sasrec", tiny_data, split).eval()
     text = new_model("intent-text", tiny_data, split)

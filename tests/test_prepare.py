@@ -12,7 +12,7 @@ import pytest
 
 from models.data import (DataFormatError, ITEMS_SCHEMA, RATINGS_SCHEMA, RawData, intent_phrases,
                          item_text, load_prepared, prepare, prepare_source)
-from models.encoder import DIM
+from models.data.encoder import DIM
 
 
 def csv_folder(root: Path) -> Path:
@@ -235,9 +235,10 @@ def _tagged_folder(root: Path, extra_tags: list[str]) -> Path:
 def test_a_tag_applied_after_a_target_does_not_change_its_score(tmp_path):
     import torch
 
-    from models.batching import make_split
+    from models.data.batching import make_split
     from models.data.prepare import evaluation_cutoff
-    from models.training import evaluate, new_model
+    from models.evaluation.evaluate import evaluate
+    from models.training.loop import new_model
 
     def prepared_scores(name: str, extra: list[str]):
         out = prepare_source("ml-latest-small", tmp_path / name / "out", encoder=FakeEncoder(),
@@ -269,6 +270,6 @@ def test_a_tag_applied_after_a_target_does_not_change_its_score(tmp_path):
 
 def test_the_tag_cutoff_covers_the_longest_protocol():
     from models.data.prepare import MAX_TEST_EVENTS
-    from models.run import PROTOCOLS
+    from models.training.defaults import PROTOCOLS
 
     assert MAX_TEST_EVENTS == max(PROTOCOLS.values())

@@ -75,7 +75,7 @@ def test_cold_start_targets_are_the_items_no_training_event_holds(tiny_data):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import numpy as np
     import quality
-    from models.batching import make_split
+    from models.data.batching import make_split
     split = make_split(tiny_data.user_offsets, 5)
     rows = quality.cold_rows(tiny_data, split)
     train_items = set()
@@ -90,8 +90,9 @@ def test_repeated_targets_are_marked_and_the_new_target_figure_ignores_them(tiny
     """Under the mask a repeated target is the only seen item left: the seen-first rule puts it
     first. The figure on new targets leaves those out, and there the rule is most-popular."""
     import numpy as np
-    from models.batching import make_split
-    from models.training import evaluate, new_model
+    from models.data.batching import make_split
+    from models.evaluation.evaluate import evaluate
+    from models.training.loop import new_model
     split = make_split(tiny_data.user_offsets, 5)
     rule, pop = (new_model(k, tiny_data, split) for k in ("seen-popular", "popular"))
     ev, base = (evaluate(m, tiny_data, split, "test") for m in (rule, pop))

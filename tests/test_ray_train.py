@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from conftest import local_ray
 
-from models import checkpoint
-from models.batching import make_split
-from models.metrics import summarize
-from models.training import evaluate
-from ray_app.data import SetupError, user_ranges
-from ray_app.train import BEST_FILE, METRIC, main, parse_args, parse_model_args
+from models.nn import checkpoint
+from models.data.batching import make_split
+from models.evaluation.metrics import summarize
+from models.evaluation.evaluate import evaluate
+from ray_app.train.data import SetupError, user_ranges
+from ray_app.train.settings import BEST_FILE, METRIC, parse_args, parse_model_args
+from ray_app.train.driver import main
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,8 @@ def _uneven_average(rank: int, world: int, store: str, out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from models.training import TrainConfig, weight_average
-    from ray_app.train import sync_average
+    from models.training.loop import TrainConfig, weight_average
+    from ray_app.train.worker import sync_average
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.manual_seed(0)
@@ -207,7 +208,7 @@ def test_same_name_resumes(faulted, tiny_data, capsys):
 def test_single_worker_bf16_cpu_path(cluster, tiny_data, tmp_path, capsys):
     """The --use-gpu code path with use_gpu=False: get_device() is the CPU, autocast runs in bfloat16
     where the CPU supports it; elsewhere (AVX2 without AVX-512 BF16) --bf16 stops before training."""
-    from models.precision import bf16_problem
+    from models.training.precision import bf16_problem
 
     rc = train(tiny_data, tmp_path, "bf16", "--model", "lstm", "--set", "lstm_units=8", "--bf16",
                "--epochs", "1", "--cpus-per-worker", "2")
@@ -230,10 +231,16 @@ def test_bf16_is_refused_on_a_cpu_without_it_and_a_worker_falls_back(cluster, mo
     """Both branches on any CPU: the driver's one-line refusal, a cluster worker's float32 fallback."""
     import torch
 
-    from ray_app import train as train_mod
-    from ray_app.train import RayTrainSettings, autocast_dtype, plan, precision_name
+    from ray_app.train import preflight, worker
+    from ray_app.train.preflight import plan
+    from ray_app.train.settings import RayTrainSettings
+    from ray_app.train.worker import autocast_dtype, precision_name
 
-    monkeypatch.setattr(train_mod, "bf16_problem", lambda device_type: "this CPU cannot run the LSTM in bfloat16")
+    def cannot(device_type):
+        return "this CPU cannot run the LSTM in bfloat16"
+
+    for module in (preflight, worker):                  # the driver's check and the workers' fallback
+        monkeypatch.setattr(module, "bf16_problem", cannot)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(SetupError, match="--bf16: this CPU cannot run the LSTM in bfloat16; train without"):
         plan(RayTrainSettings(dataset=str(tiny_data.path), storage_path=str(tmp_path), name="x", bf16=True))
@@ -244,14 +251,15 @@ def test_bf16_is_refused_on_a_cpu_without_it_and_a_worker_falls_back(cluster, mo
     assert "training in float32" in caplog.text
     assert autocast_dtype(True, "cpu", has_lstm=False) is torch.bfloat16
     assert precision_name(True, None, "cpu") == "float32 (bf16 unsupported: this CPU cannot run the LSTM in bfloat16)"
-    monkeypatch.setattr(train_mod, "bf16_problem", lambda device_type: None)
+    monkeypatch.setattr(worker, "bf16_problem", lambda device_type: None)
     assert autocast_dtype(True, "cpu") is torch.bfloat16 and autocast_dtype(False, "cpu") is None
     assert precision_name(True, torch.bfloat16, "cpu") == "bfloat16" and precision_name(False, None, "cpu") == "float32"
 
 
 def test_the_driver_warns_once_when_a_worker_falls_back_to_float32(cluster, capsys):
     """A cluster worker without bf16 reports float32 in its metrics: the driver prints one warning."""
-    from ray_app.train import METRIC, _epoch_lines_callback, printed_epochs
+    from ray_app.train.settings import METRIC
+    from ray_app.train.driver import _epoch_lines_callback, printed_epochs
 
     m = {"epoch": 1, "loss_next_item": 1.0, METRIC: 0.1, "valid_targets": 5, f"best_{METRIC}": 0.1, "best_epoch": 1,
          "sequences_per_s": 10.0, "train_seconds": 1.0, "precision": "float32 (bf16 unsupported: no AVX-512 BF16)"}

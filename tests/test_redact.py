@@ -10,7 +10,8 @@ import socket
 
 import pytest
 
-from ray_app.store import open_store, redact_url
+from ray_app.store.opener import open_store
+from ray_app.store.base import redact_url
 
 SECRET = "s3cr3t-Pa55word_xyz"
 
@@ -38,7 +39,7 @@ def _free_port() -> int:
 
 
 def test_unreachable_redis_names_the_url_without_its_password():
-    from ray_app.store_redis import RedisStore
+    from ray_app.store.redis import RedisStore
 
     url = f"redis://dynamic-interest:{SECRET}@127.0.0.1:{_free_port()}/0"
     with pytest.raises(ConnectionError) as e:
@@ -56,7 +57,7 @@ def test_durability_warning_does_not_log_the_password(monkeypatch, caplog):
     """The warning about a server without `appendfsync always` names the URL, redacted."""
     import redis
 
-    from ray_app.store_redis import RedisStore
+    from ray_app.store.redis import RedisStore
 
     class FakeRedis:
         def ping(self):
@@ -69,7 +70,7 @@ def test_durability_warning_does_not_log_the_password(monkeypatch, caplog):
             return None
 
     monkeypatch.setattr(redis.Redis, "from_url", staticmethod(lambda url, **kw: FakeRedis()))
-    with caplog.at_level(logging.WARNING, logger="ray_app.store_redis"):
+    with caplog.at_level(logging.WARNING, logger="ray_app.store.redis"):
         store = RedisStore(f"redis://dynamic-interest:{SECRET}@redis:6379/0")
     assert store.durable is False and store.url == "redis://dynamic-interest:***@redis:6379/0"
     assert "dynamic-interest:***@redis" in caplog.text and SECRET not in caplog.text
@@ -79,7 +80,7 @@ def test_password_from_the_environment(monkeypatch):
     """`${NAME}` is read where the store is opened; a missing variable is named, not guessed."""
     import redis
 
-    from ray_app.store_redis import RedisStore
+    from ray_app.store.redis import RedisStore
 
     seen = {}
 

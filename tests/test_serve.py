@@ -1,6 +1,6 @@
 """Ray Serve app over real HTTP: the API, freshness, bad input, reconfigure, restart.
 
-The app is deployed from `ray_app/serve_config.yaml` (paths swapped for a tiny model and
+The app is deployed from `ray_app/serve/config.yaml` (paths swapped for a tiny model and
 dataset) the way `serve deploy` does it, so the checked-in config is what is tested.
 """
 from __future__ import annotations
@@ -20,15 +20,15 @@ import yaml
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from models import checkpoint
-from models.batching import make_split
-from models.training import TrainConfig, fit, new_model
+from models.nn import checkpoint
+from models.data.batching import make_split
+from models.training.loop import TrainConfig, fit, new_model
 from conftest import local_serve, service_auth, user_auth
-from ray_app.auth import mint
-from ray_app.serve import AppArgs
-from ray_app.serving import file_version
+from ray_app.serve.auth import mint
+from ray_app.serve.app import AppArgs
+from ray_app.serve.served_model import file_version
 
-CONFIG = Path(__file__).resolve().parents[1] / "ray_app" / "serve_config.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "ray_app" / "serve" / "config.yaml"
 APP = "recommender"
 
 
@@ -111,7 +111,7 @@ def test_config_yaml_is_a_valid_serve_build_config():
     cfg = yaml.safe_load(CONFIG.read_text())
     schema = ServeDeploySchema.model_validate(cfg)
     app = schema.applications[0]
-    assert app.import_path == "ray_app.serve:build_app"
+    assert app.import_path == "ray_app.serve.app:build_app"
     args = AppArgs.model_validate(app.args)
     assert {d.name for d in app.deployments} == {"Ingress", "Encoder", "Decomposer", "Combiner"}
     for d in app.deployments:
@@ -218,7 +218,7 @@ def test_an_acknowledged_event_shows_in_the_next_recommendation(client, env):
 
 def test_an_event_without_a_rating_is_an_implicit_one(client, env):
     """A view or a click has no rating: accepted, and scored as the documented IMPLICIT_RATING."""
-    from ray_app.schemas import IMPLICIT_RATING
+    from ray_app.serve.schemas import IMPLICIT_RATING
 
     items = [int(env["data"].item_source_ids[j]) for j in (2, 5, 7)]
     implicit = [{"item_id": i, "timestamp": 1.6e9 + 60 * j} for j, i in enumerate(items)]

@@ -14,10 +14,10 @@ import torch
 from ray import serve
 
 from conftest import local_serve, service_auth
-from models import checkpoint
-from models.batching import make_split
-from models.training import new_model
-from ray_app.serve import AppArgs, DeploymentSettings, build_app
+from models.nn import checkpoint
+from models.data.batching import make_split
+from models.training.loop import new_model
+from ray_app.serve.app import AppArgs, DeploymentSettings, build_app
 from test_serve_reliability import free_port, wait_healthy
 from test_store import RedisServer, needs_redis
 

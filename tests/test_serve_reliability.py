@@ -25,13 +25,13 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from ray import serve
 
-from models import checkpoint
-from models.batching import make_split
-from models.training import new_model
+from models.nn import checkpoint
+from models.data.batching import make_split
+from models.training.loop import new_model
 from conftest import local_serve, service_auth
-from ray_app.auth import TOKEN_ENV
-from ray_app.serve import AppArgs, DeploymentSettings, build_app
-from ray_app.store import open_store
+from ray_app.serve.auth import TOKEN_ENV
+from ray_app.serve.app import AppArgs, DeploymentSettings, build_app
+from ray_app.store.opener import open_store
 
 APP = "reliability"
 LOAD_CLIENT = Path(__file__).resolve().parents[1] / "benchmarks" / "load_client.py"

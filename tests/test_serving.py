@@ -9,17 +9,17 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from models import checkpoint
-from models.batching import BatchBuilder, make_split
-from models.features import moment_features
-from models.training import new_model
-from models.checkpoint import BestCheckpoint
-from ray_app.deployments import Combiner, Decomposer
-from ray_app.ingress import _field_path
-from ray_app.serve import AppArgs, DeploymentSettings, build_app
-from ray_app.serving import (Catalogue, RankJob, ServedModel, ServingSetupError, event_tensors, file_version, pack_state,
-                             resolve_checkpoint, training_user_events, unpack_state)
-from ray_app.store import Event, StoredState, open_store
+from models.nn import checkpoint
+from models.data.batching import BatchBuilder, make_split
+from models.data.features import moment_features
+from models.training.loop import new_model
+from models.nn.checkpoint import BestCheckpoint
+from ray_app.serve.deployments import Combiner, Decomposer
+from ray_app.serve.ingress import _field_path
+from ray_app.serve.app import AppArgs, DeploymentSettings, build_app
+from ray_app.serve.served_model import Catalogue, RankJob, ServedModel, ServingSetupError, event_tensors, file_version, pack_state, resolve_checkpoint, training_user_events, unpack_state
+from ray_app.store.base import Event, StoredState
+from ray_app.store.opener import open_store
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +79,9 @@ def test_served_model_checks_type_and_vocabulary(tiny_data, ckpt, tmp_path):
 def test_a_checkpoint_is_served_only_with_the_digest_its_configuration_names(tiny_data, ckpt, tmp_path):
     import shutil
 
-    from ray_app.deployments import _checkpoint_of
-    from ray_app.serve import AppArgs, build_app
-    from ray_app.serving import file_sha256
+    from ray_app.serve.deployments import _checkpoint_of
+    from ray_app.serve.app import AppArgs, build_app
+    from ray_app.serve.served_model import file_sha256
     digest = file_sha256(ckpt)
     assert ServedModel.load(ckpt, tiny_data.item_source_ids, digest.upper()).version == digest[:12]
     moved = tmp_path / "swapped.pt"
@@ -231,8 +231,8 @@ def test_a_model_stage_past_its_timeout_is_a_504_and_is_cancelled():
     """The Ingress awaits each call down the graph for at most call_timeout_s."""
     import asyncio
 
-    from ray_app.ingress import ApiError, Ingress
-    from ray_app.store import StoreUnavailable
+    from ray_app.serve.ingress import ApiError, Ingress
+    from ray_app.store.base import StoreUnavailable
 
     class Slow:
         cancelled = False
@@ -286,7 +286,7 @@ def test_a_state_rebuild_reads_the_models_window_not_the_whole_log(tiny_data, tm
     out = dec._advance_users([("long", False)])[0]
     assert out.n_events == 40 and reads == [40 - 6 - 1]              # the window and the event before it
     # The same state as the last six events ranked in training, their first gap included.
-    from ray_app.serving import event_tensors
+    from ray_app.serve.served_model import event_tensors
     served = dec.served
     items = np.array([served.index_of[e.item_id] for e in events[33:]], np.int64)
     t = event_tensors(items, np.full(7, 4.0, np.float32), np.array([e.timestamp for e in events[33:]]), 1,

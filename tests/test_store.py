@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from ray_app.store import Event, IdempotencyConflict, SQLiteStore, StoredState, open_store
+from ray_app.store.base import Event, IdempotencyConflict, StoredState
+from ray_app.store.sqlite import SQLiteStore
+from ray_app.store.opener import open_store
 
 REDIS_SERVER = shutil.which("redis-server")
 needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not on PATH (apt-get install redis-server)")
@@ -428,7 +430,7 @@ def test_redis_reports_durability(redis_server):
 
 def test_unreachable_redis_names_the_url():
     url = f"redis://127.0.0.1:{_free_port()}/0"
-    from ray_app.store_redis import RedisStore
+    from ray_app.store.redis import RedisStore
 
     with pytest.raises(ConnectionError, match=re.escape(url)):
         RedisStore(url, retries=0)
@@ -458,7 +460,7 @@ def test_wal_switch_is_retried_while_another_opener_holds_the_file(tmp_path):
 # -- faults: a clear StoreUnavailable, and nothing acknowledged is lost ------------------------------
 
 def test_a_full_sqlite_store_refuses_the_write_and_keeps_the_old_data(tmp_path):
-    from ray_app.store import StoreUnavailable
+    from ray_app.store.base import StoreUnavailable
     store = SQLiteStore(str(tmp_path / "s.db"))
     store.append_events("u", [ev(i) for i in range(5)])
     conn = store._conn()
@@ -472,7 +474,7 @@ def test_a_full_sqlite_store_refuses_the_write_and_keeps_the_old_data(tmp_path):
 
 
 def test_a_corrupt_sqlite_file_is_reported_by_name_at_start(tmp_path):
-    from ray_app.store import StoreUnavailable
+    from ray_app.store.base import StoreUnavailable
     bad = tmp_path / "state.db"
     bad.write_bytes(b"this is no database, " * 200)
     with pytest.raises(StoreUnavailable, match=re.escape(str(bad)) + ".*cannot be opened"):
@@ -482,7 +484,7 @@ def test_a_corrupt_sqlite_file_is_reported_by_name_at_start(tmp_path):
 
 @needs_redis
 def test_a_stopped_redis_is_unavailable_not_a_hang(tmp_path):
-    from ray_app.store import StoreUnavailable
+    from ray_app.store.base import StoreUnavailable
     server = RedisServer(tmp_path)
     server.start()
     store = open_store(server.url)
@@ -503,7 +505,7 @@ def test_a_stopped_redis_is_unavailable_not_a_hang(tmp_path):
 def test_a_full_redis_refuses_writes_rather_than_evicting_events(redis_server):
     import redis
 
-    from ray_app.store import StoreUnavailable
+    from ray_app.store.base import StoreUnavailable
     store = open_store(redis_server.url)
     store.append_events("kept", [ev(i) for i in range(50)])
     with redis.Redis.from_url(redis_server.url) as r:

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from conftest import local_ray
 
-from models import checkpoint
+from models.nn import checkpoint
 from tuning.results import random_param_space
 from tuning.search import main
 from tuning.space import SearchSpace, SpaceError, trial_settings

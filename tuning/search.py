@@ -26,14 +26,17 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from ray_app.data import SetupError, load_checked, resolve_dataset
-from ray_app.train import METRIC, RayTrainSettings, build_trainer, check_storage, connect, plan
+from models.cli import add_settings, setting, settings_from
+from ray_app.train.data import SetupError, load_checked, resolve_dataset
+from ray_app.train.settings import METRIC, RayTrainSettings
+from ray_app.train.driver import build_trainer
+from ray_app.train.preflight import check_storage, connect, plan
 from tuning import results
-from models.run import PROTOCOLS
+from models.training.defaults import PROTOCOLS
 from tuning.space import MODEL_SPACES, SearchSpace, SpaceError
 
 OBJECTIVE = f"best_{METRIC}"       # best validation NDCG@10 so far in the trial: ASHA and Optuna both read it
@@ -44,30 +47,36 @@ SMOKE_SPACE = ["lstm_units=[16, 32]", "dim_size=[8, 16]", "max_len=[10, 20]", "m
 
 @dataclass
 class SearchSettings:
-    dataset: str = "synthetic"              # as for ray_app.train: a name or a prepared folder
-    model: str = "decomposer"               # what is searched: decomposer | sasrec | gru4rec | lstm
-    protocol: str = "loo"                   # the split whose validation targets score a trial
-    data_dir: Path | None = None
-    prepared_dir: Path | None = None
-    storage_path: str = "runs/tune"         # local folder; the run folder is <storage_path>/<name>
-    name: str | None = None                 # same name = continue the same study
-    sampler: str = "tpe"                    # "tpe" (OptunaSearch) | "random" (BasicVariantGenerator)
-    num_samples: int = 20                   # trials in the study, counting those of earlier sessions
-    time_budget_s: float | None = None      # wall-clock seconds for this session's trials
-    seed: int = 0                           # sampler and training seed
-    startup_trials: int | None = None       # TPE's random start (default: a third of the trials, 2..10)
-    epochs: int = 10                        # per trial; ASHA's max_t
-    grace_period: int = 1                   # epochs every trial gets before ASHA may stop it
-    reduction_factor: int = 2
-    patience: int = 3                       # early stopping inside a trial
-    batch_size: int | None = None
-    num_workers: int = 1                    # Train workers per trial
-    cpus_per_worker: float = 1.0
-    use_gpu: bool = False
-    optuna_storage: str | None = None       # RDB URL; default sqlite:///<run folder>/optuna.db
-    space_overrides: list[str] = field(default_factory=list)
-    space_files: list[Path] = field(default_factory=list)
-    verbose: bool = False                   # Ray's own logs and the trials' output on the console
+    dataset: str = setting("synthetic", "synthetic | ml-latest-small | ... | a prepared folder")
+    model: str = setting("decomposer", "the model searched; each has its space in tuning/space.py, with the same "
+                                       "recipe fixed", choices=tuple(MODEL_SPACES))
+    protocol: str = setting("loo", "the split: loo (validation = the event before the last) or last10",
+                            choices=sorted(PROTOCOLS))
+    data_dir: Path | None = setting(None, "MovieLens folder or .zip for a named dataset")
+    prepared_dir: Path | None = setting(None, "where a named dataset is prepared (default runs/data/NAME)")
+    storage_path: str = setting("runs/tune", "folder that holds the run folder (<storage-path>/<name>)")
+    name: str | None = setting(None, "run name; the same name continues the same Optuna study")
+    sampler: str = setting("tpe", "tpe (OptunaSearch) | random (BasicVariantGenerator)", choices=("tpe", "random"))
+    num_samples: int = setting(20, "trials in the study (earlier sessions count)")
+    time_budget_s: float | None = setting(None, "wall-clock seconds for this session's trials", flag="--time-budget")
+    seed: int = setting(0, "sampler and training seed")
+    startup_trials: int | None = setting(None, "TPE's random start (default: a third of --num-samples, 2..10)")
+    epochs: int = setting(10, "epochs per trial at most (ASHA max_t)")
+    grace_period: int = setting(1, "epochs before ASHA may stop a trial")
+    reduction_factor: int = setting(2, "ASHA: keep 1/rf of the trials at each rung")
+    patience: int = setting(3, "early stopping inside a trial")
+    batch_size: int | None = setting(None, "training windows per step (default the trainer's)")
+    num_workers: int = setting(1, "Train workers per trial")
+    cpus_per_worker: float = setting(1.0)
+    use_gpu: bool = setting(False)
+    optuna_storage: str | None = setting(None, "Optuna RDB URL (default sqlite:///<run folder>/optuna.db)")
+    space_overrides: list[str] = setting(
+        help="value read as YAML: 64 (fixed), [concat, sum] (choices), {low: 32, high: 256, log: true}; repeatable",
+        flag="--space-override", metavar="KEY=VALUE", factory=list)
+    space_files: list[Path] = setting(help="YAML or JSON mapping of overrides; repeatable", flag="--space-file",
+                                      factory=list)
+    verbose: bool = setting(False, "show Ray's own logs and the trials' output "
+                                   "(otherwise in /tmp/ray/session_latest/logs)")
 
     def run_name(self) -> str:
         return self.name or f"search-{Path(self.dataset).name}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -260,46 +269,13 @@ def run(s: SearchSettings, num_cpus: int | None = None) -> dict:
 # ---- command line ------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> tuple[SearchSettings, argparse.Namespace]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="synthetic", help="synthetic | ml-latest-small | ... | a prepared folder")
-    p.add_argument("--model", choices=tuple(MODEL_SPACES), default="decomposer",
-                   help="the model searched; each has its space in tuning/space.py, with the same recipe fixed")
-    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="loo",
-                   help="the split: loo (validation = the event before the last) or last10")
-    p.add_argument("--data-dir", type=Path, help="MovieLens folder or .zip for a named dataset")
-    p.add_argument("--prepared-dir", type=Path, help="where a named dataset is prepared (default runs/data/NAME)")
-    p.add_argument("--storage-path", default="runs/tune", help="folder that holds the run folder")
-    p.add_argument("--name", help="run name; the same name continues the same Optuna study")
-    p.add_argument("--sampler", choices=("tpe", "random"), default="tpe")
-    p.add_argument("--num-samples", type=int, default=20, help="trials in the study (earlier sessions count)")
-    p.add_argument("--time-budget", type=float, help="wall-clock seconds for this session's trials")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--startup-trials", type=int, help="TPE's random start (default: a third of --num-samples, 2..10)")
-    p.add_argument("--epochs", type=int, default=10, help="epochs per trial at most (ASHA max_t)")
-    p.add_argument("--grace-period", type=int, default=1, help="epochs before ASHA may stop a trial")
-    p.add_argument("--reduction-factor", type=int, default=2, help="ASHA: keep 1/rf of the trials at each rung")
-    p.add_argument("--patience", type=int, default=3, help="early stopping inside a trial")
-    p.add_argument("--batch-size", type=int, help="training windows per step (default the trainer's)")
-    p.add_argument("--num-workers", type=int, default=1, help="Train workers per trial")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--use-gpu", action="store_true")
+    p = argparse.ArgumentParser(prog="python -m tuning.search", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_settings(p, SearchSettings)
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started when RAY_ADDRESS is not set")
-    p.add_argument("--optuna-storage", help="Optuna RDB URL (default sqlite:///<run folder>/optuna.db)")
-    p.add_argument("--space-override", action="append", default=[], metavar="KEY=VALUE",
-                   help="value read as YAML: 64 (fixed), [concat, sum] (choices), {low: 32, high: 256, log: true}")
-    p.add_argument("--space-file", action="append", default=[], type=Path, help="YAML or JSON mapping of overrides")
     p.add_argument("--smoke-test", action="store_true", help="a tiny search: 3 trials of 2 epochs, small models")
-    p.add_argument("--verbose", action="store_true",
-                   help="show Ray's own logs and the trials' output (otherwise in /tmp/ray/session_latest/logs)")
     a = p.parse_args(argv)
-    s = SearchSettings(
-        dataset=a.dataset, model=a.model, protocol=a.protocol, data_dir=a.data_dir, prepared_dir=a.prepared_dir, storage_path=a.storage_path,
-        name=a.name, sampler=a.sampler, num_samples=a.num_samples, time_budget_s=a.time_budget, seed=a.seed,
-        startup_trials=a.startup_trials, epochs=a.epochs, grace_period=a.grace_period,
-        reduction_factor=a.reduction_factor, patience=a.patience, batch_size=a.batch_size,
-        num_workers=a.num_workers, cpus_per_worker=a.cpus_per_worker, use_gpu=a.use_gpu,
-        optuna_storage=a.optuna_storage, space_overrides=a.space_override, space_files=a.space_file,
-        verbose=a.verbose)
+    s = settings_from(SearchSettings, a)
     if a.smoke_test:
         s = dataclasses.replace(s, num_samples=3, epochs=2, patience=2, batch_size=s.batch_size or 16,
                                 space_overrides=SMOKE_SPACE + s.space_overrides)

@@ -27,8 +27,8 @@ from typing import Any, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, model_validator
 
-from models import checkpoint
-from models.decomposer import NAMED_DIMENSIONS
+from models.nn import checkpoint
+from models.nn.decomposer import NAMED_DIMENSIONS
 
 Scalar = Union[bool, int, float, str, None]
 
@@ -86,7 +86,7 @@ RECIPE: dict[str, Param] = {"mask_seen": True, "ema_decay": 0.98}
 TRAIN_KEYS = ("lr", "ema_decay", "fail_at_epoch")   # settings of the training run, not of the model
 DROPOUT = Range(low=0.0, high=0.5, step=0.05)
 WINDOW = [50, 100, 200]
-# The baselines: flat spaces over their own configs (models/baselines.py), the same recipe fixed.
+# The baselines: flat spaces over their own configs (models/nn/baselines.py), the same recipe fixed.
 MODEL_SPACES: dict[str, dict[str, Param]] = {
     "decomposer": DEFAULT_SPACE,
     "sasrec": {"hidden": [32, 64, 128], "blocks": [1, 2, 3], "dropout": DROPOUT,
@@ -153,8 +153,8 @@ class SearchSpace:
 
     def check(self) -> None:
         """Every value the space can produce is one the model and the trainer accept."""
-        from ray_app.data import SetupError
-        from ray_app.train import check_model_args
+        from ray_app.train.data import SetupError
+        from ray_app.train.settings import check_model_args
 
         if self.model != "decomposer":
             return self._check_flat()
@@ -194,8 +194,8 @@ class SearchSpace:
 
     def _check_flat(self) -> None:
         """A baseline's space: model keys are what its config accepts, the rest training settings."""
-        from ray_app.data import SetupError
-        from ray_app.train import check_model_args
+        from ray_app.train.data import SetupError
+        from ray_app.train.settings import check_model_args
 
         for key, p in self.params.items():
             values = p.ends() if isinstance(p, Range) else p if isinstance(p, list) else [p]

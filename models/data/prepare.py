@@ -25,7 +25,7 @@ from models.data.raw import ITEMS_SCHEMA, RATINGS_SCHEMA, RawData, rank_tags
 from models.files import sha256_file
 
 FORMAT_VERSION = 2          # 2: item text from the tags applied before every evaluation target only
-# The longest evaluation protocol predicts each user's last 10 events (`models.run.PROTOCOLS`), with
+# The longest evaluation protocol predicts each user's last 10 events (`models.training.defaults.PROTOCOLS`), with
 # the event before them as validation: no feature may use what happened after the earliest of these.
 MAX_TEST_EVENTS = 10
 SPLIT_PROTOCOL = ("leave-one-out: last event test, second-to-last validation; "
@@ -103,7 +103,7 @@ def evaluation_cutoff(users: np.ndarray, times: np.ndarray) -> int:
     """Events sorted by (user, time) -> the time of the earliest event any protocol evaluates.
 
     Per user that is the first of its last MAX_TEST_EVENTS + 1 events (test targets and the
-    validation target; all but the first event for short users), as `models.batching.make_split`
+    validation target; all but the first event for short users), as `models.data.batching.make_split`
     cuts them; the minimum over users.
     """
     _, first, counts = np.unique(users, return_index=True, return_counts=True)
@@ -196,7 +196,7 @@ def prepare(raw: RawData, out_dir: Path, encoder=None, min_user_events: int = 3,
 
     # 3. Text and intent phrases, each encoded once.
     if encoder is None:
-        from models.encoder import TextEncoder
+        from models.data.encoder import TextEncoder
         encoder = TextEncoder()
     step(f"encoding {len(titles)} item texts")
     texts = [item_text(t or "", g, tg) for t, g, tg in zip(titles, genres, tags)]
@@ -322,7 +322,7 @@ def prepare_source(dataset: str, out_dir: Path, data_dir: Path | None = None,
     output made from the same request is returned as is unless `overwrite`.
     """
     from models.data.movielens import KNOWN_DATASETS, MOVIELENS_URL, download, read_movielens
-    from models.encoder import MODEL_NAME, cache_dir
+    from models.data.encoder import MODEL_NAME, cache_dir
 
     out_dir = Path(out_dir).expanduser()
     if dataset == "synthetic":

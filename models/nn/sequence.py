@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.features import EVENT_FEATURES, N_RATING_BUCKETS
+from models.data.features import EVENT_FEATURES, N_RATING_BUCKETS
 
 
 class ItemTower(nn.Module):

@@ -13,9 +13,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from models.baselines import (GRU4Rec, GRU4RecConfig, LSTMConfig, LSTMRec, MostPopular, PopularityConfig, SASRec,
-                              HistoryText, PhrasePopular, SASRecConfig, SeenThenPopular, TextRetrieval)
-from models.decomposer import DecomposerConfig, InterestDecomposer
+from models.nn.baselines import GRU4Rec, GRU4RecConfig, LSTMConfig, LSTMRec, MostPopular, PopularityConfig, SASRec, HistoryText, PhrasePopular, SASRecConfig, SeenThenPopular, TextRetrieval
+from models.nn.decomposer import DecomposerConfig, InterestDecomposer
 from models.files import atomic_path
 
 FORMAT = "dynamic-interest-checkpoint/1"

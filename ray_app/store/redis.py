@@ -28,8 +28,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from ray_app.store import (IDEMPOTENCY_TTL_S, Event, IdempotencyConflict, StoredState, StoreUnavailable, events_digest,
-                            redact_url)
+from ray_app.store.base import IDEMPOTENCY_TTL_S, Event, IdempotencyConflict, StoredState, StoreUnavailable, events_digest, redact_url
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Local entry point: prepare data, train every model on one split, evaluate, print a table.
 
-    python -m models.run                                   # embedded synthetic data
-    python -m models.run --dataset ml-latest-small         # ../shared copy, or --data-dir PATH
+python -m models.training.run                                   # embedded synthetic data
+python -m models.training.run --dataset ml-latest-small         # ../shared copy, or --data-dir PATH
 """
 from __future__ import annotations
 
@@ -13,39 +13,16 @@ from pathlib import Path
 
 import torch
 
-from models import checkpoint
-from models.batching import make_split
 from models.data import load_prepared, prepare_source
-from models.metrics import summarize
-from models.training import TrainConfig, evaluate, fit, new_model
+from models.data.batching import make_split
+from models.evaluation.evaluate import evaluate
+from models.evaluation.metrics import summarize
+from models.evaluation.report import TABLE_METRICS, format_table, table_row
+from models.nn import checkpoint
+from models.training.defaults import PROTOCOLS, train_config
+from models.training.loop import fit, new_model
 
 MODEL_KINDS = ("decomposer", "lstm", "gru4rec", "sasrec", "popular", "seen-popular", "intent-text", "intent-popular", "history-text")
-PROTOCOLS = {"loo": 1, "last10": 10}
-# Found on ml-latest-small validation: the LSTM models train faster with a larger step, and the
-# decomposer's weights, averaged over the last few epochs' steps, rank better than its last ones.
-TRAIN_DEFAULTS = {"decomposer": {"lr": 1e-2, "ema_decay": 0.98}, "lstm": {"lr": 1e-2}, "gru4rec": {"lr": 1e-2},
-                  "sasrec": {"lr": 1e-3}, "popular": {}, "seen-popular": {},
-                  "intent-text": {}, "intent-popular": {}, "history-text": {}}
-
-
-def train_config(kind: str, **overrides) -> TrainConfig:
-    return TrainConfig(**{**TRAIN_DEFAULTS[kind], **overrides})
-
-
-def format_table(rows: list[dict], columns: list[str]) -> str:
-    head = "| " + " | ".join(columns) + " |"
-    sep = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join([head, sep, *body])
-
-
-TABLE_METRICS = ("hr@10", "ndcg@10", "mrr", "hr@20")
-
-
-def table_row(name: str, masked: dict, unmasked: dict) -> dict:
-    """One row of the metrics table: the history-masked metrics and unmasked NDCG@10, formatted."""
-    return {"model": name, **{k: f"{masked[k]:.4f}" for k in TABLE_METRICS},
-            "ndcg@10 unmasked": f"{unmasked['ndcg@10']:.4f}"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.features import hour_bucket, log_gap_hours, moment_features, rating_bucket
+from models.data.features import hour_bucket, log_gap_hours, moment_features, rating_bucket
 
 
 def flat_ranges(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -213,3 +213,11 @@ def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def intent_table(data) -> IntentTable:
+    return IntentTable(data.item_intent_offsets, data.item_intent_ids, data.intent_emb)
+
+
+def batch_builder(data) -> BatchBuilder:
+    return BatchBuilder(data.items, data.ratings, data.timestamps, intent_table(data))

@@ -1,9 +1,9 @@
 """The main job: prepare → train (Ray Train) → evaluate against the baselines → serve → demo.
 
-    python -m ray_app.main                                   # embedded synthetic data
-    python -m ray_app.main --dataset ml-latest-small         # MovieLens (../shared copy, a folder/zip, or a download)
-    python -m ray_app.main --checkpoint runs/ray/RUN         # skip training
-    python -m ray_app.main --tune 8                          # an 8-trial search; serve its best trial
+    python -m main_job                                   # embedded synthetic data
+    python -m main_job --dataset ml-latest-small         # MovieLens (../shared copy, a folder/zip, or a download)
+    python -m main_job --checkpoint runs/ray/RUN         # skip training
+    python -m main_job --tune 8                          # an 8-trial search; serve its best trial
 
 It keeps serving the API and the demo until Ctrl-C, then shuts everything down.
 """
@@ -19,10 +19,12 @@ import sys
 import threading
 import time
 import urllib.error
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from models.cli import add_settings, setting, settings_from
 
 log = logging.getLogger("dynamic_interest.main")
 
@@ -45,29 +47,34 @@ class NewcomerError(RuntimeError):
 
 @dataclass
 class MainSettings:
-    dataset: str = "synthetic"
-    data_dir: Path | None = None
-    checkpoint: Path | None = None        # skip training: a model.pt or a Ray Train run folder
-    tune_samples: int = 0                 # > 0: a tuning search instead of one training run
-    model_args: list[str] = field(default_factory=list)   # KEY=VALUE overrides of the decomposer
+    dataset: str = setting("synthetic", "synthetic | ml-latest-small | ml-1m | ml-25m | ...")
+    data_dir: Path | None = setting(None, "MovieLens folder or .zip (else the ../shared copy or a download)")
+    checkpoint: Path | None = setting(None, "serve this checkpoint (model.pt or a run folder): no training")
+    tune_samples: int = setting(0, "an N-trial search (Ray Tune + Optuna) instead of one training run; its best "
+                                   "trial is served", flag="--tune", metavar="N")
+    model_args: list[str] = setting(help="decomposer config override", flag="--set", metavar="KEY=VALUE",
+                                    factory=list)
     # The first command trains briefly: 10 epochs of 8-window batches reach valid NDCG@10 0.40 on
     # the synthetic data in under a minute on 2 cores (16-window batches: 0.36 after 12 epochs;
     # 64-window batches: 0.40 after 58). The quality tables' recipe is --epochs 200 --patience 10
     # --batch-size 64.
-    epochs: int = 10
-    patience: int = 5
-    batch_size: int = 8
-    baselines: tuple[str, ...] = DEFAULT_BASELINES
-    seed: int = 0
-    host: str = "127.0.0.1"
-    port: int = 8000
-    demo_port: int = 7860
-    demo: bool = True
-    smoke: bool = False                   # a tiny run for tests: small synthetic data, 2 epochs
+    epochs: int = setting(10, "at most this many epochs (default 10: under a minute)")
+    patience: int = setting(5, "epochs without a better validation NDCG@10")
+    batch_size: int = setting(8, "training windows per step (quality tables: 64)")
+    baselines: tuple[str, ...] = DEFAULT_BASELINES     # --baselines / --compare (parse_args)
+    seed: int = setting(0)
+    host: str = setting("127.0.0.1", "where the API and the demo listen (0.0.0.0 for all)")
+    port: int = setting(8000, "API port")
+    demo_port: int = setting(7860)
+    demo: bool = setting(True, "serve the API only", flag="--no-demo")
+    smoke: bool = setting(False, "a tiny run (small synthetic data, 2 epochs): a quick check")
     runs: Path = Path("runs/main")
-    num_cpus: int | None = None
-    verbose: bool = False                 # Ray's own logs and the demo's output on the console
-    throughput_optimized: bool | None = None   # Serve's throughput-optimized mode (None: on, unless the env says 0)
+    num_cpus: int | None = setting(None, "CPUs of the local Ray (default: all)")
+    verbose: bool = setting(False, "show Ray's own logs, the workers' and the demo's output (otherwise in "
+                                   "/tmp/ray/session_latest/logs and runs/main/demo.log)")
+    throughput_optimized: bool | None = setting(
+        None, "Serve's throughput-optimized mode (default on; --no-throughput-optimized for Serve's default mode; "
+              "RAY_SERVE_THROUGHPUT_OPTIMIZED=0 does the same)")
 
     @property
     def demo_log(self) -> Path | None:
@@ -98,7 +105,7 @@ def setup_access(s: MainSettings) -> str:
     the Ingress among them, inherit it): $DYNAMIC_INTEREST_AUTH_SECRET when set, else the one
     generated at the first start and kept in runs/main/auth-secret (owner-only). A service token
     for this run goes to runs/main/token (owner-only) -> that token."""
-    from ray_app.auth import SECRET_ENV, mint, new_secret, secret_from_env
+    from ray_app.serve.auth import SECRET_ENV, mint, new_secret, secret_from_env
 
     if not os.environ.get(SECRET_ENV):
         if not s.secret_file.is_file():
@@ -199,7 +206,8 @@ def tune(s: MainSettings, prepared: Path) -> Path:
 
 
 def train(s: MainSettings, prepared: Path, model_args: dict) -> Path:
-    from ray_app.train import RayTrainSettings, SetupError, run
+    from ray_app.train.settings import RayTrainSettings
+    from ray_app.train.driver import SetupError, run
 
     print("\n==> training the decomposer with Ray Train", flush=True)
     settings = RayTrainSettings(dataset=str(prepared), model="decomposer", model_args=model_args,
@@ -217,13 +225,14 @@ def evaluate(s: MainSettings, prepared: Path, checkpoint_path: Path) -> str:
     """The trained decomposer and the baselines on the same split -> the printed table."""
     import torch
 
-    from models import checkpoint
-    from models.batching import make_split
+    from models.nn import checkpoint
+    from models.data.batching import make_split
     from models.data.dataset import load_prepared
-    from models.metrics import summarize
-    from models.run import TABLE_METRICS, format_table, table_row, train_config
-    from models.training import evaluate as evaluate_model
-    from models.training import fit, new_model
+    from models.evaluation.metrics import summarize
+    from models.evaluation.report import TABLE_METRICS, format_table, table_row
+    from models.training.defaults import train_config
+    from models.evaluation.evaluate import evaluate as evaluate_model
+    from models.training.loop import fit, new_model
 
     data = load_prepared(prepared)
     split = make_split(data.user_offsets, 1)
@@ -276,7 +285,7 @@ def deploy_app(s: MainSettings, prepared: Path, checkpoint_path: Path) -> None:
     (a bad checkpoint, a replica that crashed while starting)."""
     from ray import serve
 
-    from ray_app.serve import AppArgs, build_app
+    from ray_app.serve.app import AppArgs, build_app
 
     print("\n==> deploying the Serve app (encoder → decomposer → combiner)", flush=True)
     s.runs.mkdir(parents=True, exist_ok=True)
@@ -292,7 +301,7 @@ def deploy_app(s: MainSettings, prepared: Path, checkpoint_path: Path) -> None:
 def start_demo(s: MainSettings, api_url: str, token: str) -> tuple[subprocess.Popen, str]:
     """Start the demo process (not waiting for it) with the service token in its environment
     (not its command line, which `ps` shows) -> (process, its URL)."""
-    from ray_app.auth import TOKEN_ENV
+    from ray_app.serve.auth import TOKEN_ENV
 
     print("\n==> starting the Gradio demo", flush=True)
     s.runs.mkdir(parents=True, exist_ok=True)
@@ -308,12 +317,12 @@ def start_demo(s: MainSettings, api_url: str, token: str) -> tuple[subprocess.Po
 
 
 def banner(api_url: str, demo_url: str | None, user_id: str, item_id: int, s: MainSettings) -> str:
-    from ray_app.auth import SECRET_ENV, TOKEN_ENV
+    from ray_app.serve.auth import SECRET_ENV, TOKEN_ENV
 
     token_file = s.token_file
     # The secret is the user's own ($DYNAMIC_INTEREST_AUTH_SECRET) or the one kept in the secret file.
     kept = s.secret_file.is_file() and s.secret_file.read_text().strip() == os.environ.get(SECRET_ENV)
-    mint_user = f"{sys.executable} -m ray_app.auth --user {user_id}"
+    mint_user = f"{sys.executable} -m ray_app.serve.auth --user {user_id}"
 
     auth = f'-H "Authorization: Bearer ${TOKEN_ENV}"'
     json_ = "-H 'content-type: application/json'"
@@ -356,7 +365,9 @@ def run(s: MainSettings) -> int:
     import ray
     from ray import serve
 
-    from ray_app.train import SetupError, connect, parse_model_args
+    from ray_app.train.driver import SetupError
+    from ray_app.train.preflight import connect
+    from ray_app.train.settings import parse_model_args
 
     preflight(s)
     try:
@@ -420,9 +431,9 @@ def wait_port_free(host: str, port: int, timeout_s: float) -> bool:
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """`--checkpoint`: what `ray_app.serving.resolve_checkpoint` accepts, its error a NewcomerError."""
-    from ray_app.serving import ServingSetupError
-    from ray_app.serving import resolve_checkpoint as resolve
+    """`--checkpoint`: what `ray_app.serve.served_model.resolve_checkpoint` accepts, its error a NewcomerError."""
+    from ray_app.serve.served_model import ServingSetupError
+    from ray_app.serve.served_model import resolve_checkpoint as resolve
 
     try:
         return resolve(path)
@@ -431,34 +442,14 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def parse_args(argv=None) -> MainSettings:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="synthetic", help="synthetic | ml-latest-small | ml-1m | ml-25m | ...")
-    p.add_argument("--data-dir", type=Path, help="MovieLens folder or .zip (else the ../shared copy or a download)")
-    p.add_argument("--checkpoint", type=Path, help="serve this checkpoint (model.pt or a run folder): no training")
-    p.add_argument("--tune", type=int, default=0, metavar="N",
-                   help="an N-trial search (Ray Tune + Optuna) instead of one training run; its best trial is served")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="decomposer config override")
-    p.add_argument("--epochs", type=int, default=10, help="at most this many epochs (default 10: under a minute)")
-    p.add_argument("--patience", type=int, default=5, help="epochs without a better validation NDCG@10")
-    p.add_argument("--batch-size", type=int, default=8, help="training windows per step (quality tables: 64)")
+    p = argparse.ArgumentParser(prog="python -m main_job", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_settings(p, MainSettings)
     p.add_argument("--baselines", default=",".join(DEFAULT_BASELINES),
                    help=f"comma-separated from {', '.join(BASELINES)}, 'all', or empty for none (default: the "
                         "two untrained rules, so that the API is up in minutes; 'all' trains LSTM, GRU4Rec and "
                         "SASRec too, with the same epochs and batches: minutes more)")
     p.add_argument("--compare", action="store_true", help="the same as --baselines all")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--host", default="127.0.0.1", help="where the API and the demo listen (0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=8000, help="API port")
-    p.add_argument("--demo-port", type=int, default=7860)
-    p.add_argument("--no-demo", action="store_true", help="serve the API only")
-    p.add_argument("--smoke", action="store_true", help="a tiny run (small synthetic data, 2 epochs): a quick check")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
-    p.add_argument("--throughput-optimized", action=argparse.BooleanOptionalAction, default=None,
-                   help="Serve's throughput-optimized mode (default on; --no-throughput-optimized for Serve's "
-                        "default mode; RAY_SERVE_THROUGHPUT_OPTIMIZED=0 does the same)")
-    p.add_argument("--verbose", action="store_true",
-                   help="show Ray's own logs, the workers' and the demo's output (otherwise in "
-                        "/tmp/ray/session_latest/logs and runs/main/demo.log)")
     a = p.parse_args(argv)
     baselines = tuple(b.strip() for b in a.baselines.split(",") if b.strip())
     if a.compare or baselines == ("all",):
@@ -468,15 +459,11 @@ def parse_args(argv=None) -> MainSettings:
         p.error(f"--baselines: unknown {bad}; choose from {', '.join(BASELINES)}")
     if a.smoke:
         baselines = tuple(b for b in baselines if b in DEFAULT_BASELINES)
-    return MainSettings(dataset=a.dataset, data_dir=a.data_dir, checkpoint=a.checkpoint, tune_samples=a.tune,
-                        model_args=a.set, epochs=a.epochs, patience=a.patience, batch_size=a.batch_size,
-                        baselines=baselines, seed=a.seed,
-                        host=a.host, port=a.port, demo_port=a.demo_port, demo=not a.no_demo, smoke=a.smoke,
-                        num_cpus=a.num_cpus, verbose=a.verbose, throughput_optimized=a.throughput_optimized)
+    return settings_from(MainSettings, a, baselines=baselines)
 
 
 def main(argv=None) -> int:
-    from ray_app import serve_mode
+    from ray_app.serve import mode as serve_mode
 
     logging.basicConfig(level=logging.WARNING)
     s = parse_args(argv)

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.features import CONTEXT_FEATURES, N_HOUR_BUCKETS, N_RATING_BUCKETS
-from models.losses import next_item_loss, seen_pairs
-from models.sequence import EventLSTM, ItemTower, last_position
+from models.data.features import CONTEXT_FEATURES, N_HOUR_BUCKETS, N_RATING_BUCKETS
+from models.nn.losses import next_item_loss, seen_pairs
+from models.nn.sequence import EventLSTM, ItemTower, last_position
 
 NAMED_DIMENSIONS = ("topic", "sentiment", "time")
 

@@ -8,8 +8,8 @@ The signing secret comes from the environment (`DYNAMIC_INTEREST_AUTH_SECRET`, a
 characters; a Kubernetes Secret in `k8s/`), never from a config file; without it the ingress
 refuses to start. Tokens are minted with the same secret:
 
-    python -m ray_app.auth --service            # a service token
-    python -m ray_app.auth --user 42 --days 30  # user 42's token, valid 30 days
+    python -m ray_app.serve.auth --service            # a service token
+    python -m ray_app.serve.auth --user 42 --days 30  # user 42's token, valid 30 days
 
 Only `/healthz` and the API's own description (`/docs`, `/openapi.json`) answer without a
 token. A missing or bad token is a 401, a token acting for another user a 403, both in the
@@ -132,7 +132,7 @@ def verify(secret: str, authorization: str | None) -> Principal:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ray_app.auth", description=f"Mint an API token with ${SECRET_ENV}.")
+    p = argparse.ArgumentParser(prog="python -m ray_app.serve.auth", description=f"Mint an API token with ${SECRET_ENV}.")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", help="a token for this user id only")
     who.add_argument("--service", action="store_true", help="a token that acts for any user")

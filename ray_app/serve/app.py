@@ -1,7 +1,7 @@
 """The Serve application: Encoder → Decomposer → Combiner behind a FastAPI ingress.
 
-    serve run ray_app.serve_config.yaml                       # the checked-in config
-    serve run ray_app.serve:build_app checkpoint=runs/ray/NAME data_dir=runs/data/NAME
+    serve run ray_app/serve/config.yaml                      # the checked-in config
+    serve run ray_app.serve.app:build_app checkpoint=runs/ray/NAME data_dir=runs/data/NAME
     python -m ray_app.serve --checkpoint runs/ray/NAME --data runs/data/NAME [--port 8000]
 
 `checkpoint` is a model.pt or a Ray Train run folder (its best_checkpoint.json is followed).
@@ -18,11 +18,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ray_app import serve_mode
-from ray_app.auth import secret_from_env
-from ray_app.deployments import Combiner, Decomposer, Encoder
-from ray_app.ingress import Ingress
-from ray_app.serving import ServingSetupError, file_sha256, resolve_checkpoint
+from ray_app.serve import mode as serve_mode
+from ray_app.serve.auth import secret_from_env
+from ray_app.serve.deployments import Combiner, Decomposer, Encoder
+from ray_app.serve.ingress import Ingress
+from ray_app.serve.served_model import ServingSetupError, file_sha256, resolve_checkpoint
 
 
 class DeploymentSettings(BaseModel):

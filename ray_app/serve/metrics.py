@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 from ray.serve import metrics
 
-from ray_app.store import StoreUnavailable
+from ray_app.store.base import StoreUnavailable
 
 LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.batching import Split, training_windows
+from models.data.batching import Split, training_windows
 from models.data import KNOWN_DATASETS, DownloadError, InteractionData, load_prepared, prepare_source
 
 EVENT_COLUMNS = ["user_idx", "item_idx", "rating", "timestamp"]

@@ -4,7 +4,7 @@ Every client error is a JSON `{"detail", "field"}` with a 4xx status (401 no or 
 another user's token, 422 validation, 404 unknown user, 413 body too large), never a 500; a
 store that cannot answer is 503 (`field: "store"`, with Retry-After), a model stage that does not
 answer within `call_timeout_s` is 504. An event is committed to the store before the response
-that acknowledges it. Every route but /healthz needs a bearer token (`ray_app.auth`). Store
+that acknowledges it. Every route but /healthz needs a bearer token (`ray_app.serve.auth`). Store
 calls run in threads, never on the replica's event loop.
 """
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations of the class
@@ -23,14 +23,13 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ray_app.auth import FIELD as AUTH_FIELD
-from ray_app.auth import AuthError, Principal, RateLimit, secret_from_env, verify
-from ray_app.schemas import (IDEMPOTENCY_KEY, MAX_K, MAX_USER_ID_CHARS, ErrorResponse, Text, EventIn, EventsRequest, EventsResponse,
-                             Health, InterestsResponse, ItemsResponse, RecommendRequest, RecommendResponse,
-                             UserEventsResponse, UsersResponse)
-from ray_app.metrics import AppMetrics
-from ray_app.serving import Catalogue, training_user_events
-from ray_app.store import Event, IdempotencyConflict, StoreUnavailable, open_store
+from ray_app.serve.auth import FIELD as AUTH_FIELD
+from ray_app.serve.auth import AuthError, Principal, RateLimit, secret_from_env, verify
+from ray_app.serve.schemas import IDEMPOTENCY_KEY, MAX_K, MAX_USER_ID_CHARS, ErrorResponse, Text, EventIn, EventsRequest, EventsResponse, Health, InterestsResponse, ItemsResponse, RecommendRequest, RecommendResponse, UserEventsResponse, UsersResponse
+from ray_app.serve.metrics import AppMetrics
+from ray_app.serve.served_model import Catalogue, training_user_events
+from ray_app.store.base import Event, IdempotencyConflict, StoreUnavailable
+from ray_app.store.opener import open_store
 
 log = logging.getLogger("ray.serve")
 
@@ -154,7 +153,7 @@ async def _auth_error(request: Request, exc: AuthError) -> JSONResponse:
 
 # The scheme is declared for the OpenAPI description (Swagger's "Authorize"); `caller` reads the
 # header itself, so that a missing token and a malformed header get messages of their own.
-_bearer = HTTPBearer(auto_error=False, description="a user or service token (python -m ray_app.auth)")
+_bearer = HTTPBearer(auto_error=False, description="a user or service token (python -m ray_app.serve.auth)")
 
 
 async def caller(request: Request, _: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Principal:

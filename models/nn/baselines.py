@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.features import EVENT_FEATURES, N_RATING_BUCKETS
-from models.losses import next_item_loss, seen_pairs
-from models.sequence import EventLSTM, ItemTower, last_position
+from models.data.features import EVENT_FEATURES, N_RATING_BUCKETS
+from models.nn.losses import next_item_loss, seen_pairs
+from models.nn.sequence import EventLSTM, ItemTower, last_position
 
 
 class _ItemDataMixin:
@@ -100,7 +100,7 @@ class _IntentRule(MostPopular):
     """Untrained rules over the intent of the last position (B rows; no intent: most-popular)."""
 
     def set_intents(self, table) -> None:
-        """The phrases of each item and their embeddings (`models.batching.IntentTable`)."""
+        """The phrases of each item and their embeddings (`models.data.batching.IntentTable`)."""
         emb = torch.as_tensor(np.asarray(table.emb, dtype=np.float32))                     # (P, 384)
         member = torch.zeros(self.cfg.n_items + 1, len(emb), dtype=torch.bool)           # (N+1, P)
         counts = np.diff(table.offsets)[:self.cfg.n_items + 1]

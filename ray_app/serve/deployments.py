@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from ray import serve
 
-from models.encoder import TextEncoder
-from models.features import moment_features
-from ray_app.metrics import AppMetrics
-from ray_app.serving import (Catalogue, RankJob, Ranking, ServedModel, UserState, event_tensors, pack_state,
-                             unpack_state)
-from ray_app.store import StoredState, open_store
+from models.data.encoder import TextEncoder
+from models.data.features import moment_features
+from ray_app.serve.metrics import AppMetrics
+from ray_app.serve.served_model import Catalogue, RankJob, Ranking, ServedModel, UserState, event_tensors, pack_state, unpack_state
+from ray_app.store.base import StoredState
+from ray_app.store.opener import open_store
 
 log = logging.getLogger("ray.serve")
 
@@ -221,7 +221,7 @@ class Combiner:
 
     def __init__(self, data_dir: str | None = None, max_batch_size: int = 16, batch_wait_s: float = 0.002,
                  keep_versions: int = 2):
-        # The dataset's vocabulary serves checkpoints that carry none (those of models.run).
+        # The dataset's vocabulary serves checkpoints that carry none (those of models.training.run).
         self.catalogue_ids = Catalogue.load(data_dir)[0].item_source_ids if data_dir else None
         self.models: OrderedDict[str, ServedModel] = OrderedDict()
         self.keep_versions = keep_versions

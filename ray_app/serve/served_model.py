@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import checkpoint
-from models.batching import BatchBuilder
+from models.nn import checkpoint
+from models.data.batching import BatchBuilder
 from models.data import InteractionData, load_prepared
 from models.files import sha256_file as file_sha256
-from models.decomposer import InterestDecomposer
-from ray_app.store import Event
+from models.nn.decomposer import InterestDecomposer
+from ray_app.store.base import Event
 
 BEST_FILE = checkpoint.BEST_FILE
 

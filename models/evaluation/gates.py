@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from models.decomposer import InterestDecomposer
-from models.training import batch_builder
+from models.nn.decomposer import InterestDecomposer
+from models.data.batching import batch_builder
 
 # The setting in which gate recovery is measured (benchmarks/gate_recovery.py, tests/test_gate_recovery.py):
 # the mixture mode, whose α_k is the share of the next event explained by dimension k, as the synthetic
@@ -112,7 +112,7 @@ def context_linear_fit(data, targets: np.ndarray) -> dict[str, float]:
     The reference from above: how much of the planted dependence a linear map of the context
     explains; the gates are a learned map of that context (among other inputs).
     """
-    from models.features import moment_features
+    from models.data.features import moment_features
     prev = np.maximum(targets - 1, 0)
     x = moment_features(data.timestamps[targets], data.timestamps[targets] - data.timestamps[prev])
     x = np.concatenate([x, np.ones((len(x), 1), np.float32)], 1).astype(np.float64)   # (M, 6)

@@ -1,0 +1,1 @@
+"""The main job: prepare, train (or tune), compare, serve and start the demo, in one command."""

@@ -1,0 +1,1 @@
+"""Evaluation: ranking metrics, the evaluation of a model on a split, tables, gate recovery."""

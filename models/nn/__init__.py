@@ -1,0 +1,1 @@
+"""The networks: the decomposer, the baselines, their shared pieces, losses and checkpoints."""

@@ -1,0 +1,1 @@
+"""Training without Ray: the loop, the defaults, the precision checks and the local command line."""

@@ -1,0 +1,1 @@
+"""The state store: events and cached states, in SQLite or Redis, opened from a URL."""

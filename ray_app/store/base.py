@@ -1,0 +1,85 @@
+"""What every state store holds and promises: events (the source of truth), cached states, the
+errors a caller can meet, and the `StateStore` protocol; the URL of a store without its password.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+from urllib.parse import urlsplit, urlunsplit
+
+
+@dataclass(frozen=True)
+class Event:
+    item_id: int  # the SOURCE item id (MovieLens movieId / synthetic item id), not the model's index
+    rating: float
+    timestamp: float  # unix seconds
+
+
+@dataclass(frozen=True)
+class StoredState:
+    model_version: str  # which checkpoint produced it; a state from another version is ignored (rebuilt)
+    n_events: int  # how many of the user's events it has consumed
+    blob: bytes  # the serialised state parts: LSTM (h, c) and, with profiles, their sums and weights (float32)
+
+
+IDEMPOTENCY_TTL_S = 24 * 3600     # how long an Idempotency-Key is remembered; retries end long before
+
+
+class IdempotencyConflict(ValueError):
+    """An Idempotency-Key seen before with other events: a client bug, not a retry."""
+
+
+class StoreUnavailable(RuntimeError):
+    """The store cannot answer now (down, unreachable, full, locked past its timeout, or
+    unreadable). A refused write wrote nothing; only a connection lost after Redis ran a write
+    leaves it unknown, which a retry with the same Idempotency-Key settles. The API answers 503."""
+
+
+def events_digest(events: Sequence[Event]) -> str:
+    """What an Idempotency-Key promises: these events, in this order."""
+    h = hashlib.sha256()
+    for e in events:
+        h.update(struct.pack("<qdd", int(e.item_id), float(e.rating), float(e.timestamp)))
+    return h.hexdigest()
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """Thread-safe; every method may be called from several processes at once."""
+
+    def append_events(self, user_id: str, events: Sequence[Event]) -> int: ...
+    def append_once(self, user_id: str, key: str, events: Sequence[Event]) -> tuple[int, bool]:
+        """Append unless `key` was used for this user within IDEMPOTENCY_TTL_S -> (n_events after
+        the first append, replayed?); IdempotencyConflict when the key came with other events."""
+        ...
+    def events(self, user_id: str, start: int = 0, limit: int | None = None) -> list[Event]: ...
+    def count_events(self, user_id: str) -> int: ...
+    def seen_items(self, user_id: str) -> list[int]:
+        """The distinct item ids of the user's events, kept beside the log (no read of the log)."""
+        ...
+    def get_state(self, user_id: str) -> StoredState | None: ...
+    def put_state(self, user_id: str, state: StoredState) -> None: ...
+    def users(self, prefix: str = "", limit: int = 50) -> list[tuple[str, int]]: ...
+    def bulk_load(self, user_events: Mapping[str, Sequence[Event]]) -> None: ...
+    def ping(self) -> None:
+        """A cheap round trip; StoreUnavailable when the store cannot answer."""
+        ...
+    def close(self) -> None: ...
+
+
+def redact_url(url: str) -> str:
+    """`url` as it may be printed or logged: a password in it becomes `***`
+    (`redis://user:***@host:port/db`, `...?password=***`); a URL without one is returned as is."""
+    parts = urlsplit(url)
+    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+    if parts.password is None and query == parts.query:
+        return url
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, host = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
