@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     p.add_argument("--startup-trials", type=int, default=3, help="TPE's random start")
     p.add_argument("--seeds", default="0,1", help="retraining seeds of each best configuration")
     p.add_argument("--retrain-epochs", type=int, default=80)
-    p.add_argument("--retrain-patience", type=int, default=8)
+    p.add_argument("--retrain-patience", type=int, default=6)
     p.add_argument("--cpus-per-worker", type=float, default=2.0)
     p.add_argument("--storage", type=Path, default=Path("runs/bench-equal-budget"))
     p.add_argument("--out", type=Path)
