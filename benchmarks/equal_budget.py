@@ -14,6 +14,7 @@ patience the report checks no best epoch reached, and scored on the test targets
 before the run, is decomposer against the SASRec baseline; its interval resamples seeds and users.
 A finished search or retrain is kept in the JSON and skipped on a rerun, so an interrupted run resumes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,21 +29,21 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from machine_info import machine                                          # noqa: E402  (sibling script)
-from models.nn import checkpoint                                                    # noqa: E402
-from models.data.batching import make_split                                         # noqa: E402
-from models.data import load_prepared                                      # noqa: E402
-from models.files import atomic_path                                       # noqa: E402
-from models.evaluation.metrics import per_user_mean, seed_user_bootstrap            # noqa: E402
-from models.training.defaults import PROTOCOLS                                      # noqa: E402
-from models.evaluation.evaluate import HEADLINE, evaluate                           # noqa: E402
-from models.training.loop import new_model                                          # noqa: E402
-from ray_app.train.data import resolve_dataset                                      # noqa: E402
-from ray_app.train.settings import RayTrainSettings                                 # noqa: E402
-from ray_app.train.preflight import connect                                         # noqa: E402
-from ray_app.train.driver import run as train_run                                   # noqa: E402
-from tuning import search                                                  # noqa: E402
-from tuning.results import TABLE                                           # noqa: E402
+from machine_info import machine  # noqa: E402  (sibling script)
+from models.nn import checkpoint  # noqa: E402
+from models.data.batching import make_split  # noqa: E402
+from models.data import load_prepared  # noqa: E402
+from models.files import atomic_path  # noqa: E402
+from models.evaluation.metrics import per_user_mean, seed_user_bootstrap  # noqa: E402
+from models.training.defaults import PROTOCOLS  # noqa: E402
+from models.evaluation.evaluate import HEADLINE, evaluate  # noqa: E402
+from models.training.loop import new_model  # noqa: E402
+from ray_app.train.data import resolve_dataset  # noqa: E402
+from ray_app.train.settings import RayTrainSettings  # noqa: E402
+from ray_app.train.preflight import connect  # noqa: E402
+from ray_app.train.driver import run as train_run  # noqa: E402
+from tuning import search  # noqa: E402
+from tuning.results import TABLE  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROTOCOL = "last10"
@@ -51,50 +52,85 @@ MODELS = {
     "decomposer": ("decomposer", []),
     "sasrec, text and event features": ("sasrec", ["use_text=true", "use_events=true"]),
 }
-PRIMARY = {"model": "decomposer", "baseline": "sasrec, text and event features", "protocol": PROTOCOL,
-           "metric": "ndcg@10"}
+PRIMARY = {
+    "model": "decomposer",
+    "baseline": "sasrec, text and event features",
+    "protocol": PROTOCOL,
+    "metric": "ndcg@10",
+}
 # Kept affordable for 2 CPU cores: the largest LSTMs are out of the decomposer's space.
 SPACE_LIMITS = {"decomposer": ["lstm_units={low: 32, high: 256, log: true}"]}
 
 
 def search_record(run_dir: Path, best: dict, wall_s: float) -> dict:
     table = pd.read_parquet(run_dir / TABLE)
-    keep = [c for c in table.columns if c.startswith("param_") or c in (
-        "trial_id", "status", "epochs", "best_valid_ndcg@10", "best_epoch", "train_seconds")]
+    keep = [
+        c
+        for c in table.columns
+        if c.startswith("param_")
+        or c in ("trial_id", "status", "epochs", "best_valid_ndcg@10", "best_epoch", "train_seconds")
+    ]
     rows = json.loads(table[keep].to_json(orient="records"))
     best_so_far = np.fmax.accumulate(table["best_valid_ndcg@10"].to_numpy(dtype=float)).tolist()
-    return {"trials": len(table), "epochs_run": int(table["epochs"].sum()), "rows": rows,
-            "best_so_far": [None if np.isnan(v) else v for v in best_so_far],
-            "best_value": best.get("value"), "best_params": best.get("params"),
-            "best_model_args": best.get("model_args"), "best_train": best.get("train"), "wall_s": wall_s}
+    return {
+        "trials": len(table),
+        "epochs_run": int(table["epochs"].sum()),
+        "rows": rows,
+        "best_so_far": [None if np.isnan(v) else v for v in best_so_far],
+        "best_value": best.get("value"),
+        "best_params": best.get("params"),
+        "best_model_args": best.get("model_args"),
+        "best_train": best.get("train"),
+        "wall_s": wall_s,
+    }
 
 
 def test_scores(model_path: str, data, split) -> dict:
     model, _ = checkpoint.load(model_path)
     ev = evaluate(model, data, split, "test")
-    return {"test_ndcg@10": float(ev["masked"][HEADLINE].mean()), "test_hr@10": float(ev["masked"]["hr@10"].mean()),
-            "user_ndcg@10": per_user_mean(ev["masked"][HEADLINE], ev["users"]).round(6).tolist()}
+    return {
+        "test_ndcg@10": float(ev["masked"][HEADLINE].mean()),
+        "test_hr@10": float(ev["masked"]["hr@10"].mean()),
+        "user_ndcg@10": per_user_mean(ev["masked"][HEADLINE], ev["users"]).round(6).tolist(),
+    }
 
 
 def retrain(kind: str, found: dict, seed: int, prepared: Path, data, split, args, name: str) -> dict:
-    s = RayTrainSettings(dataset=str(prepared), model=kind, model_args=found["best_model_args"],
-                         protocol=PROTOCOL, lr=found["best_train"]["lr"],
-                         ema_decay=found["best_train"]["ema_decay"] or 0.0, epochs=args.retrain_epochs,
-                         patience=args.retrain_patience, seed=seed, cpus_per_worker=args.cpus_per_worker,
-                         storage_path=str(args.storage / "retrain"), name=name, num_to_keep=1)
+    s = RayTrainSettings(
+        dataset=str(prepared),
+        model=kind,
+        model_args=found["best_model_args"],
+        protocol=PROTOCOL,
+        lr=found["best_train"]["lr"],
+        ema_decay=found["best_train"]["ema_decay"] or 0.0,
+        epochs=args.retrain_epochs,
+        patience=args.retrain_patience,
+        seed=seed,
+        cpus_per_worker=args.cpus_per_worker,
+        storage_path=str(args.storage / "retrain"),
+        name=name,
+        num_to_keep=1,
+    )
     t0 = time.perf_counter()
     best = train_run(s)
     epochs_run = max((h.get("epoch", 0) for h in best.history), default=best.epoch)
-    return {"seed": seed, "best_epoch": best.epoch, "epochs_run": epochs_run,
-            "best_epoch_below_cap": best.epoch < args.retrain_epochs,
-            "valid_ndcg@10": best.valid_ndcg10, "wall_s": time.perf_counter() - t0,
-            **test_scores(best.model, data, split)}
+    return {
+        "seed": seed,
+        "best_epoch": best.epoch,
+        "epochs_run": epochs_run,
+        "best_epoch_below_cap": best.epoch < args.retrain_epochs,
+        "valid_ndcg@10": best.valid_ndcg10,
+        "wall_s": time.perf_counter() - t0,
+        **test_scores(best.model, data, split),
+    }
 
 
 def popularity(data, split) -> dict:
     ev = evaluate(new_model("popular", data, split), data, split, "test")
-    return {"test_ndcg@10": float(ev["masked"][HEADLINE].mean()),
-            "user_ndcg@10": per_user_mean(ev["masked"][HEADLINE], ev["users"]).round(6).tolist()}
+    return {
+        "test_ndcg@10": float(ev["masked"][HEADLINE].mean()),
+        "user_ndcg@10": per_user_mean(ev["masked"][HEADLINE], ev["users"]).round(6).tolist(),
+    }
 
 
 def primary(report: dict) -> dict | None:
@@ -106,13 +142,24 @@ def primary(report: dict) -> dict | None:
     ub = np.array([r["user_ndcg@10"] for r in b.values()])
     diff = seed_user_bootstrap(ua, ub)
     ma, mb = float(ua.mean()), float(ub.mean())
-    return {**PRIMARY, "model_mean": ma, "baseline_mean": mb, "ratio": ma / mb, "difference": diff["mean"],
-            "lo": diff["lo"], "hi": diff["hi"], "seeds": diff["seeds"], "users": diff["users"],
-            "target_ratio": 1.05, "met": bool(ma >= 1.05 * mb and diff["lo"] > 0)}
+    return {
+        **PRIMARY,
+        "model_mean": ma,
+        "baseline_mean": mb,
+        "ratio": ma / mb,
+        "difference": diff["mean"],
+        "lo": diff["lo"],
+        "hi": diff["hi"],
+        "seeds": diff["seeds"],
+        "users": diff["users"],
+        "target_ratio": 1.05,
+        "met": bool(ma >= 1.05 * mb and diff["lo"] > 0),
+    }
 
 
 def plot(report: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -126,8 +173,11 @@ def plot(report: dict, path: Path) -> None:
     left.legend(fontsize=8)
     names = list(report["retrain"]) + ["popular"]
     for i, name in enumerate(names):
-        vals = ([r["test_ndcg@10"] for r in report["retrain"][name].values()] if name != "popular"
-                else [report["popular"]["test_ndcg@10"]])
+        vals = (
+            [r["test_ndcg@10"] for r in report["retrain"][name].values()]
+            if name != "popular"
+            else [report["popular"]["test_ndcg@10"]]
+        )
         right.bar(i, np.mean(vals), color=f"C{i}", alpha=0.6)
         right.scatter([i] * len(vals), vals, color="k", s=12, zorder=3)
     right.set_xticks(range(len(names)), [n.replace(", ", ",\n") for n in names], fontsize=8)
@@ -161,11 +211,20 @@ def main(argv=None) -> int:
     report = json.loads(out.read_text()) if out.is_file() else {}
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("out", "seeds")}
     if report.get("settings") != settings:
-        report = {"searches": {}, "retrain": {}}                       # another budget: start over
-    report.update({"benchmark": "equal_budget", "dataset": args.dataset, "protocol": PROTOCOL,
-                   "machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                   "settings": settings, "models": {k: {"kind": v[0], "fixed": v[1]} for k, v in MODELS.items()},
-                   "space_limits": SPACE_LIMITS, "declared_primary": PRIMARY})
+        report = {"searches": {}, "retrain": {}}  # another budget: start over
+    report.update(
+        {
+            "benchmark": "equal_budget",
+            "dataset": args.dataset,
+            "protocol": PROTOCOL,
+            "machine": machine(),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "settings": settings,
+            "models": {k: {"kind": v[0], "fixed": v[1]} for k, v in MODELS.items()},
+            "space_limits": SPACE_LIMITS,
+            "declared_primary": PRIMARY,
+        }
+    )
 
     def save() -> None:
         with atomic_path(out) as tmp:
@@ -180,10 +239,21 @@ def main(argv=None) -> int:
             continue
         key = kind if not fixed else f"{kind}-" + "-".join(f.split("=")[0] for f in fixed)
         s = search.SearchSettings(
-            dataset=str(prepared), model=kind, protocol=PROTOCOL, storage_path=str(args.storage), name=key,
-            num_samples=args.trials, seed=0, startup_trials=args.startup_trials, epochs=args.epochs,
-            grace_period=args.grace_period, reduction_factor=3, patience=3, cpus_per_worker=args.cpus_per_worker,
-            space_overrides=[*SPACE_LIMITS.get(kind, []), *fixed])
+            dataset=str(prepared),
+            model=kind,
+            protocol=PROTOCOL,
+            storage_path=str(args.storage),
+            name=key,
+            num_samples=args.trials,
+            seed=0,
+            startup_trials=args.startup_trials,
+            epochs=args.epochs,
+            grace_period=args.grace_period,
+            reduction_factor=3,
+            patience=3,
+            cpus_per_worker=args.cpus_per_worker,
+            space_overrides=[*SPACE_LIMITS.get(kind, []), *fixed],
+        )
         t0 = time.perf_counter()
         best = search.run(s)
         report["searches"][name] = search_record(args.storage / key, best, time.perf_counter() - t0)
@@ -200,13 +270,23 @@ def main(argv=None) -> int:
             save()
     report["popular"] = popularity(data, split)
     report["primary"] = primary(report)
-    report["all_best_epochs_below_cap"] = all(r["best_epoch_below_cap"] for m in report["retrain"].values()
-                                              for r in m.values())
+    report["all_best_epochs_below_cap"] = all(
+        r["best_epoch_below_cap"] for m in report["retrain"].values() for r in m.values()
+    )
     save()
     plot(report, out.with_suffix(".png"))
     summary = {name: [round(r["test_ndcg@10"], 4) for r in runs.values()] for name, runs in report["retrain"].items()}
-    print(json.dumps({"test ndcg@10 per seed": summary, "popular": round(report["popular"]["test_ndcg@10"], 4),
-                      "primary": report["primary"]}, indent=1, default=str))
+    print(
+        json.dumps(
+            {
+                "test ndcg@10 per seed": summary,
+                "popular": round(report["popular"]["test_ndcg@10"], 4),
+                "primary": report["primary"],
+            },
+            indent=1,
+            default=str,
+        )
+    )
     return 0
 
 

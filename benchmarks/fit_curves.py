@@ -7,6 +7,7 @@ records per epoch the training next-item loss and validation NDCG@10 in
 benchmarks/results/fit_curves_<dataset>.json, with a plot beside it. It separates a model that
 fits more slowly from one that generalises worse.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,18 +19,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import RESULTS, VARIANTS, build_variant, machine, write_json  # noqa: E402
 
-from models.data.batching import make_split                                         # noqa: E402
+from models.data.batching import make_split  # noqa: E402
 from models.data import load_prepared, prepare_source  # noqa: E402
-from models.training.defaults import PROTOCOLS                                      # noqa: E402
-from models.training.loop import fit                                                # noqa: E402
+from models.training.defaults import PROTOCOLS  # noqa: E402
+from models.training.loop import fit  # noqa: E402
 
 DEFAULT = "plain decomposer;decomposer, K·α;decomposer, no gates, no aux losses;lstm (mask seen)"
 
 
 def plot(curves: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
     for name, hist in curves.items():
         ep = [h["epoch"] for h in hist]
@@ -66,11 +69,23 @@ def main(argv=None) -> int:
         fitted = fit(model, data, split, cfg, device=args.device, desc=name)
         curves[name] = [{k: round(float(v), 5) for k, v in h.items()} for h in fitted.history]
         last = curves[name][-1]
-        print(f"{name}: epoch {last['epoch']} loss {last['next_item']:.4f} valid ndcg@10 {last['valid_ndcg@10']:.4f} "
-              f"(best {fitted.best_valid['ndcg@10']:.4f} @ {fitted.best_epoch})", flush=True)
-        write_json(out, {"benchmark": "fit_curves", "dataset": args.dataset, "machine": machine(),
-                         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-                         "seed": args.seed, "protocol": args.protocol, "curves": curves})
+        print(
+            f"{name}: epoch {last['epoch']} loss {last['next_item']:.4f} valid ndcg@10 {last['valid_ndcg@10']:.4f} "
+            f"(best {fitted.best_valid['ndcg@10']:.4f} @ {fitted.best_epoch})",
+            flush=True,
+        )
+        write_json(
+            out,
+            {
+                "benchmark": "fit_curves",
+                "dataset": args.dataset,
+                "machine": machine(),
+                "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+                "seed": args.seed,
+                "protocol": args.protocol,
+                "curves": curves,
+            },
+        )
     plot(curves, out.with_suffix(".png"))
     print(f"recorded in {out}")
     return 0

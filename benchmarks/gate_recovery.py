@@ -15,6 +15,7 @@ gates may act through a negative preference); `mixture` is the mode whose α_k i
 the next event a dimension explains, as the data plants it. Writes
 benchmarks/results/gate_recovery_<setting>.json and .png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,11 +32,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from quality import RESULTS, machine  # noqa: E402  (sibling script)
-from models.evaluation.gates import SETTINGS, context_linear_fit, correlation_matrix, gate_recovery, gates_over_history, planted_weights, random_gate_null
-from models.data.batching import make_split                                         # noqa: E402
+from models.evaluation.gates import (
+    SETTINGS,
+    context_linear_fit,
+    correlation_matrix,
+    gate_recovery,
+    gates_over_history,
+    planted_weights,
+    random_gate_null,
+)
+from models.data.batching import make_split  # noqa: E402
 from models.data import load_prepared, prepare_source  # noqa: E402
-from models.training.defaults import train_config                                   # noqa: E402
-from models.training.loop import fit, new_model                                     # noqa: E402
+from models.training.defaults import train_config  # noqa: E402
+from models.training.loop import fit, new_model  # noqa: E402
 
 SOURCES = ("topic", "sentiment", "time")
 
@@ -57,23 +66,32 @@ def main(argv=None) -> int:
 
     null = random_gate_null(untrained, data, args.null, statistic)
     null_95 = float(np.quantile(null, 0.95))
-    print(f"random null ({args.null} untrained models, {statistic}): median {np.median(null):.3f}, "
-          f"95th percentile {null_95:.3f}, max {null.max():.3f}")
+    print(
+        f"random null ({args.null} untrained models, {statistic}): median {np.median(null):.3f}, "
+        f"95th percentile {null_95:.3f}, max {null.max():.3f}"
+    )
     planted_all = planted_weights(data)
     hours = (data.timestamps % 86400) / 3600.0
     per_seed, matrices = {}, []
     for seed in tqdm([int(s) for s in args.seeds.split(",")], desc="seeds", unit="seed"):
         torch.manual_seed(seed)
         model = new_model("decomposer", data, split, **model_over)
-        fit(model, data, split, train_config("decomposer", epochs=args.epochs, seed=seed, **train_over),
-            desc=f"seed {seed}")
-        alpha, targets = gates_over_history(model, data)                 # once per model
+        fit(
+            model,
+            data,
+            split,
+            train_config("decomposer", epochs=args.epochs, seed=seed, **train_over),
+            desc=f"seed {seed}",
+        )
+        alpha, targets = gates_over_history(model, data)  # once per model
         planted = planted_all[targets]
         per_seed[seed] = {**gate_recovery(model, data, gates=(alpha, targets))}
         per_seed[seed]["above_null_95"] = per_seed[seed][statistic] > null_95
         matrices.append(correlation_matrix(planted, alpha)[:, :3])
-        print(f"seed {seed}: " + ", ".join(f"{k} {v:+.3f}" if not isinstance(v, bool) else f"{k} {v}"
-                                           for k, v in per_seed[seed].items()))
+        print(
+            f"seed {seed}: "
+            + ", ".join(f"{k} {v:+.3f}" if not isinstance(v, bool) else f"{k} {v}" for k, v in per_seed[seed].items())
+        )
     linear = context_linear_fit(data, targets)
     mean = {k: float(np.mean([s[k] for s in per_seed.values()])) for k in (*SOURCES, "matched", "matched_abs")}
     names_hold = {name: all(s[name] > 0.4 for s in per_seed.values()) for name in SOURCES}
@@ -86,8 +104,13 @@ def main(argv=None) -> int:
         axes[j].set(title=f"{name} (r = {per_seed[seed][name]:+.2f})", xlabel="hour of day", ylabel="weight")
         axes[j].legend()
     im = axes[3].imshow(np.mean(matrices, 0), vmin=-1, vmax=1, cmap="RdBu")
-    axes[3].set(xticks=range(3), xticklabels=[f"α {s}" for s in SOURCES], yticks=range(3),
-                yticklabels=[f"π {s}" for s in SOURCES], title="correlation, planted × learned")
+    axes[3].set(
+        xticks=range(3),
+        xticklabels=[f"α {s}" for s in SOURCES],
+        yticks=range(3),
+        yticklabels=[f"π {s}" for s in SOURCES],
+        title="correlation, planted × learned",
+    )
     fig.colorbar(im, ax=axes[3])
     axes[4].hist(null, bins=20, color="tab:gray", alpha=0.7, label=f"untrained ({args.null})")
     axes[4].axvline(null_95, color="k", ls="--", label="null 95th pct")
@@ -100,19 +123,32 @@ def main(argv=None) -> int:
     fig.tight_layout()
     RESULTS.mkdir(parents=True, exist_ok=True)
     fig.savefig(RESULTS / f"gate_recovery_{args.setting}.png", dpi=110)
-    record = {"benchmark": "gate_recovery", "machine": machine(), "command": " ".join(sys.argv),
-              "setting": args.setting, "model_overrides": {k: list(v) if isinstance(v, tuple) else v
-                                                           for k, v in model_over.items()},
-              "statistic": statistic, "per_seed": per_seed, "mean": mean,
-              "null": {"n": args.null, "median": float(np.median(null)), "p95": null_95, "max": float(null.max()),
-                       "values": null.round(4).tolist()},
-              "context_linear_fit": linear,
-              "recovered_seeds": int(sum(r["above_null_95"] for r in per_seed.values())),
-              "names_hold_on_every_seed": names_hold,
-              "matrix_mean": np.mean(matrices, 0).round(4).tolist()}
+    record = {
+        "benchmark": "gate_recovery",
+        "machine": machine(),
+        "command": " ".join(sys.argv),
+        "setting": args.setting,
+        "model_overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in model_over.items()},
+        "statistic": statistic,
+        "per_seed": per_seed,
+        "mean": mean,
+        "null": {
+            "n": args.null,
+            "median": float(np.median(null)),
+            "p95": null_95,
+            "max": float(null.max()),
+            "values": null.round(4).tolist(),
+        },
+        "context_linear_fit": linear,
+        "recovered_seeds": int(sum(r["above_null_95"] for r in per_seed.values())),
+        "names_hold_on_every_seed": names_hold,
+        "matrix_mean": np.mean(matrices, 0).round(4).tolist(),
+    }
     (RESULTS / f"gate_recovery_{args.setting}.json").write_text(json.dumps(record, indent=1))
-    print(f"recovered above the null's 95th percentile on {record['recovered_seeds']} of {len(per_seed)} seeds; "
-          f"context-only linear fit r {linear['mean']:.3f}; names hold on every seed: {names_hold}")
+    print(
+        f"recovered above the null's 95th percentile on {record['recovered_seeds']} of {len(per_seed)} seeds; "
+        f"context-only linear fit r {linear['mean']:.3f}; names hold on every seed: {names_hold}"
+    )
     return 0
 
 

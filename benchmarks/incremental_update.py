@@ -19,6 +19,7 @@ Three levels, same history lengths (default 50, 200, 500, 1000):
 Targets (issue 5): latency(1000) / latency(50) <= 1.5 and recompute(1000) / update(1000) >= 10.
 Records benchmarks/results/incremental_update.json and incremental_update.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serve_common import (DEFAULT_CHECKPOINT, DEFAULT_DATA, RESULTS, checkpoint_config,  # sibling script
-                          command_line, ensure_checkpoint, machine, percentiles, random_events)
+from serve_common import (
+    DEFAULT_CHECKPOINT,
+    DEFAULT_DATA,
+    RESULTS,
+    checkpoint_config,  # sibling script
+    command_line,
+    ensure_checkpoint,
+    machine,
+    percentiles,
+    random_events,
+)
 from models.nn import checkpoint as ckpt
 from models.data import load_prepared
 from models.data.features import moment_features, rating_bucket
@@ -50,7 +60,7 @@ def event_tensors(model, events: list[dict], index_of: dict[int, int], prev_ts: 
 
 
 def timed(fn, repeats: int) -> list[float]:
-    fn()                                                              # warm-up (allocator, first-call paths)
+    fn()  # warm-up (allocator, first-call paths)
     out = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -59,25 +69,32 @@ def timed(fn, repeats: int) -> list[float]:
     return out
 
 
-def model_level(model, index_of: dict[int, int], source_ids: np.ndarray, lengths: list[int], repeats: int,
-                seed: int) -> dict:
+def model_level(
+    model, index_of: dict[int, int], source_ids: np.ndarray, lengths: list[int], repeats: int, seed: int
+) -> dict:
     rng = np.random.default_rng(seed)
     rows = {}
     for n in lengths:
         history = random_events(source_ids, n + 1, rng)
         past, new = history[:-1], history[-1:]
-        state = model.advance(None, *event_tensors(model, past, index_of, None))       # (h, c[, profile]), (1, 1, ·)
+        state = model.advance(None, *event_tensors(model, past, index_of, None))  # (h, c[, profile]), (1, 1, ·)
         step = event_tensors(model, new, index_of, past[-1]["timestamp"])
         full = event_tensors(model, history, index_of, None)
         inc = timed(lambda state=state, step=step: model.advance(state, *step), repeats)
         rec = timed(lambda full=full: model.advance(None, *full), max(5, repeats // 10))
         # The two paths must agree: the incremental state is the full recomputation's state.
-        h_inc = model.interest_state(model.advance(state, *step))                     # (1, U[+R·D])
+        h_inc = model.interest_state(model.advance(state, *step))  # (1, U[+R·D])
         h_full = model.interest_state(model.advance(None, *full))
-        rows[n] = {"update": percentiles(inc), "recompute": percentiles(rec),
-                   "max_abs_state_diff": float((h_inc - h_full).abs().max())}
-        print(f"model  n={n:5d}: update p50 {rows[n]['update']['p50_ms']:.3f} ms, recompute p50 "
-              f"{rows[n]['recompute']['p50_ms']:.2f} ms (|Δh| {rows[n]['max_abs_state_diff']:.1e})", flush=True)
+        rows[n] = {
+            "update": percentiles(inc),
+            "recompute": percentiles(rec),
+            "max_abs_state_diff": float((h_inc - h_full).abs().max()),
+        }
+        print(
+            f"model  n={n:5d}: update p50 {rows[n]['update']['p50_ms']:.3f} ms, recompute p50 "
+            f"{rows[n]['recompute']['p50_ms']:.2f} ms (|Δh| {rows[n]['max_abs_state_diff']:.1e})",
+            flush=True,
+        )
     return rows
 
 
@@ -120,8 +137,11 @@ def replica_level(args, source_ids: np.ndarray, lengths: list[int], repeats: int
         dec.store.close()
     rows = {n: {k: percentiles(v) for k, v in times[n].items()} for n in lengths}
     for n, r in rows.items():
-        print(f"replica n={n:5d}: append p50 {r['append']['p50_ms']:.2f} ms, state update p50 "
-              f"{r['update']['p50_ms']:.2f} ms, rebuild p50 {r['rebuild']['p50_ms']:.2f} ms", flush=True)
+        print(
+            f"replica n={n:5d}: append p50 {r['append']['p50_ms']:.2f} ms, state update p50 "
+            f"{r['update']['p50_ms']:.2f} ms, rebuild p50 {r['rebuild']['p50_ms']:.2f} ms",
+            flush=True,
+        )
     return rows
 
 
@@ -149,13 +169,17 @@ def http_level(args, source_ids: np.ndarray, lengths: list[int]) -> dict:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-            serve.run(build_app(AppArgs(checkpoint=str(args.checkpoint), data_dir=str(args.data), store_url=store_url)),
-                      name="bench", route_prefix="/")
+            serve.run(
+                build_app(AppArgs(checkpoint=str(args.checkpoint), data_dir=str(args.data), store_url=store_url)),
+                name="bench",
+                route_prefix="/",
+            )
             health = wait_healthy(base)
             store = open_store(store_url)
             with httpx.Client(base_url=base, timeout=60.0, headers=headers) as client:
-                rows = _http_rounds(client, store, StoredState, health["model_version"], source_ids, lengths,
-                                    args.http_repeats, rng)
+                rows = _http_rounds(
+                    client, store, StoredState, health["model_version"], source_ids, lengths, args.http_repeats, rng
+                )
             store.close()
         finally:
             serve.shutdown()
@@ -172,8 +196,7 @@ def _post(client, path: str, body: dict) -> tuple[float, dict]:
     return dt, r.json()
 
 
-def _http_rounds(client, store, StoredState, version: str, source_ids, lengths: list[int], repeats: int,
-                 rng) -> dict:
+def _http_rounds(client, store, StoredState, version: str, source_ids, lengths: list[int], repeats: int, rng) -> dict:
     keys = ("post_event", "recommend_after_event", "post_event_rebuilt", "recommend_after_rebuilt")
     times = {n: {k: [] for k in keys} for n in lengths}
     fresh = {n: 0 for n in lengths}
@@ -181,9 +204,9 @@ def _http_rounds(client, store, StoredState, version: str, source_ids, lengths: 
     for n in lengths:
         user = f"bench-incremental-{n}"
         history = random_events(source_ids, n + 2 * repeats, rng)
-        for i in range(0, n, 1000):                                   # the API takes at most 1000 per request
-            _post(client, f"/users/{user}/events", {"events": history[i:min(i + 1000, n)]})
-        _post(client, "/recommend", {"user_id": user, "k": 10})      # the stored state now covers n events
+        for i in range(0, n, 1000):  # the API takes at most 1000 per request
+            _post(client, f"/users/{user}/events", {"events": history[i : min(i + 1000, n)]})
+        _post(client, "/recommend", {"user_id": user, "k": 10})  # the stored state now covers n events
         pending[n] = iter(history[n:])
     for _ in range(repeats):
         for n in interleaved(lengths, rng):
@@ -191,8 +214,9 @@ def _http_rounds(client, store, StoredState, version: str, source_ids, lengths: 
             ev = next(pending[n])
             dt, got = _post(client, f"/users/{user}/events", {"events": [ev]})
             t["post_event"].append(dt)
-            dt, rec = _post(client, "/recommend", {"user_id": user, "k": 10,
-                                                   "context": {"timestamp": ev["timestamp"] + 60}})
+            dt, rec = _post(
+                client, "/recommend", {"user_id": user, "k": 10, "context": {"timestamp": ev["timestamp"] + 60}}
+            )
             t["recommend_after_event"].append(dt)
             fresh[n] += rec["n_events"] == got["n_events"]
             # A state from another model version must be ignored: the next request recomputes from every event.
@@ -200,32 +224,39 @@ def _http_rounds(client, store, StoredState, version: str, source_ids, lengths: 
             ev = next(pending[n])
             dt, _ = _post(client, f"/users/{user}/events", {"events": [ev]})
             t["post_event_rebuilt"].append(dt)
-            dt, _ = _post(client, "/recommend", {"user_id": user, "k": 10,
-                                                 "context": {"timestamp": ev["timestamp"] + 60}})
+            dt, _ = _post(
+                client, "/recommend", {"user_id": user, "k": 10, "context": {"timestamp": ev["timestamp"] + 60}}
+            )
             t["recommend_after_rebuilt"].append(dt)
     rows = {}
     for n in lengths:
         t = times[n]
-        rows[n] = {"post_event": percentiles(t["post_event"]),
-                   "recommend_after_event": percentiles(t["recommend_after_event"]),
-                   "event_plus_recommend": percentiles(np.add(t["post_event"], t["recommend_after_event"])),
-                   "post_event_rebuilt": percentiles(t["post_event_rebuilt"]),
-                   "event_plus_recommend_rebuilt": percentiles(np.add(t["post_event_rebuilt"],
-                                                                      t["recommend_after_rebuilt"])),
-                   "fresh_recommendations": f"{fresh[n]}/{repeats}"}
+        rows[n] = {
+            "post_event": percentiles(t["post_event"]),
+            "recommend_after_event": percentiles(t["recommend_after_event"]),
+            "event_plus_recommend": percentiles(np.add(t["post_event"], t["recommend_after_event"])),
+            "post_event_rebuilt": percentiles(t["post_event_rebuilt"]),
+            "event_plus_recommend_rebuilt": percentiles(np.add(t["post_event_rebuilt"], t["recommend_after_rebuilt"])),
+            "fresh_recommendations": f"{fresh[n]}/{repeats}",
+        }
         r = rows[n]
-        print(f"http   n={n:5d}: POST event p50 {r['post_event']['p50_ms']:.1f} ms, event+recommend p50 "
-              f"{r['event_plus_recommend']['p50_ms']:.1f} ms; state rebuilt: POST event p50 "
-              f"{r['post_event_rebuilt']['p50_ms']:.1f} ms, event+recommend "
-              f"{r['event_plus_recommend_rebuilt']['p50_ms']:.1f} ms,"
-              f" fresh {r['fresh_recommendations']}", flush=True)
+        print(
+            f"http   n={n:5d}: POST event p50 {r['post_event']['p50_ms']:.1f} ms, event+recommend p50 "
+            f"{r['event_plus_recommend']['p50_ms']:.1f} ms; state rebuilt: POST event p50 "
+            f"{r['post_event_rebuilt']['p50_ms']:.1f} ms, event+recommend "
+            f"{r['event_plus_recommend_rebuilt']['p50_ms']:.1f} ms,"
+            f" fresh {r['fresh_recommendations']}",
+            flush=True,
+        )
     return rows
 
 
 def ratios(rows: dict, lengths: list[int], fast: str, slow: str) -> dict:
     lo, hi = rows[lengths[0]], rows[lengths[-1]]
-    return {f"{fast}_p50_ratio_{lengths[-1]}_vs_{lengths[0]}": hi[fast]["p50_ms"] / lo[fast]["p50_ms"],
-            f"{slow}_vs_{fast}_p50_at_{lengths[-1]}": hi[slow]["p50_ms"] / hi[fast]["p50_ms"]}
+    return {
+        f"{fast}_p50_ratio_{lengths[-1]}_vs_{lengths[0]}": hi[fast]["p50_ms"] / lo[fast]["p50_ms"],
+        f"{slow}_vs_{fast}_p50_at_{lengths[-1]}": hi[slow]["p50_ms"] / hi[fast]["p50_ms"],
+    }
 
 
 def plot(record: dict, path: Path) -> None:
@@ -235,21 +266,40 @@ def plot(record: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [("model", [("update", "advance by 1 event"), ("recompute", "recompute from all events")])]
-    panels.append(("replica", [("update", "Decomposer: state up to date after 1 event"),
-                               ("rebuild", "Decomposer: state rebuilt from all events"),
-                               ("append", "store: append 1 event (commit)")]))
+    panels.append(
+        (
+            "replica",
+            [
+                ("update", "Decomposer: state up to date after 1 event"),
+                ("rebuild", "Decomposer: state rebuilt from all events"),
+                ("append", "store: append 1 event (commit)"),
+            ],
+        )
+    )
     if record.get("http"):
-        panels.append(("http", [("post_event", "POST /users/{id}/events"),
-                                ("post_event_rebuilt", "POST event, state rebuilt from all events"),
-                                ("event_plus_recommend", "event + /recommend (stored state)"),
-                                ("event_plus_recommend_rebuilt", "event + /recommend (state rebuilt)")]))
+        panels.append(
+            (
+                "http",
+                [
+                    ("post_event", "POST /users/{id}/events"),
+                    ("post_event_rebuilt", "POST event, state rebuilt from all events"),
+                    ("event_plus_recommend", "event + /recommend (stored state)"),
+                    ("event_plus_recommend_rebuilt", "event + /recommend (state rebuilt)"),
+                ],
+            )
+        )
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
     for ax, (level, series) in zip(axes[0], panels):
         lengths = [int(n) for n in record[level]]
         for key, label in series:
             ax.plot(lengths, [record[level][str(n)][key]["p50_ms"] for n in lengths], marker="o", label=label)
-        ax.set(xscale="log", yscale="log", xlabel="events in the user's history", ylabel="p50 latency (ms)",
-               title=f"{level} level")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="events in the user's history",
+            ylabel="p50 latency (ms)",
+            title=f"{level} level",
+        )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -259,10 +309,12 @@ def plot(record: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
-                   help="decomposer checkpoint (trained if missing)")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                   help="prepared dataset folder the checkpoint was trained on")
+    p.add_argument(
+        "--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="decomposer checkpoint (trained if missing)"
+    )
+    p.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="prepared dataset folder the checkpoint was trained on"
+    )
     p.add_argument("--lengths", default="50,200,500,1000")
     p.add_argument("--repeats", type=int, default=200, help="model-level timings per length")
     p.add_argument("--http-repeats", type=int, default=30, help="replica-level and HTTP timings per length")
@@ -277,14 +329,22 @@ def main(argv=None) -> int:
     model, _ = ckpt.load(args.checkpoint)
     source_ids = load_prepared(args.data).item_source_ids
     index_of = {int(s): i for i, s in enumerate(source_ids) if i > 0}
-    torch.set_num_threads(1)                                         # one serving replica's share of the CPU
-    record = {"benchmark": "incremental_update", "checkpoint": str(args.checkpoint),
-              "checkpoint_config": checkpoint_config(args.checkpoint), "data": str(args.data),
-              "n_items": int(model.cfg.n_items), "lstm_units": int(model.cfg.lstm_units),
-              "machine": machine("2 shared cores; other engineers' jobs ran at the same time"),
-              "command": command_line(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch_threads": 1}
-    record["model"] = {str(n): r for n, r in model_level(model, index_of, source_ids, lengths, args.repeats,
-                                                         args.seed).items()}
+    torch.set_num_threads(1)  # one serving replica's share of the CPU
+    record = {
+        "benchmark": "incremental_update",
+        "checkpoint": str(args.checkpoint),
+        "checkpoint_config": checkpoint_config(args.checkpoint),
+        "data": str(args.data),
+        "n_items": int(model.cfg.n_items),
+        "lstm_units": int(model.cfg.lstm_units),
+        "machine": machine("2 shared cores; other engineers' jobs ran at the same time"),
+        "command": command_line(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "torch_threads": 1,
+    }
+    record["model"] = {
+        str(n): r for n, r in model_level(model, index_of, source_ids, lengths, args.repeats, args.seed).items()
+    }
     figures = ratios({int(k): v for k, v in record["model"].items()}, lengths, "update", "recompute")
     record["figures"] = {"model_" + k: v for k, v in figures.items()}
     replica = replica_level(args, source_ids, lengths, args.http_repeats)

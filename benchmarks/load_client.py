@@ -12,6 +12,7 @@ of the catalogue), "intents" (phrases) and optionally "weights". Prints one JSON
 also every acknowledged event (so a test can check the store holds each of them) and every request.
 The API's bearer token comes from $DYNAMIC_INTEREST_TOKEN (a service token: the load acts for many users).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,14 @@ def summarize(latencies: list[float]) -> dict:
     if a.size == 0:
         return {"count": 0}
     p50, p95, p99 = np.percentile(a, [50, 95, 99])
-    return {"count": int(a.size), "mean_ms": float(a.mean()), "p50_ms": float(p50), "p95_ms": float(p95),
-            "p99_ms": float(p99), "max_ms": float(a.max())}
+    return {
+        "count": int(a.size),
+        "mean_ms": float(a.mean()),
+        "p50_ms": float(p50),
+        "p95_ms": float(p95),
+        "p99_ms": float(p99),
+        "max_ms": float(a.max()),
+    }
 
 
 class Load:
@@ -48,17 +55,20 @@ class Load:
         self.p = np.array([w[op] for op in self.ops], dtype=np.float64)
         self.p /= self.p.sum()
         self.rng = np.random.default_rng(seed)
-        self.records: list[tuple[str, float, float, int]] = []   # (op, start offset s, latency s, status; 0 = no reply)
+        self.records: list[tuple[str, float, float, int]] = []  # (op, start offset s, latency s, status; 0 = no reply)
         self.errors: list[str] = []
-        self.acked: list[dict] = []                               # every acknowledged event: user, event, n_events
+        self.acked: list[dict] = []  # every acknowledged event: user, event, n_events
 
     def request(self) -> tuple[str, str, str, dict, dict | None]:
         op = self.ops[int(self.rng.choice(len(self.ops), p=self.p))]
         user = self.users[int(self.rng.integers(len(self.users)))]
         if op == "post_event":
             # time.time() plus a counter keeps each acknowledged event distinguishable in the store.
-            ev = {"item_id": self.item_ids[int(self.rng.integers(len(self.item_ids)))],
-                  "rating": float(self.rng.integers(1, 11)) / 2.0, "timestamp": round(time.time(), 6)}
+            ev = {
+                "item_id": self.item_ids[int(self.rng.integers(len(self.item_ids)))],
+                "rating": float(self.rng.integers(1, 11)) / 2.0,
+                "timestamp": round(time.time(), 6),
+            }
             return op, "POST", f"/users/{user}/events", {"events": [ev]}, {"user_id": user, **ev}
         body = {"user_id": user, "k": 10}
         if op == "recommend_intent":
@@ -87,8 +97,9 @@ class Load:
             self.errors.append(msg)
 
 
-async def run(url: str, spec: dict, concurrency: int, duration: float, seed: int, timeout: float,
-              keep_details: bool = False) -> dict:
+async def run(
+    url: str, spec: dict, concurrency: int, duration: float, seed: int, timeout: float, keep_details: bool = False
+) -> dict:
     load = Load(spec, seed)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     token = os.environ.get("DYNAMIC_INTEREST_TOKEN")
@@ -104,17 +115,32 @@ async def run(url: str, spec: dict, concurrency: int, duration: float, seed: int
     for op in load.ops:
         rows = [r for r in load.records if r[0] == op]
         good = [r[2] for r in rows if r[3] == 200]
-        per_op[op] = {**summarize(good), "requests": len(rows), "errors": len(rows) - len(good),
-                      "throughput_rps": len(good) / elapsed}
+        per_op[op] = {
+            **summarize(good),
+            "requests": len(rows),
+            "errors": len(rows) - len(good),
+            "throughput_rps": len(good) / elapsed,
+        }
     # Requests finished per second over the run, to see warm-up, scaling and stalls.
     seconds = np.floor([r[1] + r[2] for r in ok]).astype(int) if ok else np.zeros(0, int)
     timeline = np.bincount(seconds, minlength=int(np.ceil(elapsed))).tolist()
-    return {"url": url, "concurrency": concurrency, "duration_s": duration, "elapsed_s": elapsed, "started_at": wall0,
-            "requests": len(load.records), "ok": len(ok), "errors": len(load.records) - len(ok),
-            "throughput_rps": len(ok) / elapsed, "latency_all": summarize([r[2] for r in ok]), "per_op": per_op,
-            "completed_per_second": timeline, "error_samples": load.errors,
-            "acknowledged_events": load.acked if keep_details else len(load.acked),
-            **({"records": load.records} if keep_details else {})}
+    return {
+        "url": url,
+        "concurrency": concurrency,
+        "duration_s": duration,
+        "elapsed_s": elapsed,
+        "started_at": wall0,
+        "requests": len(load.records),
+        "ok": len(ok),
+        "errors": len(load.records) - len(ok),
+        "throughput_rps": len(ok) / elapsed,
+        "latency_all": summarize([r[2] for r in ok]),
+        "per_op": per_op,
+        "completed_per_second": timeline,
+        "error_samples": load.errors,
+        "acknowledged_events": load.acked if keep_details else len(load.acked),
+        **({"records": load.records} if keep_details else {}),
+    }
 
 
 def main(argv=None) -> int:
@@ -126,8 +152,11 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout, seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="write the JSON here instead of stdout")
-    p.add_argument("--details", action="store_true",
-                   help="also list every acknowledged event and every request (op, start s, latency s, status)")
+    p.add_argument(
+        "--details",
+        action="store_true",
+        help="also list every acknowledged event and every request (op, start s, latency s, status)",
+    )
     args = p.parse_args(argv)
     try:
         spec = json.loads(args.spec.read_text())

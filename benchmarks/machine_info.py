@@ -1,11 +1,12 @@
 """The machine a benchmark ran on, recorded beside its figures (imported by the sibling scripts)."""
+
 from __future__ import annotations
 
 import os
 import platform
 from pathlib import Path
 
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")    # what decides the CPU's bf16 path
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides the CPU's bf16 path
 
 
 def cpu_model_and_flags() -> tuple[str, set[str]]:
@@ -25,16 +26,25 @@ def machine(note: str | None = None, libraries: bool = True) -> dict:
     """CPU model, cores, memory, the CPU flags that matter here, the GPU, Python, torch and Ray
     versions (`libraries`=False: without importing them), and the load average at the start."""
     model, flags = cpu_model_and_flags()
-    info = {"cpu": model, "cpus": os.cpu_count(),
-            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "cpu_flags": {f: f in flags for f in CPU_FLAGS}, "python": platform.python_version(),
-            "load_avg_at_start": list(os.getloadavg())}
+    info = {
+        "cpu": model,
+        "cpus": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "cpu_flags": {f: f in flags for f in CPU_FLAGS},
+        "python": platform.python_version(),
+        "load_avg_at_start": list(os.getloadavg()),
+    }
     if libraries:
         import ray
         import torch
 
-        info.update({"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                     "torch": torch.__version__, "ray": ray.__version__})
+        info.update(
+            {
+                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                "torch": torch.__version__,
+                "ray": ray.__version__,
+            }
+        )
     if note:
         info["note"] = note
     return info

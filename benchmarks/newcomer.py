@@ -21,6 +21,7 @@ and records for each:
 Then it sends Ctrl-C (SIGINT to the job's process group) and waits for the job to end. Only
 loopback addresses are contacted. Results go to `--out` as JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,11 @@ from machine_info import machine  # sibling script
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BANNER_RULE = "=" * 72
-RAY_INTERNALS = re.compile(r"TrainingReport\(|Checkpoint successfully created|TrainController|\(pid=|"
-                           r"RayTrainWorker|ServeController|ProxyActor|ServeReplica|INFO worker\.py|"
-                           r"ray\.train|ray\.serve|StorageContext|raylet|gcs_server")
+RAY_INTERNALS = re.compile(
+    r"TrainingReport\(|Checkpoint successfully created|TrainController|\(pid=|"
+    r"RayTrainWorker|ServeController|ProxyActor|ServeReplica|INFO worker\.py|"
+    r"ray\.train|ray\.serve|StorageContext|raylet|gcs_server"
+)
 
 
 def free_port() -> int:
@@ -142,11 +145,10 @@ def readme_commands(readme: Path) -> list[str]:
     """The `curl` commands of the README's API section (its first bash block) and the variables
     they use, as written."""
     text = readme.read_text()
-    section = text[text.index("## The API"):]
-    block = section[section.index("```bash") + len("```bash"):]
-    block = block[:block.index("```")]
-    return [c for c in shell_commands(block.strip().splitlines())
-            if c.lstrip().startswith("curl ") or is_assignment(c)]
+    section = text[text.index("## The API") :]
+    block = section[section.index("```bash") + len("```bash") :]
+    block = block[: block.index("```")]
+    return [c for c in shell_commands(block.strip().splitlines()) if c.lstrip().startswith("curl ") or is_assignment(c)]
 
 
 def run_curls(commands: list[str], env: dict, cwd: Path, source: str) -> list[dict]:
@@ -195,8 +197,14 @@ def run_once(clone: Path, env: dict, extra_args: str, timeout_s: float, echo: bo
     command = f"bash scripts/main.sh --port {api_port} --demo-port {demo_port} {extra_args}".strip()
     print(f"==> {command}  (in {clone})", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(["bash", "-c", command], cwd=clone, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", "-c", command],
+        cwd=clone,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     out = Output(proc, t0, echo=echo)
     api, demo = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{demo_port}"
     record: dict = {"command": command}
@@ -212,7 +220,7 @@ def run_once(clone: Path, env: dict, extra_args: str, timeout_s: float, echo: bo
         record["lines_before_banner"] = start
         before = text[:start] if start is not None else text
         record["ray_internal_lines_before_banner"] = sum(bool(RAY_INTERNALS.search(line)) for line in before)
-        record["output_before_banner"] = [[round(t, 1), line] for t, line in out.timed()[:len(before)]]
+        record["output_before_banner"] = [[round(t, 1), line] for t, line in out.timed()[: len(before)]]
         curls = []
         if end is not None:
             curls += run_curls(banner_commands(text, start, end), env, clone, "banner")
@@ -227,8 +235,14 @@ def run_once(clone: Path, env: dict, extra_args: str, timeout_s: float, echo: bo
     return record
 
 
-HEADLINE = ("seconds_to_healthz", "seconds_to_demo", "lines_before_banner", "ray_internal_lines_before_banner",
-            "curl_ok", "exit_status")
+HEADLINE = (
+    "seconds_to_healthz",
+    "seconds_to_demo",
+    "lines_before_banner",
+    "ray_internal_lines_before_banner",
+    "curl_ok",
+    "exit_status",
+)
 
 
 def main(argv=None) -> int:
@@ -237,8 +251,11 @@ def main(argv=None) -> int:
     p.add_argument("--branch", default="main")
     p.add_argument("--no-pip-cache", action="store_true", help="download every package (PIP_NO_CACHE_DIR=1)")
     p.add_argument("--args", default="", help="extra arguments of the first command, e.g. '--no-demo'")
-    p.add_argument("--fresh-only", action="store_true",
-                   help="skip the second run in the same clone (install and prepared data cached)")
+    p.add_argument(
+        "--fresh-only",
+        action="store_true",
+        help="skip the second run in the same clone (install and prepared data cached)",
+    )
     p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the API")
     p.add_argument("--keep", action="store_true", help="keep the clone")
     p.add_argument("--quiet", action="store_true", help="do not echo the job's output")
@@ -255,7 +272,7 @@ def main(argv=None) -> int:
         env["PIP_NO_CACHE_DIR"] = "1"
     record: dict = {"commit": commit, "pip_cache": not a.no_pip_cache, "machine": machine(libraries=False)}
     try:
-        fresh = run_once(clone, env, a.args, a.timeout, echo=not a.quiet)       # fresh clone, fresh .venv
+        fresh = run_once(clone, env, a.args, a.timeout, echo=not a.quiet)  # fresh clone, fresh .venv
         record.update({k: fresh[k] for k in HEADLINE if k in fresh}, fresh=fresh)
         if not a.fresh_only:
             record["install_cached"] = run_once(clone, env, a.args, a.timeout, echo=not a.quiet)

@@ -3,6 +3,7 @@ lifecycle on a local Ray cluster, and latency summaries.
 
 The app itself is `ray_app.serve.app.build_app`; this module only starts and stops it.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,14 +30,20 @@ def percentiles(seconds: list[float] | np.ndarray) -> dict:
     if a.size == 0:
         return {"count": 0, "mean_ms": 0.0, "p50_ms": 0.0, "p95_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
     p50, p95, p99 = np.percentile(a, [50, 95, 99])
-    return {"count": int(a.size), "mean_ms": float(a.mean()), "p50_ms": float(p50), "p95_ms": float(p95),
-            "p99_ms": float(p99), "max_ms": float(a.max())}
+    return {
+        "count": int(a.size),
+        "mean_ms": float(a.mean()),
+        "p50_ms": float(p50),
+        "p95_ms": float(p95),
+        "p99_ms": float(p99),
+        "max_ms": float(a.max()),
+    }
 
 
 def random_events(item_source_ids: np.ndarray, n: int, rng: np.random.Generator, start: float = 1.6e9) -> list[dict]:
     """`n` plausible events as API JSON: real catalogue ids, half-star ratings, increasing timestamps."""
-    ids = rng.choice(item_source_ids[1:], size=n)                    # [0] is the padding row
-    ratings = rng.integers(1, 11, size=n) / 2.0                      # 0.5 .. 5.0
+    ids = rng.choice(item_source_ids[1:], size=n)  # [0] is the padding row
+    ratings = rng.integers(1, 11, size=n) / 2.0  # 0.5 .. 5.0
     ts = start + np.cumsum(rng.exponential(3 * 3600.0, size=n)).round()
     return [{"item_id": int(i), "rating": float(r), "timestamp": float(t)} for i, r, t in zip(ids, ratings, ts)]
 
@@ -46,9 +53,23 @@ def ensure_checkpoint(checkpoint: Path, data: Path, time_budget_s: float = 90.0)
     if checkpoint.is_file():
         return checkpoint
     dataset = "ml-latest-small" if "ml-latest-small" in str(data) else "synthetic"
-    cmd = [sys.executable, "-m", "models.training.run", "--dataset", dataset, "--prepared-dir", str(data),
-           "--models", "decomposer", "--epochs", "3", "--time-budget", str(time_budget_s),
-           "--out", str(checkpoint.parent)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "models.training.run",
+        "--dataset",
+        dataset,
+        "--prepared-dir",
+        str(data),
+        "--models",
+        "decomposer",
+        "--epochs",
+        "3",
+        "--time-budget",
+        str(time_budget_s),
+        "--out",
+        str(checkpoint.parent),
+    ]
     print("training a checkpoint:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     add_vocabulary(checkpoint, data)

@@ -16,6 +16,7 @@ RAY_SERVE_THROUGHPUT_OPTIMIZED when it is imported, in the driver and in every R
 wrk runs on the same cores as Serve. Results: one record per mode and connection count with
 req/s, p50/p99 and errors for the app and the floor, and their ratios under `vs_floor`.
 """
+
 # No `from __future__ import annotations`: FastAPI reads the no-op ingress's annotations.
 import argparse
 import json
@@ -36,6 +37,7 @@ FLOOR_APP = "floor"
 
 # ---- the no-op chain ---------------------------------------------------------------------------
 
+
 def floor_app(num_cpus: float = 0.2):
     """FastAPI ingress -> First -> Second, each returning a constant: Serve's own cost of three hops.
     `num_cpus` per replica, as the app's replicas get."""
@@ -49,8 +51,9 @@ def floor_app(num_cpus: float = 0.2):
         user_id: str
         k: int = 10
 
-    inner = dict(ray_actor_options={"num_cpus": num_cpus}, max_ongoing_requests=100,
-                 logging_config={"enable_access_log": False})      # as the app's model stages
+    inner = dict(
+        ray_actor_options={"num_cpus": num_cpus}, max_ongoing_requests=100, logging_config={"enable_access_log": False}
+    )  # as the app's model stages
 
     @serve.deployment(**inner)
     class First:
@@ -81,38 +84,78 @@ def floor_app(num_cpus: float = 0.2):
 
 # ---- wrk ---------------------------------------------------------------------------------------
 
-def run_wrk(url: str, connections: int, duration_s: float, users_file: Path, threads: int = 2,
-            path: str = "/recommend") -> dict:
+
+def run_wrk(
+    url: str, connections: int, duration_s: float, users_file: Path, threads: int = 2, path: str = "/recommend"
+) -> dict:
     """One wrk run of POST `path` -> req/s, latency percentiles (ms), errors."""
     wrk = shutil.which("wrk")
     if wrk is None:
         raise SystemExit("wrk is not installed (Debian: apt-get install wrk)")
-    cmd = [wrk, f"-t{min(threads, connections)}", f"-c{connections}", f"-d{duration_s:g}s", "--timeout", "10s",
-           "--latency", "-s", str(WRK_SCRIPT), url]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 60,
-                         env={**os.environ, "WRK_USERS": str(users_file), "WRK_PATH": path})
+    cmd = [
+        wrk,
+        f"-t{min(threads, connections)}",
+        f"-c{connections}",
+        f"-d{duration_s:g}s",
+        "--timeout",
+        "10s",
+        "--latency",
+        "-s",
+        str(WRK_SCRIPT),
+        url,
+    ]
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=duration_s + 60,
+        env={**os.environ, "WRK_USERS": str(users_file), "WRK_PATH": path},
+    )
     found = re.search(r"^WRK_JSON (\{.*\})$", out.stdout, re.M)
     if out.returncode != 0 or found is None:
         raise RuntimeError(f"wrk failed ({out.returncode}): {out.stdout[-500:]} {out.stderr[-500:]}")
     w = json.loads(found.group(1))
     errors = sum(w[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts"))
-    return {"connections": connections, "duration_s": w["duration_us"] / 1e6, "requests": w["requests"],
-            "throughput_rps": w["requests"] / (w["duration_us"] / 1e6), "errors": errors,
-            "error_kinds": {k: w[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors",
-                                              "timeouts")},
-            "mean_ms": w["mean_us"] / 1e3, "p50_ms": w["p50_us"] / 1e3, "p90_ms": w["p90_us"] / 1e3,
-            "p99_ms": w["p99_us"] / 1e3, "max_ms": w["max_us"] / 1e3}
+    return {
+        "connections": connections,
+        "duration_s": w["duration_us"] / 1e6,
+        "requests": w["requests"],
+        "throughput_rps": w["requests"] / (w["duration_us"] / 1e6),
+        "errors": errors,
+        "error_kinds": {
+            k: w[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
+        },
+        "mean_ms": w["mean_us"] / 1e3,
+        "p50_ms": w["p50_us"] / 1e3,
+        "p90_ms": w["p90_us"] / 1e3,
+        "p99_ms": w["p99_us"] / 1e3,
+        "max_ms": w["max_us"] / 1e3,
+    }
 
 
 def _print(mode: str, what: str, r: dict) -> None:
-    print(f"{mode:>21} {what:>5} {r['connections']:>3} conns: {r['throughput_rps']:6.1f} req/s, "
-          f"p50 {r['p50_ms']:6.1f} p99 {r['p99_ms']:6.1f} ms, errors {r['errors']}", flush=True)
+    print(
+        f"{mode:>21} {what:>5} {r['connections']:>3} conns: {r['throughput_rps']:6.1f} req/s, "
+        f"p50 {r['p50_ms']:6.1f} p99 {r['p99_ms']:6.1f} ms, errors {r['errors']}",
+        flush=True,
+    )
 
 
 # ---- one mode, in its own process --------------------------------------------------------------
 
-def measure_mode(mode: str, checkpoint: Path, data: Path, levels: list[int], duration_s: float, port: int,
-                 users_file: Path, store_url: str, rounds: int, unbatched: bool = False) -> dict:
+
+def measure_mode(
+    mode: str,
+    checkpoint: Path,
+    data: Path,
+    levels: list[int],
+    duration_s: float,
+    port: int,
+    users_file: Path,
+    store_url: str,
+    rounds: int,
+    unbatched: bool = False,
+) -> dict:
     """Runs in a fresh process whose environment already holds RAY_SERVE_THROUGHPUT_OPTIMIZED."""
     import ray
     from ray import serve
@@ -125,12 +168,21 @@ def measure_mode(mode: str, checkpoint: Path, data: Path, levels: list[int], dur
     # 0.2 CPU a replica; 0.15 with the third app, so that its replicas fit the 2 cores too (a
     # fraction only schedules: every replica runs one thread either way).
     one = dict(num_cpus=0.15 if unbatched else 0.2, min_replicas=1, max_replicas=1, access_log=False)
-    app_args = AppArgs(checkpoint=str(checkpoint), data_dir=str(data), store_url=store_url,
-                       encoder=DeploymentSettings(**one), decomposer=DeploymentSettings(**one),
-                       combiner=DeploymentSettings(**one),
-                       ingress=DeploymentSettings(**{**one, "access_log": True}, max_ongoing_requests=100))
-    out = {"mode": mode, "RAY_SERVE_THROUGHPUT_OPTIMIZED": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED"),
-           "rounds": rounds, "runs": []}
+    app_args = AppArgs(
+        checkpoint=str(checkpoint),
+        data_dir=str(data),
+        store_url=store_url,
+        encoder=DeploymentSettings(**one),
+        decomposer=DeploymentSettings(**one),
+        combiner=DeploymentSettings(**one),
+        ingress=DeploymentSettings(**{**one, "access_log": True}, max_ongoing_requests=100),
+    )
+    out = {
+        "mode": mode,
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED"),
+        "rounds": rounds,
+        "runs": [],
+    }
     paths = {"app": "/recommend", "floor": f"/{FLOOR_APP}/recommend"}
     if unbatched:
         paths["unbatched"] = "/unbatched/recommend"
@@ -140,14 +192,15 @@ def measure_mode(mode: str, checkpoint: Path, data: Path, levels: list[int], dur
         t0 = time.time()
         serve.run(build_app(app_args), name="app", route_prefix="/")
         serve.run(floor_app(one["num_cpus"]), name=FLOOR_APP, route_prefix=f"/{FLOOR_APP}")
-        if unbatched:       # the same app with max_batch_size 1 in every stage: batching's own share
-            serve.run(build_app(app_args.model_copy(update={"batching": False})), name="unbatched",
-                      route_prefix="/unbatched")
+        if unbatched:  # the same app with max_batch_size 1 in every stage: batching's own share
+            serve.run(
+                build_app(app_args.model_copy(update={"batching": False})), name="unbatched", route_prefix="/unbatched"
+            )
             wait_healthy(f"{url}/unbatched")
         wait_healthy(url)
         wait_healthy(f"{url}/{FLOOR_APP}")
         out["startup_s"] = time.time() - t0
-        for what in paths:                                          # warm-up, not recorded
+        for what in paths:  # warm-up, not recorded
             run_wrk(url, 8, min(5.0, duration_s), users_file, path=paths[what])
         # Both apps stay deployed and take turns, level by level, round by round: a drift in the
         # machine's speed (shared cores) falls on both alike.
@@ -161,15 +214,21 @@ def measure_mode(mode: str, checkpoint: Path, data: Path, levels: list[int], dur
         serve.shutdown()
         ray.shutdown()
     for what in paths:
-        out[what] = {str(c): _pooled([x for x in out["runs"] if x["app"] == what and x["connections"] == c])
-                     for c in levels}
-    out["vs_floor"] = {str(c): {"throughput": out["app"][str(c)]["throughput_rps"] / out["floor"][str(c)]["throughput_rps"],
-                                "p99": out["app"][str(c)]["p99_ms"] / out["floor"][str(c)]["p99_ms"],
-                                "p50": out["app"][str(c)]["p50_ms"] / out["floor"][str(c)]["p50_ms"]}
-                       for c in levels}
+        out[what] = {
+            str(c): _pooled([x for x in out["runs"] if x["app"] == what and x["connections"] == c]) for c in levels
+        }
+    out["vs_floor"] = {
+        str(c): {
+            "throughput": out["app"][str(c)]["throughput_rps"] / out["floor"][str(c)]["throughput_rps"],
+            "p99": out["app"][str(c)]["p99_ms"] / out["floor"][str(c)]["p99_ms"],
+            "p50": out["app"][str(c)]["p50_ms"] / out["floor"][str(c)]["p50_ms"],
+        }
+        for c in levels
+    }
     if unbatched:
-        out["batched_over_unbatched"] = {str(c): out["app"][str(c)]["throughput_rps"]
-                                         / out["unbatched"][str(c)]["throughput_rps"] for c in levels}
+        out["batched_over_unbatched"] = {
+            str(c): out["app"][str(c)]["throughput_rps"] / out["unbatched"][str(c)]["throughput_rps"] for c in levels
+        }
     return out
 
 
@@ -178,15 +237,29 @@ def _pooled(runs: list[dict]) -> dict:
     import statistics
 
     secs = sum(r["duration_s"] for r in runs)
-    return {"connections": runs[0]["connections"], "rounds": len(runs), "duration_s": secs,
-            "requests": sum(r["requests"] for r in runs), "throughput_rps": sum(r["requests"] for r in runs) / secs,
-            "errors": sum(r["errors"] for r in runs),
-            **{q: statistics.median(r[q] for r in runs) for q in ("mean_ms", "p50_ms", "p90_ms", "p99_ms")},
-            "max_ms": max(r["max_ms"] for r in runs)}
+    return {
+        "connections": runs[0]["connections"],
+        "rounds": len(runs),
+        "duration_s": secs,
+        "requests": sum(r["requests"] for r in runs),
+        "throughput_rps": sum(r["requests"] for r in runs) / secs,
+        "errors": sum(r["errors"] for r in runs),
+        **{q: statistics.median(r[q] for r in runs) for q in ("mean_ms", "p50_ms", "p90_ms", "p99_ms")},
+        "max_ms": max(r["max_ms"] for r in runs),
+    }
 
 
-def floor_runs(checkpoint: Path, data: Path, users: list[str], modes: list[str], levels: list[int],
-               duration_s: float, port: int, rounds: int, unbatched: bool = False) -> dict:
+def floor_runs(
+    checkpoint: Path,
+    data: Path,
+    users: list[str],
+    modes: list[str],
+    levels: list[int],
+    duration_s: float,
+    port: int,
+    rounds: int,
+    unbatched: bool = False,
+) -> dict:
     """Each mode in a child process of its own -> {mode: record}."""
     out = {}
     with tempfile.TemporaryDirectory(prefix="serve-floor-") as tmp:
@@ -194,14 +267,38 @@ def floor_runs(checkpoint: Path, data: Path, users: list[str], modes: list[str],
         users_file.write_text("\n".join(users) + "\n")
         for mode in modes:
             result = Path(tmp) / f"{mode}.json"
-            env = {**os.environ, "RAY_SERVE_THROUGHPUT_OPTIMIZED": MODES[mode], "RAY_USAGE_STATS_ENABLED": "0",
-                   # the replicas import the no-op chain's classes from this folder
-                   "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--checkpoint", str(checkpoint),
-                   "--data", str(data), "--levels", ",".join(map(str, levels)), "--duration", str(duration_s),
-                   "--rounds", str(rounds), "--port", str(port), "--users-file", str(users_file),
-                   "--store-url", f"sqlite:///{tmp}/{mode}.db", "--out", str(result),
-                   *(["--unbatched"] if unbatched else [])]
+            env = {
+                **os.environ,
+                "RAY_SERVE_THROUGHPUT_OPTIMIZED": MODES[mode],
+                "RAY_USAGE_STATS_ENABLED": "0",
+                # the replicas import the no-op chain's classes from this folder
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
+            }
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--child",
+                mode,
+                "--checkpoint",
+                str(checkpoint),
+                "--data",
+                str(data),
+                "--levels",
+                ",".join(map(str, levels)),
+                "--duration",
+                str(duration_s),
+                "--rounds",
+                str(rounds),
+                "--port",
+                str(port),
+                "--users-file",
+                str(users_file),
+                "--store-url",
+                f"sqlite:///{tmp}/{mode}.db",
+                "--out",
+                str(result),
+                *(["--unbatched"] if unbatched else []),
+            ]
             subprocess.run(cmd, check=True, env=env, timeout=1800)
             out[mode] = json.loads(result.read_text())
     return out
@@ -209,11 +306,21 @@ def floor_runs(checkpoint: Path, data: Path, users: list[str], modes: list[str],
 
 def summary(runs: dict) -> dict:
     """The figures the targets name: per mode and connection count, the app over the floor."""
-    return {mode: {c: {"app_rps": r["app"][c]["throughput_rps"], "floor_rps": r["floor"][c]["throughput_rps"],
-                       "app_p99_ms": r["app"][c]["p99_ms"], "floor_p99_ms": r["floor"][c]["p99_ms"],
-                       "throughput_vs_floor": r["vs_floor"][c]["throughput"], "p99_vs_floor": r["vs_floor"][c]["p99"],
-                       "errors": r["app"][c]["errors"] + r["floor"][c]["errors"]}
-                   for c in r["app"]} for mode, r in runs.items()}
+    return {
+        mode: {
+            c: {
+                "app_rps": r["app"][c]["throughput_rps"],
+                "floor_rps": r["floor"][c]["throughput_rps"],
+                "app_p99_ms": r["app"][c]["p99_ms"],
+                "floor_p99_ms": r["floor"][c]["p99_ms"],
+                "throughput_vs_floor": r["vs_floor"][c]["throughput"],
+                "p99_vs_floor": r["vs_floor"][c]["p99"],
+                "errors": r["app"][c]["errors"] + r["floor"][c]["errors"],
+            }
+            for c in r["app"]
+        }
+        for mode, r in runs.items()
+    }
 
 
 def main(argv=None) -> int:
@@ -229,8 +336,11 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=8033)
     p.add_argument("--users", type=int, default=200, help="known users the requests pick from")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--unbatched", action="store_true",
-                   help="also the app without batching, side by side and taking turns: batched over unbatched")
+    p.add_argument(
+        "--unbatched",
+        action="store_true",
+        help="also the app without batching, side by side and taking turns: batched over unbatched",
+    )
     p.add_argument("--out", type=Path, default=RESULTS / "serve_floor.json")
     p.add_argument("--child", choices=list(MODES), help=argparse.SUPPRESS)
     p.add_argument("--users-file", type=Path, help=argparse.SUPPRESS)
@@ -238,20 +348,38 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     levels = [int(c) for c in a.levels.split(",")]
     if a.child:
-        record = measure_mode(a.child, a.checkpoint.resolve(), a.data.resolve(), levels, a.duration, a.port,
-                              a.users_file, a.store_url, a.rounds, a.unbatched)
+        record = measure_mode(
+            a.child,
+            a.checkpoint.resolve(),
+            a.data.resolve(),
+            levels,
+            a.duration,
+            a.port,
+            a.users_file,
+            a.store_url,
+            a.rounds,
+            a.unbatched,
+        )
         a.out.write_text(json.dumps(record))
         return 0
     from serve_load import make_spec
 
     ensure_checkpoint(a.checkpoint, a.data)
     users = make_spec(a.data, a.users, a.seed)["users"]
-    runs = floor_runs(a.checkpoint, a.data, users, a.modes.split(","), levels, a.duration, a.port, a.rounds,
-                      a.unbatched)
-    record = {"benchmark": "serve_floor", "command": command_line(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "machine": machine("wrk runs on the same 2 cores as Serve"), "modes": runs, "vs_floor": summary(runs),
-              **({"batched_over_unbatched": {m: r["batched_over_unbatched"] for m, r in runs.items()}}
-                 if a.unbatched else {})}
+    runs = floor_runs(
+        a.checkpoint, a.data, users, a.modes.split(","), levels, a.duration, a.port, a.rounds, a.unbatched
+    )
+    record = {
+        "benchmark": "serve_floor",
+        "command": command_line(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": machine("wrk runs on the same 2 cores as Serve"),
+        "modes": runs,
+        "vs_floor": summary(runs),
+        **(
+            {"batched_over_unbatched": {m: r["batched_over_unbatched"] for m, r in runs.items()}} if a.unbatched else {}
+        ),
+    }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(record, indent=1))
     print(json.dumps(record["vs_floor"], indent=1))

@@ -22,6 +22,7 @@ Steps, all in one run so every ratio compares figures from the same machine stat
 Steps 1-3 run in the mode this process chooses (`ray_app.serve.mode`: throughput-optimized unless
 RAY_SERVE_THROUGHPUT_OPTIMIZED=0). Records benchmarks/results/serve_load.json and serve_load.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,20 @@ from pathlib import Path
 
 import numpy as np
 
-from serve_common import (DEFAULT_CHECKPOINT, DEFAULT_DATA, RESULTS, checkpoint_config, command_line,  # sibling script
-                          api_access, ensure_checkpoint, machine, percentiles, replica_counts, running_replicas, wait_healthy)
+from serve_common import (
+    DEFAULT_CHECKPOINT,
+    DEFAULT_DATA,
+    RESULTS,
+    checkpoint_config,
+    command_line,  # sibling script
+    api_access,
+    ensure_checkpoint,
+    machine,
+    percentiles,
+    replica_counts,
+    running_replicas,
+    wait_healthy,
+)
 
 HERE = Path(__file__).resolve().parent
 OPS = ("recommend", "recommend_intent", "post_event")
@@ -47,25 +60,38 @@ APP = "bench"
 
 # ---- the app's settings ---------------------------------------------------------------------
 
+
 def autoscaled(args):
     """Model stages that scale 1 -> 3 under load and back after `downscale_delay_s`; 2 cores in all."""
     from ray_app.serve.app import DeploymentSettings
 
-    scale = dict(num_cpus=0.2, min_replicas=1, max_replicas=3, target_ongoing_requests=args.target_ongoing,
-                 upscale_delay_s=1.0, downscale_delay_s=args.downscale_delay, access_log=False)
-    return {"encoder": DeploymentSettings(**{**scale, "max_replicas": 2}), "decomposer": DeploymentSettings(**scale),
-            "combiner": DeploymentSettings(**scale),
-            "ingress": DeploymentSettings(**{**scale, "max_replicas": 2, "max_ongoing_requests": 100,
-                                             "access_log": True})}
+    scale = dict(
+        num_cpus=0.2,
+        min_replicas=1,
+        max_replicas=3,
+        target_ongoing_requests=args.target_ongoing,
+        upscale_delay_s=1.0,
+        downscale_delay_s=args.downscale_delay,
+        access_log=False,
+    )
+    return {
+        "encoder": DeploymentSettings(**{**scale, "max_replicas": 2}),
+        "decomposer": DeploymentSettings(**scale),
+        "combiner": DeploymentSettings(**scale),
+        "ingress": DeploymentSettings(**{**scale, "max_replicas": 2, "max_ongoing_requests": 100, "access_log": True}),
+    }
 
 
 def fixed():
     from ray_app.serve.app import DeploymentSettings
 
-    one = dict(num_cpus=0.2, min_replicas=1, max_replicas=1, access_log=False)   # as the app's defaults
-    return {"encoder": DeploymentSettings(**one), "decomposer": DeploymentSettings(**one),
-            "combiner": DeploymentSettings(**one),
-            "ingress": DeploymentSettings(**{**one, "access_log": True}, max_ongoing_requests=100)}
+    one = dict(num_cpus=0.2, min_replicas=1, max_replicas=1, access_log=False)  # as the app's defaults
+    return {
+        "encoder": DeploymentSettings(**one),
+        "decomposer": DeploymentSettings(**one),
+        "combiner": DeploymentSettings(**one),
+        "ingress": DeploymentSettings(**{**one, "access_log": True}, max_ongoing_requests=100),
+    }
 
 
 def deploy(args, store_url: str, batching: bool, settings: dict) -> dict:
@@ -73,14 +99,16 @@ def deploy(args, store_url: str, batching: bool, settings: dict) -> dict:
 
     from ray_app.serve.app import AppArgs, build_app
 
-    app_args = AppArgs(checkpoint=str(args.checkpoint), data_dir=str(args.data), store_url=store_url,
-                       batching=batching, **settings)
+    app_args = AppArgs(
+        checkpoint=str(args.checkpoint), data_dir=str(args.data), store_url=store_url, batching=batching, **settings
+    )
     serve.run(build_app(app_args), name=APP, route_prefix="/")
     wait_healthy(args.url)
     return json.loads(app_args.model_dump_json())
 
 
 # ---- in-process baseline ----------------------------------------------------------------------
+
 
 def in_process(args, spec: dict, store_url: str) -> dict:
     """The deployments' model code without Serve or HTTP: same store, same checkpoint, one thread."""
@@ -90,7 +118,7 @@ def in_process(args, spec: dict, store_url: str) -> dict:
     from ray_app.serve.served_model import RankJob
     from ray_app.store.base import Event
 
-    torch.set_num_threads(1)       # what a replica with a fractional CPU gets (OMP_NUM_THREADS=1)
+    torch.set_num_threads(1)  # what a replica with a fractional CPU gets (OMP_NUM_THREADS=1)
     ckpt = {"checkpoint": str(args.checkpoint.resolve())}
     # `.func_or_class` is the plain class under @serve.deployment; batch size 1 = no batching wait.
     dec = Decomposer.func_or_class(store_url, str(args.data.resolve()), max_batch_size=1)
@@ -109,20 +137,25 @@ def in_process(args, spec: dict, store_url: str) -> dict:
         if op == "post_event":
             ev = Event(int(rng.choice(spec["item_ids"])), float(rng.integers(1, 11)) / 2.0, time.time())
             dec.store.append_events(user, [ev])
-            dec._advance_users([(user, False)])                       # Decomposer.advance's work
+            dec._advance_users([(user, False)])  # Decomposer.advance's work
         else:
             intent = enc.encoder.encode([str(rng.choice(spec["intents"]))])[0] if op == "recommend_intent" else None
-            state = dec._advance_users([(user, True)])[0]             # Decomposer.user_state's work
+            state = dec._advance_users([(user, True)])[0]  # Decomposer.user_state's work
             comb._rank(comb.current, [RankJob(state, intent, 10, True, False, time.time())])  # Combiner.rank's work
         lat[op].append(time.perf_counter() - start)
     elapsed = time.perf_counter() - t0
     dec.store.close()
     n = sum(len(v) for v in lat.values())
-    return {"elapsed_s": elapsed, "throughput_rps": n / elapsed, "latency_all": percentiles(sum(lat.values(), [])),
-            "per_op": {op: {**percentiles(v), "throughput_rps": len(v) / elapsed} for op, v in lat.items()}}
+    return {
+        "elapsed_s": elapsed,
+        "throughput_rps": n / elapsed,
+        "latency_all": percentiles(sum(lat.values(), [])),
+        "per_op": {op: {**percentiles(v), "throughput_rps": len(v) / elapsed} for op, v in lat.items()},
+    }
 
 
 # ---- load and monitoring ----------------------------------------------------------------------
+
 
 class ReplicaMonitor(threading.Thread):
     """Samples the RUNNING replicas of every deployment once a second, tagged with the current phase."""
@@ -137,8 +170,9 @@ class ReplicaMonitor(threading.Thread):
     def run(self) -> None:
         while not self._halt.is_set():
             try:
-                self.samples.append({"t": time.time() - self.t0, "phase": self.phase,
-                                     "replicas": running_replicas(replica_counts())})
+                self.samples.append(
+                    {"t": time.time() - self.t0, "phase": self.phase, "replicas": running_replicas(replica_counts())}
+                )
             except Exception as e:  # a controller hiccup must not end the benchmark; it is recorded
                 self.samples.append({"t": time.time() - self.t0, "phase": self.phase, "error": repr(e)})
             self._halt.wait(self.period_s)
@@ -157,17 +191,33 @@ class ReplicaMonitor(threading.Thread):
 def drive(args, spec_path: Path, concurrency: int, duration: float, tag: str) -> dict:
     """One load level from a separate client process."""
     out = Path(tempfile.mkstemp(prefix=f"load-{tag}-", suffix=".json")[1])
-    cmd = [sys.executable, str(HERE / "load_client.py"), "--url", args.url, "--spec", str(spec_path),
-           "--concurrency", str(concurrency), "--duration", str(duration), "--seed", str(args.seed + concurrency),
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        str(HERE / "load_client.py"),
+        "--url",
+        args.url,
+        "--spec",
+        str(spec_path),
+        "--concurrency",
+        str(concurrency),
+        "--duration",
+        str(duration),
+        "--seed",
+        str(args.seed + concurrency),
+        "--out",
+        str(out),
+    ]
     load_before = os.getloadavg()[0]
     subprocess.run(cmd, check=True, timeout=duration + 120)
     result = json.loads(out.read_text())
     out.unlink()
     result["load_avg_1min"] = [load_before, os.getloadavg()[0]]
     rec = result["per_op"].get("recommend", {})
-    print(f"{tag:>22}: {result['throughput_rps']:6.1f} req/s, errors {result['errors']}, /recommend p50 "
-          f"{rec.get('p50_ms', 0):.1f} p95 {rec.get('p95_ms', 0):.1f} p99 {rec.get('p99_ms', 0):.1f} ms", flush=True)
+    print(
+        f"{tag:>22}: {result['throughput_rps']:6.1f} req/s, errors {result['errors']}, /recommend p50 "
+        f"{rec.get('p50_ms', 0):.1f} p95 {rec.get('p95_ms', 0):.1f} p99 {rec.get('p99_ms', 0):.1f} ms",
+        flush=True,
+    )
     return result
 
 
@@ -189,15 +239,22 @@ def scaling_summary(samples: list[dict], minimum: dict[str, int]) -> dict:
         peak = max((r for _, _, r in series), default=0)
         above = [t for t, _, r in series if r > m]
         after_peak = [t for t, _, r in series if above and t > above[-1]]
-        out[name] = {"min": m, "max_seen": peak, "scaled_up": peak > m,
-                     "first_above_min_s": above[0] if above else None,
-                     "back_at_min_s": after_peak[0] if after_peak else None,
-                     "peak_by_phase": {ph: max((r for _, p, r in series if p == ph), default=0)
-                                       for ph in dict.fromkeys(p for _, p, _ in series)}}
+        out[name] = {
+            "min": m,
+            "max_seen": peak,
+            "scaled_up": peak > m,
+            "first_above_min_s": above[0] if above else None,
+            "back_at_min_s": after_peak[0] if after_peak else None,
+            "peak_by_phase": {
+                ph: max((r for _, p, r in series if p == ph), default=0)
+                for ph in dict.fromkeys(p for _, p, _ in series)
+            },
+        }
     return out
 
 
 # ---- report -----------------------------------------------------------------------------------
+
 
 def plot(record: dict, path: Path) -> None:
     import matplotlib
@@ -213,17 +270,43 @@ def plot(record: dict, path: Path) -> None:
     a1.axhline(record["in_process"]["throughput_rps"], color="grey", ls="--", label="in-process, sequential")
     for key, marker in (("batched", "s"), ("unbatched", "x")):
         run = record["batching"][key]
-        a1.scatter([run["concurrency"]], [run["throughput_rps"]], marker=marker, s=60, zorder=3,
-                   label=f"Serve, {key}, 1 replica each")
-    a1.set(xscale="log", xticks=levels, xticklabels=levels, xlabel="concurrent clients", ylabel="requests/s",
-           title="throughput")
+        a1.scatter(
+            [run["concurrency"]],
+            [run["throughput_rps"]],
+            marker=marker,
+            s=60,
+            zorder=3,
+            label=f"Serve, {key}, 1 replica each",
+        )
+    a1.set(
+        xscale="log",
+        xticks=levels,
+        xticklabels=levels,
+        xlabel="concurrent clients",
+        ylabel="requests/s",
+        title="throughput",
+    )
     a1.legend(fontsize=7)
     for q, ls in (("p50_ms", "-"), ("p95_ms", "--"), ("p99_ms", ":")):
         for op, color in (("recommend", "C0"), ("recommend_intent", "C1"), ("post_event", "C2")):
-            a2.plot(levels, [runs[str(c)]["per_op"][op].get(q, np.nan) for c in levels], ls=ls, color=color,
-                    marker="o", ms=3, label=f"{op} {q[:-3]}")
-    a2.set(xscale="log", yscale="log", xticks=levels, xticklabels=levels, xlabel="concurrent clients",
-           ylabel="latency (ms)", title="latency percentiles")
+            a2.plot(
+                levels,
+                [runs[str(c)]["per_op"][op].get(q, np.nan) for c in levels],
+                ls=ls,
+                color=color,
+                marker="o",
+                ms=3,
+                label=f"{op} {q[:-3]}",
+            )
+    a2.set(
+        xscale="log",
+        yscale="log",
+        xticks=levels,
+        xticklabels=levels,
+        xlabel="concurrent clients",
+        ylabel="latency (ms)",
+        title="latency percentiles",
+    )
     a2.legend(fontsize=6, ncol=3)
     samples = [s for s in record["replicas_over_time"] if "replicas" in s]
     names = sorted({n for s in samples for n in s["replicas"]})
@@ -253,14 +336,19 @@ def make_spec(data_dir: Path, n_users: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     users = rng.choice(data.user_source_ids[1:], size=min(n_users, data.n_users), replace=False)
     intents = list(rng.choice(data.intent_phrases, size=min(20, len(data.intent_phrases)), replace=False))
-    return {"users": [str(int(u)) for u in users], "item_ids": [int(i) for i in data.item_source_ids[1:]],
-            "intents": [str(t) for t in intents], "weights": WEIGHTS}
+    return {
+        "users": [str(int(u)) for u in users],
+        "item_ids": [int(i) for i in data.item_source_ids[1:]],
+        "intents": [str(t) for t in intents],
+        "weights": WEIGHTS,
+    }
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
-                   help="decomposer checkpoint (trained if missing)")
+    p.add_argument(
+        "--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="decomposer checkpoint (trained if missing)"
+    )
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="prepared dataset folder of the checkpoint")
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load at 8 clients")
@@ -280,17 +368,25 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from ray_app.serve import mode as serve_mode
 
-    throughput_optimized = serve_mode.use()          # before ray.init: the replicas inherit it
+    throughput_optimized = serve_mode.use()  # before ray.init: the replicas inherit it
     levels = [int(c) for c in args.concurrency.split(",")]
     args.url = f"http://127.0.0.1:{args.port}"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ensure_checkpoint(args.checkpoint, args.data)
-    record = {"benchmark": "serve_load", "checkpoint": str(args.checkpoint),
-              "checkpoint_config": checkpoint_config(args.checkpoint), "data": str(args.data),
-              "machine": machine("2 cores shared with other engineers' jobs (tests, training) during the run; "
-                                 "the load client runs on the same 2 cores as Serve"),
-              "command": command_line(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "weights": WEIGHTS,
-              "throughput_optimized": throughput_optimized}
+    record = {
+        "benchmark": "serve_load",
+        "checkpoint": str(args.checkpoint),
+        "checkpoint_config": checkpoint_config(args.checkpoint),
+        "data": str(args.data),
+        "machine": machine(
+            "2 cores shared with other engineers' jobs (tests, training) during the run; "
+            "the load client runs on the same 2 cores as Serve"
+        ),
+        "command": command_line(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "weights": WEIGHTS,
+        "throughput_optimized": throughput_optimized,
+    }
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         spec = make_spec(args.data, args.users, args.seed)
         spec_path = Path(tmp) / "spec.json"
@@ -304,15 +400,26 @@ def main(argv=None) -> int:
             store.bulk_load(users)
         store.close()
         record["in_process"] = in_process(args, spec, base_store)
-        print(f"{'in-process':>22}: {record['in_process']['throughput_rps']:6.1f} req/s, /recommend p50 "
-              f"{record['in_process']['per_op']['recommend']['p50_ms']:.1f} ms", flush=True)
+        print(
+            f"{'in-process':>22}: {record['in_process']['throughput_rps']:6.1f} req/s, /recommend p50 "
+            f"{record['in_process']['per_op']['recommend']['p50_ms']:.1f} ms",
+            flush=True,
+        )
         record.update(serve_runs(args, levels, spec_path, f"sqlite:///{tmp}/served.db"))
     if not args.no_floor:
         from serve_floor import MODES, floor_runs, summary
 
         floor_levels = [int(c) for c in args.floor_levels.split(",")]
-        record["floor"] = floor_runs(args.checkpoint, args.data, spec["users"], list(MODES), floor_levels,
-                                     args.floor_duration, args.port + 1, args.floor_rounds)
+        record["floor"] = floor_runs(
+            args.checkpoint,
+            args.data,
+            spec["users"],
+            list(MODES),
+            floor_levels,
+            args.floor_duration,
+            args.port + 1,
+            args.floor_rounds,
+        )
         record["vs_floor"] = summary(record["floor"])
     record["figures"] = figures(record, levels)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -328,7 +435,7 @@ def serve_runs(args, levels: list[int], spec_path: Path, store_url: str) -> dict
     import ray
     from ray import serve
 
-    api_access()                              # with authentication on, as it is deployed
+    api_access()  # with authentication on, as it is deployed
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
     out = {"autoscaled": {}}
     monitor = None
@@ -342,8 +449,9 @@ def serve_runs(args, levels: list[int], spec_path: Path, store_url: str) -> dict
         minimum = {name: 1 for name in ("Ingress", "Encoder", "Decomposer", "Combiner")}
         for c in levels:
             monitor.phase = f"load {c}"
-            out["autoscaled"][str(c)] = drive(args, spec_path, c, args.duration if c == 8 else args.short_duration,
-                                              f"{c} clients, autoscaled")
+            out["autoscaled"][str(c)] = drive(
+                args, spec_path, c, args.duration if c == 8 else args.short_duration, f"{c} clients, autoscaled"
+            )
         monitor.phase = "after load"
         out["downscale_after_s"] = wait_for_downscale(monitor, minimum, args.downscale_wait)
         out["scaling"] = scaling_summary(monitor.samples, minimum)
@@ -375,17 +483,23 @@ def figures(record: dict, levels: list[int]) -> dict:
     f["in_process_throughput_rps"] = base["throughput_rps"]
     # Serve overhead at one client: same operations, same model code, one request at a time.
     f["serve_overhead_latency_ratio_p50_1_client"] = {
-        op: one["per_op"][op]["p50_ms"] / base["per_op"][op]["p50_ms"] for op in OPS if one["per_op"][op].get("count")}
+        op: one["per_op"][op]["p50_ms"] / base["per_op"][op]["p50_ms"] for op in OPS if one["per_op"][op].get("count")
+    }
     f["in_process_over_serve_throughput_1_client"] = base["throughput_rps"] / one["throughput_rps"]
     b = record["batching"]
-    f[f"batched_over_unbatched_throughput_{max(levels)}_clients"] = (b["batched"]["throughput_rps"]
-                                                                     / b["unbatched"]["throughput_rps"])
+    f[f"batched_over_unbatched_throughput_{max(levels)}_clients"] = (
+        b["batched"]["throughput_rps"] / b["unbatched"]["throughput_rps"]
+    )
     f["autoscaling_max_replicas"] = {n: s["max_seen"] for n, s in record["scaling"].items()}
     f["downscale_back_to_min_after_s"] = record["downscale_after_s"]
     for mode, by_level in record.get("vs_floor", {}).items():
         for c, v in by_level.items():
-            f[f"{mode}_{c}_conns_vs_floor"] = {"throughput": v["throughput_vs_floor"], "p99": v["p99_vs_floor"],
-                                               "app_rps": v["app_rps"], "floor_rps": v["floor_rps"]}
+            f[f"{mode}_{c}_conns_vs_floor"] = {
+                "throughput": v["throughput_vs_floor"],
+                "p99": v["p99_vs_floor"],
+                "app_rps": v["app_rps"],
+                "floor_rps": v["floor_rps"],
+            }
     return f
 
 

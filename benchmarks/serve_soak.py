@@ -14,6 +14,7 @@ After every `--every` intents the resident memory (VmRSS) of each replica is rea
 The figure is each replica's RSS at the end over its RSS after the first `--baseline` intents
 (target ≤ 1.2). Records benchmarks/results/serve_soak.json and serve_soak.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,43 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from serve_common import DEFAULT_CHECKPOINT, DEFAULT_DATA, RESULTS, api_access, command_line, ensure_checkpoint, machine, wait_healthy
+from serve_common import (
+    DEFAULT_CHECKPOINT,
+    DEFAULT_DATA,
+    RESULTS,
+    api_access,
+    command_line,
+    ensure_checkpoint,
+    machine,
+    wait_healthy,
+)
 
-WORDS = ("quiet", "loud", "old", "new", "dark", "funny", "slow", "fast", "french", "space", "war", "love", "heist",
-         "jazz", "winter", "summer", "ghost", "robot", "family", "detective", "island", "road", "music", "sea")
+WORDS = (
+    "quiet",
+    "loud",
+    "old",
+    "new",
+    "dark",
+    "funny",
+    "slow",
+    "fast",
+    "french",
+    "space",
+    "war",
+    "love",
+    "heist",
+    "jazz",
+    "winter",
+    "summer",
+    "ghost",
+    "robot",
+    "family",
+    "detective",
+    "island",
+    "road",
+    "music",
+    "sea",
+)
 
 
 def replica_rss(app: str = "soak") -> dict[str, int]:
@@ -44,7 +78,7 @@ def replica_rss(app: str = "soak") -> dict[str, int]:
     for proc in psutil.process_iter(["cmdline", "memory_info"]):
         title = " ".join(proc.info["cmdline"] or [])
         if title.startswith(prefix) and proc.info["memory_info"] is not None:
-            name = title[len(prefix):].split()[0].split(".")[0]
+            name = title[len(prefix) :].split()[0].split(".")[0]
             out[name] = out.get(name, 0) + proc.info["memory_info"].rss
     return out
 
@@ -63,7 +97,7 @@ class Stream:
 
     def intent(self, i: int) -> str:
         words = self.rng.choice(WORDS, size=3, replace=False)
-        return f"{' '.join(words)} number {i}"           # distinct text: the number is in it
+        return f"{' '.join(words)} number {i}"  # distinct text: the number is in it
 
     async def step(self, http: httpx.AsyncClient, with_new_user: bool) -> None:
         from ray_app.serve.auth import mint
@@ -71,15 +105,18 @@ class Stream:
         i = self.next_intent
         self.next_intent += 1
         user = self.users[int(self.rng.integers(len(self.users)))]
-        await self._send(http, "/recommend", {"user_id": user, "k": 10, "context": {"intent": self.intent(i)}},
-                         self.service)
+        await self._send(
+            http, "/recommend", {"user_id": user, "k": 10, "context": {"intent": self.intent(i)}}, self.service
+        )
         if with_new_user:
             self.new_users += 1
             uid = f"soak-{self.new_users}-{int(self.rng.integers(1 << 30))}"
             headers = {"Authorization": f"Bearer {mint(self.secret, 'user', uid, ttl_s=3600)}"}
             t = time.time() - 3600
-            events = [{"item_id": int(self.rng.choice(self.item_ids)), "rating": 4.0, "timestamp": t + 60 * j}
-                      for j in range(3)]
+            events = [
+                {"item_id": int(self.rng.choice(self.item_ids)), "rating": 4.0, "timestamp": t + 60 * j}
+                for j in range(3)
+            ]
             await self._send(http, f"/users/{uid}/events", {"events": events}, headers)
             await self._send(http, "/recommend", {"user_id": uid, "k": 10}, headers)
 
@@ -95,23 +132,36 @@ class Stream:
                 self.errors.append(msg)
 
 
-async def soak(url: str, stream: Stream, n_intents: int, new_user_every: int, every: int, concurrency: int) -> list[dict]:
+async def soak(
+    url: str, stream: Stream, n_intents: int, new_user_every: int, every: int, concurrency: int
+) -> list[dict]:
     samples = [{"intents": 0, "new_users": 0, "t": 0.0, "rss": replica_rss()}]
     t0 = time.perf_counter()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=30.0, limits=limits) as http:
+
         async def worker(stop: int) -> None:
             while stream.next_intent < stop:
                 await stream.step(http, with_new_user=stream.next_intent % new_user_every == 0)
 
         for stop in range(every, n_intents + 1, every):
             await asyncio.gather(*(worker(stop) for _ in range(concurrency)))
-            samples.append({"intents": stream.next_intent, "new_users": stream.new_users,
-                            "t": time.perf_counter() - t0, "rss": replica_rss(), "errors": stream.n_errors})
+            samples.append(
+                {
+                    "intents": stream.next_intent,
+                    "new_users": stream.new_users,
+                    "t": time.perf_counter() - t0,
+                    "rss": replica_rss(),
+                    "errors": stream.n_errors,
+                }
+            )
             s = samples[-1]
-            print(f"{s['intents']:>6} intents, {s['new_users']:>5} new users, {s['t']:6.0f} s: "
-                  + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in sorted(s["rss"].items()))
-                  + f"; errors {stream.n_errors}", flush=True)
+            print(
+                f"{s['intents']:>6} intents, {s['new_users']:>5} new users, {s['t']:6.0f} s: "
+                + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in sorted(s["rss"].items()))
+                + f"; errors {stream.n_errors}",
+                flush=True,
+            )
     return samples
 
 
@@ -124,11 +174,19 @@ def plot(record: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     samples = record["samples"]
     for name in sorted(samples[-1]["rss"]):
-        ax.plot([s["intents"] for s in samples], [s["rss"].get(name, np.nan) / 2**20 for s in samples],
-                marker="o", ms=3, label=name)
+        ax.plot(
+            [s["intents"] for s in samples],
+            [s["rss"].get(name, np.nan) / 2**20 for s in samples],
+            marker="o",
+            ms=3,
+            label=name,
+        )
     ax.axvline(record["baseline_intents"], color="grey", ls=":", lw=1)
-    ax.set(xlabel="distinct intents sent (a new user every 4th)", ylabel="replica RSS (MiB)",
-           title="replica memory under a stream of new intents and users")
+    ax.set(
+        xlabel="distinct intents sent (a new user every 4th)",
+        ylabel="replica RSS (MiB)",
+        title="replica memory under a stream of new intents and users",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -169,11 +227,15 @@ def main(argv=None) -> int:
     one = dict(min_replicas=1, max_replicas=1, num_cpus=0.2)
     url = f"http://127.0.0.1:{a.port}"
     with tempfile.TemporaryDirectory(prefix="serve-soak-") as tmp:
-        app_args = AppArgs(checkpoint=str(a.checkpoint), data_dir=str(a.data), store_url=f"sqlite:///{tmp}/soak.db",
-                           encoder=DeploymentSettings(**one, access_log=False),
-                           decomposer=DeploymentSettings(**one, access_log=False),
-                           combiner=DeploymentSettings(**one, access_log=False),
-                           ingress=DeploymentSettings(**one, max_ongoing_requests=100))
+        app_args = AppArgs(
+            checkpoint=str(a.checkpoint),
+            data_dir=str(a.data),
+            store_url=f"sqlite:///{tmp}/soak.db",
+            encoder=DeploymentSettings(**one, access_log=False),
+            decomposer=DeploymentSettings(**one, access_log=False),
+            combiner=DeploymentSettings(**one, access_log=False),
+            ingress=DeploymentSettings(**one, max_ongoing_requests=100),
+        )
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": a.port})
@@ -186,18 +248,31 @@ def main(argv=None) -> int:
             ray.shutdown()
     base = next(s for s in samples if s["intents"] == a.baseline)["rss"]
     end = samples[-1]["rss"]
-    record = {"benchmark": "serve_soak", "command": command_line(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "machine": machine(), "throughput_optimized": mode, "app_args": json.loads(app_args.model_dump_json()),
-              "intents": stream.next_intent, "new_users": stream.new_users, "errors": stream.n_errors,
-              "error_samples": stream.errors, "baseline_intents": a.baseline, "samples": samples,
-              "rss_end_over_baseline": {k: end[k] / base[k] for k in end if k in base},
-              "rss_end_mib": {k: v / 2**20 for k, v in end.items()}}
+    record = {
+        "benchmark": "serve_soak",
+        "command": command_line(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": machine(),
+        "throughput_optimized": mode,
+        "app_args": json.loads(app_args.model_dump_json()),
+        "intents": stream.next_intent,
+        "new_users": stream.new_users,
+        "errors": stream.n_errors,
+        "error_samples": stream.errors,
+        "baseline_intents": a.baseline,
+        "samples": samples,
+        "rss_end_over_baseline": {k: end[k] / base[k] for k in end if k in base},
+        "rss_end_mib": {k: v / 2**20 for k, v in end.items()},
+    }
     record["max_ratio"] = max(record["rss_end_over_baseline"].values())
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(record, indent=1))
     plot(record, a.out.with_suffix(".png"))
-    print(json.dumps({k: record[k] for k in ("intents", "new_users", "errors", "rss_end_over_baseline", "max_ratio")},
-                     indent=1))
+    print(
+        json.dumps(
+            {k: record[k] for k in ("intents", "new_users", "errors", "rss_end_over_baseline", "max_ratio")}, indent=1
+        )
+    )
     print(f"recorded in {a.out} and {a.out.with_suffix('.png')}")
     return 0 if stream.n_errors == 0 else 1
 

@@ -8,6 +8,7 @@ last 50 events, and state-cache writes/reads of an LSTM-sized blob. Redis runs a
 
     python benchmarks/store.py [--appends 2000] [--procs 4]   -> benchmarks/results/store.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,17 +26,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serve_common import RESULTS, command_line, machine, percentiles  # noqa: E402
 
-from ray_app.store.base import Event, StoredState                                   # noqa: E402
-from ray_app.store.opener import open_store                                         # noqa: E402
+from ray_app.store.base import Event, StoredState  # noqa: E402
+from ray_app.store.opener import open_store  # noqa: E402
 
 USERS = 20
 BLOB = bytes(2 * 256 * 4)  # (h, c) of a 256-unit LSTM as float32
 
 
 def start_redis(dir: Path, port: int, fsync: str) -> subprocess.Popen:
-    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
-                             "--dir", str(dir), "--appendonly", "yes", "--appendfsync", fsync, "--save", ""],
-                            stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            shutil.which("redis-server"),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            fsync,
+            "--save",
+            "",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     for _ in range(500):
         try:
             open_store(f"redis://127.0.0.1:{port}/0").close()
@@ -105,9 +121,13 @@ def measure(url: str, n: int, procs: int) -> dict:
         store.get_state(user)
         gets.append(time.perf_counter() - t)
     store.close()
-    return {"append_1_event": {**percentiles(single), "per_s": n / (end - start)},
-            "append_parallel": parallel_appends(url, n // procs, procs),
-            "read_last_50": percentiles(reads), "put_state": percentiles(puts), "get_state": percentiles(gets)}
+    return {
+        "append_1_event": {**percentiles(single), "per_s": n / (end - start)},
+        "append_parallel": parallel_appends(url, n // procs, procs),
+        "read_last_50": percentiles(reads),
+        "put_state": percentiles(puts),
+        "get_state": percentiles(gets),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,8 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS / "store.json")
     a = p.parse_args(argv)
     fs = subprocess.run(["stat", "-f", "-c", "%T", str(Path.cwd())], capture_output=True, text=True).stdout.strip()
-    result = {"machine": {**machine(), "filesystem": fs}, "command": command_line(), "appends": a.appends,
-              "backends": {}}
+    result = {
+        "machine": {**machine(), "filesystem": fs},
+        "command": command_line(),
+        "appends": a.appends,
+        "backends": {},
+    }
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:  # on the project's disk, not tmpfs
         tmp = Path(tmp)
         result["backends"]["sqlite"] = measure(f"sqlite:///{tmp}/state.db", a.appends, a.procs)
@@ -133,10 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2))
     for name, r in result["backends"].items():
-        print(f"{name:22s} append {r['append_1_event']['per_s']:8.0f}/s (p50 {r['append_1_event']['p50_ms']:.2f} ms, "
-              f"p99 {r['append_1_event']['p99_ms']:.2f} ms)  x{a.procs} procs "
-              f"{r['append_parallel']['per_s']:8.0f}/s  read-50 p50 {r['read_last_50']['p50_ms']:.2f} ms  "
-              f"put_state p50 {r['put_state']['p50_ms']:.2f} ms")
+        print(
+            f"{name:22s} append {r['append_1_event']['per_s']:8.0f}/s (p50 {r['append_1_event']['p50_ms']:.2f} ms, "
+            f"p99 {r['append_1_event']['p99_ms']:.2f} ms)  x{a.procs} procs "
+            f"{r['append_parallel']['per_s']:8.0f}/s  read-50 p50 {r['read_last_50']['p50_ms']:.2f} ms  "
+            f"put_state p50 {r['put_state']['p50_ms']:.2f} ms"
+        )
     print(f"wrote {a.out}")
     return 0
 

@@ -11,6 +11,7 @@ Then the best configuration found is retrained from scratch with Ray Train and c
 default configuration on test NDCG@10 (history-masked, leave-one-out), same epochs and seed.
 A finished search is kept in the JSON and skipped on a rerun, so an interrupted benchmark resumes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,23 +26,25 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from machine_info import machine                                          # noqa: E402  (sibling script)
-from models.nn import checkpoint                                                    # noqa: E402
-from models.data.batching import make_split                                         # noqa: E402
-from models.data import load_prepared                                      # noqa: E402
-from models.evaluation.evaluate import HEADLINE, evaluate                           # noqa: E402
-from ray_app.train.data import resolve_dataset                                      # noqa: E402
-from ray_app.train.settings import RayTrainSettings                                 # noqa: E402
-from ray_app.train.preflight import connect                                         # noqa: E402
-from ray_app.train.driver import run as train_run                                   # noqa: E402
-from tuning import search                                                  # noqa: E402
-from tuning.results import TABLE                                           # noqa: E402
+from machine_info import machine  # noqa: E402  (sibling script)
+from models.nn import checkpoint  # noqa: E402
+from models.data.batching import make_split  # noqa: E402
+from models.data import load_prepared  # noqa: E402
+from models.evaluation.evaluate import HEADLINE, evaluate  # noqa: E402
+from ray_app.train.data import resolve_dataset  # noqa: E402
+from ray_app.train.settings import RayTrainSettings  # noqa: E402
+from ray_app.train.preflight import connect  # noqa: E402
+from ray_app.train.driver import run as train_run  # noqa: E402
+from tuning import search  # noqa: E402
+from tuning.results import TABLE  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Kept affordable for 2 shared CPU cores: the upper LSTM sizes and the longest histories are out.
 SPACE = ["lstm_units={low: 32, high: 256, log: true}", "max_len=[50, 100]"]
-SHARED_NOTE = ("machine was shared: 2 CPU cores used by several engineers' jobs at once, "
-               "so times are inflated and noisy; quality figures are unaffected")
+SHARED_NOTE = (
+    "machine was shared: 2 CPU cores used by several engineers' jobs at once, "
+    "so times are inflated and noisy; quality figures are unaffected"
+)
 
 
 def curve(run_dir: Path) -> list[float | None]:
@@ -64,23 +67,42 @@ def test_ndcg(model_path: str, prepared: Path) -> dict:
     data = load_prepared(prepared)
     split = make_split(data.user_offsets, 1)
     ev = evaluate(model, data, split, "test")
-    return {"test_ndcg@10": float(ev["masked"][HEADLINE].mean()), "test_hr@10": float(ev["masked"]["hr@10"].mean()),
-            "test_ndcg@10_unmasked": float(ev["unmasked"][HEADLINE].mean())}
+    return {
+        "test_ndcg@10": float(ev["masked"][HEADLINE].mean()),
+        "test_hr@10": float(ev["masked"]["hr@10"].mean()),
+        "test_ndcg@10_unmasked": float(ev["unmasked"][HEADLINE].mean()),
+    }
 
 
 def retrain(name: str, model_args: dict, lr: float | None, prepared: Path, args) -> dict:
-    s = RayTrainSettings(dataset=str(prepared), model_args=model_args, lr=lr, epochs=args.retrain_epochs,
-                         patience=args.retrain_patience, seed=0, batch_size=args.batch_size,
-                         storage_path=str(args.storage / "retrain"), name=name, num_to_keep=1)
+    s = RayTrainSettings(
+        dataset=str(prepared),
+        model_args=model_args,
+        lr=lr,
+        epochs=args.retrain_epochs,
+        patience=args.retrain_patience,
+        seed=0,
+        batch_size=args.batch_size,
+        storage_path=str(args.storage / "retrain"),
+        name=name,
+        num_to_keep=1,
+    )
     t0 = time.perf_counter()
     best = train_run(s)
-    return {"model_args": model_args, "lr": lr, "checkpoint": best.model, "best_epoch": best.epoch,
-            "valid_ndcg@10": best.valid_ndcg10, "wall_s": time.perf_counter() - t0,
-            **test_ndcg(best.model, prepared)}
+    return {
+        "model_args": model_args,
+        "lr": lr,
+        "checkpoint": best.model,
+        "best_epoch": best.epoch,
+        "valid_ndcg@10": best.valid_ndcg10,
+        "wall_s": time.perf_counter() - t0,
+        **test_ndcg(best.model, prepared),
+    }
 
 
 def plot(report: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
@@ -88,8 +110,14 @@ def plot(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, run in report["searches"].items():
         ys = [np.nan if v is None else v for v in run["best_so_far"]]
-        ax.plot(range(1, len(ys) + 1), ys, "-o" if run["sampler"] == "tpe" else "--s",
-                color="C0" if run["sampler"] == "tpe" else "C1", alpha=0.8, label=key)
+        ax.plot(
+            range(1, len(ys) + 1),
+            ys,
+            "-o" if run["sampler"] == "tpe" else "--s",
+            color="C0" if run["sampler"] == "tpe" else "C1",
+            alpha=0.8,
+            label=key,
+        )
     if report.get("target") is not None:
         ax.axhline(report["target"], color="grey", linewidth=1, label=f"target {report['target']:.4f}")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -120,10 +148,17 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     prepared = resolve_dataset(args.dataset)
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    report.update({"benchmark": "tuning", "dataset": args.dataset, "machine": machine(), "note": SHARED_NOTE,
-                   "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                   "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                   "space_overrides": SPACE})
+    report.update(
+        {
+            "benchmark": "tuning",
+            "dataset": args.dataset,
+            "machine": machine(),
+            "note": SHARED_NOTE,
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "space_overrides": SPACE,
+        }
+    )
     report.setdefault("searches", {})
     connect(2)
     t_start = time.perf_counter()
@@ -139,16 +174,35 @@ def main(argv=None) -> int:
                 print(f"{key}: recorded, skipped", flush=True)
                 continue
             s = search.SearchSettings(
-                dataset=str(prepared), storage_path=str(args.storage), name=key, sampler=sampler,
-                num_samples=args.trials, seed=seed, startup_trials=args.startup_trials, epochs=args.epochs,
-                grace_period=1, reduction_factor=3, patience=2, batch_size=args.batch_size, space_overrides=SPACE)
+                dataset=str(prepared),
+                storage_path=str(args.storage),
+                name=key,
+                sampler=sampler,
+                num_samples=args.trials,
+                seed=seed,
+                startup_trials=args.startup_trials,
+                epochs=args.epochs,
+                grace_period=1,
+                reduction_factor=3,
+                patience=2,
+                batch_size=args.batch_size,
+                space_overrides=SPACE,
+            )
             t0 = time.perf_counter()
             best = search.run(s)
             values = curve(args.storage / key)
-            report["searches"][key] = {"sampler": sampler, "seed": seed, "trials": len(values), "best_so_far": values,
-                                       "best": best.get("value"), "best_params": best.get("params"),
-                                       "best_model_args": best.get("model_args"), "best_lr": best.get("train", {}).get("lr"),
-                                       "best_checkpoint": best.get("model"), "wall_s": time.perf_counter() - t0}
+            report["searches"][key] = {
+                "sampler": sampler,
+                "seed": seed,
+                "trials": len(values),
+                "best_so_far": values,
+                "best": best.get("value"),
+                "best_params": best.get("params"),
+                "best_model_args": best.get("model_args"),
+                "best_lr": best.get("train", {}).get("lr"),
+                "best_checkpoint": best.get("model"),
+                "wall_s": time.perf_counter() - t0,
+            }
             save()
 
     runs = report["searches"]
@@ -161,10 +215,15 @@ def main(argv=None) -> int:
     for sampler in ("tpe", "random"):
         mine = [r for r in runs.values() if r["sampler"] == sampler]
         reached = [r["trials_to_target"] for r in mine]
-        summary[sampler] = {"mean_best": float(np.mean([r["best"] for r in mine])) if mine else None,
-                            "trials_to_target": reached,
-                            "mean_trials_to_target (unreached = budget + 1)":
-                                float(np.mean([t if t else args.trials + 1 for t in reached])) if mine else None}
+        summary[sampler] = {
+            "mean_best": float(np.mean([r["best"] for r in mine])) if mine else None,
+            "trials_to_target": reached,
+            "mean_trials_to_target (unreached = budget + 1)": float(
+                np.mean([t if t else args.trials + 1 for t in reached])
+            )
+            if mine
+            else None,
+        }
     report["summary"] = summary
     save()
 
@@ -174,15 +233,28 @@ def main(argv=None) -> int:
     if done.get("from") != winner_key or done.get("epochs") != args.retrain_epochs:
         tuned = retrain(f"tuned-{winner_key}", winner["best_model_args"], winner["best_lr"], prepared, args)
         default = retrain("default", {}, None, prepared, args)
-        report["retrain"] = {"from": winner_key, "epochs": args.retrain_epochs, "tuned": tuned, "default": default,
-                             "tuned_beats_default": tuned["test_ndcg@10"] > default["test_ndcg@10"]}
+        report["retrain"] = {
+            "from": winner_key,
+            "epochs": args.retrain_epochs,
+            "tuned": tuned,
+            "default": default,
+            "tuned_beats_default": tuned["test_ndcg@10"] > default["test_ndcg@10"],
+        }
     report["elapsed_s_this_invocation"] = time.perf_counter() - t_start
     save()
     plot(report, args.out.with_suffix(".png"))
-    print(json.dumps({"summary": summary, "target": report["target"],
-                      "retrain": {k: report["retrain"][k] for k in ("from", "tuned_beats_default")},
-                      "tuned_test": report["retrain"]["tuned"]["test_ndcg@10"],
-                      "default_test": report["retrain"]["default"]["test_ndcg@10"]}, indent=1))
+    print(
+        json.dumps(
+            {
+                "summary": summary,
+                "target": report["target"],
+                "retrain": {k: report["retrain"][k] for k in ("from", "tuned_beats_default")},
+                "tuned_test": report["retrain"]["tuned"]["test_ndcg@10"],
+                "default_test": report["retrain"]["default"]["test_ndcg@10"],
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

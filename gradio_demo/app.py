@@ -4,6 +4,7 @@ the decomposition, mark an item as watched and watch the interests move.
 Every handler talks to the HTTP API through `ApiClient` and turns an `ApiError` into a message
 in the status line; nothing else of a failure reaches the page.
 """
+
 from __future__ import annotations
 
 import functools
@@ -50,6 +51,7 @@ def guarded(fn: Callable, n_outputs: int) -> Callable:
 
     The status line is always the handler's first output.
     """
+
     @functools.wraps(fn)
     def run(*args):
         try:
@@ -60,17 +62,21 @@ def guarded(fn: Callable, n_outputs: int) -> Callable:
             log.exception("demo handler %s failed", fn.__name__)
             message = problem("Something went wrong in the demo itself; the details are in its log.")
         return (message, *[gr.skip()] * (n_outputs - 1))
+
     return run
 
 
 def describe_health(api: ApiClient, health: Health) -> str:
-    return ok(f"Connected to {api.base_url}: model `{health.model_version}`, {health.n_items} items, "
-              f"{health.n_users} users, dimensions {', '.join(health.dimensions)}.")
+    return ok(
+        f"Connected to {api.base_url}: model `{health.model_version}`, {health.n_items} items, "
+        f"{health.n_users} users, dimensions {', '.join(health.dimensions)}."
+    )
 
 
 @dataclass
 class Handlers:
     """The page's actions; each returns a tuple in the order of the outputs it is wired to."""
+
     api: ApiClient
 
     # -- connection and users --
@@ -92,8 +98,10 @@ class Handlers:
         except ApiError:
             users = []  # the new user works without the list; refresh reports the endpoint's state
         choices = [(f"{user_id} (new)", user_id), *self._user_choices(users)]
-        return (ok(f"New user `{user_id}`: no history yet — pick something you watched."),
-                gr.update(choices=choices, value=user_id))
+        return (
+            ok(f"New user `{user_id}`: no history yet — pick something you watched."),
+            gr.update(choices=choices, value=user_id),
+        )
 
     @staticmethod
     def _user_choices(users) -> list[tuple[str, str]]:
@@ -113,32 +121,55 @@ class Handlers:
             history = []  # a new user exists in the store only after the first event
         start = views.anchor(history)
         moment = views.next_moment(start, int(weekday), int(hour))
-        rec = self.api.recommend(user_id if history else None, timestamp=moment, intent=intent,
-                                 k=int(k), explain=True)
+        rec = self.api.recommend(user_id if history else None, timestamp=moment, intent=intent, k=int(k), explain=True)
         interests = self.api.interests(user_id, last=INTERESTS_SHOWN) if history else None
-        who = (f"**{user_id}** — {views.events(rec.n_events)}, last on {views.fmt_time(history[-1].timestamp)}"
-               if history else f"**{user_id}** — no events yet")
+        who = (
+            f"**{user_id}** — {views.events(rec.n_events)}, last on {views.fmt_time(history[-1].timestamp)}"
+            if history
+            else f"**{user_id}** — no events yet"
+        )
         intent_note = f" for “{intent.strip()}”" if intent and intent.strip() else ""
-        status = ok(f"Top {len(rec.items)}{intent_note} on {views.fmt_time(moment)} UTC; "
-                    f"{views.gates_summary(rec)}.")
+        status = ok(f"Top {len(rec.items)}{intent_note} on {views.fmt_time(moment)} UTC; {views.gates_summary(rec)}.")
         choices = views.item_choices(rec.items)
-        return (status, who, views.history_frame(history), views.timeline_frame(history), start,
-                f"Moment of the request: **{views.fmt_time(moment)} UTC**",
-                views.recs_frame(rec.items), gr.update(choices=choices, value=choices[0][1] if choices else None),
-                views.gates_frame(rec), views.interests_frame(interests), views.dimension_frame(rec))
+        return (
+            status,
+            who,
+            views.history_frame(history),
+            views.timeline_frame(history),
+            start,
+            f"Moment of the request: **{views.fmt_time(moment)} UTC**",
+            views.recs_frame(rec.items),
+            gr.update(choices=choices, value=choices[0][1] if choices else None),
+            views.gates_frame(rec),
+            views.interests_frame(interests),
+            views.dimension_frame(rec),
+        )
 
-    def post_event(self, user_id: str | None, item_id: int | None, rating: float, start: float | None,
-                   intent: str, weekday: int, hour: int, k: int):
+    def post_event(
+        self,
+        user_id: str | None,
+        item_id: int | None,
+        rating: float,
+        start: float | None,
+        intent: str,
+        weekday: int,
+        hour: int,
+        k: int,
+    ):
         """Post `item_id` as watched at the chosen moment, then redraw everything from the API."""
         if not user_id:
             raise Missing("Pick a user (or start a new one) first.")
         if item_id is None:
             raise Missing("Choose an item first (click a row or use the list).")
         moment = views.next_moment(start if start is not None else time.time(), int(weekday), int(hour))
-        accepted = self.api.post_events(user_id, [EventIn(item_id=int(item_id), rating=float(rating), timestamp=moment)])
+        accepted = self.api.post_events(
+            user_id, [EventIn(item_id=int(item_id), rating=float(rating), timestamp=moment)]
+        )
         out = self.refresh(user_id, intent, weekday, hour, k)
-        note = ok(f"Posted item {item_id} (rating {rating:g}) at {views.fmt_time(moment)} UTC — "
-                  f"{views.events(accepted.n_events)} now. ")
+        note = ok(
+            f"Posted item {item_id} (rating {rating:g}) at {views.fmt_time(moment)} UTC — "
+            f"{views.events(accepted.n_events)} now. "
+        )
         return (note + out[0].removeprefix("✓ "), *out[1:])
 
     # -- items --
@@ -148,8 +179,11 @@ class Handlers:
             raise Missing("Type a few words to search the catalogue.")
         items = self.api.search_items(q.strip(), k=10)
         choices = views.item_choices(items)
-        return (ok(f"{len(items)} items close to “{q.strip()}”."), views.search_frame(items),
-                gr.update(choices=choices, value=choices[0][1] if choices else None))
+        return (
+            ok(f"{len(items)} items close to “{q.strip()}”."),
+            views.search_frame(items),
+            gr.update(choices=choices, value=choices[0][1] if choices else None),
+        )
 
     @staticmethod
     def pick_row(frame, evt: gr.SelectData):
@@ -164,9 +198,11 @@ def build_demo(api: ApiClient) -> gr.Blocks:
     h = Handlers(api)
     now = time.gmtime()
     with gr.Blocks(title="Dynamic interests", analytics_enabled=False) as demo:  # no calls home
-        gr.Markdown("# Dynamic interest decomposition\n"
-                    "A user's interest, split into dimensions that the moment and your words weigh. "
-                    "Mark something as watched and see the weights move.")
+        gr.Markdown(
+            "# Dynamic interest decomposition\n"
+            "A user's interest, split into dimensions that the moment and your words weigh. "
+            "Mark something as watched and see the weights move."
+        )
         status = gr.Markdown("Connecting…", elem_id="status")
         start = gr.State(None)  # where the request clock starts: the last event (or now)
         with gr.Row():
@@ -176,43 +212,85 @@ def build_demo(api: ApiClient) -> gr.Blocks:
                 user = gr.Dropdown(label="User", choices=[], filterable=True, elem_id="user")
                 new_btn = gr.Button("Start as a new user", elem_id="new-user")
                 who = gr.Markdown(elem_id="who")
-                timeline = gr.ScatterPlot(x="when", y="rating", title="Timeline of recent events", y_lim=[0, 5.5],
-                                          tooltip=["when", "title", "rating"], height=220, elem_id="timeline")
-                history = gr.Dataframe(headers=views.HISTORY_COLUMNS, label="Recent history (newest first)",
-                                       interactive=False, max_height=560, wrap=True,
-                                       column_widths=["30%", "40%", "20%", "10%"], elem_id="history")
+                timeline = gr.ScatterPlot(
+                    x="when",
+                    y="rating",
+                    title="Timeline of recent events",
+                    y_lim=[0, 5.5],
+                    tooltip=["when", "title", "rating"],
+                    height=220,
+                    elem_id="timeline",
+                )
+                history = gr.Dataframe(
+                    headers=views.HISTORY_COLUMNS,
+                    label="Recent history (newest first)",
+                    interactive=False,
+                    max_height=560,
+                    wrap=True,
+                    column_widths=["30%", "40%", "20%", "10%"],
+                    elem_id="history",
+                )
             with gr.Column(scale=3):
                 gr.Markdown("### 2 · What and when")
-                intent = gr.Textbox(label="What are you in the mood for?",
-                                    placeholder="something light and funny for tonight", elem_id="intent")
+                intent = gr.Textbox(
+                    label="What are you in the mood for?",
+                    placeholder="something light and funny for tonight",
+                    elem_id="intent",
+                )
                 with gr.Row():
-                    weekday = gr.Dropdown(label="Weekday", choices=[(d, i) for i, d in enumerate(views.WEEKDAYS)],
-                                          value=now.tm_wday, elem_id="weekday")
+                    weekday = gr.Dropdown(
+                        label="Weekday",
+                        choices=[(d, i) for i, d in enumerate(views.WEEKDAYS)],
+                        value=now.tm_wday,
+                        elem_id="weekday",
+                    )
                     hour = gr.Slider(0, 23, value=now.tm_hour, step=1, label="Hour (UTC)", elem_id="hour")
                     k = gr.Slider(1, 30, value=10, step=1, label="How many", elem_id="k")
                 moment = gr.Markdown(elem_id="moment")
                 recommend_btn = gr.Button("Recommend", variant="primary", elem_id="recommend")
-                recs = gr.Dataframe(headers=views.RECS_COLUMNS, label="Recommendations (click a row to pick it)",
-                                    interactive=False, wrap=True, max_height=900,
-                                    column_widths=["6%", "46%", "28%", "10%", "10%"],
-                                    elem_id="recs")
+                recs = gr.Dataframe(
+                    headers=views.RECS_COLUMNS,
+                    label="Recommendations (click a row to pick it)",
+                    interactive=False,
+                    wrap=True,
+                    max_height=900,
+                    column_widths=["6%", "46%", "28%", "10%", "10%"],
+                    elem_id="recs",
+                )
                 with gr.Row():
                     pick = gr.Dropdown(label="Recommended item", choices=[], scale=3, elem_id="pick")
                     rating = gr.Slider(0.5, 5, value=4.5, step=0.5, label="Rating", scale=1, elem_id="rating")
                     watched_btn = gr.Button("Watched / liked", variant="secondary", scale=1, elem_id="watched")
         gr.Markdown("### 3 · The decomposition")
         with gr.Row():
-            gates = gr.BarPlot(x="dimension", y="weight", color="dimension", title="Gate weights for this request",
-                               y_lim=[0, 1], elem_id="gates-plot")
-            interests = gr.LinePlot(x="event", y="weight", color="dimension",
-                                    title="Gate weights after each event", y_lim=[0, 1],
-                                    tooltip=["event", "dimension", "weight", "title"], elem_id="interests-plot")
-        dims = gr.Dataframe(views.dimension_frame(None), label="What each dimension alone would recommend",
-                            interactive=False, wrap=True, column_widths=["15%", *["17%"] * 5], elem_id="dims")
+            gates = gr.BarPlot(
+                x="dimension",
+                y="weight",
+                color="dimension",
+                title="Gate weights for this request",
+                y_lim=[0, 1],
+                elem_id="gates-plot",
+            )
+            interests = gr.LinePlot(
+                x="event",
+                y="weight",
+                color="dimension",
+                title="Gate weights after each event",
+                y_lim=[0, 1],
+                tooltip=["event", "dimension", "weight", "title"],
+                elem_id="interests-plot",
+            )
+        dims = gr.Dataframe(
+            views.dimension_frame(None),
+            label="What each dimension alone would recommend",
+            interactive=False,
+            wrap=True,
+            column_widths=["15%", *["17%"] * 5],
+            elem_id="dims",
+        )
         with gr.Accordion("Add an event by hand (search the catalogue by text)", open=False):
             with gr.Row():
-                item_q = gr.Textbox(label="Search items", placeholder="space adventure", scale=3,
-                                    elem_id="item-q")
+                item_q = gr.Textbox(label="Search items", placeholder="space adventure", scale=3, elem_id="item-q")
                 search_btn = gr.Button("Search", scale=1, elem_id="search")
             found = gr.Dataframe(headers=views.SEARCH_COLUMNS, interactive=False, wrap=True, elem_id="found")
             with gr.Row():

@@ -5,6 +5,7 @@ the API's own pydantic models (`ray_app.serve.schemas`, plain pydantic, no Ray),
 before it leaves and an answer that breaks the contract is caught here. Every failure surfaces
 as an `ApiError` whose `message` is fit to show a person: no tracebacks, no httpx internals.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -14,12 +15,28 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from ray_app.serve.schemas import Context, EventIn, EventsRequest, EventsResponse, Health, InterestsResponse, Item, ItemsResponse, RecommendRequest, RecommendResponse, UserEvent, UserEventsResponse, UsersResponse, UserSummary
+from ray_app.serve.schemas import (
+    Context,
+    EventIn,
+    EventsRequest,
+    EventsResponse,
+    Health,
+    InterestsResponse,
+    Item,
+    ItemsResponse,
+    RecommendRequest,
+    RecommendResponse,
+    UserEvent,
+    UserEventsResponse,
+    UsersResponse,
+    UserSummary,
+)
 
 DEFAULT_API = "http://127.0.0.1:8000"
 
 
 # ---- errors ---------------------------------------------------------------------------------
+
 
 class ApiError(Exception):
     """A request that did not give a usable answer; `message` is written for the page."""
@@ -44,12 +61,18 @@ M = TypeVar("M", bound=BaseModel)
 
 # ---- client ---------------------------------------------------------------------------------
 
+
 class ApiClient:
     """Thread-safe (httpx.Client is); one per demo process. `token` is sent as a bearer token on
     every call (the demo's is a service token, kept in its own process)."""
 
-    def __init__(self, base_url: str = DEFAULT_API, timeout: float = 10.0,
-                 transport: httpx.BaseTransport | None = None, token: str | None = None):
+    def __init__(
+        self,
+        base_url: str = DEFAULT_API,
+        timeout: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+        token: str | None = None,
+    ):
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else None
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport, headers=headers)
@@ -81,13 +104,28 @@ class ApiClient:
         body = _request(EventsRequest, events=list(events))
         return self._call("POST", f"/users/{_seg(user_id)}/events", EventsResponse, json=body)
 
-    def recommend(self, user_id: str | None = None, history: Sequence[EventIn] | None = None, *,
-                  timestamp: float | None = None, intent: str | None = None, k: int = 10,
-                  exclude_seen: bool = True, explain: bool = False) -> RecommendResponse:
+    def recommend(
+        self,
+        user_id: str | None = None,
+        history: Sequence[EventIn] | None = None,
+        *,
+        timestamp: float | None = None,
+        intent: str | None = None,
+        k: int = 10,
+        exclude_seen: bool = True,
+        explain: bool = False,
+    ) -> RecommendResponse:
         # A blank intent means "no intent", which the API spells null.
         context = _request(Context, timestamp=timestamp, intent=(intent or "").strip() or None)
-        body = _request(RecommendRequest, user_id=user_id, history=None if history is None else list(history),
-                        context=context, k=k, exclude_seen=exclude_seen, explain=explain)
+        body = _request(
+            RecommendRequest,
+            user_id=user_id,
+            history=None if history is None else list(history),
+            context=context,
+            k=k,
+            exclude_seen=exclude_seen,
+            explain=explain,
+        )
         return self._call("POST", "/recommend", RecommendResponse, json=body)
 
     def search_items(self, q: str, k: int = 10) -> list[Item]:
@@ -99,11 +137,15 @@ class ApiClient:
         try:
             response = self._http.request(method, path, **kw)
         except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-            raise EndpointDown(f"The recommendation API at {self.base_url} is not reachable ({_reason(e)}). "
-                               "Is it running? The demo retries on your next action.") from e
+            raise EndpointDown(
+                f"The recommendation API at {self.base_url} is not reachable ({_reason(e)}). "
+                "Is it running? The demo retries on your next action."
+            ) from e
         except httpx.TimeoutException as e:
-            raise EndpointDown(f"The recommendation API at {self.base_url} did not answer {method} {path} "
-                               "in time. Try again in a moment.") from e
+            raise EndpointDown(
+                f"The recommendation API at {self.base_url} did not answer {method} {path} "
+                "in time. Try again in a moment."
+            ) from e
         except httpx.HTTPError as e:
             raise EndpointDown(f"Talking to {self.base_url} failed: {_reason(e)}.") from e
         if response.status_code >= 400:
@@ -112,8 +154,9 @@ class ApiClient:
             return model.model_validate(response.json())
         except (ValueError, ValidationError) as e:
             # The server answered, but not in the contract's shape: a version mismatch, or not our API.
-            raise ApiError(f"Unexpected answer from {method} {path}: {_first_problem(e)}.",
-                           status=response.status_code) from e
+            raise ApiError(
+                f"Unexpected answer from {method} {path}: {_first_problem(e)}.", status=response.status_code
+            ) from e
 
 
 def _request(model: type[BaseModel], **fields) -> dict:

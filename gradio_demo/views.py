@@ -2,6 +2,7 @@
 
 Kept apart from the Blocks so that they can be tested with hand-made values.
 """
+
 from __future__ import annotations
 
 import time
@@ -29,7 +30,7 @@ def next_moment(after: float, weekday: int, hour: int) -> float:
     if not 0 <= weekday < 7 or not 0 <= hour < 24:
         raise ValueError(f"weekday must be 0..6 and hour 0..23, got weekday={weekday}, hour={hour}")
     day0 = (int(after) // DAY) * DAY
-    weekday0 = (day0 // DAY + 3) % 7            # 1970-01-01 was a Thursday (models/data/features.py)
+    weekday0 = (day0 // DAY + 3) % 7  # 1970-01-01 was a Thursday (models/data/features.py)
     slot = day0 + ((weekday - weekday0) % 7) * DAY + hour * HOUR
     if slot + HOUR <= after:
         slot += WEEK
@@ -63,8 +64,13 @@ def history_frame(history: Sequence[UserEvent]) -> pd.DataFrame:
 
 def timeline_frame(history: Sequence[UserEvent]) -> pd.DataFrame:
     """One point per event: when (UTC, naive so the plot does not shift it to the browser's zone), rating."""
-    return pd.DataFrame({"when": pd.to_datetime([e.timestamp for e in history], unit="s"),
-                         "rating": [e.rating for e in history], "title": [e.title for e in history]})
+    return pd.DataFrame(
+        {
+            "when": pd.to_datetime([e.timestamp for e in history], unit="s"),
+            "rating": [e.rating for e in history],
+            "title": [e.title for e in history],
+        }
+    )
 
 
 def recs_frame(items: Sequence[Item]) -> pd.DataFrame:
@@ -89,8 +95,11 @@ def gates_frame(rec: RecommendResponse | None) -> pd.DataFrame:
 
 def interests_frame(interests: InterestsResponse | None) -> pd.DataFrame:
     """Long form (one row per step and dimension), which is what a coloured line plot takes."""
-    rows = [[s.index, dim, float(s.gates.get(dim, 0.0)), s.title]
-            for s in (interests.steps if interests else []) for dim in interests.dimensions]
+    rows = [
+        [s.index, dim, float(s.gates.get(dim, 0.0)), s.title]
+        for s in (interests.steps if interests else [])
+        for dim in interests.dimensions
+    ]
     return pd.DataFrame(rows, columns=["event", "dimension", "weight", "title"])
 
 

@@ -10,6 +10,7 @@ k8s/rayservice.yaml is out of date.
     python k8s/render.py --check    # exit 1 if k8s/rayservice.yaml is out of date
     python k8s/render.py --print    # print the rendered serve config
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,11 +31,12 @@ SHARED_MOUNT = "/mnt/runs"  # where every Ray pod mounts the shared volume (k8s/
 @dataclass(frozen=True)
 class ClusterSettings:
     """What differs on the cluster; every other setting is the repository's."""
+
     # The Service in k8s/redis.yaml, as its ACL user; each replica reads the password from its
     # environment (ray_app/store/), set from the Secret dynamic-interest-redis by the pod templates.
     store_url: str = "redis://dynamic-interest:${DYNAMIC_INTEREST_REDIS_PASSWORD}@redis:6379/0"
-    checkpoint: str = f"{SHARED_MOUNT}/ray/ml-1m"        # the run folder of k8s/rayjob-train.yaml
-    data_dir: str = f"{SHARED_MOUNT}/data/ml-1m"         # the data that run was trained on
+    checkpoint: str = f"{SHARED_MOUNT}/ray/ml-1m"  # the run folder of k8s/rayjob-train.yaml
+    data_dir: str = f"{SHARED_MOUNT}/data/ml-1m"  # the data that run was trained on
     # Upper bounds of Serve's autoscaling per deployment: a cluster has room for more replicas
     # than a laptop (the worker group's maxReplicas bounds the pods behind them).
     max_replicas: dict[str, int] = field(default_factory=lambda: {"Ingress": 4, "Decomposer": 8, "Combiner": 8})
@@ -46,8 +48,9 @@ def render_serve_config(source: dict, cluster: ClusterSettings = ClusterSettings
         raise ValueError(f"{SERVE_CONFIG}: expected a `serve build` config with an `applications` list")
     config = copy.deepcopy(source)
     for app in config["applications"]:
-        app.setdefault("args", {}).update(store_url=cluster.store_url, checkpoint=cluster.checkpoint,
-                                          data_dir=cluster.data_dir)
+        app.setdefault("args", {}).update(
+            store_url=cluster.store_url, checkpoint=cluster.checkpoint, data_dir=cluster.data_dir
+        )
         for deployment in app.get("deployments", []):
             # The model deployments get the checkpoint as user_config (reloaded without restart).
             if "checkpoint" in (deployment.get("user_config") or {}):
@@ -73,8 +76,9 @@ def dump(config: dict) -> str:
 
 
 # `serveConfigV2: |` and the indented block that follows it (blank lines included).
-_BLOCK = re.compile(r"^(?P<indent>[ \t]*)serveConfigV2:[ \t]*\|[-+]?[ \t]*\n(?P<body>(?:(?:(?P=indent)[ \t]+.*)?\n)*)",
-                    re.MULTILINE)
+_BLOCK = re.compile(
+    r"^(?P<indent>[ \t]*)serveConfigV2:[ \t]*\|[-+]?[ \t]*\n(?P<body>(?:(?:(?P=indent)[ \t]+.*)?\n)*)", re.MULTILINE
+)
 
 
 def render_rayservice(text: str, config: dict) -> str:
@@ -88,7 +92,7 @@ def render_rayservice(text: str, config: dict) -> str:
     body = "".join(f"{pad}{line}\n" if line else "\n" for line in dump(config).splitlines())
     old = m["body"]
     blank_after = len(old) - len(old.rstrip("\n")) - 1 if old.strip() else 0  # keep the spacing below
-    return f"{text[:m.start()]}{m['indent']}serveConfigV2: |\n{body}{chr(10) * blank_after}{text[m.end():]}"
+    return f"{text[: m.start()]}{m['indent']}serveConfigV2: |\n{body}{chr(10) * blank_after}{text[m.end() :]}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
 """python -m main_job: the main job (see main_job.main)."""
+
 import sys
 
 from main_job.main import main

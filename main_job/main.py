@@ -7,6 +7,7 @@
 
 It keeps serving the API and the demo until Ctrl-C, then shuts everything down.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,12 +34,18 @@ BASELINES = ("popular", "seen-popular", "lstm", "gru4rec", "sasrec")
 # user's own items first, then popular (what repeating histories make easy). `--baselines all` (or
 # `--compare`) adds the trained baselines, each trained with the same epochs and batches (not timed).
 DEFAULT_BASELINES = ("popular", "seen-popular")
-APP_NAME = "dynamic-interest"               # the Serve application, as `serve status` names it
+APP_NAME = "dynamic-interest"  # the Serve application, as `serve status` names it
 ORACLE_ROW = "decomposer + oracle intent (the target's own words)"
 # Rough peak memory of preparation and training per event (arrays, windows, Parquet buffers).
 BYTES_PER_EVENT = 600
-KNOWN_EVENTS = {"ml-100k": 100_000, "ml-latest-small": 100_836, "ml-1m": 1_000_209, "ml-10m": 10_000_054,
-                "ml-25m": 25_000_095, "ml-32m": 32_000_204}
+KNOWN_EVENTS = {
+    "ml-100k": 100_000,
+    "ml-latest-small": 100_836,
+    "ml-1m": 1_000_209,
+    "ml-10m": 10_000_054,
+    "ml-25m": 25_000_095,
+    "ml-32m": 32_000_204,
+}
 
 
 class NewcomerError(RuntimeError):
@@ -50,10 +57,13 @@ class MainSettings:
     dataset: str = setting("synthetic", "synthetic | ml-latest-small | ml-1m | ml-25m | ...")
     data_dir: Path | None = setting(None, "MovieLens folder or .zip (else the ../shared copy or a download)")
     checkpoint: Path | None = setting(None, "serve this checkpoint (model.pt or a run folder): no training")
-    tune_samples: int = setting(0, "an N-trial search (Ray Tune + Optuna) instead of one training run; its best "
-                                   "trial is served", flag="--tune", metavar="N")
-    model_args: list[str] = setting(help="decomposer config override", flag="--set", metavar="KEY=VALUE",
-                                    factory=list)
+    tune_samples: int = setting(
+        0,
+        "an N-trial search (Ray Tune + Optuna) instead of one training run; its best trial is served",
+        flag="--tune",
+        metavar="N",
+    )
+    model_args: list[str] = setting(help="decomposer config override", flag="--set", metavar="KEY=VALUE", factory=list)
     # The first command trains briefly: 10 epochs of 8-window batches reach valid NDCG@10 0.40 on
     # the synthetic data in under a minute on 2 cores (16-window batches: 0.36 after 12 epochs;
     # 64-window batches: 0.40 after 58). The quality tables' recipe is --epochs 200 --patience 10
@@ -61,7 +71,7 @@ class MainSettings:
     epochs: int = setting(10, "at most this many epochs (default 10: under a minute)")
     patience: int = setting(5, "epochs without a better validation NDCG@10")
     batch_size: int = setting(8, "training windows per step (quality tables: 64)")
-    baselines: tuple[str, ...] = DEFAULT_BASELINES     # --baselines / --compare (parse_args)
+    baselines: tuple[str, ...] = DEFAULT_BASELINES  # --baselines / --compare (parse_args)
     seed: int = setting(0)
     host: str = setting("127.0.0.1", "where the API and the demo listen (0.0.0.0 for all)")
     port: int = setting(8000, "API port")
@@ -70,11 +80,16 @@ class MainSettings:
     smoke: bool = setting(False, "a tiny run (small synthetic data, 2 epochs): a quick check")
     runs: Path = Path("runs/main")
     num_cpus: int | None = setting(None, "CPUs of the local Ray (default: all)")
-    verbose: bool = setting(False, "show Ray's own logs, the workers' and the demo's output (otherwise in "
-                                   "/tmp/ray/session_latest/logs and runs/main/demo.log)")
+    verbose: bool = setting(
+        False,
+        "show Ray's own logs, the workers' and the demo's output (otherwise in "
+        "/tmp/ray/session_latest/logs and runs/main/demo.log)",
+    )
     throughput_optimized: bool | None = setting(
-        None, "Serve's throughput-optimized mode (default on; --no-throughput-optimized for Serve's default mode; "
-              "RAY_SERVE_THROUGHPUT_OPTIMIZED=0 does the same)")
+        None,
+        "Serve's throughput-optimized mode (default on; --no-throughput-optimized for Serve's default mode; "
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED=0 does the same)",
+    )
 
     @property
     def demo_log(self) -> Path | None:
@@ -92,11 +107,12 @@ class MainSettings:
 
 # ---- access ----------------------------------------------------------------------------------
 
+
 def private_write(path: Path, text: str) -> None:
     """Write a file only its owner can read, atomically (a crash leaves the old one)."""
     from models.files import atomic_path
 
-    with atomic_path(path, mode=0o600) as tmp:          # owner-only from its creation on
+    with atomic_path(path, mode=0o600) as tmp:  # owner-only from its creation on
         tmp.write_text(text + "\n")
 
 
@@ -122,6 +138,7 @@ def setup_access(s: MainSettings) -> str:
 
 # ---- checks a newcomer benefits from, before anything starts --------------------------------
 
+
 def port_free(host: str, port: int) -> bool:
     """Whether `port` can be bound now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -134,8 +151,10 @@ def port_free(host: str, port: int) -> bool:
 
 def check_port(host: str, port: int, what: str, flag: str) -> None:
     if not port_free(host, port):
-        raise NewcomerError(f"port {port} ({what}) is already in use — another copy of this job or "
-                            f"another server is running there: stop it, or pick a free port with {flag} {port + 10}")
+        raise NewcomerError(
+            f"port {port} ({what}) is already in use — another copy of this job or "
+            f"another server is running there: stop it, or pick a free port with {flag} {port + 10}"
+        )
 
 
 def check_memory(dataset: str, free_bytes: int | None = None) -> None:
@@ -147,9 +166,11 @@ def check_memory(dataset: str, free_bytes: int | None = None) -> None:
     need = events * BYTES_PER_EVENT
     free = psutil.virtual_memory().available if free_bytes is None else free_bytes
     if need > free:
-        raise NewcomerError(f"{dataset} needs about {need / 2**30:.1f} GiB of memory to prepare and train, "
-                            f"this machine has {free / 2**30:.1f} GiB free: use --dataset ml-latest-small "
-                            f"(or ml-1m), or run it on a cluster (see k8s/README.md)")
+        raise NewcomerError(
+            f"{dataset} needs about {need / 2**30:.1f} GiB of memory to prepare and train, "
+            f"this machine has {free / 2**30:.1f} GiB free: use --dataset ml-latest-small "
+            f"(or ml-1m), or run it on a cluster (see k8s/README.md)"
+        )
 
 
 def check_ray() -> None:
@@ -158,9 +179,11 @@ def check_ray() -> None:
 
     if os.environ.get("RAY_ADDRESS"):
         print(f"joining the Ray cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']}", flush=True)
-    elif find_bootstrap_address(None):          # what a plain ray.init() would silently join
-        raise NewcomerError("Ray is already running on this machine (a `ray start` cluster): stop it with "
-                            "`ray stop`, or run on it on purpose with RAY_ADDRESS=auto")
+    elif find_bootstrap_address(None):  # what a plain ray.init() would silently join
+        raise NewcomerError(
+            "Ray is already running on this machine (a `ray start` cluster): stop it with "
+            "`ray stop`, or run on it on purpose with RAY_ADDRESS=auto"
+        )
 
 
 def preflight(s: MainSettings) -> None:
@@ -173,6 +196,7 @@ def preflight(s: MainSettings) -> None:
 
 # ---- the stages ------------------------------------------------------------------------------
 
+
 def prepare(s: MainSettings) -> Path:
     from models.data.errors import DataFormatError
     from models.data.prepare import prepare_source
@@ -184,8 +208,10 @@ def prepare(s: MainSettings) -> Path:
     try:
         return prepare_source(s.dataset, Path("runs/data") / name, data_dir=s.data_dir, synthetic_config=synthetic)
     except urllib.error.URLError as e:
-        raise NewcomerError(f"could not download {s.dataset} ({e.reason}); without network, pass a local copy: "
-                            f"--data-dir path/to/{s.dataset}.zip or its unpacked folder") from None
+        raise NewcomerError(
+            f"could not download {s.dataset} ({e.reason}); without network, pass a local copy: "
+            f"--data-dir path/to/{s.dataset}.zip or its unpacked folder"
+        ) from None
     except DataFormatError as e:
         raise NewcomerError(str(e)) from None
 
@@ -196,10 +222,17 @@ def tune(s: MainSettings, prepared: Path) -> Path:
     from tuning.search import run as run_search
 
     print(f"\n==> tuning: {s.tune_samples} trials", flush=True)
-    best = run_search(SearchSettings(dataset=str(prepared), num_samples=s.tune_samples, seed=s.seed,
-                                     epochs=2 if s.smoke else 10, storage_path=str((s.runs / "tune").resolve()),
-                                     verbose=s.verbose),
-                      num_cpus=s.num_cpus)
+    best = run_search(
+        SearchSettings(
+            dataset=str(prepared),
+            num_samples=s.tune_samples,
+            seed=s.seed,
+            epochs=2 if s.smoke else 10,
+            storage_path=str((s.runs / "tune").resolve()),
+            verbose=s.verbose,
+        ),
+        num_cpus=s.num_cpus,
+    )
     if not best.get("model"):
         raise NewcomerError("the tuning search finished without a successful trial; see its table in runs/main/tune")
     return Path(best["model"])
@@ -210,10 +243,17 @@ def train(s: MainSettings, prepared: Path, model_args: dict) -> Path:
     from ray_app.train.driver import SetupError, run
 
     print("\n==> training the decomposer with Ray Train", flush=True)
-    settings = RayTrainSettings(dataset=str(prepared), model="decomposer", model_args=model_args,
-                                epochs=2 if s.smoke else s.epochs, patience=s.patience, seed=s.seed,
-                                batch_size=s.batch_size, storage_path=str((s.runs / "ray").resolve()),
-                                verbose=s.verbose)
+    settings = RayTrainSettings(
+        dataset=str(prepared),
+        model="decomposer",
+        model_args=model_args,
+        epochs=2 if s.smoke else s.epochs,
+        patience=s.patience,
+        seed=s.seed,
+        batch_size=s.batch_size,
+        storage_path=str((s.runs / "ray").resolve()),
+        verbose=s.verbose,
+    )
     try:
         best = run(settings, num_cpus=s.num_cpus)
     except SetupError as e:
@@ -244,8 +284,15 @@ def evaluate(s: MainSettings, prepared: Path, checkpoint_path: Path) -> str:
         print(f"\n==> baseline {kind}", flush=True)
         torch.manual_seed(s.seed)
         base = new_model(kind, data, split)
-        fit(base, data, split, train_config(kind, epochs=2 if s.smoke else s.epochs, patience=s.patience,
-                                            seed=s.seed, batch_size=s.batch_size), desc=kind)
+        fit(
+            base,
+            data,
+            split,
+            train_config(
+                kind, epochs=2 if s.smoke else s.epochs, patience=s.patience, seed=s.seed, batch_size=s.batch_size
+            ),
+            desc=kind,
+        )
         rows.append((kind, base, False))
     table = []
     for name, m, intent in rows:
@@ -254,8 +301,9 @@ def evaluate(s: MainSettings, prepared: Path, checkpoint_path: Path) -> str:
     return format_table(table, ["model", *TABLE_METRICS, "ndcg@10 unmasked"])
 
 
-def wait_until_up(url: str, what: str, timeout_s: float, proc: subprocess.Popen | None = None,
-                  log: Path | None = None) -> None:
+def wait_until_up(
+    url: str, what: str, timeout_s: float, proc: subprocess.Popen | None = None, log: Path | None = None
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -305,11 +353,14 @@ def start_demo(s: MainSettings, api_url: str, token: str) -> tuple[subprocess.Po
 
     print("\n==> starting the Gradio demo", flush=True)
     s.runs.mkdir(parents=True, exist_ok=True)
-    out = None if s.demo_log is None else open(s.demo_log, "ab")        # the child keeps its own copy
+    out = None if s.demo_log is None else open(s.demo_log, "ab")  # the child keeps its own copy
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "gradio_demo", "--api", api_url, "--host", s.host,
-                                 "--port", str(s.demo_port)], stdout=out, stderr=subprocess.STDOUT if out else None,
-                                env={**os.environ, TOKEN_ENV: token})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gradio_demo", "--api", api_url, "--host", s.host, "--port", str(s.demo_port)],
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            env={**os.environ, TOKEN_ENV: token},
+        )
     finally:
         if out is not None:
             out.close()
@@ -335,11 +386,11 @@ def banner(api_url: str, demo_url: str | None, user_id: str, item_id: int, s: Ma
         "try (every route but /healthz needs a token; this one acts for any user):",
         f"  export {TOKEN_ENV}=$(cat {token_file.resolve()})",
         f"  curl -s {api_url}/recommend {auth} {json_} \\",
-        f"       -d '{{\"user_id\": \"{user_id}\", \"context\": {{\"intent\": \"something light and funny\"}}, \"k\": 5, \"explain\": true}}'",
+        f'       -d \'{{"user_id": "{user_id}", "context": {{"intent": "something light and funny"}}, "k": 5, "explain": true}}\'',
         f"  curl -s {api_url}/users/{user_id}/events {auth} {json_} \\",
-        f"       -d '{{\"events\": [{{\"item_id\": {item_id}, \"rating\": 4.5, \"timestamp\": {time.time():.0f}}}]}}'",
+        f'       -d \'{{"events": [{{"item_id": {item_id}, "rating": 4.5, "timestamp": {time.time():.0f}}}]}}\'',
         f"  curl -s {api_url}/recommend {auth} {json_} \\",
-        f"       -d '{{\"history\": [{{\"item_id\": {item_id}, \"timestamp\": {time.time():.0f}}}], \"k\": 5}}'"
+        f'       -d \'{{"history": [{{"item_id": {item_id}, "timestamp": {time.time():.0f}}}], "k": 5}}\''
         "   # no rating: a view",
         f"  curl -s '{api_url}/users/{user_id}/interests?last=20' {auth}",
         f"  curl -s '{api_url}/items?q=space+adventure&k=5' {auth}",
@@ -356,10 +407,11 @@ def example_ids(prepared: Path) -> tuple[str, int]:
     from models.data.dataset import load_prepared
 
     data = load_prepared(prepared)
-    return str(data.user_source_ids[1]), int(data.item_source_ids[1])    # [0] is padding
+    return str(data.user_source_ids[1]), int(data.item_source_ids[1])  # [0] is padding
 
 
 # ---- the whole job ---------------------------------------------------------------------------
+
 
 def run(s: MainSettings) -> int:
     import ray
@@ -442,13 +494,17 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def parse_args(argv=None) -> MainSettings:
-    p = argparse.ArgumentParser(prog="python -m main_job", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m main_job", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_settings(p, MainSettings)
-    p.add_argument("--baselines", default=",".join(DEFAULT_BASELINES),
-                   help=f"comma-separated from {', '.join(BASELINES)}, 'all', or empty for none (default: the "
-                        "two untrained rules, so that the API is up in minutes; 'all' trains LSTM, GRU4Rec and "
-                        "SASRec too, with the same epochs and batches: minutes more)")
+    p.add_argument(
+        "--baselines",
+        default=",".join(DEFAULT_BASELINES),
+        help=f"comma-separated from {', '.join(BASELINES)}, 'all', or empty for none (default: the "
+        "two untrained rules, so that the API is up in minutes; 'all' trains LSTM, GRU4Rec and "
+        "SASRec too, with the same epochs and batches: minutes more)",
+    )
     p.add_argument("--compare", action="store_true", help="the same as --baselines all")
     a = p.parse_args(argv)
     baselines = tuple(b.strip() for b in a.baselines.split(",") if b.strip())
@@ -467,7 +523,7 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.WARNING)
     s = parse_args(argv)
-    serve_mode.use(s.throughput_optimized)      # before Ray starts: its processes inherit the choice
+    serve_mode.use(s.throughput_optimized)  # before Ray starts: its processes inherit the choice
     try:
         return run(s)
     except NewcomerError as e:

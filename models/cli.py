@@ -14,6 +14,7 @@ default is True gets a flag that turns it off, an optional bool both `--x` and `
 or not) are typed by their annotation, a `list[...]` field is a repeatable option; `choices=` and `metavar=` pass through. A field without
 `setting(...)` metadata is not on the command line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,15 @@ from typing import Any
 CLI = "cli"
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
-            choices: typing.Sequence | None = None, metavar: str | None = None, factory=None) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    choices: typing.Sequence | None = None,
+    metavar: str | None = None,
+    factory=None,
+) -> Any:
     """A dataclass field that is also a command-line option."""
     meta = {CLI: {"help": help, "flag": flag, "choices": choices, "metavar": metavar}}
     if factory is not None:
@@ -52,11 +60,11 @@ def add_settings(parser: argparse.ArgumentParser, cls: type) -> None:
         kind = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kw: dict[str, Any] = {"dest": f.name, "help": meta["help"] or None}
-        if kind is bool and default is None:                        # on, off or unset: --x / --no-x
+        if kind is bool and default is None:  # on, off or unset: --x / --no-x
             kw.update(action=argparse.BooleanOptionalAction, default=None)
         elif kind is bool:
             kw["action"] = "store_false" if default else "store_true"
-        elif typing.get_origin(kind) is list:                       # a repeatable option
+        elif typing.get_origin(kind) is list:  # a repeatable option
             item = typing.get_args(kind)[0]
             kw.update(action="append", type=item if item in (int, float, Path) else str, default=default)
             if meta["metavar"] is not None or meta["flag"]:

@@ -1,5 +1,6 @@
 """Files written whole or not at all, and their digests: every writer of results, checkpoints,
 caches, downloads and secrets goes through `atomic_path`, so a crash mid-write leaves the old file."""
+
 from __future__ import annotations
 
 import hashlib

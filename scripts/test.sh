@@ -3,5 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
+# The linter and the formatter (ruff, pinned in the dev extra, configured in pyproject.toml) first.
+.venv/bin/ruff check --output-format concise .
+.venv/bin/ruff format --check .
 export RAY_USAGE_STATS_ENABLED=0
 exec .venv/bin/python -m pytest -q "$@"

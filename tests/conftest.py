@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny synthetic dataset prepared once per session with the real text encoder,
 the API's signing secret with tokens for it, and the one local Ray (and Serve) of a test module."""
+
 from __future__ import annotations
 
 import os
@@ -68,8 +69,9 @@ def tiny_prepared(tmp_path_factory, encoder_cache) -> Path:
     """The prepared folder of a tiny synthetic dataset."""
     out = tmp_path_factory.mktemp("prepared") / "tiny"
     cfg = SyntheticConfig(n_users=40, n_items=60, min_events=8, max_events=20, seed=3)
-    return prepare_source("synthetic", out, synthetic_config=cfg, encoder=TextEncoder(cache_path=encoder_cache),
-                          progress=False)
+    return prepare_source(
+        "synthetic", out, synthetic_config=cfg, encoder=TextEncoder(cache_path=encoder_cache), progress=False
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,22 @@
 """Bearer tokens (ray_app.serve.auth) without a server: what each token proves, and what it does not.
 The same rules over real HTTP, on every route, are in tests/test_serve.py."""
+
 from __future__ import annotations
 
 import jwt
 import pytest
 
-from ray_app.serve.auth import SECRET_ENV, AuthError, Principal, RateLimit, main, mint, new_secret, secret_from_env, verify
+from ray_app.serve.auth import (
+    SECRET_ENV,
+    AuthError,
+    Principal,
+    RateLimit,
+    main,
+    mint,
+    new_secret,
+    secret_from_env,
+    verify,
+)
 
 SECRET = new_secret()
 
@@ -17,19 +28,22 @@ def test_user_and_service_tokens_say_who_calls():
     assert (service.role, service.user_id) == ("service", None)
 
 
-@pytest.mark.parametrize("header,why", [
-    (None, "missing bearer token"),
-    ("", "missing bearer token"),
-    ("Basic dXNlcjpwYXNz", "must be `Bearer <token>`"),
-    ("Bearer ", "must be `Bearer <token>`"),
-    ("Bearer abc.def.ghi", "invalid token"),
-    (f"Bearer {mint(new_secret(), 'service')}", "Signature verification failed"),
-    (f"Bearer {mint(SECRET, 'service', ttl_s=-5)}", "expired"),
-    (f"Bearer {jwt.encode({'iss': 'dynamic-interest', 'role': 'admin', 'iat': 0}, SECRET, 'HS256')}", "role"),
-    (f"Bearer {jwt.encode({'iss': 'dynamic-interest', 'role': 'user', 'iat': 0}, SECRET, 'HS256')}", "subject"),
-    (f"Bearer {jwt.encode({'iss': 'elsewhere', 'role': 'service', 'iat': 0}, SECRET, 'HS256')}", "issuer"),
-    (f"Bearer {jwt.encode({'iss': 'dynamic-interest', 'role': 'service', 'iat': 0}, None, 'none')}", "not allowed"),
-])
+@pytest.mark.parametrize(
+    "header,why",
+    [
+        (None, "missing bearer token"),
+        ("", "missing bearer token"),
+        ("Basic dXNlcjpwYXNz", "must be `Bearer <token>`"),
+        ("Bearer ", "must be `Bearer <token>`"),
+        ("Bearer abc.def.ghi", "invalid token"),
+        (f"Bearer {mint(new_secret(), 'service')}", "Signature verification failed"),
+        (f"Bearer {mint(SECRET, 'service', ttl_s=-5)}", "expired"),
+        (f"Bearer {jwt.encode({'iss': 'dynamic-interest', 'role': 'admin', 'iat': 0}, SECRET, 'HS256')}", "role"),
+        (f"Bearer {jwt.encode({'iss': 'dynamic-interest', 'role': 'user', 'iat': 0}, SECRET, 'HS256')}", "subject"),
+        (f"Bearer {jwt.encode({'iss': 'elsewhere', 'role': 'service', 'iat': 0}, SECRET, 'HS256')}", "issuer"),
+        (f"Bearer {jwt.encode({'iss': 'dynamic-interest', 'role': 'service', 'iat': 0}, None, 'none')}", "not allowed"),
+    ],
+)
 def test_a_token_that_proves_nothing_is_a_401(header, why):
     with pytest.raises(AuthError, match=why) as e:
         verify(SECRET, header)
@@ -67,19 +81,19 @@ def test_minting_from_the_command_line(monkeypatch, capsys):
     monkeypatch.delenv(SECRET_ENV)
     assert main(["--service"]) == 2 and SECRET_ENV in capsys.readouterr().err
     with pytest.raises(ValueError):
-        mint(SECRET, "user")                   # a user token needs its user
+        mint(SECRET, "user")  # a user token needs its user
 
 
 def test_the_rate_limit_counts_per_token():
     limit = RateLimit(user_per_minute=3, service_per_minute=5)
     alice = verify(SECRET, f"Bearer {mint(SECRET, 'user', 'alice')}")
-    alice_again = verify(SECRET, f"Bearer {mint(SECRET, 'user', 'alice', ttl_s=3600)}")   # another token
+    alice_again = verify(SECRET, f"Bearer {mint(SECRET, 'user', 'alice', ttl_s=3600)}")  # another token
     for _ in range(3):
         limit.admit(alice)
     with pytest.raises(AuthError, match="at most 3 requests a minute") as e:
         limit.admit(alice)
     assert e.value.status == 429 and 1 <= e.value.retry_after_s <= 60
-    limit.admit(alice_again)                                       # its own count
+    limit.admit(alice_again)  # its own count
     service = verify(SECRET, f"Bearer {mint(SECRET, 'service')}")
     for _ in range(5):
         limit.admit(service)

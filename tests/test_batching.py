@@ -44,15 +44,20 @@ def test_batch_contents():
     items = np.arange(1, 18)
     ratings = np.full(17, 4.5, dtype=np.float32)
     ts = 1_600_000_000 + np.arange(17) * 3600
-    table = IntentTable(offsets=np.concatenate([np.zeros(11, int), np.ones(9, int)]), ids=np.array([0]),
-                        emb=np.ones((1, 384), np.float32))
+    table = IntentTable(
+        offsets=np.concatenate([np.zeros(11, int), np.ones(9, int)]),
+        ids=np.array([0]),
+        emb=np.ones((1, 384), np.float32),
+    )
     b = BatchBuilder(items, ratings, ts, table)
     batch = b(np.array([5, 0]), np.array([9, 2]), np.array([5, 0]), supervise_all=True)
     assert batch["items"].tolist() == [[6, 7, 8, 9], [1, 2, 0, 0]]
     assert batch["targets"].tolist() == [[7, 8, 9, 10], [2, 3, 0, 0]]
     assert batch["ratings"][0, 0].item() == rating_bucket(np.array([4.5]))[0] == 9
     # first event of a user has gap 0; the others one hour
-    np.testing.assert_allclose(batch["event_feats"][0, :, 4].numpy(), [0, np.log1p(1), np.log1p(1), np.log1p(1)], rtol=1e-6)
+    np.testing.assert_allclose(
+        batch["event_feats"][0, :, 4].numpy(), [0, np.log1p(1), np.log1p(1), np.log1p(1)], rtol=1e-6
+    )
     np.testing.assert_allclose(batch["ctx_feats"][0, 3].numpy(), moment_features(ts[9], 3600), rtol=1e-6)
     last = b(np.array([5]), np.array([9]), np.array([5]), supervise_all=False, intent_rate=1.0)
     assert last["targets"].tolist() == [[0, 0, 0, 10]]
@@ -72,7 +77,7 @@ def regime_table():
     counts = [0] + [len(phrases[i]) for i in range(1, 13)] + [0]
     offsets = np.concatenate([[0], np.cumsum(counts)])
     ids = np.concatenate([phrases[i] for i in range(1, 13)])
-    emb = np.eye(4, 384, dtype=np.float32)                       # phrase p is the unit vector e_p
+    emb = np.eye(4, 384, dtype=np.float32)  # phrase p is the unit vector e_p
     return IntentTable(offsets=offsets, ids=ids, emb=emb), phrases
 
 
@@ -81,25 +86,27 @@ def test_intent_regimes_relate_the_words_to_the_target_as_named():
     items = np.array([1, 3, 5, 2, 12, 7, 9, 11, 4, 6, 8, 10, 12, 1])  # one user; the last event is item 1
     b = BatchBuilder(items, np.full(len(items), 4.0, np.float32), 1_600_000_000 + np.arange(len(items)) * 60, table)
     starts, ends, ustart = np.array([0, 2, 6]), np.array([8, 12, 13]), np.zeros(3, int)
-    targets = items[ends]                                          # 4, 12, 1
+    targets = items[ends]  # 4, 12, 1
     for seed in range(5):
-        got = {r: b(starts, ends, ustart, supervise_all=False, intent_rate=1.0, rng=np.random.default_rng(seed),
-                    intent=r) for r in INTENT_REGIMES}
+        got = {
+            r: b(starts, ends, ustart, supervise_all=False, intent_rate=1.0, rng=np.random.default_rng(seed), intent=r)
+            for r in INTENT_REGIMES
+        }
         last = ends - starts - 1
         rows = np.arange(3)
         vec = {r: got[r]["intent"][rows, last].numpy() for r in got}
         chosen = {r: [{int(p) for p in np.nonzero(row)[0]} for row in v] for r, v in vec.items()}
         for i, t in enumerate(targets):
-            assert chosen["oracle"][i] <= set(phrases[t])                  # one of the target's own
+            assert chosen["oracle"][i] <= set(phrases[t])  # one of the target's own
             assert chosen["wrong"][i] and not chosen["wrong"][i] & set(phrases[t])
             own = chosen["noisy"][i] & set(phrases[t])
-            assert len(own) == 1 and len(chosen["noisy"][i]) == 2      # one of its own and one it lacks
+            assert len(own) == 1 and len(chosen["noisy"][i]) == 2  # one of its own and one it lacks
             np.testing.assert_allclose(np.linalg.norm(vec["noisy"][i]), 1.0, rtol=1e-6)
     # history: the most frequent phrase of the last five inputs, ties to the newest item's phrase
-    hist = {int(p) for p in np.nonzero(vec["history"][0])[0]}          # inputs 3,4,5,6,7 = items 2,12,7,9,11
-    assert hist == {0} or hist == {1}                              # phrases 0 and 1 three times each
-    assert {int(p) for p in np.nonzero(vec["history"][1])[0]} == {2}   # items 11,4,6,8,10: phrase 2 four times
-    assert {int(p) for p in np.nonzero(vec["history"][2])[0]} == {2}   # items 4,6,8,10,12: phrase 2 four times
+    hist = {int(p) for p in np.nonzero(vec["history"][0])[0]}  # inputs 3,4,5,6,7 = items 2,12,7,9,11
+    assert hist == {0} or hist == {1}  # phrases 0 and 1 three times each
+    assert {int(p) for p in np.nonzero(vec["history"][1])[0]} == {2}  # items 11,4,6,8,10: phrase 2 four times
+    assert {int(p) for p in np.nonzero(vec["history"][2])[0]} == {2}  # items 4,6,8,10,12: phrase 2 four times
 
 
 def test_history_words_ignore_the_target():
@@ -107,12 +114,21 @@ def test_history_words_ignore_the_target():
     table, _ = regime_table()
     items = np.array([1, 3, 5, 2, 4, 6])
     other = items.copy()
-    other[-1] = 12                                                  # the target: phrase 2 -> phrase 3
-    out = [BatchBuilder(x, np.full(6, 4.0, np.float32), np.arange(6) * 60, table)(
-        np.array([0]), np.array([5]), np.array([0]), supervise_all=False, intent_rate=1.0,
-        rng=np.random.default_rng(0), intent="history")["intent"].numpy() for x in (items, other)]
+    other[-1] = 12  # the target: phrase 2 -> phrase 3
+    out = [
+        BatchBuilder(x, np.full(6, 4.0, np.float32), np.arange(6) * 60, table)(
+            np.array([0]),
+            np.array([5]),
+            np.array([0]),
+            supervise_all=False,
+            intent_rate=1.0,
+            rng=np.random.default_rng(0),
+            intent="history",
+        )["intent"].numpy()
+        for x in (items, other)
+    ]
     np.testing.assert_array_equal(out[0], out[1])
-    assert out[0][0, -1].argmax() in (0, 1)                          # items 1, 3, 5 outnumber 2, 4
+    assert out[0][0, -1].argmax() in (0, 1)  # items 1, 3, 5 outnumber 2, 4
 
 
 def test_unknown_intent_regime_is_named():

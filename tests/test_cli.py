@@ -1,4 +1,5 @@
 """Command lines derived from settings dataclasses: every field once, old flag names kept."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,7 @@ class Demo:
     fast: bool | None = setting(None, "on, off or the environment's")
     kind: str = setting("a", choices=("a", "b"))
     overrides: list[str] = setting(help="repeatable", flag="--set", metavar="KEY=VALUE", factory=list)
-    derived: int = 7                                          # not on the command line
+    derived: int = 7  # not on the command line
 
 
 def parse(argv: list[str]) -> Demo:
@@ -36,12 +37,31 @@ def test_defaults_come_from_the_fields():
 
 
 def test_flags_types_and_names():
-    s = parse(["--epochs", "3", "--lr", "0.5", "--data-dir", "x", "--time-budget", "9", "--skip-resource-check",
-               "--verbose", "--no-fast", "--kind", "b", "--set", "a=1", "--set", "b=2"])
+    s = parse(
+        [
+            "--epochs",
+            "3",
+            "--lr",
+            "0.5",
+            "--data-dir",
+            "x",
+            "--time-budget",
+            "9",
+            "--skip-resource-check",
+            "--verbose",
+            "--no-fast",
+            "--kind",
+            "b",
+            "--set",
+            "a=1",
+            "--set",
+            "b=2",
+        ]
+    )
     assert (s.epochs, s.lr, s.data_dir, s.time_budget_s) == (3, 0.5, Path("x"), 9.0)
     assert s.check_resources is False and s.verbose is True and s.fast is False and s.kind == "b"
     assert s.overrides == ["a=1", "b=2"] and s.derived == 7
-    assert parse(["--fast"]).fast is True and parse([]).overrides == []         # a fresh list every parse
+    assert parse(["--fast"]).fast is True and parse([]).overrides == []  # a fresh list every parse
 
 
 def test_bad_values_name_the_flag(capsys):

@@ -1,4 +1,5 @@
 """MovieLens readers (every format, folder and zip), their errors, and the verified download."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,8 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from models.data import (DataFormatError, DownloadError, ITEMS_SCHEMA, RATINGS_SCHEMA,
-                         download, read_movielens)
+from models.data import DataFormatError, DownloadError, ITEMS_SCHEMA, RATINGS_SCHEMA, download, read_movielens
 
 SHARED_ML = Path(__file__).resolve().parents[2] / "shared/data/movielens/ml-latest-small"
 
@@ -30,13 +30,17 @@ RATINGS_CSV = [
     "2,5,0.5,964982224",
     "2,1,5.0,964983815",
 ]
-TAGS_CSV = [
-    "userId,movieId,tag,timestamp",
-    "1,1,Pixar,1445714994",
-    "2,1,fun,1445714996",
-    "3,1,pixar,1445714997",
-    '4,2,"politics, satire",1445715000',
-] + [f"{10 + k},5,tag{k:02d},1445715100" for k in range(12)] + ["99,5,tag11,1445715200"]
+TAGS_CSV = (
+    [
+        "userId,movieId,tag,timestamp",
+        "1,1,Pixar,1445714994",
+        "2,1,fun,1445714996",
+        "3,1,pixar,1445714997",
+        '4,2,"politics, satire",1445715000',
+    ]
+    + [f"{10 + k},5,tag{k:02d},1445715100" for k in range(12)]
+    + ["99,5,tag11,1445715200"]
+)
 
 
 def write_lines(path: Path, lines: list[str], encoding: str = "utf-8", eol: str = "\r\n") -> Path:
@@ -63,41 +67,69 @@ def zip_folder(folder: Path, dest: Path) -> Path:
 
 def dat_folder(root: Path, ratings: list[str] | None = None) -> Path:
     folder = root / "ml-1m"
-    write_lines(folder / "movies.dat", [
-        "1::Toy Story (1995)::Animation|Children's|Comedy",
-        "2::Jumanji (1995)::Adventure|Children's|Fantasy",
-        "3::Misérables, Les (1995)::Drama|Musical",
-    ], encoding="latin-1", eol="\n")
-    write_lines(folder / "ratings.dat", ratings or [
-        "1::1::5::978300760",
-        "1::3::3::978302109",
-        "2::2::4::978301968",
-    ], eol="\n")
+    write_lines(
+        folder / "movies.dat",
+        [
+            "1::Toy Story (1995)::Animation|Children's|Comedy",
+            "2::Jumanji (1995)::Adventure|Children's|Fantasy",
+            "3::Misérables, Les (1995)::Drama|Musical",
+        ],
+        encoding="latin-1",
+        eol="\n",
+    )
+    write_lines(
+        folder / "ratings.dat", ratings or ["1::1::5::978300760", "1::3::3::978302109", "2::2::4::978301968"], eol="\n"
+    )
     return folder
 
 
 def ml100k_folder(root: Path, data: list[str] | None = None) -> Path:
     folder = root / "ml-100k"
-    names = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
-             "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
-             "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+    names = [
+        "unknown",
+        "Action",
+        "Adventure",
+        "Animation",
+        "Children's",
+        "Comedy",
+        "Crime",
+        "Documentary",
+        "Drama",
+        "Fantasy",
+        "Film-Noir",
+        "Horror",
+        "Musical",
+        "Mystery",
+        "Romance",
+        "Sci-Fi",
+        "Thriller",
+        "War",
+        "Western",
+    ]
     write_lines(folder / "u.genre", [f"{n}|{i}" for i, n in enumerate(names)] + [""], eol="\n")
 
     def flags(*on):
         return "|".join("1" if n in on else "0" for n in names)
 
-    write_lines(folder / "u.item", [
-        f"1|Toy Story (1995)|01-Jan-1995||http://us.imdb.com/M/title-exact?Toy%20Story%20(1995)|"
-        f"{flags('Animation', 'Children', 'Comedy')}",
-        f"2|GoldenEye (1995)|01-Jan-1995||http://x|{flags('Action', 'Adventure', 'Thriller')}",
-        f"3|Café au lait (1994)|01-Jan-1994||http://x|{flags('unknown')}",
-    ], encoding="latin-1", eol="\n")
-    write_lines(folder / "u.data", data or ["196\t1\t3\t881250949", "186\t2\t3\t891717742",
-                                            "196\t3\t1\t878887116"], eol="\n")
+    write_lines(
+        folder / "u.item",
+        [
+            f"1|Toy Story (1995)|01-Jan-1995||http://us.imdb.com/M/title-exact?Toy%20Story%20(1995)|"
+            f"{flags('Animation', 'Children', 'Comedy')}",
+            f"2|GoldenEye (1995)|01-Jan-1995||http://x|{flags('Action', 'Adventure', 'Thriller')}",
+            f"3|Café au lait (1994)|01-Jan-1994||http://x|{flags('unknown')}",
+        ],
+        encoding="latin-1",
+        eol="\n",
+    )
+    write_lines(
+        folder / "u.data", data or ["196\t1\t3\t881250949", "186\t2\t3\t891717742", "196\t3\t1\t878887116"], eol="\n"
+    )
     return folder
 
 
 # ---- the formats ----------------------------------------------------------------------------
+
 
 def test_csv_folder(tmp_path):
     raw = read_movielens(csv_folder(tmp_path))
@@ -113,8 +145,11 @@ def test_csv_folder(tmp_path):
     assert items[2]["tags"] == ["politics, satire"]
     assert items[5]["tags"] == ["tag11"] + [f"tag{k:02d}" for k in range(9)]
     assert raw.ratings.to_pydict() == {
-        "user": [1, 1, 2, 2], "item": [1, 2, 5, 1], "rating": [4.0, 3.5, 0.5, 5.0],
-        "timestamp": [964982703, 964981247, 964982224, 964983815]}
+        "user": [1, 1, 2, 2],
+        "item": [1, 2, 5, 1],
+        "rating": [4.0, 3.5, 0.5, 5.0],
+        "timestamp": [964982703, 964981247, 964982224, 964983815],
+    }
 
 
 def test_csv_without_tags(tmp_path):
@@ -132,8 +167,7 @@ def test_zip_archive(tmp_path):
 
 def test_dat_latin1_with_tags(tmp_path):
     folder = dat_folder(tmp_path)
-    write_lines(folder / "tags.dat", ["15::2::Board Game::1215184630",
-                                      "20::2::board game::1215184631"], eol="\n")
+    write_lines(folder / "tags.dat", ["15::2::Board Game::1215184630", "20::2::board game::1215184631"], eol="\n")
     raw = read_movielens(folder, name="ml-1m")
     items = {r["source_id"]: r for r in raw.items.to_pylist()}
     assert items[3]["title"] == "Misérables, Les (1995)"
@@ -148,7 +182,7 @@ def test_ml100k(tmp_path):
     assert raw.name == "ml-100k"
     items = {r["source_id"]: r for r in raw.items.to_pylist()}
     assert items[2]["genres"] == ["Action", "Adventure", "Thriller"]
-    assert items[3]["genres"] == []          # 'unknown' means no genre
+    assert items[3]["genres"] == []  # 'unknown' means no genre
     assert items[3]["title"] == "Café au lait (1994)"
     assert raw.ratings.to_pydict()["user"] == [196, 186, 196]
 
@@ -164,21 +198,25 @@ def test_real_ml_latest_small():
 
 # ---- bad input: file, line and reason in every message ---------------------------------------
 
+
 def bad_rating_row(row: str, line: int = 3):
     rows = list(RATINGS_CSV)
     rows[line - 1] = row
     return rows
 
 
-@pytest.mark.parametrize("rows, line, reason", [
-    (bad_rating_row("1,2,3.5"), 3, "expected 4 fields, got 3"),
-    (bad_rating_row("1,2,abc,964981247"), 3, "rating 'abc' is not a number"),
-    (bad_rating_row("1,x2,3.5,964981247", line=4), 4, "movieId 'x2' is not an integer"),
-    (bad_rating_row("1,2,7.0,964981247", line=5), 5, "rating 7.0 is out of range"),
-    (bad_rating_row("1,2,3.5,96498.5"), 3, "timestamp '96498.5' is not an integer"),
-    (bad_rating_row("1,42,3.5,964981247", line=4), 4, "movieId 42 is not in movies.csv"),
-    (bad_rating_row("1,2,,964981247"), 3, "rating '' is not a number"),
-])
+@pytest.mark.parametrize(
+    "rows, line, reason",
+    [
+        (bad_rating_row("1,2,3.5"), 3, "expected 4 fields, got 3"),
+        (bad_rating_row("1,2,abc,964981247"), 3, "rating 'abc' is not a number"),
+        (bad_rating_row("1,x2,3.5,964981247", line=4), 4, "movieId 'x2' is not an integer"),
+        (bad_rating_row("1,2,7.0,964981247", line=5), 5, "rating 7.0 is out of range"),
+        (bad_rating_row("1,2,3.5,96498.5"), 3, "timestamp '96498.5' is not an integer"),
+        (bad_rating_row("1,42,3.5,964981247", line=4), 4, "movieId 42 is not in movies.csv"),
+        (bad_rating_row("1,2,,964981247"), 3, "rating '' is not a number"),
+    ],
+)
 def test_bad_ratings_csv(tmp_path, rows, line, reason):
     with pytest.raises(DataFormatError) as err:
         read_movielens(csv_folder(tmp_path, ratings=rows))
@@ -264,12 +302,16 @@ def test_wrong_archive(tmp_path):
 def test_bad_row_inside_zip_names_member(tmp_path):
     folder = csv_folder(tmp_path / "src", ratings=bad_rating_row("1,2,abc,964981247"))
     archive = zip_folder(folder, tmp_path / "ml-latest-small.zip")
-    with pytest.raises(DataFormatError, match=r"ml-latest-small.zip:ml-latest-small/ratings.csv "
-                                              r"line 3: rating 'abc' is not a number"):
+    with pytest.raises(
+        DataFormatError,
+        match=r"ml-latest-small.zip:ml-latest-small/ratings.csv "
+        r"line 3: rating 'abc' is not a number",
+    ):
         read_movielens(archive)
 
 
 # ---- download -------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def served(tmp_path):
@@ -297,14 +339,17 @@ def test_download_verified(tmp_path, served):
     payload = b"PK fake archive " * 5000
     (root / "ml-test.zip").write_bytes(payload)
     dest = tmp_path / "dl"
-    path = download("ml-test", dest, url=f"{base}/ml-test.zip",
-                    sha256=hashlib.sha256(payload).hexdigest(), progress=False)
+    path = download(
+        "ml-test", dest, url=f"{base}/ml-test.zip", sha256=hashlib.sha256(payload).hexdigest(), progress=False
+    )
     assert path == dest / "ml-test.zip" and path.read_bytes() == payload
     assert sorted(p.name for p in dest.iterdir()) == ["ml-test.zip"]
     # already there and verified: returned without a request
     (root / "ml-test.zip").unlink()
-    assert download("ml-test", dest, url=f"{base}/ml-test.zip",
-                    sha256=hashlib.sha256(payload).hexdigest(), progress=False) == path
+    assert (
+        download("ml-test", dest, url=f"{base}/ml-test.zip", sha256=hashlib.sha256(payload).hexdigest(), progress=False)
+        == path
+    )
 
 
 def test_download_checksum_mismatch_leaves_nothing(tmp_path, served):
@@ -320,7 +365,7 @@ def test_download_http_error_and_no_network(tmp_path, served):
     _, base = served
     with pytest.raises(DownloadError, match="HTTP 404"):
         download("missing", tmp_path / "dl", url=f"{base}/missing.zip", progress=False)
-    with socket.socket() as s:       # a port with nothing listening
+    with socket.socket() as s:  # a port with nothing listening
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(DownloadError) as err:

@@ -6,6 +6,7 @@ reads what the page says then. The second walks the issue's journey: select a us
 intent, recommend, see the table and both plots, click "watched", see the list change.
 The screenshot path is printed (pytest -s) and the file kept under runs/artifacts/.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,7 +32,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "runs" / "artifacts"
 TIMEOUT_MS = 60_000
-SERVICE = service_auth()         # the test's own calls; the demo gets a service token of its own
+SERVICE = service_auth()  # the test's own calls; the demo gets a service token of its own
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="the system chromium is not installed")
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -69,10 +70,17 @@ def demo_url(api_url, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("demo") / "demo.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "gradio_demo", "--api", api_url, "--port", str(port)],
-                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False",
-                                     TOKEN_ENV: SERVICE["Authorization"].removeprefix("Bearer ")})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gradio_demo", "--api", api_url, "--port", str(port)],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={
+                **os.environ,
+                "GRADIO_ANALYTICS_ENABLED": "False",
+                TOKEN_ENV: SERVICE["Authorization"].removeprefix("Bearer "),
+            },
+        )
     try:
         wait_http(f"http://127.0.0.1:{port}/", 120, proc)
         yield f"http://127.0.0.1:{port}"
@@ -105,9 +113,17 @@ def serve_app(api_url, tiny_checkpoint, tiny_data, tmp_path_factory):
     one = DeploymentSettings(num_cpus=0.1, min_replicas=1, max_replicas=1)
     store = tmp_path_factory.mktemp("state") / "state.db"
     with local_serve(int(api_url.rsplit(":", 1)[1])):
-        app = build_app(AppArgs(checkpoint=str(tiny_checkpoint), data_dir=str(tiny_data.path),
-                                store_url=f"sqlite:///{store}", encoder=one, decomposer=one, combiner=one,
-                                ingress=one))
+        app = build_app(
+            AppArgs(
+                checkpoint=str(tiny_checkpoint),
+                data_dir=str(tiny_data.path),
+                store_url=f"sqlite:///{store}",
+                encoder=one,
+                decomposer=one,
+                combiner=one,
+                ingress=one,
+            )
+        )
         serve.run(app, name="demo-test", route_prefix="/", blocking=False)
         wait_http(f"{api_url}/healthz", 180)
         yield api_url
@@ -158,7 +174,7 @@ def test_recommend_watch_and_see_the_interests_move(page, demo_url, serve_app, t
     sync_api.expect(page.locator("#who")).to_contain_text(user)
     sync_api.expect(body_rows(page, "history").first).to_be_visible()
     shown = httpx.get(f"{serve_app}/users/{user}/events", headers=SERVICE).json()["events"]
-    assert table_column(page, "history", 1)[0] == shown[-1]["title"]    # newest first
+    assert table_column(page, "history", 1)[0] == shown[-1]["title"]  # newest first
 
     # 2. an intent and a moment -> the top-k with titles, genres and scores
     page.locator("#intent textarea").fill("something light and funny for tonight")
@@ -184,11 +200,14 @@ def test_recommend_watch_and_see_the_interests_move(page, demo_url, serve_app, t
     page.locator("#watched").click()
     status_shows(page, f"Posted item {ids[1]}")
     sync_api.expect(body_rows(page, "recs").nth(1).get_by_role("gridcell").nth(4)).not_to_have_text(ids[1])
-    assert ids[1] not in table_column(page, "recs", 4)                 # seen items are excluded
-    assert table_column(page, "history", 1)[0] == titles[1]           # newest first in the timeline
+    assert ids[1] not in table_column(page, "recs", 4)  # seen items are excluded
+    assert table_column(page, "history", 1)[0] == titles[1]  # newest first in the timeline
     events = httpx.get(f"{serve_app}/users/{user}/events", params={"limit": 1}, headers=SERVICE).json()["events"]
     assert str(events[-1]["item_id"]) == ids[1]
-    assert httpx.get(f"{serve_app}/users", params={"q": user}, headers=SERVICE).json()["users"][0]["n_events"] == n_before + 1
+    assert (
+        httpx.get(f"{serve_app}/users", params={"q": user}, headers=SERVICE).json()["users"][0]["n_events"]
+        == n_before + 1
+    )
     assert "Traceback" not in page.content()
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -204,7 +223,7 @@ def test_new_user_adds_an_event_found_by_text(page, demo_url, serve_app, tiny_da
     sync_api.expect(page.locator("#who")).to_contain_text("no events yet")
     user = page.locator("#who strong").inner_text().strip()
     assert user.startswith("new-")
-    assert len(table_column(page, "recs", 1)) == 10          # a cold-start list for a user with no state
+    assert len(table_column(page, "recs", 1)) == 10  # a cold-start list for a user with no state
 
     # 5. search the catalogue by text (through the encoder) and add the first hit by hand
     page.get_by_text("Add an event by hand").click()

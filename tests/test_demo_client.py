@@ -1,5 +1,6 @@
 """The demo's HTTP client against a live stand-in of the API (uvicorn on a free port), a closed
 port, and servers that answer 4xx / 5xx / the wrong shape; plus the demo's pure view helpers."""
+
 from __future__ import annotations
 
 import socket
@@ -37,13 +38,19 @@ def stand_in_api() -> FastAPI:
 
     @app.get("/healthz", response_model=schemas.Health)
     def healthz():
-        return {"status": "ok", "model_version": "v-test", "n_items": 3, "n_users": len(log),
-                "dimensions": ["topic", "time"]}
+        return {
+            "status": "ok",
+            "model_version": "v-test",
+            "n_items": 3,
+            "n_users": len(log),
+            "dimensions": ["topic", "time"],
+        }
 
     @app.get("/users", response_model=schemas.UsersResponse)
     def users(q: str = "", limit: int = 50):
-        return {"users": [{"user_id": u, "n_events": len(ev)} for u, ev in sorted(log.items())
-                          if u.startswith(q)][:limit]}
+        return {
+            "users": [{"user_id": u, "n_events": len(ev)} for u, ev in sorted(log.items()) if u.startswith(q)][:limit]
+        }
 
     @app.get("/users/{user_id}/events", response_model=schemas.UserEventsResponse)
     def events(user_id: str, limit: int = 20):
@@ -63,9 +70,16 @@ def stand_in_api() -> FastAPI:
     def interests(user_id: str, last: int = 50):
         if user_id not in log:
             return missing(user_id)
-        steps = [{"index": i, "item_id": e["item_id"], "title": TITLES[e["item_id"]][0],
-                  "timestamp": e["timestamp"], "gates": {"topic": 0.7, "time": 0.3}}
-                 for i, e in enumerate(log[user_id])][-last:]
+        steps = [
+            {
+                "index": i,
+                "item_id": e["item_id"],
+                "title": TITLES[e["item_id"]][0],
+                "timestamp": e["timestamp"],
+                "gates": {"topic": 0.7, "time": 0.3},
+            }
+            for i, e in enumerate(log[user_id])
+        ][-last:]
         return {"user_id": user_id, "dimensions": ["topic", "time"], "steps": steps}
 
     @app.post("/recommend", response_model=schemas.RecommendResponse)
@@ -78,9 +92,14 @@ def stand_in_api() -> FastAPI:
         ranked = [item(i, 1.0 / i) for i in TITLES if i not in seen][: body.get("k", 10)]
         intent = (body.get("context") or {}).get("intent")
         gates = {"topic": 0.9, "time": 0.1} if intent else {"topic": 0.5, "time": 0.5}
-        return {"user_id": user_id, "model_version": "v-test", "n_events": len(log.get(user_id, [])),
-                "items": ranked, "gates": gates,
-                "explanation": {"topic": ranked[:1], "time": ranked[-1:]} if body.get("explain") else None}
+        return {
+            "user_id": user_id,
+            "model_version": "v-test",
+            "n_events": len(log.get(user_id, [])),
+            "items": ranked,
+            "gates": gates,
+            "explanation": {"topic": ranked[:1], "time": ranked[-1:]} if body.get("explain") else None,
+        }
 
     @app.get("/items", response_model=schemas.ItemsResponse)
     def items(q: str = "", k: int = 10):
@@ -138,6 +157,7 @@ def api(base_url):
 
 # ---- happy paths ----------------------------------------------------------------------------
 
+
 def test_health_and_users(api):
     h = api.health()
     assert h.model_version == "v-test" and h.dimensions == ["topic", "time"]
@@ -146,7 +166,9 @@ def test_health_and_users(api):
 
 
 def test_post_then_read_back(api):
-    got = api.post_events("client-a", [EventIn(item_id=2, rating=4.5, timestamp=2000.0), EventIn(item_id=3, rating=3.0, timestamp=2100.0)])
+    got = api.post_events(
+        "client-a", [EventIn(item_id=2, rating=4.5, timestamp=2000.0), EventIn(item_id=3, rating=3.0, timestamp=2100.0)]
+    )
     assert (got.accepted, got.n_events) == (2, 2)
     history = api.user_events("client-a")
     assert [(e.item_id, e.title, e.rating) for e in history] == [(2, "Beta", 4.5), (3, "Gamma", 3.0)]
@@ -156,11 +178,11 @@ def test_post_then_read_back(api):
 
 def test_recommend_sends_the_contract_body(api):
     rec = api.recommend("u1", timestamp=5000.0, intent="  something funny ", k=5, explain=True)
-    assert [it.item_id for it in rec.items] == [2, 3]            # item 1 was seen by u1
-    assert rec.gates == {"topic": 0.9, "time": 0.1}              # the intent reached the server
+    assert [it.item_id for it in rec.items] == [2, 3]  # item 1 was seen by u1
+    assert rec.gates == {"topic": 0.9, "time": 0.1}  # the intent reached the server
     assert rec.explanation["topic"][0].title == "Beta"
     assert views.dimension_frame(rec).values.tolist()[0] == ["topic (90%)", "Beta", "", "", "", ""]
-    blank = api.recommend(None, intent="   ")                   # a blank intent is sent as null
+    blank = api.recommend(None, intent="   ")  # a blank intent is sent as null
     assert blank.gates == {"topic": 0.5, "time": 0.5} and blank.explanation is None
 
 
@@ -175,6 +197,7 @@ def test_item_search(api):
 
 # ---- errors: what a person would read -------------------------------------------------------
 
+
 def test_unknown_user_is_not_found(api):
     with pytest.raises(NotFound, match="unknown user_id 'nobody'") as e:
         api.user_events("nobody")
@@ -187,11 +210,14 @@ def test_rejected_input_names_the_field(api):
     assert e.value.status == 422 and not isinstance(e.value, NotFound)
 
 
-@pytest.mark.parametrize("prefix, pattern, status", [
-    ("broken", r"HTTP 500", 500),
-    ("plain", r"HTTP 503.*upstream connect error", 503),
-    ("wrong", r"Unexpected answer from GET /healthz: n_items", 200),
-])
+@pytest.mark.parametrize(
+    "prefix, pattern, status",
+    [
+        ("broken", r"HTTP 500", 500),
+        ("plain", r"HTTP 503.*upstream connect error", 503),
+        ("wrong", r"Unexpected answer from GET /healthz: n_items", 200),
+    ],
+)
 def test_server_failures_become_messages(base_url, prefix, pattern, status):
     with ApiClient(f"{base_url}/{prefix}") as client, pytest.raises(ApiError, match=pattern) as e:
         client.health()
@@ -219,38 +245,43 @@ def test_slow_endpoint_times_out(base_url):
 
 # ---- the page's handlers over the stand-in (no browser) -------------------------------------
 
+
 def test_handlers_show_a_message_not_a_traceback_when_down():
     with ApiClient(f"http://127.0.0.1:{free_port()}") as client:
         h = Handlers(client)
         out = guarded(h.connect, 2)("")
         assert out[0].startswith("⚠") and "not reachable" in out[0]
-        out = guarded(h.refresh, N_VIEW)(None, "", 0, 0, 10)      # nothing picked: a hint, no request
+        out = guarded(h.refresh, N_VIEW)(None, "", 0, 0, 10)  # nothing picked: a hint, no request
         assert out[0] == "⚠ Pick a user (or start a new one) first." and len(out) == N_VIEW
 
 
 def test_new_user_watches_an_item(api):
     h = Handlers(api)
-    fresh = h.refresh("new-abc", "", 4, 20, 10)          # no events yet: a cold-start request
+    fresh = h.refresh("new-abc", "", 4, 20, 10)  # no events yet: a cold-start request
     assert "no events yet" in fresh[1] and fresh[2].empty and list(fresh[6]["item_id"]) == [1, 2, 3]
     out = h.post_event("new-abc", 1, 5.0, fresh[4], "", 4, 20, 10)
     assert out[0].startswith("✓ Posted item 1")
-    assert list(out[6]["item_id"]) == [2, 3]              # the watched item left the list
+    assert list(out[6]["item_id"]) == [2, 3]  # the watched item left the list
     assert list(out[2]["title"]) == ["Alpha"] and not out[9].empty
     assert out[3]["when"][0] == pd.Timestamp(views.next_moment(fresh[4], 4, 20), unit="s")
 
 
 # ---- pure helpers ---------------------------------------------------------------------------
 
+
 def utc(*args) -> float:
     return datetime(*args, tzinfo=timezone.utc).timestamp()
 
 
-@pytest.mark.parametrize("after, weekday, hour, expected", [
-    (utc(2024, 3, 6, 10), 4, 21, utc(2024, 3, 8, 21)),          # Wednesday -> that Friday evening
-    (utc(2024, 3, 8, 22), 4, 21, utc(2024, 3, 15, 21)),         # slot already over -> next week
-    (utc(2024, 3, 8, 21, 30), 4, 21, utc(2024, 3, 8, 21, 30)),  # inside the slot -> no time passes
-    (utc(2024, 3, 10, 23), 0, 0, utc(2024, 3, 11, 0)),          # Sunday night -> Monday 00:00
-])
+@pytest.mark.parametrize(
+    "after, weekday, hour, expected",
+    [
+        (utc(2024, 3, 6, 10), 4, 21, utc(2024, 3, 8, 21)),  # Wednesday -> that Friday evening
+        (utc(2024, 3, 8, 22), 4, 21, utc(2024, 3, 15, 21)),  # slot already over -> next week
+        (utc(2024, 3, 8, 21, 30), 4, 21, utc(2024, 3, 8, 21, 30)),  # inside the slot -> no time passes
+        (utc(2024, 3, 10, 23), 0, 0, utc(2024, 3, 11, 0)),  # Sunday night -> Monday 00:00
+    ],
+)
 def test_next_moment(after, weekday, hour, expected):
     got = views.next_moment(after, weekday, hour)
     assert got == expected and got >= after
@@ -262,8 +293,10 @@ def test_next_moment_rejects_bad_slots():
 
 
 def test_frames():
-    history = [UserEvent(item_id=1, title="Alpha", genres=["Comedy"], rating=4.0, timestamp=utc(2024, 1, 1)),
-               UserEvent(item_id=2, title="Beta", genres=[], rating=2.0, timestamp=utc(2024, 1, 2))]
+    history = [
+        UserEvent(item_id=1, title="Alpha", genres=["Comedy"], rating=4.0, timestamp=utc(2024, 1, 1)),
+        UserEvent(item_id=2, title="Beta", genres=[], rating=2.0, timestamp=utc(2024, 1, 2)),
+    ]
     frame = views.history_frame(history)
     assert list(frame["title"]) == ["Beta", "Alpha"] and frame["when (UTC)"][1] == "Mon 2024-01-01 00:00"
     assert views.anchor(history) == utc(2024, 1, 2) and views.anchor([], now=5.0) == 5.0 - views.WEEK

@@ -1,4 +1,5 @@
 """TextEncoder: the real all-MiniLM-L6-v2, offline, and its Parquet cache."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,11 @@ import pytest
 
 from models.data.encoder import DIM, MODEL_NAME, TextEncoder, default_cache_path, text_key
 
-TEXTS = ["A light romantic comedy about two strangers in Paris.",
-         "A funny romantic comedy set in Paris.",
-         "A documentary about deep-sea volcanic vents."]
+TEXTS = [
+    "A light romantic comedy about two strangers in Paris.",
+    "A funny romantic comedy set in Paris.",
+    "A documentary about deep-sea volcanic vents.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,7 @@ def test_only_missing_texts_are_encoded(warm, tmp_path):
     out = enc.encode(TEXTS + ["A horror film in an abandoned hospital."], progress=True)
     np.testing.assert_allclose(out[:3], emb, atol=1e-6)
     assert pq.read_table(copy).num_rows == 4
-    assert [p.name for p in tmp_path.iterdir()] == ["c.parquet"]   # no temp file left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["c.parquet"]  # no temp file left behind
 
 
 def test_empty_input_and_cache_location(monkeypatch, tmp_path):
@@ -76,9 +79,9 @@ def test_the_in_memory_cache_keeps_only_the_most_recent(warm):
     and a text read again is kept; the vectors are those of the model either way."""
     _, emb = warm
     enc = TextEncoder(cache=False, max_cached=2)
-    np.testing.assert_allclose(enc.encode(TEXTS), emb, atol=1e-6)     # 3 texts through a cache of 2
+    np.testing.assert_allclose(enc.encode(TEXTS), emb, atol=1e-6)  # 3 texts through a cache of 2
     assert enc.cached == 2
-    enc.encode([TEXTS[1]])                                             # used again: now the most recent
+    enc.encode([TEXTS[1]])  # used again: now the most recent
     enc.encode(["A fourth text, new to the cache."])
     assert enc.cached == 2
     assert text_key(TEXTS[1]) in enc._recent and text_key(TEXTS[2]) not in enc._recent

@@ -1,4 +1,5 @@
 """Atomic writes: a crash mid-write leaves the old file; a finished one replaces it with its mode."""
+
 from __future__ import annotations
 
 import stat
@@ -23,7 +24,7 @@ def test_a_crash_mid_write_leaves_the_old_file_and_no_temporary(tmp_path):
 def test_the_finished_file_gets_its_mode(tmp_path, mode):
     path = tmp_path / "secret"
     with atomic_path(path, mode=mode) as tmp:
-        assert stat.S_IMODE(tmp.stat().st_mode) == 0o600      # owner-only while it is written
+        assert stat.S_IMODE(tmp.stat().st_mode) == 0o600  # owner-only while it is written
         tmp.write_text("x")
     assert stat.S_IMODE(path.stat().st_mode) == mode
     assert sha256_file(path) == "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"

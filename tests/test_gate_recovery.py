@@ -14,6 +14,7 @@ not fixed by the auxiliary losses alone: across seeds the benchmark finds the pl
 some seeds and a permutation on others, so the robust check is `matched` (best one-to-one
 assignment); the names are checked on the default seed.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,8 +32,13 @@ NULL_MODELS = 20
 
 
 def test_gates_recover_planted_context_dependence_beyond_random_gates(tmp_path, encoder_cache):
-    out = prepare_source("synthetic", tmp_path / "syn", synthetic_config=SyntheticConfig(),
-                         encoder=TextEncoder(cache_path=encoder_cache), progress=False)
+    out = prepare_source(
+        "synthetic",
+        tmp_path / "syn",
+        synthetic_config=SyntheticConfig(),
+        encoder=TextEncoder(cache_path=encoder_cache),
+        progress=False,
+    )
     data = load_prepared(out)
     split = make_split(data.user_offsets, 1)
 
@@ -41,19 +47,20 @@ def test_gates_recover_planted_context_dependence_beyond_random_gates(tmp_path, 
         return new_model("decomposer", data, split, **RECOVERY_MODEL)
 
     null = random_gate_null(untrained, data, NULL_MODELS, "matched")
-    assert np.isfinite(null).all() and null.std() > 0          # random gates vary with the context
+    assert np.isfinite(null).all() and null.std() > 0  # random gates vary with the context
     torch.manual_seed(0)
     model = new_model("decomposer", data, split, **RECOVERY_MODEL)
     fit(model, data, split, train_config("decomposer", epochs=30, patience=30, **RECOVERY_TRAIN), progress=False)
     r = gate_recovery(model, data)
-    assert r["matched"] > null.max(), (r, np.sort(null))      # above every one of the random gates
+    assert r["matched"] > null.max(), (r, np.sort(null))  # above every one of the random gates
     for name in ("topic", "sentiment", "time"):
-        assert r[name] > 0.4, r            # and, on this seed, under the planted names
+        assert r[name] > 0.4, r  # and, on this seed, under the planted names
 
 
 def test_random_gates_are_not_constant(tiny_data):
     """Untrained gates start with v = 0 (α constant); the null draws v so that α moves."""
     from models.evaluation.gates import gates_over_history
+
     split = make_split(tiny_data.user_offsets, 1)
     torch.manual_seed(0)
     model = new_model("decomposer", tiny_data, split)

@@ -10,6 +10,7 @@ A CRD's openAPIV3Schema is a *structural* schema: Kubernetes rejects (or prunes)
 not declare, whereas JSON Schema accepts them unless `additionalProperties: false` says so.
 `strict()` adds that, so a typo'd field fails here as it would fail `kubectl apply`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,8 +35,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 CRDS = ROOT.parent / "shared" / "schemas" / "kuberay"
-KIND_TO_CRD = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
-               "RayService": "ray.io_rayservices.yaml"}
+KIND_TO_CRD = {
+    "RayCluster": "ray.io_rayclusters.yaml",
+    "RayJob": "ray.io_rayjobs.yaml",
+    "RayService": "ray.io_rayservices.yaml",
+}
 KUBERAY_MANIFESTS = ["raycluster.yaml", "rayjob-train.yaml", "rayjob-tune.yaml", "rayservice.yaml"]
 
 sys.path.insert(0, str(K8S))  # k8s/render.py is a script, not part of the installed package
@@ -85,8 +89,7 @@ def load(name: str) -> list[dict]:
 
 
 def errors(doc: dict) -> list[str]:
-    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
-            for e in validator(doc["kind"]).iter_errors(doc)]
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator(doc["kind"]).iter_errors(doc)]
 
 
 def cluster_specs() -> list[tuple[str, dict]]:
@@ -94,13 +97,17 @@ def cluster_specs() -> list[tuple[str, dict]]:
     specs = []
     for name in KUBERAY_MANIFESTS:
         for doc in load(name):
-            spec = {"RayCluster": lambda s: s, "RayJob": lambda s: s["rayClusterSpec"],
-                    "RayService": lambda s: s["rayClusterConfig"]}[doc["kind"]](doc["spec"])
+            spec = {
+                "RayCluster": lambda s: s,
+                "RayJob": lambda s: s["rayClusterSpec"],
+                "RayService": lambda s: s["rayClusterConfig"],
+            }[doc["kind"]](doc["spec"])
             specs.append((name, spec))
     return specs
 
 
 # -- CRD schemas -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", KUBERAY_MANIFESTS)
 def test_manifest_validates_against_kuberay_crd(name):
@@ -110,12 +117,15 @@ def test_manifest_validates_against_kuberay_crd(name):
         assert errors(doc) == [], f"{name}: {doc['kind']} does not match the KubeRay v1.7.0 CRD"
 
 
-@pytest.mark.parametrize("path, typo", [
-    (("spec",), "enableInTreeAutoscalling"),                                    # top level
-    (("spec", "autoscalerOptions"), "idleTimeoutSecond"),                       # nested option
-    (("spec", "headGroupSpec", "template", "spec", "containers", 0), "resource"),  # inside the pod template
-    (("spec", "workerGroupSpecs", 0), "maxReplica"),
-])
+@pytest.mark.parametrize(
+    "path, typo",
+    [
+        (("spec",), "enableInTreeAutoscalling"),  # top level
+        (("spec", "autoscalerOptions"), "idleTimeoutSecond"),  # nested option
+        (("spec", "headGroupSpec", "template", "spec", "containers", 0), "resource"),  # inside the pod template
+        (("spec", "workerGroupSpecs", 0), "maxReplica"),
+    ],
+)
 def test_typo_in_a_field_name_fails(path, typo):
     (doc,) = load("raycluster.yaml")
     bad = copy.deepcopy(doc)
@@ -126,11 +136,14 @@ def test_typo_in_a_field_name_fails(path, typo):
     assert any(typo in e for e in errors(bad)), f"{typo!r} was accepted"
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda d: d["spec"]["workerGroupSpecs"][0].update(maxReplicas="eight"), "is not of type 'integer'"),
-    (lambda d: d["spec"]["autoscalerOptions"].update(version="v3"), "is not one of"),
-    (lambda d: d["spec"].pop("headGroupSpec"), "'headGroupSpec' is a required property"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d["spec"]["workerGroupSpecs"][0].update(maxReplicas="eight"), "is not of type 'integer'"),
+        (lambda d: d["spec"]["autoscalerOptions"].update(version="v3"), "is not one of"),
+        (lambda d: d["spec"].pop("headGroupSpec"), "'headGroupSpec' is a required property"),
+    ],
+)
 def test_wrong_value_fails(mutate, message):
     (doc,) = load("raycluster.yaml")
     bad = copy.deepcopy(doc)
@@ -160,8 +173,9 @@ def test_plain_workloads_have_valid_pod_specs(name):
     for w in workloads:
         pod = w["spec"]["template"]
         assert w["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
-        problems = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
-                    for e in pod_spec_validator().iter_errors(pod["spec"])]
+        problems = [
+            f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in pod_spec_validator().iter_errors(pod["spec"])
+        ]
         assert problems == [], f"{name} {w['kind']}"
     bad = copy.deepcopy(workloads[0]["spec"]["template"]["spec"])
     bad["containers"][0]["readinesProbe"] = bad["containers"][0].pop("readinessProbe")
@@ -169,6 +183,7 @@ def test_plain_workloads_have_valid_pod_specs(name):
 
 
 # -- what the cluster specs promise ---------------------------------------------------------
+
 
 def test_versions_match_the_pinned_ray():
     import ray
@@ -204,8 +219,11 @@ def test_every_pod_mounts_the_shared_volume():
     for name, spec in cluster_specs():
         templates = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
         for t in templates:
-            claims = {v["persistentVolumeClaim"]["claimName"]: v["name"]
-                      for v in t["spec"]["volumes"] if "persistentVolumeClaim" in v}
+            claims = {
+                v["persistentVolumeClaim"]["claimName"]: v["name"]
+                for v in t["spec"]["volumes"]
+                if "persistentVolumeClaim" in v
+            }
             assert pvc["metadata"]["name"] in claims, name
             mounts = {m["name"]: m for m in t["spec"]["containers"][0]["volumeMounts"]}
             runs = mounts[claims[pvc["metadata"]["name"]]]
@@ -215,6 +233,7 @@ def test_every_pod_mounts_the_shared_volume():
 
 
 # -- RayJobs ------------------------------------------------------------------------------
+
 
 def _entrypoint_args(name: str, module: str) -> list[str]:
     (job,) = load(name)
@@ -245,6 +264,7 @@ def test_tune_job_entrypoint_parses():
 
 
 # -- RayService: serveConfigV2 ------------------------------------------------------------
+
 
 def _repo_serve_config() -> dict:
     return yaml.safe_load(render.SERVE_CONFIG.read_text())
@@ -279,8 +299,11 @@ def _dropped_keys(given, parsed, path=""):
     if isinstance(given, dict):
         out = []
         for k, v in given.items():
-            out += [f"{path}{k}"] if not isinstance(parsed, dict) or k not in parsed else \
-                _dropped_keys(v, parsed[k], f"{path}{k}.")
+            out += (
+                [f"{path}{k}"]
+                if not isinstance(parsed, dict) or k not in parsed
+                else _dropped_keys(v, parsed[k], f"{path}{k}.")
+            )
         return out
     if isinstance(given, list) and isinstance(parsed, list):
         return [d for i, (a, b) in enumerate(zip(given, parsed)) for d in _dropped_keys(a, b, f"{path}{i}.")]
@@ -298,8 +321,10 @@ def serve_config_problems(config: dict) -> list[str]:
         for d in app.get("deployments", []):
             if "autoscaling_config" in d:  # a free-form dict in DeploymentSchema
                 scaling = AutoscalingConfig.model_validate(d["autoscaling_config"])
-                problems += [f"{d['name']}.autoscaling_config.{k}" for k in
-                             _dropped_keys(d["autoscaling_config"], scaling.model_dump(exclude_unset=True))]
+                problems += [
+                    f"{d['name']}.autoscaling_config.{k}"
+                    for k in _dropped_keys(d["autoscaling_config"], scaling.model_dump(exclude_unset=True))
+                ]
     return problems
 
 
@@ -313,11 +338,14 @@ def test_serve_config_v2_validates_against_serve_schema():
         assert "working_dir" not in app.get("runtime_env", {})  # the code is in the image
 
 
-@pytest.mark.parametrize("mutate, problem", [
-    (lambda c: c.update(proxy_locaton="EveryNode"), "proxy_locaton"),
-    (lambda c: c["applications"][0]["deployments"][0].update(max_ongoing_request=5), "max_ongoing_request"),
-    (lambda c: c["applications"][0]["deployments"][0]["autoscaling_config"].update(max_replica=5), "max_replica"),
-])
+@pytest.mark.parametrize(
+    "mutate, problem",
+    [
+        (lambda c: c.update(proxy_locaton="EveryNode"), "proxy_locaton"),
+        (lambda c: c["applications"][0]["deployments"][0].update(max_ongoing_request=5), "max_ongoing_request"),
+        (lambda c: c["applications"][0]["deployments"][0]["autoscaling_config"].update(max_replica=5), "max_replica"),
+    ],
+)
 def test_serve_config_typo_fails(mutate, problem):
     config = _embedded_serve_config()
     mutate(config)
@@ -403,8 +431,11 @@ def image_name(image: str) -> str:
 
 
 def _ray_templates(doc: dict) -> list[dict]:
-    spec = {"RayCluster": lambda s: s, "RayJob": lambda s: s["rayClusterSpec"],
-            "RayService": lambda s: s["rayClusterConfig"]}[doc["kind"]](doc["spec"])
+    spec = {
+        "RayCluster": lambda s: s,
+        "RayJob": lambda s: s["rayClusterSpec"],
+        "RayService": lambda s: s["rayClusterConfig"],
+    }[doc["kind"]](doc["spec"])
     return [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
 
 
@@ -422,8 +453,11 @@ def pod_templates() -> list[tuple[str, str, dict]]:
             if doc["kind"] in ("Deployment", "StatefulSet"):
                 out.append((name, doc["kind"], doc["spec"]["template"]))
             elif doc["apiVersion"] == "ray.io/v1":
-                spec = {"RayCluster": lambda s: s, "RayJob": lambda s: s["rayClusterSpec"],
-                        "RayService": lambda s: s["rayClusterConfig"]}[doc["kind"]](doc["spec"])
+                spec = {
+                    "RayCluster": lambda s: s,
+                    "RayJob": lambda s: s["rayClusterSpec"],
+                    "RayService": lambda s: s["rayClusterConfig"],
+                }[doc["kind"]](doc["spec"])
                 out.append((name, "head", spec["headGroupSpec"]["template"]))
                 out += [(name, f"worker {g['groupName']}", g["template"]) for g in spec["workerGroupSpecs"]]
                 if doc["kind"] == "RayJob":
@@ -474,8 +508,9 @@ def test_every_pod_is_hardened():
             assert mounts.get("/tmp") in emptydirs, (where, "/tmp must be an emptyDir")
             for kind in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(c["resources"][kind]), (where, kind)
-        autoscaled = what == "head" and next(
-            spec_ for n, spec_ in cluster_specs() if n == name).get("enableInTreeAutoscaling")
+        autoscaled = what == "head" and next(spec_ for n, spec_ in cluster_specs() if n == name).get(
+            "enableInTreeAutoscaling"
+        )
         assert spec.get("automountServiceAccountToken", True) is bool(autoscaled), (name, what)
     for name, spec in cluster_specs():
         if spec.get("enableInTreeAutoscaling"):  # the sidecar KubeRay adds to the head
@@ -524,6 +559,7 @@ def test_images_are_pinned_by_digest_or_the_placeholder_the_readme_replaces():
 
 # -- NetworkPolicies ---------------------------------------------------------------------------
 
+
 def _kuberay_labels(template: dict, what: str) -> dict:
     """The labels of the pod KubeRay makes of a template (the ones the policies select on)."""
     labels = dict(template["metadata"].get("labels", {}))
@@ -552,8 +588,11 @@ def admits(pod: dict, port: int, source: dict, source_namespace: str = NAMESPACE
             if peers is None:
                 return True
             for peer in peers:
-                ns_ok = (_selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": source_namespace})
-                         if "namespaceSelector" in peer else source_namespace == NAMESPACE)
+                ns_ok = (
+                    _selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": source_namespace})
+                    if "namespaceSelector" in peer
+                    else source_namespace == NAMESPACE
+                )
                 if ns_ok and _selects(peer.get("podSelector", {}), source):
                     return True
     return False
@@ -571,7 +610,7 @@ def test_only_ray_pods_reach_redis():
     for labels in rays.values():
         assert admits(redis_pod, 6379, labels)
     cleanup_job = dict(pods[("rayservice.yaml", "head")], **{"ray.io/node-type": "redis-cleanup"})
-    assert admits(redis_pod, 6379, cleanup_job)            # KubeRay's GCS cleanup Job: the head's labels
+    assert admits(redis_pod, 6379, cleanup_job)  # KubeRay's GCS cleanup Job: the head's labels
     for outsider in (pods[("demo.yaml", "Deployment")], pods[("rayjob-train.yaml", "submitter")], {}):
         assert not admits(redis_pod, 6379, outsider)
     assert not admits(redis_pod, 6379, rays[("rayservice.yaml", "head")], source_namespace="default")
@@ -587,8 +626,8 @@ def test_only_the_serve_port_and_the_demo_are_reachable_from_outside():
             expected = (name == "rayservice.yaml" and port == 8000) or (name == "demo.yaml" and port == 7860)
             assert reachable == expected, (name, what, port)
     head = pods[("rayservice.yaml", "head")]
-    assert admits(head, 8265, {}, "kuberay-system")        # the operator: serve config, status
-    for (name, what), labels in pods.items():               # Prometheus, on Ray's metrics port only
+    assert admits(head, 8265, {}, "kuberay-system")  # the operator: serve config, status
+    for (name, what), labels in pods.items():  # Prometheus, on Ray's metrics port only
         assert admits(labels, 8080, {}, "monitoring") == (labels.get("ray.io/is-ray-node") == "yes"), (name, what)
         assert not admits(labels, 8265, {}, "monitoring")
     assert admits(head, 6379, pods[("rayservice.yaml", "worker cpu")])  # the cluster's own traffic
@@ -610,6 +649,7 @@ def test_disruption_budgets_cover_redis_and_the_serving_workers():
 
 
 # -- Redis: ACL, memory, GCS fault tolerance --------------------------------------------------
+
 
 def test_redis_has_acl_users_a_memory_cap_and_no_config():
     docs = {d["kind"]: d for d in load("redis.yaml")}
@@ -647,7 +687,9 @@ def test_rayservice_has_gcs_fault_tolerance_on_the_redis():
 # moved under a temporary folder and random passwords in the Secret's files.
 
 REDIS_SERVER = shutil.which("redis-server")
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not on PATH (apt-get install redis-server)")
+needs_redis = pytest.mark.skipif(
+    REDIS_SERVER is None, reason="redis-server is not on PATH (apt-get install redis-server)"
+)
 
 
 def _free_port() -> int:
@@ -678,10 +720,14 @@ class ManifestRedis:
 
     def start(self, admin_password: str | None = None) -> "ManifestRedis":
         if admin_password:  # for the tests' own checks (ACL LOG): appended to the rendered file
-            self.script = self.script.replace("\nexec redis-server",
-                                              f"\necho 'user admin on >{admin_password} ~* &* +@all' >> {self.root}/tmp/users.acl"
-                                              "\nexec redis-server", 1)
-        self.proc = subprocess.Popen(["sh", "-c", self.script, self.arg0, *self.extra, "--logfile", str(self.root / "log")])
+            self.script = self.script.replace(
+                "\nexec redis-server",
+                f"\necho 'user admin on >{admin_password} ~* &* +@all' >> {self.root}/tmp/users.acl\nexec redis-server",
+                1,
+            )
+        self.proc = subprocess.Popen(
+            ["sh", "-c", self.script, self.arg0, *self.extra, "--logfile", str(self.root / "log")]
+        )
         for _ in range(100):
             if self.probe_ok():
                 return self
@@ -691,8 +737,12 @@ class ManifestRedis:
         raise RuntimeError("redis-server did not become ready")
 
     def probe_ok(self) -> bool:
-        return subprocess.run(["sh", "-c", self.probe.replace("redis-cli", f"redis-cli -p {self.port}")],
-                              capture_output=True).returncode == 0
+        return (
+            subprocess.run(
+                ["sh", "-c", self.probe.replace("redis-cli", f"redis-cli -p {self.port}")], capture_output=True
+            ).returncode
+            == 0
+        )
 
     def url(self, user: str = STORE_USER) -> str:
         return f"redis://{user}:{self.passwords[user]}@127.0.0.1:{self.port}/0"
@@ -746,9 +796,19 @@ def test_redis_acl_lets_the_store_work_and_nothing_else(manifest_redis):
     store.close()
     # Nothing beyond it: administration, other keys, other users' keys.
     with redis.Redis.from_url(server.url(STORE_USER)) as r:
-        for command in (("CONFIG", "GET", "*"), ("CONFIG", "SET", "appendfsync", "no"), ("FLUSHALL",),
-                        ("KEYS", "*"), ("ACL", "LIST"), ("INFO",), ("SHUTDOWN",), ("DEBUG", "SLEEP", "0"),
-                        ("GET", "RAYns@KV"), ("SET", "other", "1"), ("MONITOR",)):
+        for command in (
+            ("CONFIG", "GET", "*"),
+            ("CONFIG", "SET", "appendfsync", "no"),
+            ("FLUSHALL",),
+            ("KEYS", "*"),
+            ("ACL", "LIST"),
+            ("INFO",),
+            ("SHUTDOWN",),
+            ("DEBUG", "SLEEP", "0"),
+            ("GET", "RAYns@KV"),
+            ("SET", "other", "1"),
+            ("MONITOR",),
+        ):
             with pytest.raises(redis.ResponseError, match="NOPERM|no permissions|not allowed"):
                 r.execute_command(*command)
     with redis.Redis.from_url(server.url(GCS_USER)) as r:
@@ -791,7 +851,7 @@ def test_redis_refuses_writes_at_the_memory_cap_and_evicts_nothing(tmp_path):
         server.stop()
 
 
-GCS_FLOW = r'''
+GCS_FLOW = r"""
 import os, sys, ray, redis
 import ray.util.scheduling_strategies
 from ray._private.gcs_utils import cleanup_redis_storage
@@ -821,7 +881,7 @@ with redis.Redis(host=host, port=port, username="ray-gcs", password=password) as
 ray.shutdown()
 assert cleanup_redis_storage(host=host, port=port, password=password, use_ssl=False,
                              storage_namespace=ns, username="ray-gcs")
-'''
+"""
 
 
 @needs_redis
@@ -832,13 +892,21 @@ def test_ray_gcs_runs_on_the_redis_acl_user(manifest_redis):
 
     server, ns = manifest_redis, "test-" + secrets.token_hex(4)
     temp = tempfile.mkdtemp(prefix="rgcs", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = dict(os.environ, RAY_REDIS_ADDRESS=f"127.0.0.1:{server.port}", RAY_external_storage_namespace=ns,
-               RAY_USAGE_STATS_ENABLED="0")
+    env = dict(
+        os.environ,
+        RAY_REDIS_ADDRESS=f"127.0.0.1:{server.port}",
+        RAY_external_storage_namespace=ns,
+        RAY_USAGE_STATS_ENABLED="0",
+    )
     env.pop("RAY_ADDRESS", None)  # a cluster of its own
     try:
-        out = subprocess.run([sys.executable, "-c", GCS_FLOW, "127.0.0.1", str(server.port),
-                              server.passwords[GCS_USER], ns, temp],
-                             env=env, capture_output=True, text=True, timeout=240)
+        out = subprocess.run(
+            [sys.executable, "-c", GCS_FLOW, "127.0.0.1", str(server.port), server.passwords[GCS_USER], ns, temp],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     with _admin(server) as admin:
@@ -852,6 +920,7 @@ def test_ray_gcs_runs_on_the_redis_acl_user(manifest_redis):
 
 # -- checkov, an outside policy scanner --------------------------------------------------------
 
+
 def _checkov_version() -> str:
     return re.search(r"^\s*CHECKOV_VERSION=([0-9.]+)", (ROOT / "scripts" / "setup.sh").read_text(), re.M)[1]
 
@@ -859,11 +928,17 @@ def _checkov_version() -> str:
 def _checkov() -> str | None:
     """The pinned checkov of scripts/setup.sh dev (.venv/checkov), or one on PATH of that version."""
     pinned = ROOT / ".venv" / "checkov" / "bin" / "checkov"
-    if pinned.exists() and glob.glob(str(ROOT / ".venv" / "checkov" / "lib" / "python*" / "site-packages"
-                                         / f"checkov-{_checkov_version()}.dist-info")):
+    if pinned.exists() and glob.glob(
+        str(
+            ROOT / ".venv" / "checkov" / "lib" / "python*" / "site-packages" / f"checkov-{_checkov_version()}.dist-info"
+        )
+    ):
         return str(pinned)
     found = shutil.which("checkov")
-    if found and subprocess.run([found, "--version"], capture_output=True, text=True).stdout.strip() == _checkov_version():
+    if (
+        found
+        and subprocess.run([found, "--version"], capture_output=True, text=True).stdout.strip() == _checkov_version()
+    ):
         return found
     return None
 
@@ -877,22 +952,31 @@ def kuberay_pods() -> list[dict]:
         (doc,) = load(name)
         for what, template in [(w, t) for n, w, t in pod_templates() if n == name]:
             labels = _kuberay_labels(template, what) | {"ray.io/cluster": doc["metadata"]["name"]}
-            pods.append({"apiVersion": "v1", "kind": "Pod",
-                         "metadata": {"name": f"{doc['kind'].lower()}-{doc['metadata']['name']}-{what.replace(' ', '-')}",
-                                      "namespace": doc["metadata"]["namespace"], "labels": labels,
-                                      "annotations": template["metadata"].get("annotations", {})},
-                         "spec": template["spec"]})
+            pods.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {
+                        "name": f"{doc['kind'].lower()}-{doc['metadata']['name']}-{what.replace(' ', '-')}",
+                        "namespace": doc["metadata"]["namespace"],
+                        "labels": labels,
+                        "annotations": template["metadata"].get("annotations", {}),
+                    },
+                    "spec": template["spec"],
+                }
+            )
     return pods
 
 
 # The checks skipped inline, each with its reason in the manifest: a new one needs a look here.
 ALLOWED_SKIPS = {
-    "CKV_K8S_8", "CKV_K8S_9",   # liveness/readiness: KubeRay injects them; a submitter Job has none
-    "CKV_K8S_35",               # secrets as files: the app reads its secrets from the environment
-    "CKV_K8S_38",               # service account token: the autoscaler sidecar of autoscaled heads
-    "CKV_K8S_40",               # high UID: the Ray image's user is uid 1000
-    "CKV_DOCKER_2",             # HEALTHCHECK: Kubernetes ignores it; the pods have probes
-    "CKV_DOCKER_7",             # base image tag: ARG RAY_IMAGE, which checkov does not expand
+    "CKV_K8S_8",
+    "CKV_K8S_9",  # liveness/readiness: KubeRay injects them; a submitter Job has none
+    "CKV_K8S_35",  # secrets as files: the app reads its secrets from the environment
+    "CKV_K8S_38",  # service account token: the autoscaler sidecar of autoscaled heads
+    "CKV_K8S_40",  # high UID: the Ray image's user is uid 1000
+    "CKV_DOCKER_2",  # HEALTHCHECK: Kubernetes ignores it; the pods have probes
+    "CKV_DOCKER_7",  # base image tag: ARG RAY_IMAGE, which checkov does not expand
 }
 
 
@@ -901,22 +985,44 @@ def test_checkov_finds_no_failed_check(tmp_path):
     every skip inline with a one-line reason, and only the skips listed above."""
     checkov = _checkov()
     if checkov is None:
-        message = f"checkov {_checkov_version()} is not installed (bash scripts/setup.sh dev installs it in .venv/checkov)"
+        message = (
+            f"checkov {_checkov_version()} is not installed (bash scripts/setup.sh dev installs it in .venv/checkov)"
+        )
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
     scanned = tmp_path / "k8s"  # the manifests and the Dockerfile, beside the Ray pods, in one scan
     shutil.copytree(K8S, scanned, ignore=shutil.ignore_patterns("__pycache__"))
     (scanned / "kuberay-pods.yaml").write_text(yaml.safe_dump_all(kuberay_pods(), sort_keys=False))
-    run = subprocess.run([checkov, "--directory", str(scanned), "--framework", "kubernetes", "dockerfile",
-                          "--skip-download", "--output", "json"],
-                         capture_output=True, text=True, timeout=300, env=dict(os.environ, LOG_LEVEL="ERROR"))
+    run = subprocess.run(
+        [
+            checkov,
+            "--directory",
+            str(scanned),
+            "--framework",
+            "kubernetes",
+            "dockerfile",
+            "--skip-download",
+            "--output",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, LOG_LEVEL="ERROR"),
+    )
     reports = json.loads(run.stdout)
     reports = {r["check_type"]: r for r in (reports if isinstance(reports, list) else [reports])}
     assert set(reports) == {"kubernetes", "dockerfile"}, run.stderr[-2000:]
     counts = {kind: r["summary"] for kind, r in reports.items()}
-    print("checkov", _checkov_version(), {k: {x: c[x] for x in ("passed", "failed", "skipped")} for k, c in counts.items()})
-    failed = [(c["check_id"], c["resource"], c["check_name"]) for r in reports.values() for c in r["results"]["failed_checks"]]
+    print(
+        "checkov",
+        _checkov_version(),
+        {k: {x: c[x] for x in ("passed", "failed", "skipped")} for k, c in counts.items()},
+    )
+    failed = [
+        (c["check_id"], c["resource"], c["check_name"]) for r in reports.values() for c in r["results"]["failed_checks"]
+    ]
     assert failed == [] and all(c["parsing_errors"] == 0 for c in counts.values()), failed
     skipped = [c for r in reports.values() for c in r["results"]["skipped_checks"]]
     for c in skipped:

@@ -1,4 +1,5 @@
 """The layout by stage: imports only point down the data flow, and no files import each other in a circle."""
+
 from __future__ import annotations
 
 import ast
@@ -8,8 +9,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Lowest first: a package may import its own stage and those before it, never one after it.
-STAGES = ("models.files", "models.cli", "models.data", "models.nn", "models.evaluation", "models.training", "ray_app.train",
-          "tuning", "ray_app.store", "ray_app.serve", "gradio_demo", "main_job")
+STAGES = (
+    "models.files",
+    "models.cli",
+    "models.data",
+    "models.nn",
+    "models.evaluation",
+    "models.training",
+    "ray_app.train",
+    "tuning",
+    "ray_app.store",
+    "ray_app.serve",
+    "gradio_demo",
+    "main_job",
+)
 PACKAGES = ("models", "ray_app", "tuning", "gradio_demo", "main_job")
 
 
@@ -49,8 +62,12 @@ def test_every_module_belongs_to_a_stage():
 
 
 def test_no_import_points_to_a_later_stage():
-    bad = [f"{m} -> {dep}" for m, deps in imports().items() for dep in deps
-           if stage_of(m) is not None and stage_of(dep) is not None and stage_of(dep) > stage_of(m)]
+    bad = [
+        f"{m} -> {dep}"
+        for m, deps in imports().items()
+        for dep in deps
+        if stage_of(m) is not None and stage_of(dep) is not None and stage_of(dep) > stage_of(m)
+    ]
     assert not bad, "imports against the data flow:\n" + "\n".join(sorted(bad))
 
 
@@ -64,7 +81,7 @@ def test_no_import_cycle_between_files():
         state[m] = 1
         for dep in sorted(graph.get(m, ())):
             if state.get(dep) == 1:
-                cycles.append(" -> ".join(path[path.index(dep):] + [dep]) if dep in path else f"{m} -> {dep}")
+                cycles.append(" -> ".join(path[path.index(dep) :] + [dep]) if dep in path else f"{m} -> {dep}")
             elif dep not in state:
                 visit(dep, path + [dep])
         state[m] = 2
@@ -75,8 +92,18 @@ def test_no_import_cycle_between_files():
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
-@pytest.mark.parametrize("package", ["models.nn", "models.evaluation", "models.training", "ray_app.train",
-                                     "ray_app.serve", "ray_app.store", "main_job"])
+@pytest.mark.parametrize(
+    "package",
+    [
+        "models.nn",
+        "models.evaluation",
+        "models.training",
+        "ray_app.train",
+        "ray_app.serve",
+        "ray_app.store",
+        "main_job",
+    ],
+)
 def test_stage_packages_have_a_docstring(package):
     init = ROOT / package.replace(".", "/") / "__init__.py"
     assert ast.get_docstring(ast.parse(init.read_text())), f"{init}: say what the package holds"

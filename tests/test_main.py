@@ -3,6 +3,7 @@
 The job runs as the README shows it (`bash scripts/main.sh`), with `--smoke` for a small budget;
 on CI this is a clean clone, so `scripts/setup.sh` has just built a clean virtual environment.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,10 @@ from ray_app.serve.auth import SECRET_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 # What Ray's own processes print when their logs reach the console.
-RAY_INTERNALS = re.compile(r"TrainingReport\(|Checkpoint successfully created|TrainController|\(pid=|RayTrainWorker|"
-                           r"ServeController|ProxyActor|ServeReplica|INFO worker\.py|StorageContext")
+RAY_INTERNALS = re.compile(
+    r"TrainingReport\(|Checkpoint successfully created|TrainController|\(pid=|RayTrainWorker|"
+    r"ServeController|ProxyActor|ServeReplica|INFO worker\.py|StorageContext"
+)
 
 
 def free_port() -> int:
@@ -53,11 +56,26 @@ def test_first_command_serves_the_api_and_the_demo(tmp_path):
     log = tmp_path / "main.log"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    env.pop(SECRET_ENV, None)                   # the job makes (or reuses) its own secret, as for a newcomer
+    env.pop(SECRET_ENV, None)  # the job makes (or reuses) its own secret, as for a newcomer
     with open(log, "w") as out:
-        proc = subprocess.Popen(["bash", "scripts/main.sh", "--smoke", "--port", str(api_port),
-                                 "--demo-port", str(demo_port), "--num-cpus", "2"],
-                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                "bash",
+                "scripts/main.sh",
+                "--smoke",
+                "--port",
+                str(api_port),
+                "--demo-port",
+                str(demo_port),
+                "--num-cpus",
+                "2",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         api = f"http://127.0.0.1:{api_port}"
         health = wait_for(f"{api}/healthz", proc, 600).json()
@@ -70,40 +88,46 @@ def test_first_command_serves_the_api_and_the_demo(tmp_path):
         text = log.read_text()
         assert "ndcg@10" in text and "popular" in text, "the evaluation table was not printed"
         assert f"{api}/docs" in text and f"127.0.0.1:{demo_port}" in text
-        before = text[:text.index("=" * 72)].splitlines()           # what a newcomer reads before the banner
+        before = text[: text.index("=" * 72)].splitlines()  # what a newcomer reads before the banner
         assert len(before) <= 60, "\n".join(before)
         noisy = [line for line in before if RAY_INTERNALS.search(line)]
         assert not noisy, "\n".join(noisy)
         assert sum(line.startswith("epoch ") for line in before) == 2  # --smoke trains 2 epochs
 
-        assert httpx.get(f"{api}/users", params={"limit": 1}, timeout=10).status_code == 401   # no token
+        assert httpx.get(f"{api}/users", params={"limit": 1}, timeout=10).status_code == 401  # no token
         token_file = ROOT / "runs" / "main" / "token"
-        assert token_file.stat().st_mode & 0o777 == 0o600 and (ROOT / "runs/main/auth-secret").stat().st_mode & 0o077 == 0
-        assert f"$(cat {token_file})" in text                # the banner says where the token is
+        assert (
+            token_file.stat().st_mode & 0o777 == 0o600 and (ROOT / "runs/main/auth-secret").stat().st_mode & 0o077 == 0
+        )
+        assert f"$(cat {token_file})" in text  # the banner says where the token is
         auth = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
         user = httpx.get(f"{api}/users", params={"limit": 1}, timeout=10, headers=auth).json()["users"][0]["user_id"]
         rec = httpx.post(f"{api}/recommend", json={"user_id": user, "k": 5}, timeout=30, headers=auth)
         assert rec.status_code == 200, rec.text
         items = [i["item_id"] for i in rec.json()["items"]]
         assert len(items) == 5
-        ev = httpx.post(f"{api}/users/{user}/events",
-                        json={"events": [{"item_id": items[0], "rating": 5.0, "timestamp": time.time()}]}, timeout=30,
-                        headers=auth)
+        ev = httpx.post(
+            f"{api}/users/{user}/events",
+            json={"events": [{"item_id": items[0], "rating": 5.0, "timestamp": time.time()}]},
+            timeout=30,
+            headers=auth,
+        )
         assert ev.status_code == 200, ev.text
         assert ev.json()["accepted"] == 1
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)              # what Ctrl-C in the terminal sends
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
             try:
                 proc.wait(120)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                raise AssertionError("the main job did not shut down within 120 s of Ctrl-C:\n"
-                                     + log.read_text()[-3000:]) from None
+                raise AssertionError(
+                    "the main job did not shut down within 120 s of Ctrl-C:\n" + log.read_text()[-3000:]
+                ) from None
     assert proc.returncode == 0, log.read_text()[-3000:]
     assert "shutting down" in log.read_text()
-    with socket.socket() as s:                              # the API port is free again
+    with socket.socket() as s:  # the API port is free again
         s.bind(("127.0.0.1", api_port))
 
 
@@ -112,8 +136,13 @@ def test_port_in_use_is_one_line_with_the_fix():
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", "main_job", "--port", str(port), "--no-demo"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-m", "main_job", "--port", str(port), "--no-demo"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr

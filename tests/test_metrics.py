@@ -7,14 +7,13 @@ from models.evaluation.metrics import paired_bootstrap, per_user_mean, rank_metr
 
 def test_ranks_with_ties_and_history_mask():
     # items 1..4 (column 0 is padding)
-    scores = torch.tensor([[9.0, 0.1, 0.4, 0.3, 0.2],
-                           [9.0, 0.5, 0.5, 0.9, 0.1]])
+    scores = torch.tensor([[9.0, 0.1, 0.4, 0.3, 0.2], [9.0, 0.5, 0.5, 0.9, 0.1]])
     targets = torch.tensor([3, 1])
     r = target_ranks(scores, targets)
-    assert r.tolist() == [1.0, 1.5]   # row 0: item 2 beats it; row 1: item 3 beats, item 2 ties (half)
+    assert r.tolist() == [1.0, 1.5]  # row 0: item 2 beats it; row 1: item 3 beats, item 2 ties (half)
     history = torch.zeros(2, 5, dtype=torch.bool)
-    history[0, 2] = True               # removing item 2 makes the target first
-    history[1, 1] = True               # the target itself is never removed
+    history[0, 2] = True  # removing item 2 makes the target first
+    history[1, 1] = True  # the target itself is never removed
     history[1, 3] = True
     r = target_ranks(scores, targets, history)
     assert r.tolist() == [0.0, 0.5]
@@ -24,7 +23,7 @@ def test_a_nan_score_is_an_error_not_a_metric_above_one():
     scores = torch.tensor([[0.0, 0.3, float("nan"), 0.1], [0.0, 0.2, 0.5, 0.1]])
     with pytest.raises(ValueError, match="NaN in 1 of 2 rows .first: row 0"):
         target_ranks(scores, torch.tensor([2, 1]))
-    with pytest.raises(ValueError, match="NaN"):                 # a NaN elsewhere in the row too
+    with pytest.raises(ValueError, match="NaN"):  # a NaN elsewhere in the row too
         target_ranks(scores, torch.tensor([1, 1]))
     scores[0, 2] = 0.4
     assert target_ranks(scores, torch.tensor([2, 1])).tolist() == [0.0, 1.0]
@@ -54,14 +53,15 @@ def test_per_user_mean_and_bootstrap():
 
 def test_seed_user_bootstrap_holds_the_seed_variance():
     from models.evaluation.metrics import seed_user_bootstrap
+
     rng = np.random.default_rng(0)
-    users = rng.normal(0.3, 0.1, 300)                          # per-user level shared by every run
-    steady = users[None] + rng.normal(0, 0.01, (3, 300))       # three seeds that agree
+    users = rng.normal(0.3, 0.1, 300)  # per-user level shared by every run
+    steady = users[None] + rng.normal(0, 0.01, (3, 300))  # three seeds that agree
     shaky = users[None] + np.array([[-0.05], [0.0], [0.05]]) + rng.normal(0, 0.01, (3, 300))
     base = users[None] - 0.02 + rng.normal(0, 0.01, (3, 300))
     calm, wild = seed_user_bootstrap(steady, base), seed_user_bootstrap(shaky, base)
-    assert calm["lo"] > 0 and calm["hi"] - calm["lo"] < 0.01   # users paired: only noise is left
-    assert wild["hi"] - wild["lo"] > 3 * (calm["hi"] - calm["lo"])   # seeds that disagree widen it
+    assert calm["lo"] > 0 and calm["hi"] - calm["lo"] < 0.01  # users paired: only noise is left
+    assert wild["hi"] - wild["lo"] > 3 * (calm["hi"] - calm["lo"])  # seeds that disagree widen it
     assert wild["seeds"] == [3, 3] and wild["users"] == 300
     same = seed_user_bootstrap(steady[:1], steady[:1])
     assert same["lo"] == same["hi"] == 0.0

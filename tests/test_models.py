@@ -1,4 +1,5 @@
 """Model shapes, a tiny-data overfit, the incremental update, checkpoints, and the shared loop."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,8 +22,9 @@ def split(tiny_data):
 
 def first_batch(data, split, n=8, intent_rate=0.0):
     starts, ends, rows = training_windows(split, 200)
-    return batch_builder(data)(starts[:n], ends[:n], split.user_start[rows[:n]], intent_rate=intent_rate,
-                               rng=np.random.default_rng(0))
+    return batch_builder(data)(
+        starts[:n], ends[:n], split.user_start[rows[:n]], intent_rate=intent_rate, rng=np.random.default_rng(0)
+    )
 
 
 @pytest.mark.parametrize("combine", ["concat", "sum", "mixture"])
@@ -88,8 +90,8 @@ def test_incremental_state_equals_full_sequence(tiny_data, split, over):
     items, ratings, feats = batch["items"][:, :T], batch["ratings"][:, :T], batch["event_feats"][:, :T]
     _, full = m.encoder.run(items, ratings, feats)
     state = None
-    for t in range(T):                       # one LSTM step per new event
-        state = m.advance(state, items[:, t:t + 1], ratings[:, t:t + 1], feats[:, t:t + 1])
+    for t in range(T):  # one LSTM step per new event
+        state = m.advance(state, items[:, t : t + 1], ratings[:, t : t + 1], feats[:, t : t + 1])
     torch.testing.assert_close(state[0], full[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(state[1], full[1], atol=1e-5, rtol=1e-5)
     assert [x.shape[-1] for x in state] == list(m.state_sizes())
@@ -97,8 +99,12 @@ def test_incremental_state_equals_full_sequence(tiny_data, split, over):
     # and several events at once give the same state as one at a time.
     z = m.interest_state(state)
     torch.testing.assert_close(z, m.last_hidden(batch), atol=1e-5, rtol=1e-5)
-    half = m.advance(m.advance(None, items[:, :T // 2], ratings[:, :T // 2], feats[:, :T // 2]),
-                     items[:, T // 2:], ratings[:, T // 2:], feats[:, T // 2:])
+    half = m.advance(
+        m.advance(None, items[:, : T // 2], ratings[:, : T // 2], feats[:, : T // 2]),
+        items[:, T // 2 :],
+        ratings[:, T // 2 :],
+        feats[:, T // 2 :],
+    )
     torch.testing.assert_close(m.interest_state(half), z, atol=1e-5, rtol=1e-5)
     ctx = batch["ctx_feats"][:, T - 1]
     torch.testing.assert_close(m.score_state(z, ctx), m.score(batch), atol=1e-4, rtol=1e-4)
@@ -109,13 +115,13 @@ def test_profile_is_a_decayed_mean(tiny_data, split):
     m = new_model("decomposer", tiny_data, split, profile_decays=(1.0, 0.5)).eval()
     batch = first_batch(tiny_data, split, n=2)
     with torch.no_grad():
-        z = m.states(batch)                                       # (B, T, U + 2D)
-        q = m.items(batch["items"])                               # (B, T, D)
+        z = m.states(batch)  # (B, T, U + 2D)
+        q = m.items(batch["items"])  # (B, T, D)
     U, D = m.cfg.lstm_units, m.cfg.item_dim
     t = 4
-    torch.testing.assert_close(z[:, t, U:U + D], q[:, :t + 1].mean(1))
-    w = 0.5 ** torch.arange(t, -1, -1, dtype=torch.float32)      # λ^(t−s), s = 0..t
-    torch.testing.assert_close(z[:, t, U + D:], (w[None, :, None] * q[:, :t + 1]).sum(1) / w.sum())
+    torch.testing.assert_close(z[:, t, U : U + D], q[:, : t + 1].mean(1))
+    w = 0.5 ** torch.arange(t, -1, -1, dtype=torch.float32)  # λ^(t−s), s = 0..t
+    torch.testing.assert_close(z[:, t, U + D :], (w[None, :, None] * q[:, : t + 1]).sum(1) / w.sum())
     with pytest.raises(ValueError, match="profile_decays"):
         DecomposerConfig(n_items=5, profile_decays=(1.5,))
 
@@ -138,7 +144,7 @@ def test_checkpoint_round_trip_and_bad_files(tiny_data, split, tmp_path):
     with pytest.raises(CheckpointError, match="do not match"):
         checkpoint.load(tmp_path / "mismatch.pt")
     torch.save({"format": checkpoint.FORMAT, "evil": object()}, tmp_path / "pickled.pt")
-    with pytest.raises(CheckpointError, match="corrupt"):   # arbitrary objects are never unpickled
+    with pytest.raises(CheckpointError, match="corrupt"):  # arbitrary objects are never unpickled
         checkpoint.load(tmp_path / "pickled.pt")
     with pytest.raises(CheckpointError, match="no such"):
         checkpoint.load(tmp_path / "missing.pt")
@@ -154,13 +160,25 @@ def test_a_checkpoint_from_before_a_field_existed_loads_as_the_model_it_was(tiny
     torch.save(ckpt, tmp_path / "old.pt")
     loaded, _ = checkpoint.load(tmp_path / "old.pt")
     assert loaded.direct is None and loaded.cfg.profile_decays == ()
-    assert DecomposerConfig().residual and DecomposerConfig().profile_decays   # today's defaults differ
+    assert DecomposerConfig().residual and DecomposerConfig().profile_decays  # today's defaults differ
     batch = first_batch(tiny_data, split)
     torch.testing.assert_close(loaded.score(batch), old.score(batch))
 
 
-@pytest.mark.parametrize("kind", ["popular", "seen-popular", "intent-text", "intent-popular", "history-text",
-                                  "lstm", "gru4rec", "sasrec", "decomposer"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "popular",
+        "seen-popular",
+        "intent-text",
+        "intent-popular",
+        "history-text",
+        "lstm",
+        "gru4rec",
+        "sasrec",
+        "decomposer",
+    ],
+)
 def test_fit_and_evaluate_every_model(tiny_data, split, kind):
     m = new_model(kind, tiny_data, split)
     result = fit(m, tiny_data, split, TrainConfig(epochs=2, patience=2), progress=False)
@@ -183,11 +201,12 @@ def test_seen_then_popular_ranks_the_window_first_and_under_the_mask_a_seen_targ
     scores, base = m.score(batch), pop.score(batch)
     for row in range(4):
         seen = set(batch["items"][row].tolist()) - {0}
-        top = torch.argsort(scores[row], descending=True)[:len(seen)].tolist()
-        assert set(top) == seen                                   # the window's items come first
+        top = torch.argsort(scores[row], descending=True)[: len(seen)].tolist()
+        assert set(top) == seen  # the window's items come first
         rest = [i for i in range(1, tiny_data.n_items + 1) if i not in seen]
-        assert torch.equal(torch.argsort(scores[row, rest], descending=True),
-                           torch.argsort(base[row, rest], descending=True))   # then by popularity
+        assert torch.equal(
+            torch.argsort(scores[row, rest], descending=True), torch.argsort(base[row, rest], descending=True)
+        )  # then by popularity
     # A target seen before is ranked first once the mask removes the other seen items.
     targets = torch.as_tensor(tiny_data.items[split.test_pos[:4]])
     batch["items"][:, -1] = targets
@@ -199,10 +218,11 @@ def test_seen_then_popular_ranks_the_window_first_and_under_the_mask_a_seen_targ
 def test_intent_rules_rank_by_the_words(tiny_data, split):
     """Text retrieval ranks by similarity to the words; phrase popularity puts the phrase's items first."""
     rng = np.random.default_rng(0)
-    batch = batch_builder(tiny_data)(split.user_start[:6], split.test_pos[:6], split.user_start[:6],
-                                     supervise_all=False, intent_rate=1.0, rng=rng)
+    batch = batch_builder(tiny_data)(
+        split.user_start[:6], split.test_pos[:6], split.user_start[:6], supervise_all=False, intent_rate=1.0, rng=rng
+    )
     last = batch["lengths"] - 1
-    z = batch["intent"][torch.arange(6), last]                                       # (6, 384)
+    z = batch["intent"][torch.arange(6), last]  # (6, 384)
     assert batch["intent_mask"][torch.arange(6), last].all()
     text = torch.as_tensor(tiny_data.item_emb)
     sim = torch.nn.functional.normalize(z, dim=1) @ torch.nn.functional.normalize(text, dim=1).T
@@ -214,41 +234,45 @@ def test_intent_rules_rank_by_the_words(tiny_data, split):
     for row in range(6):
         pid = int(torch.argmax(z[row] @ emb.T))
         carriers = [i for i in range(1, tiny_data.n_items + 1) if pid in tiny_data.item_intents(i)]
-        top = torch.argsort(scores[row], descending=True)[:len(carriers)].tolist()
+        top = torch.argsort(scores[row], descending=True)[: len(carriers)].tolist()
         assert carriers and set(top) == set(carriers)
         others = [i for i in range(1, tiny_data.n_items + 1) if i not in carriers]
         assert scores[row, carriers].min() > scores[row, others].max()
         lift = scores[row, carriers[0]] - pop[row, carriers[0]]
         torch.testing.assert_close(scores[row, carriers] - lift, pop[row, carriers])  # by popularity
         torch.testing.assert_close(scores[row, others], pop[row, others])
-    no_words = batch_builder(tiny_data)(split.user_start[:6], split.test_pos[:6], split.user_start[:6],
-                                        supervise_all=False)
+    no_words = batch_builder(tiny_data)(
+        split.user_start[:6], split.test_pos[:6], split.user_start[:6], supervise_all=False
+    )
     assert torch.equal(phrase.score(no_words), pop) and torch.equal(
-        new_model("intent-text", tiny_data, split).score(no_words), pop)            # no words: most-popular
+        new_model("intent-text", tiny_data, split).score(no_words), pop
+    )  # no words: most-popular
 
 
 def test_history_text_ranks_by_the_recent_items_text(tiny_data, split):
     """The content-based rule: similarity of each item's text to the mean text of the last ten inputs."""
-    batch = batch_builder(tiny_data)(split.user_start[:6], split.test_pos[:6], split.user_start[:6],
-                                     supervise_all=False)
+    batch = batch_builder(tiny_data)(
+        split.user_start[:6], split.test_pos[:6], split.user_start[:6], supervise_all=False
+    )
     text = torch.nn.functional.normalize(torch.as_tensor(tiny_data.item_emb), dim=1)
     scores = new_model("history-text", tiny_data, split).score(batch)
     for row in range(6):
         n = int(batch["lengths"][row])
-        recent = batch["items"][row, max(0, n - 10):n]
+        recent = batch["items"][row, max(0, n - 10) : n]
         profile = torch.nn.functional.normalize(text[recent].sum(0), dim=0)
         assert int(scores[row, 1:].argmax()) + 1 == int((text[1:] @ profile).argmax()) + 1
         older = batch["items"].clone()
-        older[row, :max(0, n - 10)] = 1                   # what came before the last ten does not count
-        torch.testing.assert_close(new_model("history-text", tiny_data, split).score(
-            {**batch, "items": older})[row], scores[row])
+        older[row, : max(0, n - 10)] = 1  # what came before the last ten does not count
+        torch.testing.assert_close(
+            new_model("history-text", tiny_data, split).score({**batch, "items": older})[row], scores[row]
+        )
 
 
 def test_seen_pairs_mask_consumed_items_but_never_the_target():
     from models.nn.losses import full_softmax_ce, seen_pairs
 
-    items = torch.tensor([[3, 5, 3, 7, 0], [2, 4, 0, 0, 0]])      # (B, T) windows
-    targets = torch.tensor([[5, 3, 7, 0, 0], [4, 0, 0, 0, 0]])    # next item at each position
+    items = torch.tensor([[3, 5, 3, 7, 0], [2, 4, 0, 0, 0]])  # (B, T) windows
+    targets = torch.tensor([[5, 3, 7, 0, 0], [4, 0, 0, 0, 0]])  # next item at each position
     rows, cols = seen_pairs(items, targets > 0, targets)
     assert set(zip(rows.tolist(), cols.tolist())) == {(0, 3), (1, 5), (2, 3), (2, 5), (3, 2)}
     # The masked loss is the cross-entropy with those logits removed by hand.
@@ -270,10 +294,10 @@ def test_mixture_leaves_seen_items_out_of_every_dimension(tiny_data, split):
     P, K = 3, m.K
     I, alpha = torch.randn(P, K, m.cfg.dim_size), torch.softmax(torch.randn(P, K), -1)
     seen = (torch.tensor([0, 0, 2]), torch.tensor([1, 4, 4]))
-    log_p = m.mixture_log_probs(I, alpha, m.items.all(), seen)             # (P, N+1)
+    log_p = m.mixture_log_probs(I, alpha, m.items.all(), seen)  # (P, N+1)
     p = log_p.exp()
     assert p[0, 1] < 1e-12 and p[0, 4] < 1e-12 and p[2, 4] < 1e-12 and p[1, 4] > 0
-    torch.testing.assert_close(p.sum(-1), torch.ones(P))                    # still a distribution
+    torch.testing.assert_close(p.sum(-1), torch.ones(P))  # still a distribution
 
 
 def test_scale_gates_gives_uniform_gates_weight_one(tiny_data, split):
@@ -289,7 +313,7 @@ def test_scale_gates_gives_uniform_gates_weight_one(tiny_data, split):
 def test_residual_readout_adds_the_direct_lstm_vector(tiny_data, split):
     torch.manual_seed(0)
     m = new_model("decomposer", tiny_data, split, residual=True).eval()
-    h, ctx = torch.randn(3, m.heads.in_features), torch.randn(3, 5)          # z_t: h_t and the profiles
+    h, ctx = torch.randn(3, m.heads.in_features), torch.randn(3, 5)  # z_t: h_t and the profiles
     u, I, alpha = m.user_vectors(h, ctx)
     torch.testing.assert_close(u, m.combine(I, alpha) + m.direct(h))
     assert new_model("decomposer", tiny_data, split, residual=False).direct is None
@@ -301,26 +325,30 @@ def test_residual_readout_adds_the_direct_lstm_vector(tiny_data, split):
 def test_lr_is_halved_on_a_validation_plateau(tiny_data, split):
     # A rate too small to move the ranking (and above the scheduler's eps of 1e-8): a plateau for certain.
     m = new_model("lstm", tiny_data, split)
-    result = fit(m, tiny_data, split, TrainConfig(epochs=6, patience=6, lr=1e-6, lr_decay_patience=0),
-                 progress=False)
+    result = fit(m, tiny_data, split, TrainConfig(epochs=6, patience=6, lr=1e-6, lr_decay_patience=0), progress=False)
     lrs = [h["lr"] for h in result.history]
     assert lrs[0] == 1e-6 and all(b in (a, a / 2) for a, b in zip(lrs, lrs[1:]))
-    assert min(lrs) < 1e-6          # a plateau happened, so the checks below are not vacuous
+    assert min(lrs) < 1e-6  # a plateau happened, so the checks below are not vacuous
     # With patience 0 every epoch that is not a new best halves the rate for the next one.
     best = -1.0
     for h, nxt in zip(result.history, lrs[1:]):
         improved = h["valid_ndcg@10"] > best
         best = max(best, h["valid_ndcg@10"])
         assert nxt == (h["lr"] if improved else h["lr"] / 2)
-    constant = fit(new_model("lstm", tiny_data, split), tiny_data, split, TrainConfig(epochs=3, patience=3, lr=1e-2),
-                   progress=False)
+    constant = fit(
+        new_model("lstm", tiny_data, split),
+        tiny_data,
+        split,
+        TrainConfig(epochs=3, patience=3, lr=1e-2),
+        progress=False,
+    )
     assert {h["lr"] for h in constant.history} == {1e-2}
 
 
 def test_weight_average_is_the_moving_average_of_every_step(tiny_data, split):
     from models.training.loop import run_epoch, weight_average
 
-    class Recording(torch.optim.AdamW):          # the real optimizer, remembering the weights after each step
+    class Recording(torch.optim.AdamW):  # the real optimizer, remembering the weights after each step
         seen: list = []
 
         def step(self, closure=None):
@@ -334,16 +362,17 @@ def test_weight_average_is_the_moving_average_of_every_step(tiny_data, split):
     ema = weight_average(m, cfg)
     opt = Recording(m.parameters(), lr=cfg.lr)
     starts, ends, rows = training_windows(split, 200)
-    run_epoch(m, opt, batch_builder(tiny_data), (starts, ends, split.user_start[rows]), cfg,
-              np.random.default_rng(0), ema=ema)
+    run_epoch(
+        m, opt, batch_builder(tiny_data), (starts, ends, split.user_start[rows]), cfg, np.random.default_rng(0), ema=ema
+    )
     assert len(opt.seen) >= 3
-    expected = opt.seen[0]                       # the first update copies, later ones blend
+    expected = opt.seen[0]  # the first update copies, later ones blend
     for step in opt.seen[1:]:
         expected = [0.8 * e + 0.2 * s for e, s in zip(expected, step)]
     averaged = list(ema.module.parameters())
     for a, e in zip(averaged, expected):
         torch.testing.assert_close(a, e)
-    assert any(not torch.allclose(a, p) for a, p in zip(averaged, m.parameters()))   # not the live weights
+    assert any(not torch.allclose(a, p) for a, p in zip(averaged, m.parameters()))  # not the live weights
     with pytest.raises(ValueError, match="ema_decay"):
         weight_average(m, TrainConfig(ema_decay=1.0))
 
@@ -356,12 +385,12 @@ def test_fit_keeps_the_averaged_weights(tiny_data, split):
         m = new_model("sasrec", tiny_data, split)
         return m, fit(m, tiny_data, split, TrainConfig(epochs=1, patience=1, batch_size=4, **train), progress=False)
 
-    live, _ = trained()                           # one epoch: the kept weights are the last live ones
-    averaged, result = trained(ema_decay=0.9)     # the same steps (the average does not touch training)
+    live, _ = trained()  # one epoch: the kept weights are the last live ones
+    averaged, result = trained(ema_decay=0.9)  # the same steps (the average does not touch training)
     assert any(not torch.allclose(a, b) for a, b in zip(averaged.parameters(), live.parameters()))
     averaged.eval()
     kept = summarize(evaluate(averaged, tiny_data, split, "valid")["masked"])
-    assert kept["ndcg@10"] == pytest.approx(result.best_valid["ndcg@10"])   # what was validated is what is kept
+    assert kept["ndcg@10"] == pytest.approx(result.best_valid["ndcg@10"])  # what was validated is what is kept
 
 
 def test_sasrec_with_text_and_events_reads_them(tiny_data, split):
@@ -383,18 +412,26 @@ def test_sasrec_with_text_and_events_reads_them(tiny_data, split):
 
 def test_fusion_with_text_keeps_rows_without_words(tiny_data, split):
     from models.nn.baselines import FusedWithText
+
     torch.manual_seed(0)
     model = new_model("sasrec", tiny_data, split).eval()
     text = new_model("intent-text", tiny_data, split)
     starts, ends, rows = training_windows(split, 200)
-    batch = batch_builder(tiny_data)(starts[:6], ends[:6], split.user_start[rows[:6]], supervise_all=False,
-                                     intent_rate=1.0, rng=np.random.default_rng(0))
-    batch["intent_mask"][:3] = False                     # three rows without words
+    batch = batch_builder(tiny_data)(
+        starts[:6],
+        ends[:6],
+        split.user_start[rows[:6]],
+        supervise_all=False,
+        intent_rate=1.0,
+        rng=np.random.default_rng(0),
+    )
+    batch["intent_mask"][:3] = False  # three rows without words
     batch["intent"][:3] = 0.0
     has = text.last_intent(batch)[1]
     assert has.any() and (~has).any()
     plain = FusedWithText(model, text, 0.0).score(batch)
-    assert torch.equal(plain.argsort(1, descending=True)[:, :10],
-                       model.score(batch).argsort(1, descending=True)[:, :10])   # weight 0: the model's order
+    assert torch.equal(
+        plain.argsort(1, descending=True)[:, :10], model.score(batch).argsort(1, descending=True)[:, :10]
+    )  # weight 0: the model's order
     fused = FusedWithText(model, text, 4.0).score(batch)
     assert torch.equal(fused[~has], plain[~has]) and not torch.allclose(fused[has], plain[has])

@@ -1,4 +1,5 @@
 """prepare / prepare_source / load_prepared: contents, atomicity, reuse and validation."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,8 +11,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from models.data import (DataFormatError, ITEMS_SCHEMA, RATINGS_SCHEMA, RawData, intent_phrases,
-                         item_text, load_prepared, prepare, prepare_source)
+from models.data import (
+    DataFormatError,
+    ITEMS_SCHEMA,
+    RATINGS_SCHEMA,
+    RawData,
+    intent_phrases,
+    item_text,
+    load_prepared,
+    prepare,
+    prepare_source,
+)
 from models.data.encoder import DIM
 
 
@@ -20,16 +30,19 @@ def csv_folder(root: Path) -> Path:
     folder = root / "ml-latest-small"
     folder.mkdir(parents=True)
     (folder / "movies.csv").write_bytes(
-        b'movieId,title,genres\r\n1,Toy Story (1995),Animation|Comedy\r\n'
-        b'2,"American President, The (1995)",Comedy|Romance\r\n')
+        b"movieId,title,genres\r\n1,Toy Story (1995),Animation|Comedy\r\n"
+        b'2,"American President, The (1995)",Comedy|Romance\r\n'
+    )
     (folder / "ratings.csv").write_bytes(
-        b"userId,movieId,rating,timestamp\r\n" + b"".join(
-            f"{u},{i},4.0,{100 * u + i}\r\n".encode() for u in (1, 2) for i in (1, 2, 1)))
+        b"userId,movieId,rating,timestamp\r\n"
+        + b"".join(f"{u},{i},4.0,{100 * u + i}\r\n".encode() for u in (1, 2) for i in (1, 2, 1))
+    )
     return folder
 
 
 class FakeEncoder:
     """Deterministic unit vectors from a hash of the text; counts what it was asked."""
+
     model_name = "fake-encoder"
     dim = DIM
 
@@ -51,29 +64,45 @@ class CrashingEncoder(FakeEncoder):
 
 
 def make_raw() -> RawData:
-    items = pa.table({
-        "source_id": [30, 10, 20, 40],
-        "title": ["Heat (1995)", "Toy Story (1995)", "Sabrina (1995)", "Never Rated (2000)"],
-        "genres": [["Action", "Crime"], ["Animation", "Comedy"], ["Comedy", "Romance"], ["Drama"]],
-        "tags": [[], ["pixar", "fun", "toys", "cgi", "buddy", "kids"], ["remake"], []],
-    }, schema=ITEMS_SCHEMA)
-    ratings = pa.table({
-        "user": [7, 5, 7, 5, 5, 7, 9, 9, 5],
-        "item": [30, 10, 10, 20, 30, 20, 10, 20, 10],
-        "rating": [4.0, 5.0, 3.0, 2.5, 4.5, 1.0, 3.0, 3.0, 4.0],
-        # user 5 has a timestamp tie (200): file order must be kept
-        "timestamp": [300, 200, 100, 200, 100, 200, 50, 60, 400],
-    }, schema=RATINGS_SCHEMA)
-    return RawData("toy", items, ratings, source="made by hand",
-                   extra={"truth": pa.table({"user": [5, 7], "note": ["a", "b"]})})
+    items = pa.table(
+        {
+            "source_id": [30, 10, 20, 40],
+            "title": ["Heat (1995)", "Toy Story (1995)", "Sabrina (1995)", "Never Rated (2000)"],
+            "genres": [["Action", "Crime"], ["Animation", "Comedy"], ["Comedy", "Romance"], ["Drama"]],
+            "tags": [[], ["pixar", "fun", "toys", "cgi", "buddy", "kids"], ["remake"], []],
+        },
+        schema=ITEMS_SCHEMA,
+    )
+    ratings = pa.table(
+        {
+            "user": [7, 5, 7, 5, 5, 7, 9, 9, 5],
+            "item": [30, 10, 10, 20, 30, 20, 10, 20, 10],
+            "rating": [4.0, 5.0, 3.0, 2.5, 4.5, 1.0, 3.0, 3.0, 4.0],
+            # user 5 has a timestamp tie (200): file order must be kept
+            "timestamp": [300, 200, 100, 200, 100, 200, 50, 60, 400],
+        },
+        schema=RATINGS_SCHEMA,
+    )
+    return RawData(
+        "toy", items, ratings, source="made by hand", extra={"truth": pa.table({"user": [5, 7], "note": ["a", "b"]})}
+    )
 
 
 def test_text_and_phrases():
-    assert item_text("Toy Story (1995)", ["Animation", "Comedy"], list("abcdefg")) == \
-        "Toy Story (1995). Genres: Animation, Comedy. Tags: a, b, c, d, e"
+    assert (
+        item_text("Toy Story (1995)", ["Animation", "Comedy"], list("abcdefg"))
+        == "Toy Story (1995). Genres: Animation, Comedy. Tags: a, b, c, d, e"
+    )
     assert item_text("Heat (1995)", [], []) == "Heat (1995)"
-    assert intent_phrases(["Comedy", "Romance", "Drama"], ["Paris", "kiss", "rain", "wine"]) == \
-        ["comedy", "romance", "drama", "comedy and romance", "paris", "kiss", "rain"]
+    assert intent_phrases(["Comedy", "Romance", "Drama"], ["Paris", "kiss", "rain", "wine"]) == [
+        "comedy",
+        "romance",
+        "drama",
+        "comedy and romance",
+        "paris",
+        "kiss",
+        "rain",
+    ]
     assert intent_phrases([], []) == []
 
 
@@ -87,36 +116,47 @@ def test_prepare_tables_and_manifest(tmp_path):
     # user 9 (2 events) is dropped; item 40 is never rated; items ordered by source id
     assert items.column("source_id").to_pylist() == [10, 20, 30]
     assert items.column("item_idx").to_pylist() == [1, 2, 3]
-    assert items.column("text")[0].as_py() == \
-        "Toy Story (1995). Genres: Animation, Comedy. Tags: pixar, fun, toys, cgi, buddy"
+    assert (
+        items.column("text")[0].as_py()
+        == "Toy Story (1995). Genres: Animation, Comedy. Tags: pixar, fun, toys, cgi, buddy"
+    )
     inter = pq.read_table(out / "interactions.parquet")
-    assert inter.schema == pa.schema([("user_idx", pa.int32()), ("source_user", pa.int64()),
-                                      ("item_idx", pa.int32()), ("rating", pa.float32()),
-                                      ("timestamp", pa.int64())])
+    assert inter.schema == pa.schema(
+        [
+            ("user_idx", pa.int32()),
+            ("source_user", pa.int64()),
+            ("item_idx", pa.int32()),
+            ("rating", pa.float32()),
+            ("timestamp", pa.int64()),
+        ]
+    )
     d = inter.to_pydict()
     assert d["source_user"] == [5, 5, 5, 5, 7, 7, 7]
     assert d["user_idx"] == [1, 1, 1, 1, 2, 2, 2]
-    assert d["item_idx"] == [3, 1, 2, 1, 1, 2, 3]          # tie at t=200 keeps file order 10, 20
+    assert d["item_idx"] == [3, 1, 2, 1, 1, 2, 3]  # tie at t=200 keeps file order 10, 20
     assert d["timestamp"] == [100, 200, 200, 400, 100, 200, 300]
     intents = pq.read_table(out / "intents.parquet")
     phrases = intents.column("phrase").to_pylist()
     assert phrases == sorted(phrases) and "comedy and romance" in phrases
-    assert "toys" in phrases and "cgi" not in phrases       # at most 3 tags per item
-    assert not any("(1995)" in p for p in phrases)          # never the title
-    assert pq.read_table(out / "user_map.parquet").to_pydict() == {"user_idx": [1, 2],
-                                                                   "source_user": [5, 7]}
+    assert "toys" in phrases and "cgi" not in phrases  # at most 3 tags per item
+    assert not any("(1995)" in p for p in phrases)  # never the title
+    assert pq.read_table(out / "user_map.parquet").to_pydict() == {"user_idx": [1, 2], "source_user": [5, 7]}
     assert pq.read_table(out / "truth.parquet").equals(make_raw().extra["truth"])
     m = json.loads((out / "manifest.json").read_text())
     assert m["format_version"] == 2 and m["dataset"] == "toy" and m["source"] == "made by hand"
-    assert m["counts"] == {"users": 2, "items": 3, "interactions": 7, "genres": 5,
-                           "intents": len(phrases)}
+    assert m["counts"] == {"users": 2, "items": 3, "interactions": 7, "genres": 5, "intents": len(phrases)}
     assert m["genres"] == ["Action", "Animation", "Comedy", "Crime", "Romance"]
     assert m["encoder"] == {"model": "fake-encoder", "dim": DIM}
     assert "leave-one-out" in m["split_protocol"] and m["created"].endswith("+00:00")
     for name, info in m["files"].items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == info["sha256"]
-    assert set(m["files"]) == {"items.parquet", "interactions.parquet", "intents.parquet",
-                               "user_map.parquet", "truth.parquet"}
+    assert set(m["files"]) == {
+        "items.parquet",
+        "interactions.parquet",
+        "intents.parquet",
+        "user_map.parquet",
+        "truth.parquet",
+    }
     assert len(enc.calls) == 2 and len(enc.calls[1]) == len(set(enc.calls[1]))  # phrases once
 
 
@@ -163,15 +203,15 @@ def test_prepare_is_atomic(tmp_path):
     with pytest.raises(RuntimeError, match="encoder crashed"):
         prepare(make_raw(), out, encoder=CrashingEncoder(), overwrite=True, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert [p.name for p in tmp_path.iterdir()] == ["toy"]     # no temp folder left
+    assert [p.name for p in tmp_path.iterdir()] == ["toy"]  # no temp folder left
 
 
 def test_prepare_crash_while_writing(tmp_path):
     out = prepare(make_raw(), tmp_path / "toy", encoder=FakeEncoder(), progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     raw = make_raw()
-    raw.extra["broken"] = object()          # fails after the main tables are written
-    with pytest.raises(AttributeError, match="schema"):     # not a table: fails when written
+    raw.extra["broken"] = object()  # fails after the main tables are written
+    with pytest.raises(AttributeError, match="schema"):  # not a table: fails when written
         prepare(raw, out, encoder=FakeEncoder(), overwrite=True, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["toy"]
@@ -179,8 +219,7 @@ def test_prepare_crash_while_writing(tmp_path):
 
 def test_prepare_overwrite_replaces(tmp_path):
     out = prepare(make_raw(), tmp_path / "toy", encoder=FakeEncoder(), progress=False)
-    prepare(make_raw(), out, encoder=FakeEncoder(), min_user_events=2, overwrite=True,
-            progress=False)
+    prepare(make_raw(), out, encoder=FakeEncoder(), min_user_events=2, overwrite=True, progress=False)
     assert load_prepared(out).n_users == 3
     assert [p.name for p in tmp_path.iterdir()] == ["toy"]
 
@@ -204,12 +243,10 @@ def test_prepare_source_reuses_output(tmp_path):
 def test_prepare_source_synthetic(tmp_path):
     synthetic = pytest.importorskip("models.data.synthetic")
     config = synthetic.SyntheticConfig(n_users=20, n_items=40)
-    out = prepare_source("synthetic", tmp_path / "syn", encoder=FakeEncoder(),
-                         synthetic_config=config)
+    out = prepare_source("synthetic", tmp_path / "syn", encoder=FakeEncoder(), synthetic_config=config)
     data = load_prepared(out)
     assert data.n_users == 20 and data.n_items > 0 and data.intent_emb.shape[0] > 0
-    assert prepare_source("synthetic", out, encoder=CrashingEncoder(),
-                          synthetic_config=config) == out
+    assert prepare_source("synthetic", out, encoder=CrashingEncoder(), synthetic_config=config) == out
 
 
 def test_prepare_source_unknown_dataset(tmp_path):
@@ -219,12 +256,15 @@ def test_prepare_source_unknown_dataset(tmp_path):
 
 # ---- no future information in item text -------------------------------------------------------
 
+
 def _tagged_folder(root: Path, extra_tags: list[str]) -> Path:
     """Three users × 14 events (every protocol's targets at times ≥ 1000), six movies, early tags."""
     folder = root / "ml-latest-small"
     folder.mkdir(parents=True)
-    (folder / "movies.csv").write_text("movieId,title,genres\n" + "".join(
-        f"{i},Movie {i} (1999),{g}\n" for i, g in zip(range(1, 7), ["Comedy", "Drama", "Horror"] * 2)))
+    (folder / "movies.csv").write_text(
+        "movieId,title,genres\n"
+        + "".join(f"{i},Movie {i} (1999),{g}\n" for i, g in zip(range(1, 7), ["Comedy", "Drama", "Horror"] * 2))
+    )
     rows = [f"{u},{1 + (u + j) % 6},4.0,{1000 * j + u}" for u in (1, 2, 3) for j in range(14)]
     (folder / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "\n".join(rows) + "\n")
     tags = ["1,1,funny,5", "2,2,sad,6", *extra_tags]
@@ -241,8 +281,13 @@ def test_a_tag_applied_after_a_target_does_not_change_its_score(tmp_path):
     from models.training.loop import new_model
 
     def prepared_scores(name: str, extra: list[str]):
-        out = prepare_source("ml-latest-small", tmp_path / name / "out", encoder=FakeEncoder(),
-                             data_dir=_tagged_folder(tmp_path / name, extra), progress=False)
+        out = prepare_source(
+            "ml-latest-small",
+            tmp_path / name / "out",
+            encoder=FakeEncoder(),
+            data_dir=_tagged_folder(tmp_path / name, extra),
+            progress=False,
+        )
         data = load_prepared(out)
         split = make_split(data.user_offsets, 10)
         torch.manual_seed(0)
@@ -254,14 +299,17 @@ def test_a_tag_applied_after_a_target_does_not_change_its_score(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     cutoff = manifest["tags"]["used_before"]
     # The earliest evaluated event: user 1's 4th (14 events: 10 test, 1 validation, 3 history).
-    assert cutoff == 3001 == evaluation_cutoff(np.repeat([1, 2, 3], 14), np.tile(1000 * np.arange(14), 3)
-                                               + np.repeat([1, 2, 3], 14))
-    target_item = int(base.item_source_ids[base.items[base.user_offsets[1] - 1]])   # user 1's last target
+    assert (
+        cutoff
+        == 3001
+        == evaluation_cutoff(np.repeat([1, 2, 3], 14), np.tile(1000 * np.arange(14), 3) + np.repeat([1, 2, 3], 14))
+    )
+    target_item = int(base.item_source_ids[base.items[base.user_offsets[1] - 1]])  # user 1's last target
     late = [f"9,{target_item},spoiler ending,{cutoff + 1}", f"9,{target_item},spoiler ending,99999"]
     planted, planted_scores, planted_out = prepared_scores("late", late)
     assert json.loads((planted_out / "manifest.json").read_text())["tags"]["applied"] == 4
-    np.testing.assert_array_equal(planted.item_emb, base.item_emb)          # the item text did not see it
-    np.testing.assert_array_equal(planted_scores, base_scores)              # nor did any target's score
+    np.testing.assert_array_equal(planted.item_emb, base.item_emb)  # the item text did not see it
+    np.testing.assert_array_equal(planted_scores, base_scores)  # nor did any target's score
     # The same tag applied before every target is used: the check above can fail.
     early, early_scores, _ = prepared_scores("early", [f"9,{target_item},spoiler ending,{cutoff - 1}"])
     assert not np.array_equal(early.item_emb, base.item_emb)

@@ -1,4 +1,5 @@
 """Ray Jobs: a local head on loopback, `python -m ray_app.train` submitted with the working directory."""
+
 from __future__ import annotations
 
 import contextlib
@@ -82,21 +83,49 @@ def head():
     writes one), and then the job server answers 401 to a client without the token. The head
     gets its own token here and the client sends it, whatever the state of ~/.ray.
     """
-    temp = Path(tempfile.mkdtemp(prefix="rayjobs-", dir="/tmp"))   # short: Ray's socket paths have a length limit
+    temp = Path(tempfile.mkdtemp(prefix="rayjobs-", dir="/tmp"))  # short: Ray's socket paths have a length limit
     gcs, dashboard, agent = free_ports(3)
     token = secrets.token_hex(32)
     (temp / "auth_token").write_text(token)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(temp / "auth_token")}
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(temp / "auth_token"),
+    }
     for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
         env.pop(var, None)
     log = open(temp / "head.log", "w")
     proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-         "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(agent),
-         "--temp-dir", str(temp), "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(gcs),
+            "--num-cpus",
+            "2",
+            "--include-dashboard",
+            "true",
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dashboard),
+            "--dashboard-agent-listen-port",
+            str(agent),
+            "--temp-dir",
+            str(temp),
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.monotonic() + 120
@@ -123,8 +152,9 @@ def test_submitted_training_job_writes_a_checkpoint(head, tiny_data):
     storage = temp / "runs"
     job = client.submit_job(
         entrypoint=f"python -m ray_app.train --dataset {tiny_data.path} --epochs 2 --storage-path {storage} "
-                   "--name job --set lstm_units=16",
-        runtime_env={"working_dir": str(REPO)})
+        "--name job --set lstm_units=16",
+        runtime_env={"working_dir": str(REPO)},
+    )
     try:
         deadline = time.monotonic() + 300
         while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
@@ -135,7 +165,7 @@ def test_submitted_training_job_writes_a_checkpoint(head, tiny_data):
     finally:
         client.stop_job(job)
     assert "best checkpoint:" in logs
-    assert "epoch   1/2" in logs and "TrainingReport(" not in logs      # the driver's epoch lines, quiet Ray
+    assert "epoch   1/2" in logs and "TrainingReport(" not in logs  # the driver's epoch lines, quiet Ray
     best = json.loads((storage / "job" / "best_checkpoint.json").read_text())
     model, meta = checkpoint.load(best["model"])
     assert model.cfg.lstm_units == 16 and meta["epoch"] == best["epoch"] in (1, 2)

@@ -1,4 +1,5 @@
 """Ray Train: user shards, DDP over two workers, checkpoints, failure recovery, resume, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,9 @@ def cluster():
 
 
 def train(data, storage, name, *extra) -> int:
-    return main(["--dataset", str(data.path), "--storage-path", str(storage), "--name", name,
-                 "--num-cpus", "2", *extra])
+    return main(
+        ["--dataset", str(data.path), "--storage-path", str(storage), "--name", name, "--num-cpus", "2", *extra]
+    )
 
 
 def best_record(storage, name) -> dict:
@@ -35,6 +37,7 @@ def best_record(storage, name) -> dict:
 
 
 # ---- no cluster needed ---------------------------------------------------------------------
+
 
 def _uneven_average(rank: int, world: int, store: str, out: str) -> None:
     """One rank of two (gloo): rank 1 averages one step more, as a rank with a longer shard does."""
@@ -66,7 +69,7 @@ def test_ranks_share_the_weight_average_of_the_rank_that_stepped_most(tmp_path):
     assert r0["n"] == r1["n"] == 4
     torch.testing.assert_close(r0["weight"], r1["weight"])
     torch.manual_seed(0)
-    net = torch.nn.Linear(3, 2)                                        # rank 1's four steps, by hand
+    net = torch.nn.Linear(3, 2)  # rank 1's four steps, by hand
     avg = None
     for step in range(4):
         with torch.no_grad():
@@ -79,10 +82,10 @@ def test_weight_average_is_the_models_default_and_can_be_set_or_turned_off(capsy
     def decay(*argv):
         return parse_args(list(argv))[0].train_config().ema_decay
 
-    assert decay() == 0.98                                             # the decomposer's default
+    assert decay() == 0.98  # the decomposer's default
     assert decay("--model", "sasrec") is None
     assert decay("--ema-decay", "0.9") == 0.9 and decay("--model", "lstm", "--ema-decay", "0.5") == 0.5
-    assert decay("--ema-decay", "0") is None                           # off
+    assert decay("--ema-decay", "0") is None  # off
     with pytest.raises(SystemExit):
         parse_args(["--ema-decay", "1"])
     assert "--ema-decay must be in [0, 1), got 1.0" in capsys.readouterr().err
@@ -116,10 +119,11 @@ def test_user_ranges_cover_every_user_once(tiny_data, n):
     r = user_ranges(tiny_data, split, 4, n)
     assert r.bounds[0] == 0 and r.bounds[-1] == tiny_data.n_users and np.all(np.diff(r.bounds) > 0)
     assert r.events[-1] == tiny_data.n_events
-    assert r.windows.max() - r.windows.min() < 2 * 5   # each cut is off by less than one user (<= 5 windows)
+    assert r.windows.max() - r.windows.min() < 2 * 5  # each cut is off by less than one user (<= 5 windows)
 
 
 # ---- bad input: clear errors before training ------------------------------------------------
+
 
 def test_missing_and_malformed_datasets(cluster, tiny_data, tmp_path, capsys):
     assert main(["--dataset", str(tmp_path / "nowhere"), "--storage-path", str(tmp_path)]) == 2
@@ -154,8 +158,22 @@ def test_impossible_resource_requests(cluster, tiny_data, tmp_path, capsys):
 
 # ---- training ------------------------------------------------------------------------------
 
-ARGS = ("--num-workers", "2", "--epochs", "3", "--patience", "5", "--set", "lstm_units=16",
-        "--set", "dim_size=8", "--set", "max_len=8", "--batch-size", "8")
+ARGS = (
+    "--num-workers",
+    "2",
+    "--epochs",
+    "3",
+    "--patience",
+    "5",
+    "--set",
+    "lstm_units=16",
+    "--set",
+    "dim_size=8",
+    "--set",
+    "max_len=8",
+    "--batch-size",
+    "8",
+)
 
 
 @pytest.fixture(scope="module")
@@ -167,23 +185,22 @@ def faulted(cluster, tiny_data, tmp_path_factory):
 
 
 def test_fault_is_recovered_with_the_same_result(faulted, tiny_data, capsys):
-    assert (faulted / "fault" / ".fault-injected").is_file()           # the worker really died once
+    assert (faulted / "fault" / ".fault-injected").is_file()  # the worker really died once
     faulty = best_record(faulted, "fault")
     assert [h["epoch"] for h in faulty["history"]] == [1, 2, 3]
     assert train(tiny_data, faulted, "clean", *ARGS) == 0
-    out = capsys.readouterr().out                                       # the driver's story of the run
+    out = capsys.readouterr().out  # the driver's story of the run
     assert [line.split()[1] for line in out.splitlines() if line.startswith("epoch ")] == ["1/3", "2/3", "3/3"]
     assert "valid ndcg@10" in out and "best checkpoint:" in out and "TrainingReport(" not in out
     clean = best_record(faulted, "clean")
     # The resumed run replays the lost epoch with the same batches: the same model comes out.
-    np.testing.assert_allclose([h[METRIC] for h in faulty["history"]], [h[METRIC] for h in clean["history"]],
-                               rtol=1e-6)
+    np.testing.assert_allclose([h[METRIC] for h in faulty["history"]], [h[METRIC] for h in clean["history"]], rtol=1e-6)
 
 
 def test_checkpoints_hold_model_vocabulary_metrics_and_optimizer(faulted, tiny_data):
     best = best_record(faulted, "fault")
     assert best[METRIC] == max(h[METRIC] for h in best["history"])
-    assert best["metrics"]["valid_targets"] == tiny_data.n_users      # every user, not one worker's shard
+    assert best["metrics"]["valid_targets"] == tiny_data.n_users  # every user, not one worker's shard
     model, meta = checkpoint.load(best["model"])
     assert model.cfg.lstm_units == 16 and meta["epoch"] == best["epoch"]
     np.testing.assert_array_equal(meta["item_source_ids"].numpy(), tiny_data.item_source_ids)
@@ -202,7 +219,7 @@ def test_same_name_resumes(faulted, tiny_data, capsys):
     assert "resumed from the checkpoint of epoch 3" in out and "epoch   4/4" in out and "epoch   1/4" not in out
     after = best_record(faulted, "fault")["history"]
     assert [h["epoch"] for h in after] == [1, 2, 3, 4]
-    assert after[:3] == before                                          # epochs 1-3 were not trained again
+    assert after[:3] == before  # epochs 1-3 were not trained again
 
 
 def test_single_worker_bf16_cpu_path(cluster, tiny_data, tmp_path, capsys):
@@ -210,11 +227,23 @@ def test_single_worker_bf16_cpu_path(cluster, tiny_data, tmp_path, capsys):
     where the CPU supports it; elsewhere (AVX2 without AVX-512 BF16) --bf16 stops before training."""
     from models.training.precision import bf16_problem
 
-    rc = train(tiny_data, tmp_path, "bf16", "--model", "lstm", "--set", "lstm_units=8", "--bf16",
-               "--epochs", "1", "--cpus-per-worker", "2")
+    rc = train(
+        tiny_data,
+        tmp_path,
+        "bf16",
+        "--model",
+        "lstm",
+        "--set",
+        "lstm_units=8",
+        "--bf16",
+        "--epochs",
+        "1",
+        "--cpus-per-worker",
+        "2",
+    )
     problem = bf16_problem("cpu")
     if problem:
-        err = capsys.readouterr().err                          # may also hold this module's Ray output
+        err = capsys.readouterr().err  # may also hold this module's Ray output
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert rc == 2 and len(errors) == 1 and "--bf16" in errors[0] and "bfloat16" in errors[0], err
         assert "Traceback" not in err
@@ -226,8 +255,7 @@ def test_single_worker_bf16_cpu_path(cluster, tiny_data, tmp_path, capsys):
     assert np.isfinite(best["metrics"]["loss_next_item"])
 
 
-def test_bf16_is_refused_on_a_cpu_without_it_and_a_worker_falls_back(cluster, monkeypatch, tiny_data, tmp_path,
-                                                                      caplog):
+def test_bf16_is_refused_on_a_cpu_without_it_and_a_worker_falls_back(cluster, monkeypatch, tiny_data, tmp_path, caplog):
     """Both branches on any CPU: the driver's one-line refusal, a cluster worker's float32 fallback."""
     import torch
 
@@ -239,13 +267,21 @@ def test_bf16_is_refused_on_a_cpu_without_it_and_a_worker_falls_back(cluster, mo
     def cannot(device_type):
         return "this CPU cannot run the LSTM in bfloat16"
 
-    for module in (preflight, worker):                  # the driver's check and the workers' fallback
+    for module in (preflight, worker):  # the driver's check and the workers' fallback
         monkeypatch.setattr(module, "bf16_problem", cannot)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(SetupError, match="--bf16: this CPU cannot run the LSTM in bfloat16; train without"):
         plan(RayTrainSettings(dataset=str(tiny_data.path), storage_path=str(tmp_path), name="x", bf16=True))
-    plan(RayTrainSettings(dataset=str(tiny_data.path), storage_path=str(tmp_path), name="y", bf16=True,
-                          model="sasrec", check_resources=False))   # no LSTM: nothing to refuse
+    plan(
+        RayTrainSettings(
+            dataset=str(tiny_data.path),
+            storage_path=str(tmp_path),
+            name="y",
+            bf16=True,
+            model="sasrec",
+            check_resources=False,
+        )
+    )  # no LSTM: nothing to refuse
     with caplog.at_level("WARNING"):
         assert autocast_dtype(True, "cpu") is None
     assert "training in float32" in caplog.text
@@ -261,8 +297,17 @@ def test_the_driver_warns_once_when_a_worker_falls_back_to_float32(cluster, caps
     from ray_app.train.settings import METRIC
     from ray_app.train.driver import _epoch_lines_callback, printed_epochs
 
-    m = {"epoch": 1, "loss_next_item": 1.0, METRIC: 0.1, "valid_targets": 5, f"best_{METRIC}": 0.1, "best_epoch": 1,
-         "sequences_per_s": 10.0, "train_seconds": 1.0, "precision": "float32 (bf16 unsupported: no AVX-512 BF16)"}
+    m = {
+        "epoch": 1,
+        "loss_next_item": 1.0,
+        METRIC: 0.1,
+        "valid_targets": 5,
+        f"best_{METRIC}": 0.1,
+        "best_epoch": 1,
+        "sequences_per_s": 10.0,
+        "train_seconds": 1.0,
+        "precision": "float32 (bf16 unsupported: no AVX-512 BF16)",
+    }
     with printed_epochs(2) as callbacks:
         for epoch in (1, 2):
             callbacks[0].after_report(None, [{**m, "epoch": epoch}], None)

@@ -3,6 +3,7 @@
 On Kubernetes the serve config names the password as `${DYNAMIC_INTEREST_REDIS_PASSWORD}`
 (k8s/render.py); every replica takes it from its environment, set from a Secret.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,18 +17,21 @@ from ray_app.store.base import redact_url
 SECRET = "s3cr3t-Pa55word_xyz"
 
 
-@pytest.mark.parametrize("url, shown", [
-    (f"redis://dynamic-interest:{SECRET}@redis:6379/0", "redis://dynamic-interest:***@redis:6379/0"),
-    (f"redis://:{SECRET}@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
-    (f"rediss://u:{SECRET}@h:6380/1?ssl_cert_reqs=none", "rediss://u:***@h:6380/1?ssl_cert_reqs=none"),
-    (f"redis://h:6379/0?db=0&password={SECRET}", "redis://h:6379/0?db=0&password=***"),
-    (f"unix://:{SECRET}@/run/redis.sock?db=0", "unix://:***@/run/redis.sock?db=0"),
-    # Nothing to hide: returned exactly as given.
-    ("redis://redis:6379/0", "redis://redis:6379/0"),
-    ("redis://dynamic-interest@redis:6379/0", "redis://dynamic-interest@redis:6379/0"),
-    ("sqlite:////abs/state.db", "sqlite:////abs/state.db"),
-    ("sqlite:///runs/serve/state.db", "sqlite:///runs/serve/state.db"),
-])
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        (f"redis://dynamic-interest:{SECRET}@redis:6379/0", "redis://dynamic-interest:***@redis:6379/0"),
+        (f"redis://:{SECRET}@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+        (f"rediss://u:{SECRET}@h:6380/1?ssl_cert_reqs=none", "rediss://u:***@h:6380/1?ssl_cert_reqs=none"),
+        (f"redis://h:6379/0?db=0&password={SECRET}", "redis://h:6379/0?db=0&password=***"),
+        (f"unix://:{SECRET}@/run/redis.sock?db=0", "unix://:***@/run/redis.sock?db=0"),
+        # Nothing to hide: returned exactly as given.
+        ("redis://redis:6379/0", "redis://redis:6379/0"),
+        ("redis://dynamic-interest@redis:6379/0", "redis://dynamic-interest@redis:6379/0"),
+        ("sqlite:////abs/state.db", "sqlite:////abs/state.db"),
+        ("sqlite:///runs/serve/state.db", "sqlite:///runs/serve/state.db"),
+    ],
+)
 def test_redact_url(url, shown):
     assert redact_url(url) == shown
 

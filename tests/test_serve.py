@@ -3,6 +3,7 @@
 The app is deployed from `ray_app/serve/config.yaml` (paths swapped for a tiny model and
 dataset) the way `serve deploy` does it, so the checked-in config is what is tested.
 """
+
 from __future__ import annotations
 
 import copy
@@ -56,7 +57,7 @@ def config_for(port: int, first: Path, ckpt: Path, data_dir: Path, store_url: st
     for d in app["deployments"]:
         if "user_config" in d:
             d["user_config"] = {"checkpoint": str(ckpt)}
-        d["autoscaling_config"]["max_replicas"] = 1   # 2 cores shared by the whole test run
+        d["autoscaling_config"]["max_replicas"] = 1  # 2 cores shared by the whole test run
     return ServeDeploySchema.model_validate(cfg)
 
 
@@ -81,8 +82,14 @@ def env(tiny_data, tmp_path_factory):
     ckpt_b = train_checkpoint(tiny_data, root / "b" / "model.pt", "concat", seed=1)
     port = free_port()
     store_url = f"sqlite:///{root / 'state.db'}"
-    env = {"data": tiny_data, "ckpt_a": ckpt_a, "ckpt_b": ckpt_b, "port": port, "store_url": store_url,
-           "config": lambda ckpt: config_for(port, ckpt_a, ckpt, tiny_data.path, store_url)}
+    env = {
+        "data": tiny_data,
+        "ckpt_a": ckpt_a,
+        "ckpt_b": ckpt_b,
+        "port": port,
+        "store_url": store_url,
+        "config": lambda ckpt: config_for(port, ckpt_a, ckpt, tiny_data.path, store_url),
+    }
     with local_serve(port):
         deploy(env["config"](ckpt_a))
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers=service_auth()) as client:
@@ -107,6 +114,7 @@ def as_events(rows: list[dict]) -> list[dict]:
 
 # ---- config -------------------------------------------------------------------------------
 
+
 def test_config_yaml_is_a_valid_serve_build_config():
     cfg = yaml.safe_load(CONFIG.read_text())
     schema = ServeDeploySchema.model_validate(cfg)
@@ -125,6 +133,7 @@ def test_config_yaml_is_a_valid_serve_build_config():
 
 # ---- the API ------------------------------------------------------------------------------
 
+
 def test_healthz(client, env):
     h = client.get("/healthz").json()
     assert h["status"] == "ok" and h["model_version"] == file_version(env["ckpt_a"])
@@ -138,8 +147,10 @@ def test_recommend_known_user_excludes_seen_and_explains(client, env):
     assert len(users) == 3 and users == sorted(users, key=lambda u: u["user_id"])
     uid = users[0]["user_id"]
     seen = {e["item_id"] for e in events_of(client, uid)}
-    r = client.post("/recommend", json={"user_id": uid, "k": 7, "explain": True,
-                                        "context": {"timestamp": 1.7e9, "intent": "something funny"}})
+    r = client.post(
+        "/recommend",
+        json={"user_id": uid, "k": 7, "explain": True, "context": {"timestamp": 1.7e9, "intent": "something funny"}},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["user_id"] == uid and body["n_events"] == users[0]["n_events"]
@@ -152,8 +163,9 @@ def test_recommend_known_user_excludes_seen_and_explains(client, env):
     assert set(body["explanation"]) == set(body["gates"])
     assert all(len(v) == 7 and v[0]["title"] for v in body["explanation"].values())
     assert not seen & {it["item_id"] for v in body["explanation"].values() for it in v}
-    again = client.post("/recommend", json={"user_id": uid, "k": 7, "exclude_seen": False,
-                                            "context": {"timestamp": 1.7e9}}).json()
+    again = client.post(
+        "/recommend", json={"user_id": uid, "k": 7, "exclude_seen": False, "context": {"timestamp": 1.7e9}}
+    ).json()
     assert again["explanation"] is None
 
 
@@ -209,8 +221,10 @@ def test_an_acknowledged_event_shows_in_the_next_recommendation(client, env):
     more = [{"item_id": int(env["data"].item_source_ids[j]), "rating": 3.5, "timestamp": 1.6e9 + j} for j in (4, 9)]
     assert client.post(f"/users/{uid}/events", json={"events": more}).json()["n_events"] == 3
     rec = client.post("/recommend", json={"user_id": uid, "k": 10, "exclude_seen": False, "context": ctx}).json()
-    full = client.post("/recommend", json={"history": as_events(events_of(client, uid)), "k": 10,
-                                           "exclude_seen": False, "context": ctx}).json()
+    full = client.post(
+        "/recommend",
+        json={"history": as_events(events_of(client, uid)), "k": 10, "exclude_seen": False, "context": ctx},
+    ).json()
     assert rec["n_events"] == 3
     assert [i["item_id"] for i in rec["items"]] == [i["item_id"] for i in full["items"]]
     np.testing.assert_allclose([i["score"] for i in rec["items"]], [i["score"] for i in full["items"]], rtol=1e-4)
@@ -246,10 +260,22 @@ BAD = [  # (id, method, path, httpx arguments, status, field named in the error)
     ("k zero", "POST", "/recommend", {"json": {"k": 0}}, 422, "k"),
     ("k negative", "POST", "/recommend", {"json": {"k": -5}}, 422, "k"),
     ("k huge", "POST", "/recommend", {"json": {"k": 10**9}}, 422, "k"),
-    ("rating out of range", "POST", "/recommend", {"json": {"history": [{**EV, "rating": 9}]}}, 422,
-     "history.0.rating"),
-    ("unknown item", "POST", "/recommend", {"json": {"history": [EV, {**EV, "item_id": 10**8}]}}, 422,
-     "history.1.item_id"),
+    (
+        "rating out of range",
+        "POST",
+        "/recommend",
+        {"json": {"history": [{**EV, "rating": 9}]}},
+        422,
+        "history.0.rating",
+    ),
+    (
+        "unknown item",
+        "POST",
+        "/recommend",
+        {"json": {"history": [EV, {**EV, "item_id": 10**8}]}},
+        422,
+        "history.1.item_id",
+    ),
     ("oversized history", "POST", "/recommend", {"json": {"history": [EV] * 1001}}, 422, "history"),
     ("user and history", "POST", "/recommend", {"json": {"user_id": "1", "history": [EV]}}, 422, "history"),
     ("unknown field", "POST", "/recommend", {"json": {"userid": "1"}}, 422, "userid"),
@@ -257,27 +283,75 @@ BAD = [  # (id, method, path, httpx arguments, status, field named in the error)
     ("unknown user", "POST", "/recommend", {"json": {"user_id": "no-such-user"}}, 404, "user_id"),
     ("non-UTF-8 body", "POST", "/recommend", {"content": b'{"user_id": "\xff\xfe"}', "headers": JSON}, 400, "body"),
     ("lone surrogate", "POST", "/recommend", {"content": b'{"user_id": "\\ud800"}', "headers": JSON}, 422, "user_id"),
-    ("control characters in intent", "POST", "/recommend", {"json": {"context": {"intent": "fun\u0000ny"}}}, 422,
-     "context.intent"),
+    (
+        "control characters in intent",
+        "POST",
+        "/recommend",
+        {"json": {"context": {"intent": "fun\u0000ny"}}},
+        422,
+        "context.intent",
+    ),
     ("undecodable user id in URL", "POST", "/users/%FF%FE/events", {"json": {"events": [EV]}}, 422, "user_id"),
     ("undecodable prefix in query", "GET", "/users?q=%FF", {}, 422, "q"),
     ("oversized body", "POST", "/recommend", {"content": b" " * (2 << 20), "headers": JSON}, 413, "body"),
     ("empty events", "POST", "/users/x/events", {"json": {"events": []}}, 422, "events"),
     ("too many events", "POST", "/users/x/events", {"json": {"events": [EV] * 1001}}, 422, "events"),
-    ("event unknown item", "POST", "/users/x/events", {"json": {"events": [{**EV, "item_id": -3}]}}, 422,
-     "events.0.item_id"),
-    ("event missing field", "POST", "/users/x/events", {"json": {"events": [{"item_id": 1, "rating": 4}]}}, 422,
-     "events.0.timestamp"),
-    ("timestamp far future", "POST", "/recommend", {"json": {"context": {"timestamp": 1e300}}}, 422,
-     "context.timestamp"),
-    ("timestamp not a number", "POST", "/users/x/events", {"json": {"events": [{**EV, "timestamp": "noon"}]}}, 422,
-     "events.0.timestamp"),
-    ("event in the future", "POST", "/users/x/events",
-     {"json": {"events": [{**EV, "timestamp": time.time() + 3600}]}}, 422, "events.0.timestamp"),
-    ("inline event in the future", "POST", "/recommend",
-     {"json": {"history": [{**EV, "timestamp": time.time() + 3600}]}}, 422, "history.0.timestamp"),
-    ("malformed idempotency key", "POST", "/users/x/events",
-     {"json": {"events": [EV]}, "headers": {"Idempotency-Key": "two words"}}, 422, "Idempotency-Key"),
+    (
+        "event unknown item",
+        "POST",
+        "/users/x/events",
+        {"json": {"events": [{**EV, "item_id": -3}]}},
+        422,
+        "events.0.item_id",
+    ),
+    (
+        "event missing field",
+        "POST",
+        "/users/x/events",
+        {"json": {"events": [{"item_id": 1, "rating": 4}]}},
+        422,
+        "events.0.timestamp",
+    ),
+    (
+        "timestamp far future",
+        "POST",
+        "/recommend",
+        {"json": {"context": {"timestamp": 1e300}}},
+        422,
+        "context.timestamp",
+    ),
+    (
+        "timestamp not a number",
+        "POST",
+        "/users/x/events",
+        {"json": {"events": [{**EV, "timestamp": "noon"}]}},
+        422,
+        "events.0.timestamp",
+    ),
+    (
+        "event in the future",
+        "POST",
+        "/users/x/events",
+        {"json": {"events": [{**EV, "timestamp": time.time() + 3600}]}},
+        422,
+        "events.0.timestamp",
+    ),
+    (
+        "inline event in the future",
+        "POST",
+        "/recommend",
+        {"json": {"history": [{**EV, "timestamp": time.time() + 3600}]}},
+        422,
+        "history.0.timestamp",
+    ),
+    (
+        "malformed idempotency key",
+        "POST",
+        "/users/x/events",
+        {"json": {"events": [EV]}, "headers": {"Idempotency-Key": "two words"}},
+        422,
+        "Idempotency-Key",
+    ),
     ("events of unknown user", "GET", "/users/no-such-user/events", {}, 404, "user_id"),
     ("interests of unknown user", "GET", "/users/no-such-user/interests", {}, 404, "user_id"),
     ("interests last zero", "GET", "/users/1/interests", {"params": {"last": 0}}, 422, "last"),
@@ -296,7 +370,7 @@ def test_bad_input_is_a_4xx_naming_the_field(client, method, path, kwargs, statu
     assert body["field"] == field and isinstance(body["detail"], str) and body["detail"]
     if field != "body":
         assert field.split(".")[0] in body["detail"]
-    assert client.get("/healthz").status_code == 200   # and the service keeps serving
+    assert client.get("/healthz").status_code == 200  # and the service keeps serving
 
 
 def test_a_retried_post_with_its_idempotency_key_appends_once(client):
@@ -312,7 +386,7 @@ def test_a_retried_post_with_its_idempotency_key_appends_once(client):
     assert len(events_of(client, uid)) == 3
     other = client.post(f"/users/{uid}/events", json={"events": [EV]}, headers={"Idempotency-Key": key})
     assert other.status_code == 422 and other.json()["field"] == "Idempotency-Key"
-    assert client.post(f"/users/{uid}/events", json={"events": [EV]}).json()["n_events"] == 4   # no key: appends
+    assert client.post(f"/users/{uid}/events", json={"events": [EV]}).json()["n_events"] == 4  # no key: appends
 
 
 # ---- access control: every route but /healthz --------------------------------------------
@@ -331,10 +405,14 @@ CALLERS = {  # (id, headers) -> the status expected for (route owner kind)
     "no token": ({}, {OWNER: 401, None: 401, "service": 401}),
     "not a bearer header": ({"Authorization": "Basic dXNlcjpwYXNz"}, {OWNER: 401, None: 401, "service": 401}),
     "garbage token": ({"Authorization": "Bearer not-a-jwt"}, {OWNER: 401, None: 401, "service": 401}),
-    "token of another secret": ({"Authorization": f"Bearer {mint('x' * 40, 'service')}"},
-                                {OWNER: 401, None: 401, "service": 401}),
-    "expired token": ({"Authorization": f"Bearer {mint(os.environ['DYNAMIC_INTEREST_AUTH_SECRET'], 'service', ttl_s=-1)}"},
-                      {OWNER: 401, None: 401, "service": 401}),
+    "token of another secret": (
+        {"Authorization": f"Bearer {mint('x' * 40, 'service')}"},
+        {OWNER: 401, None: 401, "service": 401},
+    ),
+    "expired token": (
+        {"Authorization": f"Bearer {mint(os.environ['DYNAMIC_INTEREST_AUTH_SECRET'], 'service', ttl_s=-1)}"},
+        {OWNER: 401, None: 401, "service": 401},
+    ),
     "another user's token": (user_auth(OTHER), {OWNER: 403, None: 200, "service": 403}),
     "the user's own token": (user_auth(OWNER), {OWNER: 200, None: 200, "service": 403}),
     "a service token": (service_auth(), {OWNER: 200, None: 200, "service": 200}),
@@ -352,7 +430,7 @@ def test_every_route_but_healthz_needs_the_right_token(env, caller, method, path
             body = r.json()
             assert body["field"] == "authorization" and body["detail"], body
             assert r.status_code == 403 or r.headers["www-authenticate"] == "Bearer"
-        assert anonymous.get("/healthz").status_code == 200          # no token needed, ever
+        assert anonymous.get("/healthz").status_code == 200  # no token needed, ever
 
 
 def test_a_token_past_its_rate_gets_429_and_others_do_not(env, client):
@@ -374,7 +452,7 @@ def test_a_token_past_its_rate_gets_429_and_others_do_not(env, client):
         assert more[-1] == 429 and set(more[:-1]) <= {403}, {code: more.count(code) for code in set(more)}
         r = c.get("/items", params={"q": "x", "k": 1})
         assert r.status_code == 429 and r.json()["field"] == "authorization" and int(r.headers["retry-after"]) >= 1
-    assert client.get("/items", params={"q": "x", "k": 1}).status_code == 200   # another token is not slowed
+    assert client.get("/items", params={"q": "x", "k": 1}).status_code == 200  # another token is not slowed
 
 
 def test_the_api_description_declares_the_bearer_scheme(client):
@@ -384,6 +462,7 @@ def test_the_api_description_declares_the_bearer_scheme(client):
 
 
 # ---- model swap and restart -------------------------------------------------------------
+
 
 def test_new_checkpoint_through_user_config_without_failed_requests(client, env):
     version_b = file_version(env["ckpt_b"])
@@ -431,6 +510,6 @@ def test_restart_loses_no_acknowledged_event(client, env):
     deploy(copy.deepcopy(config))
     assert [e["item_id"] for e in events_of(client, uid)] == items
     after = {u["user_id"]: u["n_events"] for u in client.get("/users", params={"limit": 1000}).json()["users"]}
-    assert after == counts   # the startup bulk load is idempotent: no training user is loaded twice
+    assert after == counts  # the startup bulk load is idempotent: no training user is loaded twice
     rec = client.post("/recommend", json={"user_id": uid, "k": 3}).json()
     assert rec["n_events"] == len(items)

@@ -3,6 +3,7 @@ not a hang or a 500; an inline history is still answered; when Redis is back, so
 every acknowledged event. Also: the application metrics reach Ray's Prometheus endpoint, and a
 client's X-Request-ID comes back on the response.
 """
+
 from __future__ import annotations
 
 import re
@@ -34,8 +35,15 @@ def served(tiny_data, tmp_path_factory):
     model = new_model("decomposer", tiny_data, make_split(tiny_data.user_offsets, 1), lstm_units=16, dim_size=8)
     ckpt = checkpoint.save(tmp / "model.pt", model, {"item_source_ids": torch.as_tensor(tiny_data.item_source_ids)})
     one = DeploymentSettings(num_cpus=0.2, min_replicas=1, max_replicas=1)
-    args = AppArgs(checkpoint=str(ckpt), data_dir=str(tiny_data.path), store_url=redis.url,
-                   encoder=one, decomposer=one, combiner=one, ingress=one)
+    args = AppArgs(
+        checkpoint=str(ckpt),
+        data_dir=str(tiny_data.path),
+        store_url=redis.url,
+        encoder=one,
+        decomposer=one,
+        combiner=one,
+        ingress=one,
+    )
     port, metrics_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     with local_serve(port, _metrics_export_port=metrics_port):
@@ -50,26 +58,31 @@ def test_a_stopped_store_is_a_503_and_the_api_comes_back_with_it(served):
     client, redis, _, data = served
     user = str(int(data.user_source_ids[1]))
     item = int(data.item_source_ids[1])
-    ok = client.post(f"/users/{user}/events", json={"events": [{"item_id": item, "rating": 4, "timestamp": 1.7e9}]},
-                     headers={"Idempotency-Key": "before-the-fault"})
+    ok = client.post(
+        f"/users/{user}/events",
+        json={"events": [{"item_id": item, "rating": 4, "timestamp": 1.7e9}]},
+        headers={"Idempotency-Key": "before-the-fault"},
+    )
     assert ok.status_code == 200, ok.text
     acked = ok.json()["n_events"]
     redis.stop()
     try:
-        for method, path, body in [("GET", f"/users/{user}/events", None),
-                                   ("POST", f"/users/{user}/events",
-                                    {"events": [{"item_id": item, "rating": 3, "timestamp": 1.7e9 + 60}]}),
-                                   ("POST", "/recommend", {"user_id": user, "k": 3}),
-                                   ("GET", "/users", None)]:
+        for method, path, body in [
+            ("GET", f"/users/{user}/events", None),
+            ("POST", f"/users/{user}/events", {"events": [{"item_id": item, "rating": 3, "timestamp": 1.7e9 + 60}]}),
+            ("POST", "/recommend", {"user_id": user, "k": 3}),
+            ("GET", "/users", None),
+        ]:
             t0 = time.monotonic()
             r = client.request(method, path, json=body)
             assert r.status_code == 503, (path, r.status_code, r.text)
             assert r.json()["field"] == "store" and "unavailable" in r.json()["detail"], r.text
             assert re.search(r"127\.0\.0\.1:\d+", r.json()["detail"]) and r.headers["retry-after"] == "1"
             assert time.monotonic() - t0 < 20, f"{path} took {time.monotonic() - t0:.1f} s to give up"
-        inline = client.post("/recommend", json={"history": [{"item_id": item, "rating": 5, "timestamp": 1.7e9}],
-                                                 "k": 3})
-        assert inline.status_code == 200, inline.text       # a request that needs no store is still served
+        inline = client.post(
+            "/recommend", json={"history": [{"item_id": item, "rating": 5, "timestamp": 1.7e9}], "k": 3}
+        )
+        assert inline.status_code == 200, inline.text  # a request that needs no store is still served
     finally:
         redis.start()
     deadline = time.monotonic() + 90
@@ -79,15 +92,17 @@ def test_a_stopped_store_is_a_503_and_the_api_comes_back_with_it(served):
             break
         time.sleep(1)
     assert back.status_code == 200, back.text
-    assert len(back.json()["events"]) == acked               # nothing acknowledged was lost
+    assert len(back.json()["events"]) == acked  # nothing acknowledged was lost
     assert client.post("/recommend", json={"user_id": user, "k": 3}).status_code == 200
 
 
 def test_application_metrics_reach_prometheus(served):
     client, _, metrics_port, data = served
     user = str(int(data.user_source_ids[2]))
-    r = client.post(f"/users/{user}/events", json={"events": [
-        {"item_id": int(data.item_source_ids[2]), "rating": 4, "timestamp": 1.7e9 + 600}]})
+    r = client.post(
+        f"/users/{user}/events",
+        json={"events": [{"item_id": int(data.item_source_ids[2]), "rating": 4, "timestamp": 1.7e9 + 600}]},
+    )
     assert r.status_code == 200, r.text
     wanted = ("dynamic_interest_events_appended_total", "dynamic_interest_store_latency_ms_bucket")
     deadline, text = time.monotonic() + 60, ""
@@ -105,4 +120,4 @@ def test_a_request_id_comes_back(served):
     client = served[0]
     r = client.get("/healthz", headers={"X-Request-ID": "trace-me-42"})
     assert r.status_code == 200 and r.headers["x-request-id"] == "trace-me-42"
-    assert client.get("/healthz").headers.get("x-request-id")        # one is made when none is sent
+    assert client.get("/healthz").headers.get("x-request-id")  # one is made when none is sent

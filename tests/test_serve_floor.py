@@ -1,5 +1,6 @@
 """The serving floor benchmark's wrk driver, against a plain local HTTP server (no Ray): what the
 Lua script sends, and how wrk's summary is read and pooled."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -14,7 +15,8 @@ import pytest
 # The benchmark is a script, not a package: loaded from its file, without putting benchmarks/ on
 # sys.path (a module there could shadow a package of the same name for the other test modules).
 _spec = importlib.util.spec_from_file_location(
-    "serve_floor", Path(__file__).resolve().parents[1] / "benchmarks" / "serve_floor.py")
+    "serve_floor", Path(__file__).resolve().parents[1] / "benchmarks" / "serve_floor.py"
+)
 serve_floor = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(serve_floor)
 _pooled, run_wrk = serve_floor._pooled, serve_floor.run_wrk
@@ -63,14 +65,26 @@ def test_wrk_sends_the_token_and_known_users_and_counts_failures(server, tmp_pat
     paths, auths, bodies = zip(*_Recorder.seen)
     assert set(paths) == {"/floor/recommend"} and set(auths) == {"Bearer tok-123"}
     assert {b["user_id"] for b in bodies} <= {"17", "42"} and {b["k"] for b in bodies} == {10}
-    _Recorder.seen, _Recorder.fail_every = [], 3                   # every third answer a 500
+    _Recorder.seen, _Recorder.fail_every = [], 3  # every third answer a 500
     r = run_wrk(server, 2, 1.0, users)
     assert r["error_kinds"]["status_errors"] > 0 and r["errors"] >= r["error_kinds"]["status_errors"]
 
 
 def test_rounds_pool_into_one_rate_and_the_median_round():
-    runs = [{"connections": 8, "duration_s": 10.0, "requests": n, "errors": e, "mean_ms": p, "p50_ms": p,
-             "p90_ms": p, "p99_ms": p * 2, "max_ms": p * 3} for n, e, p in ((500, 0, 10.0), (700, 1, 30.0), (600, 0, 20.0))]
+    runs = [
+        {
+            "connections": 8,
+            "duration_s": 10.0,
+            "requests": n,
+            "errors": e,
+            "mean_ms": p,
+            "p50_ms": p,
+            "p90_ms": p,
+            "p99_ms": p * 2,
+            "max_ms": p * 3,
+        }
+        for n, e, p in ((500, 0, 10.0), (700, 1, 30.0), (600, 0, 20.0))
+    ]
     pooled = _pooled(runs)
     assert pooled["throughput_rps"] == pytest.approx(1800 / 30.0)
     assert pooled["p99_ms"] == 40.0 and pooled["max_ms"] == 90.0 and pooled["errors"] == 1 and pooled["rounds"] == 3

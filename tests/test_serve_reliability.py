@@ -4,6 +4,7 @@ One app for the module on a 2-CPU Ray: the Decomposer runs two replicas so that 
 the other answers. Load comes from `benchmarks/load_client.py` in a separate process, as in the
 load benchmark; acknowledged events are counted in the store afterwards.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,15 @@ def served(tiny_data, tmp_path_factory):
     one = DeploymentSettings(num_cpus=0.2, min_replicas=1, max_replicas=1)
     two = DeploymentSettings(num_cpus=0.2, min_replicas=2, max_replicas=2)
     ingress = one.model_copy(update={"max_ongoing_requests": 100})
-    args = AppArgs(checkpoint=str(ckpt), data_dir=str(tiny_data.path), store_url=store_url,
-                   encoder=one, decomposer=two, combiner=one, ingress=ingress)
+    args = AppArgs(
+        checkpoint=str(ckpt),
+        data_dir=str(tiny_data.path),
+        store_url=store_url,
+        encoder=one,
+        decomposer=two,
+        combiner=one,
+        ingress=ingress,
+    )
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with local_serve(port):
@@ -89,17 +97,36 @@ def running(deployment: str) -> int:
 
 def start_load(served, name: str, duration: float, concurrency: int = 4) -> tuple[subprocess.Popen, Path]:
     data = served.data
-    spec = {"users": [str(int(u)) for u in data.user_source_ids[1:]],
-            "item_ids": [int(i) for i in data.item_source_ids[1:]],
-            "intents": ["something light and funny"],
-            "weights": {"recommend": 0.5, "recommend_intent": 0.0, "post_event": 0.5}}
+    spec = {
+        "users": [str(int(u)) for u in data.user_source_ids[1:]],
+        "item_ids": [int(i) for i in data.item_source_ids[1:]],
+        "intents": ["something light and funny"],
+        "weights": {"recommend": 0.5, "recommend_intent": 0.0, "post_event": 0.5},
+    }
     spec_path = served.tmp / f"{name}-spec.json"
     spec_path.write_text(json.dumps(spec))
     out = served.tmp / f"{name}.json"
     token = service_auth()["Authorization"].removeprefix("Bearer ")
-    proc = subprocess.Popen([sys.executable, str(LOAD_CLIENT), "--url", served.url, "--spec", str(spec_path),
-                             "--concurrency", str(concurrency), "--duration", str(duration), "--details",
-                             "--timeout", "20", "--out", str(out)], env={**os.environ, TOKEN_ENV: token})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(LOAD_CLIENT),
+            "--url",
+            served.url,
+            "--spec",
+            str(spec_path),
+            "--concurrency",
+            str(concurrency),
+            "--duration",
+            str(duration),
+            "--details",
+            "--timeout",
+            "20",
+            "--out",
+            str(out),
+        ],
+        env={**os.environ, TOKEN_ENV: token},
+    )
     return proc, out
 
 
@@ -154,8 +181,10 @@ def test_killing_a_decomposer_replica_under_load_loses_no_acknowledged_event(ser
         assert store.count_events(u) >= before.get(u, 0) + len(mine)
         assert len({a["n_events"] for a in mine}) == len(mine), f"user {u}: two acks report the same n_events"
     store.close()
-    print(f"\nkill: replaced after {replaced_at - killed_at:.1f}s; during: {during['ok']} ok, {during['errors']} "
-          f"errors {during['error_samples'][:2]}; after: {after['ok']} ok; {len(acked)} acknowledged events kept")
+    print(
+        f"\nkill: replaced after {replaced_at - killed_at:.1f}s; during: {during['ok']} ok, {during['errors']} "
+        f"errors {during['error_samples'][:2]}; after: {after['ok']} ok; {len(acked)} acknowledged events kept"
+    )
 
 
 # ---- schemathesis: generated requests from /openapi.json never get a 500 -------------------------
@@ -173,9 +202,15 @@ def test_generated_requests_never_get_a_server_error(served):
 
     for operation in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
             @given(case=operation.as_strategy(generation_mode=mode))
-            @settings(max_examples=EXAMPLES, deadline=None, phases=[Phase.generate], database=None,
-                      suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=EXAMPLES,
+                deadline=None,
+                phases=[Phase.generate],
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            )
             def check(case):
                 response = case.call(base_url=served.url, timeout=30, headers=service_auth())
                 calls.append(response.status_code)
@@ -193,5 +228,5 @@ def test_generated_requests_never_get_a_server_error(served):
                 # An operation without parameters or body (GET /healthz) has nothing to break.
                 assert mode == GenerationMode.NEGATIVE, f"{operation.label}: no valid request can be generated"
     assert not failures, "\n".join(failures[:10])
-    assert len(calls) >= len(operations) * 2, calls     # something was really sent for every operation
-    assert httpx.get(f"{served.url}/healthz", timeout=10).status_code == 200   # and the service still serves
+    assert len(calls) >= len(operations) * 2, calls  # something was really sent for every operation
+    assert httpx.get(f"{served.url}/healthz", timeout=10).status_code == 200  # and the service still serves

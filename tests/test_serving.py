@@ -1,5 +1,6 @@
 """The Serve app's pieces without Ray: checkpoints, features, state blobs, the decomposer's
 incremental update against a rebuild, the combiner's ranking, errors and app arguments."""
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,18 @@ from models.nn.checkpoint import BestCheckpoint
 from ray_app.serve.deployments import Combiner, Decomposer
 from ray_app.serve.ingress import _field_path
 from ray_app.serve.app import AppArgs, DeploymentSettings, build_app
-from ray_app.serve.served_model import Catalogue, RankJob, ServedModel, ServingSetupError, event_tensors, file_version, pack_state, resolve_checkpoint, training_user_events, unpack_state
+from ray_app.serve.served_model import (
+    Catalogue,
+    RankJob,
+    ServedModel,
+    ServingSetupError,
+    event_tensors,
+    file_version,
+    pack_state,
+    resolve_checkpoint,
+    training_user_events,
+    unpack_state,
+)
 from ray_app.store.base import Event, StoredState
 from ray_app.store.opener import open_store
 
@@ -25,20 +37,38 @@ from ray_app.store.opener import open_store
 @pytest.fixture(scope="module")
 def ckpt(tiny_data, tmp_path_factory):
     torch.manual_seed(0)
-    m = new_model("decomposer", tiny_data, make_split(tiny_data.user_offsets, 1), lstm_units=24, item_dim=16,
-                  dim_size=8, combine="mixture", profile_decays=()).eval()    # the plain (h, c) state
-    return checkpoint.save(tmp_path_factory.mktemp("ckpt") / "model.pt", m,
-                           {"item_source_ids": torch.tensor(tiny_data.item_source_ids)})
+    m = new_model(
+        "decomposer",
+        tiny_data,
+        make_split(tiny_data.user_offsets, 1),
+        lstm_units=24,
+        item_dim=16,
+        dim_size=8,
+        combine="mixture",
+        profile_decays=(),
+    ).eval()  # the plain (h, c) state
+    return checkpoint.save(
+        tmp_path_factory.mktemp("ckpt") / "model.pt", m, {"item_source_ids": torch.tensor(tiny_data.item_source_ids)}
+    )
 
 
 @pytest.fixture(scope="module")
 def profile_ckpt(tiny_data, tmp_path_factory):
     """A concat-mode decomposer whose state carries decayed profiles beside (h, c)."""
     torch.manual_seed(0)
-    m = new_model("decomposer", tiny_data, make_split(tiny_data.user_offsets, 1), lstm_units=24, item_dim=16,
-                  dim_size=8, residual=True, profile_decays=(1.0, 0.9)).eval()
-    return checkpoint.save(tmp_path_factory.mktemp("ckpt") / "profile.pt", m,
-                           {"item_source_ids": torch.tensor(tiny_data.item_source_ids)})
+    m = new_model(
+        "decomposer",
+        tiny_data,
+        make_split(tiny_data.user_offsets, 1),
+        lstm_units=24,
+        item_dim=16,
+        dim_size=8,
+        residual=True,
+        profile_decays=(1.0, 0.9),
+    ).eval()
+    return checkpoint.save(
+        tmp_path_factory.mktemp("ckpt") / "profile.pt", m, {"item_source_ids": torch.tensor(tiny_data.item_source_ids)}
+    )
 
 
 def test_resolve_checkpoint_accepts_file_folder_and_run(ckpt, tmp_path):
@@ -46,11 +76,20 @@ def test_resolve_checkpoint_accepts_file_folder_and_run(ckpt, tmp_path):
     assert resolve_checkpoint(ckpt.parent) == ckpt
     run = tmp_path / "run"
     run.mkdir()
-    record = BestCheckpoint(run="run", path=str(ckpt.parent), model=str(ckpt), epoch=3, valid_ndcg10=0.1,
-                            metrics={"epoch": 3}, model_type="decomposer", dataset="d", protocol="loo")
+    record = BestCheckpoint(
+        run="run",
+        path=str(ckpt.parent),
+        model=str(ckpt),
+        epoch=3,
+        valid_ndcg10=0.1,
+        metrics={"epoch": 3},
+        model_type="decomposer",
+        dataset="d",
+        protocol="loo",
+    )
     (run / "best_checkpoint.json").write_text(record.to_json())
     assert resolve_checkpoint(run) == ckpt
-    assert json.loads(record.to_json())["valid_ndcg@10"] == 0.1             # the key train, tune and serve read
+    assert json.loads(record.to_json())["valid_ndcg@10"] == 0.1  # the key train, tune and serve read
     (run / "best_checkpoint.json").write_text(json.dumps({**json.loads(record.to_json()), "model": None}))
     with pytest.raises(ServingSetupError, match="best_checkpoint.json: not a best-checkpoint record .'model'"):
         resolve_checkpoint(run)
@@ -82,12 +121,13 @@ def test_a_checkpoint_is_served_only_with_the_digest_its_configuration_names(tin
     from ray_app.serve.deployments import _checkpoint_of
     from ray_app.serve.app import AppArgs, build_app
     from ray_app.serve.served_model import file_sha256
+
     digest = file_sha256(ckpt)
     assert ServedModel.load(ckpt, tiny_data.item_source_ids, digest.upper()).version == digest[:12]
     moved = tmp_path / "swapped.pt"
     shutil.copy(ckpt, moved)
     with open(moved, "ab") as f:
-        f.write(b"\0")                                  # the file changed after the swap named it
+        f.write(b"\0")  # the file changed after the swap named it
     with pytest.raises(ServingSetupError, match=f"swapped.pt: sha256 .* is not the {digest}"):
         ServedModel.load(moved, tiny_data.item_source_ids, digest)
     assert _checkpoint_of({"checkpoint": "a.pt"}) == ("a.pt", None)
@@ -112,12 +152,12 @@ def _deployments(app):
 def test_event_tensors_are_the_training_features(tiny_data):
     sl = tiny_data.user_events(3)
     items, ratings, ts = tiny_data.items[sl], tiny_data.ratings[sl], tiny_data.timestamps[sl]
-    n = len(items) - 1   # inputs: all but the last event, whose moment is the context of the last state
+    n = len(items) - 1  # inputs: all but the last event, whose moment is the context of the last state
     train = BatchBuilder(items, ratings, ts)(np.array([0]), np.array([n]), np.array([0]))
     serve = event_tensors(items[:n], ratings[:n], ts[:n], 0, ts[n])
     for key in ("items", "ratings", "event_feats", "ctx_feats"):
         torch.testing.assert_close(serve[key], train[key])
-    tail = event_tensors(items[:n], ratings[:n], ts[:n], 4, ts[n])   # events 4.. with event 3's gap
+    tail = event_tensors(items[:n], ratings[:n], ts[:n], 4, ts[n])  # events 4.. with event 3's gap
     torch.testing.assert_close(tail["event_feats"], train["event_feats"][:, 4:])
 
 
@@ -126,12 +166,12 @@ def test_state_blob_round_trip():
     back = unpack_state(pack_state(h, c), (7, 7))
     torch.testing.assert_close(back[0], h)
     torch.testing.assert_close(back[1], c)
-    assert unpack_state(pack_state(h, c), (8, 8)) is None   # a state of another shape is rebuilt
+    assert unpack_state(pack_state(h, c), (8, 8)) is None  # a state of another shape is rebuilt
     s, w = torch.randn(6), torch.rand(2)
     back = unpack_state(pack_state(h, c, s, w), (7, 7, 6, 2))
     torch.testing.assert_close(back[2], s)
     torch.testing.assert_close(back[3], w)
-    assert unpack_state(pack_state(h, c), (7, 7, 6, 2)) is None   # a state saved without the profile
+    assert unpack_state(pack_state(h, c), (7, 7, 6, 2)) is None  # a state saved without the profile
 
 
 @pytest.mark.parametrize("which", ["ckpt", "profile_ckpt"])
@@ -145,7 +185,7 @@ def test_incremental_update_equals_rebuild(tiny_data, which, request, tmp_path):
     dec.store.append_events("u", events[:5])
     first = dec._advance_users([("u", True)])[0]
     assert first.n_events == 5 and dec.store.get_state("u").n_events == 5
-    for e in events[5:]:                                   # one event at a time, as POST /events does
+    for e in events[5:]:  # one event at a time, as POST /events does
         dec.store.append_events("u", [e])
         step = dec._advance_users([("u", False), ("u", True)])
     full = dec.history_state([(e.item_id, e.rating, e.timestamp) for e in events])
@@ -174,13 +214,16 @@ def test_incremental_update_equals_rebuild(tiny_data, which, request, tmp_path):
     assert top == expected[1:].topk(3).indices.add(1).tolist()
 
 
-@pytest.mark.parametrize("loc,field", [
-    (("body", "history", 3, "item_id"), "history.3.item_id"),
-    (("query", "k"), "k"),
-    (("path", "user_id"), "user_id"),
-    (("body",), "body"),
-    (("body", 17), "body"),
-])
+@pytest.mark.parametrize(
+    "loc,field",
+    [
+        (("body", "history", 3, "item_id"), "history.3.item_id"),
+        (("query", "k"), "k"),
+        (("path", "user_id"), "user_id"),
+        (("body",), "body"),
+        (("body", 17), "body"),
+    ],
+)
 def test_error_field_paths(loc, field):
     assert _field_path(loc) == field
 
@@ -250,6 +293,7 @@ def test_a_model_stage_past_its_timeout_is_a_504_and_is_cancelled():
         def __await__(self):
             async def go():
                 raise self.exc
+
             return go().__await__()
 
     ingress = object.__new__(Ingress.func_or_class)
@@ -258,13 +302,14 @@ def test_a_model_stage_past_its_timeout_is_a_504_and_is_cancelled():
         asyncio.run(ingress._call(Slow(), "ranking"))
     assert e.value.status == 504 and "ranking did not answer within 0.05 s" in e.value.detail and Slow.cancelled
 
-    class Wrapped(Exception):          # how a failure down the graph arrives: the cause inside
+    class Wrapped(Exception):  # how a failure down the graph arrives: the cause inside
         def __init__(self, cause):
             super().__init__(str(cause))
             self.cause = cause
+
     with pytest.raises(StoreUnavailable, match="redis://h:6379"):
         asyncio.run(ingress._call(Fails(Wrapped(StoreUnavailable("Redis store redis://h:6379: down"))), "decomposer"))
-    with pytest.raises(KeyError):                       # anything else is not dressed up as a store fault
+    with pytest.raises(KeyError):  # anything else is not dressed up as a store fault
         asyncio.run(ingress._call(Fails(KeyError("x")), "decomposer"))
 
 
@@ -272,9 +317,12 @@ def test_a_state_rebuild_reads_the_models_window_not_the_whole_log(tiny_data, tm
     """A user with a long log and no usable state: the rebuild reads the last max_len events (and
     the one before, for its gap), then advances one event at a time as usual."""
     torch.manual_seed(0)
-    model = new_model("decomposer", tiny_data, make_split(tiny_data.user_offsets, 1), lstm_units=16,
-                      dim_size=8, max_len=6)
-    ckpt = checkpoint.save(tmp_path / "short.pt", model, {"item_source_ids": torch.as_tensor(tiny_data.item_source_ids)})
+    model = new_model(
+        "decomposer", tiny_data, make_split(tiny_data.user_offsets, 1), lstm_units=16, dim_size=8, max_len=6
+    )
+    ckpt = checkpoint.save(
+        tmp_path / "short.pt", model, {"item_source_ids": torch.as_tensor(tiny_data.item_source_ids)}
+    )
     dec = Decomposer.func_or_class(f"sqlite:///{tmp_path / 's.db'}", str(tiny_data.path))
     dec.reconfigure({"checkpoint": str(ckpt)})
     src = tiny_data.item_source_ids
@@ -284,15 +332,17 @@ def test_a_state_rebuild_reads_the_models_window_not_the_whole_log(tiny_data, tm
     real = dec.store.events
     dec.store.events = lambda user, start=0, limit=None: reads.append(start) or real(user, start, limit)
     out = dec._advance_users([("long", False)])[0]
-    assert out.n_events == 40 and reads == [40 - 6 - 1]              # the window and the event before it
+    assert out.n_events == 40 and reads == [40 - 6 - 1]  # the window and the event before it
     # The same state as the last six events ranked in training, their first gap included.
     from ray_app.serve.served_model import event_tensors
+
     served = dec.served
     items = np.array([served.index_of[e.item_id] for e in events[33:]], np.int64)
-    t = event_tensors(items, np.full(7, 4.0, np.float32), np.array([e.timestamp for e in events[33:]]), 1,
-                      events[-1].timestamp)
+    t = event_tensors(
+        items, np.full(7, 4.0, np.float32), np.array([e.timestamp for e in events[33:]]), 1, events[-1].timestamp
+    )
     parts = served.model.advance(None, t["items"], t["ratings"], t["event_feats"])
     np.testing.assert_allclose(out.h, served.model.interest_state(parts)[0].numpy(), atol=1e-5)
     reads.clear()
     dec.store.append_events("long", [Event(int(src[3]), 5.0, 1.6e9 + 3600 * 41)])
-    assert dec._advance_users([("long", False)])[0].n_events == 41 and reads == [39]   # one step, as usual
+    assert dec._advance_users([("long", False)])[0].n_events == 41 and reads == [39]  # one step, as usual

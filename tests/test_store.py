@@ -5,6 +5,7 @@ Besides the protocol's semantics it checks the guarantees the server relies on: 
 processes lose nothing and keep each user's order, a writer killed mid-write leaves a readable
 store with every acknowledged event, and `kill -9` of redis-server loses no acknowledged event.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -24,7 +25,9 @@ from ray_app.store.sqlite import SQLiteStore
 from ray_app.store.opener import open_store
 
 REDIS_SERVER = shutil.which("redis-server")
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not on PATH (apt-get install redis-server)")
+needs_redis = pytest.mark.skipif(
+    REDIS_SERVER is None, reason="redis-server is not on PATH (apt-get install redis-server)"
+)
 BACKENDS = ["sqlite", pytest.param("redis", marks=needs_redis)]
 SPAWN = mp.get_context("spawn")  # no fork of a process that holds store connections or threads
 
@@ -45,9 +48,26 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--logfile", "redis.log"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.dir),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+                "--logfile",
+                "redis.log",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -106,6 +126,7 @@ def ev(i: int, t0: float = 1.7e9) -> Event:
 
 # -- semantics ---------------------------------------------------------------------------
 
+
 def test_round_trip(store):
     assert store.count_events("nobody") == 0 and store.events("nobody") == []
     assert store.append_events("u1", [ev(1), ev(2)]) == 2
@@ -121,7 +142,7 @@ def test_order_and_slices(store):
         assert store.append_events("u", expected[a:b]) == b
     for start in (0, 1, 5, 36, 37, 50):
         for limit in (None, 0, 1, 3, 100):
-            want = expected[start:] if limit is None else expected[start:start + limit]
+            want = expected[start:] if limit is None else expected[start : start + limit]
             assert store.events("u", start, limit) == want, (start, limit)
     with pytest.raises(ValueError, match="start"):
         store.events("u", -1)
@@ -138,9 +159,9 @@ def test_an_idempotency_key_appends_once(store):
     """A client that retries after the commit (its answer lost) sends the same key: nothing more is
     appended and it gets the first answer; the key is per user; other events under it are refused."""
     assert store.append_once("k", "batch-1", [ev(1), ev(2)]) == (2, False)
-    assert store.append_once("k", "batch-1", [ev(1), ev(2)]) == (2, True)      # the retry
+    assert store.append_once("k", "batch-1", [ev(1), ev(2)]) == (2, True)  # the retry
     assert store.append_events("k", [ev(3)]) == 3
-    assert store.append_once("k", "batch-1", [ev(1), ev(2)]) == (2, True)      # still the first answer
+    assert store.append_once("k", "batch-1", [ev(1), ev(2)]) == (2, True)  # still the first answer
     assert store.append_once("k", "batch-2", [ev(4)]) == (4, False)
     assert store.append_once("other-user", "batch-1", [ev(1), ev(2)]) == (2, False)
     with pytest.raises(IdempotencyConflict, match="batch-1"):
@@ -190,7 +211,7 @@ def test_seen_items_follow_every_kind_of_append(store):
     assert store.seen_items("nobody") == []
     store.append_events("s", [ev(1), ev(2), ev(1)])
     store.append_once("s", "key-1", [ev(3)])
-    store.append_once("s", "key-1", [ev(3)])                     # the retry adds nothing
+    store.append_once("s", "key-1", [ev(3)])  # the retry adds nothing
     store.bulk_load({"s": [ev(50)], "t": [ev(4), ev(4), ev(5)]})  # "s" is known: not reloaded
     assert sorted(store.seen_items("s")) == [1, 2, 3]
     assert sorted(store.seen_items("t")) == [4, 5]
@@ -274,7 +295,7 @@ def _state_writer(url: str, proc: int, n: int) -> None:
     """Cache writes of a replica: states 0..n-1 of model v1, upwards (proc 0) or downwards (proc 1),
     as a slow replica would write stale states after a fast one."""
     store = open_store(url)
-    for i in (range(n) if proc == 0 else reversed(range(n))):
+    for i in range(n) if proc == 0 else reversed(range(n)):
         store.put_state("cached", StoredState("v1", i, f"{proc}:{i}".encode()))
     store.close()
 
@@ -358,11 +379,12 @@ def test_writer_killed_mid_write(url, tmp_path):
     finally:
         store.close()
     if url.startswith("sqlite"):
-        with sqlite3.connect(url[len("sqlite:///"):]) as conn:
+        with sqlite3.connect(url[len("sqlite:///") :]) as conn:
             assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
 # -- Redis only ----------------------------------------------------------------------------
+
 
 @needs_redis
 def test_redis_restart_mid_run_loses_no_acknowledged_event(tmp_path):
@@ -452,39 +474,43 @@ def test_wal_switch_is_retried_while_another_opener_holds_the_file(tmp_path):
     racing = Racing(3)
     store._enable_wal(racing)
     assert racing.calls == 4
-    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):   # other errors are not retried
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):  # other errors are not retried
         store._enable_wal(Racing(1, "disk I/O error"))
     store.close()
 
 
 # -- faults: a clear StoreUnavailable, and nothing acknowledged is lost ------------------------------
 
+
 def test_a_full_sqlite_store_refuses_the_write_and_keeps_the_old_data(tmp_path):
     from ray_app.store.base import StoreUnavailable
+
     store = SQLiteStore(str(tmp_path / "s.db"))
     store.append_events("u", [ev(i) for i in range(5)])
     conn = store._conn()
     pages = conn.execute("PRAGMA page_count").fetchone()[0]
-    conn.execute(f"PRAGMA max_page_count={pages}")        # the size limit: this file cannot grow
+    conn.execute(f"PRAGMA max_page_count={pages}")  # the size limit: this file cannot grow
     with pytest.raises(StoreUnavailable, match=re.escape(str(tmp_path / "s.db")) + ".*full"):
         store.append_events("u", [ev(i) for i in range(5, 2000)])
     assert store.events("u") == [ev(i) for i in range(5)] and store.count_events("u") == 5
-    store.ping()                                        # still answers reads
+    store.ping()  # still answers reads
     store.close()
 
 
 def test_a_corrupt_sqlite_file_is_reported_by_name_at_start(tmp_path):
     from ray_app.store.base import StoreUnavailable
+
     bad = tmp_path / "state.db"
     bad.write_bytes(b"this is no database, " * 200)
     with pytest.raises(StoreUnavailable, match=re.escape(str(bad)) + ".*cannot be opened"):
         open_store(f"sqlite:///{bad}")
-    assert bad.read_bytes().startswith(b"this is no database")   # left as it was, for a look
+    assert bad.read_bytes().startswith(b"this is no database")  # left as it was, for a look
 
 
 @needs_redis
 def test_a_stopped_redis_is_unavailable_not_a_hang(tmp_path):
     from ray_app.store.base import StoreUnavailable
+
     server = RedisServer(tmp_path)
     server.start()
     store = open_store(server.url)
@@ -494,9 +520,9 @@ def test_a_stopped_redis_is_unavailable_not_a_hang(tmp_path):
     for call in (lambda: store.events("u"), lambda: store.append_events("u", [ev(2)]), store.ping):
         with pytest.raises(StoreUnavailable, match=re.escape(server.url) + ".*unreachable"):
             call()
-    assert time.monotonic() - t0 < 30                    # the retries give up within seconds each
+    assert time.monotonic() - t0 < 30  # the retries give up within seconds each
     server.start()
-    assert store.events("u") == [ev(1)]                  # back: nothing was lost, nothing half-written
+    assert store.events("u") == [ev(1)]  # back: nothing was lost, nothing half-written
     store.close()
     server.stop()
 
@@ -506,6 +532,7 @@ def test_a_full_redis_refuses_writes_rather_than_evicting_events(redis_server):
     import redis
 
     from ray_app.store.base import StoreUnavailable
+
     store = open_store(redis_server.url)
     store.append_events("kept", [ev(i) for i in range(50)])
     with redis.Redis.from_url(redis_server.url) as r:

@@ -1,4 +1,5 @@
 """Ray Tune + Optuna search: the space and its overrides, bad input, a real search with a crashing trial, resume."""
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,26 @@ from tuning.search import main
 from tuning.space import SearchSpace, SpaceError, trial_settings
 
 # Tiny models; seed 1 makes the first trial crash (its worker dies before epoch 1) and the second train.
-SEARCH = ("--num-samples", "2", "--epochs", "2", "--batch-size", "8", "--seed", "1", "--num-cpus", "2",
-          "--space-override", "lstm_units=[8, 16]", "--space-override", "dim_size=8",
-          "--space-override", "max_len=8", "--space-override", "fail_at_epoch=[null, 1]")
+SEARCH = (
+    "--num-samples",
+    "2",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "8",
+    "--seed",
+    "1",
+    "--num-cpus",
+    "2",
+    "--space-override",
+    "lstm_units=[8, 16]",
+    "--space-override",
+    "dim_size=8",
+    "--space-override",
+    "max_len=8",
+    "--space-override",
+    "fail_at_epoch=[null, 1]",
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +48,7 @@ def study(run_dir) -> optuna.Study:
 
 
 # ---- the space ----------------------------------------------------------------------------------
+
 
 def draw(space: SearchSpace, seed: int = 0) -> dict:
     trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed)).ask()
@@ -66,8 +85,8 @@ def test_random_search_draws_from_the_same_conditional_space():
     space = SearchSpace.from_overrides(["use_topic=false", "use_sentiment=false", "use_time=false", "lr=0.01"])
     draw_a, draw_b = (random_param_space(space, seed=7)["params"].func for _ in range(2))
     first = [draw_a(None) for _ in range(4)]
-    assert first == [draw_b(None) for _ in range(4)]                      # seeded
-    assert len({p["lstm_units"] for p in first}) > 1                        # and random
+    assert first == [draw_b(None) for _ in range(4)]  # seeded
+    assert len({p["lstm_units"] for p in first}) > 1  # and random
     for p in first:
         assert "aux_weight" not in p and p["n_latent_alone"] >= 1 and p["lr"] == 0.01
 
@@ -84,35 +103,42 @@ def test_every_model_searches_with_the_same_recipe_fixed():
     assert trial_settings(decomposer)[1]["ema_decay"] == 0.98
 
 
-@pytest.mark.parametrize("model, override, message", [
-    ("sasrec", "dim_size=8", "dim_size: not a search-space parameter of sasrec; choose from blocks"),
-    ("sasrec", "blocks=0", "blocks=0: must be a positive integer"),
-    ("gru4rec", "ema_decay=1.5", "ema_decay=1.5: must be in \\[0, 1\\)"),
-    ("lstm", "use_text=maybe", "use_text='maybe': Input should be a valid boolean"),
-    ("knn", "lr=0.1", "model 'knn': no search space"),
-])
+@pytest.mark.parametrize(
+    "model, override, message",
+    [
+        ("sasrec", "dim_size=8", "dim_size: not a search-space parameter of sasrec; choose from blocks"),
+        ("sasrec", "blocks=0", "blocks=0: must be a positive integer"),
+        ("gru4rec", "ema_decay=1.5", "ema_decay=1.5: must be in \\[0, 1\\)"),
+        ("lstm", "use_text=maybe", "use_text='maybe': Input should be a valid boolean"),
+        ("knn", "lr=0.1", "model 'knn': no search space"),
+    ],
+)
 def test_bad_baseline_spaces_are_named(model, override, message):
     with pytest.raises(SpaceError, match=message):
         SearchSpace.from_overrides([override], model=model)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("units=64", "units: not a search-space parameter; choose from lstm_units"),
-    ("lstm_units={low: 64, high: 32}", "low 64 is above high 32"),
-    ("lr={low: 0, high: 0.1, log: true}", "a log range needs low > 0"),
-    ("combine=[concat, max]", "combine must be 'concat', 'sum' or 'mixture'"),
-    ("dropout=1.5", "dropout=1.5: must be in \\[0, 1\\)"),
-    ("dim_size=0", "dim_size=0: must be a positive integer"),
-    ("use_time=sometimes", "use_time='sometimes': expected true or false"),
-    ("max_latent=0", "max_latent is 0 but every named dimension can be off"),
-    ("lstm_units", "expected KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("units=64", "units: not a search-space parameter; choose from lstm_units"),
+        ("lstm_units={low: 64, high: 32}", "low 64 is above high 32"),
+        ("lr={low: 0, high: 0.1, log: true}", "a log range needs low > 0"),
+        ("combine=[concat, max]", "combine must be 'concat', 'sum' or 'mixture'"),
+        ("dropout=1.5", "dropout=1.5: must be in \\[0, 1\\)"),
+        ("dim_size=0", "dim_size=0: must be a positive integer"),
+        ("use_time=sometimes", "use_time='sometimes': expected true or false"),
+        ("max_latent=0", "max_latent is 0 but every named dimension can be off"),
+        ("lstm_units", "expected KEY=VALUE"),
+    ],
+)
 def test_bad_overrides_are_named(override, message):
     with pytest.raises(SpaceError, match=message):
         SearchSpace.from_overrides([override])
 
 
 # ---- bad input stops before any trial --------------------------------------------------------------
+
 
 def test_bad_input_fails_before_trials(tiny_data, tmp_path, capsys):
     base = ["--dataset", str(tiny_data.path), "--storage-path", str(tmp_path)]
@@ -128,10 +154,11 @@ def test_bad_input_fails_before_trials(tiny_data, tmp_path, capsys):
     assert "only --sampler tpe keeps an Optuna study" in capsys.readouterr().err
     assert main(["--dataset", str(tmp_path / "nowhere"), "--storage-path", str(tmp_path)]) == 2
     assert "no such folder" in capsys.readouterr().err
-    assert not list(tmp_path.glob("*/trials")) and not list(tmp_path.glob("*/session-*"))    # nothing ran
+    assert not list(tmp_path.glob("*/trials")) and not list(tmp_path.glob("*/session-*"))  # nothing ran
 
 
 # ---- a real search ------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def searched(cluster, tiny_data, tmp_path_factory):
@@ -148,11 +175,11 @@ def test_search_writes_every_output_and_survives_a_crashed_trial(searched):
     assert ok["epochs"] >= 1 and 0 < ok["best_valid_ndcg@10"] <= 1
     assert len(pd.read_csv(searched / "results.csv")) == 2
     states = sorted(t.state.name for t in study(searched).trials)
-    assert states == ["COMPLETE", "FAIL"]                                   # the crash is recorded in the study too
+    assert states == ["COMPLETE", "FAIL"]  # the crash is recorded in the study too
 
     best = json.loads((searched / "best_config.json").read_text())
     assert best["trial_id"] == ok["trial_id"] and best["value"] == pytest.approx(ok["best_valid_ndcg@10"])
-    model, meta = checkpoint.load(best["model"])                           # what serving loads
+    model, meta = checkpoint.load(best["model"])  # what serving loads
     assert model.cfg.lstm_units == best["model_args"]["lstm_units"] == best["params"]["lstm_units"]
     assert meta["metrics"]["valid_ndcg@10"] == pytest.approx(best["value"])
     for png in ("optimization_history", "dimension_sets"):
@@ -161,24 +188,47 @@ def test_search_writes_every_output_and_survives_a_crashed_trial(searched):
 
 def test_resume_continues_the_same_study(searched, tiny_data, capsys):
     before = pd.read_parquet(searched / "results.parquet")
-    study(searched).ask()                                   # a trial left RUNNING, as by an interrupted session
+    study(searched).ask()  # a trial left RUNNING, as by an interrupted session
     args = ["--dataset", str(tiny_data.path), "--storage-path", str(searched.parent), "--name", "s", *SEARCH]
     assert main([*args, "--num-samples", "4"]) == 0
     assert "3 trial(s) done before, 1 to run" in capsys.readouterr().out
     after = pd.read_parquet(searched / "results.parquet")
     assert len(after) == 3 and set(before["trial_id"]) < set(after["trial_id"])
     trials = study(searched).trials
-    assert [t.number for t in trials] == [0, 1, 2, 3] and trials[2].state.name == "FAIL"   # interrupted -> failed
+    assert [t.number for t in trials] == [0, 1, 2, 3] and trials[2].state.name == "FAIL"  # interrupted -> failed
     assert after["optuna_trial"].tolist()[-1] == 3
-    assert main([*args, "--num-samples", "4"]) == 0                         # the study is complete: nothing runs
+    assert main([*args, "--num-samples", "4"]) == 0  # the study is complete: nothing runs
     assert "4 trial(s) done before, 0 to run" in capsys.readouterr().out
     assert len(pd.read_parquet(searched / "results.parquet")) == 3
 
 
 def test_a_baseline_is_searched_the_same_way(cluster, tiny_data, tmp_path):
-    args = ["--dataset", str(tiny_data.path), "--storage-path", str(tmp_path), "--name", "g", "--model", "gru4rec",
-            "--protocol", "last10", "--num-samples", "1", "--epochs", "1", "--batch-size", "8", "--num-cpus", "2",
-            "--space-override", "hidden=8", "--space-override", "item_dim=8", "--space-override", "max_len=8"]
+    args = [
+        "--dataset",
+        str(tiny_data.path),
+        "--storage-path",
+        str(tmp_path),
+        "--name",
+        "g",
+        "--model",
+        "gru4rec",
+        "--protocol",
+        "last10",
+        "--num-samples",
+        "1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--num-cpus",
+        "2",
+        "--space-override",
+        "hidden=8",
+        "--space-override",
+        "item_dim=8",
+        "--space-override",
+        "max_len=8",
+    ]
     assert main(args) == 0
     best = json.loads((tmp_path / "g" / "best_config.json").read_text())
     assert best["model_kind"] == "gru4rec" and best["train"]["protocol"] == "last10"

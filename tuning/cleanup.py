@@ -8,6 +8,7 @@ or several Ray instances share the machine (tests, a shared workstation). So, on
 the search started itself, and with one trial at a time, every placement group whose bundles are
 exactly the Train workers' belongs to a finished trial of this search and is removed.
 """
+
 from __future__ import annotations
 
 import ray

@@ -3,6 +3,7 @@
 The table has one row per trial over every session of the run (a resumed search appends), so
 `best_config.json` and the plots always describe the whole study.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,13 +23,14 @@ DONE_STATES = ("COMPLETE", "PRUNED", "FAIL")
 
 # ---- Optuna study bookkeeping --------------------------------------------------------------
 
+
 def finished_trials(storage, study_name: str) -> int:
     """Trials of the study that ended (completed, stopped or failed); 0 for a new study."""
     import optuna
 
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:                                    # no such study yet
+    except KeyError:  # no such study yet
         return 0
     return sum(t.state.name in DONE_STATES for t in study.get_trials(deepcopy=False))
 
@@ -55,6 +57,7 @@ def previous_rows(run_dir: Path) -> int:
 
 # ---- random search over the same space -------------------------------------------------------
 
+
 def random_param_space(space: SearchSpace, seed: int) -> dict:
     """A Tune param_space whose one entry draws a whole configuration from the define-by-run space.
 
@@ -77,11 +80,12 @@ class RandomDraw:
 
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=int(self.rng.integers(2**31))))
         trial = study.ask()
-        fixed = self.space.suggest(trial)                 # fills trial.params
+        fixed = self.space.suggest(trial)  # fills trial.params
         return {**trial.params, **fixed}
 
 
 # ---- progress ---------------------------------------------------------------------------------
+
 
 class Progress(Callback):
     """One line per finished trial: its result, the best so far, how many are left."""
@@ -97,11 +101,14 @@ class Progress(Callback):
         params = trial.config.get("params", trial.config)
         shown = f"{value:.4f}" if value is not None else "-"
         best = f"{self.best:.4f}" if self.best > -math.inf else "-"
-        print(f"[tune] trial {self.done}/{self.total} {trial.trial_id} {what}: {self.metric} {shown} "
-              f"after {(trial.last_result or {}).get('training_iteration', 0)} epoch(s), "
-              f"{dimension_set(params)}, size {params.get('lstm_units', params.get('hidden'))}, "
-              f"lr {params.get('lr', 0):.4g}; "
-              f"best so far {best}", flush=True)
+        print(
+            f"[tune] trial {self.done}/{self.total} {trial.trial_id} {what}: {self.metric} {shown} "
+            f"after {(trial.last_result or {}).get('training_iteration', 0)} epoch(s), "
+            f"{dimension_set(params)}, size {params.get('lstm_units', params.get('hidden'))}, "
+            f"lr {params.get('lr', 0):.4g}; "
+            f"best so far {best}",
+            flush=True,
+        )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._line(trial, "done")
@@ -115,24 +122,37 @@ class Progress(Callback):
 
 # ---- the table ----------------------------------------------------------------------------------
 
+
 def trial_rows(grid, session: str, sampler: str, wall_s: float) -> list[dict]:
     """One row per trial of a Tune ResultGrid: parameters, metrics at its best epoch, checkpoint, status."""
     rows = []
     for r in grid:
         params = {k: v for k, v in r.config.get("params", r.config).items() if k != "optuna_trial"}
         history = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
-        row = {"session": session, "sampler": sampler, "trial_id": (r.metrics or {}).get("trial_id") or Path(r.path).name,
-               "optuna_trial": r.config.get("optuna_trial"), "status": "failed" if r.error else "ok",
-               "error": _first_line(r.error), "epochs": int(len(history)), "dimension_set": dimension_set(params),
-               "session_wall_s": wall_s}
+        row = {
+            "session": session,
+            "sampler": sampler,
+            "trial_id": (r.metrics or {}).get("trial_id") or Path(r.path).name,
+            "optuna_trial": r.config.get("optuna_trial"),
+            "status": "failed" if r.error else "ok",
+            "error": _first_line(r.error),
+            "epochs": int(len(history)),
+            "dimension_set": dimension_set(params),
+            "session_wall_s": wall_s,
+        }
         row.update({f"param_{k}": v for k, v in params.items()})
         if len(history) and "valid_ndcg@10" in history:
             best = history.loc[history["valid_ndcg@10"].idxmax()]
-            row.update({"best_valid_ndcg@10": float(best["valid_ndcg@10"]), "best_epoch": int(best["epoch"]),
-                        "valid_hr@10": float(best.get("valid_hr@10", np.nan)),
-                        "valid_mrr": float(best.get("valid_mrr", np.nan)),
-                        "train_seconds": float(history["train_seconds"].sum()),
-                        "checkpoint": str(best.get("checkpoint_path") or "")})
+            row.update(
+                {
+                    "best_valid_ndcg@10": float(best["valid_ndcg@10"]),
+                    "best_epoch": int(best["epoch"]),
+                    "valid_hr@10": float(best.get("valid_hr@10", np.nan)),
+                    "valid_mrr": float(best.get("valid_mrr", np.nan)),
+                    "train_seconds": float(history["train_seconds"].sum()),
+                    "checkpoint": str(best.get("checkpoint_path") or ""),
+                }
+            )
         rows.append(row)
     return rows
 
@@ -159,6 +179,7 @@ def write_table(run_dir: Path, rows: list[dict]) -> pd.DataFrame:
 
 # ---- the best configuration ------------------------------------------------------------------------
 
+
 def best_config(table: pd.DataFrame, setup, metric: str) -> dict | None:
     """The trial with the highest validation NDCG@10 and the checkpoint of its best epoch."""
     if not len(table) or "best_valid_ndcg@10" not in table or table["best_valid_ndcg@10"].isna().all():
@@ -168,17 +189,31 @@ def best_config(table: pd.DataFrame, setup, metric: str) -> dict | None:
     model_args, train = trial_settings(params)
     ckpt = row.get("checkpoint") or ""
     return {
-        "search": setup.name, "sampler": setup.settings.sampler, "metric": metric,
-        "value": float(row["best_valid_ndcg@10"]), "trial_id": row["trial_id"],
+        "search": setup.name,
+        "sampler": setup.settings.sampler,
+        "metric": metric,
+        "value": float(row["best_valid_ndcg@10"]),
+        "trial_id": row["trial_id"],
         "optuna_trial": None if _missing(row.get("optuna_trial")) else int(row["optuna_trial"]),
-        "epoch": int(row["best_epoch"]), "dimension_set": row["dimension_set"],
-        "params": params, "model_kind": params.get("model", "decomposer"),
+        "epoch": int(row["best_epoch"]),
+        "dimension_set": row["dimension_set"],
+        "params": params,
+        "model_kind": params.get("model", "decomposer"),
         "model_args": {k: list(v) if isinstance(v, tuple) else v for k, v in model_args.items()},
-        "train": {"lr": train["lr"], "ema_decay": train["ema_decay"], "epochs": setup.settings.epochs,
-                  "batch_size": setup.settings.batch_size, "protocol": setup.settings.protocol},
-        "checkpoint": ckpt, "model": f"{ckpt}/model.pt" if ckpt else "",     # "model": what checkpoint.load reads
-        "dataset": str(setup.prepared), "optuna_storage": setup.storage_url, "study_name": setup.name,
-        "n_trials": int(len(table)), "n_failed": int((table["status"] == "failed").sum()),
+        "train": {
+            "lr": train["lr"],
+            "ema_decay": train["ema_decay"],
+            "epochs": setup.settings.epochs,
+            "batch_size": setup.settings.batch_size,
+            "protocol": setup.settings.protocol,
+        },
+        "checkpoint": ckpt,
+        "model": f"{ckpt}/model.pt" if ckpt else "",  # "model": what checkpoint.load reads
+        "dataset": str(setup.prepared),
+        "optuna_storage": setup.storage_url,
+        "study_name": setup.name,
+        "n_trials": int(len(table)),
+        "n_failed": int((table["status"] == "failed").sum()),
     }
 
 
@@ -197,26 +232,34 @@ def _plain(v):
 
 # ---- plots ------------------------------------------------------------------------------------------
 
+
 def study_from_table(table: pd.DataFrame, space: SearchSpace):
     """An in-memory Optuna study rebuilt from the table (random search has none of its own)."""
     import optuna
 
     study = optuna.create_study(direction="maximize")
     for _, row in table.iterrows():
-        params = {k.removeprefix("param_"): _plain(v) for k, v in row.items() if k.startswith("param_") and not _missing(v)}
+        params = {
+            k.removeprefix("param_"): _plain(v) for k, v in row.items() if k.startswith("param_") and not _missing(v)
+        }
         fixed = optuna.trial.FixedTrial(params)
-        space.suggest(fixed)                                            # records the distributions of this branch
+        space.suggest(fixed)  # records the distributions of this branch
         ok = row["status"] == "ok" and not _missing(row.get("best_valid_ndcg@10"))
-        study.add_trial(optuna.trial.create_trial(
-            params=fixed.params, distributions=fixed.distributions,
-            value=float(row["best_valid_ndcg@10"]) if ok else None,
-            state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=fixed.params,
+                distributions=fixed.distributions,
+                value=float(row["best_valid_ndcg@10"]) if ok else None,
+                state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL,
+            )
+        )
     return study
 
 
 def plots(run_dir: Path, table: pd.DataFrame, space: SearchSpace, study, metric: str) -> list[Path]:
     """Optimisation history, parameter importances, the dimension-set effect -> PNG files written."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as ovm
@@ -232,7 +275,7 @@ def plots(run_dir: Path, table: pd.DataFrame, space: SearchSpace, study, metric:
     def save(name: str, draw) -> None:
         try:
             ax = draw()
-        except (ValueError, RuntimeError) as e:                         # e.g. importances of one trial
+        except (ValueError, RuntimeError) as e:  # e.g. importances of one trial
             print(f"[tune] plot {name} skipped: {e}", flush=True)
             return
         fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
@@ -246,7 +289,11 @@ def plots(run_dir: Path, table: pd.DataFrame, space: SearchSpace, study, metric:
         save("optimization_history", lambda: ovm.plot_optimization_history(study, target_name=metric))
     if len(complete) >= 2:
         save("param_importances", lambda: ovm.plot_param_importances(study, target_name=metric))
-    ok = table[table["status"] == "ok"].dropna(subset=["best_valid_ndcg@10"]) if "best_valid_ndcg@10" in table else table[:0]
+    ok = (
+        table[table["status"] == "ok"].dropna(subset=["best_valid_ndcg@10"])
+        if "best_valid_ndcg@10" in table
+        else table[:0]
+    )
     if len(ok):
         save("dimension_sets", lambda: _dimension_plot(ok, plt))
     return written

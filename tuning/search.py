@@ -18,6 +18,7 @@ study's total, and only the missing trials run. Outputs in `<storage-path>/<name
 `best_config.json` (with the checkpoint serving loads), `results.parquet` / `results.csv`
 and `plots/*.png`. Bad input stops with a one-line error (exit 2) before any trial starts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,7 @@ from tuning import results
 from models.training.defaults import PROTOCOLS
 from tuning.space import MODEL_SPACES, SearchSpace, SpaceError
 
-OBJECTIVE = f"best_{METRIC}"       # best validation NDCG@10 so far in the trial: ASHA and Optuna both read it
+OBJECTIVE = f"best_{METRIC}"  # best validation NDCG@10 so far in the trial: ASHA and Optuna both read it
 MODE = "max"
 TRIAL_DRIVER_CPU = 0.01
 SMOKE_SPACE = ["lstm_units=[16, 32]", "dim_size=[8, 16]", "max_len=[10, 20]", "max_latent=2"]
@@ -48,10 +49,14 @@ SMOKE_SPACE = ["lstm_units=[16, 32]", "dim_size=[8, 16]", "max_len=[10, 20]", "m
 @dataclass
 class SearchSettings:
     dataset: str = setting("synthetic", "synthetic | ml-latest-small | ... | a prepared folder")
-    model: str = setting("decomposer", "the model searched; each has its space in tuning/space.py, with the same "
-                                       "recipe fixed", choices=tuple(MODEL_SPACES))
-    protocol: str = setting("loo", "the split: loo (validation = the event before the last) or last10",
-                            choices=sorted(PROTOCOLS))
+    model: str = setting(
+        "decomposer",
+        "the model searched; each has its space in tuning/space.py, with the same recipe fixed",
+        choices=tuple(MODEL_SPACES),
+    )
+    protocol: str = setting(
+        "loo", "the split: loo (validation = the event before the last) or last10", choices=sorted(PROTOCOLS)
+    )
     data_dir: Path | None = setting(None, "MovieLens folder or .zip for a named dataset")
     prepared_dir: Path | None = setting(None, "where a named dataset is prepared (default runs/data/NAME)")
     storage_path: str = setting("runs/tune", "folder that holds the run folder (<storage-path>/<name>)")
@@ -72,11 +77,16 @@ class SearchSettings:
     optuna_storage: str | None = setting(None, "Optuna RDB URL (default sqlite:///<run folder>/optuna.db)")
     space_overrides: list[str] = setting(
         help="value read as YAML: 64 (fixed), [concat, sum] (choices), {low: 32, high: 256, log: true}; repeatable",
-        flag="--space-override", metavar="KEY=VALUE", factory=list)
-    space_files: list[Path] = setting(help="YAML or JSON mapping of overrides; repeatable", flag="--space-file",
-                                      factory=list)
-    verbose: bool = setting(False, "show Ray's own logs and the trials' output "
-                                   "(otherwise in /tmp/ray/session_latest/logs)")
+        flag="--space-override",
+        metavar="KEY=VALUE",
+        factory=list,
+    )
+    space_files: list[Path] = setting(
+        help="YAML or JSON mapping of overrides; repeatable", flag="--space-file", factory=list
+    )
+    verbose: bool = setting(
+        False, "show Ray's own logs and the trials' output (otherwise in /tmp/ray/session_latest/logs)"
+    )
 
     def run_name(self) -> str:
         return self.name or f"search-{Path(self.dataset).name}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -85,18 +95,20 @@ class SearchSettings:
 @dataclass
 class Setup:
     """A checked search: nothing here can fail once trials start."""
+
     settings: SearchSettings
     name: str
     run_dir: Path
     space: SearchSpace
     prepared: Path
     storage_url: str | None
-    storage: object | None                  # the opened Optuna RDBStorage (TPE only)
+    storage: object | None  # the opened Optuna RDBStorage (TPE only)
     remaining: int
     done_before: int
 
 
 # ---- checks before any trial -----------------------------------------------------------------
+
 
 def prepare(s: SearchSettings) -> Setup:
     if s.num_samples < 1:
@@ -107,8 +119,12 @@ def prepare(s: SearchSettings) -> Setup:
         raise SetupError(f"--protocol {s.protocol}: choose from {', '.join(sorted(PROTOCOLS))}")
     if s.sampler not in ("tpe", "random"):
         raise SetupError(f"--sampler {s.sampler}: choose from tpe, random")
-    for flag, v in (("--epochs", s.epochs), ("--grace-period", s.grace_period), ("--patience", s.patience),
-                    ("--num-workers", s.num_workers)):
+    for flag, v in (
+        ("--epochs", s.epochs),
+        ("--grace-period", s.grace_period),
+        ("--patience", s.patience),
+        ("--num-workers", s.num_workers),
+    ):
         if v < 1:
             raise SetupError(f"{flag} must be at least 1, got {v}")
     if s.reduction_factor < 2:
@@ -116,8 +132,10 @@ def prepare(s: SearchSettings) -> Setup:
     if s.sampler == "random" and s.optuna_storage:
         raise SetupError("--optuna-storage: only --sampler tpe keeps an Optuna study")
     if "://" in s.storage_path:
-        raise SetupError(f"--storage-path {s.storage_path}: the run folder holds the tables and plots; "
-                         "give a local or mounted folder")
+        raise SetupError(
+            f"--storage-path {s.storage_path}: the run folder holds the tables and plots; "
+            "give a local or mounted folder"
+        )
     try:
         space = SearchSpace.from_overrides(s.space_overrides, s.space_files, model=s.model)
     except SpaceError as e:
@@ -131,7 +149,7 @@ def prepare(s: SearchSettings) -> Setup:
     if s.sampler == "tpe":
         url = s.optuna_storage or f"sqlite:///{run_dir / 'optuna.db'}"
         storage = open_storage(url)
-        results.close_interrupted(storage, name)         # an interrupted session's trial counts as failed
+        results.close_interrupted(storage, name)  # an interrupted session's trial counts as failed
         done = results.finished_trials(storage, name)
     else:
         done = results.previous_rows(run_dir)
@@ -145,8 +163,9 @@ def open_storage(url: str):
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
     except Exception as e:  # sqlalchemy raises OperationalError, ArgumentError, ImportError (no driver)...
-        raise SetupError(f"--optuna-storage {redact(url)}: cannot open it ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]})") from None
+        raise SetupError(
+            f"--optuna-storage {redact(url)}: cannot open it ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
 
 
 def redact(url: str) -> str:
@@ -161,6 +180,7 @@ def redact(url: str) -> str:
 
 # ---- one trial: a Ray Train run ----------------------------------------------------------------
 
+
 def run_trial(config: dict, base: RayTrainSettings) -> None:
     """Tune function: build the trial's `TorchTrainer` from `ray_app.train` and fit it."""
     import ray.tune
@@ -168,12 +188,18 @@ def run_trial(config: dict, base: RayTrainSettings) -> None:
 
     from tuning.space import trial_settings
 
-    params = config.get("params", config)                # random search nests them (see search_algorithm)
+    params = config.get("params", config)  # random search nests them (see search_algorithm)
     model_args, train = trial_settings(params)
     crash = train["fail_at_epoch"] is not None
-    s = dataclasses.replace(base, model_args=model_args, lr=train["lr"], ema_decay=train["ema_decay"],
-                            name=ray.tune.get_context().get_trial_id(),
-                            fail_at_epoch=train["fail_at_epoch"], max_failures=0 if crash else base.max_failures)
+    s = dataclasses.replace(
+        base,
+        model_args=model_args,
+        lr=train["lr"],
+        ema_decay=train["ema_decay"],
+        name=ray.tune.get_context().get_trial_id(),
+        fail_at_epoch=train["fail_at_epoch"],
+        max_failures=0 if crash else base.max_failures,
+    )
     trainer = build_trainer(plan(s))
     # The trial is a Train V2 driver: every epoch's report (and its checkpoint path) goes on to Tune.
     trainer.run_config.callbacks.append(TuneReportCallback())
@@ -192,23 +218,26 @@ def search_algorithm(setup: Setup, storage):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)   # group=True
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # group=True
     startup = s.startup_trials if s.startup_trials is not None else min(10, max(2, s.num_samples // 3))
     # multivariate + group: TPE models the parameters jointly and per conditional branch.
-    sampler = optuna.samplers.TPESampler(seed=s.seed + setup.done_before, n_startup_trials=startup,
-                                         multivariate=True, group=True)
+    sampler = optuna.samplers.TPESampler(
+        seed=s.seed + setup.done_before, n_startup_trials=startup, multivariate=True, group=True
+    )
 
-    return OptunaSearch(space=Define(setup.space), metric=OBJECTIVE, mode=MODE, sampler=sampler, study_name=setup.name,
-                        storage=storage), None
+    return OptunaSearch(
+        space=Define(setup.space), metric=OBJECTIVE, mode=MODE, sampler=sampler, study_name=setup.name, storage=storage
+    ), None
 
 
 @dataclass
 class Define:
     """The define-by-run function OptunaSearch calls (a picklable object: Tune saves the searcher)."""
+
     space: SearchSpace
 
     def __call__(self, trial) -> dict:
-        return {**self.space.suggest(trial), "optuna_trial": trial.number}   # links table rows to the study
+        return {**self.space.suggest(trial), "optuna_trial": trial.number}  # links table rows to the study
 
 
 def run(s: SearchSettings, num_cpus: int | None = None) -> dict:
@@ -223,18 +252,31 @@ def run(s: SearchSettings, num_cpus: int | None = None) -> dict:
     storage = setup.storage
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     session = f"session-{datetime.now():%Y%m%d-%H%M%S}"
-    print(f"search {setup.name}: {s.sampler}, {setup.done_before} trial(s) done before, {setup.remaining} to run "
-          f"(≤ {s.epochs} epochs each, ASHA grace {s.grace_period}); run folder {setup.run_dir}", flush=True)
+    print(
+        f"search {setup.name}: {s.sampler}, {setup.done_before} trial(s) done before, {setup.remaining} to run "
+        f"(≤ {s.epochs} epochs each, ASHA grace {s.grace_period}); run folder {setup.run_dir}",
+        flush=True,
+    )
     rows = []
     if setup.remaining:
         connect(num_cpus, s.verbose)
         base = RayTrainSettings(
-            dataset=str(setup.prepared), model=s.model, protocol=s.protocol, epochs=s.epochs, patience=s.patience, seed=s.seed,
-            batch_size=s.batch_size, num_workers=s.num_workers, cpus_per_worker=s.cpus_per_worker,
-            use_gpu=s.use_gpu, storage_path=str(setup.run_dir / "trials"), num_to_keep=1)
+            dataset=str(setup.prepared),
+            model=s.model,
+            protocol=s.protocol,
+            epochs=s.epochs,
+            patience=s.patience,
+            seed=s.seed,
+            batch_size=s.batch_size,
+            num_workers=s.num_workers,
+            cpus_per_worker=s.cpus_per_worker,
+            use_gpu=s.use_gpu,
+            storage_path=str(setup.run_dir / "trials"),
+            num_to_keep=1,
+        )
         algo, param_space = search_algorithm(setup, storage)
         callbacks = [results.Progress(setup.remaining, OBJECTIVE)]
-        if not os.environ.get("RAY_ADDRESS"):                # a local Ray: every worker group is ours
+        if not os.environ.get("RAY_ADDRESS"):  # a local Ray: every worker group is ours
             bundle = {"CPU": s.cpus_per_worker, **({"GPU": 1.0} if s.use_gpu else {})}
             callbacks.append(ReleaseWorkerGroups(bundle))
         tuner = ray.tune.Tuner(
@@ -243,13 +285,27 @@ def run(s: SearchSettings, num_cpus: int | None = None) -> dict:
             ray.tune.with_resources(ray.tune.with_parameters(run_trial, base=base), {"cpu": TRIAL_DRIVER_CPU}),
             param_space=param_space,
             tune_config=ray.tune.TuneConfig(
-                metric=OBJECTIVE, mode=MODE, search_alg=algo, num_samples=setup.remaining,
-                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=s.epochs,
-                                        grace_period=s.grace_period, reduction_factor=s.reduction_factor),
-                max_concurrent_trials=1, time_budget_s=s.time_budget_s),
-            run_config=ray.tune.RunConfig(name=session, storage_path=str(setup.run_dir), verbose=0,
-                                          callbacks=callbacks,
-                                          failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False)))
+                metric=OBJECTIVE,
+                mode=MODE,
+                search_alg=algo,
+                num_samples=setup.remaining,
+                scheduler=ASHAScheduler(
+                    time_attr="training_iteration",
+                    max_t=s.epochs,
+                    grace_period=s.grace_period,
+                    reduction_factor=s.reduction_factor,
+                ),
+                max_concurrent_trials=1,
+                time_budget_s=s.time_budget_s,
+            ),
+            run_config=ray.tune.RunConfig(
+                name=session,
+                storage_path=str(setup.run_dir),
+                verbose=0,
+                callbacks=callbacks,
+                failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False),
+            ),
+        )
         t0 = time.perf_counter()
         grid = tuner.fit()
         rows = results.trial_rows(grid, session, s.sampler, time.perf_counter() - t0)
@@ -260,25 +316,36 @@ def run(s: SearchSettings, num_cpus: int | None = None) -> dict:
     results.plots(setup.run_dir, table, setup.space, study, OBJECTIVE)
     n_failed = int((table["status"] == "failed").sum()) if len(table) else 0
     if best:
-        print(f"best: trial {best['trial_id']} {OBJECTIVE} {best['value']:.4f} ({best['dimension_set']}); "
-              f"checkpoint {best['model']}", flush=True)
+        print(
+            f"best: trial {best['trial_id']} {OBJECTIVE} {best['value']:.4f} ({best['dimension_set']}); "
+            f"checkpoint {best['model']}",
+            flush=True,
+        )
     print(f"{len(table)} trial(s) in the table, {n_failed} failed; outputs in {setup.run_dir}", flush=True)
     return best or {}
 
 
 # ---- command line ------------------------------------------------------------------------------
 
+
 def parse_args(argv=None) -> tuple[SearchSettings, argparse.Namespace]:
-    p = argparse.ArgumentParser(prog="python -m tuning.search", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m tuning.search", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_settings(p, SearchSettings)
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started when RAY_ADDRESS is not set")
     p.add_argument("--smoke-test", action="store_true", help="a tiny search: 3 trials of 2 epochs, small models")
     a = p.parse_args(argv)
     s = settings_from(SearchSettings, a)
     if a.smoke_test:
-        s = dataclasses.replace(s, num_samples=3, epochs=2, patience=2, batch_size=s.batch_size or 16,
-                                space_overrides=SMOKE_SPACE + s.space_overrides)
+        s = dataclasses.replace(
+            s,
+            num_samples=3,
+            epochs=2,
+            patience=2,
+            batch_size=s.batch_size or 16,
+            space_overrides=SMOKE_SPACE + s.space_overrides,
+        )
     return s, a
 
 

@@ -16,6 +16,7 @@ The baselines (`sasrec`, `gru4rec`, `lstm`) have flat spaces of their own in `MO
 space fixes the same recipe options (`RECIPE`: the seen-item mask and the weight average), so an
 equal trial budget buys each model the same kind of search: its size, dropout, lr and window.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,6 +40,7 @@ class SpaceError(ValueError):
 
 class Range(BaseModel):
     """A numeric interval; ints if both ends are ints. `step` only for linear float ranges."""
+
     model_config = ConfigDict(extra="forbid")
     low: float
     high: float
@@ -62,7 +64,7 @@ class Range(BaseModel):
         return [int(self.low), int(self.high)] if self.is_int() else [self.low, self.high]
 
 
-Param = Union[Range, list, Scalar]      # a range, a list of choices, or a fixed value
+Param = Union[Range, list, Scalar]  # a range, a list of choices, or a fixed value
 
 # Editable defaults. Ranges stay where an ml-latest-small epoch remains affordable on CPUs.
 DEFAULT_SPACE: dict[str, Param] = {
@@ -70,31 +72,52 @@ DEFAULT_SPACE: dict[str, Param] = {
     "use_topic": [True, False],
     "use_sentiment": [True, False],
     "use_time": [True, False],
-    "max_latent": 4,                                  # upper end of the latent count (fixed)
-    "dim_size": [8, 16, 32, 64],                      # d
+    "max_latent": 4,  # upper end of the latent count (fixed)
+    "dim_size": [8, 16, 32, 64],  # d
     "combine": ["concat", "sum"],
     "aux_weight": Range(low=0.0, high=1.0, step=0.05),  # λ, only when a named dimension is on
     "dropout": Range(low=0.0, high=0.5, step=0.05),
     "lr": Range(low=1e-3, high=3e-2, log=True),
     "max_len": [50, 100, 200],
-    "fail_at_epoch": None,   # testing only: a trial's training worker dies before reporting this epoch
-    "ema_decay": 0.98,       # the weight average (RECIPE), fixed; mask_seen is on in the decomposer's config
+    "fail_at_epoch": None,  # testing only: a trial's training worker dies before reporting this epoch
+    "ema_decay": 0.98,  # the weight average (RECIPE), fixed; mask_seen is on in the decomposer's config
 }
 MODEL_KEYS = ("lstm_units", "dim_size", "combine", "aux_weight", "dropout", "max_len")
 # What every model's search keeps fixed, so no model gets a recipe option another lacks.
 RECIPE: dict[str, Param] = {"mask_seen": True, "ema_decay": 0.98}
-TRAIN_KEYS = ("lr", "ema_decay", "fail_at_epoch")   # settings of the training run, not of the model
+TRAIN_KEYS = ("lr", "ema_decay", "fail_at_epoch")  # settings of the training run, not of the model
 DROPOUT = Range(low=0.0, high=0.5, step=0.05)
 WINDOW = [50, 100, 200]
 # The baselines: flat spaces over their own configs (models/nn/baselines.py), the same recipe fixed.
 MODEL_SPACES: dict[str, dict[str, Param]] = {
     "decomposer": DEFAULT_SPACE,
-    "sasrec": {"hidden": [32, 64, 128], "blocks": [1, 2, 3], "dropout": DROPOUT,
-               "lr": Range(low=3e-4, high=1e-2, log=True), "max_len": WINDOW, **RECIPE, "fail_at_epoch": None},
-    "gru4rec": {"hidden": Range(low=32, high=512, log=True), "item_dim": [32, 64, 128], "dropout": DROPOUT,
-                "lr": Range(low=1e-3, high=3e-2, log=True), "max_len": WINDOW, **RECIPE, "fail_at_epoch": None},
-    "lstm": {"lstm_units": Range(low=32, high=512, log=True), "item_dim": [32, 64, 128], "dropout": DROPOUT,
-             "lr": Range(low=1e-3, high=3e-2, log=True), "max_len": WINDOW, **RECIPE, "fail_at_epoch": None},
+    "sasrec": {
+        "hidden": [32, 64, 128],
+        "blocks": [1, 2, 3],
+        "dropout": DROPOUT,
+        "lr": Range(low=3e-4, high=1e-2, log=True),
+        "max_len": WINDOW,
+        **RECIPE,
+        "fail_at_epoch": None,
+    },
+    "gru4rec": {
+        "hidden": Range(low=32, high=512, log=True),
+        "item_dim": [32, 64, 128],
+        "dropout": DROPOUT,
+        "lr": Range(low=1e-3, high=3e-2, log=True),
+        "max_len": WINDOW,
+        **RECIPE,
+        "fail_at_epoch": None,
+    },
+    "lstm": {
+        "lstm_units": Range(low=32, high=512, log=True),
+        "item_dim": [32, 64, 128],
+        "dropout": DROPOUT,
+        "lr": Range(low=1e-3, high=3e-2, log=True),
+        "max_len": WINDOW,
+        **RECIPE,
+        "fail_at_epoch": None,
+    },
 }
 INT_KEYS = ("lstm_units", "dim_size", "max_len", "hidden", "blocks", "item_dim", "heads")
 
@@ -182,15 +205,21 @@ class SearchSpace:
                     raise SpaceError(f"space lr={v!r}: must be a positive number")
                 elif key == "max_latent" and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 16):
                     raise SpaceError(f"space max_latent={v!r}: must be an integer in 0..16")
-                elif key == "fail_at_epoch" and v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                elif (
+                    key == "fail_at_epoch"
+                    and v is not None
+                    and (isinstance(v, bool) or not isinstance(v, int) or v < 1)
+                ):
                     raise SpaceError(f"space fail_at_epoch={v!r}: must be null or an epoch >= 1")
                 elif key == "ema_decay" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1):
                     raise SpaceError(f"space ema_decay={v!r}: must be in [0, 1)")
         if isinstance(self.params["max_latent"], (list, Range)):
             raise SpaceError("space max_latent: must be a fixed number (it bounds n_latent)")
         if self.params["max_latent"] == 0 and all(False in self.values(f"use_{d}") for d in NAMED_DIMENSIONS):
-            raise SpaceError("space: max_latent is 0 but every named dimension can be off; "
-                             "the model needs a dimension (fix one use_* to true or raise max_latent)")
+            raise SpaceError(
+                "space: max_latent is 0 but every named dimension can be off; "
+                "the model needs a dimension (fix one use_* to true or raise max_latent)"
+            )
 
     def _check_flat(self) -> None:
         """A baseline's space: model keys are what its config accepts, the rest training settings."""
@@ -204,10 +233,16 @@ class SearchSpace:
                     raise SpaceError(f"space lr={v!r}: must be a positive number")
                 elif key == "ema_decay" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1):
                     raise SpaceError(f"space ema_decay={v!r}: must be in [0, 1)")
-                elif key == "fail_at_epoch" and v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                elif (
+                    key == "fail_at_epoch"
+                    and v is not None
+                    and (isinstance(v, bool) or not isinstance(v, int) or v < 1)
+                ):
                     raise SpaceError(f"space fail_at_epoch={v!r}: must be null or an epoch >= 1")
                 elif key not in TRAIN_KEYS:
-                    if key in INT_KEYS and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 1 or int(v) != v):
+                    if key in INT_KEYS and (
+                        isinstance(v, bool) or not isinstance(v, (int, float)) or v < 1 or int(v) != v
+                    ):
                         raise SpaceError(f"space {key}={v!r}: must be a positive integer")
                     hint = typing.get_type_hints(checkpoint.MODELS[self.model][0])[key]
                     try:
@@ -248,7 +283,7 @@ class SearchSpace:
             return fixed
         on = [d for d in NAMED_DIMENSIONS if draw(f"use_{d}")]
         top, low = self.params["max_latent"], (0 if on else 1)
-        name = "n_latent" if on else "n_latent_alone"       # two names: two different ranges
+        name = "n_latent" if on else "n_latent_alone"  # two names: two different ranges
         if top > low:
             trial.suggest_int(name, low, top)
         else:
@@ -266,7 +301,7 @@ def check_key(key: str, where: str, model: str = "decomposer") -> str:
     if model != "decomposer":
         fields = [f.name for f in dataclasses.fields(checkpoint.MODELS[model][0]) if f.init and f.name != "n_items"]
         if key in fields:
-            return key                              # a config setting the default space leaves at its default
+            return key  # a config setting the default space leaves at its default
         choices = sorted(set(MODEL_SPACES[model]) | set(fields))
     else:
         choices = list(DEFAULT_SPACE)
@@ -282,7 +317,9 @@ def read_override_file(path: Path) -> dict:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise SpaceError(f"--space-file {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({e})") from None
+        raise SpaceError(
+            f"--space-file {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({e})"
+        ) from None
     if not isinstance(data, dict):
         raise SpaceError(f"--space-file {path}: expected a mapping of parameter -> value, got {type(data).__name__}")
     return data
@@ -295,11 +332,17 @@ def trial_settings(params: dict[str, Any]) -> tuple[dict, dict]:
     the decomposer).
     """
     model = params.get("model", "decomposer")
-    train = {"lr": float(params["lr"]), "fail_at_epoch": params.get("fail_at_epoch"),
-             "ema_decay": None if params.get("ema_decay") is None else float(params["ema_decay"])}
+    train = {
+        "lr": float(params["lr"]),
+        "fail_at_epoch": params.get("fail_at_epoch"),
+        "ema_decay": None if params.get("ema_decay") is None else float(params["ema_decay"]),
+    }
     if model != "decomposer":
-        model_args = {k: (int(v) if k in INT_KEYS else v) for k, v in params.items()
-                      if k not in (*TRAIN_KEYS, "model", "optuna_trial")}
+        model_args = {
+            k: (int(v) if k in INT_KEYS else v)
+            for k, v in params.items()
+            if k not in (*TRAIN_KEYS, "model", "optuna_trial")
+        }
         return model_args, train
     dims = tuple(d for d in NAMED_DIMENSIONS if params.get(f"use_{d}"))
     model_args = {"dims": dims, "n_latent": int(params.get("n_latent", params.get("n_latent_alone", 0)))}
@@ -307,7 +350,7 @@ def trial_settings(params: dict[str, Any]) -> tuple[dict, dict]:
         if key in params:
             model_args[key] = params[key]
     if not dims:
-        model_args["aux_weight"] = 0.0                   # nothing to anchor
+        model_args["aux_weight"] = 0.0  # nothing to anchor
     for key in ("lstm_units", "dim_size", "max_len"):
         model_args[key] = int(model_args[key])
     return model_args, train
@@ -320,4 +363,3 @@ def dimension_set(params: dict[str, Any]) -> str:
     model_args, _ = trial_settings(params)
     parts = list(model_args["dims"]) + ([f"{model_args['n_latent']} latent"] if model_args["n_latent"] else [])
     return "+".join(parts)
-

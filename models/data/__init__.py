@@ -1,4 +1,5 @@
 """Data: sources (MovieLens, synthetic) → RawData → prepared Parquet → InteractionData."""
+
 from models.data.dataset import InteractionData, load_prepared
 from models.data.errors import DataFormatError
 from models.data.movielens import KNOWN_DATASETS, DownloadError, download, read_movielens
@@ -6,7 +7,18 @@ from models.data.prepare import intent_phrases, item_text, prepare, prepare_sour
 from models.data.raw import ITEMS_SCHEMA, RATINGS_SCHEMA, RawData
 
 __all__ = [
-    "DataFormatError", "DownloadError", "ITEMS_SCHEMA", "InteractionData", "KNOWN_DATASETS",
-    "RATINGS_SCHEMA", "RawData", "download", "intent_phrases", "item_text", "load_prepared",
-    "prepare", "prepare_source", "read_movielens",
+    "DataFormatError",
+    "DownloadError",
+    "ITEMS_SCHEMA",
+    "InteractionData",
+    "KNOWN_DATASETS",
+    "RATINGS_SCHEMA",
+    "RawData",
+    "download",
+    "intent_phrases",
+    "item_text",
+    "load_prepared",
+    "prepare",
+    "prepare_source",
+    "read_movielens",
 ]

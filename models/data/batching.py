@@ -5,6 +5,7 @@ events one step later, `[start + 1, end + 1)`. Training samples supervise every 
 evaluation samples only the last one (target = event `end`). Everything is index arithmetic
 in numpy: no per-row Python loops.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,11 +26,12 @@ def flat_ranges(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.
 @dataclass
 class Split:
     """Per-user held-out positions, as absolute indices into the event arrays."""
-    n_test: int              # test targets per user (1 = leave-one-out)
-    user_start: np.ndarray   # (U,) first event of each user
-    valid_pos: np.ndarray    # (U,) validation target; training events are [user_start, valid_pos)
-    test_pos: np.ndarray     # (M,) test targets, each predicted from everything before it
-    test_user: np.ndarray    # (M,) row of the user owning each test target
+
+    n_test: int  # test targets per user (1 = leave-one-out)
+    user_start: np.ndarray  # (U,) first event of each user
+    valid_pos: np.ndarray  # (U,) validation target; training events are [user_start, valid_pos)
+    test_pos: np.ndarray  # (M,) test targets, each predicted from everything before it
+    test_user: np.ndarray  # (M,) row of the user owning each test target
 
 
 def make_split(user_offsets: np.ndarray, n_test: int = 1) -> Split:
@@ -40,11 +42,16 @@ def make_split(user_offsets: np.ndarray, n_test: int = 1) -> Split:
     length = end - start
     if (length < 3).any():
         raise ValueError("every user needs at least 3 events (prepare drops shorter users)")
-    k = np.minimum(n_test, length - 2)                      # (U,)
+    k = np.minimum(n_test, length - 2)  # (U,)
     valid_pos = end - k - 1
-    test_user, test_pos = flat_ranges(end - k, k)           # (M,), (M,)
-    return Split(n_test, start.astype(np.int64), valid_pos.astype(np.int64),
-                 test_pos.astype(np.int64), test_user.astype(np.int64))
+    test_user, test_pos = flat_ranges(end - k, k)  # (M,), (M,)
+    return Split(
+        n_test,
+        start.astype(np.int64),
+        valid_pos.astype(np.int64),
+        test_pos.astype(np.int64),
+        test_user.astype(np.int64),
+    )
 
 
 def training_windows(split: Split, max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -52,8 +59,8 @@ def training_windows(split: Split, max_len: int) -> tuple[np.ndarray, np.ndarray
 
     Returns (starts, ends, user_rows); a window's inputs are [start, end), targets [start+1, end+1).
     """
-    n_pred = split.valid_pos - split.user_start - 1         # (U,) supervised positions per user
-    n_win = np.maximum(0, -(-n_pred // max_len))             # ceil division
+    n_pred = split.valid_pos - split.user_start - 1  # (U,) supervised positions per user
+    n_win = np.maximum(0, -(-n_pred // max_len))  # ceil division
     rows, w = flat_ranges(np.zeros_like(n_win), n_win)
     ends = split.valid_pos[rows] - 1 - w * max_len
     starts = np.maximum(split.user_start[rows], ends - max_len)
@@ -78,9 +85,10 @@ HISTORY_ITEMS = 5
 @dataclass
 class IntentTable:
     """Intent phrases of each item (CSR) and their text embeddings."""
-    offsets: np.ndarray      # (N + 2,) item i's phrases are ids[offsets[i]:offsets[i + 1]]
-    ids: np.ndarray          # (P_total,)
-    emb: np.ndarray          # (P, 384)
+
+    offsets: np.ndarray  # (N + 2,) item i's phrases are ids[offsets[i]:offsets[i + 1]]
+    ids: np.ndarray  # (P_total,)
+    emb: np.ndarray  # (P, 384)
 
     def carries(self, items: np.ndarray, phrase: np.ndarray) -> np.ndarray:
         """(M,) whether item items[j] carries phrase phrase[j]."""
@@ -116,7 +124,7 @@ class IntentTable:
         latest = np.zeros(len(uniq), dtype=np.int64)
         np.maximum.at(latest, inv, when)
         u_row = uniq // len(self.emb)
-        order = np.lexsort((latest, count, u_row))                     # best of each row last
+        order = np.lexsort((latest, count, u_row))  # best of each row last
         last_of_row = np.r_[u_row[order][1:] != u_row[order][:-1], True]
         out = np.full(n_rows, -1, dtype=np.int64)
         best = order[last_of_row]
@@ -134,23 +142,31 @@ class IntentTable:
 class BatchBuilder:
     """Turns (starts, ends) sample arrays into padded tensors (right padding, 0 = pad)."""
 
-    def __init__(self, items: np.ndarray, ratings: np.ndarray, timestamps: np.ndarray,
-                 intents: IntentTable | None = None):
+    def __init__(
+        self, items: np.ndarray, ratings: np.ndarray, timestamps: np.ndarray, intents: IntentTable | None = None
+    ):
         self.items = items.astype(np.int64)
         self.rating_bucket = rating_bucket(ratings)
         self.ts = timestamps.astype(np.int64)
         self.intents = intents
 
-    def __call__(self, starts: np.ndarray, ends: np.ndarray, user_starts: np.ndarray,
-                 supervise_all: bool = True, intent_rate: float = 0.0,
-                 rng: np.random.Generator | None = None, intent: str = "oracle") -> dict[str, torch.Tensor]:
+    def __call__(
+        self,
+        starts: np.ndarray,
+        ends: np.ndarray,
+        user_starts: np.ndarray,
+        supervise_all: bool = True,
+        intent_rate: float = 0.0,
+        rng: np.random.Generator | None = None,
+        intent: str = "oracle",
+    ) -> dict[str, torch.Tensor]:
         """`intent` (one of INTENT_REGIMES) picks the words of the supervised positions that get any."""
-        lengths = ends - starts                                              # (B,)
+        lengths = ends - starts  # (B,)
         T = int(lengths.max())
         pos = np.arange(T)[None, :]
-        mask = pos < lengths[:, None]                                        # (B, T)
-        idx = np.where(mask, starts[:, None] + pos, starts[:, None])         # (B, T) safe gather index
-        nxt = idx + 1                                                        # target of each position
+        mask = pos < lengths[:, None]  # (B, T)
+        idx = np.where(mask, starts[:, None] + pos, starts[:, None])  # (B, T) safe gather index
+        nxt = idx + 1  # target of each position
         ts, ts_next = self.ts[idx], self.ts[nxt]
         gap = np.where(idx > user_starts[:, None], ts - self.ts[np.maximum(idx - 1, 0)], 0)
         if supervise_all:
@@ -170,9 +186,9 @@ class BatchBuilder:
         }
         if intent_rate > 0 and self.intents is not None:
             rng = rng or np.random.default_rng(0)
-            phrase = self.intents.sample(self.items[nxt], rng)                 # (B, T)
+            phrase = self.intents.sample(self.items[nxt], rng)  # (B, T)
             use = sup & (phrase >= 0) & (rng.random(phrase.shape) < intent_rate)
-            vec = self.intents.emb[np.maximum(phrase, 0)] * use[..., None]     # (B, T, 384)
+            vec = self.intents.emb[np.maximum(phrase, 0)] * use[..., None]  # (B, T, 384)
             if intent != "oracle":
                 use, vec = self._regime(intent, use, vec, phrase, idx, mask, nxt, rng)
             batch["intent"] = torch.from_numpy(vec.astype(np.float32))
@@ -183,14 +199,14 @@ class BatchBuilder:
         """The words of the used positions under a non-oracle regime -> (use, vec)."""
         if intent not in INTENT_REGIMES:
             raise ValueError(f"intent must be one of {INTENT_REGIMES}, got {intent!r}")
-        b, t = np.nonzero(use)                                               # (M,) used positions
+        b, t = np.nonzero(use)  # (M,) used positions
         emb = self.intents.emb
         if intent in ("noisy", "wrong"):
             other = emb[self.intents.unrelated(self.items[nxt[b, t]], rng)]  # (M, 384)
             words = other if intent == "wrong" else emb[phrase[b, t]] + other
-        else:                                                                # history: inputs only
+        else:  # history: inputs only
             back = np.arange(HISTORY_ITEMS)[None, :]
-            pos = t[:, None] - back                                          # (M, H) positions ≤ t
+            pos = t[:, None] - back  # (M, H) positions ≤ t
             ok = (pos >= 0) & mask[b[:, None], np.maximum(pos, 0)]
             rows = np.broadcast_to(np.arange(len(b))[:, None], pos.shape)[ok][::-1]
             items = self.items[idx[b[:, None], np.maximum(pos, 0)]][ok][::-1]  # oldest first per row
@@ -210,7 +226,7 @@ def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random
     """Batches of sample indices with similar lengths (less padding), in random order."""
     jitter = rng.random(len(lengths))
     order = np.lexsort((jitter, lengths))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     rng.shuffle(batches)
     return batches
 

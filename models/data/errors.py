@@ -1,4 +1,5 @@
 """Errors raised on bad input data."""
+
 from __future__ import annotations
 
 

@@ -2,14 +2,15 @@
 
 Pure numpy so that batching, serving and tests share one definition.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
-N_RATING_BUCKETS = 12      # bucket 0 = padding; ratings 0.5..5.0 in half steps -> 1..10, 11 spare
-N_HOUR_BUCKETS = 8         # 3-hour buckets for the `time` dimension's auxiliary target
-EVENT_FEATURES = 5         # sin/cos hour, sin/cos weekday, log gap since previous event
-CONTEXT_FEATURES = 5       # the same, for the moment of prediction
+N_RATING_BUCKETS = 12  # bucket 0 = padding; ratings 0.5..5.0 in half steps -> 1..10, 11 spare
+N_HOUR_BUCKETS = 8  # 3-hour buckets for the `time` dimension's auxiliary target
+EVENT_FEATURES = 5  # sin/cos hour, sin/cos weekday, log gap since previous event
+CONTEXT_FEATURES = 5  # the same, for the moment of prediction
 
 
 def rating_bucket(rating: np.ndarray) -> np.ndarray:

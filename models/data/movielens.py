@@ -4,6 +4,7 @@ Every reader returns a `RawData`. Ratings go through pyarrow's CSV parser and ve
 only when those find a problem is the file scanned line by line, so that the error names the
 exact line and reason. Nothing is ever skipped silently.
 """
+
 from __future__ import annotations
 
 import csv
@@ -25,15 +26,15 @@ from models.data.raw import ITEMS_SCHEMA, RATINGS_SCHEMA, TAG_EVENTS_SCHEMA, Raw
 MOVIELENS_URL = "https://files.grouplens.org/datasets/movielens/{name}.zip"
 KNOWN_DATASETS = ("ml-latest-small", "ml-100k", "ml-1m", "ml-10m", "ml-25m", "ml-32m")
 KNOWN_SHA256 = {
-    "ml-1m": "a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20",  # 5,917,549 bytes
+    "ml-1m": "a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20"  # 5,917,549 bytes
 }
 RATING_RANGE = (0.5, 5.0)
 # Folder names inside the official archives that differ from the dataset name.
 _FOLDER_ALIASES = {"ml-10m100k": "ml-10m"}
 # The files each format needs, in detection order.
 _FORMATS = {
-    "csv": ("ratings.csv", "movies.csv"),     # ml-latest(-small), ml-20m, ml-25m, ml-32m
-    "dat": ("ratings.dat", "movies.dat"),     # ml-1m, ml-10m
+    "csv": ("ratings.csv", "movies.csv"),  # ml-latest(-small), ml-20m, ml-25m, ml-32m
+    "dat": ("ratings.dat", "movies.dat"),  # ml-1m, ml-10m
     "100k": ("u.data", "u.item", "u.genre"),  # ml-100k
 }
 _NO_GENRES = {"(no genres listed)", ""}
@@ -44,6 +45,7 @@ class DownloadError(RuntimeError):
 
 
 # ---- where the files are ------------------------------------------------------------------
+
 
 class _Source:
     """The files of one release, in a folder or inside a zip archive, by lower-cased basename."""
@@ -83,8 +85,11 @@ class _Source:
                 if needed[0] in files:
                     missing = ", ".join(n for n in needed if n not in files)
                     raise DataFormatError(self.path.name, f"has {needed[0]} but no {missing}")
-        raise DataFormatError(self.path.name, "no MovieLens files found (expected ratings.csv + "
-                              "movies.csv, ratings.dat + movies.dat, or u.data + u.item + u.genre)")
+        raise DataFormatError(
+            self.path.name,
+            "no MovieLens files found (expected ratings.csv + "
+            "movies.csv, ratings.dat + movies.dat, or u.data + u.item + u.genre)",
+        )
 
     def has(self, name: str) -> bool:
         return name in self._files
@@ -120,6 +125,7 @@ class _Source:
 
 # ---- field parsing --------------------------------------------------------------------------
 
+
 def _int(value: str, field: str, disp: str, line: int) -> int:
     try:
         return int(value.strip())
@@ -133,8 +139,9 @@ def _rating(value: str, field: str, disp: str, line: int) -> float:
     except ValueError:
         raise DataFormatError(disp, f"{field} {value!r} is not a number", line) from None
     if not RATING_RANGE[0] <= r <= RATING_RANGE[1]:
-        raise DataFormatError(disp, f"{field} {value.strip()} is out of range "
-                              f"{RATING_RANGE[0]:g}..{RATING_RANGE[1]:g}", line)
+        raise DataFormatError(
+            disp, f"{field} {value.strip()} is out of range {RATING_RANGE[0]:g}..{RATING_RANGE[1]:g}", line
+        )
     return r
 
 
@@ -160,8 +167,9 @@ def _check_header(src: _Source, name: str, rows, expected: list[str]) -> None:
         raise DataFormatError(src.display(name), "file is empty", line=1)
     line, fields = first
     if [f.strip() for f in fields] != expected:
-        raise DataFormatError(src.display(name), f"expected the header {','.join(expected)!r}, "
-                              f"got {','.join(fields)!r}", line)
+        raise DataFormatError(
+            src.display(name), f"expected the header {','.join(expected)!r}, got {','.join(fields)!r}", line
+        )
 
 
 # ---- ratings --------------------------------------------------------------------------------
@@ -203,8 +211,7 @@ def _read_ratings(src: _Source, kind: str, items: pa.Table, movies_file: str) ->
     name, delim, header = _RATING_LAYOUT[kind]
     disp = src.display(name)
     cols = ["user", "item", "rating", "timestamp"]
-    types = {"user": pa.int64(), "item": pa.int64(), "rating": pa.float64(),
-             "timestamp": pa.int64()}
+    types = {"user": pa.int64(), "item": pa.int64(), "rating": pa.float64(), "timestamp": pa.int64()}
     item_ids = items.column("source_id")
 
     def slow(reason: str):
@@ -232,7 +239,8 @@ def _read_ratings(src: _Source, kind: str, items: pa.Table, movies_file: str) ->
             data,
             read_options=pacsv.ReadOptions(column_names=cols, skip_rows=1 if header else 0),
             parse_options=parse,
-            convert_options=pacsv.ConvertOptions(column_types=types))
+            convert_options=pacsv.ConvertOptions(column_types=types),
+        )
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         slow(f"cannot be parsed: {e}")
     finally:
@@ -255,10 +263,12 @@ def _read_ratings(src: _Source, kind: str, items: pa.Table, movies_file: str) ->
 
 # ---- movies ---------------------------------------------------------------------------------
 
-def _items_table(ids: list[int], titles: list[str], genres: list[list[str]],
-                 tags: dict[int, list[str]]) -> pa.Table:
-    return pa.table({"source_id": ids, "title": titles, "genres": genres,
-                     "tags": [tags.get(i, []) for i in ids]}, schema=ITEMS_SCHEMA)
+
+def _items_table(ids: list[int], titles: list[str], genres: list[list[str]], tags: dict[int, list[str]]) -> pa.Table:
+    return pa.table(
+        {"source_id": ids, "title": titles, "genres": genres, "tags": [tags.get(i, []) for i in ids]},
+        schema=ITEMS_SCHEMA,
+    )
 
 
 def _check_unique(seen: dict[int, int], mid: int, field: str, disp: str, line: int) -> None:
@@ -310,8 +320,7 @@ def _read_movies_100k(src: _Source):
         if len(f) != 2:
             raise DataFormatError(gdisp, f"expected 2 fields, got {len(f)}", line)
         if _int(f[1], "genre index", gdisp, line) != len(genre_names):
-            raise DataFormatError(gdisp, f"genre index {f[1]!r} is out of order "
-                                  f"(expected {len(genre_names)})", line)
+            raise DataFormatError(gdisp, f"genre index {f[1]!r} is out of order (expected {len(genre_names)})", line)
         genre_names.append(f[0].strip())
     disp = src.display("u.item")
     n_fields = 5 + len(genre_names)
@@ -334,6 +343,7 @@ def _read_movies_100k(src: _Source):
 
 
 # ---- tags -----------------------------------------------------------------------------------
+
 
 def _read_tags(src: _Source, kind: str, item_ids: set[int], movies_file: str) -> pa.Table | None:
     """Every tag application (item, normalised tag, time) in file order (TAG_EVENTS_SCHEMA); None without tags."""
@@ -369,8 +379,7 @@ def _read_tags(src: _Source, kind: str, item_ids: set[int], movies_file: str) ->
 
 # ---- public ---------------------------------------------------------------------------------
 
-_MOVIE_READERS: dict[str, Callable] = {"csv": _read_movies_csv, "dat": _read_movies_dat,
-                                       "100k": _read_movies_100k}
+_MOVIE_READERS: dict[str, Callable] = {"csv": _read_movies_csv, "dat": _read_movies_dat, "100k": _read_movies_100k}
 
 
 def read_movielens(path: str | Path, name: str | None = None) -> RawData:
@@ -388,8 +397,11 @@ def read_movielens(path: str | Path, name: str | None = None) -> RawData:
             raise DataFormatError(src.display(movies_file), "no movies in the file", line=1)
         item_set = set(ids)
         tag_events = _read_tags(src, src.kind, item_set, movies_file)
-        tags = {} if tag_events is None else rank_tags(tag_events.column("item").to_numpy(),
-                                                        tag_events.column("tag").to_pylist())
+        tags = (
+            {}
+            if tag_events is None
+            else rank_tags(tag_events.column("item").to_numpy(), tag_events.column("tag").to_pylist())
+        )
         items = _items_table(ids, titles, genres, tags)
         ratings = _read_ratings(src, src.kind, items, movies_file)
     finally:
@@ -401,8 +413,9 @@ def read_movielens(path: str | Path, name: str | None = None) -> RawData:
     return RawData(name=name, items=items, ratings=ratings, source=str(path.resolve()), tag_events=tag_events)
 
 
-def download(name: str, dest_dir: Path, url: str | None = None, sha256: str | None = None,
-             progress: bool = True) -> Path:
+def download(
+    name: str, dest_dir: Path, url: str | None = None, sha256: str | None = None, progress: bool = True
+) -> Path:
     """Download `{name}.zip` into dest_dir (streamed to a temp file, renamed when verified).
 
     The SHA-256 is checked when given or known; on a mismatch nothing is left behind. An
@@ -412,8 +425,7 @@ def download(name: str, dest_dir: Path, url: str | None = None, sha256: str | No
 
     if url is None:
         if name not in KNOWN_DATASETS:
-            raise ValueError(f"unknown MovieLens dataset {name!r}; known: {', '.join(KNOWN_DATASETS)}"
-                             " (or pass url=)")
+            raise ValueError(f"unknown MovieLens dataset {name!r}; known: {', '.join(KNOWN_DATASETS)} (or pass url=)")
         url = MOVIELENS_URL.format(name=name)
     expected = (sha256 or KNOWN_SHA256.get(name) or "").lower() or None
     dest_dir = Path(dest_dir).expanduser()
@@ -425,23 +437,30 @@ def download(name: str, dest_dir: Path, url: str | None = None, sha256: str | No
         dest.unlink()  # a damaged earlier copy
     try:
         h = hashlib.sha256()
-        with atomic_path(dest) as tmp, open(tmp, "wb") as out, httpx.stream(
-                "GET", url, follow_redirects=True, timeout=httpx.Timeout(30.0, read=120.0)) as resp:
+        with (
+            atomic_path(dest) as tmp,
+            open(tmp, "wb") as out,
+            httpx.stream("GET", url, follow_redirects=True, timeout=httpx.Timeout(30.0, read=120.0)) as resp,
+        ):
             resp.raise_for_status()
             total = int(resp.headers.get("content-length", 0)) or None
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                      desc=dest.name, disable=not progress) as bar:
+            with tqdm(
+                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name, disable=not progress
+            ) as bar:
                 for chunk in resp.iter_bytes(1 << 20):
                     out.write(chunk)
                     h.update(chunk)
                     bar.update(len(chunk))
             digest = h.hexdigest()
-            if expected is not None and digest != expected:      # raised inside: the file is discarded
-                raise DownloadError(f"{url}: SHA-256 mismatch (expected {expected}, got {digest}); "
-                                    "the download was discarded")
+            if expected is not None and digest != expected:  # raised inside: the file is discarded
+                raise DownloadError(
+                    f"{url}: SHA-256 mismatch (expected {expected}, got {digest}); the download was discarded"
+                )
     except httpx.HTTPStatusError as e:
         raise DownloadError(f"cannot download {url}: HTTP {e.response.status_code}") from None
     except httpx.TransportError as e:
-        raise DownloadError(f"cannot download {url}: {type(e).__name__}: {e} (no network? put "
-                            f"{dest.name} in {dest_dir} or pass a local folder)") from None
+        raise DownloadError(
+            f"cannot download {url}: {type(e).__name__}: {e} (no network? put "
+            f"{dest.name} in {dest_dir} or pass a local folder)"
+        ) from None
     return dest

@@ -3,6 +3,7 @@
 Preparation writes into a temporary folder beside `out_dir` and renames it into place at the
 end, so a crash leaves any earlier output untouched and never a half-written one.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,12 +25,14 @@ from models.data.errors import DataFormatError
 from models.data.raw import ITEMS_SCHEMA, RATINGS_SCHEMA, RawData, rank_tags
 from models.files import sha256_file
 
-FORMAT_VERSION = 2          # 2: item text from the tags applied before every evaluation target only
+FORMAT_VERSION = 2  # 2: item text from the tags applied before every evaluation target only
 # The longest evaluation protocol predicts each user's last 10 events (`models.training.defaults.PROTOCOLS`), with
 # the event before them as validation: no feature may use what happened after the earliest of these.
 MAX_TEST_EVENTS = 10
-SPLIT_PROTOCOL = ("leave-one-out: last event test, second-to-last validation; "
-                  "maximum sequence length 200; full ranking; history-masked headline")
+SPLIT_PROTOCOL = (
+    "leave-one-out: last event test, second-to-last validation; "
+    "maximum sequence length 200; full ranking; history-masked headline"
+)
 TABLE_FILES = ("items.parquet", "interactions.parquet", "intents.parquet", "user_map.parquet")
 MANIFEST = "manifest.json"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -38,8 +41,9 @@ SHARED_ML_LATEST_SMALL = REPO_ROOT.parent / "shared" / "data" / "movielens" / "m
 
 # ---- pure helpers ---------------------------------------------------------------------------
 
+
 def item_text(title: str, genres: list[str], tags: list[str]) -> str:
-    """"Title. Genres: a, b. Tags: x, y" — the text the encoder embeds; empty parts left out."""
+    """ "Title. Genres: a, b. Tags: x, y" — the text the encoder embeds; empty parts left out."""
     parts = [title.strip()] if title and title.strip() else []
     if genres:
         parts.append(f"Genres: {', '.join(genres)}")
@@ -67,12 +71,12 @@ def _encode(encoder, texts: list[str], progress: bool, what: str) -> np.ndarray:
     emb = np.asarray(encoder.encode(texts, progress=progress), dtype=np.float32)
     dim = getattr(encoder, "dim", emb.shape[1] if emb.ndim == 2 else None)
     if emb.shape != (len(texts), dim):
-        raise ValueError(f"encoder returned shape {emb.shape} for {len(texts)} {what}, "
-                         f"expected ({len(texts)}, {dim})")
+        raise ValueError(f"encoder returned shape {emb.shape} for {len(texts)} {what}, expected ({len(texts)}, {dim})")
     return emb
 
 
 # ---- the folder swap ------------------------------------------------------------------------
+
 
 def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
@@ -98,6 +102,7 @@ def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
 
 
 # ---- prepare --------------------------------------------------------------------------------
+
 
 def evaluation_cutoff(users: np.ndarray, times: np.ndarray) -> int:
     """Events sorted by (user, time) -> the time of the earliest event any protocol evaluates.
@@ -125,13 +130,25 @@ def item_tags(raw: RawData, catalogue: pa.Table, cutoff: int) -> tuple[list[list
     before = events.filter(pc.less(events.column("timestamp"), cutoff))
     ranked = rank_tags(before.column("item").to_numpy(), before.column("tag").to_pylist())
     tags = [ranked.get(int(i), []) for i in catalogue.column("source_id").to_numpy()]
-    return tags, {"source": "timestamped", "used_before": cutoff, "applied": events.num_rows,
-                  "applied_before": before.num_rows, "items_with_tags": sum(bool(t) for t in tags)}
+    return tags, {
+        "source": "timestamped",
+        "used_before": cutoff,
+        "applied": events.num_rows,
+        "applied_before": before.num_rows,
+        "items_with_tags": sum(bool(t) for t in tags),
+    }
 
 
-def prepare(raw: RawData, out_dir: Path, encoder=None, min_user_events: int = 3,
-            overwrite: bool = False, progress: bool = True, *,
-            request: dict | None = None) -> Path:
+def prepare(
+    raw: RawData,
+    out_dir: Path,
+    encoder=None,
+    min_user_events: int = 3,
+    overwrite: bool = False,
+    progress: bool = True,
+    *,
+    request: dict | None = None,
+) -> Path:
     """Write the prepared dataset for `raw` to `out_dir` (atomically) and return `out_dir`.
 
     `encoder` is a `TextEncoder` (the default) or anything with `encode(texts, progress)`,
@@ -186,8 +203,7 @@ def prepare(raw: RawData, out_dir: Path, encoder=None, min_user_events: int = 3,
     pos = np.searchsorted(src_sorted, item_ids)
     missing = (pos >= len(src_sorted)) | (src_sorted[np.minimum(pos, len(src_sorted) - 1)] != item_ids)
     if missing.any():
-        raise DataFormatError(f"{raw.name} ratings",
-                              f"item {item_ids[missing][0]} is not in the items table")
+        raise DataFormatError(f"{raw.name} ratings", f"item {item_ids[missing][0]} is not in the items table")
     catalogue = catalogue.take(pa.array(src_order[pos]))
     titles = catalogue.column("title").to_pylist()
     genres = catalogue.column("genres").to_pylist()
@@ -197,6 +213,7 @@ def prepare(raw: RawData, out_dir: Path, encoder=None, min_user_events: int = 3,
     # 3. Text and intent phrases, each encoded once.
     if encoder is None:
         from models.data.encoder import TextEncoder
+
         encoder = TextEncoder()
     step(f"encoding {len(titles)} item texts")
     texts = [item_text(t or "", g, tg) for t, g, tg in zip(titles, genres, tags)]
@@ -210,33 +227,40 @@ def prepare(raw: RawData, out_dir: Path, encoder=None, min_user_events: int = 3,
     genre_vocab = sorted({g for gs in genres for g in gs})
 
     n_items, n_users = len(item_ids), len(user_ids)
-    items_table = pa.table({
-        "item_idx": pa.array(np.arange(1, n_items + 1, dtype=np.int32)),
-        "source_id": pa.array(item_ids.astype(np.int64)),
-        "title": pa.array(titles, pa.string()),
-        "genres": pa.array(genres, pa.list_(pa.string())),
-        "tags": pa.array(tags, pa.list_(pa.string())),
-        "text": pa.array(texts, pa.string()),
-        "embedding": _emb_array(item_emb),
-        "intent_ids": pa.array([[phrase_id[p] for p in ps] for ps in per_item],
-                               pa.list_(pa.int32())),
-    })
-    interactions = pa.table({
-        "user_idx": pa.array(user_idx),
-        "source_user": pa.array(users.astype(np.int64)),
-        "item_idx": pa.array(item_idx),
-        "rating": pa.array(ratings.column("rating").to_numpy()[keep].astype(np.float32)),
-        "timestamp": pa.array(ratings.column("timestamp").to_numpy()[keep].astype(np.int64)),
-    })
-    intents = pa.table({
-        "intent_idx": pa.array(np.arange(len(vocab), dtype=np.int32)),
-        "phrase": pa.array(vocab, pa.string()),
-        "embedding": _emb_array(intent_emb.reshape(len(vocab), dim)),
-    })
-    user_map = pa.table({
-        "user_idx": pa.array(np.arange(1, n_users + 1, dtype=np.int32)),
-        "source_user": pa.array(user_ids.astype(np.int64)),
-    })
+    items_table = pa.table(
+        {
+            "item_idx": pa.array(np.arange(1, n_items + 1, dtype=np.int32)),
+            "source_id": pa.array(item_ids.astype(np.int64)),
+            "title": pa.array(titles, pa.string()),
+            "genres": pa.array(genres, pa.list_(pa.string())),
+            "tags": pa.array(tags, pa.list_(pa.string())),
+            "text": pa.array(texts, pa.string()),
+            "embedding": _emb_array(item_emb),
+            "intent_ids": pa.array([[phrase_id[p] for p in ps] for ps in per_item], pa.list_(pa.int32())),
+        }
+    )
+    interactions = pa.table(
+        {
+            "user_idx": pa.array(user_idx),
+            "source_user": pa.array(users.astype(np.int64)),
+            "item_idx": pa.array(item_idx),
+            "rating": pa.array(ratings.column("rating").to_numpy()[keep].astype(np.float32)),
+            "timestamp": pa.array(ratings.column("timestamp").to_numpy()[keep].astype(np.int64)),
+        }
+    )
+    intents = pa.table(
+        {
+            "intent_idx": pa.array(np.arange(len(vocab), dtype=np.int32)),
+            "phrase": pa.array(vocab, pa.string()),
+            "embedding": _emb_array(intent_emb.reshape(len(vocab), dim)),
+        }
+    )
+    user_map = pa.table(
+        {
+            "user_idx": pa.array(np.arange(1, n_users + 1, dtype=np.int32)),
+            "source_user": pa.array(user_ids.astype(np.int64)),
+        }
+    )
 
     # 4. Write everything into a temporary folder beside out_dir, then rename it into place.
     step(f"writing {out_dir}")
@@ -244,23 +268,36 @@ def prepare(raw: RawData, out_dir: Path, encoder=None, min_user_events: int = 3,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         os.chmod(tmp, 0o755)
-        tables = {"items": items_table, "interactions": interactions, "intents": intents,
-                  "user_map": user_map, **raw.extra}
+        tables = {
+            "items": items_table,
+            "interactions": interactions,
+            "intents": intents,
+            "user_map": user_map,
+            **raw.extra,
+        }
         for name, table in tables.items():
             pq.write_table(table, tmp / f"{name}.parquet")
-        files = {f"{name}.parquet": {"sha256": sha256_file(tmp / f"{name}.parquet"),
-                                     "bytes": (tmp / f"{name}.parquet").stat().st_size}
-                 for name in tables}
+        files = {
+            f"{name}.parquet": {
+                "sha256": sha256_file(tmp / f"{name}.parquet"),
+                "bytes": (tmp / f"{name}.parquet").stat().st_size,
+            }
+            for name in tables
+        }
         manifest = {
             "format_version": FORMAT_VERSION,
             "dataset": raw.name,
             "source": raw.source,
             "request": request,
-            "counts": {"users": n_users, "items": n_items, "interactions": int(keep.size),
-                       "genres": len(genre_vocab), "intents": len(vocab)},
+            "counts": {
+                "users": n_users,
+                "items": n_items,
+                "interactions": int(keep.size),
+                "genres": len(genre_vocab),
+                "intents": len(vocab),
+            },
             "genres": genre_vocab,
-            "encoder": {"model": getattr(encoder, "model_name", type(encoder).__name__),
-                        "dim": int(dim)},
+            "encoder": {"model": getattr(encoder, "model_name", type(encoder).__name__), "dim": int(dim)},
             "min_user_events": min_user_events,
             "tags": tag_record,
             "extra_tables": sorted(raw.extra),
@@ -278,6 +315,7 @@ def prepare(raw: RawData, out_dir: Path, encoder=None, min_user_events: int = 3,
 
 
 # ---- from a named source --------------------------------------------------------------------
+
 
 def _older_format(out_dir: Path) -> bool:
     """A prepared folder whose manifest names an older format version (derived data: safe to redo)."""
@@ -310,10 +348,17 @@ def _jsonable(obj) -> object:
     return json.loads(json.dumps(dataclasses.asdict(obj), sort_keys=True, default=str))
 
 
-def prepare_source(dataset: str, out_dir: Path, data_dir: Path | None = None,
-                   download_dir: Path | None = None, encoder=None, overwrite: bool = False,
-                   synthetic_config=None, min_user_events: int = 3,
-                   progress: bool = True) -> Path:
+def prepare_source(
+    dataset: str,
+    out_dir: Path,
+    data_dir: Path | None = None,
+    download_dir: Path | None = None,
+    encoder=None,
+    overwrite: bool = False,
+    synthetic_config=None,
+    min_user_events: int = 3,
+    progress: bool = True,
+) -> Path:
     """Prepare a named dataset ("synthetic" or a MovieLens name) into `out_dir`.
 
     MovieLens is read from `data_dir` (folder or zip); without it, ml-latest-small comes from
@@ -344,13 +389,16 @@ def prepare_source(dataset: str, out_dir: Path, data_dir: Path | None = None,
                 return read_movielens(data_dir, name=dataset)
         else:
             if dataset not in KNOWN_DATASETS:
-                raise ValueError(f"unknown dataset {dataset!r}: use 'synthetic', one of "
-                                 f"{', '.join(KNOWN_DATASETS)}, or pass data_dir")
+                raise ValueError(
+                    f"unknown dataset {dataset!r}: use 'synthetic', one of "
+                    f"{', '.join(KNOWN_DATASETS)}, or pass data_dir"
+                )
             request = {"dataset": dataset, "input": MOVIELENS_URL.format(name=dataset)}
             target = Path(download_dir) if download_dir else cache_dir() / "movielens"
 
             def load() -> RawData:
                 return read_movielens(download(dataset, target, progress=progress), name=dataset)
+
     request["min_user_events"] = min_user_events
     request["encoder"] = getattr(encoder, "model_name", MODEL_NAME) if encoder else MODEL_NAME
 
@@ -367,5 +415,12 @@ def prepare_source(dataset: str, out_dir: Path, data_dir: Path | None = None,
         else:
             why = "is incomplete" if manifest is None else "was prepared from another source"
             raise FileExistsError(f"{out_dir} {why}; pass overwrite=True to replace it")
-    return prepare(load(), out_dir, encoder=encoder, min_user_events=min_user_events,
-                   overwrite=overwrite, progress=progress, request=request)
+    return prepare(
+        load(),
+        out_dir,
+        encoder=encoder,
+        min_user_events=min_user_events,
+        overwrite=overwrite,
+        progress=progress,
+        request=request,
+    )

@@ -3,6 +3,7 @@
 `prepare.py` turns a `RawData` into the prepared Parquet tables; nothing downstream reads
 raw files.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,33 +13,42 @@ import pyarrow as pa
 
 MAX_TAGS_PER_ITEM = 10
 
-ITEMS_SCHEMA = pa.schema([
-    ("source_id", pa.int64()),          # the source's own item id (movieId, ...)
-    ("title", pa.string()),
-    ("genres", pa.list_(pa.string())),  # genre words, in source order
-    ("tags", pa.list_(pa.string())),    # distinct tags, most used first, at most MAX_TAGS_PER_ITEM; see RawData.tag_events
-])
+ITEMS_SCHEMA = pa.schema(
+    [
+        ("source_id", pa.int64()),  # the source's own item id (movieId, ...)
+        ("title", pa.string()),
+        ("genres", pa.list_(pa.string())),  # genre words, in source order
+        (
+            "tags",
+            pa.list_(pa.string()),
+        ),  # distinct tags, most used first, at most MAX_TAGS_PER_ITEM; see RawData.tag_events
+    ]
+)
 
-TAG_EVENTS_SCHEMA = pa.schema([
-    ("item", pa.int64()),        # source_id of the item
-    ("tag", pa.string()),        # normalised: lower case, single spaces
-    ("timestamp", pa.int64()),   # when a user applied it (seconds since the epoch, UTC)
-])
+TAG_EVENTS_SCHEMA = pa.schema(
+    [
+        ("item", pa.int64()),  # source_id of the item
+        ("tag", pa.string()),  # normalised: lower case, single spaces
+        ("timestamp", pa.int64()),  # when a user applied it (seconds since the epoch, UTC)
+    ]
+)
 
-RATINGS_SCHEMA = pa.schema([
-    ("user", pa.int64()),        # the source's own user id
-    ("item", pa.int64()),        # source_id of the item
-    ("rating", pa.float32()),
-    ("timestamp", pa.int64()),   # seconds since the epoch (UTC)
-])
+RATINGS_SCHEMA = pa.schema(
+    [
+        ("user", pa.int64()),  # the source's own user id
+        ("item", pa.int64()),  # source_id of the item
+        ("rating", pa.float32()),
+        ("timestamp", pa.int64()),  # seconds since the epoch (UTC)
+    ]
+)
 
 
 @dataclass
 class RawData:
-    name: str                    # e.g. "synthetic", "ml-latest-small"
-    items: pa.Table              # ITEMS_SCHEMA
-    ratings: pa.Table            # RATINGS_SCHEMA, in file order (ties keep this order)
-    source: str = ""             # where it came from (path, URL, generator seed)
+    name: str  # e.g. "synthetic", "ml-latest-small"
+    items: pa.Table  # ITEMS_SCHEMA
+    ratings: pa.Table  # RATINGS_SCHEMA, in file order (ties keep this order)
+    source: str = ""  # where it came from (path, URL, generator seed)
     extra: dict[str, pa.Table] = field(default_factory=dict)  # written beside as NAME.parquet
     # Tags users applied, with their times (TAG_EVENTS_SCHEMA), when the source has them. Preparation
     # then builds the item text from the tags applied before every evaluation target only, in place
@@ -53,5 +63,6 @@ def rank_tags(items: np.ndarray, tags: list[str]) -> dict[int, list[str]]:
     for item, tag in zip(items.tolist(), tags):
         per_item = counts.setdefault(item, {})
         per_item[tag] = per_item.get(tag, 0) + 1
-    return {item: [t for t, _ in sorted(c.items(), key=lambda kv: -kv[1])[:MAX_TAGS_PER_ITEM]]
-            for item, c in counts.items()}
+    return {
+        item: [t for t, _ in sorted(c.items(), key=lambda kv: -kv[1])[:MAX_TAGS_PER_ITEM]] for item, c in counts.items()
+    }

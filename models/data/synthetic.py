@@ -13,6 +13,7 @@ dimensions, with mixture weights π(context) that depend only on the request's c
 The per-event weights π and the source actually drawn are saved beside the data (`truth`),
 so tests can check that the learned gates recover the planted context dependence.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -22,13 +23,57 @@ import pyarrow as pa
 
 from models.data.raw import ITEMS_SCHEMA, RATINGS_SCHEMA, RawData
 
-GENRES = ("comedy", "drama", "thriller", "romance", "science fiction", "horror", "documentary",
-          "animation", "mystery", "adventure", "western", "musical")
-DAYPARTS = ("late night", "morning", "afternoon", "evening")   # hour // 6
-ADJECTIVES = ("silent", "golden", "broken", "hidden", "last", "wild", "quiet", "electric", "lost", "bright",
-              "dark", "little", "endless", "frozen", "secret", "burning")
-NOUNS = ("river", "city", "garden", "signal", "summer", "road", "machine", "island", "letter", "winter",
-         "kingdom", "mirror", "harbor", "forest", "station", "promise")
+GENRES = (
+    "comedy",
+    "drama",
+    "thriller",
+    "romance",
+    "science fiction",
+    "horror",
+    "documentary",
+    "animation",
+    "mystery",
+    "adventure",
+    "western",
+    "musical",
+)
+DAYPARTS = ("late night", "morning", "afternoon", "evening")  # hour // 6
+ADJECTIVES = (
+    "silent",
+    "golden",
+    "broken",
+    "hidden",
+    "last",
+    "wild",
+    "quiet",
+    "electric",
+    "lost",
+    "bright",
+    "dark",
+    "little",
+    "endless",
+    "frozen",
+    "secret",
+    "burning",
+)
+NOUNS = (
+    "river",
+    "city",
+    "garden",
+    "signal",
+    "summer",
+    "road",
+    "machine",
+    "island",
+    "letter",
+    "winter",
+    "kingdom",
+    "mirror",
+    "harbor",
+    "forest",
+    "station",
+    "promise",
+)
 SOURCES = ("topic", "sentiment", "time")
 
 
@@ -36,14 +81,14 @@ SOURCES = ("topic", "sentiment", "time")
 class SyntheticConfig:
     n_users: int = 600
     n_items: int = 600
-    n_genres: int = 8            # how many of GENRES are used
-    series_len: int = 6          # items per series (the sentiment source walks a series)
+    n_genres: int = 8  # how many of GENRES are used
+    series_len: int = 6  # items per series (the sentiment source walks a series)
     min_events: int = 20
     max_events: int = 100
-    drift: float = 0.08          # per-event pull of the genre preference towards a new target
+    drift: float = 0.08  # per-event pull of the genre preference towards a new target
     seed: int = 0
-    start: int = 1_577_836_800   # 2020-01-01T00:00:00Z
-    version: int = 3             # of the generator: prepared data from another version is not reused
+    start: int = 1_577_836_800  # 2020-01-01T00:00:00Z
+    version: int = 3  # of the generator: prepared data from another version is not reused
 
 
 def planted_weights(hour: np.ndarray, log_gap: np.ndarray) -> np.ndarray:
@@ -66,13 +111,14 @@ def _items(cfg: SyntheticConfig, rng: np.random.Generator):
     genre2 = np.where(rng.random(n) < 0.4, rng.integers(0, cfg.n_genres, n), -1)
     genre2 = np.where(genre2 == genre1, -1, genre2)
     daypart = rng.integers(0, len(DAYPARTS), n_series)[series]
-    pop = rng.pareto(1.5, n) + 1.0                                     # long-tailed popularity
+    pop = rng.pareto(1.5, n) + 1.0  # long-tailed popularity
     quality = rng.normal(0, 0.6, n)
     titles, genres, tags = [], [], []
     for i in range(n):
         g = [GENRES[genre1[i]]] + ([GENRES[genre2[i]]] if genre2[i] >= 0 else [])
-        titles.append(f"The {ADJECTIVES[series[i] % 16].title()} {NOUNS[(series[i] // 16) % 16].title()} "
-                      f"{i % cfg.series_len + 1}")
+        titles.append(
+            f"The {ADJECTIVES[series[i] % 16].title()} {NOUNS[(series[i] // 16) % 16].title()} {i % cfg.series_len + 1}"
+        )
         genres.append(g)
         tags.append([f"{DAYPARTS[daypart[i]]} viewing"])
     onehot = np.zeros((n, cfg.n_genres))
@@ -83,7 +129,7 @@ def _items(cfg: SyntheticConfig, rng: np.random.Generator):
 
 
 def _pick(pool: np.ndarray, pop: np.ndarray, rng: np.random.Generator) -> int:
-    if len(pool) == 0:                                                 # tiny catalogues: any item
+    if len(pool) == 0:  # tiny catalogues: any item
         pool = np.arange(len(pop))
     w = pop[pool]
     return int(pool[rng.choice(len(pool), p=w / w.sum())])
@@ -96,18 +142,31 @@ def generate(config: SyntheticConfig | None = None) -> RawData:
     by_genre = [np.flatnonzero(onehot[:, g]) for g in range(cfg.n_genres)]
     by_daypart = [np.flatnonzero(daypart == d) for d in range(len(DAYPARTS))]
     cols = {k: [] for k in ("user", "item", "rating", "timestamp")}
-    truth = {k: [] for k in ("user", "seq", "timestamp", "item", "source", "hour", "log_gap",
-                             "pi_topic", "pi_sentiment", "pi_time")}
+    truth = {
+        k: []
+        for k in (
+            "user",
+            "seq",
+            "timestamp",
+            "item",
+            "source",
+            "hour",
+            "log_gap",
+            "pi_topic",
+            "pi_sentiment",
+            "pi_time",
+        )
+    }
     for u in range(cfg.n_users):
         theta = rng.dirichlet(np.full(cfg.n_genres, 0.3))
         target = rng.dirichlet(np.full(cfg.n_genres, 0.3))
-        habits = rng.choice(24, size=2, replace=False)                 # two habitual session hours
+        habits = rng.choice(24, size=2, replace=False)  # two habitual session hours
         n_events = int(rng.integers(cfg.min_events, cfg.max_events + 1))
         t = cfg.start + int(rng.integers(0, 30 * 86400))
-        liked = -1                                                     # last item rated >= 4
+        liked = -1  # last item rated >= 4
         in_session = 0
         for s in range(n_events):
-            if s == 0 or in_session == 0:                              # a new session
+            if s == 0 or in_session == 0:  # a new session
                 day = (t - cfg.start) // 86400 + int(rng.integers(1, 4))
                 hour = float(rng.choice(habits)) + rng.normal(0, 1.0)
                 t_new = cfg.start + day * 86400 + int((hour % 24) * 3600)
@@ -123,11 +182,15 @@ def generate(config: SyntheticConfig | None = None) -> RawData:
             pi = planted_weights(np.array(h), np.array(lg))
             src = int(rng.choice(3, p=pi))
             if src == 1 and liked < 0:
-                src = 0                                                # nothing liked yet: fall back to topic
+                src = 0  # nothing liked yet: fall back to topic
             if src == 0:
                 item = _pick(by_genre[int(rng.choice(cfg.n_genres, p=theta))], pop, rng)
             elif src == 1:
-                nxt = liked + 1 if series[min(liked + 1, cfg.n_items - 1)] == series[liked] else liked - cfg.series_len + 1
+                nxt = (
+                    liked + 1
+                    if series[min(liked + 1, cfg.n_items - 1)] == series[liked]
+                    else liked - cfg.series_len + 1
+                )
                 item = int(min(max(nxt, 0), cfg.n_items - 1))
             else:
                 item = _pick(by_daypart[int(h // 6)], pop, rng)
@@ -138,19 +201,34 @@ def generate(config: SyntheticConfig | None = None) -> RawData:
             rating = float(np.clip(np.rint(score), 1, 5))
             if rating >= 4:
                 liked = item
-            cols["user"].append(u + 1); cols["item"].append(item + 1)
-            cols["rating"].append(rating); cols["timestamp"].append(t)
+            cols["user"].append(u + 1)
+            cols["item"].append(item + 1)
+            cols["rating"].append(rating)
+            cols["timestamp"].append(t)
             for k, v in zip(truth, (u + 1, s, t, item + 1, SOURCES[src], h, lg, *pi)):
                 truth[k].append(v)
             theta = (1 - cfg.drift) * theta + cfg.drift * target
             if rng.random() < 0.05:
-                target = rng.dirichlet(np.full(cfg.n_genres, 0.3))     # interests move
-    items = pa.table({"source_id": np.arange(1, cfg.n_items + 1, dtype=np.int64), "title": titles,
-                      "genres": genres, "tags": tags}, schema=ITEMS_SCHEMA)
-    ratings = pa.table({"user": np.asarray(cols["user"], np.int64), "item": np.asarray(cols["item"], np.int64),
-                        "rating": np.asarray(cols["rating"], np.float32),
-                        "timestamp": np.asarray(cols["timestamp"], np.int64)}, schema=RATINGS_SCHEMA)
+                target = rng.dirichlet(np.full(cfg.n_genres, 0.3))  # interests move
+    items = pa.table(
+        {"source_id": np.arange(1, cfg.n_items + 1, dtype=np.int64), "title": titles, "genres": genres, "tags": tags},
+        schema=ITEMS_SCHEMA,
+    )
+    ratings = pa.table(
+        {
+            "user": np.asarray(cols["user"], np.int64),
+            "item": np.asarray(cols["item"], np.int64),
+            "rating": np.asarray(cols["rating"], np.float32),
+            "timestamp": np.asarray(cols["timestamp"], np.int64),
+        },
+        schema=RATINGS_SCHEMA,
+    )
     meta = {"config": asdict(cfg)}
     truth_table = pa.table(truth).replace_schema_metadata({"generator": str(meta)})
-    return RawData(name="synthetic", items=items, ratings=ratings, source=f"synthetic(seed={cfg.seed})",
-                   extra={"truth": truth_table})
+    return RawData(
+        name="synthetic",
+        items=items,
+        ratings=ratings,
+        source=f"synthetic(seed={cfg.seed})",
+        extra={"truth": truth_table},
+    )

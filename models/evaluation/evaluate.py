@@ -1,6 +1,7 @@
 """Full-ranking evaluation of a model on a split: the rank of every target, history-masked and
 unmasked in one pass, and the metrics of each target.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,9 +23,17 @@ def history_mask(items: np.ndarray, user_starts: np.ndarray, targets: np.ndarray
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, split: Split, which: str = "test", with_intent: bool = False,
-             batch_size: int = 256, device: torch.device | str = "cpu", rows: np.ndarray | None = None,
-             intent: str = "oracle") -> dict:
+def evaluate(
+    model: nn.Module,
+    data,
+    split: Split,
+    which: str = "test",
+    with_intent: bool = False,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    rows: np.ndarray | None = None,
+    intent: str = "oracle",
+) -> dict:
     """Full-ranking metrics of each target -> {"masked": {...}, "unmasked": {...}, "users": (M,),
     "repeat": (M,) bool}.
 
@@ -54,14 +63,25 @@ def evaluate(model: nn.Module, data, split: Split, which: str = "test", with_int
     for lo in range(0, len(targets), batch_size):
         sl = slice(lo, lo + batch_size)
         ustart = split.user_start[users[sl]]
-        batch = builder(starts[sl], ends[sl], ustart, supervise_all=False,
-                        intent_rate=1.0 if with_intent else 0.0, rng=rng, intent=intent)
+        batch = builder(
+            starts[sl],
+            ends[sl],
+            ustart,
+            supervise_all=False,
+            intent_rate=1.0 if with_intent else 0.0,
+            rng=rng,
+            intent=intent,
+        )
         batch = {k: v.to(device) for k, v in batch.items()}
-        scores = model.score(batch).float().cpu()                       # (B, N+1)
+        scores = model.score(batch).float().cpu()  # (B, N+1)
         tgt = torch.from_numpy(data.items[targets[sl]])
         seen = history_mask(data.items, ustart, targets[sl], data.n_items)
         unmasked.append(target_ranks(scores, tgt))
         masked.append(target_ranks(scores, tgt, seen))
         repeat.append(seen[torch.arange(len(tgt)), tgt])
-    return {"masked": rank_metrics(torch.cat(masked)), "unmasked": rank_metrics(torch.cat(unmasked)), "users": users,
-            "repeat": torch.cat(repeat).numpy()}
+    return {
+        "masked": rank_metrics(torch.cat(masked)),
+        "unmasked": rank_metrics(torch.cat(unmasked)),
+        "users": users,
+        "repeat": torch.cat(repeat).numpy(),
+    }

@@ -1,4 +1,5 @@
 """Gate weights over whole histories, and how well they recover the synthetic data's planted truth."""
+
 from __future__ import annotations
 
 import itertools
@@ -25,15 +26,16 @@ SETTINGS = {"mixture": (RECOVERY_MODEL, RECOVERY_TRAIN, "matched"), "default": (
 
 
 @torch.no_grad()
-def gates_over_history(model: InterestDecomposer, data, users: np.ndarray | None = None,
-                       batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def gates_over_history(
+    model: InterestDecomposer, data, users: np.ndarray | None = None, batch_size: int = 128
+) -> tuple[np.ndarray, np.ndarray]:
     """α for predicting every event but each user's first, from the events before it.
 
     -> (alpha (M, K), target event index (M,)). Histories longer than the model's max_len are
     read in their last max_len events.
     """
     users = np.arange(data.n_users) if users is None else np.asarray(users)
-    starts_all, ends_all = data.user_offsets[users], data.user_offsets[users + 1] - 1   # inputs [s, e)
+    starts_all, ends_all = data.user_offsets[users], data.user_offsets[users + 1] - 1  # inputs [s, e)
     starts_all = np.maximum(starts_all, ends_all - model.cfg.max_len)
     user_starts = data.user_offsets[users]
     builder = batch_builder(data)
@@ -42,11 +44,11 @@ def gates_over_history(model: InterestDecomposer, data, users: np.ndarray | None
     for lo in range(0, len(users), batch_size):
         sl = slice(lo, lo + batch_size)
         batch = builder(starts_all[sl], ends_all[sl], user_starts[sl])
-        h = model.states(batch)                                         # (B, T, U[+R·D])
+        h = model.states(batch)  # (B, T, U[+R·D])
         sup = batch["targets"] > 0
         _, _, alpha = model.user_vectors(h[sup], batch["ctx_feats"][sup])  # (P, K)
         T = h.shape[1]
-        idx = starts_all[sl, None] + np.arange(T)[None, :] + 1          # target of each position
+        idx = starts_all[sl, None] + np.arange(T)[None, :] + 1  # target of each position
         alphas.append(alpha.numpy())
         targets.append(idx[sup.numpy()])
     return np.concatenate(alphas), np.concatenate(targets)
@@ -67,7 +69,9 @@ def correlation_matrix(planted: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return np.corrcoef(np.concatenate([planted, alpha], 1).T)[:3, 3:]
 
 
-def gate_recovery(model: InterestDecomposer, data, gates: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
+def gate_recovery(
+    model: InterestDecomposer, data, gates: tuple[np.ndarray, np.ndarray] | None = None
+) -> dict[str, float]:
     """Correlation between planted and learned weight of each named dimension, and `matched`:
     the mean correlation under the best one-to-one assignment of sources to dimensions, i.e.
     how well the gates recover the context dependence whatever names the dimensions took.
@@ -75,8 +79,9 @@ def gate_recovery(model: InterestDecomposer, data, gates: tuple[np.ndarray, np.n
     alpha, targets = gates if gates is not None else gates_over_history(model, data)
     r = correlation_matrix(planted_weights(data)[targets], alpha)
     names = model.cfg.dim_names
-    out = {name: float(r[j, names.index(name)]) for j, name in enumerate(("topic", "sentiment", "time"))
-           if name in names}
+    out = {
+        name: float(r[j, names.index(name)]) for j, name in enumerate(("topic", "sentiment", "time")) if name in names
+    }
     out["matched"] = best_assignment(r)
     out["matched_abs"] = best_assignment(np.abs(r))
     return out
@@ -84,8 +89,9 @@ def gate_recovery(model: InterestDecomposer, data, gates: tuple[np.ndarray, np.n
 
 def best_assignment(r: np.ndarray) -> float:
     """(3, K) correlations -> the mean under the best one-to-one assignment of sources to gates."""
-    return float(max(np.mean([r[j, k] for j, k in enumerate(perm)])
-                     for perm in itertools.permutations(range(r.shape[1]), 3)))
+    return float(
+        max(np.mean([r[j, k] for j, k in enumerate(perm)]) for perm in itertools.permutations(range(r.shape[1]), 3))
+    )
 
 
 def randomize_gates(model: InterestDecomposer) -> InterestDecomposer:
@@ -93,7 +99,7 @@ def randomize_gates(model: InterestDecomposer) -> InterestDecomposer:
     makes an untrained model's α constant): an untrained model with random gates."""
     with torch.no_grad():
         c = model.gate_v.shape[-1]
-        model.gate_v.normal_(0.0, c ** -0.5)
+        model.gate_v.normal_(0.0, c**-0.5)
     return model
 
 
@@ -101,8 +107,13 @@ def random_gate_null(new_untrained, data, n: int, statistic: str = "matched") ->
     """(n,) the recovery statistic of untrained models with random gates (`new_untrained(i)`
     builds the i-th): the figure random gates reach by chance, through the context alone."""
     from tqdm.auto import tqdm
-    return np.array([gate_recovery(randomize_gates(new_untrained(i)), data)[statistic]
-                     for i in tqdm(range(n), desc="random gates", unit="model", leave=False)])
+
+    return np.array(
+        [
+            gate_recovery(randomize_gates(new_untrained(i)), data)[statistic]
+            for i in tqdm(range(n), desc="random gates", unit="model", leave=False)
+        ]
+    )
 
 
 def context_linear_fit(data, targets: np.ndarray) -> dict[str, float]:
@@ -113,13 +124,16 @@ def context_linear_fit(data, targets: np.ndarray) -> dict[str, float]:
     explains; the gates are a learned map of that context (among other inputs).
     """
     from models.data.features import moment_features
+
     prev = np.maximum(targets - 1, 0)
     x = moment_features(data.timestamps[targets], data.timestamps[targets] - data.timestamps[prev])
-    x = np.concatenate([x, np.ones((len(x), 1), np.float32)], 1).astype(np.float64)   # (M, 6)
-    planted = planted_weights(data)[targets]                                         # (M, 3)
+    x = np.concatenate([x, np.ones((len(x), 1), np.float32)], 1).astype(np.float64)  # (M, 6)
+    planted = planted_weights(data)[targets]  # (M, 3)
     coef, *_ = np.linalg.lstsq(x, planted, rcond=None)
     fit = x @ coef
-    out = {name: float(np.corrcoef(fit[:, j], planted[:, j])[0, 1])
-           for j, name in enumerate(("topic", "sentiment", "time"))}
+    out = {
+        name: float(np.corrcoef(fit[:, j], planted[:, j])[0, 1])
+        for j, name in enumerate(("topic", "sentiment", "time"))
+    }
     out["mean"] = float(np.mean(list(out.values())))
     return out

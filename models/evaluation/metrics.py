@@ -1,4 +1,5 @@
 """Full-ranking metrics over a users × items score matrix (vectorised, one path for valid and test)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,15 +17,17 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, history: torch.Ten
     scores = scores.float().clone()
     scores[:, 0] = -torch.inf
     bad = torch.isnan(scores).any(1)
-    if bad.any():       # NaN compares false with everything: a NaN target would rank -0.5 (NDCG 1.71)
+    if bad.any():  # NaN compares false with everything: a NaN target would rank -0.5 (NDCG 1.71)
         rows = torch.nonzero(bad).flatten()
-        raise ValueError(f"scores hold NaN in {len(rows)} of {len(scores)} rows (first: row {int(rows[0])}); "
-                         "the model diverged or was fed NaN")
+        raise ValueError(
+            f"scores hold NaN in {len(rows)} of {len(scores)} rows (first: row {int(rows[0])}); "
+            "the model diverged or was fed NaN"
+        )
     if history is not None:
         keep = torch.zeros_like(history)
         keep[torch.arange(len(targets)), targets] = True
         scores = scores.masked_fill(history & ~keep, -torch.inf)
-    t = scores.gather(1, targets[:, None])                                   # (B, 1)
+    t = scores.gather(1, targets[:, None])  # (B, 1)
     greater = (scores > t).sum(1)
     ties = (scores == t).sum(1) - 1
     return greater.double() + ties.double() / 2
@@ -52,8 +55,9 @@ def per_user_mean(values: np.ndarray, users: np.ndarray) -> np.ndarray:
     return np.bincount(inv, weights=values) / np.bincount(inv)
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0,
-                     level: float = 0.95) -> dict[str, float]:
+def paired_bootstrap(
+    a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict[str, float]:
     """Mean of a - b over users and its bootstrap confidence interval (users resampled together)."""
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     rng = np.random.default_rng(seed)
@@ -63,8 +67,9 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int
     return {"mean": float(d.mean()), "lo": float(lo), "hi": float(hi)}
 
 
-def seed_user_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0,
-                        level: float = 0.95) -> dict[str, float]:
+def seed_user_bootstrap(
+    a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict[str, float]:
     """Mean of a − b and its interval with both seeds and users resampled.
 
     a (Sa, U) and b (Sb, U): per-user scores of each seed of two models on the same users. Each
@@ -78,9 +83,14 @@ def seed_user_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: 
     rng = np.random.default_rng(seed)
     sa = rng.integers(0, len(a), size=(n_boot, len(a)))
     sb = rng.integers(0, len(b), size=(n_boot, len(b)))
-    d = a[sa].mean(1) - b[sb].mean(1)                                  # (n_boot, U) per replicate's seeds
+    d = a[sa].mean(1) - b[sb].mean(1)  # (n_boot, U) per replicate's seeds
     users = rng.integers(0, a.shape[1], size=(n_boot, a.shape[1]))
-    means = np.take_along_axis(d, users, axis=1).mean(1)               # (n_boot,)
+    means = np.take_along_axis(d, users, axis=1).mean(1)  # (n_boot,)
     lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return {"mean": float(a.mean() - b.mean()), "lo": float(lo), "hi": float(hi),
-            "seeds": [len(a), len(b)], "users": int(a.shape[1])}
+    return {
+        "mean": float(a.mean() - b.mean()),
+        "lo": float(lo),
+        "hi": float(hi),
+        "seeds": [len(a), len(b)],
+        "users": int(a.shape[1]),
+    }

@@ -1,5 +1,5 @@
-"""The metrics table the command lines print.
-"""
+"""The metrics table the command lines print."""
+
 from __future__ import annotations
 
 
@@ -15,5 +15,8 @@ TABLE_METRICS = ("hr@10", "ndcg@10", "mrr", "hr@20")
 
 def table_row(name: str, masked: dict, unmasked: dict) -> dict:
     """One row of the metrics table: the history-masked metrics and unmasked NDCG@10, formatted."""
-    return {"model": name, **{k: f"{masked[k]:.4f}" for k in TABLE_METRICS},
-            "ndcg@10 unmasked": f"{unmasked['ndcg@10']:.4f}"}
+    return {
+        "model": name,
+        **{k: f"{masked[k]:.4f}" for k in TABLE_METRICS},
+        "ndcg@10 unmasked": f"{unmasked['ndcg@10']:.4f}",
+    }

@@ -17,6 +17,7 @@
 - `GRU4Rec`: a GRU over item-id embeddings alone (no text, ratings or time), full-softmax
   cross-entropy with tied input/output embeddings, the form recent re-evaluations train it in.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -46,23 +47,24 @@ class _RecurrentReadout:
     """
 
     def forward(self, batch):
-        h = self.hidden(batch)                                         # (B, T, H)
+        h = self.hidden(batch)  # (B, T, H)
         sup = batch["targets"] > 0
-        u = self.out(self.drop(h[sup]))                                # (P, D)
+        u = self.out(self.drop(h[sup]))  # (P, D)
         seen = seen_pairs(batch["items"], sup, batch["targets"]) if self.cfg.mask_seen else None
-        loss = next_item_loss(u, self.item_vectors(), batch["targets"][sup], self.cfg.loss, self.log_q,
-                              self.cfg.n_negatives, seen)
+        loss = next_item_loss(
+            u, self.item_vectors(), batch["targets"][sup], self.cfg.loss, self.log_q, self.cfg.n_negatives, seen
+        )
         return loss, {"next_item": loss.item()}
 
     @torch.no_grad()
     def score(self, batch):
-        h = last_position(self.hidden(batch), batch["lengths"])        # (B, H)
-        return self.out(h) @ self.item_vectors().T                     # (B, N+1)
+        h = last_position(self.hidden(batch), batch["lengths"])  # (B, H)
+        return self.out(h) @ self.item_vectors().T  # (B, N+1)
 
 
 @dataclass
 class PopularityConfig:
-    n_items: int = 0                 # catalogue size
+    n_items: int = 0  # catalogue size
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,7 +78,7 @@ class MostPopular(_ItemDataMixin, nn.Module):
 
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.log_q.expand(len(batch["lengths"]), -1)           # (B, N+1)
+        return self.log_q.expand(len(batch["lengths"]), -1)  # (B, N+1)
 
     def ahead(self, scores: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
         """Popularity scores (B, N+1) with the `first` items (bool) ranked above all others, their own
@@ -91,7 +93,7 @@ class SeenThenPopular(MostPopular):
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         scores = self.log_q.expand(len(batch["lengths"]), -1).clone()  # (B, N+1)
         seen = torch.zeros_like(scores, dtype=torch.bool)
-        seen.scatter_(1, batch["items"], True)                          # (B, T) item ids, 0 = padding
+        seen.scatter_(1, batch["items"], True)  # (B, T) item ids, 0 = padding
         seen[:, 0] = False
         return self.ahead(scores, seen)
 
@@ -101,17 +103,17 @@ class _IntentRule(MostPopular):
 
     def set_intents(self, table) -> None:
         """The phrases of each item and their embeddings (`models.data.batching.IntentTable`)."""
-        emb = torch.as_tensor(np.asarray(table.emb, dtype=np.float32))                     # (P, 384)
-        member = torch.zeros(self.cfg.n_items + 1, len(emb), dtype=torch.bool)           # (N+1, P)
-        counts = np.diff(table.offsets)[:self.cfg.n_items + 1]
+        emb = torch.as_tensor(np.asarray(table.emb, dtype=np.float32))  # (P, 384)
+        member = torch.zeros(self.cfg.n_items + 1, len(emb), dtype=torch.bool)  # (N+1, P)
+        counts = np.diff(table.offsets)[: self.cfg.n_items + 1]
         rows = np.repeat(np.arange(len(counts)), counts)
-        member[torch.as_tensor(rows), torch.as_tensor(table.ids[:len(rows)].astype(np.int64))] = True
+        member[torch.as_tensor(rows), torch.as_tensor(table.ids[: len(rows)].astype(np.int64))] = True
         self.phrase_emb, self.member = emb, member
 
     def set_item_data(self, text_emb, genres, counts=None) -> None:
         super().set_item_data(text_emb, genres, counts)
         t = torch.as_tensor(np.asarray(text_emb, dtype=np.float32))
-        self.text = t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)                      # (N+1, 384)
+        self.text = t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (N+1, 384)
 
     def last_intent(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (B, 384) the intent vector at each row's last position, (B,) whether it has one."""
@@ -126,40 +128,41 @@ class _IntentRule(MostPopular):
 class TextRetrieval(_IntentRule):
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        pop = self.log_q.expand(len(batch["lengths"]), -1)                                # (B, N+1)
+        pop = self.log_q.expand(len(batch["lengths"]), -1)  # (B, N+1)
         z, has = self.last_intent(batch)
         z = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        sim = z @ self.text.T                                                            # (B, N+1)
-        return torch.where(has[:, None], sim + 1e-6 * pop, pop)     # popularity only breaks ties
+        sim = z @ self.text.T  # (B, N+1)
+        return torch.where(has[:, None], sim + 1e-6 * pop, pop)  # popularity only breaks ties
 
 
 class HistoryText(_IntentRule):
     """Content-based rule: the items by the similarity of their text to the mean text of the
     window's last `HISTORY` items (no words needed; popularity breaks ties). It ranks items nobody
     has interacted with as readily as any other, which makes it the cold-start reference."""
+
     HISTORY = 10
 
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        items, lengths = batch["items"], batch["lengths"]                                 # (B, T), (B,)
+        items, lengths = batch["items"], batch["lengths"]  # (B, T), (B,)
         T = items.shape[1]
         pos = torch.arange(T)[None, :]
-        recent = (pos < lengths[:, None]) & (pos >= lengths[:, None] - self.HISTORY)      # (B, T)
-        profile = (self.text[items] * recent[..., None]).sum(1)                          # (B, 384)
+        recent = (pos < lengths[:, None]) & (pos >= lengths[:, None] - self.HISTORY)  # (B, T)
+        profile = (self.text[items] * recent[..., None]).sum(1)  # (B, 384)
         profile = profile / profile.norm(dim=1, keepdim=True).clamp_min(1e-12)
         pop = self.log_q.expand(len(lengths), -1)
-        return profile @ self.text.T + 1e-6 * pop                                         # (B, N+1)
+        return profile @ self.text.T + 1e-6 * pop  # (B, N+1)
 
 
 class PhrasePopular(_IntentRule):
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        pop = self.log_q.expand(len(batch["lengths"]), -1).clone()                        # (B, N+1)
+        pop = self.log_q.expand(len(batch["lengths"]), -1).clone()  # (B, N+1)
         z, has = self.last_intent(batch)
         if not len(self.phrase_emb):
             return pop
-        phrase = (z @ self.phrase_emb.T).argmax(1)                  # the phrase z is (free text: the nearest)
-        match = self.member[:, phrase].T & has[:, None]                                  # (B, N+1)
+        phrase = (z @ self.phrase_emb.T).argmax(1)  # the phrase z is (free text: the nearest)
+        match = self.member[:, phrase].T & has[:, None]  # (B, N+1)
         return self.ahead(pop, match)
 
 
@@ -179,13 +182,13 @@ class FusedWithText(nn.Module):
 
     @staticmethod
     def _z(s: torch.Tensor) -> torch.Tensor:
-        s = s[:, 1:].float()                                           # column 0 is padding
+        s = s[:, 1:].float()  # column 0 is padding
         z = (s - s.mean(1, keepdim=True)) / s.std(1, keepdim=True).clamp_min(1e-12)
         return torch.nn.functional.pad(z, (1, 0))
 
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        base = self._z(self.model.score(batch))                        # (B, N+1)
+        base = self._z(self.model.score(batch))  # (B, N+1)
         _, has = self.text.last_intent(batch)
         sim = self._z(self.text.score(batch).to(base.device))
         return torch.where(has[:, None].to(base.device), base + self.weight * sim, base)
@@ -193,15 +196,15 @@ class FusedWithText(nn.Module):
 
 @dataclass
 class LSTMConfig:
-    n_items: int = 0                 # catalogue size
-    text_dim: int = 384              # language-model embedding size
-    item_dim: int = 64               # item / user vector size
-    lstm_units: int = 128            # LSTM units
+    n_items: int = 0  # catalogue size
+    text_dim: int = 384  # language-model embedding size
+    item_dim: int = 64  # item / user vector size
+    lstm_units: int = 128  # LSTM units
     dropout: float = 0.2
     max_len: int = 200
-    loss: str = "full"               # "full" | "sampled"
+    loss: str = "full"  # "full" | "sampled"
     n_negatives: int = 1024
-    mask_seen: bool = False          # full softmax without the items already in the window
+    mask_seen: bool = False  # full softmax without the items already in the window
     use_text: bool = True
 
     def to_dict(self) -> dict:
@@ -219,26 +222,26 @@ class LSTMRec(_RecurrentReadout, _ItemDataMixin, nn.Module):
         self.register_buffer("log_q", torch.zeros(cfg.n_items + 1))
 
     def hidden(self, batch) -> torch.Tensor:
-        return self.encoder(batch)                                     # (B, T, U)
+        return self.encoder(batch)  # (B, T, U)
 
     def item_vectors(self) -> torch.Tensor:
-        return self.items.all()                                        # (N+1, D)
+        return self.items.all()  # (N+1, D)
 
 
 @dataclass
 class SASRecConfig:
-    n_items: int = 0                 # catalogue size
-    hidden: int = 64                 # embedding and model width
-    blocks: int = 2                  # self-attention blocks
+    n_items: int = 0  # catalogue size
+    hidden: int = 64  # embedding and model width
+    blocks: int = 2  # self-attention blocks
     heads: int = 1
     dropout: float = 0.1
     max_len: int = 200
-    loss: str = "full"               # "full" | "sampled"
+    loss: str = "full"  # "full" | "sampled"
     n_negatives: int = 1024
-    mask_seen: bool = False          # full softmax without the items already in the window
-    use_text: bool = False           # item vectors E(i) + P·z(i), as the decomposer's item tower
-    use_events: bool = False         # inputs also carry the event's rating bucket and time features
-    text_dim: int = 384              # language-model embedding size (with use_text)
+    mask_seen: bool = False  # full softmax without the items already in the window
+    use_text: bool = False  # item vectors E(i) + P·z(i), as the decomposer's item tower
+    use_events: bool = False  # inputs also carry the event's rating bucket and time features
+    text_dim: int = 384  # language-model embedding size (with use_text)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -249,7 +252,7 @@ class SASRec(_ItemDataMixin, nn.Module):
         super().__init__()
         self.cfg = cfg
         self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.hidden, padding_idx=0)
-        if cfg.use_text:    # the frozen text travels with the checkpoint, as in the item tower
+        if cfg.use_text:  # the frozen text travels with the checkpoint, as in the item tower
             self.register_buffer("text", torch.zeros(cfg.n_items + 1, cfg.text_dim))
             self.text_proj = nn.Linear(cfg.text_dim, cfg.hidden, bias=False)
         if cfg.use_events:
@@ -257,8 +260,15 @@ class SASRec(_ItemDataMixin, nn.Module):
             self.event_proj = nn.Linear(EVENT_FEATURES, cfg.hidden)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
         self.drop = nn.Dropout(cfg.dropout)
-        layer = nn.TransformerEncoderLayer(cfg.hidden, cfg.heads, dim_feedforward=cfg.hidden, dropout=cfg.dropout,
-                                           activation="gelu", batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            cfg.hidden,
+            cfg.heads,
+            dim_feedforward=cfg.hidden,
+            dropout=cfg.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
         self.blocks = nn.TransformerEncoder(layer, cfg.blocks, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.hidden)
         self.register_buffer("log_q", torch.zeros(cfg.n_items + 1))
@@ -281,7 +291,7 @@ class SASRec(_ItemDataMixin, nn.Module):
         items = batch["items"]
         T = items.shape[1]
         pos = torch.arange(T, device=items.device)
-        x = self.item_vectors()[items] * self.cfg.hidden ** 0.5 + self.pos_emb(pos)[None]   # (B, T, H)
+        x = self.item_vectors()[items] * self.cfg.hidden**0.5 + self.pos_emb(pos)[None]  # (B, T, H)
         if self.cfg.use_events:
             x = x + self.rating_emb(batch["ratings"]) + self.event_proj(batch["event_feats"])
         causal = nn.Transformer.generate_square_subsequent_mask(T, device=items.device)
@@ -291,26 +301,27 @@ class SASRec(_ItemDataMixin, nn.Module):
         h = self.encode(batch)
         sup = batch["targets"] > 0
         seen = seen_pairs(batch["items"], sup, batch["targets"]) if self.cfg.mask_seen else None
-        loss = next_item_loss(h[sup], self.item_vectors(), batch["targets"][sup], self.cfg.loss, self.log_q,
-                              self.cfg.n_negatives, seen)
+        loss = next_item_loss(
+            h[sup], self.item_vectors(), batch["targets"][sup], self.cfg.loss, self.log_q, self.cfg.n_negatives, seen
+        )
         return loss, {"next_item": loss.item()}
 
     @torch.no_grad()
     def score(self, batch):
-        h = last_position(self.encode(batch), batch["lengths"])       # (B, H)
-        return h @ self.item_vectors().T                               # (B, N+1)
+        h = last_position(self.encode(batch), batch["lengths"])  # (B, H)
+        return h @ self.item_vectors().T  # (B, N+1)
 
 
 @dataclass
 class GRU4RecConfig:
-    n_items: int = 0                 # catalogue size
-    hidden: int = 128                # GRU units
-    item_dim: int = 64               # item embedding size (tied input/output)
-    dropout: float = 0.2             # on embeddings and on GRU outputs
+    n_items: int = 0  # catalogue size
+    hidden: int = 128  # GRU units
+    item_dim: int = 64  # item embedding size (tied input/output)
+    dropout: float = 0.2  # on embeddings and on GRU outputs
     max_len: int = 200
-    loss: str = "full"               # "full" | "sampled"
+    loss: str = "full"  # "full" | "sampled"
     n_negatives: int = 1024
-    mask_seen: bool = False          # full softmax without the items already in the window
+    mask_seen: bool = False  # full softmax without the items already in the window
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -333,4 +344,4 @@ class GRU4Rec(_RecurrentReadout, _ItemDataMixin, nn.Module):
         return h
 
     def item_vectors(self) -> torch.Tensor:
-        return self.item_emb.weight                                    # (N+1, D), tied with the input
+        return self.item_emb.weight  # (N+1, D), tied with the input

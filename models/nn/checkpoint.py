@@ -4,6 +4,7 @@ Format: a `torch.save` of plain containers — {"format", "model_type", "model_a
 "meta"} — read back with `torch.load(weights_only=True)`, so a checkpoint cannot run code.
 Load = `Config(**ckpt["model_args"])`, the same call everywhere.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,20 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from models.nn.baselines import GRU4Rec, GRU4RecConfig, LSTMConfig, LSTMRec, MostPopular, PopularityConfig, SASRec, HistoryText, PhrasePopular, SASRecConfig, SeenThenPopular, TextRetrieval
+from models.nn.baselines import (
+    GRU4Rec,
+    GRU4RecConfig,
+    LSTMConfig,
+    LSTMRec,
+    MostPopular,
+    PopularityConfig,
+    SASRec,
+    HistoryText,
+    PhrasePopular,
+    SASRecConfig,
+    SeenThenPopular,
+    TextRetrieval,
+)
 from models.nn.decomposer import DecomposerConfig, InterestDecomposer
 from models.files import atomic_path
 
@@ -60,8 +74,13 @@ def build(kind: str, args: dict) -> nn.Module:
 
 
 def to_bytes_dict(model: nn.Module, meta: dict | None = None) -> dict:
-    return {"format": FORMAT, "model_type": model_type(model), "model_args": model.cfg.to_dict(),
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta or {}}
+    return {
+        "format": FORMAT,
+        "model_type": model_type(model),
+        "model_args": model.cfg.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "meta": meta or {},
+    }
 
 
 def save(path: str | Path, model: nn.Module, meta: dict | None = None) -> Path:
@@ -102,17 +121,18 @@ def load(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict]:
 
 class BestCheckpoint(BaseModel):
     """`<run>/best_checkpoint.json`: written by `ray_app.train`, read by tuning, serving and the main job."""
+
     model_config = ConfigDict(populate_by_name=True, protected_namespaces=(), extra="ignore")
-    run: str                          # the run's name (its folder under the storage path)
-    path: str                         # the checkpoint folder
-    model: str                        # its model.pt, what serving loads
+    run: str  # the run's name (its folder under the storage path)
+    path: str  # the checkpoint folder
+    model: str  # its model.pt, what serving loads
     epoch: int
     valid_ndcg10: float = Field(alias="valid_ndcg@10")
-    metrics: dict                     # everything the epoch reported
+    metrics: dict  # everything the epoch reported
     model_type: str
     dataset: str
     protocol: str
-    history: list[dict] = []          # every epoch's report, oldest first
+    history: list[dict] = []  # every epoch's report, oldest first
 
     @classmethod
     def read(cls, path: str | Path) -> "BestCheckpoint":

@@ -2,6 +2,7 @@
 
 e_t = [E_item(i_t) + P·z(i_t) ; E_rating(r_t) ; φ(τ_t, τ_t − τ_{t−1})],  (h_t, c_t) = LSTM(e_t, h, c)
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,7 +36,7 @@ class ItemTower(nn.Module):
         return self.emb.weight + self.proj(self.text)
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
-        out = self.emb(items)                                           # (B, T, D)
+        out = self.emb(items)  # (B, T, D)
         if self.proj is not None:
             out = out + self.proj(self.text[items])
         return out
@@ -44,8 +45,9 @@ class ItemTower(nn.Module):
 class EventLSTM(nn.Module):
     """Events -> LSTM states; `step` advances a stored state by one event (O(1) in history)."""
 
-    def __init__(self, items: ItemTower, item_dim: int, units: int, dropout: float,
-                 rating_dim: int = 16, time_dim: int = 16):
+    def __init__(
+        self, items: ItemTower, item_dim: int, units: int, dropout: float, rating_dim: int = 16, time_dim: int = 16
+    ):
         super().__init__()
         self.items = items
         self.rating = nn.Embedding(N_RATING_BUCKETS, rating_dim, padding_idx=0)
@@ -55,7 +57,7 @@ class EventLSTM(nn.Module):
 
     def embed(self, items: torch.Tensor, ratings: torch.Tensor, event_feats: torch.Tensor) -> torch.Tensor:
         e = torch.cat([self.items(items), self.rating(ratings), self.time(event_feats)], dim=-1)
-        return self.drop(e)                                             # (B, T, D + 32)
+        return self.drop(e)  # (B, T, D + 32)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, T) right-padded events -> (B, T, U) hidden states (padding positions are garbage)."""

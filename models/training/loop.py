@@ -3,6 +3,7 @@
 `run_epoch` is the epoch code; `evaluate` computes full-ranking metrics (history-masked and
 unmasked in one pass); `fit` adds early stopping on validation NDCG@10.
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,14 +32,16 @@ from models.nn.checkpoint import build
 
 @dataclass
 class TrainConfig:
-    epochs: int = 200                # upper bound; early stopping usually ends sooner
-    batch_size: int = 64             # training windows per step
+    epochs: int = 200  # upper bound; early stopping usually ends sooner
+    batch_size: int = 64  # training windows per step
     lr: float = 1e-3
     weight_decay: float = 0.0
-    patience: int = 10               # epochs without a better validation NDCG@10 before stopping
-    lr_decay_patience: int | None = None  # halve lr after more than this many epochs without a better one (`fit` only; Ray Train's loop does not take it)
-    ema_decay: float | None = None   # validate and keep an exponential moving average of the weights, updated every step
-    intent_rate: float = 0.3         # share of training positions whose context carries intent text
+    patience: int = 10  # epochs without a better validation NDCG@10 before stopping
+    lr_decay_patience: int | None = (
+        None  # halve lr after more than this many epochs without a better one (`fit` only; Ray Train's loop does not take it)
+    )
+    ema_decay: float | None = None  # validate and keep an exponential moving average of the weights, updated every step
+    intent_rate: float = 0.3  # share of training positions whose context carries intent text
     grad_clip: float = 5.0
     seed: int = 0
     time_budget_s: float | None = None  # stop after this much training time
@@ -70,14 +73,22 @@ def new_model(kind: str, data, split: Split, **overrides) -> nn.Module:
         args.setdefault("n_genres", max(1, data.item_genres.shape[1]))
     model = build(kind, args)
     model.set_item_data(data.item_emb, data.item_genres, training_counts(data, split))
-    if hasattr(model, "set_intents"):                                  # the intent-aware rules
+    if hasattr(model, "set_intents"):  # the intent-aware rules
         model.set_intents(intent_table(data))
     return model
 
 
-def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, builder: BatchBuilder, windows,
-              cfg: TrainConfig, rng: np.random.Generator, device: torch.device | str = "cpu",
-              autocast_dtype: torch.dtype | None = None, ema: AveragedModel | None = None) -> dict[str, float]:
+def run_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    builder: BatchBuilder,
+    windows,
+    cfg: TrainConfig,
+    rng: np.random.Generator,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    ema: AveragedModel | None = None,
+) -> dict[str, float]:
     """One pass over the training windows (starts, ends, user_starts) -> mean losses.
 
     `ema`, when given, takes the new weights after every optimizer step.
@@ -87,11 +98,13 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, builder: Batch
     totals: dict[str, float] = {}
     n = 0
     for idx in length_bucketed_batches(ends - starts, cfg.batch_size, rng):
-        batch = builder(starts[idx], ends[idx], user_starts[idx], supervise_all=True,
-                        intent_rate=cfg.intent_rate, rng=rng)
+        batch = builder(
+            starts[idx], ends[idx], user_starts[idx], supervise_all=True, intent_rate=cfg.intent_rate, rng=rng
+        )
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype,
-                            enabled=autocast_dtype is not None):
+        with torch.autocast(
+            device_type=torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+        ):
             loss, parts = model(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -110,8 +123,9 @@ def lr_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
     """Halve the learning rate on a validation plateau (None: constant lr)."""
     if cfg.lr_decay_patience is None:
         return None
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, threshold=0.0,
-                                                      patience=cfg.lr_decay_patience)  # "better" as for early stopping
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=0.5, threshold=0.0, patience=cfg.lr_decay_patience
+    )  # "better" as for early stopping
 
 
 def weight_average(model: nn.Module, cfg: TrainConfig) -> AveragedModel | None:
@@ -129,13 +143,20 @@ def weight_average(model: nn.Module, cfg: TrainConfig) -> AveragedModel | None:
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
 
 
-def fit(model: nn.Module, data, split: Split, cfg: TrainConfig, progress: bool = True,
-        device: torch.device | str = "cpu", desc: str = "train") -> FitResult:
+def fit(
+    model: nn.Module,
+    data,
+    split: Split,
+    cfg: TrainConfig,
+    progress: bool = True,
+    device: torch.device | str = "cpu",
+    desc: str = "train",
+) -> FitResult:
     """Train with early stopping on validation NDCG@10 (history-masked); restores the best weights."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model.to(device)
-    if not any(p.requires_grad for p in model.parameters()):          # most-popular: nothing to learn
+    if not any(p.requires_grad for p in model.parameters()):  # most-popular: nothing to learn
         valid = summarize(evaluate(model, data, split, "valid", device=device)["masked"])
         return FitResult(0, valid, [{"epoch": 0, **valid}])
     max_len = model.cfg.max_len
@@ -145,7 +166,7 @@ def fit(model: nn.Module, data, split: Split, cfg: TrainConfig, progress: bool =
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     plateau = lr_schedule(optimizer, cfg)
     ema = weight_average(model, cfg)
-    judged = ema.module if ema is not None else model                  # the weights validated and kept
+    judged = ema.module if ema is not None else model  # the weights validated and kept
     best, best_state, best_epoch, history = -1.0, None, 0, []
     train_seconds, seqs = 0.0, 0
     bar = tqdm(range(1, cfg.epochs + 1), desc=desc, disable=not progress, unit="epoch", leave=False)
@@ -154,9 +175,17 @@ def fit(model: nn.Module, data, split: Split, cfg: TrainConfig, progress: bool =
         losses = run_epoch(model, optimizer, builder, windows, cfg, rng, device, ema=ema)
         train_seconds += time.perf_counter() - t0
         seqs += len(starts)
-        valid = summarize(evaluate(judged, data, split, "valid", batch_size=cfg.eval_batch_size, device=device)["masked"])
-        history.append({"epoch": epoch, **losses, **{f"valid_{k}": v for k, v in valid.items()},
-                        "lr": optimizer.param_groups[0]["lr"]})
+        valid = summarize(
+            evaluate(judged, data, split, "valid", batch_size=cfg.eval_batch_size, device=device)["masked"]
+        )
+        history.append(
+            {
+                "epoch": epoch,
+                **losses,
+                **{f"valid_{k}": v for k, v in valid.items()},
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+        )
         if plateau is not None:
             plateau.step(valid[HEADLINE])
         if valid[HEADLINE] > best:

@@ -7,6 +7,7 @@ the instruction set: oneDNN runs the LSTM in bf16 only where the CPU has native 
 a linear layer and their backward pass — rather than reading CPU flags, so it also holds for
 builds that emulate bf16.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,6 +34,6 @@ def bf16_problem(device_type: str = "cpu") -> str | None:
             return "bfloat16 autocast gave a non-finite loss on a tiny LSTM"
     except RuntimeError as e:
         text = str(e).strip()
-        first = text.splitlines()[0].split(". ")[0] if text else type(e).__name__   # oneDNN appends advice
+        first = text.splitlines()[0].split(". ")[0] if text else type(e).__name__  # oneDNN appends advice
         return f"this CPU cannot run the LSTM in bfloat16 ({first})"
     return None

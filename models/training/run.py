@@ -3,6 +3,7 @@
 python -m models.training.run                                   # embedded synthetic data
 python -m models.training.run --dataset ml-latest-small         # ../shared copy, or --data-dir PATH
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,17 @@ from models.nn import checkpoint
 from models.training.defaults import PROTOCOLS, train_config
 from models.training.loop import fit, new_model
 
-MODEL_KINDS = ("decomposer", "lstm", "gru4rec", "sasrec", "popular", "seen-popular", "intent-text", "intent-popular", "history-text")
+MODEL_KINDS = (
+    "decomposer",
+    "lstm",
+    "gru4rec",
+    "sasrec",
+    "popular",
+    "seen-popular",
+    "intent-text",
+    "intent-popular",
+    "history-text",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,7 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prepared-dir", type=Path, help="where prepared Parquet goes (default runs/data/DATASET)")
     p.add_argument("--out", type=Path, default=Path("runs/local"), help="checkpoints and results")
     p.add_argument("--models", default=",".join(MODEL_KINDS), help="comma-separated subset of " + ",".join(MODEL_KINDS))
-    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default="loo", help="loo: last event; last10: last 10 events")
+    p.add_argument(
+        "--protocol", choices=sorted(PROTOCOLS), default="loo", help="loo: last event; last10: last 10 events"
+    )
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--patience", type=int, default=10)
     p.add_argument("--time-budget", type=float, help="seconds of training per model")
@@ -48,37 +61,55 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    prepared = prepare_source(args.dataset, args.prepared_dir or Path("runs/data") / args.dataset,
-                              data_dir=args.data_dir)
+    prepared = prepare_source(
+        args.dataset, args.prepared_dir or Path("runs/data") / args.dataset, data_dir=args.data_dir
+    )
     data = load_prepared(prepared)
     split = make_split(data.user_offsets, PROTOCOLS[args.protocol])
-    print(f"{args.dataset}: {data.n_users} users, {data.n_items} items, {len(data.items)} events; "
-          f"protocol {args.protocol} ({len(split.test_pos)} test targets)")
+    print(
+        f"{args.dataset}: {data.n_users} users, {data.n_items} items, {len(data.items)} events; "
+        f"protocol {args.protocol} ({len(split.test_pos)} test targets)"
+    )
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows, results = [], {}
     for kind in args.kinds:
         torch.manual_seed(args.seed)
         model = new_model(kind, data, split)
-        cfg = train_config(kind, epochs=args.epochs, patience=args.patience, seed=args.seed,
-                           time_budget_s=args.time_budget)
+        cfg = train_config(
+            kind, epochs=args.epochs, patience=args.patience, seed=args.seed, time_budget_s=args.time_budget
+        )
         t0 = time.perf_counter()
         fitted = fit(model, data, split, cfg, desc=kind)
         seconds = time.perf_counter() - t0
-        checkpoint.save(args.out / f"{kind}.pt", model, {"dataset": args.dataset, "protocol": args.protocol,
-                                                          "best_epoch": fitted.best_epoch, "valid": fitted.best_valid})
+        checkpoint.save(
+            args.out / f"{kind}.pt",
+            model,
+            {
+                "dataset": args.dataset,
+                "protocol": args.protocol,
+                "best_epoch": fitted.best_epoch,
+                "valid": fitted.best_valid,
+            },
+        )
         variants = [(kind, False)] + ([(f"{kind} + intent text", True)] if kind == "decomposer" else [])
         for name, intent in variants:
             ev = evaluate(model, data, split, "test", with_intent=intent)
             masked, unmasked = summarize(ev["masked"]), summarize(ev["unmasked"])
-            results[name] = {"masked": masked, "unmasked": unmasked, "best_epoch": fitted.best_epoch,
-                             "train_seconds": round(seconds, 1)}
-            rows.append({**table_row(name, masked, unmasked), "epochs": fitted.best_epoch,
-                         "train s": f"{seconds:.0f}"})
+            results[name] = {
+                "masked": masked,
+                "unmasked": unmasked,
+                "best_epoch": fitted.best_epoch,
+                "train_seconds": round(seconds, 1),
+            }
+            rows.append({**table_row(name, masked, unmasked), "epochs": fitted.best_epoch, "train s": f"{seconds:.0f}"})
     print()
     print(format_table(rows, ["model", *TABLE_METRICS, "ndcg@10 unmasked", "epochs", "train s"]))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"dataset": args.dataset, "protocol": args.protocol,
-                                                        "seed": args.seed, "results": results}, indent=2))
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {"dataset": args.dataset, "protocol": args.protocol, "seed": args.seed, "results": results}, indent=2
+        )
+    )
     print(f"\ncheckpoints and results.json in {args.out}/")
     return 0
 

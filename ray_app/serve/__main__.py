@@ -1,4 +1,5 @@
 """python -m ray_app.serve: deploy the Serve app (see ray_app.serve.app)."""
+
 import sys
 
 from ray_app.serve.app import main

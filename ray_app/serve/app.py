@@ -8,6 +8,7 @@
 The checkpoint reaches the model deployments as `user_config`, so changing it in the config
 and redeploying swaps the model in place (`reconfigure`), without restarting replicas.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,45 +28,53 @@ from ray_app.serve.served_model import ServingSetupError, file_sha256, resolve_c
 
 class DeploymentSettings(BaseModel):
     """Replicas and resources of one deployment; min == max means a fixed replica count."""
+
     model_config = ConfigDict(extra="forbid")
-    num_cpus: float = Field(0.25, gt=0)          # fractional, so the whole app fits in 2 cores
-    num_gpus: float = Field(0.0, ge=0)           # for the model deployments on a GPU cluster
+    num_cpus: float = Field(0.25, gt=0)  # fractional, so the whole app fits in 2 cores
+    num_gpus: float = Field(0.0, ge=0)  # for the model deployments on a GPU cluster
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(4.0, gt=0)
     max_ongoing_requests: int = Field(32, ge=1)  # > max_batch_size, or batches never fill
     upscale_delay_s: float = Field(2.0, ge=0)
     downscale_delay_s: float = Field(15.0, ge=0)
-    access_log: bool = True                      # a log line per request; the Ingress's carries the request id
+    access_log: bool = True  # a log line per request; the Ingress's carries the request id
 
     def options(self) -> dict:
-        opts = {"ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
-                "max_ongoing_requests": self.max_ongoing_requests,
-                "logging_config": {"enable_access_log": self.access_log}}
+        opts = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "logging_config": {"enable_access_log": self.access_log},
+        }
         if self.min_replicas == self.max_replicas:
             opts["num_replicas"] = self.max_replicas
         else:
             opts["autoscaling_config"] = {
-                "min_replicas": self.min_replicas, "initial_replicas": max(self.min_replicas, 1),
-                "max_replicas": self.max_replicas, "target_ongoing_requests": self.target_ongoing_requests,
-                "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s}
+                "min_replicas": self.min_replicas,
+                "initial_replicas": max(self.min_replicas, 1),
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s,
+                "downscale_delay_s": self.downscale_delay_s,
+            }
         return opts
 
 
 class AppArgs(BaseModel):
     """Typed arguments of `build_app` (the `args:` of the serve config)."""
+
     model_config = ConfigDict(extra="forbid")
-    checkpoint: str                                # model.pt, or a Ray Train run folder
-    data_dir: str                                  # prepared dataset: titles, genres, training users
+    checkpoint: str  # model.pt, or a Ray Train run folder
+    data_dir: str  # prepared dataset: titles, genres, training users
     store_url: str = "sqlite:///runs/serve/state.db"
-    load_users: bool = True                        # bulk-load the dataset's users into the store
-    batching: bool = True                          # False: max_batch_size 1 everywhere (benchmark baseline)
+    load_users: bool = True  # bulk-load the dataset's users into the store
+    batching: bool = True  # False: max_batch_size 1 everywhere (benchmark baseline)
     max_batch_size: int = Field(16, ge=1)
     batch_wait_s: float = Field(0.002, ge=0)
-    text_cache_size: int = Field(10_000, ge=0)     # the Encoder's LRU of text vectors, per replica
-    rate_per_minute: int = Field(600, ge=1)        # requests a user token may make a minute, per Ingress replica
-    service_rate_per_minute: int = Field(60_000, ge=1)   # the same for a service token (the demo, a back end)
-    call_timeout_s: float = Field(10.0, gt=0)      # the Ingress answers 504 when a model stage takes longer
+    text_cache_size: int = Field(10_000, ge=0)  # the Encoder's LRU of text vectors, per replica
+    rate_per_minute: int = Field(600, ge=1)  # requests a user token may make a minute, per Ingress replica
+    service_rate_per_minute: int = Field(60_000, ge=1)  # the same for a service token (the demo, a back end)
+    call_timeout_s: float = Field(10.0, gt=0)  # the Ingress answers 504 when a model stage takes longer
     # The model stages log no line per call: the Ingress's access log has every request, with its id.
     encoder: DeploymentSettings = DeploymentSettings(max_replicas=1, num_cpus=0.25, access_log=False)
     decomposer: DeploymentSettings = DeploymentSettings(access_log=False)
@@ -76,10 +85,14 @@ class AppArgs(BaseModel):
         """Absolute paths, so that replicas find the files whatever their working directory."""
         store = self.store_url
         if store.startswith("sqlite:///") and not store.startswith("sqlite:////"):
-            store = "sqlite:///" + str(Path(store[len("sqlite:///"):]).resolve())
-        return self.model_copy(update={"checkpoint": str(Path(self.checkpoint).expanduser().resolve()),
-                                       "data_dir": str(Path(self.data_dir).expanduser().resolve()),
-                                       "store_url": store})
+            store = "sqlite:///" + str(Path(store[len("sqlite:///") :]).resolve())
+        return self.model_copy(
+            update={
+                "checkpoint": str(Path(self.checkpoint).expanduser().resolve()),
+                "data_dir": str(Path(self.data_dir).expanduser().resolve()),
+                "store_url": store,
+            }
+        )
 
 
 def build_app(args: AppArgs):
@@ -94,14 +107,19 @@ def build_app(args: AppArgs):
         Encoder.options(**args.encoder.options()).bind(**batch, cache_size=args.text_cache_size),
         Decomposer.options(**args.decomposer.options(), user_config=model).bind(args.store_url, args.data_dir, **batch),
         Combiner.options(**args.combiner.options(), user_config=model).bind(args.data_dir, **batch),
-        args.store_url, args.data_dir, args.load_users, args.rate_per_minute,
-        args.service_rate_per_minute, args.call_timeout_s,
+        args.store_url,
+        args.data_dir,
+        args.load_users,
+        args.rate_per_minute,
+        args.service_rate_per_minute,
+        args.call_timeout_s,
     )
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ray_app.serve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m ray_app.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", required=True, help="model.pt or a Ray Train run folder")
     p.add_argument("--data", required=True, help="prepared dataset folder")
     p.add_argument("--store-url", default=AppArgs.model_fields["store_url"].default)
@@ -109,15 +127,20 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--no-batching", action="store_true")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (without RAY_ADDRESS)")
-    p.add_argument("--throughput-optimized", action=argparse.BooleanOptionalAction, default=None,
-                   help="Serve's throughput-optimized mode for a local Ray (default on)")
+    p.add_argument(
+        "--throughput-optimized",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Serve's throughput-optimized mode for a local Ray (default on)",
+    )
     a = p.parse_args(argv)
     serve_mode.use(a.throughput_optimized)
     try:
-        if not os.environ.get("RAY_ADDRESS"):          # a local Ray: its replicas inherit this environment
+        if not os.environ.get("RAY_ADDRESS"):  # a local Ray: its replicas inherit this environment
             secret_from_env()
-        app = build_app(AppArgs(checkpoint=a.checkpoint, data_dir=a.data, store_url=a.store_url,
-                                batching=not a.no_batching))
+        app = build_app(
+            AppArgs(checkpoint=a.checkpoint, data_dir=a.data, store_url=a.store_url, batching=not a.no_batching)
+        )
     except (ServingSetupError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

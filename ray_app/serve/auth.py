@@ -15,6 +15,7 @@ Only `/healthz` and the API's own description (`/docs`, `/openapi.json`) answer 
 token. A missing or bad token is a 401, a token acting for another user a 403, both in the
 API's `{detail, field}` error shape with `field` = "authorization".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import jwt
 
 SECRET_ENV = "DYNAMIC_INTEREST_AUTH_SECRET"
-TOKEN_ENV = "DYNAMIC_INTEREST_TOKEN"        # a client's own token (the demo's service token)
+TOKEN_ENV = "DYNAMIC_INTEREST_TOKEN"  # a client's own token (the demo's service token)
 MIN_SECRET_CHARS = 32
 ALGORITHM = "HS256"
 ISSUER = "dynamic-interest"
@@ -46,9 +47,9 @@ class AuthError(Exception):
 
 @dataclass(frozen=True)
 class Principal:
-    role: str                   # "user" | "service"
-    user_id: str | None         # the user a user token belongs to; None for a service
-    token_key: str = ""         # a digest of the token itself: what the rate limit counts by
+    role: str  # "user" | "service"
+    user_id: str | None  # the user a user token belongs to; None for a service
+    token_key: str = ""  # a digest of the token itself: what the rate limit counts by
 
     def require_user(self, user_id: str) -> None:
         """403 unless this token may act for `user_id`."""
@@ -72,25 +73,32 @@ class RateLimit:
         from limits.strategies import SlidingWindowCounterRateLimiter
 
         self._limiter = SlidingWindowCounterRateLimiter(MemoryStorage())
-        self._items = {"user": RateLimitItemPerMinute(user_per_minute),
-                       "service": RateLimitItemPerMinute(service_per_minute)}
+        self._items = {
+            "user": RateLimitItemPerMinute(user_per_minute),
+            "service": RateLimitItemPerMinute(service_per_minute),
+        }
 
     def admit(self, who: Principal) -> None:
         """AuthError(429) once the caller's token has used up its minute."""
         item = self._items[who.role]
         if not self._limiter.hit(item, who.token_key):
             wait = max(1, round(self._limiter.get_window_stats(item, who.token_key).reset_time - time.time()))
-            raise AuthError(429, f"rate limit: at most {item.amount} requests a minute for this token; "
-                                 f"retry in {wait} s", retry_after_s=wait)
+            raise AuthError(
+                429,
+                f"rate limit: at most {item.amount} requests a minute for this token; retry in {wait} s",
+                retry_after_s=wait,
+            )
 
 
 def secret_from_env(environ=os.environ) -> str:
     secret = environ.get(SECRET_ENV, "")
     if len(secret) < MIN_SECRET_CHARS:
         state = "is not set" if not secret else f"has {len(secret)} characters"
-        raise RuntimeError(f"{SECRET_ENV} {state}: the API signs and checks tokens with it and needs at least "
-                           f"{MIN_SECRET_CHARS} characters (e.g. `python -c 'import secrets; "
-                           f"print(secrets.token_urlsafe(32))'`)")
+        raise RuntimeError(
+            f"{SECRET_ENV} {state}: the API signs and checks tokens with it and needs at least "
+            f"{MIN_SECRET_CHARS} characters (e.g. `python -c 'import secrets; "
+            f"print(secrets.token_urlsafe(32))'`)"
+        )
     return secret
 
 
@@ -105,8 +113,13 @@ def mint(secret: str, role: str, user_id: str | None = None, ttl_s: float | None
     if (role == "user") != (user_id is not None):
         raise ValueError("a user token needs a user id, a service token takes none")
     now = int(time.time())
-    claims = {"iss": ISSUER, "role": role, "iat": now, **({"sub": user_id} if user_id is not None else {}),
-              **({"exp": now + int(ttl_s)} if ttl_s else {})}
+    claims = {
+        "iss": ISSUER,
+        "role": role,
+        "iat": now,
+        **({"sub": user_id} if user_id is not None else {}),
+        **({"exp": now + int(ttl_s)} if ttl_s else {}),
+    }
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
@@ -118,8 +131,9 @@ def verify(secret: str, authorization: str | None) -> Principal:
     if scheme.lower() != "bearer" or not token.strip():
         raise AuthError(401, "the Authorization header must be `Bearer <token>`")
     try:
-        claims = jwt.decode(token.strip(), secret, algorithms=[ALGORITHM], issuer=ISSUER,
-                            options={"require": ["iss", "role", "iat"]})
+        claims = jwt.decode(
+            token.strip(), secret, algorithms=[ALGORITHM], issuer=ISSUER, options={"require": ["iss", "role", "iat"]}
+        )
     except jwt.ExpiredSignatureError:
         raise AuthError(401, "the token has expired") from None
     except jwt.InvalidTokenError as e:
@@ -132,7 +146,9 @@ def verify(secret: str, authorization: str | None) -> Principal:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ray_app.serve.auth", description=f"Mint an API token with ${SECRET_ENV}.")
+    p = argparse.ArgumentParser(
+        prog="python -m ray_app.serve.auth", description=f"Mint an API token with ${SECRET_ENV}."
+    )
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", help="a token for this user id only")
     who.add_argument("--service", action="store_true", help="a token that acts for any user")

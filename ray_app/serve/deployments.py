@@ -7,6 +7,7 @@ so a new checkpoint is swapped in by `reconfigure` without restarting replicas. 
 carries the model version it came from; the Combiner loads that version on demand, so a
 request caught between two replicas' swaps is still answered consistently.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -22,7 +23,16 @@ from ray import serve
 from models.data.encoder import TextEncoder
 from models.data.features import moment_features
 from ray_app.serve.metrics import AppMetrics
-from ray_app.serve.served_model import Catalogue, RankJob, Ranking, ServedModel, UserState, event_tensors, pack_state, unpack_state
+from ray_app.serve.served_model import (
+    Catalogue,
+    RankJob,
+    Ranking,
+    ServedModel,
+    UserState,
+    event_tensors,
+    pack_state,
+    unpack_state,
+)
 from ray_app.store.base import StoredState
 from ray_app.store.opener import open_store
 
@@ -51,15 +61,16 @@ class Encoder:
     def __init__(self, max_batch_size: int = 16, batch_wait_s: float = 0.005, cache_size: int = 10_000):
         # User text is arbitrary: keep it off the disk cache, in an LRU of `cache_size` vectors
         # (1.5 kB each). A GPU is used when the replica has one.
-        self.encoder = TextEncoder(cache=False, max_cached=cache_size,
-                                   device="cuda" if torch.cuda.is_available() else "cpu")
-        self.encoder.encode(["warm up"])         # load the model now, not on the first request
+        self.encoder = TextEncoder(
+            cache=False, max_cached=cache_size, device="cuda" if torch.cuda.is_available() else "cpu"
+        )
+        self.encoder.encode(["warm up"])  # load the model now, not on the first request
         self.metrics = AppMetrics()
         _configure_batching(self.encode, max_batch_size, batch_wait_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def encode(self, texts: list[str]) -> list[np.ndarray]:
-        emb = self.encoder.encode(texts)         # (B, 384), one forward pass for the batch
+        emb = self.encoder.encode(texts)  # (B, 384), one forward pass for the batch
         self.metrics.text_cache.set(self.encoder.cached)
         return list(emb)
 
@@ -68,8 +79,9 @@ class Encoder:
 class Decomposer:
     """Per user: a stored state ((h, c)[, profile]) advanced by one LSTM step per event it has not consumed yet."""
 
-    def __init__(self, store_url: str, data_dir: str | None = None, max_batch_size: int = 16,
-                 batch_wait_s: float = 0.002):
+    def __init__(
+        self, store_url: str, data_dir: str | None = None, max_batch_size: int = 16, batch_wait_s: float = 0.002
+    ):
         self.store = open_store(store_url)
         self.catalogue_ids = Catalogue.load(data_dir)[0].item_source_ids if data_dir else None
         self.served: ServedModel | None = None
@@ -90,8 +102,12 @@ class Decomposer:
 
     def info(self) -> dict:
         s = self.served
-        return {"model_version": s.version, "checkpoint": str(s.path), "dimensions": s.dim_names,
-                "n_items": s.model.cfg.n_items}
+        return {
+            "model_version": s.version,
+            "checkpoint": str(s.path),
+            "dimensions": s.dim_names,
+            "n_items": s.model.cfg.n_items,
+        }
 
     # ---- a stored user -------------------------------------------------------------------
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
@@ -106,7 +122,7 @@ class Decomposer:
         served = self.served  # one model for the whole batch even if reconfigure runs meanwhile
         sizes = served.state_sizes
         out: list[UserState | None] = [None] * len(requests)
-        groups: dict[tuple[bool, int], list] = defaultdict(list)   # (has state, new events) -> jobs
+        groups: dict[tuple[bool, int], list] = defaultdict(list)  # (has state, new events) -> jobs
         for j, (user_id, with_seen) in enumerate(requests):
             stored = self.store.get_state(user_id)
             state = None
@@ -114,7 +130,7 @@ class Decomposer:
                 state = unpack_state(stored.blob, sizes)
             if state is not None:
                 start = stored.n_events
-            else:   # a rebuild reads the window the model ranks from (its max_len), not the whole log
+            else:  # a rebuild reads the window the model ranks from (its max_len), not the whole log
                 start = max(self.store.count_events(user_id) - served.model.cfg.max_len, 0)
             # One read: the event before `start` (for its gap) and everything after it.
             first = max(start - 1, 0)
@@ -127,8 +143,16 @@ class Decomposer:
                 n = first + len(events)
             if state is None and n > 0:
                 self.metrics.state_rebuilds.inc()
-            job = {"j": j, "user_id": user_id, "n": n, "start": start, "state": state, "events": events,
-                   "first": first, "with_seen": with_seen}
+            job = {
+                "j": j,
+                "user_id": user_id,
+                "n": n,
+                "start": start,
+                "state": state,
+                "events": events,
+                "first": first,
+                "with_seen": with_seen,
+            }
             if n == start:
                 self._finish(out, job, served, state)
             else:
@@ -138,9 +162,10 @@ class Decomposer:
             dev = served.device
             cat = {k: torch.cat([t[k] for t in tensors]).to(dev) for k in ("items", "ratings", "event_feats")}
             init = None
-            if has_state:   # each part (1, B, size): h, c[, profile sums, weights]
-                init = tuple(torch.stack([job["state"][p] for job in jobs]).unsqueeze(0).to(dev)
-                             for p in range(len(sizes)))
+            if has_state:  # each part (1, B, size): h, c[, profile sums, weights]
+                init = tuple(
+                    torch.stack([job["state"][p] for job in jobs]).unsqueeze(0).to(dev) for p in range(len(sizes))
+                )
             parts = [x.cpu() for x in served.model.advance(init, cat["items"], cat["ratings"], cat["event_feats"])]
             for b, job in enumerate(jobs):
                 new = tuple(x[0, b] for x in parts)
@@ -157,16 +182,18 @@ class Decomposer:
         return event_tensors(items, ratings, ts, within, ts[-1])
 
     def _finish(self, out: list, job: dict, served: ServedModel, state) -> None:
-        h = served.interest(state)                               # (U[+R·D],) interest state z
+        h = served.interest(state)  # (U[+R·D],) interest state z
         seen = None
-        if job["with_seen"]:   # the store's seen set, not a read of the whole log
-            seen = np.array(sorted({served.index_of.get(i, 0) for i in self.store.seen_items(job["user_id"])}),
-                            np.int64)
+        if job["with_seen"]:  # the store's seen set, not a read of the whole log
+            seen = np.array(
+                sorted({served.index_of.get(i, 0) for i in self.store.seen_items(job["user_id"])}), np.int64
+            )
         out[job["j"]] = self._result(served, h, job["n"], job["events"][-1].timestamp if job["events"] else None, seen)
 
     @staticmethod
-    def _result(served: ServedModel, h: torch.Tensor, n: int, last_ts: float | None,
-                seen: np.ndarray | None) -> UserState:
+    def _result(
+        served: ServedModel, h: torch.Tensor, n: int, last_ts: float | None, seen: np.ndarray | None
+    ) -> UserState:
         return UserState(served.version, str(served.path), h.cpu().numpy(), n, last_ts, seen)
 
     async def advance(self, user_id: str) -> int:
@@ -206,12 +233,19 @@ class Decomposer:
         batch = event_tensors(items, np.array([e.rating for e in events], np.float32), ts, 0, max(now, ts[-1]))
         batch = {k: v.to(served.device) for k, v in batch.items()}
         m = served.model
-        h = m.states(batch)[0]                                    # (T, U[+R·D])
+        h = m.states(batch)[0]  # (T, U[+R·D])
         lo = max(len(events) - last, 0)
         alpha = m.gates(m.dimensions(h[lo:]), m.context(batch["ctx_feats"][0, lo:])).cpu()  # (L, K)
         names = served.dim_names
-        steps = [{"index": lo + j, "item_id": events[lo + j].item_id, "timestamp": events[lo + j].timestamp,
-                  "gates": dict(zip(names, map(float, a)))} for j, a in enumerate(alpha)]
+        steps = [
+            {
+                "index": lo + j,
+                "item_id": events[lo + j].item_id,
+                "timestamp": events[lo + j].timestamp,
+                "gates": dict(zip(names, map(float, a))),
+            }
+            for j, a in enumerate(alpha)
+        ]
         return {"dimensions": names, "steps": steps}
 
 
@@ -219,8 +253,9 @@ class Decomposer:
 class Combiner:
     """Context + dimensions -> gates α, scores over the catalogue, top-k, explanation."""
 
-    def __init__(self, data_dir: str | None = None, max_batch_size: int = 16, batch_wait_s: float = 0.002,
-                 keep_versions: int = 2):
+    def __init__(
+        self, data_dir: str | None = None, max_batch_size: int = 16, batch_wait_s: float = 0.002, keep_versions: int = 2
+    ):
         # The dataset's vocabulary serves checkpoints that carry none (those of models.training.run).
         self.catalogue_ids = Catalogue.load(data_dir)[0].item_source_ids if data_dir else None
         self.models: OrderedDict[str, ServedModel] = OrderedDict()
@@ -247,8 +282,15 @@ class Combiner:
             self._remember(served)
         return self.models[version]
 
-    async def rank(self, state: UserState, intent: np.ndarray | None, k: int, exclude_seen: bool, explain: bool,
-                   timestamp: float | None) -> Ranking:
+    async def rank(
+        self,
+        state: UserState,
+        intent: np.ndarray | None,
+        k: int,
+        exclude_seen: bool,
+        explain: bool,
+        timestamp: float | None,
+    ) -> Ranking:
         """One request; batched with others in `_rank_batch` (one catalogue matmul per batch)."""
         now = time.time() if timestamp is None else timestamp
         return await self._rank_batch(RankJob(state, intent, k, exclude_seen, explain, now))
@@ -268,19 +310,22 @@ class Combiner:
     def _rank(self, served: ServedModel, jobs: list[RankJob]) -> list[Ranking]:
         m = served.model
         dev = served.device
-        H = torch.from_numpy(np.stack([job.state.h for job in jobs])).to(dev)           # (B, U)
+        H = torch.from_numpy(np.stack([job.state.h for job in jobs])).to(dev)  # (B, U)
         now = np.array([job.now for job in jobs], np.float64)
         last = np.array([job.state.last_ts if job.state.last_ts is not None else job.now for job in jobs])
-        ctx = torch.from_numpy(moment_features(now, now - last)).to(dev)                 # (B, 5)
+        ctx = torch.from_numpy(moment_features(now, now - last)).to(dev)  # (B, 5)
         intent = None
         if any(job.intent is not None for job in jobs):
             # The intent projection has no bias, so a zero vector is the same as no intent.
-            intent = torch.from_numpy(np.stack([job.intent if job.intent is not None else np.zeros(m.cfg.text_dim, np.float32)
-                                                for job in jobs]).astype(np.float32)).to(dev)   # (B, 384)
-        scores, alpha = m.score_and_gates(H, ctx, intent, item_vecs=served.item_vecs)   # (B, N+1), (B, K)
+            intent = torch.from_numpy(
+                np.stack(
+                    [job.intent if job.intent is not None else np.zeros(m.cfg.text_dim, np.float32) for job in jobs]
+                ).astype(np.float32)
+            ).to(dev)  # (B, 384)
+        scores, alpha = m.score_and_gates(H, ctx, intent, item_vecs=served.item_vecs)  # (B, N+1), (B, K)
         alpha = alpha.cpu().tolist()
         scores[:, 0] = -torch.inf
-        excluded = torch.zeros_like(scores, dtype=torch.bool)                            # (B, N+1)
+        excluded = torch.zeros_like(scores, dtype=torch.bool)  # (B, N+1)
         for b, job in enumerate(jobs):
             seen = job.state.seen
             if job.exclude_seen and seen is not None and len(seen):
@@ -288,10 +333,20 @@ class Combiner:
         scores = scores.masked_fill(excluded, -torch.inf)
         kmax = min(max(job.k for job in jobs), m.cfg.n_items)
         top = scores.topk(kmax, dim=-1)
-        top_indices, top_values = top.indices.cpu().tolist(), top.values.cpu().tolist()   # plain lists: fast to walk
+        top_indices, top_values = top.indices.cpu().tolist(), top.values.cpu().tolist()  # plain lists: fast to walk
         want_explain = [b for b, job in enumerate(jobs) if job.explain]
-        expl = m.explain(H[want_explain], ctx[want_explain], intent[want_explain] if intent is not None else None,
-                         top_k=kmax, exclude=excluded[want_explain], item_vecs=served.item_vecs) if want_explain else None
+        expl = (
+            m.explain(
+                H[want_explain],
+                ctx[want_explain],
+                intent[want_explain] if intent is not None else None,
+                top_k=kmax,
+                exclude=excluded[want_explain],
+                item_vecs=served.item_vecs,
+            )
+            if want_explain
+            else None
+        )
         if expl is not None:
             expl = {key: (v.cpu() if isinstance(v, torch.Tensor) else v) for key, v in expl.items()}
         names = served.dim_names
@@ -302,16 +357,19 @@ class Combiner:
             explanation = None
             if job.explain:
                 e = want_explain.index(b)
-                explanation = {name: [(int(i), float(v)) for i, v in zip(expl["top_items"][e, q, :k],
-                                                                          expl["top_scores"][e, q, :k])]
-                               for q, name in enumerate(names)}
+                explanation = {
+                    name: [
+                        (int(i), float(v)) for i, v in zip(expl["top_items"][e, q, :k], expl["top_scores"][e, q, :k])
+                    ]
+                    for q, name in enumerate(names)
+                }
             results.append(Ranking(served.version, job.state.n_events, items, dict(zip(names, alpha[b])), explanation))
         return results
 
     @torch.no_grad()
     def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
         """Items whose text embedding is closest (cosine) to the query's."""
-        text = self.current.model.items.text                                               # (N+1, 384), normalised
+        text = self.current.model.items.text  # (N+1, 384), normalised
         sims = text[1:] @ torch.tensor(np.asarray(query), dtype=torch.float32, device=text.device)  # (N,)
         top = sims.topk(min(k, len(sims)))
         top = (top.indices.cpu(), top.values.cpu())

@@ -7,6 +7,7 @@ answer within `call_timeout_s` is 504. An event is committed to the store before
 that acknowledges it. Every route but /healthz needs a bearer token (`ray_app.serve.auth`). Store
 calls run in threads, never on the replica's event loop.
 """
+
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations of the class
 # methods that serve.ingress re-binds, and string annotations would not resolve there.
 import asyncio
@@ -25,7 +26,23 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ray_app.serve.auth import FIELD as AUTH_FIELD
 from ray_app.serve.auth import AuthError, Principal, RateLimit, secret_from_env, verify
-from ray_app.serve.schemas import IDEMPOTENCY_KEY, MAX_K, MAX_USER_ID_CHARS, ErrorResponse, Text, EventIn, EventsRequest, EventsResponse, Health, InterestsResponse, ItemsResponse, RecommendRequest, RecommendResponse, UserEventsResponse, UsersResponse
+from ray_app.serve.schemas import (
+    IDEMPOTENCY_KEY,
+    MAX_K,
+    MAX_USER_ID_CHARS,
+    ErrorResponse,
+    Text,
+    EventIn,
+    EventsRequest,
+    EventsResponse,
+    Health,
+    InterestsResponse,
+    ItemsResponse,
+    RecommendRequest,
+    RecommendResponse,
+    UserEventsResponse,
+    UsersResponse,
+)
 from ray_app.serve.metrics import AppMetrics
 from ray_app.serve.served_model import Catalogue, training_user_events
 from ray_app.store.base import Event, IdempotencyConflict, StoreUnavailable
@@ -33,10 +50,10 @@ from ray_app.store.opener import open_store
 
 log = logging.getLogger("ray.serve")
 
-MAX_BODY_BYTES = 1 << 20   # 1 MiB: 1,000 events are about 70 kB of JSON
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: 1,000 events are about 70 kB of JSON
 ERRORS = {status: {"model": ErrorResponse} for status in (401, 403, 404, 413, 422, 429, 503, 504)}
 STORE_FIELD = "store"
-CALL_TIMEOUT_S = 10.0      # a model stage that takes longer is answered 504
+CALL_TIMEOUT_S = 10.0  # a model stage that takes longer is answered 504
 
 
 class ApiError(Exception):
@@ -54,7 +71,7 @@ def _field_path(loc: Sequence) -> str | None:
     source = bool(loc) and loc[0] in ("body", "query", "path", "header")
     parts = [str(p) for p in (loc[1:] if source else loc)]
     if loc and loc[0] == "body" and (not parts or (len(parts) == 1 and parts[0].isdigit())):
-        return "body"   # a JSON syntax error's location is a character offset, not a field
+        return "body"  # a JSON syntax error's location is a character offset, not a field
     return ".".join(parts) or None
 
 
@@ -98,8 +115,11 @@ class BodyLimit:
         await resp(scope, receive, send)
 
 
-app = FastAPI(title="Dynamic interest recommender", version="1",
-              description="Recommendations from a user's decomposed, context-weighted interests.")
+app = FastAPI(
+    title="Dynamic interest recommender",
+    version="1",
+    description="Recommendations from a user's decomposed, context-weighted interests.",
+)
 app.add_middleware(BodyLimit)
 
 
@@ -165,22 +185,37 @@ async def caller(request: Request, _: HTTPAuthorizationCredentials | None = Depe
 Caller = Annotated[Principal, Depends(caller)]
 
 
-UserId = Annotated[Text, Path(min_length=1, max_length=MAX_USER_ID_CHARS,
-                              description="user id (str of the source user id)")]
-IdempotencyKey = Annotated[str | None, Header(
-    alias="Idempotency-Key", pattern=IDEMPOTENCY_KEY,
-    description="any unique string per batch of events (a UUID): a retry with the same key and events "
-                "appends nothing and gets the first answer again, for 24 h")]
+UserId = Annotated[
+    Text, Path(min_length=1, max_length=MAX_USER_ID_CHARS, description="user id (str of the source user id)")
+]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        pattern=IDEMPOTENCY_KEY,
+        description="any unique string per batch of events (a UUID): a retry with the same key and events "
+        "appends nothing and gets the first answer again, for 24 h",
+    ),
+]
 QueryText = Annotated[Text, Query(min_length=1, max_length=500, description="free text")]
 
 
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, encoder: DeploymentHandle, decomposer: DeploymentHandle, combiner: DeploymentHandle,
-                 store_url: str, data_dir: str, load_users: bool = True, rate_per_minute: int = 600,
-                 service_rate_per_minute: int = 60_000, call_timeout_s: float = CALL_TIMEOUT_S):
-        secret_from_env()                     # from the environment only; no secret, no start
+    def __init__(
+        self,
+        encoder: DeploymentHandle,
+        decomposer: DeploymentHandle,
+        combiner: DeploymentHandle,
+        store_url: str,
+        data_dir: str,
+        load_users: bool = True,
+        rate_per_minute: int = 600,
+        service_rate_per_minute: int = 60_000,
+        call_timeout_s: float = CALL_TIMEOUT_S,
+    ):
+        secret_from_env()  # from the environment only; no secret, no start
         self.rate = RateLimit(rate_per_minute, service_rate_per_minute)
         self.call_timeout_s = call_timeout_s
         self.metrics = AppMetrics()
@@ -229,8 +264,11 @@ class Ingress:
         bad = self.catalogue.unknown(e.item_id for e in events)
         if bad:
             j = bad[0]
-            raise ApiError(422, f"{field}.{j}.item_id: unknown item id {events[j].item_id} "
-                                f"({len(bad)} unknown in all)", f"{field}.{j}.item_id")
+            raise ApiError(
+                422,
+                f"{field}.{j}.item_id: unknown item id {events[j].item_id} ({len(bad)} unknown in all)",
+                f"{field}.{j}.item_id",
+            )
 
     async def _require_user(self, user_id: str, field: str = "user_id") -> int:
         n = await self._store("count_events", self.store.count_events, user_id)
@@ -248,41 +286,54 @@ class Ingress:
     @app.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:
         info = await self._call(self.decomposer.info.remote(), "decomposer")
-        return Health(status="ok", model_version=info["model_version"], n_items=self.catalogue.n_items,
-                      n_users=self.n_training_users, dimensions=info["dimensions"])
+        return Health(
+            status="ok",
+            model_version=info["model_version"],
+            n_items=self.catalogue.n_items,
+            n_users=self.n_training_users,
+            dimensions=info["dimensions"],
+        )
 
     @app.post("/recommend", response_model=RecommendResponse, responses=ERRORS)
     async def recommend(self, req: RecommendRequest, who: Caller) -> RecommendResponse:
         self._allow(who, req.user_id)
         intent = self.encoder.encode.remote(req.context.intent) if req.context.intent else None
-        if req.user_id is not None:   # an unknown user comes back with no events: the 404 below
+        if req.user_id is not None:  # an unknown user comes back with no events: the 404 below
             state = self.decomposer.user_state.remote((req.user_id, req.exclude_seen))
         else:
             history = req.history or []
             self._check_items(history, "history")
             state = self.decomposer.history_state.remote([(e.item_id, e.rating, e.timestamp) for e in history])
         # The responses are passed on unresolved: Serve hands their values to the Combiner.
-        res = await self._call(self.combiner.rank.remote(state, intent, req.k, req.exclude_seen, req.explain,
-                                                         req.context.timestamp), "ranking")
+        res = await self._call(
+            self.combiner.rank.remote(state, intent, req.k, req.exclude_seen, req.explain, req.context.timestamp),
+            "ranking",
+        )
         if req.user_id is not None and res.n_events == 0:
             raise ApiError(404, f"user_id: unknown user {req.user_id!r}", "user_id")
         cat = self.catalogue
         explanation = None
         if res.explanation is not None:
             explanation = {dim: [cat.describe(i, s) for i, s in items] for dim, items in res.explanation.items()}
-        return RecommendResponse(user_id=req.user_id, model_version=res.model_version, n_events=res.n_events,
-                                 items=[cat.describe(i, s) for i, s in res.items], gates=res.gates,
-                                 explanation=explanation)
+        return RecommendResponse(
+            user_id=req.user_id,
+            model_version=res.model_version,
+            n_events=res.n_events,
+            items=[cat.describe(i, s) for i, s in res.items],
+            gates=res.gates,
+            explanation=explanation,
+        )
 
     @app.post("/users/{user_id}/events", response_model=EventsResponse, responses=ERRORS)
-    async def add_events(self, body: EventsRequest, user_id: UserId, who: Caller,
-                         idempotency_key: IdempotencyKey = None) -> EventsResponse:
+    async def add_events(
+        self, body: EventsRequest, user_id: UserId, who: Caller, idempotency_key: IdempotencyKey = None
+    ) -> EventsResponse:
         self._allow(who, user_id)
         self._check_items(body.events, "events")
         events = [Event(e.item_id, e.rating, e.timestamp) for e in body.events]
         replayed = False
         if idempotency_key is None:
-            n = await self._store("append", self.store.append_events, user_id, events)   # durable from here on
+            n = await self._store("append", self.store.append_events, user_id, events)  # durable from here on
         else:
             try:
                 n, replayed = await self._store("append", self.store.append_once, user_id, idempotency_key, events)
@@ -297,24 +348,30 @@ class Ingress:
         return EventsResponse(user_id=user_id, accepted=len(events), n_events=n, replayed=replayed)
 
     @app.get("/users", response_model=UsersResponse, responses=ERRORS)
-    async def users(self, who: Caller, q: Annotated[Text, Query(max_length=MAX_USER_ID_CHARS, description="user id prefix")] = "",
-                    limit: int = Query(50, ge=1, le=1000)) -> UsersResponse:
+    async def users(
+        self,
+        who: Caller,
+        q: Annotated[Text, Query(max_length=MAX_USER_ID_CHARS, description="user id prefix")] = "",
+        limit: int = Query(50, ge=1, le=1000),
+    ) -> UsersResponse:
         self._allow(who, service_only="listing users")
         found = await self._store("users", self.store.users, q, limit)
         return UsersResponse(users=[{"user_id": u, "n_events": n} for u, n in found])
 
     @app.get("/users/{user_id}/events", response_model=UserEventsResponse, responses=ERRORS)
-    async def user_events(self, user_id: UserId, who: Caller,
-                          limit: int = Query(20, ge=1, le=1000)) -> UserEventsResponse:
+    async def user_events(
+        self, user_id: UserId, who: Caller, limit: int = Query(20, ge=1, le=1000)
+    ) -> UserEventsResponse:
         self._allow(who, user_id)
         n = await self._require_user(user_id)
         events = await self._store("events", self.store.events, user_id, max(n - limit, 0), limit)
-        return UserEventsResponse(user_id=user_id, events=[
-            {**self._describe(e.item_id), "rating": e.rating, "timestamp": e.timestamp} for e in events])
+        return UserEventsResponse(
+            user_id=user_id,
+            events=[{**self._describe(e.item_id), "rating": e.rating, "timestamp": e.timestamp} for e in events],
+        )
 
     @app.get("/users/{user_id}/interests", response_model=InterestsResponse, responses=ERRORS)
-    async def interests(self, user_id: UserId, who: Caller,
-                        last: int = Query(50, ge=1, le=1000)) -> InterestsResponse:
+    async def interests(self, user_id: UserId, who: Caller, last: int = Query(50, ge=1, le=1000)) -> InterestsResponse:
         self._allow(who, user_id)
         await self._require_user(user_id)
         res = await self._call(self.decomposer.interests.remote(user_id, last), "decomposer")

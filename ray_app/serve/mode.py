@@ -10,6 +10,7 @@ before `ray.init`. The driver only deploys, so what it imported earlier does not
 existing cluster (RAY_ADDRESS) the cluster's own environment decides: the RayService in `k8s/`
 sets it on every pod.
 """
+
 from __future__ import annotations
 
 import os

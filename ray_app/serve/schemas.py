@@ -3,6 +3,7 @@
 Requests forbid unknown fields so that a typo ("userid") is a 422 naming it instead of a
 silently ignored field. Item ids on the wire are SOURCE ids, never the model's indices.
 """
+
 from __future__ import annotations
 
 import time
@@ -19,8 +20,8 @@ MAX_TIMESTAMP = 1e11  # unix seconds (year 5138): larger values would overflow t
 # An implicit event (a view, a click) carries no rating; it is taken as this one, the most common
 # rating in MovieLens (4.0 stars): the model reads it and the store keeps it so, like a given 4.0.
 IMPLICIT_RATING = 4.0
-MAX_CLOCK_SKEW_S = 300.0   # an event may be dated this far after the server's clock, not more
-IDEMPOTENCY_KEY = r"^[A-Za-z0-9._\-]{1,128}$"   # what an Idempotency-Key header may hold (a UUID, say)
+MAX_CLOCK_SKEW_S = 300.0  # an event may be dated this far after the server's clock, not more
+IDEMPOTENCY_KEY = r"^[A-Za-z0-9._\-]{1,128}$"  # what an Idempotency-Key header may hold (a UUID, say)
 
 
 def clean_text(value: str) -> str:
@@ -45,25 +46,37 @@ class _Request(BaseModel):
 # -- shared pieces ---------------------------------------------------------------------
 class EventIn(_Request):
     item_id: int = Field(description="source item id")
-    rating: float = Field(default=IMPLICIT_RATING, ge=0.5, le=5.0, allow_inf_nan=False,
-                          description=f"0.5 to 5 stars; leave it out for an implicit event (a view or a click), "
-                                      f"which counts as {IMPLICIT_RATING:g}")
-    timestamp: float = Field(ge=0, le=MAX_TIMESTAMP, allow_inf_nan=False,
-                             description=f"unix seconds, at most {MAX_CLOCK_SKEW_S:g} s after the server's clock")
+    rating: float = Field(
+        default=IMPLICIT_RATING,
+        ge=0.5,
+        le=5.0,
+        allow_inf_nan=False,
+        description=f"0.5 to 5 stars; leave it out for an implicit event (a view or a click), "
+        f"which counts as {IMPLICIT_RATING:g}",
+    )
+    timestamp: float = Field(
+        ge=0,
+        le=MAX_TIMESTAMP,
+        allow_inf_nan=False,
+        description=f"unix seconds, at most {MAX_CLOCK_SKEW_S:g} s after the server's clock",
+    )
 
     @field_validator("timestamp")
     @classmethod
     def _not_in_the_future(cls, ts: float) -> float:
         now = time.time()
         if ts > now + MAX_CLOCK_SKEW_S:
-            raise ValueError(f"{ts:.0f} is in the future (more than {MAX_CLOCK_SKEW_S:g} s after the server's "
-                             f"clock, {now:.0f}): an event is something that happened")
+            raise ValueError(
+                f"{ts:.0f} is in the future (more than {MAX_CLOCK_SKEW_S:g} s after the server's "
+                f"clock, {now:.0f}): an event is something that happened"
+            )
         return ts
 
 
 class Context(_Request):
-    timestamp: float | None = Field(default=None, ge=0, le=MAX_TIMESTAMP, allow_inf_nan=False,
-                                    description="unix seconds; default now")
+    timestamp: float | None = Field(
+        default=None, ge=0, le=MAX_TIMESTAMP, allow_inf_nan=False, description="unix seconds; default now"
+    )
     intent: Text | None = Field(default=None, min_length=1, max_length=MAX_INTENT_CHARS, description="free text")
 
 
@@ -123,8 +136,11 @@ class EventsResponse(BaseModel):
     user_id: str
     accepted: int
     n_events: int
-    replayed: bool = Field(default=False, description="true when the Idempotency-Key was seen before: nothing "
-                                                      "was appended, and this is the first answer again")
+    replayed: bool = Field(
+        default=False,
+        description="true when the Idempotency-Key was seen before: nothing "
+        "was appended, and this is the first answer again",
+    )
 
 
 class UserSummary(BaseModel):

@@ -3,6 +3,7 @@
 Kept apart from the deployment classes so that the pieces a request goes through can be
 tested (and benchmarked in-process) without starting Serve.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -25,37 +26,41 @@ BEST_FILE = checkpoint.BEST_FILE
 
 # ---- what crosses the hops between deployments --------------------------------------------------
 
+
 @dataclass(frozen=True)
 class UserState:
     """Decomposer -> Combiner, one user: only the interest state z crosses the hop; the Combiner
     derives the dimensions I_{t,k} and gates from it with the same model version."""
+
     model_version: str
-    checkpoint: str          # where the Combiner loads that version if it does not hold it
-    h: np.ndarray            # (U[+R·D],) interest state z_t
-    n_events: int            # events consumed (0: a new or unknown user)
-    last_ts: float | None    # time of the last event (the context's gap), None without events
+    checkpoint: str  # where the Combiner loads that version if it does not hold it
+    h: np.ndarray  # (U[+R·D],) interest state z_t
+    n_events: int  # events consumed (0: a new or unknown user)
+    last_ts: float | None  # time of the last event (the context's gap), None without events
     seen: np.ndarray | None  # (S,) catalogue indices of the items seen; None when not asked for
 
 
 @dataclass(frozen=True)
 class RankJob:
     """One request as the Combiner batches it."""
+
     state: UserState
-    intent: np.ndarray | None   # (384,) the encoded words, None without
+    intent: np.ndarray | None  # (384,) the encoded words, None without
     k: int
     exclude_seen: bool
     explain: bool
-    now: float                  # the request's moment (seconds since the epoch)
+    now: float  # the request's moment (seconds since the epoch)
 
 
 @dataclass(frozen=True)
 class Ranking:
     """Combiner -> Ingress: catalogue indices and scores, best first, and how the gates weighed."""
+
     model_version: str
     n_events: int
     items: list[tuple[int, float]]
     gates: dict[str, float]
-    explanation: dict[str, list[tuple[int, float]]] | None   # per dimension: its own top items
+    explanation: dict[str, list[tuple[int, float]]] | None  # per dimension: its own top items
 
 
 class ServingSetupError(ValueError):
@@ -89,10 +94,11 @@ def file_version(path: Path) -> str:
 @dataclass
 class ServedModel:
     """A decomposer checkpoint ready to serve: model, version and the source-id vocabulary."""
+
     model: InterestDecomposer
     version: str
     path: Path
-    item_source_ids: np.ndarray        # (N+1,) model index -> source id; [0] = -1 (padding)
+    item_source_ids: np.ndarray  # (N+1,) model index -> source id; [0] = -1 (padding)
     device: torch.device = torch.device("cpu")
 
     @cached_property
@@ -122,23 +128,26 @@ class ServedModel:
         return self.model.interest_state(tuple(x[None, None] for x in state))[0]
 
     @classmethod
-    def load(cls, path: str | Path, catalogue_ids: np.ndarray | None = None,
-             sha256: str | None = None) -> ServedModel:
+    def load(cls, path: str | Path, catalogue_ids: np.ndarray | None = None, sha256: str | None = None) -> ServedModel:
         """`sha256`, when given, is the checkpoint file's digest: another file is refused, so that
         every replica of a swap serves the bytes the swap named."""
         file = resolve_checkpoint(path)
         if sha256 is not None:
             got = file_sha256(file)
             if got != sha256.lower():
-                raise ServingSetupError(f"{file}: sha256 {got} is not the {sha256} the configuration names; "
-                                        "the file changed after the swap was made")
+                raise ServingSetupError(
+                    f"{file}: sha256 {got} is not the {sha256} the configuration names; "
+                    "the file changed after the swap was made"
+                )
         try:
             model, meta = checkpoint.load(file)
         except checkpoint.CheckpointError as e:
             raise ServingSetupError(str(e)) from e
         if not isinstance(model, InterestDecomposer):
-            raise ServingSetupError(f"{file}: a {checkpoint.model_type(model)!r} checkpoint; serving needs a "
-                                    "'decomposer' (the baselines have no dimensions or gates)")
+            raise ServingSetupError(
+                f"{file}: a {checkpoint.model_type(model)!r} checkpoint; serving needs a "
+                "'decomposer' (the baselines have no dimensions or gates)"
+            )
         ids = meta.get("item_source_ids")
         ids = np.asarray(ids.numpy() if isinstance(ids, torch.Tensor) else ids, np.int64) if ids is not None else None
         if ids is None:
@@ -151,16 +160,17 @@ class ServedModel:
             raise ServingSetupError(f"{file}: its item vocabulary differs from the dataset's items")
         # A replica given a GPU (ray_actor_options num_gpus) sees it; others see none.
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return cls(model.to(device), file_version(file), file, ids, device)   # version: digest of the same bytes
+        return cls(model.to(device), file_version(file), file, ids, device)  # version: digest of the same bytes
 
 
 @dataclass
 class Catalogue:
     """Item side of a prepared dataset: titles and genres by source id, for the responses."""
-    item_source_ids: np.ndarray        # (N+1,) model index -> source id
-    titles: list[str]                  # (N+1,)
-    genres: list[list[str]]            # (N+1,)
-    index_of: dict[int, int]           # source id -> model index
+
+    item_source_ids: np.ndarray  # (N+1,) model index -> source id
+    titles: list[str]  # (N+1,)
+    genres: list[list[str]]  # (N+1,)
+    index_of: dict[int, int]  # source id -> model index
 
     @classmethod
     def from_data(cls, data: InteractionData) -> Catalogue:
@@ -201,12 +211,14 @@ def training_user_events(data: InteractionData, chunk: int = 1000) -> Iterator[d
         for u in range(lo, min(lo + chunk, data.n_users + 1)):
             sl = data.user_events(u)
             out[str(int(data.user_source_ids[u]))] = [
-                Event(int(i), float(r), float(t)) for i, r, t in zip(src[sl], data.ratings[sl], data.timestamps[sl])]
+                Event(int(i), float(r), float(t)) for i, r, t in zip(src[sl], data.ratings[sl], data.timestamps[sl])
+            ]
         yield out
 
 
-def event_tensors(items: np.ndarray, ratings: np.ndarray, timestamps: np.ndarray, first: int,
-                  next_ts: float) -> dict[str, torch.Tensor]:
+def event_tensors(
+    items: np.ndarray, ratings: np.ndarray, timestamps: np.ndarray, first: int, next_ts: float
+) -> dict[str, torch.Tensor]:
     """Model inputs for events [first, len) of one user, with the training code's features.
 
     `items` are model indices; events before `first` only provide the gap of event `first`.

@@ -1,6 +1,7 @@
 """What every state store holds and promises: events (the source of truth), cached states, the
 errors a caller can meet, and the `StateStore` protocol; the URL of a store without its password.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,7 +27,7 @@ class StoredState:
     blob: bytes  # the serialised state parts: LSTM (h, c) and, with profiles, their sums and weights (float32)
 
 
-IDEMPOTENCY_TTL_S = 24 * 3600     # how long an Idempotency-Key is remembered; retries end long before
+IDEMPOTENCY_TTL_S = 24 * 3600  # how long an Idempotency-Key is remembered; retries end long before
 
 
 class IdempotencyConflict(ValueError):
@@ -56,11 +57,13 @@ class StateStore(Protocol):
         """Append unless `key` was used for this user within IDEMPOTENCY_TTL_S -> (n_events after
         the first append, replayed?); IdempotencyConflict when the key came with other events."""
         ...
+
     def events(self, user_id: str, start: int = 0, limit: int | None = None) -> list[Event]: ...
     def count_events(self, user_id: str) -> int: ...
     def seen_items(self, user_id: str) -> list[int]:
         """The distinct item ids of the user's events, kept beside the log (no read of the log)."""
         ...
+
     def get_state(self, user_id: str) -> StoredState | None: ...
     def put_state(self, user_id: str, state: StoredState) -> None: ...
     def users(self, prefix: str = "", limit: int = 50) -> list[tuple[str, int]]: ...
@@ -68,6 +71,7 @@ class StateStore(Protocol):
     def ping(self) -> None:
         """A cheap round trip; StoreUnavailable when the store cannot answer."""
         ...
+
     def close(self) -> None: ...
 
 

@@ -1,5 +1,5 @@
-"""A store from its URL: SQLite or Redis, with `${NAME}` references read from the environment.
-"""
+"""A store from its URL: SQLite or Redis, with `${NAME}` references read from the environment."""
+
 from __future__ import annotations
 
 import os
@@ -19,14 +19,17 @@ def open_store(url: str) -> StateStore:
 
     `${NAME}` in the URL is replaced by the environment variable NAME where the store is opened (in
     each replica), so that a password can come from a Kubernetes Secret instead of the serve config."""
+
     def from_env(m: re.Match) -> str:
         if not os.environ.get(m[1]):
-            raise ValueError(f"store URL {redact_url(url)!r} takes ${{{m[1]}}} from the environment, where it is not set")
+            raise ValueError(
+                f"store URL {redact_url(url)!r} takes ${{{m[1]}}} from the environment, where it is not set"
+            )
         return os.environ[m[1]]
 
     url = _ENV_REFERENCE.sub(from_env, url)
     if url.startswith("sqlite:///"):
-        path = url[len("sqlite:///"):]
+        path = url[len("sqlite:///") :]
         if not path:
             raise ValueError(f"store URL {redact_url(url)!r} has no file path; accepted: {_SCHEMES}")
         return SQLiteStore(path)

@@ -16,6 +16,7 @@ with `appendonly yes` and `appendfsync always`, Redis fsyncs the AOF before it a
 returned `append_events` survives `kill -9` of the server (`durable` reports the setting).
 Redis Cluster is not supported (the scripts touch the global user set and a user's keys).
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,7 +29,15 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from ray_app.store.base import IDEMPOTENCY_TTL_S, Event, IdempotencyConflict, StoredState, StoreUnavailable, events_digest, redact_url
+from ray_app.store.base import (
+    IDEMPOTENCY_TTL_S,
+    Event,
+    IdempotencyConflict,
+    StoredState,
+    StoreUnavailable,
+    events_digest,
+    redact_url,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +57,9 @@ end
 # connection drops after Redis ran the script but before the reply arrived, the retry carries
 # the same token and only reads the count. KEYS: ev, users, op, seen; ARGV: ttl_s, user, k,
 # k item ids, k packed events.
-_APPEND = _PUSH + """
+_APPEND = (
+    _PUSH
+    + """
 local k = tonumber(ARGV[3])
 if redis.call('SET', KEYS[3], '1', 'NX', 'EX', tonumber(ARGV[1])) then
   push('RPUSH', KEYS[1], 4 + k, 3 + 2 * k)
@@ -57,12 +68,15 @@ if redis.call('SET', KEYS[3], '1', 'NX', 'EX', tonumber(ARGV[1])) then
 end
 return redis.call('LLEN', KEYS[1])
 """
+)
 
 # A client's Idempotency-Key: the first call appends and records (digest, count); a later one with
 # the key only answers what the first did. The key and the events are written by the same script.
 # KEYS: ev, users, idem, seen; ARGV: ttl_s, user, digest, k, k item ids, k packed events
 # -> {replayed 0/1, n_events, digest}
-_APPEND_ONCE = _PUSH + """
+_APPEND_ONCE = (
+    _PUSH
+    + """
 local seen = redis.call('HMGET', KEYS[3], 'd', 'n')
 if seen[1] then return {1, tonumber(seen[2]), seen[1]} end
 local k = tonumber(ARGV[4])
@@ -74,9 +88,12 @@ redis.call('HSET', KEYS[3], 'd', ARGV[3], 'n', n)
 redis.call('EXPIRE', KEYS[3], tonumber(ARGV[1]))
 return {0, n, ARGV[3]}
 """
+)
 # Idempotent initial load of one user: skipped if the user is already known. KEYS: ev, users, seen;
 # ARGV: user, k, k item ids, k packed events -> 1 if loaded.
-_LOAD = _PUSH + """
+_LOAD = (
+    _PUSH
+    + """
 if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
 local k = tonumber(ARGV[2])
 redis.call('DEL', KEYS[1], KEYS[3])
@@ -85,6 +102,7 @@ push('SADD', KEYS[3], 3, 2 + k)
 redis.call('ZADD', KEYS[2], 0, ARGV[1])
 return 1
 """
+)
 
 # A cache write never moves n_events backwards for the same model version (a slower replica
 # must not overwrite a newer state). KEYS: st; ARGV: version, n, blob -> 1 if written.
@@ -104,6 +122,7 @@ _UNAVAILABLE_REPLIES = ("OOM", "READONLY", "MISCONF", "LOADING", "NOAUTH", "WRON
 def _redis_faults(method):
     """Connection errors, timeouts and the replies above -> StoreUnavailable naming the (redacted)
     URL. A Lua script runs whole or not at all, so a refused write wrote nothing."""
+
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
@@ -111,11 +130,15 @@ def _redis_faults(method):
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise StoreUnavailable(f"Redis store {self.url}: unreachable ({e})") from None
         except redis.ResponseError as e:
-            refused = (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError,
-                       redis.exceptions.NoPermissionError)
+            refused = (
+                redis.exceptions.OutOfMemoryError,
+                redis.exceptions.ReadOnlyError,
+                redis.exceptions.NoPermissionError,
+            )
             if isinstance(e, refused) or str(e).startswith(_UNAVAILABLE_REPLIES):
                 raise StoreUnavailable(f"Redis store {self.url}: refused ({type(e).__name__}: {e})") from None
             raise
+
     return wrapper
 
 
@@ -136,15 +159,15 @@ def _unpack(raw: bytes) -> Event:
 class RedisStore:
     """`redis://[:password@]host:port/db` (or `rediss://`, `unix://`); see the module docstring."""
 
-    def __init__(self, url: str, namespace: str = "di", op_ttl_s: int = 300, retries: int = 8,
-                 timeout_s: float = 5.0):
+    def __init__(self, url: str, namespace: str = "di", op_ttl_s: int = 300, retries: int = 8, timeout_s: float = 5.0):
         # Reconnect with backoff for about 2.5 s: long enough to ride out a server restart.
         retry = Retry(ExponentialBackoff(cap=0.5, base=0.02), retries)
         self.url = redact_url(url)  # for messages and logs: never the password
         self._ns = namespace
         self._op_ttl_s = op_ttl_s
-        self._r = redis.Redis.from_url(url, retry=retry, socket_connect_timeout=min(timeout_s, 2.0),
-                                       socket_timeout=timeout_s)
+        self._r = redis.Redis.from_url(
+            url, retry=retry, socket_connect_timeout=min(timeout_s, 2.0), socket_timeout=timeout_s
+        )
         try:
             self._r.ping()
         except redis.ConnectionError as e:
@@ -163,9 +186,13 @@ class RedisStore:
             return None
         durable = conf.get("appendonly") == "yes" and conf.get("appendfsync") == "always"
         if not durable:
-            log.warning("Redis at %s runs appendonly=%s appendfsync=%s: acknowledged events can be lost "
-                        "in a crash; run it with --appendonly yes --appendfsync always",
-                        self.url, conf.get("appendonly"), conf.get("appendfsync"))
+            log.warning(
+                "Redis at %s runs appendonly=%s appendfsync=%s: acknowledged events can be lost "
+                "in a crash; run it with --appendonly yes --appendfsync always",
+                self.url,
+                conf.get("appendonly"),
+                conf.get("appendfsync"),
+            )
         return durable
 
     # -- keys ------------------------------------------------------------------------
@@ -217,7 +244,7 @@ class RedisStore:
     @_redis_faults
     def seen_items(self, user_id: str) -> list[int]:
         items = self._r.smembers(self._seen(user_id))
-        if not items and self._r.llen(self._ev(user_id)):   # a log from before the seen sets: fill it once
+        if not items and self._r.llen(self._ev(user_id)):  # a log from before the seen sets: fill it once
             ids = {e.item_id for e in self.events(user_id)}
             self._r.sadd(self._seen(user_id), *ids)
             return sorted(ids)
@@ -259,9 +286,12 @@ class RedisStore:
         items = list(user_events.items())
         for i in range(0, len(items), chunk):
             with self._r.pipeline(transaction=False) as pipe:
-                for user_id, events in items[i:i + chunk]:
-                    self._load(keys=[self._ev(user_id), self._users, self._seen(user_id)],
-                               args=[user_id, *_args(events)], client=pipe)
+                for user_id, events in items[i : i + chunk]:
+                    self._load(
+                        keys=[self._ev(user_id), self._users, self._seen(user_id)],
+                        args=[user_id, *_args(events)],
+                        client=pipe,
+                    )
                 pipe.execute()
 
     @_redis_faults

@@ -4,6 +4,7 @@ The events are the source of truth; a `StoredState` is a cache that the serving 
 rebuilds from the events when it is missing or was produced by another model version.
 `open_store(url)` picks the backend: SQLite (embedded, one node) or Redis (several nodes).
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,6 +27,7 @@ from ray_app.store.base import (
 def _sqlite_faults(method):
     """SQLite's operational errors (disk full, busy past the timeout, I/O, not a database) ->
     StoreUnavailable naming the file; the write transaction was rolled back, so nothing is lost."""
+
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
@@ -34,6 +36,7 @@ def _sqlite_faults(method):
             if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError)):
                 raise
             raise StoreUnavailable(f"SQLite store {self.path}: {e}") from None
+
     return wrapper
 
 
@@ -97,13 +100,14 @@ class SQLiteStore:
             had_events = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'events'").fetchone() is not None
             had_seen = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'seen'").fetchone() is not None
             conn.executescript(_SCHEMA)
-            if had_events and not had_seen:     # a store from before the seen table: fill it once
+            if had_events and not had_seen:  # a store from before the seen table: fill it once
                 with self._write(conn):
                     conn.execute("INSERT OR IGNORE INTO seen (user_id, item_id) SELECT user_id, item_id FROM events")
-        except sqlite3.DatabaseError as e:       # "file is not a database", "disk image is malformed"
+        except sqlite3.DatabaseError as e:  # "file is not a database", "disk image is malformed"
             self.close()
-            raise StoreUnavailable(f"SQLite store {path}: cannot be opened as a store ({e}); "
-                                   "restore it from a backup or move it aside") from None
+            raise StoreUnavailable(
+                f"SQLite store {path}: cannot be opened as a store ({e}); restore it from a backup or move it aside"
+            ) from None
 
     # -- connections -----------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -147,7 +151,7 @@ class SQLiteStore:
         def __exit__(self, exc_type, exc, tb) -> None:
             if exc_type is None:
                 self.conn.execute("COMMIT")
-            elif self.conn.in_transaction:   # SQLite may have rolled back itself (a full disk)
+            elif self.conn.in_transaction:  # SQLite may have rolled back itself (a full disk)
                 self.conn.execute("ROLLBACK")
 
     # -- events ----------------------------------------------------------------------
@@ -161,17 +165,20 @@ class SQLiteStore:
     def append_once(self, user_id: str, key: str, events: Sequence[Event]) -> tuple[int, bool]:
         digest, now = events_digest(events), time.time()
         conn = self._conn()
-        with self._write(conn):                 # the key and the events commit together, or neither
+        with self._write(conn):  # the key and the events commit together, or neither
             conn.execute("DELETE FROM idempotency WHERE created < ?", (now - IDEMPOTENCY_TTL_S,))
-            row = conn.execute("SELECT digest, n_events FROM idempotency WHERE user_id = ? AND key = ?",
-                               (user_id, key)).fetchone()
+            row = conn.execute(
+                "SELECT digest, n_events FROM idempotency WHERE user_id = ? AND key = ?", (user_id, key)
+            ).fetchone()
             if row is not None:
                 if row[0] != digest:
                     raise IdempotencyConflict(f"Idempotency-Key {key!r} was used for other events of this user")
                 return int(row[1]), True
             total = self._append(conn, user_id, events)
-            conn.execute("INSERT INTO idempotency (user_id, key, digest, n_events, created) VALUES (?, ?, ?, ?, ?)",
-                         (user_id, key, digest, total, now))
+            conn.execute(
+                "INSERT INTO idempotency (user_id, key, digest, n_events, created) VALUES (?, ?, ?, ?, ?)",
+                (user_id, key, digest, total, now),
+            )
         return total, False
 
     @staticmethod
@@ -183,8 +190,9 @@ class SQLiteStore:
             "INSERT INTO events (user_id, seq, item_id, rating, timestamp) VALUES (?, ?, ?, ?, ?)",
             [(user_id, n + i, int(e.item_id), float(e.rating), float(e.timestamp)) for i, e in enumerate(events)],
         )
-        conn.executemany("INSERT OR IGNORE INTO seen (user_id, item_id) VALUES (?, ?)",
-                         [(user_id, int(e.item_id)) for e in events])
+        conn.executemany(
+            "INSERT OR IGNORE INTO seen (user_id, item_id) VALUES (?, ?)", [(user_id, int(e.item_id)) for e in events]
+        )
         total = n + len(events)
         conn.execute(
             "INSERT INTO users (user_id, n_events) VALUES (?, ?) "
@@ -197,10 +205,14 @@ class SQLiteStore:
     def events(self, user_id: str, start: int = 0, limit: int | None = None) -> list[Event]:
         if start < 0:
             raise ValueError(f"start must be >= 0, got {start}")
-        rows = self._conn().execute(
-            "SELECT item_id, rating, timestamp FROM events WHERE user_id = ? AND seq >= ? ORDER BY seq LIMIT ?",
-            (user_id, start, -1 if limit is None else max(int(limit), 0)),
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT item_id, rating, timestamp FROM events WHERE user_id = ? AND seq >= ? ORDER BY seq LIMIT ?",
+                (user_id, start, -1 if limit is None else max(int(limit), 0)),
+            )
+            .fetchall()
+        )
         return [Event(int(i), float(r), float(t)) for i, r, t in rows]
 
     @_sqlite_faults
@@ -215,9 +227,11 @@ class SQLiteStore:
     # -- state cache -----------------------------------------------------------------
     @_sqlite_faults
     def get_state(self, user_id: str) -> StoredState | None:
-        row = self._conn().execute(
-            "SELECT model_version, n_events, blob FROM states WHERE user_id = ?", (user_id,)
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute("SELECT model_version, n_events, blob FROM states WHERE user_id = ?", (user_id,))
+            .fetchone()
+        )
         return StoredState(row[0], int(row[1]), bytes(row[2])) if row else None
 
     @_sqlite_faults
@@ -241,10 +255,14 @@ class SQLiteStore:
     # -- users -----------------------------------------------------------------------
     @_sqlite_faults
     def users(self, prefix: str = "", limit: int = 50) -> list[tuple[str, int]]:
-        rows = self._conn().execute(
-            "SELECT user_id, n_events FROM users WHERE substr(user_id, 1, ?) = ? ORDER BY user_id LIMIT ?",
-            (len(prefix), prefix, max(int(limit), 0)),
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT user_id, n_events FROM users WHERE substr(user_id, 1, ?) = ? ORDER BY user_id LIMIT ?",
+                (len(prefix), prefix, max(int(limit), 0)),
+            )
+            .fetchall()
+        )
         return [(u, int(n)) for u, n in rows]
 
     @_sqlite_faults
@@ -261,8 +279,10 @@ class SQLiteStore:
                     "INSERT INTO events (user_id, seq, item_id, rating, timestamp) VALUES (?, ?, ?, ?, ?)",
                     [(user_id, i, int(e.item_id), float(e.rating), float(e.timestamp)) for i, e in enumerate(events)],
                 )
-                conn.executemany("INSERT OR IGNORE INTO seen (user_id, item_id) VALUES (?, ?)",
-                                 [(user_id, int(e.item_id)) for e in events])
+                conn.executemany(
+                    "INSERT OR IGNORE INTO seen (user_id, item_id) VALUES (?, ?)",
+                    [(user_id, int(e.item_id)) for e in events],
+                )
 
     @_sqlite_faults
     def ping(self) -> None:

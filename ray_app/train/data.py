@@ -9,6 +9,7 @@ boundaries: every user lands on exactly one worker, which Train's default split
 shard back into an `InteractionData` holding only its users' events; the item tables (text
 embeddings, genres, intents) travel once through the object store.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,9 +28,10 @@ class SetupError(ValueError):
     """Bad input found before training starts (dataset, storage, resources, settings)."""
 
 
-def resolve_dataset(dataset: str, data_dir: Path | None = None, prepared_dir: Path | None = None,
-                    progress: bool = True) -> Path:
-    """"synthetic" or a MovieLens name → prepared into `prepared_dir`; anything else is a prepared folder."""
+def resolve_dataset(
+    dataset: str, data_dir: Path | None = None, prepared_dir: Path | None = None, progress: bool = True
+) -> Path:
+    """ "synthetic" or a MovieLens name → prepared into `prepared_dir`; anything else is a prepared folder."""
     if dataset == "synthetic" or dataset in KNOWN_DATASETS:
         out = prepared_dir or Path("runs/data") / dataset
         try:
@@ -38,8 +40,10 @@ def resolve_dataset(dataset: str, data_dir: Path | None = None, prepared_dir: Pa
             raise SetupError(f"--dataset {dataset}: {e}") from e
     path = Path(dataset).expanduser()
     if not path.exists():
-        raise SetupError(f"--dataset {dataset}: no such folder, and not a known dataset name "
-                         f"(synthetic, {', '.join(KNOWN_DATASETS)})")
+        raise SetupError(
+            f"--dataset {dataset}: no such folder, and not a known dataset name "
+            f"(synthetic, {', '.join(KNOWN_DATASETS)})"
+        )
     if not path.is_dir():
         raise SetupError(f"--dataset {dataset}: not a folder (expected a prepared dataset folder)")
     return path.resolve()
@@ -58,16 +62,23 @@ def load_checked(path: Path) -> InteractionData:
 def item_side(data: InteractionData) -> InteractionData:
     """`data` without its events: what every worker needs besides its own shard."""
     empty = np.zeros(0, np.int64)
-    return dataclasses.replace(data, n_users=0, user_offsets=np.zeros(1, np.int64), items=empty,
-                               ratings=np.zeros(0, np.float32), timestamps=empty)
+    return dataclasses.replace(
+        data,
+        n_users=0,
+        user_offsets=np.zeros(1, np.int64),
+        items=empty,
+        ratings=np.zeros(0, np.float32),
+        timestamps=empty,
+    )
 
 
 @dataclass
 class UserRanges:
     """Shard r holds users [bounds[r] + 1, bounds[r + 1] + 1) (1-based), events [events[r], events[r + 1])."""
-    bounds: np.ndarray       # (R+1,) user counts at the cuts, 0 … U
-    events: np.ndarray       # (R+1,) event offsets at the cuts, 0 … E
-    windows: np.ndarray      # (R,) training windows per shard
+
+    bounds: np.ndarray  # (R+1,) user counts at the cuts, 0 … U
+    events: np.ndarray  # (R+1,) event offsets at the cuts, 0 … E
+    windows: np.ndarray  # (R,) training windows per shard
 
     def users(self, r: int) -> tuple[int, int]:
         return int(self.bounds[r]) + 1, int(self.bounds[r + 1]) + 1
@@ -79,10 +90,10 @@ def user_ranges(data: InteractionData, split: Split, max_len: int, n_shards: int
     if n_users < n_shards:
         raise SetupError(f"{n_users} users cannot be shared among {n_shards} workers")
     _, _, rows = training_windows(split, max_len)
-    per_user = np.bincount(rows, minlength=n_users)                     # (U,) windows of each user
+    per_user = np.bincount(rows, minlength=n_users)  # (U,) windows of each user
     cum = np.cumsum(per_user)
     bounds = [0]
-    for r in range(1, n_shards):                                        # at least one user per shard
+    for r in range(1, n_shards):  # at least one user per shard
         cut = int(np.searchsorted(cum, cum[-1] * r / n_shards)) + 1
         bounds.append(min(max(cut, bounds[-1] + 1), n_users - (n_shards - r)))
     bounds = np.array(bounds + [n_users], np.int64)
@@ -110,14 +121,18 @@ def shard_data(batches, items: InteractionData, users: tuple[int, int]) -> Inter
     user = cols["user_idx"].astype(np.int64)
     if user.size == 0 or np.any(np.diff(user) < 0) or user[0] != lo or user[-1] != hi - 1:
         raise RuntimeError(f"shard for users [{lo}, {hi}) arrived out of order or incomplete")
-    counts = np.bincount(user - lo, minlength=hi - lo)                  # (U_r,) events per user
+    counts = np.bincount(user - lo, minlength=hi - lo)  # (U_r,) events per user
     offsets = np.zeros(hi - lo + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
     return dataclasses.replace(
-        items, n_users=hi - lo, user_offsets=offsets,
+        items,
+        n_users=hi - lo,
+        user_offsets=offsets,
         # Arrays fetched from the object store are read-only; torch wants writable ones.
-        item_emb=np.array(items.item_emb), item_genres=np.array(items.item_genres),
+        item_emb=np.array(items.item_emb),
+        item_genres=np.array(items.item_genres),
         items=cols["item_idx"].astype(np.int64),
         ratings=cols["rating"].astype(np.float32),
         timestamps=cols["timestamp"].astype(np.int64),
-        user_source_ids=np.concatenate([[-1], items.user_source_ids[lo:hi]]).astype(np.int64))
+        user_source_ids=np.concatenate([[-1], items.user_source_ids[lo:hi]]).astype(np.int64),
+    )

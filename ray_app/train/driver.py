@@ -14,6 +14,7 @@ state); a restarted worker group, or a second run with the same `--name`, resume
 latest one. The best checkpoint (by validation NDCG@10) is written to
 `<storage>/<name>/best_checkpoint.json` for tuning and serving.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,14 +39,18 @@ def build_trainer(p: Plan, callbacks: list | None = None):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=p.loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources
+        ),
         run_config=ray.train.RunConfig(
-            name=p.name, storage_path=_run_path(s.storage_path),
+            name=p.name,
+            storage_path=_run_path(s.storage_path),
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=s.num_to_keep, checkpoint_score_attribute=METRIC,
-                                                         checkpoint_score_order="max"),
-            callbacks=callbacks or None),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=s.num_to_keep, checkpoint_score_attribute=METRIC, checkpoint_score_order="max"
+            ),
+            callbacks=callbacks or None,
+        ),
         datasets=p.datasets,
         # Worker r reads only "users_r": the shards are cut at user boundaries, none is split again.
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
@@ -54,10 +59,12 @@ def build_trainer(p: Plan, callbacks: list | None = None):
 
 def epoch_line(m: dict, epochs: int) -> str:
     """One epoch's reported metrics -> the line the driver prints."""
-    return (f"epoch {m['epoch']:3d}/{epochs}  loss {m.get('loss_next_item', 0.0):.4f}  "
-            f"valid ndcg@10 {m[METRIC]:.4f} over {m['valid_targets']} targets  "
-            f"best {m[f'best_{METRIC}']:.4f} @ {m['best_epoch']}  {m['sequences_per_s']:.0f} seq/s  "
-            f"{m['train_seconds']:.1f}s")
+    return (
+        f"epoch {m['epoch']:3d}/{epochs}  loss {m.get('loss_next_item', 0.0):.4f}  "
+        f"valid ndcg@10 {m[METRIC]:.4f} over {m['valid_targets']} targets  "
+        f"best {m[f'best_{METRIC}']:.4f} @ {m['best_epoch']}  {m['sequences_per_s']:.0f} seq/s  "
+        f"{m['train_seconds']:.1f}s"
+    )
 
 
 def _epoch_lines_callback(queue):
@@ -86,7 +93,7 @@ def _epoch_lines_callback(queue):
     return EpochLines()
 
 
-_END = {"end": True}        # the driver's last item: every report was put before fit() returned
+_END = {"end": True}  # the driver's last item: every report was put before fit() returned
 
 
 @contextlib.contextmanager
@@ -121,13 +128,15 @@ def printed_epochs(epochs: int, out=None):
             if m == _END:
                 return
             if "failed_rank" in m:
-                say(f"worker {m['failed_rank']} failed ({m['error']}); Ray Train restarts the workers from the "
-                    "latest checkpoint while --max-failures allows")
+                say(
+                    f"worker {m['failed_rank']} failed ({m['error']}); Ray Train restarts the workers from the "
+                    "latest checkpoint while --max-failures allows"
+                )
                 continue
             if m.get("precision", "").startswith("float32 (") and not warned:
                 say(f"warning: --bf16 ignored, training in {m['precision']}")
                 warned = True
-            if m["epoch"] != (last or 0) + 1:                        # a resumed run, or a restarted worker group
+            if m["epoch"] != (last or 0) + 1:  # a resumed run, or a restarted worker group
                 say(f"resumed from the checkpoint of epoch {m['epoch'] - 1}")
             last = m["epoch"]
             say(epoch_line(m, epochs))
@@ -137,7 +146,7 @@ def printed_epochs(epochs: int, out=None):
     try:
         yield [_epoch_lines_callback(queue)]
     finally:
-        with contextlib.suppress(Exception):   # never hide fit()'s own error behind the queue's
+        with contextlib.suppress(Exception):  # never hide fit()'s own error behind the queue's
             queue.put(_END, timeout=5)
         thread.join(timeout=10)
         with contextlib.suppress(Exception):
@@ -151,12 +160,20 @@ def best_checkpoint(result, p: Plan) -> checkpoint.BestCheckpoint | None:
         return None
     ckpt, metrics = max(kept, key=lambda cm: (cm[1][METRIC], -cm[1]["epoch"]))
     path = _run_path(p.settings.storage_path, p.name, Path(ckpt.path).name)
-    with result.checkpoint.as_directory() as d:                        # the latest holds the whole history
+    with result.checkpoint.as_directory() as d:  # the latest holds the whole history
         history = json.loads((Path(d) / "train_state.json").read_text())["history"]
     return checkpoint.BestCheckpoint(
-        run=p.name, path=path, model=f"{path}/model.pt", epoch=metrics["epoch"], valid_ndcg10=metrics[METRIC],
-        metrics=metrics, model_type=p.settings.model, dataset=str(p.prepared), protocol=p.settings.protocol,
-        history=history)
+        run=p.name,
+        path=path,
+        model=f"{path}/model.pt",
+        epoch=metrics["epoch"],
+        valid_ndcg10=metrics[METRIC],
+        metrics=metrics,
+        model_type=p.settings.model,
+        dataset=str(p.prepared),
+        protocol=p.settings.protocol,
+        history=history,
+    )
 
 
 def write_best(best: checkpoint.BestCheckpoint, p: Plan) -> str:
@@ -182,8 +199,11 @@ def run(s: RayTrainSettings, num_cpus: int | None = None) -> checkpoint.BestChec
     if best is None:
         raise RuntimeError(f"run {p.name} reported no checkpoint")
     where = write_best(best, p)
-    print(f"best checkpoint: {best.path} (epoch {best.epoch}, {METRIC} {best.valid_ndcg10:.4f}); "
-          f"recorded in {where}; resume with --name {p.name}", flush=True)
+    print(
+        f"best checkpoint: {best.path} (epoch {best.epoch}, {METRIC} {best.valid_ndcg10:.4f}); "
+        f"recorded in {where}; resume with --name {p.name}",
+        flush=True,
+    )
     return best
 
 

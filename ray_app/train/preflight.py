@@ -1,6 +1,7 @@
 """Everything checked and planned before a Ray Train run starts: storage, resources, the local
 Ray, the data shards of each worker; a run that cannot work stops here with a one-line error.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,8 +39,9 @@ def check_storage(storage_path: str, name: str) -> None:
             f.write(b"ok")
         fs.delete_file(probe)
     except Exception as e:  # pyarrow raises OSError, ArrowInvalid, ArrowNotImplementedError...
-        raise SetupError(f"--storage-path {storage_path}: cannot write the run folder {name!r} there "
-                         f"({type(e).__name__}: {e})") from None
+        raise SetupError(
+            f"--storage-path {storage_path}: cannot write the run folder {name!r} there ({type(e).__name__}: {e})"
+        ) from None
 
 
 def check_resources(s: RayTrainSettings) -> None:
@@ -52,8 +54,10 @@ def check_resources(s: RayTrainSettings) -> None:
     for res, per_worker in asks:
         have, need = total.get(res, 0.0), s.num_workers * per_worker
         if need > have:
-            raise SetupError(f"{s.num_workers} workers × {per_worker:g} {res} need {need:g} {res}, "
-                             f"the cluster has {have:g}" + (" (no GPU at all)" if res == "GPU" and not have else ""))
+            raise SetupError(
+                f"{s.num_workers} workers × {per_worker:g} {res} need {need:g} {res}, "
+                f"the cluster has {have:g}" + (" (no GPU at all)" if res == "GPU" and not have else "")
+            )
         biggest = max((n.get(res, 0.0) for n in nodes), default=0.0)
         if per_worker > biggest:
             raise SetupError(f"one worker needs {per_worker:g} {res}, the largest node has {biggest:g}")
@@ -104,6 +108,7 @@ def quiet_console() -> None:
 @dataclass
 class Plan:
     """Everything `TorchTrainer` needs, checked: the loop config, the per-worker shards, the run place."""
+
     settings: RayTrainSettings
     name: str
     prepared: Path
@@ -124,7 +129,7 @@ def plan(s: RayTrainSettings, num_cpus: int | None = None) -> Plan:
     if s.use_gpu and s.num_workers > 1 and s.gpus_per_worker < 1:
         raise SetupError("--gpus-per-worker below 1 with several workers: NCCL cannot share one GPU between ranks")
     if s.bf16 and not s.use_gpu and s.model in LSTM_MODELS and not os.environ.get("RAY_ADDRESS"):
-        problem = bf16_problem("cpu")                                   # the workers run on this machine
+        problem = bf16_problem("cpu")  # the workers run on this machine
         if problem:
             raise SetupError(f"--bf16: {problem}; train without --bf16, or on GPUs with --use-gpu")
     name = s.run_name()
@@ -142,19 +147,28 @@ def plan(s: RayTrainSettings, num_cpus: int | None = None) -> Plan:
     model_args = dict(s.model_args)
     max_len = model_args.get("max_len", checkpoint.MODELS[s.model][0].max_len)
     ranges = user_ranges(data, split, max_len, s.num_workers)
-    shards = read_shards(prepared, ranges)                              # Ray Data reads the Parquet here
+    shards = read_shards(prepared, ranges)  # Ray Data reads the Parquet here
     counts = training_counts(data, split)
     loop_config = {
-        "model": s.model, "model_args": model_args, "train": cfg.to_dict(),
-        "n_test": PROTOCOLS[s.protocol], "protocol": s.protocol, "dataset": str(prepared),
-        "items": ray.put((item_side(data), counts)),                    # item tables, once per cluster
+        "model": s.model,
+        "model_args": model_args,
+        "train": cfg.to_dict(),
+        "n_test": PROTOCOLS[s.protocol],
+        "protocol": s.protocol,
+        "dataset": str(prepared),
+        "items": ray.put((item_side(data), counts)),  # item tables, once per cluster
         "users": [ranges.users(r) for r in range(s.num_workers)],
-        "windows": int(ranges.windows.sum()), "cpus_per_worker": s.cpus_per_worker, "bf16": s.bf16,
-        "fail_at_epoch": s.fail_at_epoch, "fault_marker": _run_path(s.storage_path, name, ".fault-injected"),
+        "windows": int(ranges.windows.sum()),
+        "cpus_per_worker": s.cpus_per_worker,
+        "bf16": s.bf16,
+        "fail_at_epoch": s.fail_at_epoch,
+        "fault_marker": _run_path(s.storage_path, name, ".fault-injected"),
     }
-    summary = (f"{prepared.name}: {data.n_users} users, {data.n_items} items, {data.n_events} events; "
-               f"{s.model}, {s.num_workers} worker(s) with {ranges.windows.tolist()} training windows; "
-               f"run {name} in {s.storage_path}")
+    summary = (
+        f"{prepared.name}: {data.n_users} users, {data.n_items} items, {data.n_events} events; "
+        f"{s.model}, {s.num_workers} worker(s) with {ranges.windows.tolist()} training windows; "
+        f"run {name} in {s.storage_path}"
+    )
     return Plan(s, name, prepared, loop_config, {f"users_{r}": shard for r, shard in enumerate(shards)}, summary)
 
 

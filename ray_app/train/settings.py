@@ -1,5 +1,5 @@
-"""The settings of a Ray Train run, their command line, and the checks of a model's overrides.
-"""
+"""The settings of a Ray Train run, their command line, and the checks of a model's overrides."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,13 +16,13 @@ from models.training.defaults import PROTOCOLS, train_config
 from models.training.loop import TrainConfig
 from ray_app.train.data import SetupError
 
-METRIC = f"valid_{HEADLINE}"              # what checkpoints are ranked by and early stopping watches
+METRIC = f"valid_{HEADLINE}"  # what checkpoints are ranked by and early stopping watches
 
 
 MODEL_KINDS = ("decomposer", "lstm", "gru4rec", "sasrec")  # the trainable ones; most-popular needs no training
 
 
-LSTM_MODELS = ("decomposer", "lstm")     # oneDNN's bf16 LSTM needs native bf16 on a CPU (models/training/precision.py)
+LSTM_MODELS = ("decomposer", "lstm")  # oneDNN's bf16 LSTM needs native bf16 on a CPU (models/training/precision.py)
 
 
 FIXED_BY_DATA = ("n_items", "n_genres", "text_dim")
@@ -37,7 +37,7 @@ class RayTrainSettings:
     data_dir: Path | None = setting(None, "MovieLens folder or .zip for a named dataset")
     prepared_dir: Path | None = setting(None, "where a named dataset is prepared (default runs/data/NAME)")
     model: str = setting("decomposer", choices=MODEL_KINDS)
-    model_args: dict = field(default_factory=dict)   # typed overrides of the model's config (--set KEY=VALUE)
+    model_args: dict = field(default_factory=dict)  # typed overrides of the model's config (--set KEY=VALUE)
     protocol: str = setting("loo", choices=sorted(PROTOCOLS))
     epochs: int = setting(200)
     patience: int = setting(10, "epochs without a better validation NDCG@10")
@@ -45,31 +45,45 @@ class RayTrainSettings:
     lr: float | None = setting(None, "learning rate (default: the model's, models.training.defaults.TRAIN_DEFAULTS)")
     batch_size: int | None = setting(None, "training windows per step, over all workers (default 64)")
     ema_decay: float | None = setting(
-        None, "validate and keep a moving average of the weights, θ̄ ← D·θ̄ + (1 − D)·θ after every step "
-              "(default: the model's, 0.98 for the decomposer); 0 turns it off", metavar="D")
+        None,
+        "validate and keep a moving average of the weights, θ̄ ← D·θ̄ + (1 − D)·θ after every step "
+        "(default: the model's, 0.98 for the decomposer); 0 turns it off",
+        metavar="D",
+    )
     time_budget_s: float | None = setting(None, "seconds of training, summed over epochs", flag="--time-budget")
     num_workers: int = setting(1)
     cpus_per_worker: float = setting(1.0)
     use_gpu: bool = setting(False, "one GPU per worker (see --gpus-per-worker)")
     gpus_per_worker: float = setting(1.0)
-    bf16: bool = setting(False, "bfloat16 autocast in training: GPUs, and CPUs with native bf16 (AVX-512 BF16 or "
-                                "AMX); refused on a local CPU without it, float32 with a warning on such a cluster worker")
+    bf16: bool = setting(
+        False,
+        "bfloat16 autocast in training: GPUs, and CPUs with native bf16 (AVX-512 BF16 or "
+        "AMX); refused on a local CPU without it, float32 with a warning on such a cluster worker",
+    )
     storage_path: str = setting("runs/ray", "local folder or pyarrow URI (s3://, gs://, ...)")
     name: str | None = setting(None, "run name; the same name resumes from its latest checkpoint")
     max_failures: int = setting(2, "worker-group restarts from the latest checkpoint")
     num_to_keep: int = setting(3, "best checkpoints kept (the latest is kept too)", flag="--keep")
-    check_resources: bool = setting(True, "autoscaling cluster: do not require the resources to be there already",
-                                    flag="--skip-resource-check")
+    check_resources: bool = setting(
+        True, "autoscaling cluster: do not require the resources to be there already", flag="--skip-resource-check"
+    )
     fail_at_epoch: int | None = setting(None, "testing: rank 0 exits once before reporting this epoch")
-    verbose: bool = setting(False, "show Ray's own logs and the workers' output "
-                                   "(otherwise in /tmp/ray/session_latest/logs)")
+    verbose: bool = setting(
+        False, "show Ray's own logs and the workers' output (otherwise in /tmp/ray/session_latest/logs)"
+    )
 
     def train_config(self) -> TrainConfig:
         given = {k: v for k, v in (("lr", self.lr), ("batch_size", self.batch_size)) if v is not None}
         if self.ema_decay is not None:
-            given["ema_decay"] = self.ema_decay or None                 # 0 turns the average off
-        return train_config(self.model, epochs=self.epochs, patience=self.patience, seed=self.seed,
-                            time_budget_s=self.time_budget_s, **given)
+            given["ema_decay"] = self.ema_decay or None  # 0 turns the average off
+        return train_config(
+            self.model,
+            epochs=self.epochs,
+            patience=self.patience,
+            seed=self.seed,
+            time_budget_s=self.time_budget_s,
+            **given,
+        )
 
     def run_name(self) -> str:
         if self.name:
@@ -93,10 +107,11 @@ def parse_model_args(kind: str, pairs: list[str]) -> dict:
         if key in FIXED_BY_DATA:
             raise SetupError(f"--set {key}: fixed by the dataset, cannot be overridden")
         if key not in allowed:
-            raise SetupError(f"--set {key}: not a setting of {cfg_cls.__name__} ({kind}); "
-                             f"choose from {', '.join(allowed)}")
+            raise SetupError(
+                f"--set {key}: not a setting of {cfg_cls.__name__} ({kind}); choose from {', '.join(allowed)}"
+            )
         sequence = typing.get_origin(hints[key]) in (tuple, list)
-        value = [v.strip() for v in raw.split(",") if v.strip()] if sequence else raw   # dims=topic,time
+        value = [v.strip() for v in raw.split(",") if v.strip()] if sequence else raw  # dims=topic,time
         try:
             out[key] = TypeAdapter(hints[key]).validate_python(value)
         except ValidationError as e:
@@ -116,16 +131,27 @@ def check_model_args(kind: str, args: dict) -> None:
 
 def parse_args(argv=None, description: str | None = None) -> tuple[RayTrainSettings, argparse.Namespace]:
     """The command line of `python -m ray_app.train` (its description: the driver's docstring)."""
-    p = argparse.ArgumentParser(prog="python -m ray_app.train", description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m ray_app.train", description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_settings(p, RayTrainSettings)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="model config override, repeatable (e.g. --set lstm_units=64 --set dims=topic,time)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model config override, repeatable (e.g. --set lstm_units=64 --set dims=topic,time)",
+    )
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started when RAY_ADDRESS is not set")
     a = p.parse_args(argv)
-    for flag, value in (("--num-workers", a.num_workers), ("--epochs", a.epochs), ("--patience", a.patience),
-                        ("--keep", a.num_to_keep), ("--cpus-per-worker", a.cpus_per_worker),
-                        ("--gpus-per-worker", a.gpus_per_worker)):
+    for flag, value in (
+        ("--num-workers", a.num_workers),
+        ("--epochs", a.epochs),
+        ("--patience", a.patience),
+        ("--keep", a.num_to_keep),
+        ("--cpus-per-worker", a.cpus_per_worker),
+        ("--gpus-per-worker", a.gpus_per_worker),
+    ):
         if value <= 0:
             p.error(f"{flag} must be positive, got {value}")
     if a.ema_decay is not None and not 0.0 <= a.ema_decay < 1.0:
@@ -135,4 +161,3 @@ def parse_args(argv=None, description: str | None = None) -> tuple[RayTrainSetti
     except SetupError as e:
         p.error(str(e))
     return settings_from(RayTrainSettings, a, model_args=model_args), a
-

@@ -1,6 +1,7 @@
 """The loop each Ray Train worker runs: its shard, DDP, the weight average, validation over all
 workers, one checkpoint per epoch from rank 0, resume from the latest one, and fault injection.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,7 +31,7 @@ from ray_app.train.data import shard_data
 from ray_app.train.preflight import storage_location
 from ray_app.train.settings import LSTM_MODELS, METRIC
 
-log = logging.getLogger(__name__)   # in a Train worker, its records reach the driver's console and the run logs
+log = logging.getLogger(__name__)  # in a Train worker, its records reach the driver's console and the run logs
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -39,35 +40,40 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    ctx = ray.train.get_context()                                       # [ray]
+    ctx = ray.train.get_context()  # [ray]
     rank = ctx.get_world_rank()
-    device = ray.train.torch.get_device()                               # [ray] cuda:k with --use-gpu, else cpu
+    device = ray.train.torch.get_device()  # [ray] cuda:k with --use-gpu, else cpu
     torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
-    items, counts = ray.get(config["items"])                            # [ray]
-    shard = ray.train.get_dataset_shard(f"users_{rank}")                # [ray]
-    data = shard_data(list(shard.iter_batches(batch_size=None, batch_format="numpy")), items,
-                      tuple(config["users"][rank]))
+    items, counts = ray.get(config["items"])  # [ray]
+    shard = ray.train.get_dataset_shard(f"users_{rank}")  # [ray]
+    data = shard_data(
+        list(shard.iter_batches(batch_size=None, batch_format="numpy")), items, tuple(config["users"][rank])
+    )
     split = make_split(data.user_offsets, config["n_test"])
     cfg = TrainConfig(**config["train"])
     # batch_size is the global batch: with W workers each takes 1/W of it, so a step, and an epoch's
     # number of steps, are the same as one worker's and the results do not drift with W.
     cfg = dataclasses.replace(cfg, batch_size=max(1, -(-cfg.batch_size // ctx.get_world_size())))
 
-    torch.manual_seed(cfg.seed)                                         # the same initial weights everywhere
+    torch.manual_seed(cfg.seed)  # the same initial weights everywhere
     core = new_model(config["model"], data, split, **config["model_args"])
-    core.set_item_data(data.item_emb, data.item_genres, counts)        # popularity of all users, not the shard's
-    ema = weight_average(core, cfg)                                     # averaged weights (cfg.ema_decay), or None
-    judged = ema.module if ema is not None else core                    # the weights validated and checkpointed
+    core.set_item_data(data.item_emb, data.item_genres, counts)  # popularity of all users, not the shard's
+    ema = weight_average(core, cfg)  # averaged weights (cfg.ema_decay), or None
+    judged = ema.module if ema is not None else core  # the weights validated and checkpointed
     state, opt_state = TrainState(), None
-    restored = ray.train.get_checkpoint()                               # [ray] set after a failure or on resume
+    restored = ray.train.get_checkpoint()  # [ray] set after a failure or on resume
     if restored:
         with restored.as_directory() as d:
             state, opt_state = restore(Path(d), core, data, ema)
         if rank == 0:
             log.info("resuming after epoch %d (best %.4f at epoch %d)", state.epoch, state.best, state.best_epoch)
-    model = ray.train.torch.prepare_model(                              # [ray] DDP when more than one worker
-        core, parallel_strategy_kwargs={"find_unused_parameters": True,     # e.g. aux heads when λ = 0
-                                        "forward_sync_buffers": False})     # buffers are the item tables: equal
+    model = ray.train.torch.prepare_model(  # [ray] DDP when more than one worker
+        core,
+        parallel_strategy_kwargs={
+            "find_unused_parameters": True,  # e.g. aux heads when λ = 0
+            "forward_sync_buffers": False,
+        },
+    )  # buffers are the item tables: equal
     if ema is not None:
         ema.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -83,36 +89,48 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         if state.finished(cfg):
             break
-        rng = epoch_rng(cfg.seed, epoch, rank)                          # a resumed run replays the same order
+        rng = epoch_rng(cfg.seed, epoch, rank)  # a resumed run replays the same order
         started_at, t0 = time.time(), time.perf_counter()
-        with uneven():                                                  # shards differ by a few batches
+        with uneven():  # shards differ by a few batches
             losses = run_epoch(model, optimizer, builder, windows, cfg, rng, device, autocast, ema=ema)
         train_s = time.perf_counter() - t0
         sync_average(ema)
         losses = mean_over_workers(losses, len(starts))
         valid, n_valid = validate(judged, data, split, cfg, device)
         state.update(epoch, losses, valid, train_s, config["windows"], started_at)
-        metrics = {**{k: v for k, v in state.history[-1].items() if k != "started_at"}, "valid_targets": n_valid,
-                   f"best_{METRIC}": state.best, "best_epoch": state.best_epoch, "world_size": ctx.get_world_size(),
-                   "precision": precision}
+        metrics = {
+            **{k: v for k, v in state.history[-1].items() if k != "started_at"},
+            "valid_targets": n_valid,
+            f"best_{METRIC}": state.best,
+            "best_epoch": state.best_epoch,
+            "world_size": ctx.get_world_size(),
+            "precision": precision,
+        }
         if config["fail_at_epoch"] == epoch and rank == 0:
             inject_fault(config["fault_marker"])
-        report(metrics, rank, core, judged, optimizer, state, items, config)   # the driver prints its line
+        report(metrics, rank, core, judged, optimizer, state, items, config)  # the driver prints its line
 
 
 @dataclass
 class TrainState:
-    epoch: int = 0                           # last finished epoch
-    best: float = -1.0                       # best validation NDCG@10 so far
+    epoch: int = 0  # last finished epoch
+    best: float = -1.0  # best validation NDCG@10 so far
     best_epoch: int = 0
     train_seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
 
     def update(self, epoch: int, losses: dict, valid: dict, train_s: float, sequences: int, started_at: float) -> None:
         self.epoch, self.train_seconds = epoch, self.train_seconds + train_s
-        self.history.append({"epoch": epoch, **{f"loss_{k}": v for k, v in losses.items()},
-                             **{f"valid_{k}": v for k, v in valid.items()}, "train_seconds": train_s,
-                             "sequences_per_s": sequences / max(train_s, 1e-9), "started_at": started_at})
+        self.history.append(
+            {
+                "epoch": epoch,
+                **{f"loss_{k}": v for k, v in losses.items()},
+                **{f"valid_{k}": v for k, v in valid.items()},
+                "train_seconds": train_s,
+                "sequences_per_s": sequences / max(train_s, 1e-9),
+                "started_at": started_at,
+            }
+        )
         if valid[HEADLINE] > self.best:
             self.best, self.best_epoch = valid[HEADLINE], epoch
 
@@ -177,10 +195,10 @@ def sync_average(ema) -> None:
     if ema is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     steps = gather(int(ema.n_averaged.item()))
-    if len(set(steps)) == 1:                                            # even shards: already equal
+    if len(set(steps)) == 1:  # even shards: already equal
         return
     src = int(np.argmax(steps))
-    for t in itertools.chain(ema.module.parameters(), [ema.n_averaged]):   # buffers are not averaged
+    for t in itertools.chain(ema.module.parameters(), [ema.n_averaged]):  # buffers are not averaged
         dist.broadcast(t.data, src)
 
 
@@ -200,8 +218,9 @@ def validate(core, data: InteractionData, split, cfg: TrainConfig, device) -> tu
     return out, len(masked[HEADLINE])
 
 
-def report(metrics: dict, rank: int, core, judged, optimizer, state: TrainState, items: InteractionData,
-           config: dict) -> None:
+def report(
+    metrics: dict, rank: int, core, judged, optimizer, state: TrainState, items: InteractionData, config: dict
+) -> None:
     """Rank 0 writes the checkpoint; every rank reports (the call is a barrier).
 
     model.pt holds the validated weights (`judged`: the averaged ones when the run averages), which
@@ -210,20 +229,30 @@ def report(metrics: dict, rank: int, core, judged, optimizer, state: TrainState,
     import ray.train
 
     if rank != 0:
-        ray.train.report(metrics, checkpoint=None)                      # [ray]
+        ray.train.report(metrics, checkpoint=None)  # [ray]
         return
     with tempfile.TemporaryDirectory() as d:
-        checkpoint.save(Path(d) / "model.pt", judged, {
-            "epoch": state.epoch, "metrics": metrics, "dataset": config["dataset"], "protocol": config["protocol"],
-            "train_config": config["train"],
-            "item_source_ids": torch.tensor(items.item_source_ids),     # item index -> source id
-        })
+        checkpoint.save(
+            Path(d) / "model.pt",
+            judged,
+            {
+                "epoch": state.epoch,
+                "metrics": metrics,
+                "dataset": config["dataset"],
+                "protocol": config["protocol"],
+                "train_config": config["train"],
+                "item_source_ids": torch.tensor(items.item_source_ids),  # item index -> source id
+            },
+        )
         torch.save(optimizer.state_dict(), Path(d) / "optimizer.pt")
         if judged is not core:
             torch.save(core.state_dict(), Path(d) / "live.pt")
         (Path(d) / "train_state.json").write_text(json.dumps(dataclasses.asdict(state), indent=1))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),   # [ray]
-                         checkpoint_dir_name=f"epoch_{state.epoch:04d}")
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(d),  # [ray]
+            checkpoint_dir_name=f"epoch_{state.epoch:04d}",
+        )
 
 
 def restore(folder: Path, core, data: InteractionData, ema=None) -> tuple[TrainState, dict]:
@@ -245,7 +274,7 @@ def restore(folder: Path, core, data: InteractionData, ema=None) -> tuple[TrainS
             raise RuntimeError(f"{folder}: the run was started without averaged weights; use another --name")
         ema.module.load_state_dict(saved.state_dict())
         core.load_state_dict(torch.load(folder / "live.pt", map_location="cpu", weights_only=True))
-        ema.n_averaged.fill_(1)                                         # the next step blends rather than copies
+        ema.n_averaged.fill_(1)  # the next step blends rather than copies
     state = TrainState(**json.loads((folder / "train_state.json").read_text()))
     # Saved from the training device; load_state_dict moves it onto the parameters' device.
     return state, torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
