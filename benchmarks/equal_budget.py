@@ -33,7 +33,7 @@ from machine_info import machine  # noqa: E402  (sibling script)
 from models.nn import checkpoint  # noqa: E402
 from models.data.batching import make_split  # noqa: E402
 from models.data import load_prepared  # noqa: E402
-from models.files import atomic_path  # noqa: E402
+from models.files import write_json  # noqa: E402
 from models.evaluation.metrics import per_user_mean, seed_user_bootstrap  # noqa: E402
 from models.training.defaults import PROTOCOLS  # noqa: E402
 from models.evaluation.evaluate import HEADLINE, evaluate  # noqa: E402
@@ -227,8 +227,7 @@ def main(argv=None) -> int:
     )
 
     def save() -> None:
-        with atomic_path(out) as tmp:
-            tmp.write_text(json.dumps(report, indent=2, default=str))
+        write_json(out, report, indent=2)
 
     # A trial's driver holds a sliver of a CPU beside its Train worker: one logical CPU more than
     # the worker's, so a 2-CPU worker fits on a 2-core machine.

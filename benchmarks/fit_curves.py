@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import RESULTS, VARIANTS, build_variant, machine, write_json  # noqa: E402
+from quality import RESULTS, machine  # noqa: E402
+from quality_variants import VARIANTS, build_variant  # noqa: E402
+from models.files import write_json  # noqa: E402
 
 from models.data.batching import make_split  # noqa: E402
 from models.data import load_prepared, prepare_source  # noqa: E402

@@ -19,7 +19,6 @@ benchmarks/results/gate_recovery_<setting>.json and .png.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from models.data.batching import make_split  # noqa: E402
 from models.data import load_prepared, prepare_source  # noqa: E402
 from models.training.defaults import train_config  # noqa: E402
 from models.training.loop import fit, new_model  # noqa: E402
+from models.files import write_json
 
 SOURCES = ("topic", "sentiment", "time")
 
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
         "names_hold_on_every_seed": names_hold,
         "matrix_mean": np.mean(matrices, 0).round(4).tolist(),
     }
-    (RESULTS / f"gate_recovery_{args.setting}.json").write_text(json.dumps(record, indent=1))
+    write_json(RESULTS / f"gate_recovery_{args.setting}.json", record)
     print(
         f"recovered above the null's 95th percentile on {record['recovered_seeds']} of {len(per_seed)} seeds; "
         f"context-only linear fit r {linear['mean']:.3f}; names hold on every seed: {names_hold}"

@@ -23,7 +23,6 @@ Records benchmarks/results/incremental_update.json and incremental_update.png.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from serve_common import (
 from models.nn import checkpoint as ckpt
 from models.data import load_prepared
 from models.data.features import moment_features, rating_bucket
+from models.files import write_json
 
 
 def event_tensors(model, events: list[dict], index_of: dict[int, int], prev_ts: float | None):
@@ -359,7 +359,7 @@ def main(argv=None) -> int:
         for k, v in ratios(http, lengths, "event_plus_recommend", "event_plus_recommend_rebuilt").items():
             record["figures"]["http_" + k] = v
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1))
+    write_json(args.out, record)
     plot(record, args.out.with_suffix(".png"))
     for k, v in record["figures"].items():
         print(f"{k}: {v:.2f}")

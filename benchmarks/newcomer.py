@@ -40,6 +40,7 @@ from pathlib import Path
 
 import httpx
 from machine_info import machine  # sibling script
+from models.files import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -280,7 +281,7 @@ def main(argv=None) -> int:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(a.out, record, indent=2)
     runs = {"fresh": record.get("fresh", {}), "install_cached": record.get("install_cached", {})}
     print(json.dumps({name: {k: r.get(k) for k in HEADLINE} for name, r in runs.items() if r}, indent=2))
     failed = False

@@ -15,7 +15,6 @@ Records benchmarks/results/ray_train.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from models.data.batching import make_split
 from models.data import load_prepared, prepare_source
 from models.training.defaults import train_config
 from models.training.loop import fit, new_model
+from models.files import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRIC = "valid_ndcg@10"
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         "figures": figures,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1))
+    write_json(args.out, record)
     print(f"Ray start-up {ray_init_s:.1f}s + {one['startup_s']:.1f}s (1 worker), {two['startup_s']:.1f}s (2 workers)")
     print(
         f"1 worker / local wall time: {figures['overhead_ratio']:.3f} "

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from models.files import write_json
 
 HERE = Path(__file__).resolve().parent
 MODES = {"default": "0", "throughput_optimized": "1"}
@@ -360,7 +361,7 @@ def main(argv=None) -> int:
             a.rounds,
             a.unbatched,
         )
-        a.out.write_text(json.dumps(record))
+        write_json(a.out, record, indent=None)
         return 0
     from serve_load import make_spec
 
@@ -381,7 +382,7 @@ def main(argv=None) -> int:
         ),
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(record, indent=1))
+    write_json(a.out, record)
     print(json.dumps(record["vs_floor"], indent=1))
     print(f"recorded in {a.out}")
     return 0

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.files import write_json
 from serve_common import (
     DEFAULT_CHECKPOINT,
     DEFAULT_DATA,
@@ -423,7 +424,7 @@ def main(argv=None) -> int:
         record["vs_floor"] = summary(record["floor"])
     record["figures"] = figures(record, levels)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1))
+    write_json(args.out, record)
     plot(record, args.out.with_suffix(".png"))
     for k, v in record["figures"].items():
         print(f"{k}: {v}")

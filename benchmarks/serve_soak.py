@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from models.files import write_json
 from serve_common import (
     DEFAULT_CHECKPOINT,
     DEFAULT_DATA,
@@ -266,7 +267,7 @@ def main(argv=None) -> int:
     }
     record["max_ratio"] = max(record["rss_end_over_baseline"].values())
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(record, indent=1))
+    write_json(a.out, record)
     plot(record, a.out.with_suffix(".png"))
     print(
         json.dumps(

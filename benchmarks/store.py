@@ -12,7 +12,6 @@ last 50 events, and state-cache writes/reads of an LSTM-sized blob. Redis runs a
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import shutil
 import subprocess
@@ -28,6 +27,7 @@ from serve_common import RESULTS, command_line, machine, percentiles  # noqa: E4
 
 from ray_app.store.base import Event, StoredState  # noqa: E402
 from ray_app.store.opener import open_store  # noqa: E402
+from models.files import write_json
 
 USERS = 20
 BLOB = bytes(2 * 256 * 4)  # (h, c) of a 256-unit LSTM as float32
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 server.terminate()
                 server.wait()
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2))
+    write_json(a.out, result, indent=2)
     for name, r in result["backends"].items():
         print(
             f"{name:22s} append {r['append_1_event']['per_s']:8.0f}/s (p50 {r['append_1_event']['p50_ms']:.2f} ms, "

@@ -37,6 +37,7 @@ from ray_app.train.preflight import connect  # noqa: E402
 from ray_app.train.driver import run as train_run  # noqa: E402
 from tuning import search  # noqa: E402
 from tuning.results import TABLE  # noqa: E402
+from models.files import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Kept affordable for 2 shared CPU cores: the upper LSTM sizes and the longest histories are out.
@@ -165,7 +166,7 @@ def main(argv=None) -> int:
 
     def save() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2, default=str))
+        write_json(args.out, report, indent=2)
 
     for seed in [int(x) for x in args.seeds.split(",")]:
         for sampler in ("tpe", "random"):

@@ -4,6 +4,7 @@ caches, downloads and secrets goes through `atomic_path`, so a crash mid-write l
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -24,6 +25,12 @@ def atomic_path(path: str | Path, mode: int = 0o644):
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, record, indent: int | None = 1) -> None:
+    """`record` as JSON at `path`, atomically (values JSON has no type for are written as text)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=indent, default=str) + "\n")
 
 
 def sha256_file(path: str | Path) -> str:

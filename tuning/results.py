@@ -6,7 +6,6 @@ The table has one row per trial over every session of the run (a resumed search 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pandas as pd
 from ray.tune import Callback
 
 from tuning.space import SearchSpace, dimension_set, trial_settings
+from models.files import write_json
 
 TABLE = "results.parquet"
 BEST = "best_config.json"
@@ -219,7 +219,7 @@ def best_config(table: pd.DataFrame, setup, metric: str) -> dict | None:
 
 def write_best(run_dir: Path, best: dict | None) -> None:
     if best:
-        (run_dir / BEST).write_text(json.dumps(best, indent=2, default=str))
+        write_json(run_dir / BEST, best, indent=2)
 
 
 def _missing(v) -> bool:
