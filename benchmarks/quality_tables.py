@@ -32,13 +32,19 @@ def cold_table(runs: dict, protocol: str) -> dict:
     }
 
 
-def aggregate(runs: dict, protocol: str) -> tuple[list[dict], dict]:
-    by_variant: dict[str, list[dict]] = {}
+def by_variant(runs: dict, protocol: str) -> dict[str, list[dict]]:
+    """The runs of `protocol`, grouped by variant name (one entry per seed)."""
+    out: dict[str, list[dict]] = {}
     for key, r in runs.items():
         if key.startswith(protocol + "/"):
-            by_variant.setdefault(key.split("/")[1], []).append(r)
+            out.setdefault(key.split("/")[1], []).append(r)
+    return out
+
+
+def table_rows(runs: dict, protocol: str) -> list[dict]:
+    """One formatted row per variant (mean ± std over seeds), best test NDCG@10 first."""
     rows = []
-    for name, rs in by_variant.items():
+    for name, rs in by_variant(runs, protocol).items():
         row = {"model": name, "seeds": len(rs)}
         for m in METRICS:
             v = np.array([r["masked"][m] for r in rs])
@@ -52,7 +58,14 @@ def aggregate(runs: dict, protocol: str) -> tuple[list[dict], dict]:
         row["train s"] = f"{np.mean([r['train_seconds'] for r in rs]):.0f}"
         rows.append(row)
     rows.sort(key=lambda r: -float(r["ndcg@10"].split()[0]))
-    per_seed = {n: np.array([r["user_ndcg@10"] for r in rs]) for n, rs in by_variant.items()}  # (S, U)
+    return rows
+
+
+def aggregate(runs: dict, protocol: str) -> tuple[list[dict], dict]:
+    """The rows of `protocol`, and exploratory intervals of each decomposer variant against each baseline."""
+    rows = table_rows(runs, protocol)
+    groups = by_variant(runs, protocol)
+    per_seed = {n: np.array([r["user_ndcg@10"] for r in rs]) for n, rs in groups.items()}  # (S, U)
     boot = {}
     baselines = [n for n in per_seed if n.startswith(("sasrec", "gru4rec", "lstm")) and " intent" not in n]
     baselines += ["decomposer", "plain decomposer"]

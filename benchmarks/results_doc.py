@@ -1,0 +1,390 @@
+"""The tables of docs/results.md, generated from the result files in benchmarks/results/.
+
+    python benchmarks/results_doc.py           rewrite every table of docs/results.md from the JSON
+    python benchmarks/results_doc.py --check   change nothing; exit 1 naming each table that differs
+
+The prose of docs/results.md is written by hand; each table in it stands between two markers,
+
+    <!-- table: VIEW FILE[,FILE...] [key="value" ...] -->
+    | ... the table, as this script writes it ... |
+    <!-- end table -->
+
+and is rewritten from FILE by the view VIEW (the functions of `VIEWS` below), so a table cannot say
+other than its file. tests/test_results_doc.py runs `--check`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from models.evaluation.metrics import seed_user_bootstrap
+from models.evaluation.report import format_table
+from quality_tables import cold_table, intent_table, table_rows
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+DOC = HERE.parent / "docs" / "results.md"
+MARKER = re.compile(r"<!-- table: (?P<spec>.+?) -->\n(?P<body>.*?)<!-- end table -->", re.S)
+QUALITY_COLUMNS = {
+    "model": "model",
+    "seeds": "seeds",
+    "ndcg@10": "NDCG@10",
+    "hr@10": "HR@10",
+    "mrr": "MRR",
+    "ndcg@10 unmasked": "NDCG@10 unmasked",
+    "valid ndcg@10": "valid NDCG@10",
+}
+
+
+def names(value: str | None) -> list[str]:
+    """`"a;b;c"` -> ["a", "b", "c"]."""
+    return [v.strip() for v in (value or "").split(";") if v.strip()]
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    return format_table([dict(zip(header, map(str, r))) for r in rows], header)
+
+
+def quality(records: list[dict], protocol: str, rows: str | None = None, bold: str = "", columns: str = "") -> str:
+    """The quality benchmark's table for `protocol`: mean ± std over seeds (all rows, or `rows` in order,
+    each a variant or `variant -> label`); `bold` names the rows to stress, `columns` chooses columns."""
+    by_name = {r["model"]: r for r in table_rows(records[0]["runs"], protocol)}
+    chosen = list(by_name.values())
+    if rows:  # "variant" or "variant -> label"
+        pairs = [(n.split(" -> ")[0].strip(), n.split(" -> ")[-1].strip()) for n in names(rows)]
+        chosen = [{**by_name[n], "model": label} for n, label in pairs]
+    cols = names(columns) or list(QUALITY_COLUMNS)
+    strong = set(names(bold))
+    body = []
+    for r in chosen:
+        cells = [r[c] for c in cols]
+        if r["model"] in strong:
+            cells = [f"**{c}**" if i == 0 else c for i, c in enumerate(cells)]
+        body.append(cells)
+    return table([QUALITY_COLUMNS.get(c, c) for c in cols], body)
+
+
+def seed_means(runs: dict, protocol: str, name: str, key: str) -> list[float]:
+    return [
+        r[key] if key in r else r["masked"][key] for k, r in runs.items() if k.rsplit("/", 1)[0] == f"{protocol}/{name}"
+    ]
+
+
+def cells(records: list[dict], protocol: str, rows: str) -> str:
+    """Chosen variants as `label=variant` pairs: seeds, test NDCG@10 (validation NDCG@10), means over seeds."""
+    runs = records[0]["runs"]
+    body = []
+    for pair in names(rows):
+        label, _, name = pair.rpartition("=")
+        test = seed_means(runs, protocol, name.strip(), "ndcg@10")
+        valid = seed_means(runs, protocol, name.strip(), "valid_ndcg@10")
+        body.append([label.strip(), len(test), f"{np.mean(test):.4f} ({np.mean(valid):.4f})"])
+    return table([f"{protocol}: test (valid)", "seeds", "NDCG@10"], body)
+
+
+def differences(records: list[dict], pairs: str, protocols: str) -> str:
+    """NDCG@10 differences `a − b`, 95% bootstrap over seeds and users, one column per protocol."""
+    runs = records[0]["runs"]
+
+    def users(protocol: str, name: str) -> np.ndarray:
+        return np.array([r["user_ndcg@10"] for k, r in runs.items() if k.rsplit("/", 1)[0] == f"{protocol}/{name}"])
+
+    body = []
+    for pair in names(pairs):
+        a, b = (s.strip() for s in pair.split(" − "))
+        row = [pair]
+        for protocol in names(protocols):
+            ua, ub = users(protocol, a), users(protocol, b)
+            if not len(ua) or not len(ub):
+                row.append("")
+                continue
+            d = seed_user_bootstrap(ua, ub)
+            row.append(f"{d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]")
+        body.append(row)
+    return table(["difference", *names(protocols)], body)
+
+
+def primary(records: list[dict]) -> str:
+    """The declared comparison as the benchmark recorded it."""
+    p = records[0]["primary"]
+    return table(
+        ["model", "NDCG@10", "baseline", "its NDCG@10", "ratio", "difference [95%]", "seeds", "users"],
+        [
+            [
+                f"**{p['model']}**",
+                f"{p['model_mean']:.4f}",
+                p["baseline"],
+                f"{p['baseline_mean']:.4f}",
+                f"{p['ratio']:.3f}",
+                f"{p['difference']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}]",
+                f"{p['seeds'][0]} / {p['seeds'][1]}",
+                p["users"],
+            ]
+        ],
+    )
+
+
+def intent(records: list[dict], protocol: str) -> str:
+    """Per regime: the decomposer with the words against the strongest baseline given the same words."""
+    body = [
+        [
+            regime,
+            f"{r['model']:.4f}",
+            r["baseline_name"],
+            f"{r['baseline']:.4f}",
+            f"{r['ratio']:.2f}",
+            f"{r.get('model_without_words', float('nan')):.4f}",
+        ]
+        for regime, r in intent_table(records[0]["runs"], protocol).items()
+    ]
+    header = ["regime", "decomposer with the words", "strongest baseline with the same words", "its NDCG@10"]
+    return table([*header, "ratio", "decomposer without words"], body)
+
+
+def cold(records: list[dict], protocol: str) -> str:
+    """NDCG@10 and HR@10 on the targets no training event holds."""
+    rows = sorted(cold_table(records[0]["runs"], protocol).items(), key=lambda kv: -kv[1]["ndcg@10"])
+    body = [[n, f"{c['ndcg@10']:.4f}", f"{c['hr@10']:.4f}", c["seeds"], c["targets"]] for n, c in rows]
+    return table(["model", "NDCG@10", "HR@10", "seeds", "targets"], body)
+
+
+def _params(p: dict) -> str:
+    shown = {k: v for k, v in p.items() if k not in ("model", "mask_seen", "ema_decay", "use_text", "use_events")}
+    return ", ".join(f"{k} {round(v, 4) if isinstance(v, float) else v}" for k, v in shown.items())
+
+
+def search(records: list[dict]) -> str:
+    """Per model of the equal-budget search: trials, epochs, best validation NDCG@10 and its configuration."""
+    body = [
+        [name, s["trials"], s["epochs_run"], f"{s['best_value']:.4f}", _params(s["best_params"])]
+        for name, s in records[0]["searches"].items()
+    ]
+    return table(["model", "trials", "epochs run in the search", "best validation NDCG@10", "its configuration"], body)
+
+
+def retrain(records: list[dict]) -> str:
+    """The best configuration of each search retrained per seed, and the popularity baseline."""
+    r = records[0]
+    body = []
+    for name, seeds in r["retrain"].items():
+        runs = [seeds[k] for k in sorted(seeds)]
+        test = [x["test_ndcg@10"] for x in runs]
+        body.append(
+            [
+                f"**{name}**",
+                " / ".join(f"{t:.4f}" for t in test),
+                f"**{np.mean(test):.4f}**",
+                " / ".join(str(x["best_epoch"]) for x in runs),
+                " / ".join(f"{x['valid_ndcg@10']:.4f}" for x in runs),
+            ]
+        )
+    pop = r["popular"]["test_ndcg@10"]
+    body.append(["popular", f"{pop:.4f}", f"{pop:.4f}", "–", "–"])
+    seeds = " / ".join(sorted(next(iter(r["retrain"].values()))))
+    return table(["model (retrained)", f"test NDCG@10, seeds {seeds}", "mean", "best epoch", "valid NDCG@10"], body)
+
+
+def gates(records: list[dict]) -> str:
+    """Gate recovery per setting: trained seeds, the random-gate null, seeds above its 95th percentile."""
+    body = []
+    for r in records:
+        seeds = r["per_seed"]
+        stat = r["statistic"]
+        n = r["null"]
+        body.append(
+            [
+                r["setting"],
+                " / ".join(f"{seeds[s][stat]:.2f}" for s in sorted(seeds)),
+                f"{n['median']:.2f} / {n['p95']:.2f} / {n['max']:.2f}",
+                f"{r['recovered_seeds']} of {len(seeds)}",
+                f"{r['context_linear_fit']['mean']:.2f}",
+            ]
+        )
+    header = ["setting", "trained, per seed", "random gates: median, 95th pct, max", "above the 95th pct"]
+    return table([*header, "context-only linear fit"], body)
+
+
+def ray_train(records: list[dict]) -> str:
+    """The plain loop against Ray Train with one and two workers."""
+    f = records[0]["figures"]
+    label = {"local": "plain local loop"}
+    body = []
+    for key in ("local", "one_worker", "two_workers"):
+        x = f[key]
+        workers, cpus = x.get("workers"), x.get("cpus_per_worker")
+        name = label.get(key) or f"Ray Train, {workers} worker{'s' * (workers > 1)} × {cpus} CPU{'s' * (cpus > 1)}"
+        body.append([name, f"{x['loop_s']:.1f}", f"{x['sequences_per_s']:.0f}", f"{x['final_valid_ndcg@10']:.4f}"])
+    return table(["", f"wall s, {records[0]['epochs']} epochs", "sequences/s", "final valid NDCG@10"], body)
+
+
+def serve_load(records: list[dict]) -> str:
+    """The autoscaled app per client count, and the same model in-process."""
+    r = records[0]
+    body = []
+    for clients, x in r["autoscaled"].items():
+        rec = x["per_op"]["recommend"]
+        body.append(
+            [clients, f"{x['throughput_rps']:.1f}", x["errors"], f"{rec['p50_ms']:.0f} / {rec['p99_ms']:.0f} ms"]
+        )
+    inproc = r["in_process"]
+    body.append(
+        [
+            "same model in-process",
+            f"{inproc['throughput_rps']:.0f}",
+            "–",
+            f"{inproc['per_op']['recommend']['p50_ms']:.1f} ms",
+        ]
+    )
+    return table(["clients", "req/s", "errors", "`/recommend` p50 / p99"], body)
+
+
+def floor(records: list[dict]) -> str:
+    """The app against the no-op chain of the same hops, per mode and connection count."""
+    body = []
+    for mode, levels in records[0]["vs_floor"].items():
+        for conns, x in levels.items():
+            body.append(
+                [
+                    mode.replace("_", "-"),
+                    conns,
+                    f"{x['app_rps']:.1f}",
+                    f"{x['floor_rps']:.1f}",
+                    f"{x['throughput_vs_floor']:.2f}",
+                    f"{x['p99_vs_floor']:.2f}",
+                ]
+            )
+    return table(["mode", "connections", "app req/s", "floor req/s", "app ÷ floor", "p99 app ÷ floor"], body)
+
+
+def incremental(records: list[dict]) -> str:
+    """One step per event against the history length and against recomputing from the whole history."""
+    f = records[0]["figures"]
+    body = [
+        [
+            "model",
+            f"{f['model_update_p50_ratio_1000_vs_50']:.2f}",
+            f"{f['model_recompute_vs_update_p50_at_1000']:.1f}×",
+        ],
+        [
+            "Decomposer replica code + SQLite",
+            f"{f['replica_update_p50_ratio_1000_vs_50']:.2f}",
+            f"{f['replica_rebuild_vs_update_p50_at_1000']:.1f}×",
+        ],
+        [
+            "HTTP `POST /users/{id}/events`",
+            f"{f['http_post_event_p50_ratio_1000_vs_50']:.2f}",
+            f"{f['http_post_event_rebuilt_vs_post_event_p50_at_1000']:.2f}×",
+        ],
+    ]
+    return table(["level", "p50 at 1000 events ÷ at 50", "full recompute ÷ one step, at 1000 events"], body)
+
+
+def tuning(records: list[dict]) -> str:
+    """Per search: best validation NDCG@10 and trials to the target."""
+    body = []
+    for name, s in records[0]["searches"].items():
+        reached = s["trials_to_target"] if s["trials_to_target"] is not None else "not reached"
+        body.append([name, s["trials"], f"{s['best']:.4f}", reached])
+    return table(["search", "trials", "best valid NDCG@10", f"trials to {records[0]['target']:.4f}"], body)
+
+
+def newcomer(records: list[dict]) -> str:
+    """The first command's runs: fresh clone (per pip cache) and the install cached."""
+    body = []
+    for r in records:
+        runs = [("fresh clone" + (", pip's cache" if r["pip_cache"] else ", every package from the index"), r["fresh"])]
+        if r.get("install_cached"):
+            runs.append(("install and data cached", r["install_cached"]))
+        for label, x in runs:
+            answered = sum(c["ok"] for c in x["curls"])
+            body.append(
+                [
+                    label,
+                    f"{x['seconds_to_healthz']:.0f} s",
+                    f"{x['seconds_to_demo']:.0f} s",
+                    x["lines_before_banner"],
+                    x["ray_internal_lines_before_banner"],
+                    f"{answered} of {len(x['curls'])} answer",
+                ]
+            )
+    header = ["run", "to `/healthz`", "to the demo", "lines before the banner", "Ray internals among them"]
+    return table([*header, "curl lines"], body)
+
+
+VIEWS = {
+    f.__name__: f
+    for f in (
+        quality,
+        cells,
+        differences,
+        primary,
+        intent,
+        cold,
+        search,
+        retrain,
+        gates,
+        ray_train,
+        serve_load,
+        floor,
+        incremental,
+        tuning,
+        newcomer,
+    )
+}
+
+
+def render(spec: str, results: Path) -> str:
+    """The table a marker's `VIEW FILE[,FILE...] key="value" ...` names."""
+    view, files, *options = shlex.split(spec)
+    if view not in VIEWS:
+        raise SystemExit(f"docs table '{spec}': unknown view {view!r}; views: {', '.join(VIEWS)}")
+    records = [json.loads((results / f).read_text()) for f in files.split(",")]
+    kwargs = dict(o.split("=", 1) for o in options)
+    return VIEWS[view](records, **kwargs) + "\n"
+
+
+def regenerate(text: str, results: Path) -> tuple[str, list[str]]:
+    """`text` with every table rewritten, and the specs of the tables that changed."""
+    changed = []
+
+    def one(m: re.Match) -> str:
+        body = render(m["spec"], results)
+        if body != m["body"]:
+            changed.append(m["spec"])
+        return f"<!-- table: {m['spec']} -->\n{body}<!-- end table -->"
+
+    return MARKER.sub(one, text), changed
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs from its file")
+    p.add_argument("--doc", type=Path, default=DOC)
+    p.add_argument("--results", type=Path, default=RESULTS)
+    a = p.parse_args(argv)
+    text = a.doc.read_text()
+    new, changed = regenerate(text, a.results)
+    if a.check:
+        for spec in changed:
+            print(f"{a.doc}: the table '{spec}' differs from its results file", file=sys.stderr)
+        if changed:
+            print("regenerate with: python benchmarks/results_doc.py", file=sys.stderr)
+        return 1 if changed else 0
+    if changed:
+        from models.files import atomic_path
+
+        with atomic_path(a.doc) as tmp:
+            tmp.write_text(new)
+    print(f"{len(MARKER.findall(text))} tables, {len(changed)} rewritten in {a.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""docs/results.md's tables are what benchmarks/results/*.json hold (benchmarks/results_doc.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "results_doc.py"
+
+
+def check(doc: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--check", "--doc", str(doc)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_every_table_matches_its_results_file():
+    done = check(ROOT / "docs" / "results.md")
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_table_edited_by_hand_is_named(tmp_path):
+    text = (ROOT / "docs" / "results.md").read_text()
+    start = text.index("<!-- table: ray_train")
+    row = text.index("| plain local loop |", start)
+    end = text.index("\n", row)
+    doc = tmp_path / "results.md"
+    doc.write_text(text[:row] + "| plain local loop | 1.0 | 1 | 0.9999 |" + text[end:])
+    done = check(doc)
+    assert done.returncode == 1 and "ray_train ray_train.json" in done.stderr
+    subprocess.run([sys.executable, str(SCRIPT), "--doc", str(doc)], cwd=ROOT, check=True, capture_output=True)
+    assert doc.read_text() == text
