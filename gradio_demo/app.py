@@ -18,6 +18,7 @@ import gradio as gr
 
 from gradio_demo import views
 from gradio_demo.client import ApiClient, ApiError, NotFound
+from gradio_demo.panels import Page, build_page
 from ray_app.serve.schemas import EventIn, Health
 
 log = logging.getLogger(__name__)
@@ -194,125 +195,35 @@ class Handlers:
         return int(frame["item_id"].iloc[row])
 
 
+def wire_events(demo: gr.Blocks, h: Handlers, page: Page) -> None:
+    """Connect each control of `page` to its handler, every handler guarded (see `guarded`)."""
+    status, start = page.status, page.start
+    who, req, man = page.who, page.request, page.manual
+    refresh_out = page.view_outputs
+    moment_in = req.moment_in
+    n = len(refresh_out)
+    assert n == N_VIEW, "refresh_out must follow Handlers.refresh's return order"
+
+    demo.load(guarded(h.connect, 2), [who.user_q], [status, who.user])
+    who.user_q.submit(guarded(h.find_users, 2), [who.user_q], [status, who.user])
+    who.new_btn.click(guarded(h.start_new_user, 2), [who.user_q], [status, who.user])
+    who.user.change(guarded(h.refresh, n), [who.user, *moment_in], refresh_out)
+    req.recommend_btn.click(guarded(h.refresh, n), [who.user, *moment_in], refresh_out)
+    req.intent.submit(guarded(h.refresh, n), [who.user, *moment_in], refresh_out)
+    req.recs.select(h.pick_row, [req.recs], [req.pick])
+    req.watched_btn.click(guarded(h.post_event, n), [who.user, req.pick, req.rating, start, *moment_in], refresh_out)
+    man.search_btn.click(guarded(h.search_items, 3), [man.item_q], [status, man.found, man.found_pick])
+    man.item_q.submit(guarded(h.search_items, 3), [man.item_q], [status, man.found, man.found_pick])
+    man.found.select(h.pick_row, [man.found], [man.found_pick])
+    man.add_btn.click(
+        guarded(h.post_event, n), [who.user, man.found_pick, man.found_rating, start, *moment_in], refresh_out
+    )
+
+
 def build_demo(api: ApiClient) -> gr.Blocks:
+    """The page (see `gradio_demo.panels`) with its handlers wired to `api`."""
     h = Handlers(api)
-    now = time.gmtime()
     with gr.Blocks(title="Dynamic interests", analytics_enabled=False) as demo:  # no calls home
-        gr.Markdown(
-            "# Dynamic interest decomposition\n"
-            "A user's interest, split into dimensions that the moment and your words weigh. "
-            "Mark something as watched and see the weights move."
-        )
-        status = gr.Markdown("Connecting…", elem_id="status")
-        start = gr.State(None)  # where the request clock starts: the last event (or now)
-        with gr.Row():
-            with gr.Column(scale=2):
-                gr.Markdown("### 1 · Who")
-                user_q = gr.Textbox(label="Find a user", placeholder="user id prefix", elem_id="user-q")
-                user = gr.Dropdown(label="User", choices=[], filterable=True, elem_id="user")
-                new_btn = gr.Button("Start as a new user", elem_id="new-user")
-                who = gr.Markdown(elem_id="who")
-                timeline = gr.ScatterPlot(
-                    x="when",
-                    y="rating",
-                    title="Timeline of recent events",
-                    y_lim=[0, 5.5],
-                    tooltip=["when", "title", "rating"],
-                    height=220,
-                    elem_id="timeline",
-                )
-                history = gr.Dataframe(
-                    headers=views.HISTORY_COLUMNS,
-                    label="Recent history (newest first)",
-                    interactive=False,
-                    max_height=560,
-                    wrap=True,
-                    column_widths=["30%", "40%", "20%", "10%"],
-                    elem_id="history",
-                )
-            with gr.Column(scale=3):
-                gr.Markdown("### 2 · What and when")
-                intent = gr.Textbox(
-                    label="What are you in the mood for?",
-                    placeholder="something light and funny for tonight",
-                    elem_id="intent",
-                )
-                with gr.Row():
-                    weekday = gr.Dropdown(
-                        label="Weekday",
-                        choices=[(d, i) for i, d in enumerate(views.WEEKDAYS)],
-                        value=now.tm_wday,
-                        elem_id="weekday",
-                    )
-                    hour = gr.Slider(0, 23, value=now.tm_hour, step=1, label="Hour (UTC)", elem_id="hour")
-                    k = gr.Slider(1, 30, value=10, step=1, label="How many", elem_id="k")
-                moment = gr.Markdown(elem_id="moment")
-                recommend_btn = gr.Button("Recommend", variant="primary", elem_id="recommend")
-                recs = gr.Dataframe(
-                    headers=views.RECS_COLUMNS,
-                    label="Recommendations (click a row to pick it)",
-                    interactive=False,
-                    wrap=True,
-                    max_height=900,
-                    column_widths=["6%", "46%", "28%", "10%", "10%"],
-                    elem_id="recs",
-                )
-                with gr.Row():
-                    pick = gr.Dropdown(label="Recommended item", choices=[], scale=3, elem_id="pick")
-                    rating = gr.Slider(0.5, 5, value=4.5, step=0.5, label="Rating", scale=1, elem_id="rating")
-                    watched_btn = gr.Button("Watched / liked", variant="secondary", scale=1, elem_id="watched")
-        gr.Markdown("### 3 · The decomposition")
-        with gr.Row():
-            gates = gr.BarPlot(
-                x="dimension",
-                y="weight",
-                color="dimension",
-                title="Gate weights for this request",
-                y_lim=[0, 1],
-                elem_id="gates-plot",
-            )
-            interests = gr.LinePlot(
-                x="event",
-                y="weight",
-                color="dimension",
-                title="Gate weights after each event",
-                y_lim=[0, 1],
-                tooltip=["event", "dimension", "weight", "title"],
-                elem_id="interests-plot",
-            )
-        dims = gr.Dataframe(
-            views.dimension_frame(None),
-            label="What each dimension alone would recommend",
-            interactive=False,
-            wrap=True,
-            column_widths=["15%", *["17%"] * 5],
-            elem_id="dims",
-        )
-        with gr.Accordion("Add an event by hand (search the catalogue by text)", open=False):
-            with gr.Row():
-                item_q = gr.Textbox(label="Search items", placeholder="space adventure", scale=3, elem_id="item-q")
-                search_btn = gr.Button("Search", scale=1, elem_id="search")
-            found = gr.Dataframe(headers=views.SEARCH_COLUMNS, interactive=False, wrap=True, elem_id="found")
-            with gr.Row():
-                found_pick = gr.Dropdown(label="Item", choices=[], scale=3, elem_id="found-pick")
-                found_rating = gr.Slider(0.5, 5, value=4.0, step=0.5, label="Rating", scale=1)
-                add_btn = gr.Button("Add to history", scale=1, elem_id="add")
-
-        refresh_out = [status, who, history, timeline, start, moment, recs, pick, gates, interests, dims]
-        moment_in = [intent, weekday, hour, k]
-        n = len(refresh_out)
-        assert n == N_VIEW, "refresh_out must follow Handlers.refresh's return order"
-
-        demo.load(guarded(h.connect, 2), [user_q], [status, user])
-        user_q.submit(guarded(h.find_users, 2), [user_q], [status, user])
-        new_btn.click(guarded(h.start_new_user, 2), [user_q], [status, user])
-        user.change(guarded(h.refresh, n), [user, *moment_in], refresh_out)
-        recommend_btn.click(guarded(h.refresh, n), [user, *moment_in], refresh_out)
-        intent.submit(guarded(h.refresh, n), [user, *moment_in], refresh_out)
-        recs.select(h.pick_row, [recs], [pick])
-        watched_btn.click(guarded(h.post_event, n), [user, pick, rating, start, *moment_in], refresh_out)
-        search_btn.click(guarded(h.search_items, 3), [item_q], [status, found, found_pick])
-        item_q.submit(guarded(h.search_items, 3), [item_q], [status, found, found_pick])
-        found.select(h.pick_row, [found], [found_pick])
-        add_btn.click(guarded(h.post_event, n), [user, found_pick, found_rating, start, *moment_in], refresh_out)
+        page = build_page()
+        wire_events(demo, h, page)
     return demo

@@ -34,7 +34,7 @@ from pathlib import Path
 from models.cli import add_settings, setting, settings_from
 from ray_app.train.data import SetupError, load_checked, resolve_dataset
 from ray_app.train.settings import METRIC, RayTrainSettings
-from ray_app.train.driver import build_trainer
+from ray_app.train.driver import build_trainer, exit_status
 from ray_app.train.preflight import check_storage, connect, plan
 from tuning import results
 from models.training.defaults import PROTOCOLS
@@ -240,75 +240,74 @@ class Define:
         return {**self.space.suggest(trial), "optuna_trial": trial.number}  # links table rows to the study
 
 
-def run(s: SearchSettings, num_cpus: int | None = None) -> dict:
-    """Check, search, write the outputs -> the best configuration record (see results.best_config)."""
-    import optuna
+def trial_base(setup: Setup) -> RayTrainSettings:
+    """The Ray Train settings every trial starts from; each trial replaces the sampled ones (see run_trial)."""
+    s = setup.settings
+    return RayTrainSettings(
+        dataset=str(setup.prepared),
+        model=s.model,
+        protocol=s.protocol,
+        epochs=s.epochs,
+        patience=s.patience,
+        seed=s.seed,
+        batch_size=s.batch_size,
+        num_workers=s.num_workers,
+        cpus_per_worker=s.cpus_per_worker,
+        use_gpu=s.use_gpu,
+        storage_path=str(setup.run_dir / "trials"),
+        num_to_keep=1,
+    )
+
+
+def build_tuner(setup: Setup, session: str):
+    """The `Tuner` of this session's remaining trials: one at a time, ASHA over whole epochs."""
     import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
     from tuning.cleanup import ReleaseWorkerGroups
 
-    setup = prepare(s)
-    storage = setup.storage
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    session = f"session-{datetime.now():%Y%m%d-%H%M%S}"
-    print(
-        f"search {setup.name}: {s.sampler}, {setup.done_before} trial(s) done before, {setup.remaining} to run "
-        f"(≤ {s.epochs} epochs each, ASHA grace {s.grace_period}); run folder {setup.run_dir}",
-        flush=True,
+    s = setup.settings
+    base = trial_base(setup)
+    algo, param_space = search_algorithm(setup, setup.storage)
+    callbacks = [results.Progress(setup.remaining, OBJECTIVE)]
+    if not os.environ.get("RAY_ADDRESS"):  # a local Ray: every worker group is ours
+        bundle = {"CPU": s.cpus_per_worker, **({"GPU": 1.0} if s.use_gpu else {})}
+        callbacks.append(ReleaseWorkerGroups(bundle))
+    return ray.tune.Tuner(
+        # The trial function only drives Train; its workers hold the CPUs (or GPUs). Tune wants a
+        # non-empty request, so a sliver of a CPU.
+        ray.tune.with_resources(ray.tune.with_parameters(run_trial, base=base), {"cpu": TRIAL_DRIVER_CPU}),
+        param_space=param_space,
+        tune_config=ray.tune.TuneConfig(
+            metric=OBJECTIVE,
+            mode=MODE,
+            search_alg=algo,
+            num_samples=setup.remaining,
+            scheduler=ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=s.epochs,
+                grace_period=s.grace_period,
+                reduction_factor=s.reduction_factor,
+            ),
+            max_concurrent_trials=1,
+            time_budget_s=s.time_budget_s,
+        ),
+        run_config=ray.tune.RunConfig(
+            name=session,
+            storage_path=str(setup.run_dir),
+            verbose=0,
+            callbacks=callbacks,
+            failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False),
+        ),
     )
-    rows = []
-    if setup.remaining:
-        connect(num_cpus, s.verbose)
-        base = RayTrainSettings(
-            dataset=str(setup.prepared),
-            model=s.model,
-            protocol=s.protocol,
-            epochs=s.epochs,
-            patience=s.patience,
-            seed=s.seed,
-            batch_size=s.batch_size,
-            num_workers=s.num_workers,
-            cpus_per_worker=s.cpus_per_worker,
-            use_gpu=s.use_gpu,
-            storage_path=str(setup.run_dir / "trials"),
-            num_to_keep=1,
-        )
-        algo, param_space = search_algorithm(setup, storage)
-        callbacks = [results.Progress(setup.remaining, OBJECTIVE)]
-        if not os.environ.get("RAY_ADDRESS"):  # a local Ray: every worker group is ours
-            bundle = {"CPU": s.cpus_per_worker, **({"GPU": 1.0} if s.use_gpu else {})}
-            callbacks.append(ReleaseWorkerGroups(bundle))
-        tuner = ray.tune.Tuner(
-            # The trial function only drives Train; its workers hold the CPUs (or GPUs). Tune wants a
-            # non-empty request, so a sliver of a CPU.
-            ray.tune.with_resources(ray.tune.with_parameters(run_trial, base=base), {"cpu": TRIAL_DRIVER_CPU}),
-            param_space=param_space,
-            tune_config=ray.tune.TuneConfig(
-                metric=OBJECTIVE,
-                mode=MODE,
-                search_alg=algo,
-                num_samples=setup.remaining,
-                scheduler=ASHAScheduler(
-                    time_attr="training_iteration",
-                    max_t=s.epochs,
-                    grace_period=s.grace_period,
-                    reduction_factor=s.reduction_factor,
-                ),
-                max_concurrent_trials=1,
-                time_budget_s=s.time_budget_s,
-            ),
-            run_config=ray.tune.RunConfig(
-                name=session,
-                storage_path=str(setup.run_dir),
-                verbose=0,
-                callbacks=callbacks,
-                failure_config=ray.tune.FailureConfig(max_failures=0, fail_fast=False),
-            ),
-        )
-        t0 = time.perf_counter()
-        grid = tuner.fit()
-        rows = results.trial_rows(grid, session, s.sampler, time.perf_counter() - t0)
+
+
+def write_outputs(setup: Setup, rows: list) -> dict:
+    """The table (earlier sessions' rows and `rows`), the best configuration and the plots, written
+    to the run folder and summed up on the console -> the best configuration record."""
+    import optuna
+
+    storage = setup.storage
     table = results.write_table(setup.run_dir, rows)
     study = optuna.load_study(study_name=setup.name, storage=storage) if storage is not None else None
     best = results.best_config(table, setup, OBJECTIVE)
@@ -322,6 +321,29 @@ def run(s: SearchSettings, num_cpus: int | None = None) -> dict:
             flush=True,
         )
     print(f"{len(table)} trial(s) in the table, {n_failed} failed; outputs in {setup.run_dir}", flush=True)
+    return best
+
+
+def run(s: SearchSettings, num_cpus: int | None = None) -> dict:
+    """Check, search, write the outputs -> the best configuration record (see results.best_config)."""
+    import optuna
+
+    setup = prepare(s)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    session = f"session-{datetime.now():%Y%m%d-%H%M%S}"
+    print(
+        f"search {setup.name}: {s.sampler}, {setup.done_before} trial(s) done before, {setup.remaining} to run "
+        f"(≤ {s.epochs} epochs each, ASHA grace {s.grace_period}); run folder {setup.run_dir}",
+        flush=True,
+    )
+    rows = []
+    if setup.remaining:
+        connect(num_cpus, s.verbose)
+        tuner = build_tuner(setup, session)
+        t0 = time.perf_counter()
+        grid = tuner.fit()
+        rows = results.trial_rows(grid, session, s.sampler, time.perf_counter() - t0)
+    best = write_outputs(setup, rows)
     return best or {}
 
 
@@ -350,14 +372,10 @@ def parse_args(argv=None) -> tuple[SearchSettings, argparse.Namespace]:
 
 
 def main(argv=None) -> int:
+    """`python -m tuning.search` -> its exit status."""
     s, a = parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    try:
-        run(s, num_cpus=a.num_cpus)
-    except SetupError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(run, s, a.num_cpus)
 
 
 if __name__ == "__main__":

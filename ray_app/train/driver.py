@@ -207,14 +207,21 @@ def run(s: RayTrainSettings, num_cpus: int | None = None) -> checkpoint.BestChec
     return best
 
 
-def main(argv=None) -> int:
-    s, a = parse_args(argv, __doc__)
+def exit_status(run_fn, settings, num_cpus: int | None) -> int:
+    """A command line's run: `run_fn(settings, num_cpus=num_cpus)` -> the exit status (0, or 2 after
+    printing a SetupError as one line). `python -m ray_app.train` and `python -m tuning.search` share it."""
     try:
-        run(s, num_cpus=a.num_cpus)
+        run_fn(settings, num_cpus=num_cpus)
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv=None) -> int:
+    """`python -m ray_app.train` -> its exit status."""
+    s, a = parse_args(argv, __doc__)
+    return exit_status(run, s, a.num_cpus)
 
 
 if __name__ == "__main__":
