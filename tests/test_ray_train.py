@@ -14,7 +14,8 @@ from models.data.batching import make_split
 from models.evaluation.metrics import summarize
 from models.evaluation.evaluate import evaluate
 from ray_app.train.data import SetupError, user_ranges
-from ray_app.train.settings import BEST_FILE, METRIC, parse_args, parse_model_args
+from models.nn.checkpoint import BEST_FILE
+from ray_app.train.settings import METRIC, parse_args, parse_model_args
 from ray_app.train.driver import main
 
 

@@ -7,18 +7,20 @@ python -m models.training.run --dataset ml-latest-small         # ../shared copy
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from models.cli import add_settings, setting, settings_from
 from models.data import load_prepared, prepare_source
 from models.data.batching import make_split
 from models.evaluation.evaluate import evaluate
 from models.evaluation.metrics import summarize
 from models.evaluation.report import TABLE_METRICS, format_table, table_row
+from models.files import write_json
 from models.nn import checkpoint
 from models.training.defaults import PROTOCOLS, train_config
 from models.training.loop import fit, new_model
@@ -36,27 +38,30 @@ MODEL_KINDS = (
 )
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+@dataclass
+class RunSettings:
+    dataset: str = setting("synthetic", "synthetic | ml-latest-small | ml-100k | ml-1m | ...")
+    data_dir: Path | None = setting(None, "MovieLens folder or .zip (else the ../shared copy or a download)")
+    prepared_dir: Path | None = setting(None, "where prepared Parquet goes (default runs/data/DATASET)")
+    out: Path = setting(Path("runs/local"), "checkpoints and results")
+    models: str = setting(",".join(MODEL_KINDS), "comma-separated subset of " + ",".join(MODEL_KINDS))
+    protocol: str = setting("loo", "loo: last event; last10: last 10 events", choices=sorted(PROTOCOLS))
+    epochs: int = setting(200)
+    patience: int = setting(10, "epochs without a better validation NDCG@10")
+    time_budget: float | None = setting(None, "seconds of training per model")
+    seed: int = setting(0)
+    kinds: list[str] = field(default_factory=list)  # the models named by `models`, checked
+
+
+def parse_args(argv=None) -> RunSettings:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="synthetic", help="synthetic | ml-latest-small | ml-100k | ml-1m | ...")
-    p.add_argument("--data-dir", type=Path, help="MovieLens folder or .zip (else the ../shared copy or a download)")
-    p.add_argument("--prepared-dir", type=Path, help="where prepared Parquet goes (default runs/data/DATASET)")
-    p.add_argument("--out", type=Path, default=Path("runs/local"), help="checkpoints and results")
-    p.add_argument("--models", default=",".join(MODEL_KINDS), help="comma-separated subset of " + ",".join(MODEL_KINDS))
-    p.add_argument(
-        "--protocol", choices=sorted(PROTOCOLS), default="loo", help="loo: last event; last10: last 10 events"
-    )
-    p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--patience", type=int, default=10)
-    p.add_argument("--time-budget", type=float, help="seconds of training per model")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    kinds = [k.strip() for k in args.models.split(",") if k.strip()]
+    add_settings(p, RunSettings)
+    ns = p.parse_args(argv)
+    kinds = [k.strip() for k in ns.models.split(",") if k.strip()]
     bad = [k for k in kinds if k not in MODEL_KINDS]
     if bad or not kinds:
         p.error(f"--models: unknown {bad}; choose from {', '.join(MODEL_KINDS)}")
-    args.kinds = kinds
-    return args
+    return settings_from(RunSettings, ns, kinds=kinds)
 
 
 def main(argv=None) -> int:
@@ -104,12 +109,8 @@ def main(argv=None) -> int:
             rows.append({**table_row(name, masked, unmasked), "epochs": fitted.best_epoch, "train s": f"{seconds:.0f}"})
     print()
     print(format_table(rows, ["model", *TABLE_METRICS, "ndcg@10 unmasked", "epochs", "train s"]))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(
-        json.dumps(
-            {"dataset": args.dataset, "protocol": args.protocol, "seed": args.seed, "results": results}, indent=2
-        )
-    )
+    record = {"dataset": args.dataset, "protocol": args.protocol, "seed": args.seed, "results": results}
+    write_json(args.out / "results.json", record, indent=2)
     print(f"\ncheckpoints and results.json in {args.out}/")
     return 0
 

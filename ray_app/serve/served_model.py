@@ -21,8 +21,6 @@ from models.files import sha256_file as file_sha256
 from models.nn.decomposer import InterestDecomposer
 from ray_app.store.base import Event
 
-BEST_FILE = checkpoint.BEST_FILE
-
 
 # ---- what crosses the hops between deployments --------------------------------------------------
 
@@ -71,7 +69,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A `model.pt` file, a checkpoint folder holding one, or a Ray Train run folder -> model.pt."""
     path = Path(path).expanduser()
     if path.is_dir():
-        best = path / BEST_FILE
+        best = path / checkpoint.BEST_FILE
         if best.is_file():
             try:
                 model = Path(checkpoint.BestCheckpoint.read(best).model).expanduser()
@@ -80,7 +78,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
             return model if model.is_absolute() else best.parent / model
         if (path / "model.pt").is_file():
             return path / "model.pt"
-        raise ServingSetupError(f"{path}: a folder without {BEST_FILE} or model.pt")
+        raise ServingSetupError(f"{path}: a folder without {checkpoint.BEST_FILE} or model.pt")
     if not path.is_file():
         raise ServingSetupError(f"{path}: no such checkpoint file or run folder")
     return path

@@ -26,7 +26,7 @@ from pathlib import Path
 from models.nn import checkpoint
 from ray_app.train.data import SetupError
 from ray_app.train.preflight import Plan, _run_path, plan, storage_location
-from ray_app.train.settings import BEST_FILE, METRIC, RayTrainSettings, parse_args
+from ray_app.train.settings import METRIC, RayTrainSettings, parse_args
 from ray_app.train.worker import train_loop_per_worker
 
 
@@ -181,12 +181,12 @@ def write_best(best: checkpoint.BestCheckpoint, p: Plan) -> str:
     (a rename on a local or shared file system; on object stores a PUT is whole anyway), so a
     reader or a crash never meets half a file."""
     fs, root = storage_location(p.settings.storage_path)
-    target = f"{root.rstrip('/')}/{p.name}/{BEST_FILE}"
+    target = f"{root.rstrip('/')}/{p.name}/{checkpoint.BEST_FILE}"
     tmp = f"{target}.{os.getpid()}.tmp"
     with fs.open_output_stream(tmp) as f:
         f.write(best.to_json().encode())
     fs.move(tmp, target)
-    return _run_path(p.settings.storage_path, p.name, BEST_FILE)
+    return _run_path(p.settings.storage_path, p.name, checkpoint.BEST_FILE)
 
 
 def run(s: RayTrainSettings, num_cpus: int | None = None) -> checkpoint.BestCheckpoint:

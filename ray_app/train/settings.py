@@ -28,9 +28,6 @@ LSTM_MODELS = ("decomposer", "lstm")  # oneDNN's bf16 LSTM needs native bf16 on 
 FIXED_BY_DATA = ("n_items", "n_genres", "text_dim")
 
 
-BEST_FILE = checkpoint.BEST_FILE
-
-
 @dataclass
 class RayTrainSettings:
     dataset: str = setting("synthetic", "synthetic | ml-latest-small | ml-1m | ... | a prepared folder")
