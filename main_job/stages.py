@@ -14,7 +14,7 @@ ORACLE_ROW = "decomposer + oracle intent (the target's own words)"
 def prepare(s: MainSettings) -> Path:
     """The dataset prepared under runs/data (a small synthetic one with --smoke) -> its folder."""
     from models.data.errors import DataFormatError
-    from models.data.prepare import prepare_source
+    from models.data.sources import prepare_source
     from models.data.synthetic import SyntheticConfig
 
     synthetic = SyntheticConfig(n_users=120, n_items=150, min_events=10, max_events=30) if s.smoke else None

@@ -2,8 +2,10 @@
 
 from models.data.dataset import InteractionData, load_prepared
 from models.data.errors import DataFormatError
-from models.data.movielens import KNOWN_DATASETS, DownloadError, download, read_movielens
-from models.data.prepare import intent_phrases, item_text, prepare, prepare_source
+from models.data.download import KNOWN_DATASETS, DownloadError, download
+from models.data.movielens import read_movielens
+from models.data.prepare import intent_phrases, item_text, prepare
+from models.data.sources import prepare_source
 from models.data.raw import ITEMS_SCHEMA, RATINGS_SCHEMA, RawData
 
 __all__ = [

@@ -73,9 +73,8 @@ def _read(path: Path, fname: str, columns: list[str]) -> pa.Table:
     return table
 
 
-def load_prepared(path: str | Path, verify_checksums: bool = False) -> InteractionData:
-    """Read a folder written by `prepare`; raise naming the file if anything is off."""
-    path = Path(path).expanduser()
+def read_manifest(path: Path, verify_checksums: bool) -> dict:
+    """The manifest of the prepared folder `path`, of this format version (and its files' checksums checked)."""
     mfile = path / MANIFEST
     if not mfile.is_file():
         raise FileNotFoundError(f"{mfile}: not a prepared dataset (no {MANIFEST})")
@@ -94,16 +93,14 @@ def load_prepared(path: str | Path, verify_checksums: bool = False) -> Interacti
                 raise FileNotFoundError(f"{path / fname}: listed in {MANIFEST} but missing")
             if sha256_file(path / fname) != info.get("sha256"):
                 raise DataFormatError(fname, f"checksum does not match {MANIFEST}")
+    return manifest
 
-    items_t = _read(path, TABLE_FILES[0], ["item_idx", "source_id", "title", "genres", "embedding", "intent_ids"])
-    inter_t = _read(path, TABLE_FILES[1], ["user_idx", "item_idx", "rating", "timestamp"])
-    intents_t = _read(path, TABLE_FILES[2], ["intent_idx", "phrase", "embedding"])
-    users_t = _read(path, TABLE_FILES[3], ["user_idx", "source_user"])
 
-    n_items = items_t.num_rows
+def check_counts(manifest: dict, items_t: pa.Table, inter_t: pa.Table, intents_t: pa.Table, users_t: pa.Table) -> None:
+    """Items and users numbered 1..N and 1..U in order, and every table as long as the manifest says."""
+    n_items, n_users = items_t.num_rows, users_t.num_rows
     if not np.array_equal(items_t.column("item_idx").to_numpy(), np.arange(1, n_items + 1)):
         raise DataFormatError(TABLE_FILES[0], "item_idx is not 1..N in order")
-    n_users = users_t.num_rows
     if not np.array_equal(users_t.column("user_idx").to_numpy(), np.arange(1, n_users + 1)):
         raise DataFormatError(TABLE_FILES[3], "user_idx is not 1..U in order")
     counts = manifest.get("counts", {})
@@ -116,7 +113,9 @@ def load_prepared(path: str | Path, verify_checksums: bool = False) -> Interacti
         if counts.get(key) != n:
             raise DataFormatError(fname, f"has {n} {key}, {MANIFEST} says {counts.get(key)}")
 
-    # Events, CSR by user.
+
+def user_csr(inter_t: pa.Table, n_users: int, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """interactions.parquet -> (user_offsets (U+1,), items (E,)): events CSR by user."""
     user_idx = inter_t.column("user_idx").to_numpy().astype(np.int64)
     items = inter_t.column("item_idx").to_numpy().astype(np.int64)
     if user_idx.size and (np.any(np.diff(user_idx) < 0) or user_idx[0] < 1 or user_idx[-1] > n_users):
@@ -125,9 +124,11 @@ def load_prepared(path: str | Path, verify_checksums: bool = False) -> Interacti
         raise DataFormatError(TABLE_FILES[1], "item_idx is outside 1..N")
     user_offsets = np.zeros(n_users + 1, np.int64)
     np.cumsum(np.bincount(user_idx, minlength=n_users + 1)[1:], out=user_offsets[1:])
+    return user_offsets, items
 
-    # Item side, row 0 = padding.
-    genre_names = list(manifest.get("genres", []))
+
+def genre_matrix(items_t: pa.Table, genre_names: list[str]) -> np.ndarray:
+    """(N+1, G) float32 multi-hot genres; row 0 (padding) zeros."""
     genres = items_t.column("genres").combine_chunks()
     flat = pc.list_flatten(genres)
     rows = pc.list_parent_indices(genres).to_numpy() + 1
@@ -135,22 +136,41 @@ def load_prepared(path: str | Path, verify_checksums: bool = False) -> Interacti
     if cols.null_count:
         bad = flat.filter(pc.is_null(cols))[0].as_py()
         raise DataFormatError(TABLE_FILES[0], f"genre {bad!r} is not in the {MANIFEST} genres")
-    item_genres = np.zeros((n_items + 1, len(genre_names)), np.float32)
+    item_genres = np.zeros((items_t.num_rows + 1, len(genre_names)), np.float32)
     item_genres[rows, cols.to_numpy(zero_copy_only=False)] = 1.0
+    return item_genres
 
-    emb = _emb(items_t, TABLE_FILES[0])
-    item_emb = np.zeros((n_items + 1, emb.shape[1]), np.float32)
-    item_emb[1:] = emb
-    intent_emb = _emb(intents_t, TABLE_FILES[2]) if intents_t.num_rows else np.zeros((0, emb.shape[1]), np.float32)
 
+def intent_csr(items_t: pa.Table, n_intents: int) -> tuple[np.ndarray, np.ndarray]:
+    """items.parquet's intent_ids -> (offsets (N+2,), ids (M,)): item i's intents are ids[off[i]:off[i+1]]."""
     intent_ids = items_t.column("intent_ids").combine_chunks()
     lengths = pc.list_value_length(intent_ids).fill_null(0).to_numpy()
-    item_intent_offsets = np.zeros(n_items + 2, np.int64)
-    np.cumsum(lengths, out=item_intent_offsets[2:])
-    item_intent_ids = pc.list_flatten(intent_ids).to_numpy().astype(np.int64)
-    if item_intent_ids.size and (item_intent_ids.min() < 0 or item_intent_ids.max() >= intents_t.num_rows):
+    offsets = np.zeros(items_t.num_rows + 2, np.int64)
+    np.cumsum(lengths, out=offsets[2:])
+    ids = pc.list_flatten(intent_ids).to_numpy().astype(np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= n_intents):
         raise DataFormatError(TABLE_FILES[0], "intent_ids refer to phrases not in intents.parquet")
+    return offsets, ids
 
+
+def load_prepared(path: str | Path, verify_checksums: bool = False) -> InteractionData:
+    """Read a folder written by `prepare`; raise naming the file if anything is off."""
+    path = Path(path).expanduser()
+    manifest = read_manifest(path, verify_checksums)
+    items_t = _read(path, TABLE_FILES[0], ["item_idx", "source_id", "title", "genres", "embedding", "intent_ids"])
+    inter_t = _read(path, TABLE_FILES[1], ["user_idx", "item_idx", "rating", "timestamp"])
+    intents_t = _read(path, TABLE_FILES[2], ["intent_idx", "phrase", "embedding"])
+    users_t = _read(path, TABLE_FILES[3], ["user_idx", "source_user"])
+    check_counts(manifest, items_t, inter_t, intents_t, users_t)
+    n_items, n_users = items_t.num_rows, users_t.num_rows
+    user_offsets, items = user_csr(inter_t, n_users, n_items)
+    genre_names = list(manifest.get("genres", []))
+
+    emb = _emb(items_t, TABLE_FILES[0])
+    item_emb = np.zeros((n_items + 1, emb.shape[1]), np.float32)  # row 0 = padding
+    item_emb[1:] = emb
+    intent_emb = _emb(intents_t, TABLE_FILES[2]) if intents_t.num_rows else np.zeros((0, emb.shape[1]), np.float32)
+    item_intent_offsets, item_intent_ids = intent_csr(items_t, intents_t.num_rows)
     return InteractionData(
         n_users=n_users,
         n_items=n_items,
@@ -158,7 +178,7 @@ def load_prepared(path: str | Path, verify_checksums: bool = False) -> Interacti
         items=items,
         ratings=inter_t.column("rating").to_numpy().astype(np.float32),
         timestamps=inter_t.column("timestamp").to_numpy().astype(np.int64),
-        item_genres=item_genres,
+        item_genres=genre_matrix(items_t, genre_names),
         genre_names=genre_names,
         item_emb=item_emb,
         titles=["<pad>"] + items_t.column("title").to_pylist(),

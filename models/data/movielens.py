@@ -1,4 +1,4 @@
-"""MovieLens readers (CSV, `::` and ml-100k formats, folder or zip) and a verified download.
+"""MovieLens readers: CSV, `::` and ml-100k formats, from a folder or a zip (`download.py` fetches one).
 
 Every reader returns a `RawData`. Ratings go through pyarrow's CSV parser and vectorised checks;
 only when those find a problem is the file scanned line by line, so that the error names the
@@ -8,119 +8,20 @@ exact line and reason. Nothing is ever skipped silently.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-from tqdm.auto import tqdm
 
 from models.data.errors import DataFormatError
-from models.files import atomic_path, sha256_file
+from models.data.release import FOLDER_ALIASES, FORMATS, Source
 from models.data.raw import ITEMS_SCHEMA, RATINGS_SCHEMA, TAG_EVENTS_SCHEMA, RawData, rank_tags
 
-MOVIELENS_URL = "https://files.grouplens.org/datasets/movielens/{name}.zip"
-KNOWN_DATASETS = ("ml-latest-small", "ml-100k", "ml-1m", "ml-10m", "ml-25m", "ml-32m")
-KNOWN_SHA256 = {
-    "ml-1m": "a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20"  # 5,917,549 bytes
-}
 RATING_RANGE = (0.5, 5.0)
-# Folder names inside the official archives that differ from the dataset name.
-_FOLDER_ALIASES = {"ml-10m100k": "ml-10m"}
-# The files each format needs, in detection order.
-_FORMATS = {
-    "csv": ("ratings.csv", "movies.csv"),  # ml-latest(-small), ml-20m, ml-25m, ml-32m
-    "dat": ("ratings.dat", "movies.dat"),  # ml-1m, ml-10m
-    "100k": ("u.data", "u.item", "u.genre"),  # ml-100k
-}
 _NO_GENRES = {"(no genres listed)", ""}
-
-
-class DownloadError(RuntimeError):
-    """A download failed or its checksum did not match."""
-
-
-# ---- where the files are ------------------------------------------------------------------
-
-
-class _Source:
-    """The files of one release, in a folder or inside a zip archive, by lower-cased basename."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.zip: zipfile.ZipFile | None = None
-        if path.is_dir():
-            dirs = [path] + sorted(p for p in path.iterdir() if p.is_dir())
-            groups = {d: {p.name.lower(): p for p in d.iterdir() if p.is_file()} for d in dirs}
-            self.kind, self.folder, files = self._detect(groups)
-            self._files = {k: str(v) for k, v in files.items()}
-        elif path.is_file():
-            try:
-                self.zip = zipfile.ZipFile(path)
-            except zipfile.BadZipFile:
-                raise DataFormatError(path.name, "not a zip archive and not a folder") from None
-            groups: dict[str, dict[str, str]] = {}
-            for member in self.zip.namelist():
-                if member.endswith("/") or "__MACOSX" in member:
-                    continue
-                folder, _, base = member.rpartition("/")
-                groups.setdefault(folder, {})[base.lower()] = member
-            self.kind, folder, self._files = self._detect(groups)
-            self.folder = Path(folder) if folder else Path(path.stem)
-        else:
-            raise FileNotFoundError(f"{path}: no such folder or archive")
-
-    def _detect(self, groups):
-        # Shallowest folder first, so that a folder holding several releases is not guessed at.
-        for folder, files in sorted(groups.items(), key=lambda kv: len(str(kv[0]).split("/"))):
-            for kind, needed in _FORMATS.items():
-                if all(n in files for n in needed):
-                    return kind, folder, files
-        for files in groups.values():
-            for needed in _FORMATS.values():
-                if needed[0] in files:
-                    missing = ", ".join(n for n in needed if n not in files)
-                    raise DataFormatError(self.path.name, f"has {needed[0]} but no {missing}")
-        raise DataFormatError(
-            self.path.name,
-            "no MovieLens files found (expected ratings.csv + "
-            "movies.csv, ratings.dat + movies.dat, or u.data + u.item + u.genre)",
-        )
-
-    def has(self, name: str) -> bool:
-        return name in self._files
-
-    def display(self, name: str) -> str:
-        if self.zip is not None:
-            return f"{self.path.name}:{self._files[name]}"
-        return name
-
-    def local_path(self, name: str) -> str | None:
-        return None if self.zip is not None else self._files[name]
-
-    def open(self, name: str):
-        if self.zip is not None:
-            return self.zip.open(self._files[name])
-        return open(self._files[name], "rb")
-
-    def read_bytes(self, name: str) -> bytes:
-        with self.open(name) as f:
-            return f.read()
-
-    def read_text(self, name: str) -> str:
-        """UTF-8, falling back to latin-1 (ml-1m and ml-100k are latin-1)."""
-        data = self.read_bytes(name)
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            text = data.decode("latin-1")
-        if not text.strip():
-            raise DataFormatError(self.display(name), "file is empty", line=1)
-        return text
 
 
 # ---- field parsing --------------------------------------------------------------------------
@@ -161,7 +62,7 @@ def _lines(text: str, delimiter: str, quoted: bool):
                 yield n, line.split(delimiter)
 
 
-def _check_header(src: _Source, name: str, rows, expected: list[str]) -> None:
+def _check_header(src: Source, name: str, rows, expected: list[str]) -> None:
     first = next(rows, None)
     if first is None:
         raise DataFormatError(src.display(name), "file is empty", line=1)
@@ -186,7 +87,7 @@ _RATING_FIELDS = {
 }
 
 
-def _scan_ratings(src: _Source, kind: str, item_ids: set[int], movies_file: str) -> None:
+def _scan_ratings(src: Source, kind: str, item_ids: set[int], movies_file: str) -> None:
     """The slow, exact check: raise on the first bad line (the fast path found a problem)."""
     name, delim, header = _RATING_LAYOUT[kind]
     names = _RATING_FIELDS[kind]
@@ -207,7 +108,7 @@ def _scan_ratings(src: _Source, kind: str, item_ids: set[int], movies_file: str)
             raise DataFormatError(disp, f"{names[1]} {item} is not in {movies_file}", line)
 
 
-def _read_ratings(src: _Source, kind: str, items: pa.Table, movies_file: str) -> pa.Table:
+def _read_ratings(src: Source, kind: str, items: pa.Table, movies_file: str) -> pa.Table:
     name, delim, header = _RATING_LAYOUT[kind]
     disp = src.display(name)
     cols = ["user", "item", "rating", "timestamp"]
@@ -277,7 +178,7 @@ def _check_unique(seen: dict[int, int], mid: int, field: str, disp: str, line: i
     seen[mid] = line
 
 
-def _read_movies_csv(src: _Source):
+def _read_movies_csv(src: Source):
     name, disp = "movies.csv", src.display("movies.csv")
     rows = _lines(src.read_text(name), ",", quoted=True)
     _check_header(src, name, rows, ["movieId", "title", "genres"])
@@ -297,7 +198,7 @@ def _read_movies_csv(src: _Source):
     return ids, titles, genres
 
 
-def _read_movies_dat(src: _Source):
+def _read_movies_dat(src: Source):
     name, disp = "movies.dat", src.display("movies.dat")
     seen: dict[int, int] = {}
     ids, titles, genres = [], [], []
@@ -313,7 +214,7 @@ def _read_movies_dat(src: _Source):
     return ids, titles, genres
 
 
-def _read_movies_100k(src: _Source):
+def _read_movies_100k(src: Source):
     gdisp = src.display("u.genre")
     genre_names: list[str] = []
     for line, f in _lines(src.read_text("u.genre"), "|", quoted=False):
@@ -345,7 +246,7 @@ def _read_movies_100k(src: _Source):
 # ---- tags -----------------------------------------------------------------------------------
 
 
-def _read_tags(src: _Source, kind: str, item_ids: set[int], movies_file: str) -> pa.Table | None:
+def _read_tags(src: Source, kind: str, item_ids: set[int], movies_file: str) -> pa.Table | None:
     """Every tag application (item, normalised tag, time) in file order (TAG_EVENTS_SCHEMA); None without tags."""
     name = "tags.csv" if kind == "csv" else "tags.dat"
     if kind == "100k" or not src.has(name):
@@ -389,9 +290,9 @@ def read_movielens(path: str | Path, name: str | None = None) -> RawData:
     Raises `DataFormatError` naming file, line and reason on any malformed input.
     """
     path = Path(path).expanduser()
-    src = _Source(path)
+    src = Source(path)
     try:
-        movies_file = _FORMATS[src.kind][1]
+        movies_file = FORMATS[src.kind][1]
         ids, titles, genres = _MOVIE_READERS[src.kind](src)
         if not ids:
             raise DataFormatError(src.display(movies_file), "no movies in the file", line=1)
@@ -409,58 +310,5 @@ def read_movielens(path: str | Path, name: str | None = None) -> RawData:
             src.zip.close()
     if name is None:
         stem = path.stem if src.zip is not None else Path(src.folder).name
-        name = _FOLDER_ALIASES.get(stem.lower(), stem)
+        name = FOLDER_ALIASES.get(stem.lower(), stem)
     return RawData(name=name, items=items, ratings=ratings, source=str(path.resolve()), tag_events=tag_events)
-
-
-def download(
-    name: str, dest_dir: Path, url: str | None = None, sha256: str | None = None, progress: bool = True
-) -> Path:
-    """Download `{name}.zip` into dest_dir (streamed to a temp file, renamed when verified).
-
-    The SHA-256 is checked when given or known; on a mismatch nothing is left behind. An
-    archive already in place that passes the check is returned without downloading.
-    """
-    import httpx
-
-    if url is None:
-        if name not in KNOWN_DATASETS:
-            raise ValueError(f"unknown MovieLens dataset {name!r}; known: {', '.join(KNOWN_DATASETS)} (or pass url=)")
-        url = MOVIELENS_URL.format(name=name)
-    expected = (sha256 or KNOWN_SHA256.get(name) or "").lower() or None
-    dest_dir = Path(dest_dir).expanduser()
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / f"{name}.zip"
-    if dest.exists():
-        if expected is None or sha256_file(dest) == expected:
-            return dest
-        dest.unlink()  # a damaged earlier copy
-    try:
-        h = hashlib.sha256()
-        with (
-            atomic_path(dest) as tmp,
-            open(tmp, "wb") as out,
-            httpx.stream("GET", url, follow_redirects=True, timeout=httpx.Timeout(30.0, read=120.0)) as resp,
-        ):
-            resp.raise_for_status()
-            total = int(resp.headers.get("content-length", 0)) or None
-            with tqdm(
-                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name, disable=not progress
-            ) as bar:
-                for chunk in resp.iter_bytes(1 << 20):
-                    out.write(chunk)
-                    h.update(chunk)
-                    bar.update(len(chunk))
-            digest = h.hexdigest()
-            if expected is not None and digest != expected:  # raised inside: the file is discarded
-                raise DownloadError(
-                    f"{url}: SHA-256 mismatch (expected {expected}, got {digest}); the download was discarded"
-                )
-    except httpx.HTTPStatusError as e:
-        raise DownloadError(f"cannot download {url}: HTTP {e.response.status_code}") from None
-    except httpx.TransportError as e:
-        raise DownloadError(
-            f"cannot download {url}: {type(e).__name__}: {e} (no network? put "
-            f"{dest.name} in {dest_dir} or pass a local folder)"
-        ) from None
-    return dest

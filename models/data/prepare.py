@@ -35,8 +35,6 @@ SPLIT_PROTOCOL = (
 )
 TABLE_FILES = ("items.parquet", "interactions.parquet", "intents.parquet", "user_map.parquet")
 MANIFEST = "manifest.json"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED_ML_LATEST_SMALL = REPO_ROOT.parent / "shared" / "data" / "movielens" / "ml-latest-small"
 
 
 # ---- pure helpers ---------------------------------------------------------------------------
@@ -78,12 +76,12 @@ def _encode(encoder, texts: list[str], progress: bool, what: str) -> np.ndarray:
 # ---- the folder swap ------------------------------------------------------------------------
 
 
-def _is_empty_dir(path: Path) -> bool:
+def is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
 def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and _is_empty_dir(out_dir):
+    if out_dir.exists() and is_empty_dir(out_dir):
         out_dir.rmdir()
     if not out_dir.exists():
         os.rename(tmp, out_dir)
@@ -139,6 +137,181 @@ def item_tags(raw: RawData, catalogue: pa.Table, cutoff: int) -> tuple[list[list
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class Events:
+    """The kept events, sorted by (user, time) — ties in file order — in their source ids."""
+
+    users: np.ndarray  # (E,) int64 source user ids
+    items: np.ndarray  # (E,) int64 source item ids
+    ratings: np.ndarray  # (E,) float32
+    times: np.ndarray  # (E,) int64 seconds
+
+    @property
+    def size(self) -> int:
+        return int(self.users.size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Catalogue:
+    """Users 1..U and items 1..N in order of their source ids (0 is padding), with the item rows."""
+
+    user_ids: np.ndarray  # (U,) source ids, ascending
+    item_ids: np.ndarray  # (N,) source ids, ascending
+    user_idx: np.ndarray  # (E,) int32 in 1..U
+    item_idx: np.ndarray  # (E,) int32 in 1..N
+    titles: list[str]
+    genres: list[list[str]]
+    rows: pa.Table  # (N rows) raw.items in item_idx order
+
+
+@dataclasses.dataclass(frozen=True)
+class Texts:
+    """Item texts and intent phrases, each encoded once."""
+
+    texts: list[str]  # (N,)
+    item_emb: np.ndarray  # (N, D)
+    per_item: list[list[str]]  # (N,) each item's phrases
+    vocab: list[str]  # (P,) every phrase, sorted
+    intent_emb: np.ndarray  # (P, D)
+
+
+def check_target(raw: RawData, out_dir: Path, overwrite: bool) -> None:
+    """Refuse to replace an existing output without `overwrite`, or extra tables named like prepared ones."""
+    if out_dir.exists() and not overwrite and not is_empty_dir(out_dir):
+        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
+    reserved = {f.removesuffix(".parquet") for f in TABLE_FILES} | {"manifest"}
+    clash = reserved & set(raw.extra)
+    if clash:
+        raise ValueError(f"extra table names {sorted(clash)} clash with the prepared tables")
+
+
+def sorted_events(raw: RawData, min_user_events: int) -> Events:
+    """Stable sort by (user, time) — ties keep file order — and drop histories shorter than `min_user_events`."""
+    ratings = raw.ratings.cast(RATINGS_SCHEMA)
+    for col in ratings.column_names:
+        if ratings.column(col).null_count:
+            raise DataFormatError(f"{raw.name} ratings", f"column {col!r} has missing values")
+    users = ratings.column("user").to_numpy()
+    times = ratings.column("timestamp").to_numpy()
+    by_time = np.argsort(times, kind="stable")
+    order = by_time[np.argsort(users[by_time], kind="stable")]
+    _, inverse, counts = np.unique(users[order], return_inverse=True, return_counts=True)
+    keep = order[counts[inverse] >= min_user_events]
+    if keep.size == 0:
+        raise ValueError(f"{raw.name}: no user has at least {min_user_events} events")
+    return Events(
+        users=users[keep],
+        items=ratings.column("item").to_numpy()[keep],
+        ratings=ratings.column("rating").to_numpy()[keep].astype(np.float32),
+        times=times[keep].astype(np.int64),
+    )
+
+
+def index_catalogue(raw: RawData, events: Events) -> Catalogue:
+    """Re-index users and items and take each rated item's row from `raw.items` (every one must be there, once)."""
+    user_ids = np.unique(events.users)
+    item_ids = np.unique(events.items)
+    catalogue = raw.items.cast(ITEMS_SCHEMA)
+    src = catalogue.column("source_id").to_numpy()
+    src_order = np.argsort(src, kind="stable")
+    src_sorted = src[src_order]
+    dup = np.flatnonzero(src_sorted[1:] == src_sorted[:-1])
+    if dup.size:
+        raise DataFormatError(f"{raw.name} items", f"source_id {src_sorted[dup[0]]} appears twice")
+    pos = np.searchsorted(src_sorted, item_ids)
+    missing = (pos >= len(src_sorted)) | (src_sorted[np.minimum(pos, len(src_sorted) - 1)] != item_ids)
+    if missing.any():
+        raise DataFormatError(f"{raw.name} ratings", f"item {item_ids[missing][0]} is not in the items table")
+    rows = catalogue.take(pa.array(src_order[pos]))
+    return Catalogue(
+        user_ids=user_ids,
+        item_ids=item_ids,
+        user_idx=(np.searchsorted(user_ids, events.users) + 1).astype(np.int32),
+        item_idx=(np.searchsorted(item_ids, events.items) + 1).astype(np.int32),
+        titles=rows.column("title").to_pylist(),
+        genres=[g or [] for g in rows.column("genres").to_pylist()],
+        rows=rows,
+    )
+
+
+def encode_texts(encoder, cat: Catalogue, tags: list[list[str]], progress: bool, step) -> Texts:
+    """Each item's text and every intent phrase, encoded once by `encoder`."""
+    step(f"encoding {len(cat.titles)} item texts")
+    texts = [item_text(t or "", g, tg) for t, g, tg in zip(cat.titles, cat.genres, tags)]
+    item_emb = _encode(encoder, texts, progress, "item texts")
+    per_item = [intent_phrases(g, tg) for g, tg in zip(cat.genres, tags)]
+    vocab = sorted({p for ps in per_item for p in ps})
+    step(f"encoding {len(vocab)} intent phrases")
+    intent_emb = _encode(encoder, vocab, progress, "intent phrases").reshape(len(vocab), item_emb.shape[1])
+    return Texts(texts=texts, item_emb=item_emb, per_item=per_item, vocab=vocab, intent_emb=intent_emb)
+
+
+def build_tables(events: Events, cat: Catalogue, tags: list[list[str]], text: Texts) -> dict[str, pa.Table]:
+    """The four prepared tables: items, interactions, intents, user_map."""
+    n_items, n_users = len(cat.item_ids), len(cat.user_ids)
+    phrase_id = {p: i for i, p in enumerate(text.vocab)}
+    items = pa.table(
+        {
+            "item_idx": pa.array(np.arange(1, n_items + 1, dtype=np.int32)),
+            "source_id": pa.array(cat.item_ids.astype(np.int64)),
+            "title": pa.array(cat.titles, pa.string()),
+            "genres": pa.array(cat.genres, pa.list_(pa.string())),
+            "tags": pa.array(tags, pa.list_(pa.string())),
+            "text": pa.array(text.texts, pa.string()),
+            "embedding": _emb_array(text.item_emb),
+            "intent_ids": pa.array([[phrase_id[p] for p in ps] for ps in text.per_item], pa.list_(pa.int32())),
+        }
+    )
+    interactions = pa.table(
+        {
+            "user_idx": pa.array(cat.user_idx),
+            "source_user": pa.array(events.users.astype(np.int64)),
+            "item_idx": pa.array(cat.item_idx),
+            "rating": pa.array(events.ratings),
+            "timestamp": pa.array(events.times),
+        }
+    )
+    intents = pa.table(
+        {
+            "intent_idx": pa.array(np.arange(len(text.vocab), dtype=np.int32)),
+            "phrase": pa.array(text.vocab, pa.string()),
+            "embedding": _emb_array(text.intent_emb),
+        }
+    )
+    user_map = pa.table(
+        {
+            "user_idx": pa.array(np.arange(1, n_users + 1, dtype=np.int32)),
+            "source_user": pa.array(cat.user_ids.astype(np.int64)),
+        }
+    )
+    return {"items": items, "interactions": interactions, "intents": intents, "user_map": user_map}
+
+
+def write_prepared(tables: dict[str, pa.Table], manifest: dict, out_dir: Path, overwrite: bool) -> None:
+    """Write the tables and the manifest (with each file's checksum and size) into a temporary
+    folder beside `out_dir`, then rename it into place; on any failure the folder is removed."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        for name, table in tables.items():
+            pq.write_table(table, tmp / f"{name}.parquet")
+        manifest["files"] = {
+            f"{name}.parquet": {
+                "sha256": sha256_file(tmp / f"{name}.parquet"),
+                "bytes": (tmp / f"{name}.parquet").stat().st_size,
+            }
+            for name in tables
+        }
+        manifest["split_protocol"] = SPLIT_PROTOCOL
+        manifest["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _move_into_place(tmp, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def prepare(
     raw: RawData,
     out_dir: Path,
@@ -156,271 +329,44 @@ def prepare(
     manifest so that a later identical request can reuse the output.
     """
     out_dir = Path(out_dir).expanduser()
-    if out_dir.exists() and not overwrite and not _is_empty_dir(out_dir):
-        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
-    reserved = {f.removesuffix(".parquet") for f in TABLE_FILES} | {"manifest"}
-    clash = reserved & set(raw.extra)
-    if clash:
-        raise ValueError(f"extra table names {sorted(clash)} clash with the prepared tables")
+    check_target(raw, out_dir, overwrite)
 
     def step(msg: str) -> None:
         if progress:
             tqdm.write(f"[prepare {raw.name}] {msg}")
 
-    # 1. Events: stable sort by (user, time) — ties keep file order — and drop short histories.
     step("sorting events")
-    ratings = raw.ratings.cast(RATINGS_SCHEMA)
-    for col in ratings.column_names:
-        if ratings.column(col).null_count:
-            raise DataFormatError(f"{raw.name} ratings", f"column {col!r} has missing values")
-    users = ratings.column("user").to_numpy()
-    times = ratings.column("timestamp").to_numpy()
-    by_time = np.argsort(times, kind="stable")
-    order = by_time[np.argsort(users[by_time], kind="stable")]
-    users = users[order]
-    _, inverse, counts = np.unique(users, return_inverse=True, return_counts=True)
-    keep = order[counts[inverse] >= min_user_events]
-    if keep.size == 0:
-        raise ValueError(f"{raw.name}: no user has at least {min_user_events} events")
-    users = ratings.column("user").to_numpy()[keep]
-    items = ratings.column("item").to_numpy()[keep]
-    cutoff = evaluation_cutoff(users, ratings.column("timestamp").to_numpy()[keep])
-
-    # 2. Re-index: users 1..U and items 1..N in order of their source ids; 0 is padding.
+    events = sorted_events(raw, min_user_events)
     step("indexing users and items")
-    user_ids = np.unique(users)
-    item_ids = np.unique(items)
-    user_idx = (np.searchsorted(user_ids, users) + 1).astype(np.int32)
-    item_idx = (np.searchsorted(item_ids, items) + 1).astype(np.int32)
-
-    catalogue = raw.items.cast(ITEMS_SCHEMA)
-    src = catalogue.column("source_id").to_numpy()
-    src_order = np.argsort(src, kind="stable")
-    src_sorted = src[src_order]
-    dup = np.flatnonzero(src_sorted[1:] == src_sorted[:-1])
-    if dup.size:
-        raise DataFormatError(f"{raw.name} items", f"source_id {src_sorted[dup[0]]} appears twice")
-    pos = np.searchsorted(src_sorted, item_ids)
-    missing = (pos >= len(src_sorted)) | (src_sorted[np.minimum(pos, len(src_sorted) - 1)] != item_ids)
-    if missing.any():
-        raise DataFormatError(f"{raw.name} ratings", f"item {item_ids[missing][0]} is not in the items table")
-    catalogue = catalogue.take(pa.array(src_order[pos]))
-    titles = catalogue.column("title").to_pylist()
-    genres = catalogue.column("genres").to_pylist()
-    genres = [g or [] for g in genres]
-    tags, tag_record = item_tags(raw, catalogue, cutoff)
-
-    # 3. Text and intent phrases, each encoded once.
+    cat = index_catalogue(raw, events)
+    tags, tag_record = item_tags(raw, cat.rows, evaluation_cutoff(events.users, events.times))
     if encoder is None:
         from models.data.encoder import TextEncoder
 
         encoder = TextEncoder()
-    step(f"encoding {len(titles)} item texts")
-    texts = [item_text(t or "", g, tg) for t, g, tg in zip(titles, genres, tags)]
-    item_emb = _encode(encoder, texts, progress, "item texts")
-    per_item = [intent_phrases(g, tg) for g, tg in zip(genres, tags)]
-    vocab = sorted({p for ps in per_item for p in ps})
-    phrase_id = {p: i for i, p in enumerate(vocab)}
-    step(f"encoding {len(vocab)} intent phrases")
-    intent_emb = _encode(encoder, vocab, progress, "intent phrases")
-    dim = item_emb.shape[1]
-    genre_vocab = sorted({g for gs in genres for g in gs})
-
-    n_items, n_users = len(item_ids), len(user_ids)
-    items_table = pa.table(
-        {
-            "item_idx": pa.array(np.arange(1, n_items + 1, dtype=np.int32)),
-            "source_id": pa.array(item_ids.astype(np.int64)),
-            "title": pa.array(titles, pa.string()),
-            "genres": pa.array(genres, pa.list_(pa.string())),
-            "tags": pa.array(tags, pa.list_(pa.string())),
-            "text": pa.array(texts, pa.string()),
-            "embedding": _emb_array(item_emb),
-            "intent_ids": pa.array([[phrase_id[p] for p in ps] for ps in per_item], pa.list_(pa.int32())),
-        }
-    )
-    interactions = pa.table(
-        {
-            "user_idx": pa.array(user_idx),
-            "source_user": pa.array(users.astype(np.int64)),
-            "item_idx": pa.array(item_idx),
-            "rating": pa.array(ratings.column("rating").to_numpy()[keep].astype(np.float32)),
-            "timestamp": pa.array(ratings.column("timestamp").to_numpy()[keep].astype(np.int64)),
-        }
-    )
-    intents = pa.table(
-        {
-            "intent_idx": pa.array(np.arange(len(vocab), dtype=np.int32)),
-            "phrase": pa.array(vocab, pa.string()),
-            "embedding": _emb_array(intent_emb.reshape(len(vocab), dim)),
-        }
-    )
-    user_map = pa.table(
-        {
-            "user_idx": pa.array(np.arange(1, n_users + 1, dtype=np.int32)),
-            "source_user": pa.array(user_ids.astype(np.int64)),
-        }
-    )
-
-    # 4. Write everything into a temporary folder beside out_dir, then rename it into place.
+    text = encode_texts(encoder, cat, tags, progress, step)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dataset": raw.name,
+        "source": raw.source,
+        "request": request,
+        "counts": {
+            "users": len(cat.user_ids),
+            "items": len(cat.item_ids),
+            "interactions": events.size,
+            "genres": len({g for gs in cat.genres for g in gs}),
+            "intents": len(text.vocab),
+        },
+        "genres": sorted({g for gs in cat.genres for g in gs}),
+        "encoder": {
+            "model": getattr(encoder, "model_name", type(encoder).__name__),
+            "dim": int(text.item_emb.shape[1]),
+        },
+        "min_user_events": min_user_events,
+        "tags": tag_record,
+        "extra_tables": sorted(raw.extra),
+    }
     step(f"writing {out_dir}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, 0o755)
-        tables = {
-            "items": items_table,
-            "interactions": interactions,
-            "intents": intents,
-            "user_map": user_map,
-            **raw.extra,
-        }
-        for name, table in tables.items():
-            pq.write_table(table, tmp / f"{name}.parquet")
-        files = {
-            f"{name}.parquet": {
-                "sha256": sha256_file(tmp / f"{name}.parquet"),
-                "bytes": (tmp / f"{name}.parquet").stat().st_size,
-            }
-            for name in tables
-        }
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "dataset": raw.name,
-            "source": raw.source,
-            "request": request,
-            "counts": {
-                "users": n_users,
-                "items": n_items,
-                "interactions": int(keep.size),
-                "genres": len(genre_vocab),
-                "intents": len(vocab),
-            },
-            "genres": genre_vocab,
-            "encoder": {"model": getattr(encoder, "model_name", type(encoder).__name__), "dim": int(dim)},
-            "min_user_events": min_user_events,
-            "tags": tag_record,
-            "extra_tables": sorted(raw.extra),
-            "files": files,
-            "split_protocol": SPLIT_PROTOCOL,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _move_into_place(tmp, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    step(f"done: {n_users} users, {n_items} items, {keep.size} events, {len(vocab)} intents")
+    write_prepared({**build_tables(events, cat, tags, text), **raw.extra}, manifest, out_dir, overwrite)
+    step(f"done: {len(cat.user_ids)} users, {len(cat.item_ids)} items, {events.size} events, {len(text.vocab)} intents")
     return out_dir
-
-
-# ---- from a named source --------------------------------------------------------------------
-
-
-def _older_format(out_dir: Path) -> bool:
-    """A prepared folder whose manifest names an older format version (derived data: safe to redo)."""
-    try:
-        version = json.loads((Path(out_dir) / MANIFEST).read_text()).get("format_version")
-    except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(version, int) and version < FORMAT_VERSION
-
-
-def read_manifest_if_complete(out_dir: Path) -> dict | None:
-    """The manifest of a complete prepared folder (every listed file present, checksums
-    matching), else None."""
-    try:
-        manifest = json.loads((Path(out_dir) / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if manifest.get("format_version") != FORMAT_VERSION or not isinstance(files, dict):
-        return None
-    for name, info in files.items():
-        path = Path(out_dir) / name
-        if not path.is_file() or sha256_file(path) != info.get("sha256"):
-            return None
-    return manifest
-
-
-def _jsonable(obj) -> object:
-    """A dataclass as the JSON value it reads back as (tuples become lists, ...)."""
-    return json.loads(json.dumps(dataclasses.asdict(obj), sort_keys=True, default=str))
-
-
-def prepare_source(
-    dataset: str,
-    out_dir: Path,
-    data_dir: Path | None = None,
-    download_dir: Path | None = None,
-    encoder=None,
-    overwrite: bool = False,
-    synthetic_config=None,
-    min_user_events: int = 3,
-    progress: bool = True,
-) -> Path:
-    """Prepare a named dataset ("synthetic" or a MovieLens name) into `out_dir`.
-
-    MovieLens is read from `data_dir` (folder or zip); without it, ml-latest-small comes from
-    the checked copy in ../shared when present, any other set is downloaded into
-    `download_dir` (default: ~/.cache/dynamic-interest/movielens). An existing complete
-    output made from the same request is returned as is unless `overwrite`.
-    """
-    from models.data.movielens import KNOWN_DATASETS, MOVIELENS_URL, download, read_movielens
-    from models.data.encoder import MODEL_NAME, cache_dir
-
-    out_dir = Path(out_dir).expanduser()
-    if dataset == "synthetic":
-        from models.data.synthetic import SyntheticConfig, generate
-
-        config = synthetic_config if synthetic_config is not None else SyntheticConfig()
-        request = {"dataset": dataset, "input": _jsonable(config)}
-
-        def load() -> RawData:
-            return generate(config)
-    else:
-        if data_dir is None and dataset == "ml-latest-small" and SHARED_ML_LATEST_SMALL.is_dir():
-            data_dir = SHARED_ML_LATEST_SMALL
-        if data_dir is not None:
-            data_dir = Path(data_dir).expanduser().resolve()
-            request = {"dataset": dataset, "input": str(data_dir)}
-
-            def load() -> RawData:
-                return read_movielens(data_dir, name=dataset)
-        else:
-            if dataset not in KNOWN_DATASETS:
-                raise ValueError(
-                    f"unknown dataset {dataset!r}: use 'synthetic', one of "
-                    f"{', '.join(KNOWN_DATASETS)}, or pass data_dir"
-                )
-            request = {"dataset": dataset, "input": MOVIELENS_URL.format(name=dataset)}
-            target = Path(download_dir) if download_dir else cache_dir() / "movielens"
-
-            def load() -> RawData:
-                return read_movielens(download(dataset, target, progress=progress), name=dataset)
-
-    request["min_user_events"] = min_user_events
-    request["encoder"] = getattr(encoder, "model_name", MODEL_NAME) if encoder else MODEL_NAME
-
-    if out_dir.exists() and not overwrite and not _is_empty_dir(out_dir):
-        manifest = read_manifest_if_complete(out_dir)
-        if manifest is not None and manifest.get("request") == request:
-            if progress:
-                tqdm.write(f"[prepare {dataset}] up to date: {out_dir}")
-            return out_dir
-        if manifest is None and _older_format(out_dir):
-            if progress:
-                tqdm.write(f"[prepare {dataset}] {out_dir} was prepared by an older version: preparing it again")
-            overwrite = True
-        else:
-            why = "is incomplete" if manifest is None else "was prepared from another source"
-            raise FileExistsError(f"{out_dir} {why}; pass overwrite=True to replace it")
-    return prepare(
-        load(),
-        out_dir,
-        encoder=encoder,
-        min_user_events=min_user_events,
-        overwrite=overwrite,
-        progress=progress,
-        request=request,
-    )

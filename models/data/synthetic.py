@@ -135,83 +135,110 @@ def _pick(pool: np.ndarray, pop: np.ndarray, rng: np.random.Generator) -> int:
     return int(pool[rng.choice(len(pool), p=w / w.sum())])
 
 
+@dataclass(frozen=True)
+class _Catalogue:
+    """The generated items and the pools the sources draw from."""
+
+    titles: list[str]
+    genres: list[list[str]]
+    tags: list[list[str]]
+    series: np.ndarray  # (N,) series of each item
+    pop: np.ndarray  # (N,) popularity weight
+    quality: np.ndarray  # (N,) the rating offset
+    by_genre: list[np.ndarray]  # per genre: its items
+    by_daypart: list[np.ndarray]  # per daypart: its items
+
+
+TRUTH_COLUMNS = ("user", "seq", "timestamp", "item", "source", "hour", "log_gap", "pi_topic", "pi_sentiment", "pi_time")
+
+
+def _catalogue(cfg: SyntheticConfig, rng: np.random.Generator) -> _Catalogue:
+    titles, genres, tags, onehot, daypart, series, pop, quality = _items(cfg, rng)
+    return _Catalogue(
+        titles=titles,
+        genres=genres,
+        tags=tags,
+        series=series,
+        pop=pop,
+        quality=quality,
+        by_genre=[np.flatnonzero(onehot[:, g]) for g in range(cfg.n_genres)],
+        by_daypart=[np.flatnonzero(daypart == d) for d in range(len(DAYPARTS))],
+    )
+
+
+def _next_item(src: int, liked: int, theta: np.ndarray, h: float, cfg: SyntheticConfig, cat: _Catalogue, rng) -> int:
+    """The item that source `src` (0 topic, 1 sentiment, 2 time) picks at hour `h`."""
+    if src == 0:
+        return _pick(cat.by_genre[int(rng.choice(cfg.n_genres, p=theta))], cat.pop, rng)
+    if src == 1:  # the next episode of the series just liked, or its first after the last
+        nxt = (
+            liked + 1
+            if cat.series[min(liked + 1, cfg.n_items - 1)] == cat.series[liked]
+            else liked - cfg.series_len + 1
+        )
+        return int(min(max(nxt, 0), cfg.n_items - 1))
+    return _pick(cat.by_daypart[int(h // 6)], cat.pop, rng)
+
+
+def _simulate_user(u: int, cfg: SyntheticConfig, cat: _Catalogue, rng, cols: dict, truth: dict) -> None:
+    """Append user `u`'s events to `cols` and their planted causes to `truth`."""
+    theta = rng.dirichlet(np.full(cfg.n_genres, 0.3))
+    target = rng.dirichlet(np.full(cfg.n_genres, 0.3))
+    habits = rng.choice(24, size=2, replace=False)  # two habitual session hours
+    n_events = int(rng.integers(cfg.min_events, cfg.max_events + 1))
+    t = cfg.start + int(rng.integers(0, 30 * 86400))
+    liked = -1  # last item rated >= 4
+    in_session = 0
+    for s in range(n_events):
+        if s == 0 or in_session == 0:  # a new session
+            day = (t - cfg.start) // 86400 + int(rng.integers(1, 4))
+            hour = float(rng.choice(habits)) + rng.normal(0, 1.0)
+            t_new = cfg.start + day * 86400 + int((hour % 24) * 3600)
+            gap = 0 if s == 0 else t_new - t
+            t = t_new
+            in_session = int(rng.integers(1, 6))
+        else:
+            gap = int(rng.integers(20, 90) * 60)
+            t += gap
+        in_session -= 1
+        h = (t % 86400) / 3600.0
+        lg = float(np.log1p(gap / 3600.0))
+        pi = planted_weights(np.array(h), np.array(lg))
+        src = int(rng.choice(3, p=pi))
+        if src == 1 and liked < 0:
+            src = 0  # nothing liked yet: fall back to topic
+        item = _next_item(src, liked, theta, h, cfg, cat, rng)
+        # The rating reflects the mood of the moment: high when binge-watching a liked series,
+        # casual for daypart viewing; not the genre preference (that is the topic's business).
+        mood = {0: 0.0, 1: 1.8, 2: -1.0}[src]
+        score = 3.0 + cat.quality[item] + mood + rng.normal(0, 0.5)
+        rating = float(np.clip(np.rint(score), 1, 5))
+        if rating >= 4:
+            liked = item
+        for k, v in zip(cols, (u + 1, item + 1, rating, t)):
+            cols[k].append(v)
+        for k, v in zip(truth, (u + 1, s, t, item + 1, SOURCES[src], h, lg, *pi)):
+            truth[k].append(v)
+        theta = (1 - cfg.drift) * theta + cfg.drift * target
+        if rng.random() < 0.05:
+            target = rng.dirichlet(np.full(cfg.n_genres, 0.3))  # interests move
+
+
 def generate(config: SyntheticConfig | None = None) -> RawData:
     cfg = config or SyntheticConfig()
     rng = np.random.default_rng(cfg.seed)
-    titles, genres, tags, onehot, daypart, series, pop, quality = _items(cfg, rng)
-    by_genre = [np.flatnonzero(onehot[:, g]) for g in range(cfg.n_genres)]
-    by_daypart = [np.flatnonzero(daypart == d) for d in range(len(DAYPARTS))]
+    cat = _catalogue(cfg, rng)
     cols = {k: [] for k in ("user", "item", "rating", "timestamp")}
-    truth = {
-        k: []
-        for k in (
-            "user",
-            "seq",
-            "timestamp",
-            "item",
-            "source",
-            "hour",
-            "log_gap",
-            "pi_topic",
-            "pi_sentiment",
-            "pi_time",
-        )
-    }
+    truth = {k: [] for k in TRUTH_COLUMNS}
     for u in range(cfg.n_users):
-        theta = rng.dirichlet(np.full(cfg.n_genres, 0.3))
-        target = rng.dirichlet(np.full(cfg.n_genres, 0.3))
-        habits = rng.choice(24, size=2, replace=False)  # two habitual session hours
-        n_events = int(rng.integers(cfg.min_events, cfg.max_events + 1))
-        t = cfg.start + int(rng.integers(0, 30 * 86400))
-        liked = -1  # last item rated >= 4
-        in_session = 0
-        for s in range(n_events):
-            if s == 0 or in_session == 0:  # a new session
-                day = (t - cfg.start) // 86400 + int(rng.integers(1, 4))
-                hour = float(rng.choice(habits)) + rng.normal(0, 1.0)
-                t_new = cfg.start + day * 86400 + int((hour % 24) * 3600)
-                gap = 0 if s == 0 else t_new - t
-                t = t_new
-                in_session = int(rng.integers(1, 6))
-            else:
-                gap = int(rng.integers(20, 90) * 60)
-                t += gap
-            in_session -= 1
-            h = (t % 86400) / 3600.0
-            lg = float(np.log1p(gap / 3600.0))
-            pi = planted_weights(np.array(h), np.array(lg))
-            src = int(rng.choice(3, p=pi))
-            if src == 1 and liked < 0:
-                src = 0  # nothing liked yet: fall back to topic
-            if src == 0:
-                item = _pick(by_genre[int(rng.choice(cfg.n_genres, p=theta))], pop, rng)
-            elif src == 1:
-                nxt = (
-                    liked + 1
-                    if series[min(liked + 1, cfg.n_items - 1)] == series[liked]
-                    else liked - cfg.series_len + 1
-                )
-                item = int(min(max(nxt, 0), cfg.n_items - 1))
-            else:
-                item = _pick(by_daypart[int(h // 6)], pop, rng)
-            # The rating reflects the mood of the moment: high when binge-watching a liked series,
-            # casual for daypart viewing; not the genre preference (that is the topic's business).
-            mood = {0: 0.0, 1: 1.8, 2: -1.0}[src]
-            score = 3.0 + quality[item] + mood + rng.normal(0, 0.5)
-            rating = float(np.clip(np.rint(score), 1, 5))
-            if rating >= 4:
-                liked = item
-            cols["user"].append(u + 1)
-            cols["item"].append(item + 1)
-            cols["rating"].append(rating)
-            cols["timestamp"].append(t)
-            for k, v in zip(truth, (u + 1, s, t, item + 1, SOURCES[src], h, lg, *pi)):
-                truth[k].append(v)
-            theta = (1 - cfg.drift) * theta + cfg.drift * target
-            if rng.random() < 0.05:
-                target = rng.dirichlet(np.full(cfg.n_genres, 0.3))  # interests move
+        _simulate_user(u, cfg, cat, rng, cols, truth)
     items = pa.table(
-        {"source_id": np.arange(1, cfg.n_items + 1, dtype=np.int64), "title": titles, "genres": genres, "tags": tags},
+        {
+            "source_id": np.arange(1, cfg.n_items + 1, dtype=np.int64),
+            "title": cat.titles,
+            "genres": cat.genres,
+            "tags": cat.tags,
+        },
         schema=ITEMS_SCHEMA,
     )
     ratings = pa.table(
