@@ -3,7 +3,7 @@
 The serve config is written once, in the repository, in `serve build` form; the RayService
 embeds the same config with only what differs on the cluster replaced (`ClusterSettings`):
 the state store points at Redis (its password from the environment), the checkpoint and the data are on the shared volume, the
-code comes from the image rather than a working_dir upload. tests/test_k8s.py fails when
+code comes from the image rather than a working_dir upload. tests/test_k8s_serve_config.py fails when
 k8s/rayservice.yaml is out of date.
 
     python k8s/render.py            # rewrite serveConfigV2 in k8s/rayservice.yaml

@@ -52,7 +52,7 @@ if [ ! -f "$stamp" ] && [ ! -f ".venv/.installed-$hash-dev" ]; then     # the de
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
-# dev: checkov, the policy scanner tests/test_k8s.py runs on k8s/, in a virtual environment of its
+# dev: checkov, the policy scanner tests/test_k8s_checkov.py runs on k8s/, in a virtual environment of its
 # own (.venv/checkov): its dependencies pin other versions of packages the project uses.
 CHECKOV_VERSION=3.3.30
 if [ "$extra" = dev ] && [ ! -f ".venv/checkov/.installed-$CHECKOV_VERSION" ]; then

@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny synthetic dataset prepared once per session with the real text encoder,
-the API's signing secret with tokens for it, and the one local Ray (and Serve) of a test module."""
+"""Shared fixtures: a tiny synthetic dataset prepared once per session with the real text encoder
+(and its training/validation/test split), the API's signing secret with tokens for it, and the
+one local Ray (and Serve) of a test module."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from models.data import load_prepared, prepare_source
+from models.data.batching import make_split
 from models.data.synthetic import SyntheticConfig
 from models.data.encoder import TextEncoder
 from ray_app.serve.auth import SECRET_ENV, mint, new_secret
@@ -77,3 +79,8 @@ def tiny_prepared(tmp_path_factory, encoder_cache) -> Path:
 @pytest.fixture(scope="session")
 def tiny_data(tiny_prepared):
     return load_prepared(tiny_prepared)
+
+
+@pytest.fixture(scope="module")
+def split(tiny_data):
+    return make_split(tiny_data.user_offsets, 1)

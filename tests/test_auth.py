@@ -1,5 +1,5 @@
 """Bearer tokens (ray_app.serve.auth) without a server: what each token proves, and what it does not.
-The same rules over real HTTP, on every route, are in tests/test_serve.py."""
+The same rules over real HTTP, on every route, are in tests/test_serve_http.py."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from models.data.batching import make_split
 from models.training.loop import new_model
 from ray_app.serve.app import AppArgs, DeploymentSettings, build_app
 from test_serve_reliability import free_port, wait_healthy
-from test_store import RedisServer, needs_redis
+from store_helpers import RedisServer, needs_redis
 
 pytestmark = needs_redis
 APP = "faults"

@@ -1,95 +1,32 @@
 """One test suite for every StateStore backend: SQLite in a temporary folder and a real
-`redis-server` (AOF, fsync on every write) started on a free loopback port.
+`redis-server` (AOF, fsync on every write), one for the module, started on a free loopback port.
 
 Besides the protocol's semantics it checks the guarantees the server relies on: several writer
-processes lose nothing and keep each user's order, a writer killed mid-write leaves a readable
-store with every acknowledged event, and `kill -9` of redis-server loses no acknowledged event.
+processes lose nothing and keep each user's order, and a writer killed mid-write leaves a
+readable store with every acknowledged event. Then what only Redis has, on the same server.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import re
-import shutil
-import signal
-import socket
 import sqlite3
-import subprocess
-import time
-from pathlib import Path
 
 import pytest
 
-from ray_app.store.base import Event, IdempotencyConflict, StoredState
-from ray_app.store.sqlite import SQLiteStore
+from ray_app.store.base import IdempotencyConflict, StoredState
 from ray_app.store.opener import open_store
-
-REDIS_SERVER = shutil.which("redis-server")
-needs_redis = pytest.mark.skipif(
-    REDIS_SERVER is None, reason="redis-server is not on PATH (apt-get install redis-server)"
+from store_helpers import (
+    REDIS_SERVER,
+    SPAWN,
+    RedisServer,
+    _acking_writer,
+    _check_acknowledged,
+    _read_log,
+    _wait_for_acks,
+    ev,
+    needs_redis,
 )
+
 BACKENDS = ["sqlite", pytest.param("redis", marks=needs_redis)]
-SPAWN = mp.get_context("spawn")  # no fork of a process that holds store connections or threads
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A redis-server on loopback with its data in `dir`; `kill()` is SIGKILL, `start()` reuses the dir."""
-
-    def __init__(self, dir: Path):
-        self.dir, self.port = dir, _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.dir),
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-                "--logfile",
-                "redis.log",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):  # -LOADING while it replays the AOF
-                        return
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited: {(self.dir / 'redis.log').read_text()[-2000:]}")
-            time.sleep(0.02)
-        raise RuntimeError(f"redis-server on port {self.port} did not answer PING")
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +54,6 @@ def store(url):
     s = open_store(url)
     yield s
     s.close()
-
-
-def ev(i: int, t0: float = 1.7e9) -> Event:
-    # Timestamps with a fraction: the round trip must be exact, not rounded to seconds.
-    return Event(item_id=i, rating=0.5 + (i % 10) * 0.5, timestamp=t0 + i * 61.123456)
 
 
 # -- semantics ---------------------------------------------------------------------------
@@ -316,51 +248,6 @@ def test_concurrent_state_writers_never_go_backwards(url):
         store.close()
 
 
-def _acking_writer(url: str, log_path: str, n: int) -> None:
-    """Append events 0..n-1 one by one; after each returned append write `ok i total` (or `err i`)."""
-    store = open_store(url)
-    with open(log_path, "a", buffering=1) as log:
-        for i in range(n):
-            try:
-                total = store.append_events("w", [ev(i)])
-            except Exception as e:  # noqa: BLE001 - an unacknowledged attempt is recorded, not retried
-                log.write(f"err {i} {type(e).__name__}\n")
-                continue
-            log.write(f"ok {i} {total}\n")
-
-
-def _read_log(path: Path) -> tuple[list[int], list[int]]:
-    acked, failed = [], []
-    for line in path.read_text().splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[0] == "ok":
-            acked.append(int(parts[1]))
-        elif len(parts) == 3 and parts[0] == "err":
-            failed.append(int(parts[1]))
-    return acked, failed
-
-
-def _wait_for_acks(path: Path, n: int, proc, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if path.exists() and len(_read_log(path)[0]) >= n:
-            return
-        assert proc.is_alive(), "writer exited early"
-        time.sleep(0.01)
-    raise AssertionError(f"writer did not acknowledge {n} events in {timeout_s} s")
-
-
-def _check_acknowledged(store, acked: list[int], attempted: int) -> list[int]:
-    """Every acknowledged event is stored, in order, once; nothing stored was never attempted."""
-    stored = [e.item_id for e in store.events("w")]
-    assert stored == sorted(set(stored)), "an event is duplicated or out of order"
-    assert set(acked) <= set(stored), f"acknowledged but lost: {sorted(set(acked) - set(stored))[:10]}"
-    assert set(stored) <= set(range(attempted))
-    assert store.events("w") == [ev(i) for i in stored]
-    assert store.count_events("w") == len(stored)
-    return stored
-
-
 def test_writer_killed_mid_write(url, tmp_path):
     log = tmp_path / "acks.log"
     writer = SPAWN.Process(target=_acking_writer, args=(url, str(log), 1_000_000))
@@ -383,39 +270,7 @@ def test_writer_killed_mid_write(url, tmp_path):
             assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
-# -- Redis only ----------------------------------------------------------------------------
-
-
-@needs_redis
-def test_redis_restart_mid_run_loses_no_acknowledged_event(tmp_path):
-    server = RedisServer(tmp_path)
-    server.start()
-    log, n = tmp_path / "acks.log", 600
-    writer = SPAWN.Process(target=_acking_writer, args=(server.url, str(log), n))
-    writer.start()
-    try:
-        _wait_for_acks(log, 100, writer)
-        server.kill()  # kill -9: only what reached the AOF survives
-        killed_at = len(_read_log(log)[0])
-        time.sleep(0.3)
-        server.start()  # same port, same dir: replays the AOF
-        writer.join(60)
-        assert writer.exitcode == 0
-    finally:
-        if writer.is_alive():
-            writer.kill()
-        server.stop()
-    acked, failed = _read_log(log)
-    assert len(acked) > killed_at, "no append was acknowledged after the restart"
-    assert len(acked) + len(failed) == n
-    server.start()  # once more, so the check reads only what was on disk
-    store = open_store(server.url)
-    try:
-        stored = _check_acknowledged(store, acked, n)
-        assert len(stored) >= len(acked)
-    finally:
-        store.close()
-        server.stop()
+# -- Redis only, on the suite's server ----------------------------------------------------------
 
 
 @needs_redis
@@ -448,83 +303,6 @@ def test_redis_reports_durability(redis_server):
         finally:
             r.config_set("appendfsync", "always")
     store.close()
-
-
-def test_unreachable_redis_names_the_url():
-    url = f"redis://127.0.0.1:{_free_port()}/0"
-    from ray_app.store.redis import RedisStore
-
-    with pytest.raises(ConnectionError, match=re.escape(url)):
-        RedisStore(url, retries=0)
-
-
-def test_wal_switch_is_retried_while_another_opener_holds_the_file(tmp_path):
-    """Replicas opening a new file at once can see "database is locked" from the WAL switch itself."""
-    store = SQLiteStore(str(tmp_path / "s.db"))
-
-    class Racing:
-        def __init__(self, failures: int, message: str = "database is locked"):
-            self.failures, self.message, self.calls = failures, message, 0
-
-        def execute(self, sql):
-            self.calls += 1
-            if self.calls <= self.failures:
-                raise sqlite3.OperationalError(self.message)
-
-    racing = Racing(3)
-    store._enable_wal(racing)
-    assert racing.calls == 4
-    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):  # other errors are not retried
-        store._enable_wal(Racing(1, "disk I/O error"))
-    store.close()
-
-
-# -- faults: a clear StoreUnavailable, and nothing acknowledged is lost ------------------------------
-
-
-def test_a_full_sqlite_store_refuses_the_write_and_keeps_the_old_data(tmp_path):
-    from ray_app.store.base import StoreUnavailable
-
-    store = SQLiteStore(str(tmp_path / "s.db"))
-    store.append_events("u", [ev(i) for i in range(5)])
-    conn = store._conn()
-    pages = conn.execute("PRAGMA page_count").fetchone()[0]
-    conn.execute(f"PRAGMA max_page_count={pages}")  # the size limit: this file cannot grow
-    with pytest.raises(StoreUnavailable, match=re.escape(str(tmp_path / "s.db")) + ".*full"):
-        store.append_events("u", [ev(i) for i in range(5, 2000)])
-    assert store.events("u") == [ev(i) for i in range(5)] and store.count_events("u") == 5
-    store.ping()  # still answers reads
-    store.close()
-
-
-def test_a_corrupt_sqlite_file_is_reported_by_name_at_start(tmp_path):
-    from ray_app.store.base import StoreUnavailable
-
-    bad = tmp_path / "state.db"
-    bad.write_bytes(b"this is no database, " * 200)
-    with pytest.raises(StoreUnavailable, match=re.escape(str(bad)) + ".*cannot be opened"):
-        open_store(f"sqlite:///{bad}")
-    assert bad.read_bytes().startswith(b"this is no database")  # left as it was, for a look
-
-
-@needs_redis
-def test_a_stopped_redis_is_unavailable_not_a_hang(tmp_path):
-    from ray_app.store.base import StoreUnavailable
-
-    server = RedisServer(tmp_path)
-    server.start()
-    store = open_store(server.url)
-    store.append_events("u", [ev(1)])
-    server.stop()
-    t0 = time.monotonic()
-    for call in (lambda: store.events("u"), lambda: store.append_events("u", [ev(2)]), store.ping):
-        with pytest.raises(StoreUnavailable, match=re.escape(server.url) + ".*unreachable"):
-            call()
-    assert time.monotonic() - t0 < 30  # the retries give up within seconds each
-    server.start()
-    assert store.events("u") == [ev(1)]  # back: nothing was lost, nothing half-written
-    store.close()
-    server.stop()
 
 
 @needs_redis

@@ -1,13 +1,13 @@
 """Ray Serve app over real HTTP: the API, freshness, bad input, reconfigure, restart.
 
 The app is deployed from `ray_app/serve/config.yaml` (paths swapped for a tiny model and
-dataset) the way `serve deploy` does it, so the checked-in config is what is tested.
+dataset) the way `serve deploy` does it, so the checked-in config is what is tested; the config's
+own schema, which needs no Ray, is checked in tests/test_serve_config.py.
 """
 
 from __future__ import annotations
 
 import copy
-import os
 import socket
 import threading
 import time
@@ -25,11 +25,9 @@ from models.nn import checkpoint
 from models.data.batching import make_split
 from models.training.loop import TrainConfig, fit, new_model
 from conftest import local_serve, service_auth, user_auth
-from ray_app.serve.auth import mint
-from ray_app.serve.app import AppArgs
 from ray_app.serve.served_model import file_version
+from serve_helpers import BAD, CALLERS, CONFIG, EV, ROUTES
 
-CONFIG = Path(__file__).resolve().parents[1] / "ray_app" / "serve" / "config.yaml"
 APP = "recommender"
 
 
@@ -110,25 +108,6 @@ def events_of(client, user_id: str, limit: int = 1000) -> list[dict]:
 
 def as_events(rows: list[dict]) -> list[dict]:
     return [{"item_id": e["item_id"], "rating": e["rating"], "timestamp": e["timestamp"]} for e in rows]
-
-
-# ---- config -------------------------------------------------------------------------------
-
-
-def test_config_yaml_is_a_valid_serve_build_config():
-    cfg = yaml.safe_load(CONFIG.read_text())
-    schema = ServeDeploySchema.model_validate(cfg)
-    app = schema.applications[0]
-    assert app.import_path == "ray_app.serve.app:build_app"
-    args = AppArgs.model_validate(app.args)
-    assert {d.name for d in app.deployments} == {"Ingress", "Encoder", "Decomposer", "Combiner"}
-    for d in app.deployments:
-        assert 0 < d.ray_actor_options.num_cpus <= 0.5
-        assert d.autoscaling_config["min_replicas"] >= 1
-    cpus = sum(d.ray_actor_options.num_cpus * d.autoscaling_config["max_replicas"] for d in app.deployments)
-    assert cpus <= 2, "at full scale the app must still fit 2 cores"
-    models = [d.user_config for d in app.deployments if d.name in ("Decomposer", "Combiner")]
-    assert models == [{"checkpoint": args.checkpoint}] * 2
 
 
 # ---- the API ------------------------------------------------------------------------------
@@ -251,117 +230,6 @@ def test_an_event_without_a_rating_is_an_implicit_one(client, env):
     assert [e["rating"] for e in events_of(client, "implicit-user")] == [IMPLICIT_RATING] * 3
 
 
-EV = {"item_id": 1, "rating": 4.0, "timestamp": 1.6e9}
-JSON = {"content-type": "application/json"}
-BAD = [  # (id, method, path, httpx arguments, status, field named in the error)
-    ("malformed JSON", "POST", "/recommend", {"content": b'{"k": 3,', "headers": JSON}, 422, "body"),
-    ("not an object", "POST", "/recommend", {"json": [1, 2]}, 422, "body"),
-    ("k wrong type", "POST", "/recommend", {"json": {"k": "many"}}, 422, "k"),
-    ("k zero", "POST", "/recommend", {"json": {"k": 0}}, 422, "k"),
-    ("k negative", "POST", "/recommend", {"json": {"k": -5}}, 422, "k"),
-    ("k huge", "POST", "/recommend", {"json": {"k": 10**9}}, 422, "k"),
-    (
-        "rating out of range",
-        "POST",
-        "/recommend",
-        {"json": {"history": [{**EV, "rating": 9}]}},
-        422,
-        "history.0.rating",
-    ),
-    (
-        "unknown item",
-        "POST",
-        "/recommend",
-        {"json": {"history": [EV, {**EV, "item_id": 10**8}]}},
-        422,
-        "history.1.item_id",
-    ),
-    ("oversized history", "POST", "/recommend", {"json": {"history": [EV] * 1001}}, 422, "history"),
-    ("user and history", "POST", "/recommend", {"json": {"user_id": "1", "history": [EV]}}, 422, "history"),
-    ("unknown field", "POST", "/recommend", {"json": {"userid": "1"}}, 422, "userid"),
-    ("intent wrong type", "POST", "/recommend", {"json": {"context": {"intent": 5}}}, 422, "context.intent"),
-    ("unknown user", "POST", "/recommend", {"json": {"user_id": "no-such-user"}}, 404, "user_id"),
-    ("non-UTF-8 body", "POST", "/recommend", {"content": b'{"user_id": "\xff\xfe"}', "headers": JSON}, 400, "body"),
-    ("lone surrogate", "POST", "/recommend", {"content": b'{"user_id": "\\ud800"}', "headers": JSON}, 422, "user_id"),
-    (
-        "control characters in intent",
-        "POST",
-        "/recommend",
-        {"json": {"context": {"intent": "fun\u0000ny"}}},
-        422,
-        "context.intent",
-    ),
-    ("undecodable user id in URL", "POST", "/users/%FF%FE/events", {"json": {"events": [EV]}}, 422, "user_id"),
-    ("undecodable prefix in query", "GET", "/users?q=%FF", {}, 422, "q"),
-    ("oversized body", "POST", "/recommend", {"content": b" " * (2 << 20), "headers": JSON}, 413, "body"),
-    ("empty events", "POST", "/users/x/events", {"json": {"events": []}}, 422, "events"),
-    ("too many events", "POST", "/users/x/events", {"json": {"events": [EV] * 1001}}, 422, "events"),
-    (
-        "event unknown item",
-        "POST",
-        "/users/x/events",
-        {"json": {"events": [{**EV, "item_id": -3}]}},
-        422,
-        "events.0.item_id",
-    ),
-    (
-        "event missing field",
-        "POST",
-        "/users/x/events",
-        {"json": {"events": [{"item_id": 1, "rating": 4}]}},
-        422,
-        "events.0.timestamp",
-    ),
-    (
-        "timestamp far future",
-        "POST",
-        "/recommend",
-        {"json": {"context": {"timestamp": 1e300}}},
-        422,
-        "context.timestamp",
-    ),
-    (
-        "timestamp not a number",
-        "POST",
-        "/users/x/events",
-        {"json": {"events": [{**EV, "timestamp": "noon"}]}},
-        422,
-        "events.0.timestamp",
-    ),
-    (
-        "event in the future",
-        "POST",
-        "/users/x/events",
-        {"json": {"events": [{**EV, "timestamp": time.time() + 3600}]}},
-        422,
-        "events.0.timestamp",
-    ),
-    (
-        "inline event in the future",
-        "POST",
-        "/recommend",
-        {"json": {"history": [{**EV, "timestamp": time.time() + 3600}]}},
-        422,
-        "history.0.timestamp",
-    ),
-    (
-        "malformed idempotency key",
-        "POST",
-        "/users/x/events",
-        {"json": {"events": [EV]}, "headers": {"Idempotency-Key": "two words"}},
-        422,
-        "Idempotency-Key",
-    ),
-    ("events of unknown user", "GET", "/users/no-such-user/events", {}, 404, "user_id"),
-    ("interests of unknown user", "GET", "/users/no-such-user/interests", {}, 404, "user_id"),
-    ("interests last zero", "GET", "/users/1/interests", {"params": {"last": 0}}, 422, "last"),
-    ("users limit huge", "GET", "/users", {"params": {"limit": 10**6}}, 422, "limit"),
-    ("empty query", "GET", "/items", {"params": {"q": ""}}, 422, "q"),
-    ("blank query", "GET", "/items", {"params": {"q": "   "}}, 422, "q"),
-    ("items k huge", "GET", "/items", {"params": {"q": "drama", "k": 1000}}, 422, "k"),
-]
-
-
 @pytest.mark.parametrize("method,path,kwargs,status,field", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
 def test_bad_input_is_a_4xx_naming_the_field(client, method, path, kwargs, status, field):
     r = client.request(method, path, **kwargs)
@@ -390,33 +258,6 @@ def test_a_retried_post_with_its_idempotency_key_appends_once(client):
 
 
 # ---- access control: every route but /healthz --------------------------------------------
-
-OWNER, OTHER = "1", "2"
-ROUTES = [  # (id, method, path, httpx arguments, whose data it touches: OWNER, or None for nobody's)
-    ("recommend for a user", "POST", "/recommend", {"json": {"user_id": OWNER, "k": 3}}, OWNER),
-    ("recommend an inline history", "POST", "/recommend", {"json": {"history": [EV], "k": 3}}, None),
-    ("append events", "POST", f"/users/{OWNER}/events", {"json": {"events": [EV]}}, OWNER),
-    ("read events", "GET", f"/users/{OWNER}/events", {}, OWNER),
-    ("read interests", "GET", f"/users/{OWNER}/interests", {"params": {"last": 3}}, OWNER),
-    ("search items", "GET", "/items", {"params": {"q": "comedy", "k": 3}}, None),
-    ("list users", "GET", "/users", {"params": {"limit": 3}}, "service"),
-]
-CALLERS = {  # (id, headers) -> the status expected for (route owner kind)
-    "no token": ({}, {OWNER: 401, None: 401, "service": 401}),
-    "not a bearer header": ({"Authorization": "Basic dXNlcjpwYXNz"}, {OWNER: 401, None: 401, "service": 401}),
-    "garbage token": ({"Authorization": "Bearer not-a-jwt"}, {OWNER: 401, None: 401, "service": 401}),
-    "token of another secret": (
-        {"Authorization": f"Bearer {mint('x' * 40, 'service')}"},
-        {OWNER: 401, None: 401, "service": 401},
-    ),
-    "expired token": (
-        {"Authorization": f"Bearer {mint(os.environ['DYNAMIC_INTEREST_AUTH_SECRET'], 'service', ttl_s=-1)}"},
-        {OWNER: 401, None: 401, "service": 401},
-    ),
-    "another user's token": (user_auth(OTHER), {OWNER: 403, None: 200, "service": 403}),
-    "the user's own token": (user_auth(OWNER), {OWNER: 200, None: 200, "service": 403}),
-    "a service token": (service_auth(), {OWNER: 200, None: 200, "service": 200}),
-}
 
 
 @pytest.mark.parametrize("caller", list(CALLERS))
