@@ -17,11 +17,10 @@ A finished search or retrain is kept in the JSON and skipped on a rerun, so an i
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine_info import machine  # noqa: E402  (sibling script)
+from search_budget import SearchBudget, parse_budget  # noqa: E402  (sibling script)
+from models.cli import setting  # noqa: E402
 from models.nn import checkpoint  # noqa: E402
 from models.data.batching import make_split  # noqa: E402
 from models.data import load_prepared  # noqa: E402
@@ -60,6 +61,15 @@ PRIMARY = {
 }
 # Kept affordable for 2 CPU cores: the largest LSTMs are out of the decomposer's space.
 SPACE_LIMITS = {"decomposer": ["lstm_units={low: 32, high: 256, log: true}"]}
+
+
+@dataclass
+class EqualBudgetSettings(SearchBudget):
+    """The shared search budget, with ASHA's grace period, the retraining seeds and a Train worker's CPUs."""
+
+    grace_period: int = setting(2)
+    seeds: str = setting("0,1", "retraining seeds of each best configuration")
+    cpus_per_worker: float = setting(2.0)
 
 
 def search_record(run_dir: Path, best: dict, wall_s: float) -> dict:
@@ -95,7 +105,9 @@ def test_scores(model_path: str, data, split) -> dict:
     }
 
 
-def retrain(kind: str, found: dict, seed: int, prepared: Path, data, split, args, name: str) -> dict:
+def retrain(
+    kind: str, found: dict, seed: int, prepared: Path, data, split, args: EqualBudgetSettings, name: str
+) -> dict:
     s = RayTrainSettings(
         dataset=str(prepared),
         model=kind,
@@ -188,34 +200,16 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="ml-latest-small")
-    p.add_argument("--trials", type=int, default=6, help="trial budget of every model's search")
-    p.add_argument("--epochs", type=int, default=10, help="epochs per trial at most (ASHA max_t)")
-    p.add_argument("--grace-period", type=int, default=2)
-    p.add_argument("--startup-trials", type=int, default=3, help="TPE's random start")
-    p.add_argument("--seeds", default="0,1", help="retraining seeds of each best configuration")
-    p.add_argument("--retrain-epochs", type=int, default=80)
-    p.add_argument("--retrain-patience", type=int, default=6)
-    p.add_argument("--cpus-per-worker", type=float, default=2.0)
-    p.add_argument("--storage", type=Path, default=Path("runs/bench-equal-budget"))
-    p.add_argument("--out", type=Path)
-    args = p.parse_args(argv)
-    args.storage = args.storage.resolve()
-    out = args.out or RESULTS / f"equal_budget_{Path(args.dataset).name}.json"
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    prepared = resolve_dataset(args.dataset)
-    data = load_prepared(prepared)
-    split = make_split(data.user_offsets, PROTOCOLS[PROTOCOL])
+def plan(s: EqualBudgetSettings, out: Path) -> dict:
+    """The report so far (empty unless `out` holds runs of the same budget), its header refreshed."""
     report = json.loads(out.read_text()) if out.is_file() else {}
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("out", "seeds")}
+    settings = s.record(leave_out=("out", "seeds"))
     if report.get("settings") != settings:
         report = {"searches": {}, "retrain": {}}  # another budget: start over
     report.update(
         {
             "benchmark": "equal_budget",
-            "dataset": args.dataset,
+            "dataset": s.dataset,
             "protocol": PROTOCOL,
             "machine": machine(),
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -225,48 +219,54 @@ def main(argv=None) -> int:
             "declared_primary": PRIMARY,
         }
     )
+    return report
 
-    def save() -> None:
-        write_json(out, report, indent=2)
 
-    # A trial's driver holds a sliver of a CPU beside its Train worker: one logical CPU more than
-    # the worker's, so a 2-CPU worker fits on a 2-core machine.
-    connect(int(np.ceil(args.cpus_per_worker)) + 1)
+def run_searches(s: EqualBudgetSettings, prepared: Path, report: dict, save) -> None:
+    """Every model of `MODELS` searched with the same budget (a recorded search is skipped)."""
     for name, (kind, fixed) in MODELS.items():
         if name in report["searches"]:
             print(f"search {name}: recorded, skipped", flush=True)
             continue
         key = kind if not fixed else f"{kind}-" + "-".join(f.split("=")[0] for f in fixed)
-        s = search.SearchSettings(
+        settings = search.SearchSettings(
             dataset=str(prepared),
             model=kind,
             protocol=PROTOCOL,
-            storage_path=str(args.storage),
+            storage_path=str(s.storage),
             name=key,
-            num_samples=args.trials,
+            num_samples=s.trials,
             seed=0,
-            startup_trials=args.startup_trials,
-            epochs=args.epochs,
-            grace_period=args.grace_period,
+            startup_trials=s.startup_trials,
+            epochs=s.epochs,
+            grace_period=s.grace_period,
             reduction_factor=3,
             patience=3,
-            cpus_per_worker=args.cpus_per_worker,
+            cpus_per_worker=s.cpus_per_worker,
             space_overrides=[*SPACE_LIMITS.get(kind, []), *fixed],
         )
         t0 = time.perf_counter()
-        best = search.run(s)
-        report["searches"][name] = search_record(args.storage / key, best, time.perf_counter() - t0)
+        best = search.run(settings)
+        report["searches"][name] = search_record(s.storage / key, best, time.perf_counter() - t0)
         save()
-    for seed in [int(x) for x in args.seeds.split(",")]:
+
+
+def run_retrains(s: EqualBudgetSettings, prepared: Path, data, split, report: dict, save) -> None:
+    """Each search's best configuration retrained on every seed (a recorded seed is skipped)."""
+    for seed in [int(x) for x in s.seeds.split(",")]:
         for name, (kind, _) in MODELS.items():
             done = report["retrain"].setdefault(name, {})
             if str(seed) in done:
                 continue
             run_name = f"{name.split(',')[0]}-seed{seed}"
             print(f"retrain {name}, seed {seed}", flush=True)
-            done[str(seed)] = retrain(kind, report["searches"][name], seed, prepared, data, split, args, run_name)
+            done[str(seed)] = retrain(kind, report["searches"][name], seed, prepared, data, split, s, run_name)
             report["primary"] = primary(report)
             save()
+
+
+def finish(report: dict, data, split, out: Path, save) -> None:
+    """Popularity, the primary comparison and the epoch-cap check recorded; the plot and the summary."""
     report["popular"] = popularity(data, split)
     report["primary"] = primary(report)
     report["all_best_epochs_below_cap"] = all(
@@ -286,6 +286,25 @@ def main(argv=None) -> int:
             default=str,
         )
     )
+
+
+def main(argv=None) -> int:
+    s = parse_budget(EqualBudgetSettings, __doc__, argv)
+    out = s.out or RESULTS / f"equal_budget_{Path(s.dataset).name}.json"
+    prepared = resolve_dataset(s.dataset)
+    data = load_prepared(prepared)
+    split = make_split(data.user_offsets, PROTOCOLS[PROTOCOL])
+    report = plan(s, out)
+
+    def save() -> None:
+        write_json(out, report, indent=2)
+
+    # A trial's driver holds a sliver of a CPU beside its Train worker: one logical CPU more than
+    # the worker's, so a 2-CPU worker fits on a 2-core machine.
+    connect(int(np.ceil(s.cpus_per_worker)) + 1)
+    run_searches(s, prepared, report, save)
+    run_retrains(s, prepared, data, split, report, save)
+    finish(report, data, split, out, save)
     return 0
 
 

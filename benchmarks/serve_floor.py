@@ -4,20 +4,19 @@ Serve's default mode and its throughput-optimized mode, under wrk (an outside lo
     python benchmarks/serve_floor.py                     # both modes, 8 and 32 connections, 3 rounds of 10 s
     python benchmarks/serve_floor.py --modes throughput_optimized --unbatched   # + the app without batching
 
-`benchmarks/serve_load.py` runs this in the same run as its other steps. The no-op chain is a
-FastAPI ingress that parses the same JSON body and calls two deployments in a chain, the first's
-response passed on unresolved to the second as the app passes the user's state to the Combiner;
-both return constants. It is what any three-hop Serve app costs on this machine: the floor. Both
-apps get one replica per deployment (no access log in the inner stages; fractional CPUs), are
-deployed side by side in the same Ray instance (the floor under /floor) and take turns: at each
-level, round after round, app then floor, so that a drift in the shared machine's speed falls on
-both alike. Each mode runs in a process of its own, because Serve reads
-RAY_SERVE_THROUGHPUT_OPTIMIZED when it is imported, in the driver and in every Ray process.
+`benchmarks/serve_load.py` runs this in the same run as its other steps. The no-op chain
+(`serve_floor_app.py`) is a FastAPI ingress that parses the same JSON body and calls two
+deployments in a chain, the first's response passed on unresolved to the second as the app passes
+the user's state to the Combiner; both return constants. It is what any three-hop Serve app costs
+on this machine: the floor. Both apps get one replica per deployment (no access log in the inner
+stages; fractional CPUs), are deployed side by side in the same Ray instance (the floor under
+/floor) and take turns: at each level, round after round, app then floor, so that a drift in the
+shared machine's speed falls on both alike. Each mode runs in a process of its own, because Serve
+reads RAY_SERVE_THROUGHPUT_OPTIMIZED when it is imported, in the driver and in every Ray process.
 wrk runs on the same cores as Serve. Results: one record per mode and connection count with
 req/s, p50/p99 and errors for the app and the floor, and their ratios under `vs_floor`.
 """
 
-# No `from __future__ import annotations`: FastAPI reads the no-op ingress's annotations.
 import argparse
 import json
 import os
@@ -34,53 +33,6 @@ HERE = Path(__file__).resolve().parent
 MODES = {"default": "0", "throughput_optimized": "1"}
 WRK_SCRIPT = HERE / "wrk_recommend.lua"
 FLOOR_APP = "floor"
-
-
-# ---- the no-op chain ---------------------------------------------------------------------------
-
-
-def floor_app(num_cpus: float = 0.2):
-    """FastAPI ingress -> First -> Second, each returning a constant: Serve's own cost of three hops.
-    `num_cpus` per replica, as the app's replicas get."""
-    from fastapi import FastAPI
-    from pydantic import BaseModel
-    from ray import serve
-
-    api = FastAPI()
-
-    class Body(BaseModel):
-        user_id: str
-        k: int = 10
-
-    inner = dict(
-        ray_actor_options={"num_cpus": num_cpus}, max_ongoing_requests=100, logging_config={"enable_access_log": False}
-    )  # as the app's model stages
-
-    @serve.deployment(**inner)
-    class First:
-        async def step(self, user_id: str) -> dict:
-            return {"user_id": user_id, "state": [0.0] * 8}
-
-    @serve.deployment(**inner)
-    class Second:
-        async def step(self, state: dict) -> dict:
-            return {"user_id": state["user_id"], "items": [], "gates": {}}
-
-    @serve.deployment(ray_actor_options={"num_cpus": num_cpus}, max_ongoing_requests=100)
-    @serve.ingress(api)
-    class FloorIngress:
-        def __init__(self, first, second):
-            self.first, self.second = first, second
-
-        @api.get("/healthz")
-        async def healthz(self) -> dict:
-            return {"status": "ok"}
-
-        @api.post("/recommend")
-        async def recommend(self, body: Body) -> dict:
-            return await self.second.step.remote(self.first.step.remote(body.user_id))
-
-    return FloorIngress.bind(First.bind(), Second.bind())
 
 
 # ---- wrk ---------------------------------------------------------------------------------------
@@ -145,27 +97,10 @@ def _print(mode: str, what: str, r: dict) -> None:
 # ---- one mode, in its own process --------------------------------------------------------------
 
 
-def measure_mode(
-    mode: str,
-    checkpoint: Path,
-    data: Path,
-    levels: list[int],
-    duration_s: float,
-    port: int,
-    users_file: Path,
-    store_url: str,
-    rounds: int,
-    unbatched: bool = False,
-) -> dict:
-    """Runs in a fresh process whose environment already holds RAY_SERVE_THROUGHPUT_OPTIMIZED."""
-    import ray
-    from ray import serve
+def _app_args(checkpoint: Path, data: Path, store_url: str, unbatched: bool):
+    """The app with one replica per deployment -> (its AppArgs, the CPUs of one replica)."""
+    from ray_app.serve.app import AppArgs, DeploymentSettings
 
-    from ray_app.serve.app import AppArgs, DeploymentSettings, build_app
-    from serve_common import api_access, wait_healthy
-
-    api_access()
-    url = f"http://127.0.0.1:{port}"
     # 0.2 CPU a replica; 0.15 with the third app, so that its replicas fit the 2 cores too (a
     # fraction only schedules: every replica runs one thread either way).
     one = dict(num_cpus=0.15 if unbatched else 0.2, min_replicas=1, max_replicas=1, access_log=False)
@@ -178,42 +113,50 @@ def measure_mode(
         combiner=DeploymentSettings(**one),
         ingress=DeploymentSettings(**{**one, "access_log": True}, max_ongoing_requests=100),
     )
-    out = {
-        "mode": mode,
-        "RAY_SERVE_THROUGHPUT_OPTIMIZED": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED"),
-        "rounds": rounds,
-        "runs": [],
-    }
-    paths = {"app": "/recommend", "floor": f"/{FLOOR_APP}/recommend"}
-    if unbatched:
-        paths["unbatched"] = "/unbatched/recommend"
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        t0 = time.time()
-        serve.run(build_app(app_args), name="app", route_prefix="/")
-        serve.run(floor_app(one["num_cpus"]), name=FLOOR_APP, route_prefix=f"/{FLOOR_APP}")
-        if unbatched:  # the same app with max_batch_size 1 in every stage: batching's own share
-            serve.run(
-                build_app(app_args.model_copy(update={"batching": False})), name="unbatched", route_prefix="/unbatched"
-            )
-            wait_healthy(f"{url}/unbatched")
-        wait_healthy(url)
-        wait_healthy(f"{url}/{FLOOR_APP}")
-        out["startup_s"] = time.time() - t0
-        for what in paths:  # warm-up, not recorded
-            run_wrk(url, 8, min(5.0, duration_s), users_file, path=paths[what])
-        # Both apps stay deployed and take turns, level by level, round by round: a drift in the
-        # machine's speed (shared cores) falls on both alike.
-        for r in range(rounds):
-            for c in levels:
-                for what in paths:
-                    res = {"round": r, "app": what, **run_wrk(url, c, duration_s, users_file, path=paths[what])}
-                    out["runs"].append(res)
-                    _print(mode, what, res)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    return app_args, one["num_cpus"]
+
+
+def _deploy_side_by_side(app_args, num_cpus: float, url: str, unbatched: bool) -> float:
+    """The app at /, the floor at /floor (and the unbatched app at /unbatched), all healthy -> seconds it took."""
+    from ray import serve
+
+    from ray_app.serve.app import build_app
+    from serve_common import wait_healthy
+    from serve_floor_app import floor_app
+
+    t0 = time.time()
+    serve.run(build_app(app_args), name="app", route_prefix="/")
+    serve.run(floor_app(num_cpus), name=FLOOR_APP, route_prefix=f"/{FLOOR_APP}")
+    if unbatched:  # the same app with max_batch_size 1 in every stage: batching's own share
+        serve.run(
+            build_app(app_args.model_copy(update={"batching": False})), name="unbatched", route_prefix="/unbatched"
+        )
+        wait_healthy(f"{url}/unbatched")
+    wait_healthy(url)
+    wait_healthy(f"{url}/{FLOOR_APP}")
+    return time.time() - t0
+
+
+def _take_turns(
+    mode: str, url: str, paths: dict, levels: list[int], duration_s: float, users_file: Path, rounds: int
+) -> list[dict]:
+    """A warm-up of each app, then wrk at every level, round by round, app after app -> every run."""
+    for what in paths:  # warm-up, not recorded
+        run_wrk(url, 8, min(5.0, duration_s), users_file, path=paths[what])
+    # Both apps stay deployed and take turns, level by level, round by round: a drift in the
+    # machine's speed (shared cores) falls on both alike.
+    runs = []
+    for r in range(rounds):
+        for c in levels:
+            for what in paths:
+                res = {"round": r, "app": what, **run_wrk(url, c, duration_s, users_file, path=paths[what])}
+                runs.append(res)
+                _print(mode, what, res)
+    return runs
+
+
+def _compare(out: dict, paths: dict, levels: list[int], unbatched: bool) -> None:
+    """Each app's rounds pooled per level into `out`, and the app over the floor (and over the unbatched app)."""
     for what in paths:
         out[what] = {
             str(c): _pooled([x for x in out["runs"] if x["app"] == what and x["connections"] == c]) for c in levels
@@ -230,6 +173,47 @@ def measure_mode(
         out["batched_over_unbatched"] = {
             str(c): out["app"][str(c)]["throughput_rps"] / out["unbatched"][str(c)]["throughput_rps"] for c in levels
         }
+
+
+def measure_mode(
+    mode: str,
+    checkpoint: Path,
+    data: Path,
+    levels: list[int],
+    duration_s: float,
+    port: int,
+    users_file: Path,
+    store_url: str,
+    rounds: int,
+    unbatched: bool = False,
+) -> dict:
+    """Runs in a fresh process whose environment already holds RAY_SERVE_THROUGHPUT_OPTIMIZED."""
+    import ray
+    from ray import serve
+
+    from serve_common import api_access
+
+    api_access()
+    url = f"http://127.0.0.1:{port}"
+    app_args, num_cpus = _app_args(checkpoint, data, store_url, unbatched)
+    out = {
+        "mode": mode,
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED"),
+        "rounds": rounds,
+        "runs": [],
+    }
+    paths = {"app": "/recommend", "floor": f"/{FLOOR_APP}/recommend"}
+    if unbatched:
+        paths["unbatched"] = "/unbatched/recommend"
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        out["startup_s"] = _deploy_side_by_side(app_args, num_cpus, url, unbatched)
+        out["runs"] = _take_turns(mode, url, paths, levels, duration_s, users_file, rounds)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    _compare(out, paths, levels, unbatched)
     return out
 
 
@@ -363,7 +347,7 @@ def main(argv=None) -> int:
         )
         write_json(a.out, record, indent=None)
         return 0
-    from serve_load import make_spec
+    from serve_load_app import make_spec
 
     ensure_checkpoint(a.checkpoint, a.data)
     users = make_spec(a.data, a.users, a.seed)["users"]

@@ -24,11 +24,13 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
 
+from models.cli import add_settings, setting, settings_from
 from models.files import write_json
 from serve_common import (
     DEFAULT_CHECKPOINT,
@@ -194,60 +196,76 @@ def plot(record: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
+@dataclass
+class SoakSettings:
+    """The app's checkpoint and data, the stream's length and mix, how often memory is read, the port."""
+
+    checkpoint: Path = setting(DEFAULT_CHECKPOINT)
+    data: Path = setting(DEFAULT_DATA)
+    intents: int = setting(20_000)
+    new_users: int = setting(5_000)
+    every: int = setting(1_000, "intents between two memory readings")
+    baseline: int = setting(2_000, "the reading the end is compared with")
+    concurrency: int = setting(8)
+    port: int = setting(8034)
+    seed: int = setting(0)
+    out: Path = setting(RESULTS / "serve_soak.json")
+
+
+def parse(argv) -> SoakSettings:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--intents", type=int, default=20_000)
-    p.add_argument("--new-users", type=int, default=5_000)
-    p.add_argument("--every", type=int, default=1_000, help="intents between two memory readings")
-    p.add_argument("--baseline", type=int, default=2_000, help="the reading the end is compared with")
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--port", type=int, default=8034)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=RESULTS / "serve_soak.json")
-    a = p.parse_args(argv)
-    if a.baseline % a.every or a.intents % a.every or a.new_users < 1:
+    add_settings(p, SoakSettings)
+    s = settings_from(SoakSettings, p.parse_args(argv))
+    if s.baseline % s.every or s.intents % s.every or s.new_users < 1:
         p.error("--baseline and --intents must be multiples of --every, and --new-users >= 1")
-    new_user_every = max(1, a.intents // a.new_users)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from ray_app.serve import mode as serve_mode
+    return s
 
-    mode = serve_mode.use()
-    ensure_checkpoint(a.checkpoint, a.data)
-    api_access()
-    from ray_app.serve.auth import SECRET_ENV, TOKEN_ENV
-    from serve_load import make_spec
 
-    spec = make_spec(a.data, 200, a.seed)
+def soak_app_args(s: SoakSettings, store_url: str):
+    """One replica per deployment, no access log in the inner stages."""
+    from ray_app.serve.app import AppArgs, DeploymentSettings
+
+    one = dict(min_replicas=1, max_replicas=1, num_cpus=0.2)
+    return AppArgs(
+        checkpoint=str(s.checkpoint),
+        data_dir=str(s.data),
+        store_url=store_url,
+        encoder=DeploymentSettings(**one, access_log=False),
+        decomposer=DeploymentSettings(**one, access_log=False),
+        combiner=DeploymentSettings(**one, access_log=False),
+        ingress=DeploymentSettings(**one, max_ongoing_requests=100),
+    )
+
+
+def run_soak(s: SoakSettings, spec: dict) -> tuple[dict, Stream, list[dict]]:
+    """The app up on a Ray of its own, the stream sent, Ray down -> (the app's settings as JSON,
+    the stream, the memory readings)."""
     import ray
     from ray import serve
 
-    from ray_app.serve.app import AppArgs, DeploymentSettings, build_app
+    from ray_app.serve.app import build_app
+    from ray_app.serve.auth import SECRET_ENV, TOKEN_ENV
 
-    one = dict(min_replicas=1, max_replicas=1, num_cpus=0.2)
-    url = f"http://127.0.0.1:{a.port}"
+    new_user_every = max(1, s.intents // s.new_users)
+    url = f"http://127.0.0.1:{s.port}"
     with tempfile.TemporaryDirectory(prefix="serve-soak-") as tmp:
-        app_args = AppArgs(
-            checkpoint=str(a.checkpoint),
-            data_dir=str(a.data),
-            store_url=f"sqlite:///{tmp}/soak.db",
-            encoder=DeploymentSettings(**one, access_log=False),
-            decomposer=DeploymentSettings(**one, access_log=False),
-            combiner=DeploymentSettings(**one, access_log=False),
-            ingress=DeploymentSettings(**one, max_ongoing_requests=100),
-        )
+        app_args = soak_app_args(s, f"sqlite:///{tmp}/soak.db")
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         try:
-            serve.start(http_options={"host": "127.0.0.1", "port": a.port})
+            serve.start(http_options={"host": "127.0.0.1", "port": s.port})
             serve.run(build_app(app_args), name="soak", route_prefix="/")
             wait_healthy(url)
-            stream = Stream(spec["users"], spec["item_ids"], os.environ[SECRET_ENV], os.environ[TOKEN_ENV], a.seed)
-            samples = asyncio.run(soak(url, stream, a.intents, new_user_every, a.every, a.concurrency))
+            stream = Stream(spec["users"], spec["item_ids"], os.environ[SECRET_ENV], os.environ[TOKEN_ENV], s.seed)
+            samples = asyncio.run(soak(url, stream, s.intents, new_user_every, s.every, s.concurrency))
         finally:
             serve.shutdown()
             ray.shutdown()
-    base = next(s for s in samples if s["intents"] == a.baseline)["rss"]
+    return json.loads(app_args.model_dump_json()), stream, samples
+
+
+def make_record(s: SoakSettings, mode: bool, app_args: dict, stream: Stream, samples: list[dict]) -> dict:
+    """What the results JSON holds: the readings, and each replica's memory at the end over its baseline."""
+    base = next(x for x in samples if x["intents"] == s.baseline)["rss"]
     end = samples[-1]["rss"]
     record = {
         "benchmark": "serve_soak",
@@ -255,26 +273,42 @@ def main(argv=None) -> int:
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "machine": machine(),
         "throughput_optimized": mode,
-        "app_args": json.loads(app_args.model_dump_json()),
+        "app_args": app_args,
         "intents": stream.next_intent,
         "new_users": stream.new_users,
         "errors": stream.n_errors,
         "error_samples": stream.errors,
-        "baseline_intents": a.baseline,
+        "baseline_intents": s.baseline,
         "samples": samples,
         "rss_end_over_baseline": {k: end[k] / base[k] for k in end if k in base},
         "rss_end_mib": {k: v / 2**20 for k, v in end.items()},
     }
     record["max_ratio"] = max(record["rss_end_over_baseline"].values())
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(a.out, record)
-    plot(record, a.out.with_suffix(".png"))
+    return record
+
+
+def main(argv=None) -> int:
+    s = parse(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from ray_app.serve import mode as serve_mode
+
+    mode = serve_mode.use()
+    ensure_checkpoint(s.checkpoint, s.data)
+    api_access()
+    from serve_load_app import make_spec
+
+    spec = make_spec(s.data, 200, s.seed)
+    app_args, stream, samples = run_soak(s, spec)
+    record = make_record(s, mode, app_args, stream, samples)
+    s.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(s.out, record)
+    plot(record, s.out.with_suffix(".png"))
     print(
         json.dumps(
             {k: record[k] for k in ("intents", "new_users", "errors", "rss_end_over_baseline", "max_ratio")}, indent=1
         )
     )
-    print(f"recorded in {a.out} and {a.out.with_suffix('.png')}")
+    print(f"recorded in {s.out} and {s.out.with_suffix('.png')}")
     return 0 if stream.n_errors == 0 else 1
 
 

@@ -14,11 +14,10 @@ A finished search is kept in the JSON and skipped on a rerun, so an interrupted 
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine_info import machine  # noqa: E402  (sibling script)
+from search_budget import SearchBudget, parse_budget, redefault  # noqa: E402  (sibling script)
+from models.cli import setting  # noqa: E402
 from models.nn import checkpoint  # noqa: E402
 from models.data.batching import make_split  # noqa: E402
 from models.data import load_prepared  # noqa: E402
@@ -46,6 +47,21 @@ SHARED_NOTE = (
     "machine was shared: 2 CPU cores used by several engineers' jobs at once, "
     "so times are inflated and noisy; quality figures are unaffected"
 )
+SAMPLERS = ("tpe", "random")
+
+
+@dataclass
+class TuningSettings(SearchBudget):
+    """The shared search budget with this comparison's defaults, the searches' seeds, the batch size and the target."""
+
+    epochs: int = redefault(SearchBudget, "epochs", 3)
+    retrain_epochs: int = redefault(SearchBudget, "retrain_epochs", 6)
+    retrain_patience: int = redefault(SearchBudget, "retrain_patience", 3)
+    storage: Path = redefault(SearchBudget, "storage", Path("runs/bench-tuning"))
+    out: Path = redefault(SearchBudget, "out", RESULTS / "tuning.json")
+    seeds: str = setting("0,1", "seeds of the searches: each sampler searches once per seed")
+    batch_size: int = setting(128)
+    target_share: float = setting(0.97, "target = share × best value of any search")
 
 
 def curve(run_dir: Path) -> list[float | None]:
@@ -75,7 +91,7 @@ def test_ndcg(model_path: str, prepared: Path) -> dict:
     }
 
 
-def retrain(name: str, model_args: dict, lr: float | None, prepared: Path, args) -> dict:
+def retrain(name: str, model_args: dict, lr: float | None, prepared: Path, args: TuningSettings) -> dict:
     s = RayTrainSettings(
         dataset=str(prepared),
         model_args=model_args,
@@ -131,67 +147,50 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="ml-latest-small")
-    p.add_argument("--trials", type=int, default=6, help="trial budget of every search")
-    p.add_argument("--seeds", default="0,1")
-    p.add_argument("--epochs", type=int, default=3, help="epochs per trial at most (ASHA max_t)")
-    p.add_argument("--startup-trials", type=int, default=3, help="TPE's random start")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--retrain-epochs", type=int, default=6)
-    p.add_argument("--retrain-patience", type=int, default=3)
-    p.add_argument("--target-share", type=float, default=0.97, help="target = share × best value of any search")
-    p.add_argument("--storage", type=Path, default=Path("runs/bench-tuning"))
-    p.add_argument("--out", type=Path, default=RESULTS / "tuning.json")
-    args = p.parse_args(argv)
-    args.storage = args.storage.resolve()
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    prepared = resolve_dataset(args.dataset)
-    report = json.loads(args.out.read_text()) if args.out.is_file() else {}
+def plan(s: TuningSettings) -> dict:
+    """The report so far (its recorded searches are kept), its header refreshed."""
+    report = json.loads(s.out.read_text()) if s.out.is_file() else {}
     report.update(
         {
             "benchmark": "tuning",
-            "dataset": args.dataset,
+            "dataset": s.dataset,
             "machine": machine(),
             "note": SHARED_NOTE,
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "settings": s.record(),
             "space_overrides": SPACE,
         }
     )
     report.setdefault("searches", {})
-    connect(2)
-    t_start = time.perf_counter()
+    return report
 
-    def save() -> None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.out, report, indent=2)
 
-    for seed in [int(x) for x in args.seeds.split(",")]:
-        for sampler in ("tpe", "random"):
+def run_searches(s: TuningSettings, prepared: Path, report: dict, save) -> None:
+    """TPE and random search on every seed, the same budget each (a recorded search is skipped)."""
+    for seed in [int(x) for x in s.seeds.split(",")]:
+        for sampler in SAMPLERS:
             key = f"{sampler}-seed{seed}"
-            if key in report["searches"] and report["searches"][key].get("trials") == args.trials:
+            if key in report["searches"] and report["searches"][key].get("trials") == s.trials:
                 print(f"{key}: recorded, skipped", flush=True)
                 continue
-            s = search.SearchSettings(
+            settings = search.SearchSettings(
                 dataset=str(prepared),
-                storage_path=str(args.storage),
+                storage_path=str(s.storage),
                 name=key,
                 sampler=sampler,
-                num_samples=args.trials,
+                num_samples=s.trials,
                 seed=seed,
-                startup_trials=args.startup_trials,
-                epochs=args.epochs,
+                startup_trials=s.startup_trials,
+                epochs=s.epochs,
                 grace_period=1,
                 reduction_factor=3,
                 patience=2,
-                batch_size=args.batch_size,
+                batch_size=s.batch_size,
                 space_overrides=SPACE,
             )
             t0 = time.perf_counter()
-            best = search.run(s)
-            values = curve(args.storage / key)
+            best = search.run(settings)
+            values = curve(s.storage / key)
             report["searches"][key] = {
                 "sampler": sampler,
                 "seed": seed,
@@ -206,44 +205,68 @@ def main(argv=None) -> int:
             }
             save()
 
+
+def compare_samplers(s: TuningSettings, report: dict) -> dict:
+    """The target, the trials each search needed to reach it, and the summary per sampler (recorded too)."""
     runs = report["searches"]
     finals = [r["best"] for r in runs.values() if r["best"] is not None]
-    report["target"] = args.target_share * max(finals) if finals else None
-    report["target_rule"] = f"{args.target_share:g} × the best validation NDCG@10 found by any search"
+    report["target"] = s.target_share * max(finals) if finals else None
+    report["target_rule"] = f"{s.target_share:g} × the best validation NDCG@10 found by any search"
     for r in runs.values():
         r["trials_to_target"] = trials_to(r["best_so_far"], report["target"]) if report["target"] else None
     summary = {}
-    for sampler in ("tpe", "random"):
+    for sampler in SAMPLERS:
         mine = [r for r in runs.values() if r["sampler"] == sampler]
         reached = [r["trials_to_target"] for r in mine]
         summary[sampler] = {
             "mean_best": float(np.mean([r["best"] for r in mine])) if mine else None,
             "trials_to_target": reached,
             "mean_trials_to_target (unreached = budget + 1)": float(
-                np.mean([t if t else args.trials + 1 for t in reached])
+                np.mean([t if t else s.trials + 1 for t in reached])
             )
             if mine
             else None,
         }
     report["summary"] = summary
-    save()
+    return summary
 
+
+def retrain_winner(s: TuningSettings, prepared: Path, report: dict) -> None:
+    """The best configuration any search found and the default one retrained alike, unless already recorded."""
+    runs = report["searches"]
     winner_key = max(runs, key=lambda k: runs[k]["best"] or -1)
     winner = runs[winner_key]
     done = report.get("retrain", {})
-    if done.get("from") != winner_key or done.get("epochs") != args.retrain_epochs:
-        tuned = retrain(f"tuned-{winner_key}", winner["best_model_args"], winner["best_lr"], prepared, args)
-        default = retrain("default", {}, None, prepared, args)
+    if done.get("from") != winner_key or done.get("epochs") != s.retrain_epochs:
+        tuned = retrain(f"tuned-{winner_key}", winner["best_model_args"], winner["best_lr"], prepared, s)
+        default = retrain("default", {}, None, prepared, s)
         report["retrain"] = {
             "from": winner_key,
-            "epochs": args.retrain_epochs,
+            "epochs": s.retrain_epochs,
             "tuned": tuned,
             "default": default,
             "tuned_beats_default": tuned["test_ndcg@10"] > default["test_ndcg@10"],
         }
+
+
+def main(argv=None) -> int:
+    s = parse_budget(TuningSettings, __doc__, argv)
+    prepared = resolve_dataset(s.dataset)
+    report = plan(s)
+    connect(2)
+    t_start = time.perf_counter()
+
+    def save() -> None:
+        s.out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(s.out, report, indent=2)
+
+    run_searches(s, prepared, report, save)
+    summary = compare_samplers(s, report)
+    save()
+    retrain_winner(s, prepared, report)
     report["elapsed_s_this_invocation"] = time.perf_counter() - t_start
     save()
-    plot(report, args.out.with_suffix(".png"))
+    plot(report, s.out.with_suffix(".png"))
     print(
         json.dumps(
             {
