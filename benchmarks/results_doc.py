@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from models.evaluation.metrics import seed_user_bootstrap
-from models.evaluation.report import format_table
 from quality_tables import cold_table, intent_table, table_rows
+from results_systems import incremental, newcomer, floor, ray_train, scale, serve_load, table, tuning
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -46,10 +46,6 @@ QUALITY_COLUMNS = {
 def names(value: str | None) -> list[str]:
     """`"a;b;c"` -> ["a", "b", "c"]."""
     return [v.strip() for v in (value or "").split(";") if v.strip()]
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    return format_table([dict(zip(header, map(str, r))) for r in rows], header)
 
 
 def quality(records: list[dict], protocol: str, rows: str | None = None, bold: str = "", columns: str = "") -> str:
@@ -211,113 +207,6 @@ def gates(records: list[dict]) -> str:
     return table([*header, "context-only linear fit"], body)
 
 
-def ray_train(records: list[dict]) -> str:
-    """The plain loop against Ray Train with one and two workers."""
-    f = records[0]["figures"]
-    label = {"local": "plain local loop"}
-    body = []
-    for key in ("local", "one_worker", "two_workers"):
-        x = f[key]
-        workers, cpus = x.get("workers"), x.get("cpus_per_worker")
-        name = label.get(key) or f"Ray Train, {workers} worker{'s' * (workers > 1)} × {cpus} CPU{'s' * (cpus > 1)}"
-        body.append([name, f"{x['loop_s']:.1f}", f"{x['sequences_per_s']:.0f}", f"{x['final_valid_ndcg@10']:.4f}"])
-    return table(["", f"wall s, {records[0]['epochs']} epochs", "sequences/s", "final valid NDCG@10"], body)
-
-
-def serve_load(records: list[dict]) -> str:
-    """The autoscaled app per client count, and the same model in-process."""
-    r = records[0]
-    body = []
-    for clients, x in r["autoscaled"].items():
-        rec = x["per_op"]["recommend"]
-        body.append(
-            [clients, f"{x['throughput_rps']:.1f}", x["errors"], f"{rec['p50_ms']:.0f} / {rec['p99_ms']:.0f} ms"]
-        )
-    inproc = r["in_process"]
-    body.append(
-        [
-            "same model in-process",
-            f"{inproc['throughput_rps']:.0f}",
-            "–",
-            f"{inproc['per_op']['recommend']['p50_ms']:.1f} ms",
-        ]
-    )
-    return table(["clients", "req/s", "errors", "`/recommend` p50 / p99"], body)
-
-
-def floor(records: list[dict]) -> str:
-    """The app against the no-op chain of the same hops, per mode and connection count."""
-    body = []
-    for mode, levels in records[0]["vs_floor"].items():
-        for conns, x in levels.items():
-            body.append(
-                [
-                    mode.replace("_", "-"),
-                    conns,
-                    f"{x['app_rps']:.1f}",
-                    f"{x['floor_rps']:.1f}",
-                    f"{x['throughput_vs_floor']:.2f}",
-                    f"{x['p99_vs_floor']:.2f}",
-                ]
-            )
-    return table(["mode", "connections", "app req/s", "floor req/s", "app ÷ floor", "p99 app ÷ floor"], body)
-
-
-def incremental(records: list[dict]) -> str:
-    """One step per event against the history length and against recomputing from the whole history."""
-    f = records[0]["figures"]
-    body = [
-        [
-            "model",
-            f"{f['model_update_p50_ratio_1000_vs_50']:.2f}",
-            f"{f['model_recompute_vs_update_p50_at_1000']:.1f}×",
-        ],
-        [
-            "Decomposer replica code + SQLite",
-            f"{f['replica_update_p50_ratio_1000_vs_50']:.2f}",
-            f"{f['replica_rebuild_vs_update_p50_at_1000']:.1f}×",
-        ],
-        [
-            "HTTP `POST /users/{id}/events`",
-            f"{f['http_post_event_p50_ratio_1000_vs_50']:.2f}",
-            f"{f['http_post_event_rebuilt_vs_post_event_p50_at_1000']:.2f}×",
-        ],
-    ]
-    return table(["level", "p50 at 1000 events ÷ at 50", "full recompute ÷ one step, at 1000 events"], body)
-
-
-def tuning(records: list[dict]) -> str:
-    """Per search: best validation NDCG@10 and trials to the target."""
-    body = []
-    for name, s in records[0]["searches"].items():
-        reached = s["trials_to_target"] if s["trials_to_target"] is not None else "not reached"
-        body.append([name, s["trials"], f"{s['best']:.4f}", reached])
-    return table(["search", "trials", "best valid NDCG@10", f"trials to {records[0]['target']:.4f}"], body)
-
-
-def newcomer(records: list[dict]) -> str:
-    """The first command's runs: fresh clone (per pip cache) and the install cached."""
-    body = []
-    for r in records:
-        runs = [("fresh clone" + (", pip's cache" if r["pip_cache"] else ", every package from the index"), r["fresh"])]
-        if r.get("install_cached"):
-            runs.append(("install and data cached", r["install_cached"]))
-        for label, x in runs:
-            answered = sum(c["ok"] for c in x["curls"])
-            body.append(
-                [
-                    label,
-                    f"{x['seconds_to_healthz']:.0f} s",
-                    f"{x['seconds_to_demo']:.0f} s",
-                    x["lines_before_banner"],
-                    x["ray_internal_lines_before_banner"],
-                    f"{answered} of {len(x['curls'])} answer",
-                ]
-            )
-    header = ["run", "to `/healthz`", "to the demo", "lines before the banner", "Ray internals among them"]
-    return table([*header, "curl lines"], body)
-
-
 VIEWS = {
     f.__name__: f
     for f in (
@@ -336,6 +225,7 @@ VIEWS = {
         incremental,
         tuning,
         newcomer,
+        scale,
     )
 }
 
