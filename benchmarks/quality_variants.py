@@ -41,6 +41,8 @@ VARIANTS = {
     "decomposer, no gates": ("decomposer", {"use_gates": False}),
     "decomposer, no aux losses": ("decomposer", {"aux_weight": 0.0}),
     "decomposer, seen items in the softmax": ("decomposer", {"mask_seen": False}),
+    # The sampled softmax (1,024 uniform negatives, log-Q corrected) that large catalogues train with.
+    "decomposer, sampled softmax": ("decomposer", {"loss": "sampled"}),
     # The plain decomposer and its ablations. (The synthetic runs of these
     # ablations and of the mixture predate `mask_seen` and trained without it; their configs say so.)
     "plain decomposer": first(),

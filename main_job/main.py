@@ -17,9 +17,11 @@ import sys
 # The job's pieces live in the sibling modules; their names stay importable from here.
 from main_job.access import private_write, setup_access
 from main_job.preflight import (
-    BYTES_PER_EVENT,
     KNOWN_EVENTS,
+    KNOWN_SIZES,
+    MEMORY_MODEL,
     check_memory,
+    memory_need,
     check_port,
     check_ray,
     port_free,
@@ -43,14 +45,16 @@ from models.cli import add_settings, settings_from
 __all__ = [
     "APP_NAME",
     "BASELINES",
-    "BYTES_PER_EVENT",
     "DEFAULT_BASELINES",
     "KNOWN_EVENTS",
+    "KNOWN_SIZES",
+    "MEMORY_MODEL",
     "ORACLE_ROW",
     "MainSettings",
     "NewcomerError",
     "banner",
     "check_memory",
+    "memory_need",
     "check_port",
     "check_ray",
     "deploy_app",

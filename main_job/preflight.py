@@ -8,16 +8,39 @@ import time
 
 from main_job.settings import MainSettings, NewcomerError
 
-# Rough peak memory of preparation and training per event (arrays, windows, Parquet buffers).
-BYTES_PER_EVENT = 600
-KNOWN_EVENTS = {
-    "ml-100k": 100_000,
-    "ml-latest-small": 100_836,
-    "ml-1m": 1_000_209,
-    "ml-10m": 10_000_054,
-    "ml-25m": 25_000_095,
-    "ml-32m": 32_000_204,
+# Peak RSS of each stage as the scale benchmark measured it (benchmarks/results/scale.json,
+# "memory_model", fitted over its sizes; tests/test_main.py checks that these agree with it):
+# bytes ≈ base + per_event · events + per_item · items.
+MEMORY_MODEL = {
+    "prepare": (705_100_000, 125.3, 8_980),
+    "train-sampled": (1_659_000_000, 89.54, 18_320),
+    "train-full": (954_500_000, 105.6, 156_800),
+    "serve": (531_800_000, 62.32, 10_580),
 }
+KNOWN_SIZES = {  # events, items
+    "ml-100k": (100_000, 1_682),
+    "ml-latest-small": (100_836, 9_742),
+    "ml-1m": (1_000_209, 3_706),
+    "ml-10m": (10_000_054, 10_677),
+    "ml-25m": (25_000_095, 62_423),
+    "ml-32m": (32_000_204, 87_585),
+}
+KNOWN_EVENTS = {name: events for name, (events, _) in KNOWN_SIZES.items()}
+
+
+def memory_need(events: int, items: int) -> tuple[str, int]:
+    """The stage that needs the most memory for a dataset of this size, and its bytes (the training
+    stage with the softmax `models.training.loop.default_loss` picks for the catalogue)."""
+    from models.training.loop import default_loss
+
+    train = "train-sampled" if default_loss("decomposer", items) == "sampled" else "train-full"
+    needs = {
+        st: int(base + per_event * events + per_item * items)
+        for st, (base, per_event, per_item) in MEMORY_MODEL.items()
+        if st in ("prepare", train, "serve")
+    }
+    worst = max(needs, key=needs.get)
+    return worst, needs[worst]
 
 
 def port_free(host: str, port: int) -> bool:
@@ -50,19 +73,25 @@ def check_port(host: str, port: int, what: str, flag: str) -> None:
 
 
 def check_memory(dataset: str, free_bytes: int | None = None) -> None:
-    """A known dataset that needs more memory than is free -> a NewcomerError that names a smaller one."""
+    """A known dataset that needs more memory than is free -> a NewcomerError naming the stage, a
+    smaller dataset and the ways to bring the run within the machine."""
     import psutil
 
-    events = KNOWN_EVENTS.get(dataset)
-    if events is None:
+    if dataset not in KNOWN_SIZES:
         return
-    need = events * BYTES_PER_EVENT
+    stage, need = memory_need(*KNOWN_SIZES[dataset])
     free = psutil.virtual_memory().available if free_bytes is None else free_bytes
     if need > free:
+        ways = {
+            "prepare": "prepare it on a larger machine once (the prepared folder is reused)",
+            "train-full": "train with the sampled softmax (--set loss=sampled)",
+            "train-sampled": "train on a cluster, where each worker holds its shard (see k8s/README.md)",
+            "serve": "serve it on a cluster (see k8s/README.md)",
+        }
         raise NewcomerError(
-            f"{dataset} needs about {need / 2**30:.1f} GiB of memory to prepare and train, "
-            f"this machine has {free / 2**30:.1f} GiB free: use --dataset ml-latest-small "
-            f"(or ml-1m), or run it on a cluster (see k8s/README.md)"
+            f"{dataset} needs about {need / 2**30:.1f} GiB of memory (its {stage} stage, measured by "
+            f"benchmarks/scale.py), this machine has {free / 2**30:.1f} GiB free: {ways[stage]}, "
+            f"or use --dataset ml-latest-small (or ml-1m)"
         )
 
 

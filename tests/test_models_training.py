@@ -155,3 +155,12 @@ def test_fit_keeps_the_averaged_weights(tiny_data, split):
     averaged.eval()
     kept = summarize(evaluate(averaged, tiny_data, split, "valid")["masked"])
     assert kept["ndcg@10"] == pytest.approx(result.best_valid["ndcg@10"])  # what was validated is what is kept
+
+
+def test_large_catalogues_default_to_the_sampled_softmax():
+    from models.training.loop import SAMPLED_SOFTMAX_ABOVE, default_loss
+
+    assert default_loss("decomposer", SAMPLED_SOFTMAX_ABOVE + 1) == "sampled"
+    assert default_loss("sasrec", SAMPLED_SOFTMAX_ABOVE + 1) == "sampled"
+    assert default_loss("decomposer", SAMPLED_SOFTMAX_ABOVE) is None  # ml-latest-small's 9,724 stay full
+    assert default_loss("popular", 10**6) is None  # a rule has no softmax

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from models.data.batching import (
 )
 from models.evaluation.evaluate import HEADLINE, evaluate
 from models.evaluation.metrics import summarize
-from models.nn.checkpoint import build
+from models.nn.checkpoint import MODELS, build
 
 
 @dataclass
@@ -66,9 +66,23 @@ def training_counts(data, split: Split) -> np.ndarray:
     return np.bincount(data.items[pos], minlength=data.n_items + 1)
 
 
+# Above this many items a model that has the choice trains with the sampled softmax unless told
+# otherwise: the full softmax's (positions × catalogue) logits are what training memory grows with
+# (benchmarks/scale.py); on ml-latest-small the sampled one scores within the seed spread of it.
+SAMPLED_SOFTMAX_ABOVE = 20_000
+
+
+def default_loss(kind: str, n_items: int) -> str | None:
+    """ "sampled" for a catalogue above SAMPLED_SOFTMAX_ABOVE where `kind` has a `loss` setting, else None."""
+    has_loss = kind in MODELS and "loss" in {f.name for f in fields(MODELS[kind][0])}
+    return "sampled" if has_loss and n_items > SAMPLED_SOFTMAX_ABOVE else None
+
+
 def new_model(kind: str, data, split: Split, **overrides) -> nn.Module:
     """A model sized for `data`, carrying its item texts, genres and training popularity."""
     args = {"n_items": data.n_items, **overrides}
+    if default_loss(kind, data.n_items) and "loss" not in args:
+        args["loss"] = "sampled"
     if kind == "decomposer":
         args.setdefault("n_genres", max(1, data.item_genres.shape[1]))
     model = build(kind, args)
