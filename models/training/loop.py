@@ -81,8 +81,9 @@ def default_loss(kind: str, n_items: int) -> str | None:
 def new_model(kind: str, data, split: Split, **overrides) -> nn.Module:
     """A model sized for `data`, carrying its item texts, genres and training popularity."""
     args = {"n_items": data.n_items, **overrides}
-    if default_loss(kind, data.n_items) and "loss" not in args:
-        args["loss"] = "sampled"
+    loss = default_loss(kind, data.n_items)
+    if loss:
+        args.setdefault("loss", loss)
     if kind == "decomposer":
         args.setdefault("n_genres", max(1, data.item_genres.shape[1]))
     model = build(kind, args)
