@@ -20,6 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from ray_app.serve import mode as serve_mode
+from ray_app.serve.ann import IndexSettings
 from ray_app.serve.auth import secret_from_env
 from ray_app.serve.deployments import Combiner, Decomposer, Encoder
 from ray_app.serve.ingress import Ingress
@@ -75,6 +76,8 @@ class AppArgs(BaseModel):
     rate_per_minute: int = Field(600, ge=1)  # requests a user token may make a minute, per Ingress replica
     service_rate_per_minute: int = Field(60_000, ge=1)  # the same for a service token (the demo, a back end)
     call_timeout_s: float = Field(10.0, gt=0)  # the Ingress answers 504 when a model stage takes longer
+    # How the Combiner finds the top-k: exact (default) or an HNSW graph for very large catalogues.
+    index: IndexSettings = IndexSettings()
     # The model stages log no line per call: the Ingress's access log has every request, with its id.
     encoder: DeploymentSettings = DeploymentSettings(max_replicas=1, num_cpus=0.25, access_log=False)
     decomposer: DeploymentSettings = DeploymentSettings(access_log=False)
@@ -106,7 +109,7 @@ def build_app(args: AppArgs):
     return Ingress.options(**args.ingress.options()).bind(
         Encoder.options(**args.encoder.options()).bind(**batch, cache_size=args.text_cache_size),
         Decomposer.options(**args.decomposer.options(), user_config=model).bind(args.store_url, args.data_dir, **batch),
-        Combiner.options(**args.combiner.options(), user_config=model).bind(args.data_dir, **batch),
+        Combiner.options(**args.combiner.options(), user_config=model).bind(args.data_dir, **batch, index=args.index),
         args.store_url,
         args.data_dir,
         args.load_users,
@@ -126,6 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--no-batching", action="store_true")
+    p.add_argument("--index", choices=("exact", "hnsw"), default="exact", help="how the Combiner finds the top-k")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (without RAY_ADDRESS)")
     p.add_argument(
         "--throughput-optimized",
@@ -139,7 +143,13 @@ def main(argv=None) -> int:
         if not os.environ.get("RAY_ADDRESS"):  # a local Ray: its replicas inherit this environment
             secret_from_env()
         app = build_app(
-            AppArgs(checkpoint=a.checkpoint, data_dir=a.data, store_url=a.store_url, batching=not a.no_batching)
+            AppArgs(
+                checkpoint=a.checkpoint,
+                data_dir=a.data,
+                store_url=a.store_url,
+                batching=not a.no_batching,
+                index=IndexSettings(kind=a.index),
+            )
         )
     except (ServingSetupError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

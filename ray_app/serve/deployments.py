@@ -22,6 +22,7 @@ from ray import serve
 
 from models.data.encoder import TextEncoder
 from models.data.features import moment_features
+from ray_app.serve.ann import IndexSettings, item_index, user_vectors
 from ray_app.serve.metrics import AppMetrics
 from ray_app.serve.served_model import (
     Catalogue,
@@ -249,15 +250,36 @@ class Decomposer:
         return {"dimensions": names, "steps": steps}
 
 
+def _excluded(jobs: list[RankJob], n: int, dev: torch.device) -> torch.Tensor:
+    """(B, n) True where a job's item may not be recommended: the padding, and its seen items if asked."""
+    excluded = torch.zeros(len(jobs), n, dtype=torch.bool, device=dev)
+    excluded[:, 0] = True
+    for b, job in enumerate(jobs):
+        seen = job.state.seen
+        if job.exclude_seen and seen is not None and len(seen):
+            excluded[b, torch.tensor(seen, device=dev)] = True
+    return excluded
+
+
 @serve.deployment
 class Combiner:
-    """Context + dimensions -> gates α, scores over the catalogue, top-k, explanation."""
+    """Context + dimensions -> gates α, scores over the catalogue, top-k, explanation.
+
+    `index` chooses how the top-k is found: exact (a matmul over the catalogue) or an HNSW graph
+    (ray_app/serve/ann.py), built when a version is loaded; explanations are exact either way.
+    """
 
     def __init__(
-        self, data_dir: str | None = None, max_batch_size: int = 16, batch_wait_s: float = 0.002, keep_versions: int = 2
+        self,
+        data_dir: str | None = None,
+        max_batch_size: int = 16,
+        batch_wait_s: float = 0.002,
+        keep_versions: int = 2,
+        index: IndexSettings | dict | None = None,
     ):
         # The dataset's vocabulary serves checkpoints that carry none (those of models.training.run).
         self.catalogue_ids = Catalogue.load(data_dir)[0].item_source_ids if data_dir else None
+        self.index = IndexSettings.model_validate(index or {})
         self.models: OrderedDict[str, ServedModel] = OrderedDict()
         self.keep_versions = keep_versions
         self.current: ServedModel | None = None
@@ -268,6 +290,7 @@ class Combiner:
         self.current = self._remember(ServedModel.load(path, self.catalogue_ids, sha256))
 
     def _remember(self, served: ServedModel) -> ServedModel:
+        item_index(served, self.index)  # built now, not on a request; refuses a checkpoint it cannot serve
         self.models[served.version] = served
         self.models.move_to_end(served.version)
         while len(self.models) > self.keep_versions:
@@ -317,31 +340,30 @@ class Combiner:
         intent = None
         if any(job.intent is not None for job in jobs):
             # The intent projection has no bias, so a zero vector is the same as no intent.
-            intent = torch.from_numpy(
-                np.stack(
-                    [job.intent if job.intent is not None else np.zeros(m.cfg.text_dim, np.float32) for job in jobs]
-                ).astype(np.float32)
-            ).to(dev)  # (B, 384)
-        scores, alpha = m.score_and_gates(H, ctx, intent, item_vecs=served.item_vecs)  # (B, N+1), (B, K)
-        alpha = alpha.cpu().tolist()
-        scores[:, 0] = -torch.inf
-        excluded = torch.zeros_like(scores, dtype=torch.bool)  # (B, N+1)
-        for b, job in enumerate(jobs):
-            seen = job.state.seen
-            if job.exclude_seen and seen is not None and len(seen):
-                excluded[b, torch.tensor(seen, device=dev)] = True
-        scores = scores.masked_fill(excluded, -torch.inf)
+            zero = np.zeros(m.cfg.text_dim, np.float32)
+            stacked = np.stack([zero if job.intent is None else job.intent for job in jobs]).astype(np.float32)
+            intent = torch.from_numpy(stacked).to(dev)  # (B, 384)
         kmax = min(max(job.k for job in jobs), m.cfg.n_items)
-        top = scores.topk(kmax, dim=-1)
-        top_indices, top_values = top.indices.cpu().tolist(), top.values.cpu().tolist()  # plain lists: fast to walk
+        index = item_index(served, self.index)
         want_explain = [b for b, job in enumerate(jobs) if job.explain]
+        if index is None:
+            scores, alpha = m.score_and_gates(H, ctx, intent, item_vecs=served.item_vecs)  # (B, N+1), (B, K)
+            excluded = _excluded(jobs, scores.shape[1], dev)  # (B, N+1)
+            top = scores.masked_fill(excluded, -torch.inf).topk(kmax, dim=-1)
+            top_indices, top_values = top.indices.cpu().tolist(), top.values.cpu().tolist()  # plain lists: fast
+            excluded = excluded[want_explain]  # (E, N+1)
+        else:
+            u, alpha = user_vectors(served, H, ctx, intent)  # (B, D), (B, K)
+            top_indices, top_values = index.top(u, [job.state.seen if job.exclude_seen else None for job in jobs], kmax)
+            excluded = _excluded([jobs[b] for b in want_explain], m.cfg.n_items + 1, dev)  # (E, N+1)
+        alpha = alpha.cpu().tolist()
         expl = (
             m.explain(
                 H[want_explain],
                 ctx[want_explain],
                 intent[want_explain] if intent is not None else None,
                 top_k=kmax,
-                exclude=excluded[want_explain],
+                exclude=excluded,
                 item_vecs=served.item_vecs,
             )
             if want_explain

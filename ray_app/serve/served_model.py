@@ -7,7 +7,7 @@ tested (and benchmarked in-process) without starting Serve.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -98,6 +98,8 @@ class ServedModel:
     path: Path
     item_source_ids: np.ndarray  # (N+1,) model index -> source id; [0] = -1 (padding)
     device: torch.device = torch.device("cpu")
+    # Item indexes built over item_vecs for this version, by their settings (ray_app/serve/ann.py).
+    indexes: dict = field(default_factory=dict, repr=False)
 
     @cached_property
     def index_of(self) -> dict[int, int]:

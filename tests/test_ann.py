@@ -1,0 +1,97 @@
+"""The Combiner's HNSW option without Ray: its top-10 against the exact one on a catalogue of a few
+thousand items from a model, exclude_seen with it, a mixture checkpoint refused, the option's schema."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from models.nn import checkpoint
+from ray_app.serve.ann import IndexSettings, item_index
+from ray_app.serve.app import AppArgs
+from ray_app.serve.deployments import Combiner
+from ray_app.serve.served_model import RankJob, ServedModel, ServingSetupError, UserState
+
+N_ITEMS = 3000
+HNSW = IndexSettings(kind="hnsw", ef_search=64)
+
+
+def _checkpoint(tmp_path_factory, name: str, **overrides):
+    """A randomly initialised decomposer over N_ITEMS items with random text vectors, saved."""
+    torch.manual_seed(0)
+    args = {"n_items": N_ITEMS, "lstm_units": 24, "item_dim": 16, "dim_size": 8, "profile_decays": (), **overrides}
+    model = checkpoint.build("decomposer", args)
+    rng = np.random.default_rng(0)
+    text = rng.standard_normal((N_ITEMS + 1, model.cfg.text_dim)).astype(np.float32)
+    model.set_item_data(text / np.linalg.norm(text, axis=1, keepdims=True), np.zeros((N_ITEMS + 1, 1), np.float32))
+    ids = torch.arange(-1, N_ITEMS)  # source id i - 1 for index i; [0] = -1, the padding
+    return checkpoint.save(tmp_path_factory.mktemp(name) / "model.pt", model.eval(), {"item_source_ids": ids})
+
+
+@pytest.fixture(scope="module")
+def concat_ckpt(tmp_path_factory):
+    return _checkpoint(tmp_path_factory, "concat")
+
+
+def _states(served: ServedModel, n: int, seen: np.ndarray | None = None) -> list[UserState]:
+    rng = np.random.default_rng(1)
+    H = rng.standard_normal((n, served.model.heads.in_features)).astype(np.float32)
+    return [UserState(served.version, str(served.path), h, 5, 1.6e9, seen) for h in H]
+
+
+def test_hnsw_top10_matches_exact(concat_ckpt):
+    exact, ann = Combiner.func_or_class(), Combiner.func_or_class(index=HNSW)
+    for comb in (exact, ann):
+        comb.reconfigure({"checkpoint": str(concat_ckpt)})
+    jobs = [RankJob(s, None, 10, False, False, 1.6e9 + 60) for s in _states(exact.current, 200)]
+    want, got = exact._rank(exact.current, jobs), ann._rank(ann.current, jobs)
+    recall = np.mean([len({i for i, _ in w.items} & {i for i, _ in g.items}) / 10 for w, g in zip(want, got)])
+    assert recall >= 0.95
+    assert all(len(g.items) == 10 and 0 not in {i for i, _ in g.items} for g in got)
+    assert [g.gates for g in got] == [w.gates for w in want]
+    # The scores are the inner products the exact path computes, for the items the graph found.
+    exact_scores = {i: s for i, s in want[0].items}
+    shared = [(s, exact_scores[i]) for i, s in got[0].items if i in exact_scores]
+    np.testing.assert_allclose(*zip(*shared), rtol=1e-4)
+    assert ann.current.indexes[HNSW] is item_index(ann.current, HNSW)  # built once per version
+
+
+def test_hnsw_excludes_seen_items(concat_ckpt):
+    ann = Combiner.func_or_class(index=HNSW)
+    ann.reconfigure({"checkpoint": str(concat_ckpt)})
+    (plain,) = _states(ann.current, 1)
+    first = [i for i, _ in ann._rank(ann.current, [RankJob(plain, None, 10, False, False, 1.6e9)])[0].items]
+    seen = np.array(sorted(first[:6] + list(range(1, 300))), np.int64)  # its own top items among 300 seen
+    state = UserState(plain.model_version, plain.checkpoint, plain.h, 5, 1.6e9, seen)
+    jobs = [RankJob(state, None, 10, True, True, 1.6e9), RankJob(state, None, 10, False, False, 1.6e9)]
+    excluding, keeping = ann._rank(ann.current, jobs)
+    got = [i for i, _ in excluding.items]
+    assert len(got) == 10 and not set(got) & set(seen.tolist())
+    assert set(first[:6]) <= {i for i, _ in keeping.items}
+    for items in excluding.explanation.values():  # explanations are exact, with the same exclusion
+        assert not {i for i, _ in items} & set(seen.tolist())
+    # A user whose seen set is over the graph's candidate limit is ranked by a matmul, still excluding.
+    small = Combiner.func_or_class(index=HNSW.model_copy(update={"max_candidates": 100}))
+    small.reconfigure({"checkpoint": str(concat_ckpt)})
+    exact = Combiner.func_or_class()
+    exact.reconfigure({"checkpoint": str(concat_ckpt)})
+    fallback, want = small._rank(small.current, jobs[:1])[0], exact._rank(exact.current, jobs[:1])[0]
+    assert [i for i, _ in fallback.items] == [i for i, _ in want.items]
+
+
+def test_mixture_checkpoint_is_refused(tmp_path_factory):
+    ckpt = _checkpoint(tmp_path_factory, "mixture", combine="mixture")
+    with pytest.raises(ServingSetupError, match="index.kind 'hnsw'.*mixture"):
+        Combiner.func_or_class(index=HNSW).reconfigure({"checkpoint": str(ckpt)})
+    Combiner.func_or_class().reconfigure({"checkpoint": str(ckpt)})  # exact serves it
+
+
+def test_index_settings_schema():
+    with pytest.raises(ValidationError, match=r"index\.kind") as err:
+        AppArgs(checkpoint="x", data_dir="y", index={"kind": "ivf"})
+    assert "'exact' or 'hnsw'" in str(err.value)
+    with pytest.raises(ValidationError, match=r"index\.efsearch"):
+        AppArgs(checkpoint="x", data_dir="y", index={"kind": "hnsw", "efsearch": 64})
+    assert AppArgs(checkpoint="x", data_dir="y").index.kind == "exact"
