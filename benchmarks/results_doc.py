@@ -26,7 +26,7 @@ import numpy as np
 
 from models.evaluation.metrics import seed_user_bootstrap
 from quality_tables import cold_table, intent_table, table_rows
-from results_systems import incremental, newcomer, floor, ray_train, scale, serve_load, table, tuning
+from results_systems import ann, floor, incremental, multinode, newcomer, ray_train, scale, serve_load, table, tuning
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -226,6 +226,8 @@ VIEWS = {
         tuning,
         newcomer,
         scale,
+        ann,
+        multinode,
     )
 }
 

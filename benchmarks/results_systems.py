@@ -1,5 +1,6 @@
 """The docs tables of the system benchmarks: Ray Train, serving load and floor, the incremental
-update, tuning, the newcomer's first command and the scale benchmark (views of results_doc.py)."""
+update, tuning, the newcomer's first command, the scale benchmark, the approximate top-k and the
+multi-node cluster (views of results_doc.py)."""
 
 from __future__ import annotations
 
@@ -146,3 +147,54 @@ def scale(records: list[dict]) -> str:
     header = ["events × items", "read + prepare", "encoding", "load + split"]
     header += ["epoch, sampled softmax", "epoch, full softmax", "`/recommend` p50, RSS", "bulk load SQLite / Redis"]
     return table(header, body)
+
+
+def ann(records: list[dict]) -> str:
+    """Per catalogue size: the smallest efSearch with recall@10 ≥ the target, against the exact top-10."""
+    body = []
+    for z in records[0]["sizes"]:
+        c = z["chosen"]
+        body.append(
+            [
+                f"{z['items']:,}",
+                c["ef_search"],
+                f"{c['recall_at_10']:.3f}",
+                f"{c['p50_ms']:.3f} / {c['p99_ms']:.3f} ms",
+                f"{z['exact']['p50_ms']:.2f} / {z['exact']['p99_ms']:.2f} ms",
+                f"{c['p50_ratio_to_exact']:.3f}",
+                f"{z['build_s']:.0f} s",
+                f"{z['index_bytes'] / 2**20:.0f} MiB",
+            ]
+        )
+    header = ["items", "efSearch", "recall@10", "HNSW p50 / p99", "exact p50 / p99", "p50 ratio", "build", "index"]
+    return table(header, body)
+
+
+def multinode(records: list[dict]) -> str:
+    """A host killed in training and in serving: what happened and how long recovery took."""
+    t, s = records[0]["training"], records[0]["serving"]
+    resumed = ", ".join(map(str, t["resumed_from_epoch"])) or "no resume line"
+    body = [
+        [
+            "training: workers' hosts before → after the kill",
+            f"{' + '.join(t['workers_hosts_before'])} → "
+            f"{' + '.join(t['workers_hosts_after'])} ({t['killed_host']} killed)",
+        ],
+        ["training: epochs reported at the kill, resumed from", f"{t['reported_epochs_at_kill']}, {resumed}"],
+        ["training: kill → next epoch", f"{t['seconds_kill_to_next_epoch']:.0f} s"],
+        ["training: job, epochs", f"{t['status']}, {t['last_epoch']} of {t['epochs']}"],
+        ["serving: Ingress hosts, killed", f"{' + '.join(s['ingress_hosts_before'])}, {s['killed_host']}"],
+        ["serving: kill → a replacement Ingress", f"{s['seconds_to_replacement_ingress']} s"],
+        [
+            "serving: events acknowledged (before the kill) / stored / lost / duplicated",
+            f"{s['events_acknowledged']:,} ({s['events_acknowledged_before_kill']}) / {s['events_stored']:,} / "
+            f"{s['events_lost']} / {s['events_duplicated']}",
+        ],
+        ["serving: event retries (same key)", s["event_retries"]],
+        [
+            "serving: `/recommend` after the kill: answered 200 / asked",
+            f"{s['recommend_ok_after_kill']} / "
+            f"{s['recommend_after_kill']} (longest gap {s['recommend_longest_gap_after_kill_s']} s)",
+        ],
+    ]
+    return table(["", "figure"], body)

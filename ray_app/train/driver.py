@@ -119,7 +119,7 @@ def printed_epochs(epochs: int, out=None):
         print(text, file=out, flush=True)
 
     def pump() -> None:
-        last, warned = None, False
+        last, warned, failed = None, False, False
         while True:
             try:
                 m = queue.get()
@@ -132,12 +132,14 @@ def printed_epochs(epochs: int, out=None):
                     f"worker {m['failed_rank']} failed ({m['error']}); Ray Train restarts the workers from the "
                     "latest checkpoint while --max-failures allows"
                 )
+                failed = True
                 continue
             if m.get("precision", "").startswith("float32 (") and not warned:
                 say(f"warning: --bf16 ignored, training in {m['precision']}")
                 warned = True
-            if m["epoch"] != (last or 0) + 1:  # a resumed run, or a restarted worker group
+            if m["epoch"] != (last or 0) + 1 or failed:  # a resumed run, or a restarted worker group
                 say(f"resumed from the checkpoint of epoch {m['epoch'] - 1}")
+                failed = False
             last = m["epoch"]
             say(epoch_line(m, epochs))
 
