@@ -10,7 +10,7 @@ an HNSW graph (ray_app/serve/ann.py, inner product) is built once; recall@10 aga
 top-10 (exclude-seen off) and the p50/p99 latency at batch 1 of the exact matmul + topk and of the
 graph search, both on one thread as in a replica, are measured at each efSearch of a sweep.
 
-    python benchmarks/ann.py                   # -> benchmarks/results/ann.json, ann.png (~10 min, 2 cores)
+    python benchmarks/ann.py                   # -> benchmarks/results/ann.json, ann.png (about 8 min, 2 cores)
     python benchmarks/ann.py --sizes 60000 --queries 500 --train-seconds 10   # a quick look
 """
 

@@ -81,6 +81,20 @@ def test_hnsw_excludes_seen_items(concat_ckpt):
     assert [i for i, _ in fallback.items] == [i for i, _ in want.items]
 
 
+def test_a_row_the_graph_answers_short_is_ranked_exactly():
+    from ray_app.serve.ann import HNSWIndex, IndexSettings
+
+    rng = np.random.default_rng(0)
+    vecs = np.vstack([np.zeros((1, 16)), rng.normal(size=(1500, 16))]).astype(np.float32)  # row 0: padding
+    index = HNSWIndex(vecs, IndexSettings(kind="hnsw", ef_search=16))
+    u = rng.normal(size=(8, 16)).astype(np.float32)
+    seen = [np.sort(rng.choice(np.arange(1, 1501), 1480, replace=False)) for _ in range(8)]  # 20 unseen each
+    got, _ = index.top(u, seen, 10)
+    want, _ = index.exact(u, 1500)
+    for row, s, w in zip(got, seen, want):
+        assert row == [i for i in w.tolist() if i not in set(s.tolist())][:10]  # ten, the exact ten
+
+
 def test_mixture_checkpoint_is_refused(tmp_path_factory):
     ckpt = _checkpoint(tmp_path_factory, "mixture", combine="mixture")
     with pytest.raises(ServingSetupError, match="index.kind 'hnsw'.*mixture"):

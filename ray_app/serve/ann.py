@@ -60,14 +60,19 @@ class HNSWIndex:
     def exact(self, u: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The same answer by a matmul, for the rows the graph cannot serve."""
         scores = u @ self.vecs.T  # (B, N)
-        top = np.argsort(-scores, axis=1)[:, :k]  # (B, k)
+        k = min(k, scores.shape[1])
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (B, k) the k best, unordered
+        order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1)
+        top = np.take_along_axis(part, order, axis=1)  # (B, k) best first
         return top + 1, np.take_along_axis(scores, top, axis=1)
 
     def top(self, u: np.ndarray, seen: list[np.ndarray | None], k: int) -> tuple[list[list[int]], list[list[float]]]:
         """Per row: the k best items not in its `seen` (None: nothing excluded) -> indices and scores.
 
         The graph is asked for k + |seen| candidates, so that k remain after the seen ones are
-        dropped; a row needing more than `max_candidates` is ranked by a matmul instead.
+        dropped; a row needing more than `max_candidates` is ranked by a matmul instead, and so is a
+        row the graph answered short (HNSW may return fewer results than asked, the rest -1, when
+        the ask is large against efSearch), so every row gets min(k, unseen items) items.
         """
         k = min(k, self.n_items)
         need = [min(k + (len(s) if s is not None else 0), self.n_items) for s in seen]
@@ -84,6 +89,12 @@ class HNSWIndex:
             keep = ids > 0
             if s is not None and len(s):
                 keep &= ~np.isin(ids, s)
+            s = None if s is None else np.asarray(s)
+            unseen = self.n_items - (len(np.unique(s[(s >= 1) & (s <= self.n_items)])) if s is not None else 0)
+            if keep.sum() < min(k, unseen) and b not in matmul:  # answered short: the exact answer instead
+                ids, scores = self.exact(u[b : b + 1], need[b])
+                ids, scores = ids[0], scores[0]
+                keep = ~np.isin(ids, s) if s is not None and len(s) else np.ones(len(ids), bool)
             indices.append(ids[keep][:k].tolist())
             values.append(scores[keep][:k].tolist())
         return indices, values
