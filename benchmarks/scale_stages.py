@@ -7,6 +7,8 @@ record (seconds of each step, peak RSS bytes) as its last line.
     train     steps of the decomposer's training loop with the full and the sampled softmax
     serve     load a checkpoint and rank the catalogue in-process as the Combiner does (batch of one)
     store     bulk-load every user's events into SQLite and into Redis
+    ray       Ray Train (`ray_app.train`) with --workers workers for one epoch of --train-steps steps
+              per worker, and the validation of every user: the driver's and each worker's peak RSS
 """
 
 from __future__ import annotations
@@ -179,12 +181,46 @@ def stage_store(a) -> dict:
     return rec
 
 
+def stage_ray(a) -> dict:
+    import os
+
+    from ray_app.train.driver import run
+    from ray_app.train.settings import RayTrainSettings
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    with tempfile.TemporaryDirectory() as tmp:
+        s = RayTrainSettings(
+            dataset=str(a.prepared),
+            num_workers=a.workers,
+            epochs=1,
+            max_steps=a.train_steps,
+            storage_path=tmp,
+            name="scale",
+            model_args={"max_len": a.max_len},
+        )
+        t0 = time.perf_counter()
+        best = run(s, num_cpus=2)
+        total = time.perf_counter() - t0
+    m = best.metrics
+    return {
+        "workers": a.workers,
+        "run_s": total,
+        "train_s": m["train_seconds"],
+        "sequences_per_s": m["sequences_per_s"],
+        "worker_peak_rss_max": m["worker_peak_rss_max"],
+        "worker_peak_rss_min": m["worker_peak_rss_min"],
+        "worker_events_max": m["worker_events_max"],
+        "valid_targets": m["valid_targets"],
+    }
+
+
 STAGES = {
     "prepare": stage_prepare,
     "load": stage_load,
     "train": stage_train,
     "serve": stage_serve,
     "store": stage_store,
+    "ray": stage_ray,
 }
 
 
@@ -198,6 +234,7 @@ def main(argv=None) -> int:
     p.add_argument("--train-steps", type=int, default=10, help="timed batches of the train stage")
     p.add_argument("--serve-requests", type=int, default=105, help="rankings timed by the serve stage")
     p.add_argument("--max-len", type=int, default=200, help="training window length")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers of the ray stage")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     rec = STAGES[a.stage](a)

@@ -9,13 +9,15 @@ import time
 from main_job.settings import MainSettings, NewcomerError
 
 # Peak RSS of each stage as the scale benchmark measured it (benchmarks/results/scale.json,
-# "memory_model", fitted over its sizes; tests/test_main.py checks that these agree with it):
-# bytes ≈ base + per_event · events + per_item · items.
+# "memory_model", fitted over its sizes; "train-ray", the driver and one Ray Train worker together as
+# the main job runs them, from benchmarks/results/scale_ray_train.json; tests/test_main.py checks
+# that these agree with them): bytes ≈ base + per_event · events + per_item · items.
 MEMORY_MODEL = {
     "prepare": (705_100_000, 125.3, 8_980),
     "train-sampled": (1_659_000_000, 89.54, 18_320),
     "train-full": (954_500_000, 105.6, 156_800),
     "serve": (531_800_000, 62.32, 10_580),
+    "train-ray": (960_900_000, 660.3, 18_320),
 }
 KNOWN_SIZES = {  # events, items
     "ml-100k": (100_000, 1_682),
@@ -29,15 +31,16 @@ KNOWN_EVENTS = {name: events for name, (events, _) in KNOWN_SIZES.items()}
 
 
 def memory_need(events: int, items: int) -> tuple[str, int]:
-    """The stage that needs the most memory for a dataset of this size, and its bytes (the training
-    stage with the softmax `models.training.loop.default_loss` picks for the catalogue)."""
+    """The stage that needs the most memory for a dataset of this size, and its bytes: preparation,
+    the training loop with the softmax `models.training.loop.default_loss` picks for the catalogue,
+    the same as the main job runs it (Ray Train's driver and one worker), and serving."""
     from models.training.loop import default_loss
 
     train = "train-sampled" if default_loss("decomposer", items) == "sampled" else "train-full"
     needs = {
         st: int(base + per_event * events + per_item * items)
         for st, (base, per_event, per_item) in MEMORY_MODEL.items()
-        if st in ("prepare", train, "serve")
+        if st in ("prepare", train, "train-ray", "serve")
     }
     worst = max(needs, key=needs.get)
     return worst, needs[worst]
@@ -86,6 +89,7 @@ def check_memory(dataset: str, free_bytes: int | None = None) -> None:
             "prepare": "prepare it on a larger machine once (the prepared folder is reused)",
             "train-full": "train with the sampled softmax (--set loss=sampled)",
             "train-sampled": "train on a cluster, where each worker holds its shard (see k8s/README.md)",
+            "train-ray": "train on a cluster, where each worker holds its shard (see k8s/README.md)",
             "serve": "serve it on a cluster (see k8s/README.md)",
         }
         raise NewcomerError(

@@ -176,6 +176,8 @@ def test_the_memory_estimate_is_the_scale_benchmarks_fit():
     fit = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/scale.json").read_text())[
         "memory_model"
     ]
+    results = Path(__file__).resolve().parents[1] / "benchmarks/results"
+    fit |= json.loads((results / "scale_ray_train.json").read_text())["memory_model"]
     for stage, coefs in main_job.MEMORY_MODEL.items():
         want = (fit[stage]["base"], fit[stage]["per_event"], fit[stage]["per_item"])
         assert coefs == pytest.approx(want, rel=0.01, abs=1.0), stage

@@ -141,6 +141,26 @@ def test_weight_average_is_the_moving_average_of_every_step(tiny_data, split):
         weight_average(m, TrainConfig(ema_decay=1.0))
 
 
+def test_max_steps_caps_the_batches_of_an_epoch(tiny_data, split):
+    from models.training.loop import run_epoch
+
+    class Counting(torch.optim.AdamW):
+        steps = 0
+
+        def step(self, closure=None):
+            Counting.steps += 1
+            return super().step(closure)
+
+    m = new_model("decomposer", tiny_data, split)
+    starts, ends, rows = training_windows(split, 200)
+    windows = (starts, ends, split.user_start[rows])
+    for max_steps, expected in ((None, -(-len(starts) // 4)), (2, 2)):
+        Counting.steps = 0
+        cfg = TrainConfig(batch_size=4, max_steps=max_steps)
+        run_epoch(m, Counting(m.parameters()), batch_builder(tiny_data), windows, cfg, np.random.default_rng(0))
+        assert Counting.steps == expected
+
+
 def test_fit_keeps_the_averaged_weights(tiny_data, split):
     from models.evaluation.metrics import summarize
 

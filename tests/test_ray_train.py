@@ -92,6 +92,14 @@ def test_weight_average_is_the_models_default_and_can_be_set_or_turned_off(capsy
     assert "--ema-decay must be in [0, 1), got 1.0" in capsys.readouterr().err
 
 
+def test_max_steps_reaches_the_train_config_and_must_be_positive(capsys):
+    assert parse_args(["--max-steps", "5"])[0].train_config().max_steps == 5
+    assert parse_args([])[0].train_config().max_steps is None
+    with pytest.raises(SystemExit):
+        parse_args(["--max-steps", "0"])
+    assert "--max-steps must be positive, got 0" in capsys.readouterr().err
+
+
 def test_set_overrides_are_typed_and_checked():
     got = parse_model_args("decomposer", ["lstm_units=32", "dims=topic,time", "use_gates=false", "dropout=0.1"])
     assert got == {"lstm_units": 32, "dims": ("topic", "time"), "use_gates": False, "dropout": 0.1}
@@ -202,6 +210,9 @@ def test_checkpoints_hold_model_vocabulary_metrics_and_optimizer(faulted, tiny_d
     best = best_record(faulted, "fault")
     assert best[METRIC] == max(h[METRIC] for h in best["history"])
     assert best["metrics"]["valid_targets"] == tiny_data.n_users  # every user, not one worker's shard
+    m = best["metrics"]  # each worker's memory, and the events of the larger shard: part of the data only
+    assert 0 < m["worker_peak_rss_min"] <= m["worker_peak_rss_max"] < 8 * 2**30
+    assert 0 < m["worker_events_max"] < len(tiny_data.items)
     model, meta = checkpoint.load(best["model"])
     assert model.cfg.lstm_units == 16 and meta["epoch"] == best["epoch"]
     np.testing.assert_array_equal(meta["item_source_ids"].numpy(), tiny_data.item_source_ids)

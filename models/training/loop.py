@@ -45,6 +45,7 @@ class TrainConfig:
     grad_clip: float = 5.0
     seed: int = 0
     time_budget_s: float | None = None  # stop after this much training time
+    max_steps: int | None = None  # at most this many batches per epoch (benchmarks; None: every window)
     eval_batch_size: int = 256
 
     def to_dict(self) -> dict:
@@ -112,7 +113,9 @@ def run_epoch(
     model.train()
     totals: dict[str, float] = {}
     n = 0
-    for idx in length_bucketed_batches(ends - starts, cfg.batch_size, rng):
+    for step, idx in enumerate(length_bucketed_batches(ends - starts, cfg.batch_size, rng)):
+        if cfg.max_steps is not None and step >= cfg.max_steps:
+            break
         batch = builder(
             starts[idx], ends[idx], user_starts[idx], supervise_all=True, intent_rate=cfg.intent_rate, rng=rng
         )

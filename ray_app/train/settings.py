@@ -48,6 +48,7 @@ class RayTrainSettings:
         metavar="D",
     )
     time_budget_s: float | None = setting(None, "seconds of training, summed over epochs", flag="--time-budget")
+    max_steps: int | None = setting(None, "at most this many training steps per epoch (benchmarks, smoke runs)")
     num_workers: int = setting(1)
     cpus_per_worker: float = setting(1.0)
     use_gpu: bool = setting(False, "one GPU per worker (see --gpus-per-worker)")
@@ -70,7 +71,11 @@ class RayTrainSettings:
     )
 
     def train_config(self) -> TrainConfig:
-        given = {k: v for k, v in (("lr", self.lr), ("batch_size", self.batch_size)) if v is not None}
+        given = {
+            k: v
+            for k, v in (("lr", self.lr), ("batch_size", self.batch_size), ("max_steps", self.max_steps))
+            if v is not None
+        }
         if self.ema_decay is not None:
             given["ema_decay"] = self.ema_decay or None  # 0 turns the average off
         return train_config(
@@ -151,6 +156,8 @@ def parse_args(argv=None, description: str | None = None) -> tuple[RayTrainSetti
     ):
         if value <= 0:
             p.error(f"{flag} must be positive, got {value}")
+    if a.max_steps is not None and a.max_steps <= 0:
+        p.error(f"--max-steps must be positive, got {a.max_steps}")
     if a.ema_decay is not None and not 0.0 <= a.ema_decay < 1.0:
         p.error(f"--ema-decay must be in [0, 1), got {a.ema_decay}")
     try:

@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import os
+import resource
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ def train_loop_per_worker(config: dict) -> None:
     )
     split = make_split(data.user_offsets, config["n_test"])
     cfg = TrainConfig(**config["train"])
+    global_batch = cfg.batch_size
     # batch_size is the global batch: with W workers each takes 1/W of it, so a step, and an epoch's
     # number of steps, are the same as one worker's and the results do not drift with W.
     cfg = dataclasses.replace(cfg, batch_size=max(1, -(-cfg.batch_size // ctx.get_world_size())))
@@ -97,7 +99,8 @@ def train_loop_per_worker(config: dict) -> None:
         sync_average(ema)
         losses = mean_over_workers(losses, len(starts))
         valid, n_valid = validate(judged, data, split, cfg, device)
-        state.update(epoch, losses, valid, train_s, config["windows"], started_at)
+        trained = config["windows"] if cfg.max_steps is None else min(config["windows"], cfg.max_steps * global_batch)
+        state.update(epoch, losses, valid, train_s, trained, started_at)
         metrics = {
             **{k: v for k, v in state.history[-1].items() if k != "started_at"},
             "valid_targets": n_valid,
@@ -105,6 +108,7 @@ def train_loop_per_worker(config: dict) -> None:
             "best_epoch": state.best_epoch,
             "world_size": ctx.get_world_size(),
             "precision": precision,
+            **memory_metrics(len(data.items)),
         }
         if config["fail_at_epoch"] == epoch and rank == 0:
             inject_fault(config["fault_marker"])
@@ -174,6 +178,21 @@ def epoch_rng(seed: int, epoch: int, rank: int) -> np.random.Generator:
     seq = np.random.SeedSequence([seed, epoch, rank])
     torch.manual_seed(int(seq.generate_state(1)[0]))
     return np.random.default_rng(seq)
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory, bytes (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_metrics(events: int) -> dict:
+    """Every worker's peak RSS and the events of its shard, gathered: the largest and the smallest."""
+    memory = gather((peak_rss(), events))
+    return {
+        "worker_peak_rss_max": max(m for m, _ in memory),
+        "worker_peak_rss_min": min(m for m, _ in memory),
+        "worker_events_max": max(n for _, n in memory),
+    }
 
 
 def gather(obj) -> list:
