@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 import threading
 import time
@@ -51,12 +52,11 @@ class MultinodeConfig:
     root: Path  # the cluster's files (short: Ray's socket paths have a length limit)
     data_dir: Path  # a prepared dataset
     epochs: int = 16
-    kill_after_epoch: int = 3  # the training host is killed once this epoch's checkpoint exists
+    kill_after_epoch: int = 3  # the training host is killed once the driver has printed this epoch
     lstm_units: int = 16
     serve_before_kill_s: float = 15.0
     serve_after_kill_s: float = 45.0
     users: int = 6  # users the event writers write to (one writer thread each)
-    timeout_s: float = 900.0  # the whole run
 
 
 def _wait(what: str, until, timeout_s: float, every_s: float = 0.5):
@@ -94,7 +94,7 @@ def train_phase(cluster: NetnsCluster, cfg: MultinodeConfig) -> dict:
     )
     hosts_before = sorted(cluster.host_of(TRAIN_WORKER))
     killed = hosts_before[-1]
-    last_before = max(epochs_logged())
+    lines_before = epochs_logged()  # read just before the kill: the epochs the controller had taken
     cluster.kill(killed)
     t_kill = time.monotonic()
 
@@ -104,7 +104,7 @@ def train_phase(cluster: NetnsCluster, cfg: MultinodeConfig) -> dict:
         return hosts if len(hosts) == 2 and killed not in hosts else None
 
     hosts_after = _wait("the worker group restarted on two hosts", restarted, 180)
-    _wait("a new epoch after the restart", lambda: len(epochs_logged()) > last_before, 180)
+    _wait("a new epoch after the restart", lambda: len(epochs_logged()) > len(lines_before), 180)
     t_resumed = time.monotonic()
     terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
     status = _wait("the training job to end", lambda: (s := client.get_job_status(job)) in terminal and s, 600, 2)
@@ -116,7 +116,7 @@ def train_phase(cluster: NetnsCluster, cfg: MultinodeConfig) -> dict:
         "workers_hosts_before": hosts_before,
         "killed_host": killed,
         "workers_hosts_after": hosts_after,
-        "reported_epochs_at_kill": last_before,
+        "reported_epochs_at_kill": max(lines_before),
         "resumed_from_epoch": resumed,
         "worker_failed_lines": len(re.findall(r"^worker \d+ failed", logs, re.M)),
         "epochs_logged": epoch_lines,  # the driver's epoch lines in order: a restart from scratch shows as a 1
@@ -162,6 +162,10 @@ class Traffic:
     unacked: int = 0
     recommend: list[tuple[float, int]] = field(default_factory=list)  # (monotonic time, status; 0 = no answer)
     stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # the counters, shared by the writers
+
+    def __post_init__(self):
+        self.acked = {f"mn-{u}": [] for u in range(self.users)}  # filled before any thread starts
 
     def _post(self, http: httpx.Client, path: str, body: dict, key: str | None = None) -> int:
         headers = {**self.headers, **({"Idempotency-Key": key} if key else {})}
@@ -171,7 +175,7 @@ class Traffic:
             return 0
 
     def writer(self, user: str, t0: float) -> None:
-        acked = self.acked.setdefault(user, [])
+        acked = self.acked[user]
         with httpx.Client() as http:
             i = 0
             while not self.stop.is_set():
@@ -183,9 +187,11 @@ class Traffic:
                         acked.append((event["item_id"], event["timestamp"]))
                         break
                     if 400 <= status < 500 or time.monotonic() > deadline:
-                        self.unacked += 1
+                        with self.lock:
+                            self.unacked += 1
                         break
-                    self.retries += 1
+                    with self.lock:
+                        self.retries += 1
                     time.sleep(0.2)
                 i += 1
                 time.sleep(0.05)
@@ -202,11 +208,31 @@ class Traffic:
 
     def start(self) -> list[threading.Thread]:
         t0 = time.time() - 86_400  # a day ago: every event in the past, one second apart
-        threads = [threading.Thread(target=self.writer, args=(f"mn-{u}", t0), daemon=True) for u in range(self.users)]
+        threads = [threading.Thread(target=self.writer, args=(user, t0), daemon=True) for user in self.acked]
         threads.append(threading.Thread(target=self.reader, daemon=True))
         for t in threads:
             t.start()
         return threads
+
+
+def check_store(store, acked_by_user: dict[str, list[tuple[int, float]]]) -> dict:
+    """Each user's stored events against the acknowledged ones: lost, duplicated, out of order."""
+    lost = duplicated = stored_total = out_of_order = 0
+    for user, acked in acked_by_user.items():
+        stored = [(e.item_id, e.timestamp) for e in store.events(user)]
+        stored_total += len(stored)
+        duplicated += len(stored) - len(set(stored))
+        lost += len(set(acked) - set(stored))
+        # One writer per user, one event at a time: the stored log is the acknowledged one, in order
+        # (an event committed whose answer never came would stand between, none is expected).
+        acked_set = set(acked)
+        out_of_order += int([e for e in stored if e in acked_set] != acked)
+    return {
+        "events_stored": stored_total,
+        "events_lost": lost,
+        "events_duplicated": duplicated,
+        "users_out_of_order": out_of_order,
+    }
 
 
 def serve_phase(cluster: NetnsCluster, cfg: MultinodeConfig) -> dict:
@@ -256,16 +282,11 @@ def serve_phase(cluster: NetnsCluster, cfg: MultinodeConfig) -> dict:
     traffic.stop.set()
     for t in threads:
         t.join(timeout=130)
-    store = RedisStore(cluster.redis_url)
-    lost = duplicated = stored_total = 0
-    for user, acked in traffic.acked.items():
-        stored = [(e.item_id, e.timestamp) for e in store.events(user)]
-        stored_total += len(stored)
-        duplicated += len(stored) - len(set(stored))
-        lost += len(set(acked) - set(stored))
+    events = check_store(RedisStore(cluster.redis_url), traffic.acked)
     after = [(t, s) for t, s in traffic.recommend if t > t_kill]
     ok_after = [t for t, s in after if s == 200]
-    gaps = [b - a for a, b in zip([t_kill] + ok_after, ok_after)]
+    t_end = traffic.recommend[-1][0] if traffic.recommend else t_kill
+    gaps = [b - a for a, b in zip([t_kill] + ok_after, ok_after + [t_end])]  # to the end too: no recovery shows
     return {
         "seconds_to_ready": round(t_ready - t0, 1),
         "ingress_hosts_before": ingress_hosts,
@@ -273,9 +294,7 @@ def serve_phase(cluster: NetnsCluster, cfg: MultinodeConfig) -> dict:
         "seconds_to_replacement_ingress": None if replaced is None else round(replaced, 1),
         "events_acknowledged": sum(map(len, traffic.acked.values())),
         "events_acknowledged_before_kill": acked_at_kill,
-        "events_stored": stored_total,
-        "events_lost": lost,
-        "events_duplicated": duplicated,
+        **events,
         "events_never_acknowledged": traffic.unacked,
         "event_retries": traffic.retries,
         "recommend_after_kill": len(after),
@@ -324,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if why := available():
         sys.exit(f"multinode: {why}")
+    shutil.rmtree(a.root, ignore_errors=True)  # a run of the same name would resume; Redis would reload its AOF
     small = SyntheticConfig(n_users=120, n_items=150, min_events=10, max_events=30)
     data = prepare_source("synthetic", a.root.parent / "di-multinode-data", synthetic_config=small, progress=False)
     result = {"machine": machine(), **run(MultinodeConfig(a.root, Path(data).resolve()))}

@@ -48,15 +48,47 @@ def _ip(*args: str, netns: str | None = None, check: bool = True) -> subprocess.
 
 
 def available() -> str | None:
-    """None if network namespaces can be made here, else why not."""
+    """None if hosts can be made here and reach each other, else why not: a bridge and two namespaces
+    are built, one listens on TCP and the other connects, and all of it is removed again."""
     if shutil.which("ip") is None:
         return "iproute2's `ip` is not on PATH (apt-get install iproute2)"
-    name = f"dicheck{os.getpid()}"
-    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
-    if made.returncode != 0:
-        return f"cannot make a network namespace (needs root / CAP_NET_ADMIN): {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    return None
+    probe = NetnsCluster.__new__(NetnsCluster)  # only its network: no Ray, no Redis
+    tag = f"p{secrets.token_hex(2)}"
+    probe.bridge = f"dibr{tag}"
+    try:
+        net = free_subnet()
+    except (RuntimeError, subprocess.CalledProcessError, OSError) as e:
+        return f"cannot list this machine's addresses: {e}"
+    addrs = list(net.hosts())
+    probe.gateway = str(addrs[-1])
+    probe.hosts = {n: Host(n, f"di{tag}{n}", str(addrs[i]), f"v{tag}{n}", 0) for i, n in enumerate(("a", "b"))}
+    try:
+        probe._network()
+        server = (
+            "import socket; s = socket.socket(); s.bind(('{ip}', 7)); s.listen(); s.settimeout(10); s.accept()"
+        ).format(ip=probe.hosts["a"].ip)
+        listen = subprocess.Popen(["ip", "netns", "exec", probe.hosts["a"].netns, sys.executable, "-c", server])
+        client = (
+            "import socket, time\n"
+            "for _ in range(50):\n"
+            "    try: socket.create_connection(('{ip}', 7), timeout=1); break\n"
+            "    except ConnectionRefusedError: time.sleep(0.1)\n"
+            "else: raise SystemExit(1)"
+        ).format(ip=probe.hosts["a"].ip)
+        reached = subprocess.run(
+            ["ip", "netns", "exec", probe.hosts["b"].netns, sys.executable, "-c", client],
+            capture_output=True,
+            timeout=20,
+        )
+        listen.wait(timeout=15)
+        if reached.returncode != 0:
+            return "two network namespaces on a bridge cannot reach each other here (a firewall on bridged traffic?)"
+        return None
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
+        detail = getattr(e, "stderr", "") or e
+        return f"cannot build hosts in network namespaces (needs root / CAP_NET_ADMIN): {str(detail).strip()}"
+    finally:
+        probe.down()
 
 
 def free_subnet() -> ipaddress.IPv4Network:
@@ -240,6 +272,7 @@ class NetnsCluster:
             capture_output=True,
             text=True,
             env=self.client_env(),
+            timeout=60,
         )
         import json
 
@@ -265,7 +298,7 @@ class NetnsCluster:
 
     def kill(self, name: str) -> None:
         """SIGKILL every process of host `name`, as a machine that loses power: no clean shutdown."""
-        for _ in range(5):  # a process that was forking may leave a child: sweep again
+        for _ in range(10):  # a process that was forking may leave a child: sweep again
             pids = self.pids(name)
             if not pids:
                 return
@@ -273,6 +306,7 @@ class NetnsCluster:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.5)
+        raise RuntimeError(f"host {name}: processes {self.pids(name)} outlived SIGKILL")
 
     def down(self) -> None:
         for name in reversed(list(self.hosts)):

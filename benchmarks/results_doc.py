@@ -26,7 +26,19 @@ import numpy as np
 
 from models.evaluation.metrics import seed_user_bootstrap
 from quality_tables import cold_table, intent_table, table_rows
-from results_systems import ann, floor, incremental, multinode, newcomer, ray_train, scale, serve_load, table, tuning
+from results_systems import (
+    ann,
+    floor,
+    incremental,
+    multinode,
+    newcomer,
+    ray_train,
+    scale,
+    scale_ray,
+    serve_load,
+    table,
+    tuning,
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -228,6 +240,7 @@ VIEWS = {
         scale,
         ann,
         multinode,
+        scale_ray,
     )
 }
 

@@ -154,6 +154,10 @@ def ann(records: list[dict]) -> str:
     body = []
     for z in records[0]["sizes"]:
         c = z["chosen"]
+        if c is None:  # no efSearch of the sweep reached the target
+            best = max(z["sweep"], key=lambda x: x["recall_at_10"])
+            body.append([f"{z['items']:,}", f"none ≥ target (best {best['recall_at_10']:.3f})", *[""] * 6])
+            continue
         body.append(
             [
                 f"{z['items']:,}",
@@ -173,6 +177,8 @@ def ann(records: list[dict]) -> str:
 def multinode(records: list[dict]) -> str:
     """A host killed in training and in serving: what happened and how long recovery took."""
     t, s = records[0]["training"], records[0]["serving"]
+    if s is None:
+        return table(["", "figure"], [["training", t["status"]], ["serving", "not run: training did not succeed"]])
     resumed = ", ".join(map(str, t["resumed_from_epoch"])) or "no resume line"
     body = [
         [
@@ -198,3 +204,25 @@ def multinode(records: list[dict]) -> str:
         ],
     ]
     return table(["", "figure"], body)
+
+
+def scale_ray(records: list[dict]) -> str:
+    """Per size and worker count: the driver's and the workers' peak RSS, and the events a worker held."""
+    body = []
+    for z in records[0]["sizes"]:
+        for workers, r in z["runs"].items():
+            if "failed" in r:
+                body.append([f"{z['events']:,} × {z['items']:,}", workers, f"failed: {r['failed']}", "", "", ""])
+                continue
+            body.append(
+                [
+                    f"{z['events']:,} × {z['items']:,}",
+                    workers,
+                    f"{r['worker_events_max']:,}",
+                    f"{r['worker_peak_rss_max'] / 2**30:.2f} GiB",
+                    f"{r['peak_rss'] / 2**30:.2f} GiB",
+                    f"{r['sequences_per_s']:.0f}",
+                ]
+            )
+    header = ["events × items", "workers", "events per worker (most)", "worker peak RSS (most)", "driver peak RSS"]
+    return table(header + ["sequences/s"], body)
