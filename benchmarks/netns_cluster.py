@@ -52,33 +52,26 @@ def available() -> str | None:
     are built, one listens on TCP and the other connects, and all of it is removed again."""
     if shutil.which("ip") is None:
         return "iproute2's `ip` is not on PATH (apt-get install iproute2)"
-    probe = NetnsCluster.__new__(NetnsCluster)  # only its network: no Ray, no Redis
-    tag = f"p{secrets.token_hex(2)}"
-    probe.bridge = f"dibr{tag}"
     try:
-        net = free_subnet()
+        probe = NetnsCluster(Path("/tmp"), workers=1)  # only its network is built: no Ray, no Redis
     except (RuntimeError, subprocess.CalledProcessError, OSError) as e:
         return f"cannot list this machine's addresses: {e}"
-    addrs = list(net.hosts())
-    probe.gateway = str(addrs[-1])
-    probe.hosts = {n: Host(n, f"di{tag}{n}", str(addrs[i]), f"v{tag}{n}", 0) for i, n in enumerate(("a", "b"))}
+    a, b = probe.hosts["head"], probe.hosts["w1"]
     try:
         probe._network()
         server = (
             "import socket; s = socket.socket(); s.bind(('{ip}', 7)); s.listen(); s.settimeout(10); s.accept()"
-        ).format(ip=probe.hosts["a"].ip)
-        listen = subprocess.Popen(["ip", "netns", "exec", probe.hosts["a"].netns, sys.executable, "-c", server])
+        ).format(ip=a.ip)
+        listen = subprocess.Popen(["ip", "netns", "exec", a.netns, sys.executable, "-c", server])
         client = (
             "import socket, time\n"
             "for _ in range(50):\n"
             "    try: socket.create_connection(('{ip}', 7), timeout=1); break\n"
             "    except ConnectionRefusedError: time.sleep(0.1)\n"
             "else: raise SystemExit(1)"
-        ).format(ip=probe.hosts["a"].ip)
+        ).format(ip=a.ip)
         reached = subprocess.run(
-            ["ip", "netns", "exec", probe.hosts["b"].netns, sys.executable, "-c", client],
-            capture_output=True,
-            timeout=20,
+            ["ip", "netns", "exec", b.netns, sys.executable, "-c", client], capture_output=True, timeout=20
         )
         listen.wait(timeout=15)
         if reached.returncode != 0:

@@ -58,7 +58,7 @@ def test_hnsw_top10_matches_exact(concat_ckpt):
     assert ann.current.indexes[HNSW] is item_index(ann.current, HNSW)  # built once per version
 
 
-def test_hnsw_excludes_seen_items(concat_ckpt):
+def test_hnsw_excludes_seen_items(concat_ckpt, monkeypatch):
     ann = Combiner.func_or_class(index=HNSW)
     ann.reconfigure({"checkpoint": str(concat_ckpt)})
     (plain,) = _states(ann.current, 1)
@@ -77,8 +77,14 @@ def test_hnsw_excludes_seen_items(concat_ckpt):
     small.reconfigure({"checkpoint": str(concat_ckpt)})
     exact = Combiner.func_or_class()
     exact.reconfigure({"checkpoint": str(concat_ckpt)})
+    from ray_app.serve.ann import HNSWIndex
+
+    calls = []
+    matmul = HNSWIndex.exact
+    monkeypatch.setattr(HNSWIndex, "exact", lambda self, u, k: calls.append(len(u)) or matmul(self, u, k))
     fallback, want = small._rank(small.current, jobs[:1])[0], exact._rank(exact.current, jobs[:1])[0]
     assert [i for i, _ in fallback.items] == [i for i, _ in want.items]
+    assert calls == [1]  # the row went to the matmul, not to the graph
 
 
 def test_a_row_the_graph_answers_short_is_ranked_exactly():

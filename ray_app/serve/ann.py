@@ -85,16 +85,13 @@ class HNSWIndex:
                 found.update({b: (ids[j], scores[j]) for j, b in enumerate(rows)})
         indices, values = [], []
         for b, s in enumerate(seen):
+            s = np.zeros(0, np.int64) if s is None else np.asarray(s)
             ids, scores = found[b]
-            keep = ids > 0
-            if s is not None and len(s):
-                keep &= ~np.isin(ids, s)
-            s = None if s is None else np.asarray(s)
-            unseen = self.n_items - (len(np.unique(s[(s >= 1) & (s <= self.n_items)])) if s is not None else 0)
-            if keep.sum() < min(k, unseen) and b not in matmul:  # answered short: the exact answer instead
-                ids, scores = self.exact(u[b : b + 1], need[b])
-                ids, scores = ids[0], scores[0]
-                keep = ~np.isin(ids, s) if s is not None and len(s) else np.ones(len(ids), bool)
+            keep = (ids > 0) & ~np.isin(ids, s)
+            unseen = self.n_items - len(np.unique(s[(s >= 1) & (s <= self.n_items)]))
+            if keep.sum() < min(k, unseen):  # the graph answered short: the exact answer instead
+                ids, scores = (x[0] for x in self.exact(u[b : b + 1], need[b]))
+                keep = ~np.isin(ids, s)
             indices.append(ids[keep][:k].tolist())
             values.append(scores[keep][:k].tolist())
         return indices, values
