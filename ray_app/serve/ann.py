@@ -87,8 +87,10 @@ class HNSWIndex:
         for b, s in enumerate(seen):
             s = np.zeros(0, np.int64) if s is None else np.asarray(s)
             ids, scores = found[b]
-            keep = (ids > 0) & ~np.isin(ids, s)
-            unseen = self.n_items - len(np.unique(s[(s >= 1) & (s <= self.n_items)]))
+            keep, unseen = ids > 0, self.n_items
+            if len(s):  # a request without exclude_seen skips the set work
+                keep &= ~np.isin(ids, s)
+                unseen -= len(np.unique(s[(s >= 1) & (s <= self.n_items)]))
             if keep.sum() < min(k, unseen):  # the graph answered short: the exact answer instead
                 ids, scores = (x[0] for x in self.exact(u[b : b + 1], need[b]))
                 keep = ~np.isin(ids, s)
