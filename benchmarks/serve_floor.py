@@ -140,7 +140,10 @@ def _deploy_side_by_side(app_args, num_cpus: float, url: str, unbatched: bool) -
 def _take_turns(
     mode: str, url: str, paths: dict, levels: list[int], duration_s: float, users_file: Path, rounds: int
 ) -> list[dict]:
-    """A warm-up of each app, then wrk at every level, round by round, app after app -> every run."""
+    """A warm-up of each app, then wrk at every level, round by round, app after app -> every run,
+    each with the CPU ms per request of every Ray process (`replica_cpu.py`)."""
+    import replica_cpu
+
     for what in paths:  # warm-up, not recorded
         run_wrk(url, 8, min(5.0, duration_s), users_file, path=paths[what])
     # Both apps stay deployed and take turns, level by level, round by round: a drift in the
@@ -149,7 +152,9 @@ def _take_turns(
     for r in range(rounds):
         for c in levels:
             for what in paths:
+                before = replica_cpu.snapshot()
                 res = {"round": r, "app": what, **run_wrk(url, c, duration_s, users_file, path=paths[what])}
+                res["cpu_ms_per_request"] = replica_cpu.per_request(before, replica_cpu.snapshot(), res["requests"])
                 runs.append(res)
                 _print(mode, what, res)
     return runs
@@ -231,7 +236,16 @@ def _pooled(runs: list[dict]) -> dict:
         "errors": sum(r["errors"] for r in runs),
         **{q: statistics.median(r[q] for r in runs) for q in ("mean_ms", "p50_ms", "p90_ms", "p99_ms")},
         "max_ms": max(r["max_ms"] for r in runs),
+        "cpu_ms_per_request": _pooled_cpu(runs),
     }
+
+
+def _pooled_cpu(runs: list[dict]) -> dict[str, float]:
+    """Each process's CPU ms per request over the rounds, weighted by their requests."""
+    n = sum(r["requests"] for r in runs)
+    names = {k for r in runs for k in r.get("cpu_ms_per_request", {})}
+    pooled = {k: sum(r.get("cpu_ms_per_request", {}).get(k, 0.0) * r["requests"] for r in runs) / n for k in names}
+    return dict(sorted(pooled.items(), key=lambda x: -x[1]))
 
 
 def floor_runs(
