@@ -10,6 +10,7 @@ The screenshot path is printed (pytest -s) and the file kept under runs/artifact
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import socket
@@ -39,9 +40,17 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port below Linux's ephemeral range (32768-60999) and above Ray's worker
+    ports (10002-19999): the API's port is chosen before Ray starts, and a port from the ephemeral
+    range could be handed to one of Ray's own processes meanwhile (the proxy then cannot bind)."""
+    for port in random.sample(range(20_000, 32_000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-31999")
 
 
 def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
