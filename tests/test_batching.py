@@ -136,3 +136,19 @@ def test_unknown_intent_regime_is_named():
     b = BatchBuilder(np.arange(1, 7), np.full(6, 4.0, np.float32), np.arange(6) * 60, table)
     with pytest.raises(ValueError, match="intent must be one of"):
         b(np.array([0]), np.array([4]), np.array([0]), supervise_all=False, intent_rate=1.0, intent="psychic")
+
+
+def test_wrong_rate_gives_that_share_of_training_words_a_phrase_the_target_lacks():
+    table, phrases = regime_table()
+    items = np.array([1, 3, 5, 2, 12, 7, 9, 11, 4, 6, 8, 10, 12, 1])
+    b = BatchBuilder(items, np.full(len(items), 4.0, np.float32), 1_600_000_000 + np.arange(len(items)) * 60, table)
+    starts, ends, ustart = np.array([0, 2, 6]), np.array([8, 12, 13]), np.zeros(3, int)
+    targets = items[ends]
+    last, rows = ends - starts - 1, np.arange(3)
+    for rate, own in ((0.0, True), (1.0, False)):
+        got = b(
+            starts, ends, ustart, supervise_all=False, intent_rate=1.0, rng=np.random.default_rng(0), wrong_rate=rate
+        )
+        for i, row in enumerate(got["intent"][rows, last].numpy()):
+            chosen = {int(p) for p in np.nonzero(row)[0]}
+            assert len(chosen) == 1 and bool(chosen & set(phrases[targets[i]])) == own

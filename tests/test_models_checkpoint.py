@@ -50,3 +50,16 @@ def test_a_checkpoint_from_before_a_field_existed_loads_as_the_model_it_was(tiny
     assert DecomposerConfig().residual and DecomposerConfig().profile_decays  # today's defaults differ
     batch = first_batch(tiny_data, split)
     torch.testing.assert_close(loaded.score(batch), old.score(batch))
+
+
+def test_a_checkpoint_from_before_the_cold_item_mask_keeps_every_id_vector(tiny_data, split):
+    torch.manual_seed(0)
+    m = new_model("decomposer", tiny_data, split).eval()
+    m.items.known[3] = 0.0
+    ckpt = checkpoint.to_bytes_dict(m)
+    loaded, _ = checkpoint.from_dict(ckpt)
+    assert loaded.items.known[3] == 0.0  # the mask travels with the checkpoint
+    for key in [k for k in ckpt["state_dict"] if k.endswith(".known")]:  # items.known, encoder.items.known
+        del ckpt["state_dict"][key]
+    loaded, _ = checkpoint.from_dict(ckpt)
+    assert bool((loaded.items.known == 1.0).all())

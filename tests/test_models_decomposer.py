@@ -115,3 +115,44 @@ def test_residual_readout_adds_the_direct_lstm_vector(tiny_data, split):
     loss, _ = m(first_batch(tiny_data, split))
     loss.backward()
     assert m.direct.weight.grad is not None
+
+
+@pytest.mark.parametrize("kind, flags", [("decomposer", {}), ("sasrec", {"use_text": True})])
+def test_an_item_no_training_event_holds_is_placed_by_its_text_alone(tiny_data, split, kind, flags):
+    import numpy as np
+
+    torch.manual_seed(0)
+    m = new_model(kind, tiny_data, split, **flags).eval()
+    counts = np.ones(tiny_data.n_items + 1, np.int64)
+    counts[3] = 0  # item 3: never in training
+    m.set_item_data(tiny_data.item_emb, tiny_data.item_genres, counts)
+    emb = m.items.emb.weight if kind == "decomposer" else m.item_emb.weight
+    vectors = (lambda: m.items.all()) if kind == "decomposer" else m.item_vectors
+    text = m.items.proj(m.items.text) if kind == "decomposer" else m.text_proj(m.text)
+    with torch.no_grad():
+        torch.testing.assert_close(vectors()[3], text[3])  # no id vector
+        assert not torch.allclose(vectors()[4], text[4])  # a known item keeps its own
+        batch = first_batch(tiny_data, split)
+        before = m.score(batch)
+        emb[3] += 5.0  # whatever training did to the cold item's id vector has no effect
+        torch.testing.assert_close(m.score(batch), before)
+
+
+def test_an_id_only_model_keeps_every_id_vector(tiny_data, split):
+    import numpy as np
+
+    m = new_model("sasrec", tiny_data, split).eval()
+    counts = np.ones(tiny_data.n_items + 1, np.int64)
+    counts[3] = 0
+    m.set_item_data(tiny_data.item_emb, tiny_data.item_genres, counts)
+    torch.testing.assert_close(m.item_vectors()[3], m.item_emb.weight[3])
+
+
+def test_id_dropout_leaves_out_id_vectors_in_training_only(tiny_data, split):
+    torch.manual_seed(0)
+    m = new_model("decomposer", tiny_data, split, id_dropout=1.0)
+    text = m.items.proj(m.items.text)
+    torch.testing.assert_close(m.items.all(), text)  # training, every id vector dropped
+    m.eval()
+    assert not torch.allclose(m.items.all()[1:], text[1:])
+    assert new_model("decomposer", tiny_data, split, use_text=False, id_dropout=0.5).items.id_dropout == 0.0

@@ -159,8 +159,10 @@ class BatchBuilder:
         intent_rate: float = 0.0,
         rng: np.random.Generator | None = None,
         intent: str = "oracle",
+        wrong_rate: float = 0.0,
     ) -> dict[str, torch.Tensor]:
-        """`intent` (one of INTENT_REGIMES) picks the words of the supervised positions that get any."""
+        """`intent` (one of INTENT_REGIMES) picks the words of the supervised positions that get any;
+        `wrong_rate` (training) gives that share of them a phrase the target does not carry instead."""
         lengths = ends - starts  # (B,)
         T = int(lengths.max())
         pos = np.arange(T)[None, :]
@@ -191,6 +193,11 @@ class BatchBuilder:
             vec = self.intents.emb[np.maximum(phrase, 0)] * use[..., None]  # (B, T, 384)
             if intent != "oracle":
                 use, vec = self._regime(intent, use, vec, phrase, idx, mask, nxt, rng)
+            elif wrong_rate > 0:  # words can be wrong: a model trained on oracle words alone trusts them all
+                b, t = np.nonzero(use)
+                pick = rng.random(len(b)) < wrong_rate
+                b, t = b[pick], t[pick]
+                vec[b, t] = self.intents.emb[self.intents.unrelated(self.items[nxt[b, t]], rng)]
             batch["intent"] = torch.from_numpy(vec.astype(np.float32))
             batch["intent_mask"] = torch.from_numpy(use)
         return batch

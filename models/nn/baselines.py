@@ -35,6 +35,8 @@ class _ItemDataMixin:
     def set_item_data(self, text_emb: np.ndarray, genres: np.ndarray, counts: np.ndarray | None = None) -> None:
         if hasattr(self, "items") and isinstance(self.items, ItemTower):
             self.items.set_text(text_emb)
+            if counts is not None:
+                self.items.set_known(counts)
         if counts is not None:
             p = (np.asarray(counts, dtype=np.float64) + 1.0) / (np.sum(counts) + len(counts))
             self.log_q.copy_(torch.as_tensor(np.log(p), dtype=torch.float32))
@@ -255,6 +257,7 @@ class SASRec(_ItemDataMixin, nn.Module):
         if cfg.use_text:  # the frozen text travels with the checkpoint, as in the item tower
             self.register_buffer("text", torch.zeros(cfg.n_items + 1, cfg.text_dim))
             self.text_proj = nn.Linear(cfg.text_dim, cfg.hidden, bias=False)
+            self.register_buffer("known", torch.ones(cfg.n_items + 1))  # as the item tower's (cold items: text alone)
         if cfg.use_events:
             self.rating_emb = nn.Embedding(N_RATING_BUCKETS, cfg.hidden, padding_idx=0)
             self.event_proj = nn.Linear(EVENT_FEATURES, cfg.hidden)
@@ -279,12 +282,14 @@ class SASRec(_ItemDataMixin, nn.Module):
         super().set_item_data(text_emb, genres, counts)
         if self.cfg.use_text:
             self.text.copy_(torch.as_tensor(text_emb, dtype=torch.float32))
+            if counts is not None:
+                self.known.copy_(torch.as_tensor(np.asarray(counts) > 0, dtype=torch.float32))
 
     def item_vectors(self) -> torch.Tensor:
         """(N+1, H) input and output vectors of every item (tied); row 0 is padding."""
         if not self.cfg.use_text:
             return self.item_emb.weight
-        return self.item_emb.weight + self.text_proj(self.text)
+        return self.item_emb.weight * self.known[:, None] + self.text_proj(self.text)
 
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, T) right-padded events -> (B, T, H); causal attention keeps padding out of real positions."""

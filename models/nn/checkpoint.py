@@ -98,8 +98,10 @@ def from_dict(ckpt: dict, source: str = "checkpoint") -> tuple[nn.Module, dict]:
         if key not in ckpt:
             raise CheckpointError(f"{source}: missing {key!r}")
     model = build(ckpt["model_type"], {**ABSENT_MEANS.get(ckpt["model_type"], {}), **ckpt["model_args"]})
+    # A checkpoint from before the cold-item mask: every item keeps its id vector, as it was trained.
+    state = {**{k: v for k, v in model.state_dict().items() if k.split(".")[-1] == "known"}, **ckpt["state_dict"]}
     try:
-        model.load_state_dict(ckpt["state_dict"])
+        model.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         raise CheckpointError(f"{source}: weights do not match model_args ({first[0] if first else e})") from e

@@ -53,6 +53,7 @@ class DecomposerConfig:
     # z_t = [h_t; m_t^(λ) for each λ]: decayed means of the item vectors consumed (1.0 = plain mean), () = h_t alone
     profile_decays: tuple[float, ...] = (1.0, 0.98, 0.9)
     use_text: bool = True  # add P·z(i) to item vectors
+    id_dropout: float = 0.0  # in training, the share of items whose id vector is left out (text alone)
     dim_names: tuple[str, ...] = field(init=False)
 
     def __post_init__(self):
@@ -83,7 +84,7 @@ class InterestDecomposer(nn.Module):
         self.cfg = cfg
         K, d, c = len(cfg.dim_names), cfg.dim_size, cfg.context_dim
         self.K = K
-        self.items = ItemTower(cfg.n_items, cfg.item_dim, cfg.text_dim, cfg.use_text)
+        self.items = ItemTower(cfg.n_items, cfg.item_dim, cfg.text_dim, cfg.use_text, cfg.id_dropout)
         self.encoder = EventLSTM(self.items, cfg.item_dim, cfg.lstm_units, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
         state = cfg.lstm_units + len(cfg.profile_decays) * cfg.item_dim  # size of the interest state z_t
@@ -113,6 +114,8 @@ class InterestDecomposer(nn.Module):
     # ---- data the model carries -------------------------------------------------------------
     def set_item_data(self, text_emb: np.ndarray, genres: np.ndarray, counts: np.ndarray | None = None) -> None:
         self.items.set_text(text_emb)
+        if counts is not None:
+            self.items.set_known(counts)
         self.item_genres.copy_(torch.as_tensor(genres, dtype=torch.float32))
         if counts is not None:
             p = (np.asarray(counts, dtype=np.float64) + 1.0) / (np.sum(counts) + len(counts))

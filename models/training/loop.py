@@ -42,6 +42,7 @@ class TrainConfig:
     )
     ema_decay: float | None = None  # validate and keep an exponential moving average of the weights, updated every step
     intent_rate: float = 0.3  # share of training positions whose context carries intent text
+    wrong_intent_rate: float = 0.0  # share of those whose words are a phrase the target does not carry
     grad_clip: float = 5.0
     seed: int = 0
     time_budget_s: float | None = None  # stop after this much training time
@@ -117,7 +118,13 @@ def run_epoch(
         if cfg.max_steps is not None and step >= cfg.max_steps:
             break
         batch = builder(
-            starts[idx], ends[idx], user_starts[idx], supervise_all=True, intent_rate=cfg.intent_rate, rng=rng
+            starts[idx],
+            ends[idx],
+            user_starts[idx],
+            supervise_all=True,
+            intent_rate=cfg.intent_rate,
+            wrong_rate=cfg.wrong_intent_rate,
+            rng=rng,
         )
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(
