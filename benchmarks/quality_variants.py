@@ -104,6 +104,12 @@ VARIANTS = {
         {"ema_decay": 0.98},
     ),
     "decomposer, no text": ("decomposer", {"use_text": False}),
+    # Cold-start items: a third of the known items' id vectors left out at each step, so that
+    # the text part learns to place an item on its own (an item nobody has held has only text).
+    "decomposer, id dropout 0.3": ("decomposer", {"id_dropout": 0.3}),
+    # Wrong words: a third of the training phrases are unrelated to the target, so that the gates
+    # learn not to trust every phrase (a model trained on oracle words alone does).
+    "decomposer, wrong words in training 0.3": ("decomposer", {}, {"wrong_intent_rate": 0.3}),
 }
 TEXT_SASREC = "sasrec, text and event features, mask seen, weights averaged"
 # Declared before the runs: the one comparison the headline rests on.
@@ -122,6 +128,8 @@ INTENT_EVALUATED = (
     "decomposer, residual, dropout 0.5",
     "decomposer, residual, three profiles, dropout 0.5",
     "decomposer, dropout 0.5, weights averaged",
+    "decomposer, id dropout 0.3",
+    "decomposer, wrong words in training 0.3",
 )
 ABLATIONS = ("decomposer, no gates", "decomposer, no aux losses", "decomposer, seen items in the softmax")
 DEFAULT_VARIANTS = ("decomposer", "lstm", "sasrec", "popular", *ABLATIONS)
