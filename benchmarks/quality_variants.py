@@ -110,6 +110,7 @@ VARIANTS = {
     # Wrong words: a third of the training phrases are unrelated to the target, so that the gates
     # learn not to trust every phrase (a model trained on oracle words alone does).
     "decomposer, wrong words in training 0.3": ("decomposer", {}, {"wrong_intent_rate": 0.3}),
+    "decomposer, wrong words in training 0.1": ("decomposer", {}, {"wrong_intent_rate": 0.1}),
 }
 TEXT_SASREC = "sasrec, text and event features, mask seen, weights averaged"
 # Declared before the runs: the one comparison the headline rests on.
@@ -130,6 +131,7 @@ INTENT_EVALUATED = (
     "decomposer, dropout 0.5, weights averaged",
     "decomposer, id dropout 0.3",
     "decomposer, wrong words in training 0.3",
+    "decomposer, wrong words in training 0.1",
 )
 ABLATIONS = ("decomposer, no gates", "decomposer, no aux losses", "decomposer, seen items in the softmax")
 DEFAULT_VARIANTS = ("decomposer", "lstm", "sasrec", "popular", *ABLATIONS)

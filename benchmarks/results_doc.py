@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from models.evaluation.metrics import seed_user_bootstrap
+from models.data.batching import INTENT_REGIMES
 from quality_tables import cold_table, intent_table, table_rows
+from quality_variants import intent_name
 from results_systems import (
     ann,
     floor,
@@ -163,6 +165,44 @@ def cold(records: list[dict], protocol: str) -> str:
     return table(["model", "NDCG@10", "HR@10", "seeds", "targets"], body)
 
 
+def regimes(records: list[dict], protocol: str, rows: str, seeds: str = "") -> str:
+    """Per variant (`label=variant`, runs looked up in every file, the first holding it counts):
+    NDCG@10 without words and in each intent regime, means over `seeds` (all when empty), and how
+    far the wrong phrase takes it from its score without words."""
+    runs: dict = {}
+    for record in records:
+        for key, r in record["runs"].items():
+            runs.setdefault(key, r)
+    wanted = set(seeds.split(",")) if seeds else None
+    body = []
+    for pair in names(rows):
+        label, _, name = pair.rpartition("=")
+
+        def mean(variant: str, key: str = "ndcg@10") -> tuple[float, int]:
+            got = [
+                r[key] if key in r else r["masked"][key]
+                for k, r in runs.items()
+                if k.rsplit("/", 1)[0] == f"{protocol}/{variant}" and (wanted is None or k.rsplit("/", 1)[1] in wanted)
+            ]
+            return (float(np.mean(got)) if got else float("nan")), len(got)
+
+        base, n = mean(name.strip())
+        by = {regime: mean(intent_name(name.strip(), regime))[0] for regime in INTENT_REGIMES}
+        change = (by["wrong"] - base) / base if "wrong" in by else float("nan")
+        body.append(
+            [
+                label.strip() or name.strip(),
+                n,
+                f"{base:.4f}",
+                *(f"{by[x]:.4f}" for x in INTENT_REGIMES),
+                f"{change:+.0%}",
+            ]
+            + [f"{mean(name.strip(), 'valid_ndcg@10')[0]:.4f}"]
+        )
+    header = ["model", "seeds", "no words", *INTENT_REGIMES, "wrong vs no words", "valid NDCG@10"]
+    return table(header, body)
+
+
 def _params(p: dict) -> str:
     shown = {k: v for k, v in p.items() if k not in ("model", "mask_seen", "ema_decay", "use_text", "use_events")}
     return ", ".join(f"{k} {round(v, 4) if isinstance(v, float) else v}" for k, v in shown.items())
@@ -228,6 +268,7 @@ VIEWS = {
         primary,
         intent,
         cold,
+        regimes,
         search,
         retrain,
         gates,
