@@ -28,7 +28,7 @@ from torch import nn
 
 from models.data.features import EVENT_FEATURES, N_RATING_BUCKETS
 from models.nn.losses import next_item_loss, seen_pairs
-from models.nn.sequence import EventLSTM, ItemTower, last_position
+from models.nn.sequence import EventLSTM, ItemTower, known_items, last_position
 
 
 class _ItemDataMixin:
@@ -283,7 +283,7 @@ class SASRec(_ItemDataMixin, nn.Module):
         if self.cfg.use_text:
             self.text.copy_(torch.as_tensor(text_emb, dtype=torch.float32))
             if counts is not None:
-                self.known.copy_(torch.as_tensor(np.asarray(counts) > 0, dtype=torch.float32))
+                self.known.copy_(known_items(counts))
 
     def item_vectors(self) -> torch.Tensor:
         """(N+1, H) input and output vectors of every item (tied); row 0 is padding."""

@@ -12,6 +12,11 @@ from torch import nn
 from models.data.features import EVENT_FEATURES, N_RATING_BUCKETS
 
 
+def known_items(counts: np.ndarray) -> torch.Tensor:
+    """(N+1,) training events per item -> 1.0 where some event holds the item, 0.0 for a cold one."""
+    return torch.as_tensor(np.asarray(counts) > 0, dtype=torch.float32)
+
+
 class ItemTower(nn.Module):
     """Item vectors E_item(i) + P·z(i); used as LSTM input and, tied, as output embeddings q_i."""
 
@@ -37,7 +42,7 @@ class ItemTower(nn.Module):
     def set_known(self, counts: np.ndarray) -> None:
         """(N+1,) training events per item -> which items keep their id vector (all, without text)."""
         if self.proj is not None:
-            self.known.copy_(torch.as_tensor(np.asarray(counts) > 0, dtype=torch.float32))
+            self.known.copy_(known_items(counts))
 
     def _keep(self) -> torch.Tensor:
         """(N+1,) 1 where an item's id vector counts: the known items, less a random `id_dropout`
