@@ -3,6 +3,8 @@ The same rules over real HTTP, on every route, are in tests/test_serve_http.py."
 
 from __future__ import annotations
 
+import time
+
 import jwt
 import pytest
 
@@ -11,6 +13,7 @@ from ray_app.serve.auth import (
     AuthError,
     Principal,
     RateLimit,
+    TokenCheck,
     main,
     mint,
     new_secret,
@@ -99,3 +102,38 @@ def test_the_rate_limit_counts_per_token():
         limit.admit(service)
     with pytest.raises(AuthError):
         limit.admit(service)
+
+
+def test_the_rate_limit_window_slides_and_its_memory_is_bounded():
+    limit = RateLimit(user_per_minute=10, service_per_minute=10, max_tokens=4)
+    alice = Principal("user", "alice", "a" * 32)
+    t0 = 6000.0  # the start of a minute
+    for j in range(10):
+        limit.admit(alice, now=t0 + j)
+    with pytest.raises(AuthError):
+        limit.admit(alice, now=t0 + 30)
+    # 15 s into the next minute the previous one still weighs 10 * 0.75 = 7.5: two more fit, not three.
+    limit.admit(alice, now=t0 + 75)
+    limit.admit(alice, now=t0 + 75)
+    with pytest.raises(AuthError) as e:
+        limit.admit(alice, now=t0 + 75)
+    assert e.value.retry_after_s == 45
+    limit.admit(alice, now=t0 + 180)  # two minutes on, the old counts are gone
+    for j in range(50):  # many tokens: the counts stay within the bound
+        limit.admit(Principal("user", str(j), f"{j:032d}"), now=t0 + 200)
+    assert len(limit._counts) <= 8
+
+
+def test_a_remembered_token_is_refused_once_it_expires_and_bad_tokens_are_never_remembered():
+    check = TokenCheck(max_tokens=2)
+    header = f"Bearer {mint(SECRET, 'user', '42', ttl_s=1)}"
+    assert check(SECRET, header).user_id == "42"
+    assert check(SECRET, header).user_id == "42"  # from memory
+    with pytest.raises(AuthError, match="invalid token"):
+        check(new_secret(), header)  # another secret: checked again, and refused
+    with pytest.raises(AuthError):
+        check(SECRET, header + "x")
+    assert len(check._known) == 1
+    time.sleep(2.05)  # past its `exp` (whole seconds), while still remembered
+    with pytest.raises(AuthError, match="expired"):
+        check(SECRET, header)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import secrets
 import sys
@@ -63,31 +64,55 @@ class Principal:
 
 class RateLimit:
     """Requests per token per minute, in one process (each Ingress replica counts its own: with R
-    replicas a token gets up to R times the rate). A sliding-window counter from the `limits`
-    library, in memory; a token's counter expires a minute after its last request, so what it
-    holds is bounded by the tokens active in the last minute."""
+    replicas a token gets up to R times the rate). A sliding-window counter: the count of the
+    current minute plus the previous minute's, weighted by how much of it the window still covers.
+    The counts live in a `cachetools.TTLCache` (bounded to `max_tokens` tokens' counts; a count
+    expires two minutes after its minute began), swept on access: no timer thread, nothing that
+    grows with the callers."""
 
-    def __init__(self, user_per_minute: int, service_per_minute: int):
-        from limits import RateLimitItemPerMinute
-        from limits.storage import MemoryStorage
-        from limits.strategies import SlidingWindowCounterRateLimiter
+    WINDOW_S = 60.0
 
-        self._limiter = SlidingWindowCounterRateLimiter(MemoryStorage())
-        self._items = {
-            "user": RateLimitItemPerMinute(user_per_minute),
-            "service": RateLimitItemPerMinute(service_per_minute),
-        }
+    def __init__(self, user_per_minute: int, service_per_minute: int, max_tokens: int = 100_000):
+        from cachetools import TTLCache
 
-    def admit(self, who: Principal) -> None:
+        self._limits = {"user": user_per_minute, "service": service_per_minute}
+        self._counts: TTLCache = TTLCache(maxsize=2 * max_tokens, ttl=2 * self.WINDOW_S)  # (token, minute) -> n
+
+    def admit(self, who: Principal, now: float | None = None) -> None:
         """AuthError(429) once the caller's token has used up its minute."""
-        item = self._items[who.role]
-        if not self._limiter.hit(item, who.token_key):
-            wait = max(1, round(self._limiter.get_window_stats(item, who.token_key).reset_time - time.time()))
+        limit = self._limits[who.role]
+        now = time.time() if now is None else now
+        minute, into = divmod(now, self.WINDOW_S)
+        current = self._counts.get((who.token_key, minute), 0)
+        previous = self._counts.get((who.token_key, minute - 1), 0)
+        if previous * (1.0 - into / self.WINDOW_S) + current + 1 > limit:
+            wait = max(1, math.ceil(self.WINDOW_S - into))
             raise AuthError(
                 429,
-                f"rate limit: at most {item.amount} requests a minute for this token; retry in {wait} s",
+                f"rate limit: at most {limit} requests a minute for this token; retry in {wait} s",
                 retry_after_s=wait,
             )
+        self._counts[(who.token_key, minute)] = current + 1
+
+
+class TokenCheck:
+    """`verify` with a bounded memory of the tokens it already checked (a `cachetools.TTLCache` of
+    `max_tokens`, each kept `ttl_s`): a client's repeated requests skip the HMAC and the claims'
+    parsing; an expiring token is still refused from the moment its `exp` passes."""
+
+    def __init__(self, max_tokens: int = 10_000, ttl_s: float = 60.0):
+        from cachetools import TTLCache
+
+        self._known: TTLCache = TTLCache(maxsize=max_tokens, ttl=ttl_s)  # (secret digest, header) -> (who, exp)
+
+    def __call__(self, secret: str, authorization: str | None) -> Principal:
+        key = (hashlib.sha256(secret.encode()).digest(), authorization)
+        hit = self._known.get(key)
+        if hit is not None and (hit[1] is None or hit[1] > time.time()):
+            return hit[0]
+        who, exp = _verify(secret, authorization)
+        self._known[key] = (who, exp)
+        return who
 
 
 def secret_from_env(environ=os.environ) -> str:
@@ -125,6 +150,11 @@ def mint(secret: str, role: str, user_id: str | None = None, ttl_s: float | None
 
 def verify(secret: str, authorization: str | None) -> Principal:
     """The `Authorization` header's value -> who is calling; AuthError(401) when it proves nothing."""
+    return _verify(secret, authorization)[0]
+
+
+def _verify(secret: str, authorization: str | None) -> tuple[Principal, float | None]:
+    """`verify`, and the token's expiry time (None: it does not expire)."""
     if not authorization:
         raise AuthError(401, "missing bearer token: send `Authorization: Bearer <token>`")
     scheme, _, token = authorization.partition(" ")
@@ -142,7 +172,7 @@ def verify(secret: str, authorization: str | None) -> Principal:
     if role not in ROLES or (role == "user") != isinstance(user_id, str):
         raise AuthError(401, "invalid token (its role or subject is malformed)")
     digest = hashlib.sha256(token.strip().encode()).hexdigest()[:32]
-    return Principal(role, user_id if role == "user" else None, digest)
+    return Principal(role, user_id if role == "user" else None, digest), claims.get("exp")
 
 
 def main(argv=None) -> int:

@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections import OrderedDict, defaultdict
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -186,9 +187,8 @@ class Decomposer:
         h = served.interest(state)  # (U[+R·D],) interest state z
         seen = None
         if job["with_seen"]:  # the store's seen set, not a read of the whole log
-            seen = np.array(
-                sorted({served.index_of.get(i, 0) for i in self.store.seen_items(job["user_id"])}), np.int64
-            )
+            ids = self.store.seen_items(job["user_id"])
+            seen = np.unique(np.fromiter(map(served.index_of.get, ids, repeat(0, len(ids))), np.int64, len(ids)))
         out[job["j"]] = self._result(served, h, job["n"], job["events"][-1].timestamp if job["events"] else None, seen)
 
     @staticmethod

@@ -25,7 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ray_app.serve.auth import FIELD as AUTH_FIELD
-from ray_app.serve.auth import AuthError, Principal, RateLimit, secret_from_env, verify
+from ray_app.serve.auth import AuthError, Principal, RateLimit, TokenCheck, secret_from_env
 from ray_app.serve.schemas import (
     IDEMPOTENCY_KEY,
     MAX_K,
@@ -174,12 +174,13 @@ async def _auth_error(request: Request, exc: AuthError) -> JSONResponse:
 # The scheme is declared for the OpenAPI description (Swagger's "Authorize"); `caller` reads the
 # header itself, so that a missing token and a malformed header get messages of their own.
 _bearer = HTTPBearer(auto_error=False, description="a user or service token (python -m ray_app.serve.auth)")
+_tokens = TokenCheck()  # each replica process remembers the tokens it checked (bounded, a minute each)
 
 
 async def caller(request: Request, _: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Principal:
     # Read from the environment on each call (a dict lookup): Serve ships the app's functions to the
     # replica apart from this module's globals, so nothing set at start-up would be seen here.
-    return verify(secret_from_env(), request.headers.get("authorization"))
+    return _tokens(secret_from_env(), request.headers.get("authorization"))
 
 
 Caller = Annotated[Principal, Depends(caller)]

@@ -222,7 +222,9 @@ class SQLiteStore:
 
     @_sqlite_faults
     def seen_items(self, user_id: str) -> list[int]:
-        return [int(i) for (i,) in self._conn().execute("SELECT item_id FROM seen WHERE user_id = ?", (user_id,))]
+        # One row (the ids joined by SQLite) rather than a row per item: a long seen set reads in one step.
+        row = self._conn().execute("SELECT group_concat(item_id) FROM seen WHERE user_id = ?", (user_id,)).fetchone()
+        return [int(i) for i in row[0].split(",")] if row and row[0] else []
 
     # -- state cache -----------------------------------------------------------------
     @_sqlite_faults
