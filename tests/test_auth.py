@@ -118,7 +118,7 @@ def test_the_rate_limit_window_slides_and_its_memory_is_bounded():
     with pytest.raises(AuthError) as e:
         limit.admit(alice, now=t0 + 75)
     assert e.value.retry_after_s == 45
-    limit.admit(alice, now=t0 + 180)  # two minutes on, the old counts are gone
+    limit.admit(alice, now=t0 + 180)  # two minutes on, the old minutes no longer count
     for j in range(50):  # many tokens: the counts stay within the bound
         limit.admit(Principal("user", str(j), f"{j:032d}"), now=t0 + 200)
     assert len(limit._counts) <= 8
