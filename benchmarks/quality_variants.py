@@ -111,6 +111,7 @@ VARIANTS = {
     # learn not to trust every phrase (a model trained on oracle words alone does).
     "decomposer, wrong words in training 0.3": ("decomposer", {}, {"wrong_intent_rate": 0.3}),
     "decomposer, wrong words in training 0.1": ("decomposer", {}, {"wrong_intent_rate": 0.1}),
+    "decomposer, wrong words in training 0.2": ("decomposer", {}, {"wrong_intent_rate": 0.2}),
 }
 TEXT_SASREC = "sasrec, text and event features, mask seen, weights averaged"
 # Declared before the runs: the one comparison the headline rests on.
@@ -132,6 +133,7 @@ INTENT_EVALUATED = (
     "decomposer, id dropout 0.3",
     "decomposer, wrong words in training 0.3",
     "decomposer, wrong words in training 0.1",
+    "decomposer, wrong words in training 0.2",
 )
 ABLATIONS = ("decomposer, no gates", "decomposer, no aux losses", "decomposer, seen items in the softmax")
 DEFAULT_VARIANTS = ("decomposer", "lstm", "sasrec", "popular", *ABLATIONS)

@@ -217,26 +217,44 @@ def search(records: list[dict]) -> str:
     return table(["model", "trials", "epochs run in the search", "best validation NDCG@10", "its configuration"], body)
 
 
+# What each kind of trained model reads, before the settings a search fixes (`use_text=true`, ...).
+_READS = {"decomposer": "ids, text, ratings, times", "lstm": "ids, text, ratings, times", "gru4rec": "ids", "sasrec": "ids"}
+
+
+def _reads(model: dict) -> str:
+    """A model of the equal-budget record ({kind, fixed}) -> the information it reads."""
+    fixed = set(model.get("fixed", []))
+    if model["kind"] == "sasrec" and {"use_text=true", "use_events=true"} <= fixed:
+        return _READS["decomposer"]
+    return _READS.get(model["kind"], "?")
+
+
 def retrain(records: list[dict]) -> str:
-    """The best configuration of each search retrained per seed, and the popularity baseline."""
+    """The best configuration of each search retrained per seed, and the popularity baseline; the
+    declared primary pair in bold."""
     r = records[0]
+    primary = {r.get("declared_primary", {}).get(k) for k in ("model", "baseline")}
     body = []
     for name, seeds in r["retrain"].items():
         runs = [seeds[k] for k in sorted(seeds)]
         test = [x["test_ndcg@10"] for x in runs]
+        b = "**" if name in primary else ""
         body.append(
             [
-                f"**{name}**",
+                f"{b}{name}{b}",
+                _reads(r["models"][name]) if name in r.get("models", {}) else "?",
                 " / ".join(f"{t:.4f}" for t in test),
-                f"**{np.mean(test):.4f}**",
+                f"{b}{np.mean(test):.4f}{b}",
                 " / ".join(str(x["best_epoch"]) for x in runs),
                 " / ".join(f"{x['valid_ndcg@10']:.4f}" for x in runs),
             ]
         )
     pop = r["popular"]["test_ndcg@10"]
-    body.append(["popular", f"{pop:.4f}", f"{pop:.4f}", "–", "–"])
+    body.append(["popular", "counts", f"{pop:.4f}", f"{pop:.4f}", "–", "–"])
     seeds = " / ".join(sorted(next(iter(r["retrain"].values()))))
-    return table(["model (retrained)", f"test NDCG@10, seeds {seeds}", "mean", "best epoch", "valid NDCG@10"], body)
+    return table(
+        ["model (retrained)", "reads", f"test NDCG@10, seeds {seeds}", "mean", "best epoch", "valid NDCG@10"], body
+    )
 
 
 def gates(records: list[dict]) -> str:
