@@ -218,7 +218,12 @@ def search(records: list[dict]) -> str:
 
 
 # What each kind of trained model reads, before the settings a search fixes (`use_text=true`, ...).
-_READS = {"decomposer": "ids, text, ratings, times", "lstm": "ids, text, ratings, times", "gru4rec": "ids", "sasrec": "ids"}
+_READS = {
+    "decomposer": "ids, text, ratings, times",
+    "lstm": "ids, text, ratings, times",
+    "gru4rec": "ids",
+    "sasrec": "ids",
+}
 
 
 def _reads(model: dict) -> str:
