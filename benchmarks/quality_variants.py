@@ -96,6 +96,13 @@ VARIANTS = {
     # The same regularisation offered to the recurrent baselines, so a gain is not one-sided tuning.
     "lstm (mask seen), dropout 0.4": ("lstm", {"mask_seen": True, "dropout": 0.4}),
     "gru4rec (mask seen), dropout 0.4": ("gru4rec", {"mask_seen": True, "dropout": 0.4}),
+    # The LSTM with the decomposer's recipe options (seen-item mask, averaged weights; dropout too).
+    "lstm (mask seen), weights averaged": ("lstm", {"mask_seen": True}, {"ema_decay": 0.98}),
+    "lstm (mask seen), dropout 0.4, weights averaged": (
+        "lstm",
+        {"mask_seen": True, "dropout": 0.4},
+        {"ema_decay": 0.98},
+    ),
     # Equal information: SASRec with the decomposer's inputs, and the decomposer without text,
     # so that the table separates what the text buys from what the decomposition buys.
     "sasrec, text and event features, mask seen, weights averaged": (
