@@ -48,7 +48,7 @@ from tuning.results import TABLE  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROTOCOL = "last10"
-# name -> (model kind, fixed settings on top of its space). Both spaces fix the same recipe.
+# name -> (model kind, fixed settings on top of its space). Every space fixes the same recipe.
 # The same budget and recipe for the other two trained baselines: the LSTM reads what the
 # decomposer reads (its item tower with the text and its event encoder with ratings and times, no
 # dimensions or gates); GRU4Rec reads item ids only. Rows of the table, not the primary comparison.

@@ -217,21 +217,27 @@ def search(records: list[dict]) -> str:
     return table(["model", "trials", "epochs run in the search", "best validation NDCG@10", "its configuration"], body)
 
 
-# What each kind of trained model reads, before the settings a search fixes (`use_text=true`, ...).
-_READS = {
-    "decomposer": "ids, text, ratings, times",
-    "lstm": "ids, text, ratings, times",
-    "gru4rec": "ids",
-    "sasrec": "ids",
-}
-
-
 def _reads(model: dict) -> str:
-    """A model of the equal-budget record ({kind, fixed}) -> the information it reads."""
-    fixed = set(model.get("fixed", []))
-    if model["kind"] == "sasrec" and {"use_text=true", "use_events=true"} <= fixed:
-        return _READS["decomposer"]
-    return _READS.get(model["kind"], "?")
+    """A model of the equal-budget record ({kind, fixed}) -> the information it reads: its config's
+    `use_text` / `use_events` defaults, as the search's fixed settings leave them (an event encoder,
+    the decomposer's and the LSTM's, always reads ratings and times; GRU4Rec reads ids only)."""
+    from models.nn.baselines import LSTMConfig, SASRecConfig
+    from models.nn.decomposer import DecomposerConfig
+
+    configs = {"decomposer": DecomposerConfig, "lstm": LSTMConfig, "sasrec": SASRecConfig, "gru4rec": None}
+    if model["kind"] not in configs:
+        return "?"
+    cfg = configs[model["kind"]]
+    if cfg is None:
+        return "ids"
+    flags = {"use_text": cfg.use_text, "use_events": getattr(cfg, "use_events", True)}
+    for setting in model.get("fixed", []):
+        key, _, value = setting.partition("=")
+        if key in flags:
+            flags[key] = value.strip().lower() == "true"
+    return ", ".join(
+        ["ids", *(["text"] if flags["use_text"] else []), *(["ratings, times"] if flags["use_events"] else [])]
+    )
 
 
 def retrain(records: list[dict]) -> str:
