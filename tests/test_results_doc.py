@@ -36,3 +36,13 @@ def test_a_table_edited_by_hand_is_named(tmp_path):
     assert done.returncode == 1 and "ray_train ray_train.json" in done.stderr
     subprocess.run([sys.executable, str(SCRIPT), "--doc", str(doc)], cwd=ROOT, check=True, capture_output=True)
     assert doc.read_text() == text
+
+
+def test_reads_follows_each_models_config_and_the_searchs_fixed_settings():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from results_doc import _reads
+
+    assert _reads({"kind": "sasrec", "fixed": []}) == "ids"
+    assert _reads({"kind": "sasrec", "fixed": ["use_text=true", "use_events=true"]}) == "ids, text, ratings, times"
+    assert _reads({"kind": "lstm", "fixed": ["use_text=false"]}) == "ids, ratings, times"
+    assert _reads({"kind": "gru4rec", "fixed": []}) == "ids"
