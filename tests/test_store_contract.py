@@ -12,7 +12,7 @@ import sqlite3
 
 import pytest
 
-from ray_app.store.base import IdempotencyConflict, StoredState
+from ray_app.store.base import IdempotencyConflict, StoredState, UserSnapshot
 from ray_app.store.opener import open_store
 from store_helpers import (
     REDIS_SERVER,
@@ -114,6 +114,19 @@ def test_state_cache(store):
     assert store.get_state("other") is None
 
 
+def test_a_snapshot_reads_state_length_last_event_and_seen_together(store):
+    """What serving reads before ranking, in one call: each part as the single-purpose reads give it."""
+    assert store.snapshot("nobody", with_seen=True) == UserSnapshot(None, 0, None, [])
+    assert store.snapshot("nobody") == UserSnapshot(None, 0, None, None)
+    store.append_events("s", [ev(1), ev(2), ev(1)])
+    store.put_state("s", StoredState("v1", 2, b"h2"))
+    snap = store.snapshot("s", with_seen=True)
+    assert (snap.state, snap.n_events, snap.last_event) == (StoredState("v1", 2, b"h2"), 3, ev(1))
+    assert sorted(snap.seen) == [1, 2] and snap.seen == store.seen_items("s")
+    store.append_once("s", "key-1", [ev(7)])
+    assert store.snapshot("s") == UserSnapshot(StoredState("v1", 2, b"h2"), 4, ev(7), None)
+
+
 def test_users_prefix_order_limit(store):
     ids = ["bob", "alice", "al", "b", "ålex", "Zed", "alfred"]
     for n, u in enumerate(ids, start=1):
@@ -171,6 +184,8 @@ def test_a_store_from_before_the_seen_sets_is_filled_on_first_use(tmp_path, requ
         store = open_store(server.url)
         try:
             store.append_events("old-r", [ev(7), ev(8)])
+            store._r.delete(store._seen("old-r"))
+            assert sorted(store.snapshot("old-r", with_seen=True).seen) == [7, 8]  # filled by the snapshot too
             store._r.delete(store._seen("old-r"))
             assert sorted(store.seen_items("old-r")) == [7, 8]
             assert sorted(int(i) for i in store._r.smembers(store._seen("old-r"))) == [7, 8]

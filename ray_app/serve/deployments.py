@@ -126,25 +126,28 @@ class Decomposer:
         out: list[UserState | None] = [None] * len(requests)
         groups: dict[tuple[bool, int], list] = defaultdict(list)  # (has state, new events) -> jobs
         for j, (user_id, with_seen) in enumerate(requests):
-            stored = self.store.get_state(user_id)
+            snap = self.store.snapshot(user_id, with_seen)  # state, log length, last event, seen: one call
+            stored, n = snap.state, snap.n_events
             state = None
-            if stored is not None and stored.model_version == served.version:
-                state = unpack_state(stored.blob, sizes)
-            if state is not None:
-                start = stored.n_events
-            else:  # a rebuild reads the window the model ranks from (its max_len), not the whole log
-                start = max(self.store.count_events(user_id) - served.model.cfg.max_len, 0)
-            # One read: the event before `start` (for its gap) and everything after it.
+            if stored is not None and stored.model_version == served.version and stored.n_events <= n:
+                state = unpack_state(stored.blob, sizes)  # (a state ahead of the log: only if the log was reset)
+            # A rebuild reads the window the model ranks from (its max_len), not the whole log.
+            start = stored.n_events if state is not None else max(n - served.model.cfg.max_len, 0)
             first = max(start - 1, 0)
-            events = self.store.events(user_id, first)
-            n = first + len(events)
-            if n < start:  # a state ahead of the log cannot happen unless the log was reset
-                state, start = None, max(n - served.model.cfg.max_len, 0)
-                first = max(start - 1, 0)
+            events = [snap.last_event] if n == start and n else []
+            if n > start:  # one more read: the event before `start` (for its gap) and everything after it
                 events = self.store.events(user_id, first)
-                n = first + len(events)
+                n = first + len(events)  # events appended since the snapshot are consumed too
+                if n < start:  # the log was reset between the two reads
+                    state, start = None, max(n - served.model.cfg.max_len, 0)
+                    first = max(start - 1, 0)
+                    events = self.store.events(user_id, first)
+                    n = first + len(events)
             if state is None and n > 0:
                 self.metrics.state_rebuilds.inc()
+            seen = snap.seen
+            if seen is not None and n > snap.n_events:  # the items of events appended since the snapshot
+                seen = seen + list({e.item_id for e in events[snap.n_events - first :]} - set(seen))
             job = {
                 "j": j,
                 "user_id": user_id,
@@ -153,7 +156,7 @@ class Decomposer:
                 "state": state,
                 "events": events,
                 "first": first,
-                "with_seen": with_seen,
+                "seen": seen,
             }
             if n == start:
                 self._finish(out, job, served, state)
@@ -185,10 +188,11 @@ class Decomposer:
 
     def _finish(self, out: list, job: dict, served: ServedModel, state) -> None:
         h = served.interest(state)  # (U[+R·D],) interest state z
-        seen = None
-        if job["with_seen"]:  # the store's seen set, not a read of the whole log
-            ids = self.store.seen_items(job["user_id"])
-            seen = np.unique(np.fromiter(map(served.index_of.get, ids, repeat(0, len(ids))), np.int64, len(ids)))
+        seen, ids = None, job["seen"]
+        if ids is not None:  # the store's seen set, not a read of the whole log
+            # The store's ids are distinct, so their indices are too, but for 0 (an id outside this
+            # version's catalogue), which is excluded anyway: no np.unique on the request path.
+            seen = np.fromiter(map(served.index_of.get, ids, repeat(0, len(ids))), np.int64, len(ids))
         out[job["j"]] = self._result(served, h, job["n"], job["events"][-1].timestamp if job["events"] else None, seen)
 
     @staticmethod

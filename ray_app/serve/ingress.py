@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -242,8 +242,9 @@ class Ingress:
         """Await a call down the graph for at most `call_timeout_s` (504 past it); a store fault
         behind it is the 503."""
         try:
-            return await asyncio.wait_for(response, self.call_timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.call_timeout_s):  # no extra task per call, as wait_for makes
+                return await response
+        except TimeoutError:
             response.cancel()
             raise ApiError(504, f"the {stage} did not answer within {self.call_timeout_s:g} s", None) from None
         except Exception as e:
@@ -296,7 +297,7 @@ class Ingress:
         )
 
     @app.post("/recommend", response_model=RecommendResponse, responses=ERRORS)
-    async def recommend(self, req: RecommendRequest, who: Caller) -> RecommendResponse:
+    async def recommend(self, req: RecommendRequest, who: Caller) -> Response:
         self._allow(who, req.user_id)
         intent = self.encoder.encode.remote(req.context.intent) if req.context.intent else None
         if req.user_id is not None:  # an unknown user comes back with no events: the 404 below
@@ -316,7 +317,7 @@ class Ingress:
         explanation = None
         if res.explanation is not None:
             explanation = {dim: [cat.describe(i, s) for i, s in items] for dim, items in res.explanation.items()}
-        return RecommendResponse(
+        body = RecommendResponse(
             user_id=req.user_id,
             model_version=res.model_version,
             n_events=res.n_events,
@@ -324,6 +325,9 @@ class Ingress:
             gates=res.gates,
             explanation=explanation,
         )
+        # Validated once, here, and serialized by pydantic's JSON serializer: FastAPI would validate
+        # it again against the response model and serialize it through the json module.
+        return Response(body.model_dump_json(), media_type="application/json")
 
     @app.post("/users/{user_id}/events", response_model=EventsResponse, responses=ERRORS)
     async def add_events(

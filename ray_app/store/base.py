@@ -27,6 +27,16 @@ class StoredState:
     blob: bytes  # the serialised state parts: LSTM (h, c) and, with profiles, their sums and weights (float32)
 
 
+@dataclass(frozen=True)
+class UserSnapshot:
+    """What serving reads of a user before ranking, in one store call that sees one commit."""
+
+    state: StoredState | None  # the cached state, None if there is none
+    n_events: int  # the length of the log
+    last_event: Event | None  # its last event (the gap to now), None for an empty log
+    seen: list[int] | None  # the distinct item ids seen; None when not asked for
+
+
 IDEMPOTENCY_TTL_S = 24 * 3600  # how long an Idempotency-Key is remembered; retries end long before
 
 
@@ -65,6 +75,11 @@ class StateStore(Protocol):
         ...
 
     def get_state(self, user_id: str) -> StoredState | None: ...
+    def snapshot(self, user_id: str, with_seen: bool = False) -> UserSnapshot:
+        """The state, the log's length and last event, and (`with_seen`) the seen set, read together
+        (one SQLite read transaction, one Redis MULTI/EXEC round trip)."""
+        ...
+
     def put_state(self, user_id: str, state: StoredState) -> None: ...
     def users(self, prefix: str = "", limit: int = 50) -> list[tuple[str, int]]: ...
     def bulk_load(self, user_events: Mapping[str, Sequence[Event]]) -> None: ...

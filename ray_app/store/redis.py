@@ -35,6 +35,7 @@ from ray_app.store.base import (
     IdempotencyConflict,
     StoredState,
     StoreUnavailable,
+    UserSnapshot,
     events_digest,
     redact_url,
 )
@@ -257,6 +258,22 @@ class RedisStore:
         if not got:
             return None
         return StoredState(got[b"v"].decode(), int(got[b"n"]), bytes(got[b"b"]))
+
+    @_redis_faults
+    def snapshot(self, user_id: str, with_seen: bool = False) -> UserSnapshot:
+        with self._r.pipeline(transaction=True) as pipe:  # MULTI/EXEC: one round trip, one moment
+            pipe.hgetall(self._st(user_id))
+            pipe.llen(self._ev(user_id))
+            pipe.lindex(self._ev(user_id), -1)
+            if with_seen:
+                pipe.smembers(self._seen(user_id))
+            got, n, last, *items = pipe.execute()
+        state = StoredState(got[b"v"].decode(), int(got[b"n"]), bytes(got[b"b"])) if got else None
+        seen = None
+        if with_seen:
+            # An empty set beside a log from before the seen sets: seen_items fills it once.
+            seen = [int(i) for i in items[0]] if items[0] or not n else self.seen_items(user_id)
+        return UserSnapshot(state, int(n), _unpack(last) if last is not None else None, seen)
 
     @_redis_faults
     def put_state(self, user_id: str, state: StoredState) -> None:

@@ -20,6 +20,7 @@ from ray_app.store.base import (
     IdempotencyConflict,
     StoredState,
     StoreUnavailable,
+    UserSnapshot,
     events_digest,
 )
 
@@ -235,6 +236,32 @@ class SQLiteStore:
             .fetchone()
         )
         return StoredState(row[0], int(row[1]), bytes(row[2])) if row else None
+
+    @_sqlite_faults
+    def snapshot(self, user_id: str, with_seen: bool = False) -> UserSnapshot:
+        conn = self._conn()
+        conn.execute("BEGIN")  # a read transaction: the reads below see the same commit
+        try:
+            row = conn.execute("SELECT n_events FROM users WHERE user_id = ?", (user_id,)).fetchone()
+            n = int(row[0]) if row else 0
+            last = None
+            if n:
+                i, r, t = conn.execute(
+                    "SELECT item_id, rating, timestamp FROM events WHERE user_id = ? AND seq = ?", (user_id, n - 1)
+                ).fetchone()
+                last = Event(int(i), float(r), float(t))
+            st = conn.execute(
+                "SELECT model_version, n_events, blob FROM states WHERE user_id = ?", (user_id,)
+            ).fetchone()
+            seen = None
+            if with_seen:
+                ids = conn.execute("SELECT group_concat(item_id) FROM seen WHERE user_id = ?", (user_id,)).fetchone()
+                seen = [int(i) for i in ids[0].split(",")] if ids and ids[0] else []
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+        state = StoredState(st[0], int(st[1]), bytes(st[2])) if st else None
+        return UserSnapshot(state, n, last, seen)
 
     @_sqlite_faults
     def put_state(self, user_id: str, state: StoredState) -> None:
