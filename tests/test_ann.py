@@ -3,6 +3,8 @@ thousand items from a model, exclude_seen with it, a mixture checkpoint refused,
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -85,6 +87,33 @@ def test_hnsw_excludes_seen_items(concat_ckpt, monkeypatch):
     fallback, want = small._rank(small.current, jobs[:1])[0], exact._rank(exact.current, jobs[:1])[0]
     assert [i for i, _ in fallback.items] == [i for i, _ in want.items]
     assert calls == [1]  # the row went to the matmul, not to the graph
+
+
+def test_a_version_a_request_brings_is_ranked_exactly_while_its_graph_builds(concat_ckpt, monkeypatch):
+    """A request from a Decomposer already on a version this Combiner replica has not swapped to:
+    the version is loaded, its HNSW graph is built in a thread, and meanwhile the request is ranked
+    by the exact matmul instead of waiting for the graph; once built, the graph ranks."""
+    from ray_app.serve.ann import HNSWIndex
+
+    exact = Combiner.func_or_class()
+    exact.reconfigure({"checkpoint": str(concat_ckpt)})
+    ann = Combiner.func_or_class(index=HNSW)  # holds no version yet
+    release, build = threading.Event(), HNSWIndex.__init__
+
+    def held_build(self, *args, **kwargs):
+        assert release.wait(60), "the test never released the build"
+        build(self, *args, **kwargs)
+
+    monkeypatch.setattr(HNSWIndex, "__init__", held_build)
+    states = _states(exact.current, 3)
+    jobs = [RankJob(s, None, 10, False, False, 1.6e9) for s in states]
+    served = ann._model_for(states[0].model_version, states[0].checkpoint)
+    assert ann._index_for(served) is None and HNSW not in served.indexes  # still building
+    assert [r.items for r in ann._rank(served, jobs)] == [r.items for r in exact._rank(exact.current, jobs)]
+    release.set()
+    ann._building[served.version].result(timeout=60)
+    assert isinstance(ann._index_for(served), HNSWIndex) and served.version not in ann._building
+    assert ann._index_for(served) is served.indexes[HNSW]
 
 
 def test_a_row_the_graph_answers_short_is_ranked_exactly():

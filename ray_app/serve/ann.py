@@ -7,8 +7,9 @@ answers approximately (benchmarks/ann.py measures its recall@10 against the exac
 mixture-mode one scores by a log-sum-exp over its dimensions, which no single vector search
 reproduces: it is refused when the replica loads it, naming the option.
 
-The index is built once per model version, when the replica loads that version, and kept beside
-its item vectors (`ServedModel.indexes`). Explanations stay exact (per-dimension matmuls).
+The index is built once per model version, when the replica is configured with that version, and
+kept beside its item vectors (`ServedModel.indexes`); a version that a request brings first is
+ranked exactly while its graph builds in a thread (`Combiner._index_for`). Explanations stay exact (per-dimension matmuls).
 """
 
 from __future__ import annotations

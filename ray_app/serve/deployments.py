@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections import OrderedDict, defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import repeat
 
 import numpy as np
@@ -23,7 +24,7 @@ from ray import serve
 
 from models.data.encoder import TextEncoder
 from models.data.features import moment_features
-from ray_app.serve.ann import IndexSettings, item_index, user_vectors
+from ray_app.serve.ann import HNSWIndex, IndexSettings, check_servable, item_index, user_vectors
 from ray_app.serve.metrics import AppMetrics
 from ray_app.serve.served_model import (
     Catalogue,
@@ -270,7 +271,8 @@ class Combiner:
     """Context + dimensions -> gates α, scores over the catalogue, top-k, explanation.
 
     `index` chooses how the top-k is found: exact (a matmul over the catalogue) or an HNSW graph
-    (ray_app/serve/ann.py), built when a version is loaded; explanations are exact either way.
+    (ray_app/serve/ann.py), built when a version is configured (in a thread, ranking exactly
+    meanwhile, for a version a request brings first); explanations are exact either way.
     """
 
     def __init__(
@@ -287,18 +289,23 @@ class Combiner:
         self.models: OrderedDict[str, ServedModel] = OrderedDict()
         self.keep_versions = keep_versions
         self.current: ServedModel | None = None
+        # Graphs of versions that a request brought before this replica's own swap, built off the event loop.
+        self._builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="item-index")
+        self._building: dict[str, Future] = {}
         _configure_batching(self._rank_batch, max_batch_size, batch_wait_s)
 
     def reconfigure(self, config: dict) -> None:
         path, sha256 = _checkpoint_of(config)
-        self.current = self._remember(ServedModel.load(path, self.catalogue_ids, sha256))
+        served = ServedModel.load(path, self.catalogue_ids, sha256)
+        item_index(served, self.index)  # built now, before the swap; refuses a checkpoint it cannot serve
+        self._building.pop(served.version, None)  # a build a request started for it is not waited for
+        self.current = self._remember(served)
 
     def _remember(self, served: ServedModel) -> ServedModel:
-        item_index(served, self.index)  # built now, not on a request; refuses a checkpoint it cannot serve
         self.models[served.version] = served
         self.models.move_to_end(served.version)
         while len(self.models) > self.keep_versions:
-            self.models.popitem(last=False)
+            self._building.pop(self.models.popitem(last=False)[0], None)
         return served
 
     def _model_for(self, version: str, path: str) -> ServedModel:
@@ -306,8 +313,22 @@ class Combiner:
             served = ServedModel.load(path, self.catalogue_ids)
             if served.version != version:
                 raise RuntimeError(f"checkpoint {path} changed on disk (version {served.version}, wanted {version})")
+            if self.index.kind != "exact":  # the graph in a thread; until it is built, `_index_for` says exact
+                check_servable(served, self.index)
+                self._building[version] = self._builder.submit(item_index, served, self.index)
             self._remember(served)
         return self.models[version]
+
+    def _index_for(self, served: ServedModel) -> HNSWIndex | None:
+        """The index that ranks this version: None for the exact matmul, which also serves a version
+        whose graph is still being built (a request does not wait minutes for a large catalogue's)."""
+        building = self._building.get(served.version)
+        if building is not None:
+            if not building.done():
+                return None
+            building.result()  # a failed build fails each request for the version, naming its error
+            del self._building[served.version]
+        return item_index(served, self.index)
 
     async def rank(
         self,
@@ -348,7 +369,7 @@ class Combiner:
             stacked = np.stack([zero if job.intent is None else job.intent for job in jobs]).astype(np.float32)
             intent = torch.from_numpy(stacked).to(dev)  # (B, 384)
         kmax = min(max(job.k for job in jobs), m.cfg.n_items)
-        index = item_index(served, self.index)
+        index = self._index_for(served)
         want_explain = [b for b, job in enumerate(jobs) if job.explain]
         if index is None:
             scores, alpha = m.score_and_gates(H, ctx, intent, item_vecs=served.item_vecs)  # (B, N+1), (B, K)
