@@ -57,7 +57,8 @@ def deploy_app(s: MainSettings, prepared: Path, checkpoint_path: Path) -> None:
     print("\n==> deploying the Serve app (encoder → decomposer → combiner)", flush=True)
     s.runs.mkdir(parents=True, exist_ok=True)
     store = f"sqlite:///{(s.runs / 'state.db').resolve()}"
-    app = build_app(AppArgs(checkpoint=str(checkpoint_path), data_dir=str(prepared), store_url=store))
+    args = AppArgs(checkpoint=str(checkpoint_path), data_dir=str(prepared), store_url=store, index={"kind": s.index})
+    app = build_app(args)
     try:
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     except RuntimeError as e:

@@ -41,6 +41,11 @@ class MainSettings:
     seed: int = setting(0)
     host: str = setting("127.0.0.1", "where the API and the demo listen (0.0.0.0 for all)")
     port: int = setting(8000, "API port")
+    index: str = setting(
+        "exact",
+        "how the Combiner finds the top-k: exact (a matmul) or hnsw (a graph, large catalogues)",
+        choices=("exact", "hnsw"),
+    )
     demo_port: int = setting(7860)
     demo: bool = setting(True, "serve the API only", flag="--no-demo")
     smoke: bool = setting(False, "a tiny run (small synthetic data, 2 epochs): a quick check")

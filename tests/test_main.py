@@ -170,6 +170,14 @@ def test_serve_first_the_full_comparison_is_one_flag_away():
         main_job.parse_args(["--baselines", "bogus"])
 
 
+def test_the_combiners_index_is_a_main_job_option(capsys):
+    assert main_job.parse_args([]).index == "exact"
+    assert main_job.parse_args(["--index", "hnsw"]).index == "hnsw"
+    with pytest.raises(SystemExit):
+        main_job.parse_args(["--index", "annoy"])
+    assert "invalid choice: 'annoy'" in capsys.readouterr().err
+
+
 def test_the_memory_estimate_is_the_scale_benchmarks_fit():
     import json
 
