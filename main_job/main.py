@@ -20,6 +20,7 @@ from main_job.preflight import (
     KNOWN_EVENTS,
     KNOWN_SIZES,
     MEMORY_MODEL,
+    check_index,
     check_memory,
     memory_need,
     check_port,
@@ -94,6 +95,7 @@ def run(s: MainSettings) -> int:
         model_args = parse_model_args("decomposer", s.model_args)
     except SetupError as e:
         raise NewcomerError(str(e)) from None
+    check_index(s.index, model_args)
     prepared = prepare(s)
     token = setup_access(s)
     connect(s.num_cpus, s.verbose)

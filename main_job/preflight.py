@@ -112,6 +112,15 @@ def check_ray() -> None:
         )
 
 
+def check_index(index: str, model_args: dict) -> None:
+    """An index the model to be trained cannot be served with, refused now rather than at deploy."""
+    if index != "exact" and model_args.get("combine") == "mixture":
+        raise NewcomerError(
+            f"--index {index} searches by the inner product, which a 'combine=mixture' model does not "
+            "score by; use --index exact with it"
+        )
+
+
 def preflight(s: MainSettings) -> None:
     """Every check above for the job's settings, the API's port first."""
     check_port(s.host, s.port, "the API", "--port")

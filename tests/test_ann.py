@@ -92,15 +92,17 @@ def test_hnsw_excludes_seen_items(concat_ckpt, monkeypatch):
 def test_a_version_a_request_brings_is_ranked_exactly_while_its_graph_builds(concat_ckpt, monkeypatch):
     """A request from a Decomposer already on a version this Combiner replica has not swapped to:
     the version is loaded, its HNSW graph is built in a thread, and meanwhile the request is ranked
-    by the exact matmul instead of waiting for the graph; once built, the graph ranks."""
+    by the exact matmul instead of waiting for the graph; once built, the graph ranks, and the
+    replica's own swap to that version adopts it instead of building a second one."""
     from ray_app.serve.ann import HNSWIndex
 
     exact = Combiner.func_or_class()
     exact.reconfigure({"checkpoint": str(concat_ckpt)})
     ann = Combiner.func_or_class(index=HNSW)  # holds no version yet
-    release, build = threading.Event(), HNSWIndex.__init__
+    release, builds, build = threading.Event(), [], HNSWIndex.__init__
 
     def held_build(self, *args, **kwargs):
+        builds.append(threading.current_thread().name)
         assert release.wait(60), "the test never released the build"
         build(self, *args, **kwargs)
 
@@ -108,12 +110,35 @@ def test_a_version_a_request_brings_is_ranked_exactly_while_its_graph_builds(con
     states = _states(exact.current, 3)
     jobs = [RankJob(s, None, 10, False, False, 1.6e9) for s in states]
     served = ann._model_for(states[0].model_version, states[0].checkpoint)
-    assert ann._index_for(served) is None and HNSW not in served.indexes  # still building
+    assert ann._index_for(served) is None and HNSW not in served.indexes  # building
     assert [r.items for r in ann._rank(served, jobs)] == [r.items for r in exact._rank(exact.current, jobs)]
     release.set()
     ann._building[served.version].result(timeout=60)
-    assert isinstance(ann._index_for(served), HNSWIndex) and served.version not in ann._building
-    assert ann._index_for(served) is served.indexes[HNSW]
+    assert isinstance(ann._index_for(served), HNSWIndex) and ann._index_for(served) is served.indexes[HNSW]
+    ann.reconfigure({"checkpoint": str(concat_ckpt)})
+    assert ann.current.indexes[HNSW] is served.indexes[HNSW]
+    assert len(builds) == 1 and builds[0].startswith("item-index")  # one build, off the event loop
+
+
+def test_a_failed_graph_build_leaves_the_version_on_the_exact_matmul(concat_ckpt, monkeypatch, caplog):
+    from ray_app.serve.ann import HNSWIndex
+
+    def no_memory(self, *args, **kwargs):
+        raise MemoryError("no room for the graph")
+
+    monkeypatch.setattr(HNSWIndex, "__init__", no_memory)
+    ann, exact = Combiner.func_or_class(index=HNSW), Combiner.func_or_class()
+    exact.reconfigure({"checkpoint": str(concat_ckpt)})
+    (state,) = _states(exact.current, 1)
+    served = ann._model_for(state.model_version, state.checkpoint)
+    jobs = [RankJob(state, None, 10, False, False, 1.6e9)]
+    with caplog.at_level("ERROR", logger="ray.serve"):
+        ann._rank(served, jobs)
+        ann._building[served.version].result(timeout=60)
+    assert "building the item graph" in caplog.text and "no room for the graph" in caplog.text
+    for _ in range(2):  # answered, exactly, and the build is not tried again on every request
+        assert [r.items for r in ann._rank(served, jobs)] == [r.items for r in exact._rank(exact.current, jobs)]
+    assert ann._index_for(served) is None and len(ann._building) == 1
 
 
 def test_a_row_the_graph_answers_short_is_ranked_exactly():
@@ -144,3 +169,17 @@ def test_index_settings_schema():
     with pytest.raises(ValidationError, match=r"index\.efsearch"):
         AppArgs(checkpoint="x", data_dir="y", index={"kind": "hnsw", "efsearch": 64})
     assert AppArgs(checkpoint="x", data_dir="y").index.kind == "exact"
+
+
+def test_a_user_who_has_seen_almost_everything_gets_only_finite_scores(concat_ckpt):
+    """Fewer unseen items than k: the items and each dimension's explanation list only what is left,
+    no excluded item with a score of -inf (which JSON would carry as null)."""
+    comb = Combiner.func_or_class()
+    comb.reconfigure({"checkpoint": str(concat_ckpt)})
+    (plain,) = _states(comb.current, 1)
+    seen = np.arange(1, N_ITEMS - 2, dtype=np.int64)  # all but the last three items
+    state = UserState(plain.model_version, plain.checkpoint, plain.h, 5, 1.6e9, seen)
+    (got,) = comb._rank(comb.current, [RankJob(state, None, 10, True, True, 1.6e9)])
+    assert sorted(i for i, _ in got.items) == [N_ITEMS - 2, N_ITEMS - 1, N_ITEMS]
+    for items in got.explanation.values():
+        assert 0 < len(items) <= 3 and all(np.isfinite(s) and i >= N_ITEMS - 2 for i, s in items)

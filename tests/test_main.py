@@ -176,6 +176,10 @@ def test_the_combiners_index_is_a_main_job_option(capsys):
     with pytest.raises(SystemExit):
         main_job.parse_args(["--index", "annoy"])
     assert "invalid choice: 'annoy'" in capsys.readouterr().err
+    main_job.check_index("hnsw", {"combine": "concat"})
+    main_job.check_index("exact", {"combine": "mixture"})
+    with pytest.raises(main_job.NewcomerError, match="--index hnsw .*'combine=mixture'.*--index exact"):
+        main_job.check_index("hnsw", {"combine": "mixture"})
 
 
 def test_the_memory_estimate_is_the_scale_benchmarks_fit():

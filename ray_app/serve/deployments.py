@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections import OrderedDict, defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from itertools import repeat
 
 import numpy as np
@@ -297,15 +297,22 @@ class Combiner:
     def reconfigure(self, config: dict) -> None:
         path, sha256 = _checkpoint_of(config)
         served = ServedModel.load(path, self.catalogue_ids, sha256)
-        item_index(served, self.index)  # built now, before the swap; refuses a checkpoint it cannot serve
-        self._building.pop(served.version, None)  # a build a request started for it is not waited for
+        check_servable(served, self.index)  # refuses a checkpoint the index cannot serve
+        building = self._building.get(served.version)
+        if building is not None:  # a request brought this version first: its graph, not a second build
+            wait([building])
+            held = self.models.get(served.version)
+            served.indexes.update(held.indexes if held is not None else {})
+        item_index(served, self.index)  # built now (if not adopted), before the swap
         self.current = self._remember(served)
 
     def _remember(self, served: ServedModel) -> ServedModel:
         self.models[served.version] = served
         self.models.move_to_end(served.version)
         while len(self.models) > self.keep_versions:
-            self._building.pop(self.models.popitem(last=False)[0], None)
+            old = self._building.pop(self.models.popitem(last=False)[0], None)
+            if old is not None:
+                old.cancel()  # a build that has not started never starts
         return served
 
     def _model_for(self, version: str, path: str) -> ServedModel:
@@ -313,22 +320,29 @@ class Combiner:
             served = ServedModel.load(path, self.catalogue_ids)
             if served.version != version:
                 raise RuntimeError(f"checkpoint {path} changed on disk (version {served.version}, wanted {version})")
-            if self.index.kind != "exact":  # the graph in a thread; until it is built, `_index_for` says exact
-                check_servable(served, self.index)
-                self._building[version] = self._builder.submit(item_index, served, self.index)
+            check_servable(served, self.index)
             self._remember(served)
         return self.models[version]
 
     def _index_for(self, served: ServedModel) -> HNSWIndex | None:
-        """The index that ranks this version: None for the exact matmul, which also serves a version
-        whose graph is still being built (a request does not wait minutes for a large catalogue's)."""
-        building = self._building.get(served.version)
-        if building is not None:
-            if not building.done():
-                return None
-            building.result()  # a failed build fails each request for the version, naming its error
-            del self._building[served.version]
-        return item_index(served, self.index)
+        """The index that ranks this version, or None for the exact matmul. A version that a request
+        brought before this replica's own swap gets its graph built in a thread; until then, and for
+        good if that build fails (logged), the matmul ranks it: no request waits for a graph."""
+        if self.index.kind == "exact":
+            return None
+        built = served.indexes.get(self.index)
+        if built is None and served.version not in self._building:
+            self._building[served.version] = self._builder.submit(self._build, served)
+        return built
+
+    def _build(self, served: ServedModel) -> None:
+        try:
+            item_index(served, self.index)
+            log.info("Combiner: the item graph of version %s is built", served.version)
+        except Exception:
+            log.exception(
+                "Combiner: building the item graph of version %s failed; it is ranked exactly", served.version
+            )
 
     async def rank(
         self,
@@ -406,7 +420,9 @@ class Combiner:
                 e = want_explain.index(b)
                 explanation = {
                     name: [
-                        (int(i), float(v)) for i, v in zip(expl["top_items"][e, q, :k], expl["top_scores"][e, q, :k])
+                        (int(i), float(v))
+                        for i, v in zip(expl["top_items"][e, q, :k], expl["top_scores"][e, q, :k])
+                        if math.isfinite(float(v))  # not an excluded item, when fewer than k remain
                     ]
                     for q, name in enumerate(names)
                 }

@@ -242,9 +242,8 @@ class Ingress:
         """Await a call down the graph for at most `call_timeout_s` (504 past it); a store fault
         behind it is the 503."""
         try:
-            async with asyncio.timeout(self.call_timeout_s):  # no extra task per call, as wait_for makes
-                return await response
-        except TimeoutError:
+            return await asyncio.wait_for(response, self.call_timeout_s)
+        except asyncio.TimeoutError:
             response.cancel()
             raise ApiError(504, f"the {stage} did not answer within {self.call_timeout_s:g} s", None) from None
         except Exception as e:
@@ -325,8 +324,8 @@ class Ingress:
             gates=res.gates,
             explanation=explanation,
         )
-        # Validated once, here, and serialized by pydantic's JSON serializer: FastAPI would validate
-        # it again against the response model and serialize it through the json module.
+        # Validated once, here, and serialized by pydantic: FastAPI would validate it again against
+        # the response model before serializing it.
         return Response(body.model_dump_json(), media_type="application/json")
 
     @app.post("/users/{user_id}/events", response_model=EventsResponse, responses=ERRORS)

@@ -240,16 +240,16 @@ class SQLiteStore:
     @_sqlite_faults
     def snapshot(self, user_id: str, with_seen: bool = False) -> UserSnapshot:
         conn = self._conn()
+        if conn.in_transaction:  # one an earlier failure left open on this thread's connection
+            conn.execute("ROLLBACK")
         conn.execute("BEGIN")  # a read transaction: the reads below see the same commit
         try:
             row = conn.execute("SELECT n_events FROM users WHERE user_id = ?", (user_id,)).fetchone()
             n = int(row[0]) if row else 0
-            last = None
-            if n:
-                i, r, t = conn.execute(
-                    "SELECT item_id, rating, timestamp FROM events WHERE user_id = ? AND seq = ?", (user_id, n - 1)
-                ).fetchone()
-                last = Event(int(i), float(r), float(t))
+            row = conn.execute(
+                "SELECT item_id, rating, timestamp FROM events WHERE user_id = ? AND seq = ?", (user_id, n - 1)
+            ).fetchone()
+            last = Event(int(row[0]), float(row[1]), float(row[2])) if row else None
             st = conn.execute(
                 "SELECT model_version, n_events, blob FROM states WHERE user_id = ?", (user_id,)
             ).fetchone()
