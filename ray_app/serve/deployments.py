@@ -316,13 +316,15 @@ class Combiner:
         return served
 
     def _model_for(self, version: str, path: str) -> ServedModel:
-        if version not in self.models:
+        # One lookup, and the loaded model itself returned: a swap in reconfigure's thread may evict meanwhile.
+        served = self.models.get(version)
+        if served is None:
             served = ServedModel.load(path, self.catalogue_ids)
             if served.version != version:
                 raise RuntimeError(f"checkpoint {path} changed on disk (version {served.version}, wanted {version})")
             check_servable(served, self.index)
             self._remember(served)
-        return self.models[version]
+        return served
 
     def _index_for(self, served: ServedModel) -> HNSWIndex | None:
         """The index that ranks this version, or None for the exact matmul. A version that a request
