@@ -127,14 +127,16 @@ def test_a_snapshot_reads_state_length_last_event_and_seen_together(store):
     assert store.snapshot("s") == UserSnapshot(StoredState("v1", 2, b"h2"), 4, ev(7), None)
 
 
-def test_a_sqlite_snapshot_after_a_transaction_left_open(tmp_path):
-    """A read transaction an earlier failure left open on the thread's connection does not make
-    every later snapshot on that thread fail ("cannot start a transaction within a transaction")."""
+def test_a_sqlite_transaction_left_open_does_not_break_later_calls(tmp_path):
+    """A transaction an earlier failure left open on the thread's connection does not make every
+    later call on that thread fail ("cannot start a transaction within a transaction")."""
     store = open_store(f"sqlite:///{tmp_path / 's.db'}")
     try:
         store.append_events("u", [ev(1)])
-        store._conn().execute("BEGIN")
-        assert store.snapshot("u").n_events == 1 and not store._conn().in_transaction
+        store._local.conn.execute("BEGIN")
+        assert store.snapshot("u").n_events == 1 and not store._local.conn.in_transaction
+        store._local.conn.execute("BEGIN")
+        assert store.append_events("u", [ev(2)]) == 2 and not store._local.conn.in_transaction
     finally:
         store.close()
 

@@ -297,13 +297,14 @@ class Combiner:
     def reconfigure(self, config: dict) -> None:
         path, sha256 = _checkpoint_of(config)
         served = ServedModel.load(path, self.catalogue_ids, sha256)
-        check_servable(served, self.index)  # refuses a checkpoint the index cannot serve
         building = self._building.get(served.version)
         if building is not None:  # a request brought this version first: its graph, not a second build
             wait([building])
             held = self.models.get(served.version)
-            served.indexes.update(held.indexes if held is not None else {})
-        item_index(served, self.index)  # built now (if not adopted), before the swap
+            if held is not None:
+                served.indexes.update(held.indexes)
+        # Built now (unless adopted), before the swap; refuses a checkpoint the index cannot serve.
+        item_index(served, self.index)
         self.current = self._remember(served)
 
     def _remember(self, served: ServedModel) -> ServedModel:

@@ -157,6 +157,11 @@ def _unpack(raw: bytes) -> Event:
     return Event(item_id, rating, timestamp)
 
 
+def _state_of(got: dict) -> StoredState | None:
+    """A state hash (HGETALL's reply) -> the state; None for an empty reply (no state)."""
+    return StoredState(got[b"v"].decode(), int(got[b"n"]), bytes(got[b"b"])) if got else None
+
+
 class RedisStore:
     """`redis://[:password@]host:port/db` (or `rediss://`, `unix://`); see the module docstring."""
 
@@ -254,10 +259,7 @@ class RedisStore:
     # -- state cache -----------------------------------------------------------------
     @_redis_faults
     def get_state(self, user_id: str) -> StoredState | None:
-        got = self._r.hgetall(self._st(user_id))
-        if not got:
-            return None
-        return StoredState(got[b"v"].decode(), int(got[b"n"]), bytes(got[b"b"]))
+        return _state_of(self._r.hgetall(self._st(user_id)))
 
     @_redis_faults
     def snapshot(self, user_id: str, with_seen: bool = False) -> UserSnapshot:
@@ -268,12 +270,11 @@ class RedisStore:
             if with_seen:
                 pipe.smembers(self._seen(user_id))
             got, n, last, *items = pipe.execute()
-        state = StoredState(got[b"v"].decode(), int(got[b"n"]), bytes(got[b"b"])) if got else None
         seen = None
         if with_seen:
             # An empty set beside a log from before the seen sets: seen_items fills it once.
             seen = [int(i) for i in items[0]] if items[0] or not n else self.seen_items(user_id)
-        return UserSnapshot(state, int(n), _unpack(last) if last is not None else None, seen)
+        return UserSnapshot(_state_of(got), int(n), _unpack(last) if last is not None else None, seen)
 
     @_redis_faults
     def put_state(self, user_id: str, state: StoredState) -> None:

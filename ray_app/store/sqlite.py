@@ -124,6 +124,8 @@ class SQLiteStore:
             self._local.conn = conn
             with self._lock:
                 self._all.append(conn)
+        elif conn.in_transaction:  # one that an earlier failure left open on this thread's connection
+            conn.execute("ROLLBACK")
         return conn
 
     def _enable_wal(self, conn: sqlite3.Connection) -> None:
@@ -216,52 +218,49 @@ class SQLiteStore:
         )
         return [Event(int(i), float(r), float(t)) for i, r, t in rows]
 
+    @staticmethod
+    def _count(conn: sqlite3.Connection, user_id: str) -> int:
+        row = conn.execute("SELECT n_events FROM users WHERE user_id = ?", (user_id,)).fetchone()
+        return int(row[0]) if row else 0
+
+    @staticmethod
+    def _seen(conn: sqlite3.Connection, user_id: str) -> list[int]:
+        # One row (the ids joined by SQLite) rather than a row per item: a long seen set reads in one step.
+        row = conn.execute("SELECT group_concat(item_id) FROM seen WHERE user_id = ?", (user_id,)).fetchone()
+        return [int(i) for i in row[0].split(",")] if row and row[0] else []
+
+    @staticmethod
+    def _state(conn: sqlite3.Connection, user_id: str) -> StoredState | None:
+        row = conn.execute("SELECT model_version, n_events, blob FROM states WHERE user_id = ?", (user_id,)).fetchone()
+        return StoredState(row[0], int(row[1]), bytes(row[2])) if row else None
+
     @_sqlite_faults
     def count_events(self, user_id: str) -> int:
-        row = self._conn().execute("SELECT n_events FROM users WHERE user_id = ?", (user_id,)).fetchone()
-        return int(row[0]) if row else 0
+        return self._count(self._conn(), user_id)
 
     @_sqlite_faults
     def seen_items(self, user_id: str) -> list[int]:
-        # One row (the ids joined by SQLite) rather than a row per item: a long seen set reads in one step.
-        row = self._conn().execute("SELECT group_concat(item_id) FROM seen WHERE user_id = ?", (user_id,)).fetchone()
-        return [int(i) for i in row[0].split(",")] if row and row[0] else []
+        return self._seen(self._conn(), user_id)
 
     # -- state cache -----------------------------------------------------------------
     @_sqlite_faults
     def get_state(self, user_id: str) -> StoredState | None:
-        row = (
-            self._conn()
-            .execute("SELECT model_version, n_events, blob FROM states WHERE user_id = ?", (user_id,))
-            .fetchone()
-        )
-        return StoredState(row[0], int(row[1]), bytes(row[2])) if row else None
+        return self._state(self._conn(), user_id)
 
     @_sqlite_faults
     def snapshot(self, user_id: str, with_seen: bool = False) -> UserSnapshot:
         conn = self._conn()
-        if conn.in_transaction:  # one an earlier failure left open on this thread's connection
-            conn.execute("ROLLBACK")
         conn.execute("BEGIN")  # a read transaction: the reads below see the same commit
         try:
-            row = conn.execute("SELECT n_events FROM users WHERE user_id = ?", (user_id,)).fetchone()
-            n = int(row[0]) if row else 0
+            n = self._count(conn, user_id)
             row = conn.execute(
                 "SELECT item_id, rating, timestamp FROM events WHERE user_id = ? AND seq = ?", (user_id, n - 1)
             ).fetchone()
             last = Event(int(row[0]), float(row[1]), float(row[2])) if row else None
-            st = conn.execute(
-                "SELECT model_version, n_events, blob FROM states WHERE user_id = ?", (user_id,)
-            ).fetchone()
-            seen = None
-            if with_seen:
-                ids = conn.execute("SELECT group_concat(item_id) FROM seen WHERE user_id = ?", (user_id,)).fetchone()
-                seen = [int(i) for i in ids[0].split(",")] if ids and ids[0] else []
+            return UserSnapshot(self._state(conn, user_id), n, last, self._seen(conn, user_id) if with_seen else None)
         finally:
             if conn.in_transaction:
                 conn.execute("COMMIT")
-        state = StoredState(st[0], int(st[1]), bytes(st[2])) if st else None
-        return UserSnapshot(state, n, last, seen)
 
     @_sqlite_faults
     def put_state(self, user_id: str, state: StoredState) -> None:
