@@ -91,7 +91,7 @@ def train_briefly(data, split, cfg: AnnBenchConfig):
 def user_vectors(model, data, split, cfg: AnnBenchConfig) -> tuple[np.ndarray, np.ndarray]:
     """(Q, D) the combined u of `queries` held-out test positions, and (Q,) their target items."""
     from models.data.batching import batch_builder, eval_samples
-    from models.nn.sequence import last_position
+    from models.nn.items import last_position
 
     rng = np.random.default_rng(cfg.seed)
     rows = np.sort(rng.choice(len(split.test_pos), size=min(cfg.queries, len(split.test_pos)), replace=False))

@@ -32,11 +32,10 @@ from machine_info import machine  # noqa: E402  (sibling script)
 from search_budget import SearchBudget, parse_budget  # noqa: E402  (sibling script)
 from models.cli import setting  # noqa: E402
 from models.nn import checkpoint  # noqa: E402
-from models.data.batching import make_split  # noqa: E402
 from models.data import load_prepared  # noqa: E402
 from models.files import write_json  # noqa: E402
 from models.evaluation.metrics import per_user_mean, seed_user_bootstrap  # noqa: E402
-from models.training.defaults import PROTOCOLS  # noqa: E402
+from models.training.defaults import protocol_split  # noqa: E402
 from models.evaluation.evaluate import HEADLINE, evaluate  # noqa: E402
 from models.training.loop import new_model  # noqa: E402
 from ray_app.train.data import resolve_dataset  # noqa: E402
@@ -303,7 +302,7 @@ def main(argv=None) -> int:
     out = s.out or RESULTS / f"equal_budget_{Path(s.dataset).name}.json"
     prepared = resolve_dataset(s.dataset)
     data = load_prepared(prepared)
-    split = make_split(data.user_offsets, PROTOCOLS[PROTOCOL])
+    split = protocol_split(data.user_offsets, PROTOCOL)
     report = plan(s, out)
 
     def save() -> None:

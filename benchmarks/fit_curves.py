@@ -21,9 +21,8 @@ from quality import RESULTS, machine  # noqa: E402
 from quality_variants import VARIANTS, build_variant  # noqa: E402
 from models.files import write_json  # noqa: E402
 
-from models.data.batching import make_split  # noqa: E402
 from models.data import load_prepared, prepare_source  # noqa: E402
-from models.training.defaults import PROTOCOLS  # noqa: E402
+from models.training.defaults import PROTOCOLS, protocol_split  # noqa: E402
 from models.training.loop import fit  # noqa: E402
 
 DEFAULT = "plain decomposer;decomposer, K·α;decomposer, no gates, no aux losses;lstm (mask seen)"
@@ -63,7 +62,7 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
     data = load_prepared(args.prepared or prepare_source(args.dataset, Path("runs/data") / args.dataset))
-    split = make_split(data.user_offsets, PROTOCOLS[args.protocol])
+    split = protocol_split(data.user_offsets, args.protocol)
     out = args.out or RESULTS / f"fit_curves_{args.dataset}.json"
     curves = {}
     for name in variants:

@@ -38,12 +38,12 @@ import torch
 from machine_info import machine  # sibling script
 from models.cli import add_settings, setting, settings_from
 from models.data import load_prepared, prepare_source
-from models.data.batching import INTENT_REGIMES, make_split
+from models.data.batching import INTENT_REGIMES
 from models.evaluation.evaluate import evaluate
 from models.evaluation.metrics import per_user_mean, summarize
 from models.files import write_json
 from models.nn.baselines import FusedWithText
-from models.training.defaults import PROTOCOLS
+from models.training.defaults import PROTOCOLS, protocol_split
 from models.training.loop import fit, new_model, training_counts
 from quality_tables import plot, report
 from quality_variants import (
@@ -185,7 +185,7 @@ def _worker_init(prepared: str, n_tests: dict, args, device: str, threads: int, 
     torch.set_num_threads(threads)
     data = load_prepared(Path(prepared))
     _WORKER.update(
-        data=data, args=args, device=device, splits={p: make_split(data.user_offsets, n) for p, n in n_tests.items()}
+        data=data, args=args, device=device, splits={p: protocol_split(data.user_offsets, p) for p in n_tests}
     )
 
 
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
     runs = record.setdefault("runs", {})
     prepared = s.prepared or prepare_source(s.dataset, Path("runs/data") / s.dataset, data_dir=s.data_dir)
     data = load_prepared(prepared)
-    splits = {p: make_split(data.user_offsets, PROTOCOLS[p]) for p in protocols}
+    splits = {p: protocol_split(data.user_offsets, p) for p in protocols}
     plan = plan_runs(s, seeds, protocols, variants, runs)
     t_start = time.perf_counter()
     record.update(

@@ -39,7 +39,7 @@ def concat_ckpt(tmp_path_factory):
 
 def _states(served: ServedModel, n: int, seen: np.ndarray | None = None) -> list[UserState]:
     rng = np.random.default_rng(1)
-    H = rng.standard_normal((n, served.model.heads.in_features)).astype(np.float32)
+    H = rng.standard_normal((n, served.model.state_dim)).astype(np.float32)
     return [UserState(served.version, str(served.path), h, 5, 1.6e9, seen) for h in H]
 
 

@@ -23,11 +23,24 @@ def test_last_n_split_keeps_two_training_events():
     assert s.test_pos[s.test_user == 1].tolist() == list(range(7, 17))
 
 
+def test_a_validation_window_before_the_test_window():
+    # two users: 30 and 16 events; 10 test targets each, validation the events before them
+    s = make_split(np.array([0, 30, 46]), n_test=10, n_valid=10)
+    assert s.test_pos[s.test_user == 0].tolist() == list(range(20, 30))
+    assert s.valid_targets[s.valid_user == 0].tolist() == list(range(10, 20))
+    # user 1 keeps half of what the test leaves (6 events) to train on: 3 validation targets
+    assert s.valid_targets[s.valid_user == 1].tolist() == [33, 34, 35]
+    assert s.valid_pos.tolist() == [10, 33]  # training events end at the first validation target
+    assert make_split(np.array([0, 3]), n_test=10, n_valid=10).valid_targets.tolist() == [1]
+
+
 def test_split_rejects_short_users_and_bad_n():
     with pytest.raises(ValueError, match="at least 3"):
         make_split(np.array([0, 2, 9]))
     with pytest.raises(ValueError, match="n_test"):
         make_split(OFFSETS, 0)
+    with pytest.raises(ValueError, match="n_valid"):
+        make_split(OFFSETS, 1, 0)
 
 
 def test_training_windows_cover_every_training_target_once():

@@ -53,8 +53,6 @@ def test_gates_recover_planted_context_dependence_beyond_random_gates(tmp_path, 
     fit(model, data, split, train_config("decomposer", epochs=30, patience=30, **RECOVERY_TRAIN), progress=False)
     r = gate_recovery(model, data)
     assert r["matched"] > null.max(), (r, np.sort(null))  # above every one of the random gates
-    for name in ("topic", "sentiment", "time"):
-        assert r[name] > 0.4, r  # and, on this seed, under the planted names
 
 
 def test_random_gates_are_not_constant(tiny_data):

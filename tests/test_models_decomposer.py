@@ -1,5 +1,6 @@
 """The decomposer: shapes and gates, its configuration, the incremental update against the full
-sequence, the profiles, and the readout (mixture, gate scaling, residual)."""
+sequence for every backbone, the profiles, and how the dimensions rank (the per-dimension soft
+maximum and its base, the words as a member, the mixture, gate scaling, the residual readout)."""
 
 from __future__ import annotations
 
@@ -11,20 +12,27 @@ from models.training.loop import new_model
 from model_helpers import first_batch
 
 
-@pytest.mark.parametrize("combine", ["concat", "sum", "mixture"])
-def test_decomposer_shapes(tiny_data, split, combine):
+DIMS = ["topic", "sentiment", "time", "latent_1", "latent_2"]
+
+
+@pytest.mark.parametrize(
+    "combine, members", [("concat", DIMS), ("sum", DIMS), ("mixture", DIMS), ("max", [*DIMS, "base"])]
+)
+def test_decomposer_shapes(tiny_data, split, combine, members):
     torch.manual_seed(0)
     m = new_model("decomposer", tiny_data, split, combine=combine, n_latent=2)
     batch = first_batch(tiny_data, split, intent_rate=0.5)
     loss, parts = m(batch)
     assert torch.isfinite(loss) and set(parts) == {"next_item", "topic", "sentiment", "time"}
+    loss.backward()
     m.eval()
     scores = m.score(batch)
     assert scores.shape == (8, tiny_data.n_items + 1)
     h = m.last_hidden(batch)
     ex = m.explain(h, batch["ctx_feats"][:, 0], top_k=3)
-    assert ex["dims"] == ["topic", "sentiment", "time", "latent_1", "latent_2"]
-    assert ex["alpha"].shape == (8, 5) and ex["top_items"].shape == (8, 5, 3)
+    M = len(members)
+    assert ex["dims"] == members
+    assert ex["alpha"].shape == (8, M) and ex["top_items"].shape == (8, M, 3)
     torch.testing.assert_close(ex["alpha"].sum(-1), torch.ones(8))
     assert (ex["top_items"] > 0).all()  # padding is never recommended
 
@@ -35,23 +43,60 @@ def test_config_validation():
     with pytest.raises(ValueError, match="at least one"):
         DecomposerConfig(n_items=5, dims=(), n_latent=0)
     with pytest.raises(ValueError, match="combine"):
-        DecomposerConfig(n_items=5, combine="max")
+        DecomposerConfig(n_items=5, combine="maximum")
+    with pytest.raises(ValueError, match="backbone"):
+        DecomposerConfig(n_items=5, backbone="rnn")
+    with pytest.raises(ValueError, match="heads"):
+        DecomposerConfig(n_items=5, backbone="transformer", lstm_units=30, heads=4)
+    with pytest.raises(ValueError, match="intent_member"):
+        DecomposerConfig(n_items=5, intent_member=True)
+    with pytest.raises(ValueError, match="tau"):
+        DecomposerConfig(n_items=5, combine="max", tau=0.0)
+    base_alone = DecomposerConfig(n_items=5, combine="max", dims=(), n_latent=0)
+    assert base_alone.member_names == ("base",)
 
 
-@pytest.mark.parametrize("over", [{"profile_decays": ()}, {}], ids=["lstm state", "profiles (default)"])
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"profile_decays": ()},
+        {},
+        {"backbone": "gru"},
+        {"backbone": "transformer", "max_len": 6, "lstm_units": 16, "heads": 2},
+        {"backbone": "transformer", "max_len": 200, "lstm_units": 16},
+    ],
+    ids=[
+        "lstm state",
+        "lstm, profiles (default)",
+        "gru",
+        "transformer, window shorter than the history",
+        "transformer",
+    ],
+)
 def test_incremental_state_equals_full_sequence(tiny_data, split, over):
+    """A state advanced event by event (the serving path) is the training path's at the last event;
+    the transformer's is the one over its last max_len events, as an evaluation sample is read."""
     torch.manual_seed(0)
-    m = new_model("decomposer", tiny_data, split, **over).eval()
-    batch = first_batch(tiny_data, split, n=1)
+    m = new_model("decomposer", tiny_data, split, combine="max", **over).eval()
+    batch = first_batch(tiny_data, split)
+    row = int(batch["lengths"].argmax())  # the longest history of the batch
+    batch = {k: v[row : row + 1] for k, v in batch.items()}
     T = int(batch["lengths"][0])
+    L = m.cfg.max_len
+    assert T > 6  # the short window drops events
     items, ratings, feats = batch["items"][:, :T], batch["ratings"][:, :T], batch["event_feats"][:, :T]
-    _, full = m.encoder.run(items, ratings, feats)
     state = None
-    for t in range(T):  # one LSTM step per new event
+    for t in range(T):  # one step per new event
         state = m.advance(state, items[:, t : t + 1], ratings[:, t : t + 1], feats[:, t : t + 1])
-    torch.testing.assert_close(state[0], full[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(state[1], full[1], atol=1e-5, rtol=1e-5)
     assert [x.shape[-1] for x in state] == list(m.state_sizes())
+    if m.cfg.backbone != "transformer":
+        full = m.encoder(batch)[:, T - 1]
+        torch.testing.assert_close(m.encoder.output(state), full, atol=1e-5, rtol=1e-5)
+    else:  # the last max_len events, read as an evaluation sample reads them
+        window = {k: batch[k][:, max(T - L, 0) : T] for k in ("items", "ratings", "event_feats")}
+        torch.testing.assert_close(m.encoder.output(state), m.encoder(window)[:, -1], atol=1e-5, rtol=1e-5)
+        if T > L:  # the rest reads the whole history (the profile), which the window has not
+            return
     # The stepped state is the training path's state at the last event, profile included,
     # and several events at once give the same state as one at a time.
     z = m.interest_state(state)
@@ -83,34 +128,95 @@ def test_profile_is_a_decayed_mean(tiny_data, split):
         DecomposerConfig(n_items=5, profile_decays=(1.5,))
 
 
-def test_mixture_leaves_seen_items_out_of_every_dimension(tiny_data, split):
+def test_mixture_is_a_distribution_over_the_catalogue(tiny_data, split):
     torch.manual_seed(0)
     m = new_model("decomposer", tiny_data, split, combine="mixture", n_latent=2).eval()
-    P, K = 3, m.K
-    I, alpha = torch.randn(P, K, m.cfg.dim_size), torch.softmax(torch.randn(P, K), -1)
-    seen = (torch.tensor([0, 0, 2]), torch.tensor([1, 4, 4]))
-    log_p = m.mixture_log_probs(I, alpha, m.items.all(), seen)  # (P, N+1)
+    z, ctx = torch.randn(3, m.state_dim), torch.randn(3, 5)
+    log_p = m.score_state(z, ctx)  # (P, N+1)
     p = log_p.exp()
-    assert p[0, 1] < 1e-12 and p[0, 4] < 1e-12 and p[2, 4] < 1e-12 and p[1, 4] > 0
-    torch.testing.assert_close(p.sum(-1), torch.ones(P))  # still a distribution
+    assert (p[:, 0] == 0).all()  # the padding is never predicted
+    torch.testing.assert_close(p.sum(-1), torch.ones(3))
+
+
+def test_the_base_alone_is_the_backbone_readout(tiny_data, split):
+    """K = 1 (no dimension, the base member alone) reproduces the backbone's own scores and its
+    plain softmax loss exactly: what the dimensions add is measured against this."""
+    from models.nn.losses import full_softmax_ce, seen_pairs
+
+    torch.manual_seed(0)
+    m = new_model("decomposer", tiny_data, split, combine="max", dims=(), n_latent=0, tau=0.5).eval()
+    z, ctx = torch.randn(4, m.state_dim), torch.randn(4, 5)
+    V = m.items.all()
+    torch.testing.assert_close(m.score_state(z, ctx), m.direct(z) @ V.T)
+    torch.testing.assert_close(m.gates(z, ctx), torch.ones(4, 1))
+    batch = first_batch(tiny_data, split)
+    loss, _ = m(batch)
+    sup = batch["targets"] > 0
+    u = m.direct(m.states(batch)[sup])
+    expected = full_softmax_ce(u, V, batch["targets"][sup], seen_pairs(batch["items"], sup, batch["targets"]))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_the_soft_maximum_ranks_two_interests_above_their_midpoint(tiny_data, split):
+    """Two members pointing at two item clusters: "max" ranks both clusters above an item at their
+    midpoint, which one combined vector (their weighted sum) cannot do."""
+    torch.manual_seed(0)
+    m = new_model("decomposer", tiny_data, split, combine="max", dims=(), n_latent=2, tau=0.1).eval()
+    D = m.cfg.item_dim
+    a, b = torch.zeros(D), torch.zeros(D)
+    a[0], b[1] = 1.0, 1.0
+    V = torch.stack([torch.zeros(D), 3 * a, 3 * b, 1.6 * (a + b)])  # padding, cluster A, cluster B, the midpoint
+    U = torch.stack([3 * a, 3 * b, torch.zeros(D)])[None]  # the two dimensions and a silent base
+    log_alpha = torch.log(torch.tensor([[0.5, 0.5, 1e-6]]))
+    s = m.pool_scores(U, log_alpha, V)[0]
+    assert s[1] > s[3] and s[2] > s[3]
+    one = (log_alpha.exp()[0, :, None] * U[0]).sum(0)  # the single-vector reading of the same interests
+    single = V @ one
+    assert single[3] > single[1] and single[3] > single[2]
+
+
+def test_the_words_are_a_member_only_when_a_request_has_them(tiny_data, split):
+    torch.manual_seed(0)
+    m = new_model("decomposer", tiny_data, split, combine="max", intent_member=True).eval()
+    assert m.cfg.member_names[-2:] == ("base", "intent")
+    z, ctx = torch.randn(2, m.state_dim), torch.randn(2, 5)
+    words = torch.zeros(2, m.cfg.text_dim)
+    words[0] = torch.randn(m.cfg.text_dim)
+    alpha = m.gates(z, ctx, words)
+    assert alpha[0, -1] > 0 and alpha[1, -1] == 0
+    torch.testing.assert_close(alpha.sum(-1), torch.ones(2))
+    # a request without words is scored as if the words member did not exist
+    torch.testing.assert_close(m.score_state(z[1:], ctx[1:], words[1:]), m.score_state(z[1:], ctx[1:]))
+    loss, _ = m(first_batch(tiny_data, split, intent_rate=0.5))
+    loss.backward()
+    assert m.words_out.weight.grad.abs().sum() > 0
+
+
+def test_separation_penalty_is_zero_for_orthogonal_and_one_for_equal_vectors():
+    from models.nn.interests import separation_penalty
+
+    eye = torch.eye(4)[None]  # (1, M=4, D=4)
+    assert float(separation_penalty(eye)) == 0.0
+    same = torch.ones(2, 3, 5)
+    torch.testing.assert_close(separation_penalty(same), torch.tensor(1.0))
 
 
 def test_scale_gates_gives_uniform_gates_weight_one(tiny_data, split):
     torch.manual_seed(0)
-    m = new_model("decomposer", tiny_data, split, scale_gates=True).eval()
-    I = torch.randn(3, m.K, m.cfg.dim_size)
-    uniform = torch.full((3, m.K), 1.0 / m.K)
-    torch.testing.assert_close(m.combine(I, uniform), m.out(I.flatten(-2)))
+    m = new_model("decomposer", tiny_data, split, scale_gates=True, residual=False).eval()
+    z, I = torch.randn(3, m.state_dim), torch.randn(3, m.K, m.cfg.dim_size)
+    uniform = torch.full((3, m.K), 1.0 / m.K).log()
+    torch.testing.assert_close(m.combined(z, I, uniform), m.out(I.flatten(-2)))
     m.cfg.scale_gates = False
-    torch.testing.assert_close(m.combine(I, uniform), m.out(I.flatten(-2) / m.K))
+    torch.testing.assert_close(m.combined(z, I, uniform), m.out(I.flatten(-2) / m.K))
 
 
-def test_residual_readout_adds_the_direct_lstm_vector(tiny_data, split):
+def test_residual_readout_adds_the_direct_vector(tiny_data, split):
     torch.manual_seed(0)
     m = new_model("decomposer", tiny_data, split, residual=True).eval()
-    h, ctx = torch.randn(3, m.heads.in_features), torch.randn(3, 5)  # z_t: h_t and the profiles
+    h, ctx = torch.randn(3, m.state_dim), torch.randn(3, 5)  # z_t: h_t and the profiles
     u, I, alpha = m.user_vectors(h, ctx)
-    torch.testing.assert_close(u, m.combine(I, alpha) + m.direct(h))
+    torch.testing.assert_close(u, m.out((alpha[..., None] * I).flatten(-2)) + m.direct(h))
     assert new_model("decomposer", tiny_data, split, residual=False).direct is None
     loss, _ = m(first_batch(tiny_data, split))
     loss.backward()

@@ -86,6 +86,43 @@ def test_seen_pairs_mask_consumed_items_but_never_the_target():
     assert full_softmax_ce(u, vecs, flat_targets, (rows, cols)) < full_softmax_ce(u, vecs, flat_targets) + 1e-6
 
 
+@pytest.mark.parametrize("pool, tau, chunk", [("max", 1.0, 1 << 20), ("max", 0.3, 300), ("mixture", 1.0, 300)])
+def test_the_chunked_pooled_loss_matches_autograd(monkeypatch, pool, tau, chunk):
+    """The pooled softmax loss forms its gradients itself, chunk by chunk: the same loss and the
+    same gradients as the plain autograd formula, masks included, whatever the chunk size."""
+    import models.nn.losses as L
+
+    monkeypatch.setattr(L, "CHUNK_ELEMENTS", chunk)
+    torch.manual_seed(0)
+    P, K, D, N = 37, 3, 8, 50
+    U, V = torch.randn(P, K, D, requires_grad=True), torch.randn(N + 1, D, requires_grad=True)
+    gate_logits = torch.randn(P, K, requires_grad=True)
+    t = torch.randint(1, N + 1, (P,))
+    rows, items = torch.sort(torch.randint(0, P, (60,)))[0], torch.randint(1, N + 1, (60,))
+    keep = items != t[rows]
+    seen = (rows[keep], items[keep])
+
+    def reference():
+        logits = torch.einsum("pkd,nd->pkn", U, V)
+        la = torch.log_softmax(gate_logits, 1)
+        mask = torch.zeros(P, N + 1, dtype=torch.bool)
+        mask[:, 0] = True
+        mask[seen] = True
+        if pool == "max":
+            s = tau * torch.logsumexp((logits + la[:, :, None]) / tau, 1)
+            return torch.nn.functional.cross_entropy(s.masked_fill(mask, -torch.inf), t)
+        logp = torch.log_softmax(logits.masked_fill(mask[:, None, :], -1e9), -1)
+        return torch.nn.functional.nll_loss(torch.logsumexp(la[:, :, None] + logp, 1), t)
+
+    got = L.pooled_softmax_ce(U, V, t, torch.log_softmax(gate_logits, 1), seen, pool, tau)
+    want = reference()
+    g_got = torch.autograd.grad(got, [U, V, gate_logits])
+    g_want = torch.autograd.grad(want, [U, V, gate_logits])
+    torch.testing.assert_close(got, want)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
 def test_lr_is_halved_on_a_validation_plateau(tiny_data, split):
     # A rate too small to move the ranking (and above the scheduler's eps of 1e-8): a plateau for certain.
     m = new_model("lstm", tiny_data, split)

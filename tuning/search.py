@@ -71,6 +71,9 @@ class SearchSettings:
     reduction_factor: int = setting(2, "ASHA: keep 1/rf of the trials at each rung")
     patience: int = setting(3, "early stopping inside a trial")
     batch_size: int | None = setting(None, "training windows per step (default the trainer's)")
+    intent_rate: float | None = setting(
+        None, "share of training positions with words from the target (default the trainer's 0.3; 0: none)"
+    )
     num_workers: int = setting(1, "Train workers per trial")
     cpus_per_worker: float = setting(1.0)
     use_gpu: bool = setting(False)
@@ -251,6 +254,7 @@ def trial_base(setup: Setup) -> RayTrainSettings:
         patience=s.patience,
         seed=s.seed,
         batch_size=s.batch_size,
+        intent_rate=s.intent_rate,
         num_workers=s.num_workers,
         cpus_per_worker=s.cpus_per_worker,
         use_gpu=s.use_gpu,

@@ -9,7 +9,11 @@ Conditional parameters are expressed the Optuna way: a parameter is only suggest
 means something, so TPE never models nonsense combinations.
 - `n_latent` is drawn from 0..max when a named dimension is on, but as `n_latent_alone` from
   1..max when none is (the model needs at least one dimension);
-- `aux_weight` (λ) exists only when a named dimension is on: it weighs their anchors.
+- `aux_weight` (λ) exists only when a named dimension is on: it weighs their anchors;
+- `tau` (the soft maximum's temperature) only with `combine=max`, and `separation` (the penalty
+  keeping the dimensions' user vectors apart) only where each dimension has one (max, mixture).
+With every named dimension off and `max_latent` 0 (and `combine=max`), the space is the backbone
+alone: the decomposer's base readout, the row the dimensions are measured against.
 Fixed parameters are not suggested at all; they come back as constants of the trial.
 
 The baselines (`sasrec`, `gru4rec`, `lstm`) have flat spaces of their own in `MODEL_SPACES`. Every
@@ -29,7 +33,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, model_validator
 
 from models.nn import checkpoint
-from models.nn.decomposer import NAMED_DIMENSIONS
+from models.nn.backbones import BACKBONES
+from models.nn.decomposer import COMBINES, NAMED_DIMENSIONS
 
 Scalar = Union[bool, int, float, str, None]
 
@@ -68,13 +73,16 @@ Param = Union[Range, list, Scalar]  # a range, a list of choices, or a fixed val
 
 # Editable defaults. Ranges stay where an ml-latest-small epoch remains affordable on CPUs.
 DEFAULT_SPACE: dict[str, Param] = {
+    "backbone": "lstm",  # the seed's; [lstm, gru, transformer] lets the search choose
     "lstm_units": Range(low=32, high=512, log=True),
     "use_topic": [True, False],
     "use_sentiment": [True, False],
     "use_time": [True, False],
     "max_latent": 4,  # upper end of the latent count (fixed)
     "dim_size": [8, 16, 32, 64],  # d
-    "combine": ["concat", "sum"],
+    "combine": ["max", "mixture", "concat"],  # how the dimensions rank (models/nn/decomposer.py)
+    "tau": Range(low=0.25, high=2.0, log=True),  # the soft maximum's temperature, only with combine=max
+    "separation": Range(low=0.0, high=1.0, step=0.05),  # only with per-dimension vectors (max, mixture)
     "aux_weight": Range(low=0.0, high=1.0, step=0.05),  # λ, only when a named dimension is on
     "dropout": Range(low=0.0, high=0.5, step=0.05),
     "lr": Range(low=1e-3, high=3e-2, log=True),
@@ -82,7 +90,7 @@ DEFAULT_SPACE: dict[str, Param] = {
     "fail_at_epoch": None,  # testing only: a trial's training worker dies before reporting this epoch
     "ema_decay": 0.98,  # the weight average (RECIPE), fixed; mask_seen is on in the decomposer's config
 }
-MODEL_KEYS = ("lstm_units", "dim_size", "combine", "aux_weight", "dropout", "max_len")
+MODEL_KEYS = ("backbone", "lstm_units", "dim_size", "combine", "tau", "separation", "aux_weight", "dropout", "max_len")
 # What every model's search keeps fixed, so no model gets a recipe option another lacks.
 RECIPE: dict[str, Param] = {"mask_seen": True, "ema_decay": 0.98}
 TRAIN_KEYS = ("lr", "ema_decay", "fail_at_epoch")  # settings of the training run, not of the model
@@ -120,6 +128,7 @@ MODEL_SPACES: dict[str, dict[str, Param]] = {
     },
 }
 INT_KEYS = ("lstm_units", "dim_size", "max_len", "hidden", "blocks", "item_dim", "heads")
+CHOICE_KEYS = {"combine": COMBINES, "backbone": BACKBONES}  # the decomposer's settings that are names
 
 
 def parse_param(key: str, raw: Any) -> Param:
@@ -189,16 +198,18 @@ class SearchSpace:
                         check_model_args("decomposer", {key: v})
                     except SetupError as e:
                         raise SpaceError(f"space {key}={v!r}: {str(e).removeprefix('--set: ')}") from None
-                    if isinstance(v, bool) or (key != "combine" and not isinstance(v, (int, float))):
+                    if isinstance(v, bool) or (key not in CHOICE_KEYS and not isinstance(v, (int, float))):
                         raise SpaceError(f"space {key}={v!r}: expected a number")
-                    if key == "combine" and v not in ("concat", "sum", "mixture"):
-                        raise SpaceError(f"space combine={v!r}: choose from concat, sum, mixture")
+                    if key in CHOICE_KEYS and v not in CHOICE_KEYS[key]:
+                        raise SpaceError(f"space {key}={v!r}: choose from {', '.join(CHOICE_KEYS[key])}")
+                    if key == "tau" and v <= 0:
+                        raise SpaceError(f"space tau={v!r}: must be > 0")
                     if key in ("lstm_units", "dim_size", "max_len") and (v < 1 or int(v) != v):
                         raise SpaceError(f"space {key}={v!r}: must be a positive integer")
                     if key == "dropout" and not 0 <= v < 1:
                         raise SpaceError(f"space dropout={v!r}: must be in [0, 1)")
-                    if key == "aux_weight" and v < 0:
-                        raise SpaceError(f"space aux_weight={v!r}: must be >= 0")
+                    if key in ("aux_weight", "separation") and v < 0:
+                        raise SpaceError(f"space {key}={v!r}: must be >= 0")
                 elif key.startswith("use_") and not isinstance(v, bool):
                     raise SpaceError(f"space {key}={v!r}: expected true or false")
                 elif key == "lr" and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
@@ -215,10 +226,14 @@ class SearchSpace:
                     raise SpaceError(f"space ema_decay={v!r}: must be in [0, 1)")
         if isinstance(self.params["max_latent"], (list, Range)):
             raise SpaceError("space max_latent: must be a fixed number (it bounds n_latent)")
-        if self.params["max_latent"] == 0 and all(False in self.values(f"use_{d}") for d in NAMED_DIMENSIONS):
+        if (
+            self.params["max_latent"] == 0
+            and any(False in self.values(f"use_{d}") for d in NAMED_DIMENSIONS)
+            and self.values("combine") != ["max"]
+        ):
             raise SpaceError(
-                "space: max_latent is 0 but every named dimension can be off; "
-                "the model needs a dimension (fix one use_* to true or raise max_latent)"
+                "space: max_latent is 0 but every named dimension can be off; the model needs a dimension "
+                "(fix one use_* to true, raise max_latent, or fix combine=max for the backbone alone)"
             )
 
     def _check_flat(self) -> None:
@@ -282,7 +297,8 @@ class SearchSpace:
                 draw(key)
             return fixed
         on = [d for d in NAMED_DIMENSIONS if draw(f"use_{d}")]
-        top, low = self.params["max_latent"], (0 if on else 1)
+        top = self.params["max_latent"]
+        low = 0 if on or top == 0 else 1  # no named dimension and no latent one: the backbone alone
         name = "n_latent" if on else "n_latent_alone"  # two names: two different ranges
         if top > low:
             trial.suggest_int(name, low, top)
@@ -290,7 +306,12 @@ class SearchSpace:
             fixed[name] = low
         if on:
             draw("aux_weight")
-        for key in ("lstm_units", "dim_size", "combine", "dropout", "lr", "max_len", "fail_at_epoch", "ema_decay"):
+        combine = draw("combine")
+        if combine == "max":
+            draw("tau")
+        if combine in ("max", "mixture"):
+            draw("separation")
+        for key in ("backbone", "lstm_units", "dim_size", "dropout", "lr", "max_len", "fail_at_epoch", "ema_decay"):
             draw(key)
         return fixed
 
@@ -362,4 +383,4 @@ def dimension_set(params: dict[str, Any]) -> str:
         return params["model"]
     model_args, _ = trial_settings(params)
     parts = list(model_args["dims"]) + ([f"{model_args['n_latent']} latent"] if model_args["n_latent"] else [])
-    return "+".join(parts)
+    return "+".join(parts) or "backbone alone"

@@ -29,28 +29,38 @@ class Split:
 
     n_test: int  # test targets per user (1 = leave-one-out)
     user_start: np.ndarray  # (U,) first event of each user
-    valid_pos: np.ndarray  # (U,) validation target; training events are [user_start, valid_pos)
+    valid_pos: np.ndarray  # (U,) first validation target; training events are [user_start, valid_pos)
     test_pos: np.ndarray  # (M,) test targets, each predicted from everything before it
     test_user: np.ndarray  # (M,) row of the user owning each test target
+    valid_targets: np.ndarray  # (V,) validation targets, each predicted from everything before it
+    valid_user: np.ndarray  # (V,) row of the user owning each validation target
+    n_valid: int = 1  # validation targets per user (at most)
 
 
-def make_split(user_offsets: np.ndarray, n_test: int = 1) -> Split:
-    """Last `n_test` events of each user are test targets (at most L - 2), the one before is validation."""
-    if n_test < 1:
-        raise ValueError(f"n_test must be >= 1, got {n_test}")
+def make_split(user_offsets: np.ndarray, n_test: int = 1, n_valid: int = 1) -> Split:
+    """The last `n_test` events of each user are test targets (at most L − 2) and the `n_valid`
+    before them validation targets (at most half of what is left, and at least one), so a search
+    is judged on many targets per user while short users keep events to train on."""
+    if n_test < 1 or n_valid < 1:
+        raise ValueError(f"n_test and n_valid must be >= 1, got {n_test} and {n_valid}")
     start, end = user_offsets[:-1], user_offsets[1:]
     length = end - start
     if (length < 3).any():
         raise ValueError("every user needs at least 3 events (prepare drops shorter users)")
     k = np.minimum(n_test, length - 2)  # (U,)
-    valid_pos = end - k - 1
+    v = np.clip(np.minimum(n_valid, (length - k) // 2), 1, None)  # (U,)
+    valid_pos = end - k - v
     test_user, test_pos = flat_ranges(end - k, k)  # (M,), (M,)
+    valid_user, valid_targets = flat_ranges(valid_pos, v)  # (V,), (V,)
     return Split(
         n_test,
         start.astype(np.int64),
         valid_pos.astype(np.int64),
         test_pos.astype(np.int64),
         test_user.astype(np.int64),
+        valid_targets.astype(np.int64),
+        valid_user.astype(np.int64),
+        n_valid,
     )
 
 

@@ -47,7 +47,7 @@ def evaluate(
     the target.
     """
     if which == "valid":
-        targets, users = split.valid_pos, np.arange(len(split.valid_pos))
+        targets, users = split.valid_targets, split.valid_user
     elif which == "test":
         targets, users = split.test_pos, split.test_user
     else:

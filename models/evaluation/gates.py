@@ -46,7 +46,7 @@ def gates_over_history(
         batch = builder(starts_all[sl], ends_all[sl], user_starts[sl])
         h = model.states(batch)  # (B, T, U[+R·D])
         sup = batch["targets"] > 0
-        _, _, alpha = model.user_vectors(h[sup], batch["ctx_feats"][sup])  # (P, K)
+        alpha = model.gates(h[sup], batch["ctx_feats"][sup])[:, : model.K]  # (P, K): the dimensions' weights
         T = h.shape[1]
         idx = starts_all[sl, None] + np.arange(T)[None, :] + 1  # target of each position
         alphas.append(alpha.numpy())
@@ -98,8 +98,8 @@ def randomize_gates(model: InterestDecomposer) -> InterestDecomposer:
     """Draw the gates' output weights v like their other weights (they start at zero, which
     makes an untrained model's α constant): an untrained model with random gates."""
     with torch.no_grad():
-        c = model.gate_v.shape[-1]
-        model.gate_v.normal_(0.0, c**-0.5)
+        c = model.interests.gate_v.shape[-1]
+        model.interests.gate_v.normal_(0.0, c**-0.5)
     return model
 
 

@@ -28,7 +28,8 @@ from torch import nn
 
 from models.data.features import EVENT_FEATURES, N_RATING_BUCKETS
 from models.nn.losses import next_item_loss, seen_pairs
-from models.nn.sequence import EventLSTM, ItemTower, known_items, last_position
+from models.nn.backbones import LSTMBackbone
+from models.nn.items import ItemTower, known_items, last_position
 
 
 class _ItemDataMixin:
@@ -218,7 +219,7 @@ class LSTMRec(_RecurrentReadout, _ItemDataMixin, nn.Module):
         super().__init__()
         self.cfg = cfg
         self.items = ItemTower(cfg.n_items, cfg.item_dim, cfg.text_dim, cfg.use_text)
-        self.encoder = EventLSTM(self.items, cfg.item_dim, cfg.lstm_units, cfg.dropout)
+        self.encoder = LSTMBackbone(self.items, cfg.item_dim, cfg.lstm_units, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(cfg.lstm_units, cfg.item_dim)
         self.register_buffer("log_q", torch.zeros(cfg.n_items + 1))

@@ -51,6 +51,26 @@ MODELS = {
 ABSENT_MEANS = {"decomposer": {"residual": False, "profile_decays": (), "scale_gates": False, "use_text": True}}
 
 
+# Weights that moved into a part of their own after checkpoints of FORMAT were first written:
+# (model type, old name prefix) -> new prefix.
+MOVED = {
+    "decomposer": {
+        f"{old}": f"interests.{old}"
+        for old in ("heads.", "ctx.", "intent.", "gate_a", "gate_b", "gate_v", "log_prior", "aux.")
+    }
+}
+
+
+def _moved(kind: str, state: dict) -> dict:
+    """A state dict with the names of MOVED weights brought up to date."""
+    moves = MOVED.get(kind, {})
+    out = {}
+    for name, value in state.items():
+        new = next((to + name[len(old) :] for old, to in moves.items() if name.startswith(old)), name)
+        out[new] = value
+    return out
+
+
 class CheckpointError(ValueError):
     pass
 
@@ -99,7 +119,8 @@ def from_dict(ckpt: dict, source: str = "checkpoint") -> tuple[nn.Module, dict]:
             raise CheckpointError(f"{source}: missing {key!r}")
     model = build(ckpt["model_type"], {**ABSENT_MEANS.get(ckpt["model_type"], {}), **ckpt["model_args"]})
     # A checkpoint from before the cold-item mask: every item keeps its id vector, as it was trained.
-    state = {**{k: v for k, v in model.state_dict().items() if k.split(".")[-1] == "known"}, **ckpt["state_dict"]}
+    saved = _moved(ckpt["model_type"], ckpt["state_dict"])
+    state = {**{k: v for k, v in model.state_dict().items() if k.split(".")[-1] == "known"}, **saved}
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -1,16 +1,19 @@
-"""The dynamic interest decomposition and composition model (DESIGN §2).
+"""The dynamic interest decomposition and composition model (DESIGN §2), composed of its parts:
 
-h_t = LSTM(e_≤t);  z_t = [h_t; m_t^(λ) for each λ] (decayed means of the item vectors consumed);
-I_{t,k} = f_k(z_t) ∈ R^d;  α_{t,k} = softmax_k(log w_k + g(I_{t,k}, C_t));
-Î_t = [α_1 I_1; …; α_K I_K] (concat) or Σ_k α_k I_k (sum);  u_t = W z_t + W_o Î_t (W: the residual
-readout, on by default);  s(i) = u_t · q_i.
-Named dimensions are anchored by auxiliary predictions of the next event from I_{t,k} alone.
+    events ─► backbone (lstm | gru | transformer) ─► h_t ─┐
+    items consumed ─► decayed means m_t^(λ) ──────────────┴► z_t = [h_t; m_t^(λ)…]
+    z_t ─► heads I_{t,k} (models/nn/interests.py) ─► gates α_{t,m}(I, context, words)
 
-A third combine mode, "mixture", makes α a probability over dimensions:
-p(i) = Σ_k α_k softmax_i(u_{t,k} · q_i) with u_{t,k} = W_k I_{t,k}. In concat mode a dimension
-can carry a negative preference, so a gate weight going *down* can mean its items going up;
-in mixture mode α_k is the share of the next event explained by dimension k, which is what
-the synthetic data plants. It costs K softmaxes over the catalogue per position.
+How the dimensions rank (`combine`):
+- "max" — per-dimension scoring: each member m of the ranking has its own user vector u_m (a
+  dimension: u_k = W_k I_k; the base: u_0 = W z_t, the backbone's own readout; the words, when
+  given: u_w = W_w z(words)), and s(i) = τ · log Σ_m exp((u_m·q_i + log α_m)/τ), a soft maximum
+  over the interests, trained with one softmax over s. An item ranks high when any active
+  interest wants it. With no dimension (K = 0) the model is the backbone alone.
+- "concat" / "sum" — the seed's literal form: u_t = W z_t + W_o[α_1 I_1; …; α_K I_K] (or
+  W_o Σ α_k I_k), one user vector whose gates can only rescale its parts; s(i) = u_t · q_i.
+- "mixture" — p(i) = Σ_k α_k softmax_i(u_k · q_i): α is the share of the next event each
+  dimension explains (what the synthetic data plants).
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.data.features import CONTEXT_FEATURES, N_HOUR_BUCKETS, N_RATING_BUCKETS
-from models.nn.losses import next_item_loss, seen_pairs
-from models.nn.sequence import EventLSTM, ItemTower, last_position
+from models.nn.backbones import BACKBONES, build_backbone
+from models.nn.interests import Interests, separation_penalty
+from models.nn.items import ItemTower, last_position
+from models.nn.losses import next_item_loss, pooled_softmax_ce, seen_pairs
 
 NAMED_DIMENSIONS = ("topic", "sentiment", "time")
+COMBINES = ("max", "concat", "sum", "mixture")
 
 
 @dataclass
@@ -35,12 +40,18 @@ class DecomposerConfig:
     n_genres: int = 1  # genre vocabulary (topic auxiliary target)
     text_dim: int = 384  # language-model embedding size (all-MiniLM-L6-v2)
     item_dim: int = 64  # D: item and user vector size
-    lstm_units: int = 128  # U
+    backbone: str = "lstm"  # the sequence encoder: "lstm" | "gru" | "transformer"
+    lstm_units: int = 128  # U: the backbone's width (LSTM/GRU units, the transformer's model size)
+    blocks: int = 2  # transformer: self-attention blocks
+    heads: int = 1  # transformer: attention heads (a divisor of lstm_units)
     dims: tuple[str, ...] = NAMED_DIMENSIONS  # named dimensions, a subset of NAMED_DIMENSIONS
     n_latent: int = 1  # unanchored dimensions added after the named ones
     dim_size: int = 32  # d: size of each I_{t,k}
     context_dim: int = 32  # size of the encoded context C_t
-    combine: str = "concat"  # "concat" | "sum" | "mixture"
+    combine: str = "concat"  # "max" (per-dimension scores, soft maximum) | "concat" | "sum" | "mixture"
+    tau: float = 1.0  # "max": temperature of the soft maximum (→ 0: the hard maximum)
+    separation: float = 0.0  # weight of the mean squared cosine between the members' user vectors
+    intent_member: bool = False  # "max": the request's words are a member of their own, gated by how they fit
     aux_weight: float = 0.1  # λ (0 = purely latent dimensions)
     dropout: float = 0.5
     max_len: int = 200
@@ -48,13 +59,14 @@ class DecomposerConfig:
     n_negatives: int = 1024  # uniform negatives for the sampled softmax
     mask_seen: bool = True  # full softmax without the items already in the window (as ranking masks them)
     use_gates: bool = True  # False = context-free prior w_k only (ablation)
-    scale_gates: bool = False  # combine K·α_k I_k: uniform gates weigh each dimension 1, not 1/K
-    residual: bool = True  # u_t = W z_t + W_o[α_1 I_1; …]: the dimensions add to a direct readout
+    scale_gates: bool = False  # concat/sum: combine K·α_k I_k, so uniform gates weigh each dimension 1, not 1/K
+    residual: bool = True  # the base readout W z_t: added to the combined vector, or the pool's base member
     # z_t = [h_t; m_t^(λ) for each λ]: decayed means of the item vectors consumed (1.0 = plain mean), () = h_t alone
     profile_decays: tuple[float, ...] = (1.0, 0.98, 0.9)
     use_text: bool = True  # add P·z(i) to item vectors
     id_dropout: float = 0.0  # in training, the share of items whose id vector is left out (text alone)
-    dim_names: tuple[str, ...] = field(init=False)
+    dim_names: tuple[str, ...] = field(init=False)  # the dimensions, named
+    member_names: tuple[str, ...] = field(init=False)  # what the gates weigh: the dimensions [, base, intent]
 
     def __post_init__(self):
         self.dims = tuple(self.dims)
@@ -64,15 +76,31 @@ class DecomposerConfig:
         unknown = set(self.dims) - set(NAMED_DIMENSIONS)
         if unknown:
             raise ValueError(f"dims: unknown dimension(s) {sorted(unknown)}; choose from {NAMED_DIMENSIONS}")
-        if len(self.dims) + self.n_latent < 1:
-            raise ValueError("dims/n_latent: the model needs at least one dimension")
-        if self.combine not in ("concat", "sum", "mixture"):
-            raise ValueError(f"combine must be 'concat', 'sum' or 'mixture', got {self.combine!r}")
+        if self.combine not in COMBINES:
+            raise ValueError(f"combine must be one of {', '.join(COMBINES)}, got {self.combine!r}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
+        if self.backbone == "transformer" and self.lstm_units % self.heads:
+            raise ValueError(
+                f"lstm_units {self.lstm_units} (the transformer's width) is not a multiple of heads {self.heads}"
+            )
+        base_alone = self.combine == "max" and self.residual
+        if len(self.dims) + self.n_latent < (0 if base_alone else 1):
+            raise ValueError("dims/n_latent: the model needs at least one dimension (or combine=max with the base)")
+        if self.tau <= 0:
+            raise ValueError(f"tau must be > 0, got {self.tau}")
+        if self.intent_member and self.combine != "max":
+            raise ValueError("intent_member needs combine=max (the words are one of the pooled members)")
+        if self.combine == "mixture" and self.loss != "full":
+            raise ValueError("combine=mixture needs loss=full")
         self.dim_names = self.dims + tuple(f"latent_{j + 1}" for j in range(self.n_latent))
+        extra = ("base",) * base_alone + ("intent",) * self.intent_member
+        self.member_names = self.dim_names + extra
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("dim_names")
+        d.pop("member_names")
         d["dims"] = list(self.dims)
         d["profile_decays"] = list(self.profile_decays)
         return d
@@ -82,32 +110,37 @@ class InterestDecomposer(nn.Module):
     def __init__(self, cfg: DecomposerConfig):
         super().__init__()
         self.cfg = cfg
-        K, d, c = len(cfg.dim_names), cfg.dim_size, cfg.context_dim
+        K, d, D = len(cfg.dim_names), cfg.dim_size, cfg.item_dim
         self.K = K
-        self.items = ItemTower(cfg.n_items, cfg.item_dim, cfg.text_dim, cfg.use_text, cfg.id_dropout)
-        self.encoder = EventLSTM(self.items, cfg.item_dim, cfg.lstm_units, cfg.dropout)
+        self.pooled = cfg.combine in ("max", "mixture")  # per-dimension scores, not one vector
+        self.items = ItemTower(cfg.n_items, D, cfg.text_dim, cfg.use_text, cfg.id_dropout)
+        self.encoder = build_backbone(
+            cfg.backbone, self.items, D, cfg.lstm_units, cfg.dropout, cfg.max_len, cfg.blocks, cfg.heads
+        )
+        self.state_dim = cfg.lstm_units + len(cfg.profile_decays) * D  # size of the interest state z_t
         self.drop = nn.Dropout(cfg.dropout)
-        state = cfg.lstm_units + len(cfg.profile_decays) * cfg.item_dim  # size of the interest state z_t
-        self.heads = nn.Linear(state, K * d)  # K independent linear heads f_k
-        # Context C_t: moment features plus, when given, the projected intent text.
-        self.ctx = nn.Linear(CONTEXT_FEATURES, c)
-        self.intent = nn.Linear(cfg.text_dim, c, bias=False)
-        # Gate g(I_k, C) = v_k · tanh(A_k I_k + B_k C); one small MLP per dimension.
-        self.gate_a = nn.Parameter(torch.randn(K, d, c) * d**-0.5)
-        self.gate_b = nn.Parameter(torch.randn(K, c, c) * c**-0.5)
-        self.gate_v = nn.Parameter(torch.zeros(K, c))
-        self.log_prior = nn.Parameter(torch.zeros(K))  # log w_k (softmax-normalised)
-        self.out = nn.Linear(d if cfg.combine == "sum" else K * d, cfg.item_dim)  # W_o = [W_1 … W_K]
-        # W, the residual readout (concat and sum modes; the mixture scores from the dimensions alone)
-        self.direct = nn.Linear(state, cfg.item_dim) if cfg.residual and cfg.combine != "mixture" else None
-        # Auxiliary heads anchoring the named dimensions.
-        self.aux = nn.ModuleDict()
-        if "topic" in cfg.dims:
-            self.aux["topic"] = nn.Linear(d, cfg.n_genres)
-        if "sentiment" in cfg.dims:
-            self.aux["sentiment"] = nn.Linear(d, N_RATING_BUCKETS)
-        if "time" in cfg.dims:
-            self.aux["time"] = nn.Linear(d, 1 + N_HOUR_BUCKETS)
+        self.interests = Interests(
+            self.state_dim,
+            K,
+            d,
+            cfg.context_dim,
+            len(cfg.member_names),
+            cfg.dims,
+            cfg.n_genres,
+            cfg.text_dim,
+            cfg.dropout,
+        )
+        if self.pooled:  # u_k = W_k I_k + b_k, one projection per dimension
+            self.out_w = nn.Parameter(torch.randn(K, d, D) * d**-0.5)
+            self.out_b = nn.Parameter(torch.zeros(K, D))
+        else:
+            self.out = nn.Linear(d if cfg.combine == "sum" else K * d, D)  # W_o = [W_1 … W_K]
+        # W, the base readout (the backbone's own u_0 = W z_t); the mixture scores from the dimensions alone
+        self.direct = nn.Linear(self.state_dim, D) if cfg.residual and cfg.combine != "mixture" else None
+        if cfg.intent_member:
+            self.words_out = nn.Linear(cfg.text_dim, D)  # u_w: the words as a user vector
+            # How the words fit: their cosine with the base vector and with each decayed profile.
+            self.words_fit = nn.Linear(1 + len(cfg.profile_decays), d)
         self.register_buffer("item_genres", torch.zeros(cfg.n_items + 1, cfg.n_genres))
         self.register_buffer("log_q", torch.full((cfg.n_items + 1,), -float(np.log(max(cfg.n_items, 1)))))
 
@@ -121,13 +154,13 @@ class InterestDecomposer(nn.Module):
             p = (np.asarray(counts, dtype=np.float64) + 1.0) / (np.sum(counts) + len(counts))
             self.log_q.copy_(torch.as_tensor(np.log(p), dtype=torch.float32))
 
-    # ---- the pieces of the forward pass -----------------------------------------------------
+    # ---- the interest state z_t -------------------------------------------------------------
     def states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, T) right-padded events -> interest states z_t (B, T, U + R·D), R = len(profile_decays).
 
         The profile m_t^(λ) = Σ_{s≤t} λ^{t−s} q_s / Σ_{s≤t} λ^{t−s} is a decayed mean of the item
         vectors consumed so far: λ = 1 is the whole window's mean (long-term taste), smaller λ
-        weighs the recent events. An LSTM state forgets; this memory does not, and costs O(1) per event.
+        weighs the recent events. A backbone state forgets; this memory does not, and costs O(1) per event.
         """
         h = self.encoder(batch)  # (B, T, U)
         if not self.cfg.profile_decays:
@@ -142,118 +175,139 @@ class InterestDecomposer(nn.Module):
 
     def interest_state(self, state) -> torch.Tensor:
         """A state from `advance` -> z (B, U + R·D), what `states` gives at the last event."""
-        h = state[0][0]  # (B, U)
+        nb = len(self.encoder.state_sizes())
+        h = self.encoder.output(state[:nb])  # (B, U)
         if not self.cfg.profile_decays:
             return h
-        s, w = state[2][0], state[3][0]  # (B, R·D), (B, R)
-        D = self.cfg.item_dim
-        return torch.cat([h, s / w.clamp_min(1e-12).repeat_interleave(D, dim=-1)], dim=-1)
+        s, w = state[nb][0], state[nb + 1][0]  # (B, R·D), (B, R)
+        return torch.cat([h, s / w.clamp_min(1e-12).repeat_interleave(self.cfg.item_dim, dim=-1)], dim=-1)
 
     def state_sizes(self) -> tuple[int, ...]:
-        """Sizes of the parts of a stored state: (h, c) and, with a profile, the decayed sums and weights."""
-        U, R = self.cfg.lstm_units, len(self.cfg.profile_decays)
-        return (U, U) if not R else (U, U, R * self.cfg.item_dim, R)
+        """Sizes of the parts of a stored state: the backbone's and, with a profile, the decayed sums and weights."""
+        R = len(self.cfg.profile_decays)
+        return self.encoder.state_sizes() + ((R * self.cfg.item_dim, R) if R else ())
 
-    def dimensions(self, h: torch.Tensor) -> torch.Tensor:
-        """(…, U) -> (…, K, d) interest dimensions I_{t,k}."""
-        return self.heads(self.drop(h)).unflatten(-1, (self.K, self.cfg.dim_size))
+    # ---- the members of the ranking and their gates -------------------------------------------
+    def dimensions(self, z: torch.Tensor) -> torch.Tensor:
+        """(…, S) -> (…, K, d) interest dimensions I_{t,k}."""
+        return self.interests.dimensions(z)
 
     def context(self, ctx_feats: torch.Tensor, intent: torch.Tensor | None = None) -> torch.Tensor:
-        """(…, 5) moment features and optional (…, 384) intent embeddings -> (…, c)."""
-        z = self.ctx(ctx_feats)
-        if intent is not None:
-            z = z + self.intent(intent)
-        return torch.tanh(z)
-
-    def gates(self, I: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-        """I (…, K, d), C (…, c) -> α (…, K)."""
-        prior = torch.log_softmax(self.log_prior, 0)  # (K,)
-        if not self.cfg.use_gates:
-            return torch.softmax(prior, 0).expand(I.shape[:-1])
-        hid = torch.einsum("...kd,kdc->...kc", I, self.gate_a) + torch.einsum("...c,kcj->...kj", C, self.gate_b)
-        g = (torch.tanh(hid) * self.gate_v).sum(-1)  # (…, K)
-        return torch.softmax(prior + g, dim=-1)
-
-    def combine(self, I: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        """I (…, K, d), α (…, K) -> u (…, D) (concat and sum modes)."""
-        if self.cfg.scale_gates:
-            alpha = alpha * self.K
-        weighted = alpha.unsqueeze(-1) * I  # (…, K, d)
-        if self.cfg.combine == "sum":
-            return self.out(weighted.sum(-2))  # (…, d) -> (…, D)
-        return self.out(weighted.flatten(-2))  # (…, K·d) -> (…, D)
+        return self.interests.context(ctx_feats, intent)
 
     def dimension_vectors(self, I: torch.Tensor) -> torch.Tensor:
         """I (…, K, d) -> u_k (…, K, D): the user vector of each dimension alone."""
+        if self.pooled:
+            return torch.einsum("...kd,kde->...ke", I, self.out_w) + self.out_b
         if self.cfg.combine == "sum":
             return self.out(I)  # (…, K, D)
         W = self.out.weight.unflatten(1, (self.K, self.cfg.dim_size))  # (D, K, d)
         return torch.einsum("...kd,ekd->...ke", I, W) + self.out.bias  # (…, K, D)
 
-    def mixture_log_probs(
-        self,
-        I: torch.Tensor,
-        alpha: torch.Tensor,
-        item_vecs: torch.Tensor,
-        seen: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """log Σ_k α_k softmax(u_k · q) -> (P, N+1) log-probabilities over the catalogue.
+    def members(self, z: torch.Tensor, ctx_feats: torch.Tensor, intent: torch.Tensor | None = None):
+        """Interest states z (…, S) in their context -> (U (…, M, D), log α (…, M), I (…, K, d)).
 
-        `seen` (row, item) pairs (see `seen_pairs`) leave every dimension's softmax, as in concat mode.
+        U holds the user vector of each member of `cfg.member_names`; single-vector modes use
+        only α and I (their one vector is `combined`).
         """
-        logits = self.dimension_vectors(I) @ item_vecs.T  # (P, K, N+1)
-        logits[..., 0] = -1e9  # padding; finite keeps logsumexp grads finite
-        if seen is not None:
-            logits[seen[0], :, seen[1]] = -1e9
-        return torch.logsumexp(torch.log_softmax(logits, -1) + torch.log(alpha.clamp_min(1e-12)).unsqueeze(-1), dim=1)
+        I = self.dimensions(z)  # (…, K, d)
+        C = self.context(ctx_feats, intent)
+        U, x, present = [self.dimension_vectors(I)], [I], None
+        if "base" in self.cfg.member_names:
+            U.append(self.direct(self.drop(z)).unsqueeze(-2))
+            x.append(I.new_zeros(*I.shape[:-2], 1, I.shape[-1]))  # the base's gate reads the context alone
+        if self.cfg.intent_member:
+            words = intent if intent is not None else z.new_zeros(*z.shape[:-1], self.cfg.text_dim)
+            u_w = self.words_out(words)  # (…, D)
+            x.append(self.words_fit(self._fit(u_w, U[-1][..., 0, :], z)).unsqueeze(-2))
+            U.append(u_w.unsqueeze(-2))
+            has = words.abs().amax(-1) > 0  # (…,) a request with words
+            present = torch.ones(*has.shape, len(self.cfg.member_names), dtype=torch.bool, device=z.device)
+            present[..., -1] = has
+        U, x = torch.cat(U, dim=-2), torch.cat(x, dim=-2)  # (…, M, D), (…, M, d)
+        return U, self.interests.log_gates(x, C, present, self.cfg.use_gates), I
 
-    def user_vectors(self, h: torch.Tensor, ctx_feats: torch.Tensor, intent: torch.Tensor | None = None):
-        I = self.dimensions(h)
-        alpha = self.gates(I, self.context(ctx_feats, intent))
-        u = self.combine(I, alpha)  # (…, D)
-        if self.direct is not None:
-            u = u + self.direct(self.drop(h))
-        return u, I, alpha
+    def _fit(self, u_w: torch.Tensor, u_0: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """How the words fit the user: cos(u_w, u_0) and cos(u_w, m^(λ)) for each profile -> (…, 1 + R)."""
+        R, D = len(self.cfg.profile_decays), self.cfg.item_dim
+        refs = [u_0.unsqueeze(-2)]
+        if R:
+            refs.append(z[..., self.cfg.lstm_units :].unflatten(-1, (R, D)))
+        return F.cosine_similarity(u_w.unsqueeze(-2), torch.cat(refs, dim=-2), dim=-1)
+
+    def combined(self, z: torch.Tensor, I: torch.Tensor, log_alpha: torch.Tensor) -> torch.Tensor:
+        """concat/sum: the one user vector u_t = W z_t + W_o[α_1 I_1; …] (…, D)."""
+        alpha = log_alpha.exp()
+        if self.cfg.scale_gates:
+            alpha = alpha * self.K
+        weighted = alpha.unsqueeze(-1) * I  # (…, K, d)
+        u = self.out(weighted.sum(-2) if self.cfg.combine == "sum" else weighted.flatten(-2))
+        return u + self.direct(self.drop(z)) if self.direct is not None else u
+
+    def gates(self, z: torch.Tensor, ctx_feats: torch.Tensor, intent: torch.Tensor | None = None) -> torch.Tensor:
+        """(…, S) interest states in their context -> α (…, M), one weight per member."""
+        return self.members(z, ctx_feats, intent)[1].exp()
+
+    def user_vectors(self, z: torch.Tensor, ctx_feats: torch.Tensor, intent: torch.Tensor | None = None):
+        """Single-vector modes: -> (u (…, D), I (…, K, d), α (…, K)), what an inner-product index searches with."""
+        if self.pooled:
+            raise ValueError(f"combine={self.cfg.combine} ranks with one vector per member, not one user vector")
+        _, log_alpha, I = self.members(z, ctx_feats, intent)
+        return self.combined(z, I, log_alpha), I, log_alpha.exp()
+
+    def pool_scores(self, U: torch.Tensor, log_alpha: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """U (B, M, D), log α (B, M), V (N+1, D) -> pooled scores (B, N+1) ("max": s; "mixture": log p)."""
+        logits = U @ V.T  # (B, M, N+1)
+        if self.cfg.combine == "max":
+            return self.cfg.tau * torch.logsumexp((logits + log_alpha[..., None]) / self.cfg.tau, dim=-2)
+        logits[..., 0] = -torch.inf  # the padding leaves every dimension's softmax
+        return torch.logsumexp(torch.log_softmax(logits, -1) + log_alpha[..., None], dim=-2)
 
     # ---- training ---------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Next-item loss at every supervised position plus λ · auxiliary losses."""
-        h = self.states(batch)  # (B, T, U[+R·D])
+        """Next-item loss at every supervised position, plus λ · auxiliary losses and the separation penalty."""
+        z = self.states(batch)  # (B, T, S)
         sup = batch["targets"] > 0  # (B, T)
         intent = batch.get("intent")
-        u, I, alpha = self.user_vectors(h[sup], batch["ctx_feats"][sup], intent[sup] if intent is not None else None)
+        U, log_alpha, I = self.members(z[sup], batch["ctx_feats"][sup], intent[sup] if intent is not None else None)
         targets = batch["targets"][sup]  # (P,)
         seen = seen_pairs(batch["items"], sup, batch["targets"]) if self.cfg.mask_seen else None
-        if self.cfg.combine == "mixture":
-            log_p = self.mixture_log_probs(I, alpha, self.items.all(), seen)  # (P, N+1)
-            loss = F.nll_loss(log_p, targets)
+        V = self.items.all()
+        if not self.pooled:
+            u = self.combined(z[sup], I, log_alpha)
+            loss = next_item_loss(u, V, targets, self.cfg.loss, self.log_q, self.cfg.n_negatives, seen)
+        elif self.cfg.loss == "sampled":
+            loss = self._sampled_pool_loss(U, log_alpha, V, targets)
         else:
-            loss = next_item_loss(u, self.items.all(), targets, self.cfg.loss, self.log_q, self.cfg.n_negatives, seen)
+            loss = pooled_softmax_ce(U, V, targets, log_alpha, seen, self.cfg.combine, self.cfg.tau)
         parts = {"next_item": loss.item()}
-        if self.cfg.aux_weight > 0 and len(self.aux):
-            aux = self.aux_losses(
-                I, targets, batch["next_rating"][sup], batch["next_log_gap"][sup], batch["next_hour"][sup]
+        if self.cfg.separation > 0 and self.pooled:
+            n = U.shape[1] - self.cfg.intent_member  # the words are kept out: they come from the request
+            sep = separation_penalty(U[:, :n])
+            parts["separation"] = sep.item()
+            loss = loss + self.cfg.separation * sep
+        if self.cfg.aux_weight > 0 and len(self.interests.aux):
+            aux = self.interests.aux_losses(
+                I,
+                self.item_genres[targets],
+                batch["next_rating"][sup],
+                batch["next_log_gap"][sup],
+                batch["next_hour"][sup],
             )
             parts.update({k: v.item() for k, v in aux.items()})
             loss = loss + self.cfg.aux_weight * sum(aux.values())
         return loss, parts
 
-    def aux_losses(self, I, targets, next_rating, next_log_gap, next_hour) -> dict[str, torch.Tensor]:
-        """I (P, K, d) -> one loss per named dimension, each predicted from that dimension alone."""
-        out = {}
-        for k, name in enumerate(self.cfg.dims):
-            pred = self.aux[name](I[:, k])
-            if name == "topic":
-                out[name] = F.binary_cross_entropy_with_logits(pred, self.item_genres[targets])
-            elif name == "sentiment":
-                out[name] = F.cross_entropy(pred, next_rating)
-            else:
-                out[name] = F.mse_loss(pred[:, 0], next_log_gap) + F.cross_entropy(pred[:, 1:], next_hour)
-        return out
+    def _sampled_pool_loss(self, U, log_alpha, V, targets) -> torch.Tensor:
+        """ "max" over in-batch targets plus uniform negatives, each pooled score corrected by log Q(i)."""
+        uniform = torch.randint(1, self.cfg.n_items + 1, (self.cfg.n_negatives,), device=U.device)
+        cand, inverse = torch.unique(torch.cat([targets, uniform]), return_inverse=True)  # (C,)
+        s = self.pool_scores(U, log_alpha, V[cand]) - self.log_q[cand]  # (P, C)
+        return F.cross_entropy(s, inverse[: len(targets)])
 
     # ---- serving ----------------------------------------------------------------------------
     def last_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return last_position(self.states(batch), batch["lengths"])  # (B, U[+R·D])
+        return last_position(self.states(batch), batch["lengths"])  # (B, S)
 
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -266,75 +320,62 @@ class InterestDecomposer(nn.Module):
         return self.score_state(h, ctx, intent)
 
     @torch.no_grad()
-    def score_state(
-        self,
-        h: torch.Tensor,
-        ctx_feats: torch.Tensor,
-        intent: torch.Tensor | None = None,
-        item_vecs: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """From LSTM states h (B, U) and context (B, 5) [+ intent (B, 384)] -> scores (B, N+1).
+    def score_state(self, h, ctx_feats, intent=None, item_vecs=None) -> torch.Tensor:
+        """From interest states h (B, S) and context (B, 5) [+ intent (B, 384)] -> scores (B, N+1).
 
         item_vecs (N+1, D): `items.all()` computed once by a caller that scores many times (serving).
         """
         return self.score_and_gates(h, ctx_feats, intent, item_vecs)[0]
 
-    def score_and_gates(
-        self,
-        h: torch.Tensor,
-        ctx_feats: torch.Tensor,
-        intent: torch.Tensor | None = None,
-        item_vecs: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`score_state` and the gates α (B, K) it weighted the dimensions with, from one pass."""
+    def score_and_gates(self, h, ctx_feats, intent=None, item_vecs=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`score_state` and the gates α (B, M) it weighed the members with, from one pass."""
         V = self.items.all() if item_vecs is None else item_vecs
-        u, I, alpha = self.user_vectors(h, ctx_feats, intent)
-        if self.cfg.combine == "mixture":
-            return self.mixture_log_probs(I, alpha, V), alpha
-        return u @ V.T, alpha
+        U, log_alpha, I = self.members(h, ctx_feats, intent)
+        if self.pooled:
+            return self.pool_scores(U, log_alpha, V), log_alpha.exp()
+        return self.combined(h, I, log_alpha) @ V.T, log_alpha.exp()
 
     @torch.no_grad()
-    def explain(
-        self,
-        h: torch.Tensor,
-        ctx_feats: torch.Tensor,
-        intent: torch.Tensor | None = None,
-        top_k: int = 5,
-        exclude: torch.Tensor | None = None,
-        item_vecs: torch.Tensor | None = None,
-    ) -> dict:
-        """Gate weights α (B, K) and, per dimension, the items that dimension alone ranks first.
+    def explain(self, h, ctx_feats, intent=None, top_k: int = 5, exclude=None, item_vecs=None) -> dict:
+        """Gate weights α (B, M) and, per member, the items it alone ranks first.
 
-        exclude (B, N+1) bool removes items (e.g. the ones a user has seen) from every dimension's list.
+        exclude (B, N+1) bool removes items (e.g. the ones a user has seen) from every member's list.
         """
-        I = self.dimensions(h)  # (B, K, d)
-        alpha = self.gates(I, self.context(ctx_feats, intent))  # (B, K)
+        U, log_alpha, I = self.members(h, ctx_feats, intent)
         V = self.items.all() if item_vecs is None else item_vecs
-        per_dim = self.dimension_vectors(I) @ V.T  # (B, K, N+1)
-        per_dim[..., 0] = -torch.inf
+        if not self.pooled:  # the dimensions' own vectors (the base readout is not gated)
+            U = self.dimension_vectors(I)
+        per_member = U @ V.T  # (B, M, N+1)
+        per_member[..., 0] = -torch.inf
         if exclude is not None:
-            per_dim = per_dim.masked_fill(exclude[:, None, :], -torch.inf)
-        top = per_dim.topk(top_k, dim=-1)
-        return {"dims": list(self.cfg.dim_names), "alpha": alpha, "top_items": top.indices, "top_scores": top.values}
+            per_member = per_member.masked_fill(exclude[:, None, :], -torch.inf)
+        top = per_member.topk(top_k, dim=-1)
+        return {
+            "dims": list(self.cfg.member_names),
+            "alpha": log_alpha.exp(),
+            "top_items": top.indices,
+            "top_scores": top.values,
+        }
 
     # ---- incremental state ------------------------------------------------------------------
     @torch.no_grad()
     def advance(self, state, items: torch.Tensor, ratings: torch.Tensor, event_feats: torch.Tensor):
         """Advance a state by unpadded events (B, T) -> new state; None is a new user.
 
-        A state is (h, c), each (1, B, U), and with a profile also the decayed sums (1, B, R·D) and
-        weights (1, B, R): s ← λ^T s + Σ_t λ^{T−1−t} q_t, w ← λ^T w + Σ_t λ^{T−1−t}.
+        A state is the backbone's parts, each (1, B, size), and with a profile also the decayed
+        sums (1, B, R·D) and weights (1, B, R): s ← λ^T s + Σ_t λ^{T−1−t} q_t, w ← λ^T w + Σ_t λ^{T−1−t}.
         """
-        _, hc = self.encoder.run(items, ratings, event_feats, state[:2] if state is not None else None)
+        nb = len(self.encoder.state_sizes())
+        parts = self.encoder.advance(state[:nb] if state is not None else None, items, ratings, event_feats)
         if not self.cfg.profile_decays:
-            return hc
+            return parts
         q = self.items(items)  # (B, T, D)
         B, T, D = q.shape
         R = len(self.cfg.profile_decays)
-        s = state[2][0].view(B, R, D) if state is not None else q.new_zeros(B, R, D)
-        w = state[3][0] if state is not None else q.new_zeros(B, R)
+        s = state[nb][0].view(B, R, D) if state is not None else q.new_zeros(B, R, D)
+        w = state[nb + 1][0] if state is not None else q.new_zeros(B, R)
         lam = q.new_tensor(self.cfg.profile_decays)  # (R,)
         k = lam[:, None] ** torch.arange(T - 1, -1, -1, device=q.device, dtype=q.dtype)  # (R, T): λ^(T−1−t)
         s = lam[:, None] ** T * s + torch.einsum("rt,btd->brd", k, q)  # (B, R, D)
         w = lam**T * w + k.sum(1)  # (B, R)
-        return (*hc, s.flatten(1)[None], w[None])
+        return (*parts, s.flatten(1)[None], w[None])

@@ -1,16 +1,27 @@
-"""Next-item losses over the catalogue: full softmax (default) and sampled softmax with log-Q correction."""
+"""Next-item losses over the catalogue: full softmax (default) and sampled softmax with log-Q correction.
+
+The full softmax is computed in chunks of positions by `pooled_softmax_ce`, which also pools
+several user vectors per position (the per-dimension scoring of DESIGN §2): the (positions ×
+catalogue) logits are never held whole, and the gradients are formed in the same pass, so a
+step costs the matmuls and a few passes over one chunk that stays in cache.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+POOLS = ("max", "mixture")
+# Rows of a chunk are chosen so that one chunk's (rows, K, N+1) logits hold about this many floats.
+CHUNK_ELEMENTS = 1 << 20
+
 
 def seen_pairs(items: torch.Tensor, sup: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, item) pairs: for the r-th supervised position, each item consumed up to it except its target.
 
     items (B, T) the window's events, sup (B, T) supervised positions (row order = `sup` order),
-    targets (B, T) the next item at each position. About B·T²/2 pairs, never a (P, N) mask.
+    targets (B, T) the next item at each position. About B·T²/2 pairs, never a (P, N) mask; the
+    pairs come sorted by row.
     """
     B, T = items.shape
     row_of = torch.cumsum(sup.flatten(), 0).view(B, T) - 1  # (B, T) row of each supervised position
@@ -19,6 +30,120 @@ def seen_pairs(items: torch.Tensor, sup: torch.Tensor, targets: torch.Tensor) ->
     keep &= items[:, None, :] != targets[:, :, None]  # the target keeps its logit
     b, t, s_ = keep.nonzero(as_tuple=True)
     return row_of[b, t], items[b, s_]
+
+
+def _seen_in(seen, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (row − lo, item) pairs of `seen` (sorted by row) whose row is in lo..hi−1."""
+    if seen is None:
+        return None
+    rows, items = seen
+    a, b = torch.searchsorted(rows, torch.tensor([lo, hi], device=rows.device)).tolist()
+    return rows[a:b] - lo, items[a:b]
+
+
+def _softmax_(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """x -> (softmax along `dim`, written over x; log Σ exp along `dim`). -inf entries get 0."""
+    m = x.amax(dim=dim, keepdim=True)
+    x.sub_(m).exp_()
+    z = x.sum(dim=dim, keepdim=True)
+    x.div_(z)
+    return x, (m + z.log()).squeeze(dim)
+
+
+class _PooledSoftmaxCE(torch.autograd.Function):
+    """Mean cross-entropy of the targets under a softmax over pooled per-dimension scores.
+
+    Forward and gradients in one chunked pass (the backward only scales the stored gradients).
+    """
+
+    @staticmethod
+    def forward(ctx, U, V, log_alpha, targets, seen, pool: str, tau: float):
+        P, K, D = U.shape
+        n = V.shape[0]
+        Uf, Vf, La = U.float(), V.float(), log_alpha.float()
+        gU, gV, gA = torch.empty_like(Uf), torch.zeros_like(Vf), torch.empty_like(La)
+        VT = Vf.T.contiguous()  # (D, N+1): the matmul reads it row by row
+        total = Uf.new_zeros(())
+        step = max(1, CHUNK_ELEMENTS // (K * n))
+        for lo in range(0, P, step):
+            hi = min(lo + step, P)
+            c = hi - lo
+            u, la, t = Uf[lo:hi], La[lo:hi], targets[lo:hi]  # (c, K, D), (c, K), (c,)
+            rows = torch.arange(c, device=U.device)
+            masked = _seen_in(seen, lo, hi)
+            logits = (u.reshape(c * K, D) @ VT).view(c, K, n)  # (c, K, N+1)
+            if pool == "max":
+                # s = τ · log Σ_k exp((s_k + log α_k) / τ): a soft maximum over the dimensions.
+                if K == 1:
+                    s, w = logits[:, 0].add_(la), None  # (c, N+1): the plain softmax's logits
+                else:
+                    w, lse_k = _softmax_(logits.add_(la[:, :, None]).div_(tau), dim=1)  # (c, K, N+1), (c, N+1)
+                    s = lse_k.mul_(tau)  # w: each dimension's share of s_i
+                s[:, 0] = -torch.inf
+                if masked is not None:
+                    s[masked] = -torch.inf
+                s_t = s[rows, t]
+                p, lse = _softmax_(s)
+                total += (lse - s_t).sum()
+                p[rows, t] -= 1.0  # dL/ds
+                if w is None:
+                    g = p[:, None, :]  # (c, 1, N+1)
+                    gA[lo:hi] = p.sum(-1, keepdim=True)
+                else:
+                    g = w.mul_(p[:, None, :])  # (c, K, N+1) dL/ds_k
+                    gA[lo:hi] = g.sum(-1)
+            else:
+                # log p(t) = log Σ_k α_k softmax_i(s_k)_t: a mixture of per-dimension softmaxes.
+                logits[:, :, 0] = -torch.inf
+                if masked is not None:
+                    logits[masked[0], :, masked[1]] = -torch.inf
+                s_t = logits[rows, :, t]  # (c, K)
+                p, lse = _softmax_(logits)  # (c, K, N+1), (c, K)
+                joint = la + s_t - lse  # (c, K) log α_k + log p_k(t)
+                total -= torch.logsumexp(joint, dim=1).sum()
+                r = torch.softmax(joint, dim=1)  # (c, K) posterior share of each dimension
+                g = p.mul_(r[:, :, None])  # (c, K, N+1)
+                g[rows, :, t] -= r
+                gA[lo:hi] = -r
+            g2 = g.reshape(c * K, n)
+            gU[lo:hi] = (g2 @ Vf).view(c, K, D)
+            gV.addmm_(g2.T, u.reshape(c * K, D))
+        ctx.save_for_backward(gU / P, gV / P, gA / P)
+        ctx.dtypes = (U.dtype, V.dtype, log_alpha.dtype)
+        return total / P
+
+    @staticmethod
+    def backward(ctx, grad):
+        gU, gV, gA = ctx.saved_tensors
+        tU, tV, tA = ctx.dtypes
+        return (grad * gU).to(tU), (grad * gV).to(tV), (grad * gA).to(tA), None, None, None, None
+
+
+def pooled_softmax_ce(
+    U: torch.Tensor,
+    V: torch.Tensor,
+    targets: torch.Tensor,
+    log_alpha: torch.Tensor | None = None,
+    seen: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pool: str = "max",
+    tau: float = 1.0,
+) -> torch.Tensor:
+    """Full-softmax cross-entropy with K user vectors per position.
+
+    U (P, K, D) the user vector of each dimension, V (N+1, D) item vectors (row 0 padding, never
+    predicted), targets (P,) in 1..N, log_alpha (P, K) log gate weights (None: log 1 for K = 1).
+    With `seen` (see `seen_pairs`) the items a user already consumed leave the softmax, as they
+    leave the history-masked ranking. pool "max": the score of item i is
+    τ·log Σ_k exp((u_k·q_i + log α_k)/τ); with K = 1 and α = 1 it is u·q_i, the plain softmax.
+    pool "mixture": p(i) = Σ_k α_k softmax(u_k·q)_i.
+    """
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    if log_alpha is None:
+        if U.shape[1] != 1:
+            raise ValueError("log_alpha is needed for more than one user vector per position")
+        log_alpha = U.new_zeros(U.shape[:2])
+    return _PooledSoftmaxCE.apply(U, V, log_alpha, targets, seen, pool, float(tau))
 
 
 def full_softmax_ce(
@@ -32,11 +157,7 @@ def full_softmax_ce(
     With `seen` (see `seen_pairs`) the items a user already consumed leave the softmax, as they
     leave the history-masked ranking: the model spends no capacity pushing them down.
     """
-    logits = u @ item_vecs.T  # (P, N+1)
-    logits[:, 0] = -torch.inf  # never predict padding
-    if seen is not None:
-        logits = logits.index_put(seen, torch.tensor(-torch.inf, dtype=logits.dtype, device=logits.device))
-    return F.cross_entropy(logits, targets)
+    return pooled_softmax_ce(u[:, None, :], item_vecs, targets, seen=seen)
 
 
 def sampled_softmax_ce(

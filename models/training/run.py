@@ -16,13 +16,12 @@ import torch
 
 from models.cli import add_settings, setting, settings_from
 from models.data import load_prepared, prepare_source
-from models.data.batching import make_split
 from models.evaluation.evaluate import evaluate
 from models.evaluation.metrics import summarize
 from models.evaluation.report import TABLE_METRICS, format_table, table_row
 from models.files import write_json
 from models.nn import checkpoint
-from models.training.defaults import PROTOCOLS, train_config
+from models.training.defaults import PROTOCOLS, protocol_split, train_config
 from models.training.loop import fit, new_model
 
 MODEL_KINDS = (
@@ -70,7 +69,7 @@ def main(argv=None) -> int:
         args.dataset, args.prepared_dir or Path("runs/data") / args.dataset, data_dir=args.data_dir
     )
     data = load_prepared(prepared)
-    split = make_split(data.user_offsets, PROTOCOLS[args.protocol])
+    split = protocol_split(data.user_offsets, args.protocol)
     print(
         f"{args.dataset}: {data.n_users} users, {data.n_items} items, {len(data.items)} events; "
         f"protocol {args.protocol} ({len(split.test_pos)} test targets)"

@@ -103,7 +103,7 @@ class HNSWIndex:
 def check_servable(served: ServedModel, settings: IndexSettings) -> None:
     """ServingSetupError when `settings` cannot serve this checkpoint's scores."""
     combine = served.model.cfg.combine
-    if settings.kind != "exact" and combine == "mixture":
+    if settings.kind != "exact" and combine in ("mixture", "max"):
         raise ServingSetupError(
             f"{served.path}: index.kind {settings.kind!r} searches by the inner product u · q_i, but this "
             f"checkpoint combines its dimensions as a {combine!r} (a log-sum-exp over dimensions, which no "

@@ -241,7 +241,7 @@ class Decomposer:
         m = served.model
         h = m.states(batch)[0]  # (T, U[+R·D])
         lo = max(len(events) - last, 0)
-        alpha = m.gates(m.dimensions(h[lo:]), m.context(batch["ctx_feats"][0, lo:])).cpu()  # (L, K)
+        alpha = m.gates(h[lo:], batch["ctx_feats"][0, lo:]).cpu()  # (L, M)
         names = served.dim_names
         steps = [
             {

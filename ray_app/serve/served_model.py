@@ -114,7 +114,7 @@ class ServedModel:
 
     @property
     def dim_names(self) -> list[str]:
-        return list(self.model.cfg.dim_names)
+        return list(self.model.cfg.member_names)
 
     @property
     def state_sizes(self) -> tuple[int, ...]:
@@ -124,7 +124,7 @@ class ServedModel:
     def interest(self, state: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
         """A stored state's parts (each 1-D) -> the interest state z (U[+R·D],); zeros for a new user."""
         if state is None:
-            return torch.zeros(self.model.heads.in_features)
+            return torch.zeros(self.model.state_dim)
         return self.model.interest_state(tuple(x[None, None] for x in state))[0]
 
     @classmethod

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pyarrow.fs
 
-from models.data.batching import make_split
 from models.nn import checkpoint
-from models.training.defaults import PROTOCOLS
+from models.training.defaults import PROTOCOLS, protocol_split
 from models.training.loop import training_counts
 from models.training.precision import bf16_problem
 from ray_app.train.data import SetupError, item_side, load_checked, read_shards, resolve_dataset, user_ranges
@@ -126,6 +125,9 @@ def plan(s: RayTrainSettings, num_cpus: int | None = None) -> Plan:
     if s.protocol not in PROTOCOLS:
         raise SetupError(f"--protocol {s.protocol}: choose from {', '.join(sorted(PROTOCOLS))}")
     check_model_args(s.model, s.model_args)
+    for flag, rate in (("--intent-rate", s.intent_rate), ("--wrong-intent-rate", s.wrong_intent_rate)):
+        if rate is not None and not 0.0 <= rate <= 1.0:
+            raise SetupError(f"{flag} must be in [0, 1], got {rate:g}")
     if s.use_gpu and s.num_workers > 1 and s.gpus_per_worker < 1:
         raise SetupError("--gpus-per-worker below 1 with several workers: NCCL cannot share one GPU between ranks")
     if s.bf16 and not s.use_gpu and s.model in LSTM_MODELS and not os.environ.get("RAY_ADDRESS"):
@@ -137,7 +139,7 @@ def plan(s: RayTrainSettings, num_cpus: int | None = None) -> Plan:
     prepared = resolve_dataset(s.dataset, s.data_dir, s.prepared_dir)
     data = load_checked(prepared)
     try:
-        split = make_split(data.user_offsets, PROTOCOLS[s.protocol])
+        split = protocol_split(data.user_offsets, s.protocol)
     except ValueError as e:
         raise SetupError(f"--dataset {prepared}: {e}") from None
     connect(num_cpus, s.verbose)
@@ -153,7 +155,6 @@ def plan(s: RayTrainSettings, num_cpus: int | None = None) -> Plan:
         "model": s.model,
         "model_args": model_args,
         "train": cfg.to_dict(),
-        "n_test": PROTOCOLS[s.protocol],
         "protocol": s.protocol,
         "dataset": str(prepared),
         "items": ray.put((item_side(data), counts)),  # item tables, once per cluster

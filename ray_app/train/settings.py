@@ -47,6 +47,12 @@ class RayTrainSettings:
         "(default: the model's, 0.98 for the decomposer); 0 turns it off",
         metavar="D",
     )
+    intent_rate: float | None = setting(
+        None,
+        "share of training positions whose context carries words from the target's phrases "
+        "(default 0.3; 0: a model trained on no target-derived words)",
+    )
+    wrong_intent_rate: float | None = setting(None, "share of those words that are a phrase the target does not carry")
     time_budget_s: float | None = setting(None, "seconds of training, summed over epochs", flag="--time-budget")
     max_steps: int | None = setting(None, "at most this many training steps per epoch (benchmarks, smoke runs)")
     num_workers: int = setting(1)
@@ -73,7 +79,13 @@ class RayTrainSettings:
     def train_config(self) -> TrainConfig:
         given = {
             k: v
-            for k, v in (("lr", self.lr), ("batch_size", self.batch_size), ("max_steps", self.max_steps))
+            for k, v in (
+                ("lr", self.lr),
+                ("batch_size", self.batch_size),
+                ("max_steps", self.max_steps),
+                ("intent_rate", self.intent_rate),
+                ("wrong_intent_rate", self.wrong_intent_rate),
+            )
             if v is not None
         }
         if self.ema_decay is not None:

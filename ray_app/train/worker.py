@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from models.data import InteractionData
-from models.data.batching import batch_builder, make_split, training_windows
+from models.data.batching import batch_builder, training_windows
+from models.training.defaults import protocol_split
 from models.evaluation.evaluate import HEADLINE, evaluate
 from models.evaluation.metrics import summarize
 from models.nn import checkpoint
@@ -50,7 +51,7 @@ def train_loop_per_worker(config: dict) -> None:
     data = shard_data(
         list(shard.iter_batches(batch_size=None, batch_format="numpy")), items, tuple(config["users"][rank])
     )
-    split = make_split(data.user_offsets, config["n_test"])
+    split = protocol_split(data.user_offsets, config["protocol"])
     cfg = TrainConfig(**config["train"])
     global_batch = cfg.batch_size
     # batch_size is the global batch: with W workers each takes 1/W of it, so a step, and an epoch's

@@ -1,15 +1,10 @@
-"""Item tower and event encoder shared by the decomposer and the plain LSTM baseline (DESIGN §2).
-
-e_t = [E_item(i_t) + P·z(i_t) ; E_rating(r_t) ; φ(τ_t, τ_t − τ_{t−1})],  (h_t, c_t) = LSTM(e_t, h, c)
-"""
+"""The item tower shared by the decomposer and the text-aware baselines (DESIGN §2): q_i = E_item(i) + P·z(i)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 from torch import nn
-
-from models.data.features import EVENT_FEATURES, N_RATING_BUCKETS
 
 
 def known_items(counts: np.ndarray) -> torch.Tensor:
@@ -62,34 +57,6 @@ class ItemTower(nn.Module):
         if self.proj is not None:
             out = out * self._keep()[items].unsqueeze(-1) + self.proj(self.text[items])
         return out
-
-
-class EventLSTM(nn.Module):
-    """Events -> LSTM states; `step` advances a stored state by one event (O(1) in history)."""
-
-    def __init__(
-        self, items: ItemTower, item_dim: int, units: int, dropout: float, rating_dim: int = 16, time_dim: int = 16
-    ):
-        super().__init__()
-        self.items = items
-        self.rating = nn.Embedding(N_RATING_BUCKETS, rating_dim, padding_idx=0)
-        self.time = nn.Linear(EVENT_FEATURES, time_dim)
-        self.drop = nn.Dropout(dropout)
-        self.lstm = nn.LSTM(item_dim + rating_dim + time_dim, units, batch_first=True)
-
-    def embed(self, items: torch.Tensor, ratings: torch.Tensor, event_feats: torch.Tensor) -> torch.Tensor:
-        e = torch.cat([self.items(items), self.rating(ratings), self.time(event_feats)], dim=-1)
-        return self.drop(e)  # (B, T, D + 32)
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, T) right-padded events -> (B, T, U) hidden states (padding positions are garbage)."""
-        e = self.embed(batch["items"], batch["ratings"], batch["event_feats"])
-        h, _ = self.lstm(e)
-        return h
-
-    def run(self, items, ratings, event_feats, state=None):
-        """Unpadded (B, T) events from `state` -> (outputs (B, T, U), (h, c) each (1, B, U))."""
-        return self.lstm(self.embed(items, ratings, event_feats), state)
 
 
 def last_position(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
