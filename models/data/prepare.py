@@ -25,7 +25,14 @@ from models.data.errors import DataFormatError
 from models.data.raw import ITEMS_SCHEMA, RATINGS_SCHEMA, RawData, rank_tags
 from models.files import sha256_file
 
-FORMAT_VERSION = 2  # 2: item text from the tags applied before every evaluation target only
+# 2: item text from the tags applied before every evaluation target only;
+# 3: a user's events that share a second in a seeded random order (TIE_SEED), not in file order
+FORMAT_VERSION = 3
+# Events of one user with the same timestamp have no order of their own; the file's order often
+# encodes something (MovieLens lists a bulk-rating second in ascending movieId, so the last event
+# of a tie would be its largest id). They are put in a random order drawn from this seed instead:
+# the same input still prepares byte-identical output.
+TIE_SEED = 0
 # The longest evaluation protocol predicts each user's last 10 events (`models.training.defaults.PROTOCOLS`), with
 # the event before them as validation: no feature may use what happened after the earliest of these.
 MAX_TEST_EVENTS = 10
@@ -139,7 +146,7 @@ def item_tags(raw: RawData, catalogue: pa.Table, cutoff: int) -> tuple[list[list
 
 @dataclasses.dataclass(frozen=True)
 class Events:
-    """The kept events, sorted by (user, time) — ties in file order — in their source ids."""
+    """The kept events, sorted by (user, time) — ties in a seeded random order — in their source ids."""
 
     users: np.ndarray  # (E,) int64 source user ids
     items: np.ndarray  # (E,) int64 source item ids
@@ -185,16 +192,21 @@ def check_target(raw: RawData, out_dir: Path, overwrite: bool) -> None:
         raise ValueError(f"extra table names {sorted(clash)} clash with the prepared tables")
 
 
+def tie_keys(n: int) -> np.ndarray:
+    """(n,) random sort keys, one per event in file order, drawn from TIE_SEED: the last key of a sort by
+    (user, time, key), so events that share a user and a second take a random order, the same every run."""
+    return np.random.default_rng(TIE_SEED).random(n)
+
+
 def sorted_events(raw: RawData, min_user_events: int) -> Events:
-    """Stable sort by (user, time) — ties keep file order — and drop histories shorter than `min_user_events`."""
+    """Sort by (user, time) — ties in the order of `tie_keys` — and drop histories shorter than `min_user_events`."""
     ratings = raw.ratings.cast(RATINGS_SCHEMA)
     for col in ratings.column_names:
         if ratings.column(col).null_count:
             raise DataFormatError(f"{raw.name} ratings", f"column {col!r} has missing values")
     users = ratings.column("user").to_numpy()
     times = ratings.column("timestamp").to_numpy()
-    by_time = np.argsort(times, kind="stable")
-    order = by_time[np.argsort(users[by_time], kind="stable")]
+    order = np.lexsort((tie_keys(len(users)), times, users))  # the last key sorts first
     _, inverse, counts = np.unique(users[order], return_inverse=True, return_counts=True)
     keep = order[counts[inverse] >= min_user_events]
     if keep.size == 0:
@@ -363,6 +375,7 @@ def prepare(
             "dim": int(text.item_emb.shape[1]),
         },
         "min_user_events": min_user_events,
+        "tie_seed": TIE_SEED,
         "tags": tag_record,
         "extra_tables": sorted(raw.extra),
     }

@@ -47,7 +47,7 @@ RATINGS_SCHEMA = pa.schema(
 class RawData:
     name: str  # e.g. "synthetic", "ml-latest-small"
     items: pa.Table  # ITEMS_SCHEMA
-    ratings: pa.Table  # RATINGS_SCHEMA, in file order (ties keep this order)
+    ratings: pa.Table  # RATINGS_SCHEMA, in file order (preparation puts same-second events in a seeded random order)
     source: str = ""  # where it came from (path, URL, generator seed)
     extra: dict[str, pa.Table] = field(default_factory=dict)  # written beside as NAME.parquet
     # Tags users applied, with their times (TAG_EVENTS_SCHEMA), when the source has them. Preparation
