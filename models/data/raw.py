@@ -1,21 +1,21 @@
 """The raw form every source (MovieLens readers, the synthetic generator) produces.
 
 `prepare.py` turns a `RawData` into the prepared Parquet tables; nothing downstream reads
-raw files.
+raw files. Source ids are strings from here on (IMDb's "0133093" keeps its zero); a source
+with numeric ids writes them as decimal strings.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import pyarrow as pa
 
 MAX_TAGS_PER_ITEM = 10
 
 ITEMS_SCHEMA = pa.schema(
     [
-        ("source_id", pa.int64()),  # the source's own item id (movieId, ...)
+        ("source_id", pa.string()),  # the source's own item id (movieId, IMDb id, ...)
         ("title", pa.string()),
         ("genres", pa.list_(pa.string())),  # genre words, in source order
         (
@@ -27,7 +27,7 @@ ITEMS_SCHEMA = pa.schema(
 
 TAG_EVENTS_SCHEMA = pa.schema(
     [
-        ("item", pa.int64()),  # source_id of the item
+        ("item", pa.string()),  # source_id of the item
         ("tag", pa.string()),  # normalised: lower case, single spaces
         ("timestamp", pa.int64()),  # when a user applied it (seconds since the epoch, UTC)
     ]
@@ -35,8 +35,8 @@ TAG_EVENTS_SCHEMA = pa.schema(
 
 RATINGS_SCHEMA = pa.schema(
     [
-        ("user", pa.int64()),  # the source's own user id
-        ("item", pa.int64()),  # source_id of the item
+        ("user", pa.string()),  # the source's own user id
+        ("item", pa.string()),  # source_id of the item
         ("rating", pa.float32()),
         ("timestamp", pa.int64()),  # seconds since the epoch (UTC)
     ]
@@ -56,11 +56,11 @@ class RawData:
     tag_events: pa.Table | None = None
 
 
-def rank_tags(items: np.ndarray, tags: list[str]) -> dict[int, list[str]]:
+def rank_tags(items: list[str], tags: list[str]) -> dict[str, list[str]]:
     """Tag events (item, tag) -> per item its distinct tags, the most used first (ties: first seen),
     at most MAX_TAGS_PER_ITEM."""
-    counts: dict[int, dict[str, int]] = {}
-    for item, tag in zip(items.tolist(), tags):
+    counts: dict[str, dict[str, int]] = {}
+    for item, tag in zip(items, tags):
         per_item = counts.setdefault(item, {})
         per_item[tag] = per_item.get(tag, 0) + 1
     return {

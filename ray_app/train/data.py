@@ -134,5 +134,5 @@ def shard_data(batches, items: InteractionData, users: tuple[int, int]) -> Inter
         items=cols["item_idx"].astype(np.int64),
         ratings=cols["rating"].astype(np.float32),
         timestamps=cols["timestamp"].astype(np.int64),
-        user_source_ids=np.concatenate([[-1], items.user_source_ids[lo:hi]]).astype(np.int64),
+        user_source_ids=np.concatenate([np.array([""], object), items.user_source_ids[lo:hi]]),
     )
