@@ -70,6 +70,7 @@ def make_raw() -> RawData:
             "title": ["Heat (1995)", "Toy Story (1995)", "Sabrina (1995)", "Never Rated (2000)"],
             "genres": [["Action", "Crime"], ["Animation", "Comedy"], ["Comedy", "Romance"], ["Drama"]],
             "tags": [[], ["pixar", "fun", "toys", "cgi", "buddy", "kids"], ["remake"], []],
+            "text": [None] * 4,
         },
         schema=ITEMS_SCHEMA,
     )
@@ -272,7 +273,14 @@ def bulk_rated(n_users: int, per_second: int) -> RawData:
     ratings = pa.table({"user": users, "item": items, "rating": [4.0] * n, "timestamp": times}, schema=RATINGS_SCHEMA)
     ids = [str(i) for i in range(1, 40)]
     items_t = pa.table(
-        {"source_id": ids, "title": [f"m{i}" for i in ids], "genres": [[]] * 39, "tags": [[]] * 39}, schema=ITEMS_SCHEMA
+        {
+            "source_id": ids,
+            "title": [f"m{i}" for i in ids],
+            "genres": [[]] * 39,
+            "tags": [[]] * 39,
+            "text": [None] * 39,
+        },
+        schema=ITEMS_SCHEMA,
     )
     return RawData("bulk", items_t, ratings)
 

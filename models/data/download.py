@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from models.data.errors import DataError
 from models.files import atomic_path, sha256_file
 
 MOVIELENS_URL = "https://files.grouplens.org/datasets/movielens/{name}.zip"
@@ -17,7 +18,7 @@ KNOWN_SHA256 = {
 }
 
 
-class DownloadError(RuntimeError):
+class DownloadError(DataError, RuntimeError):
     """A download failed or its checksum did not match."""
 
 

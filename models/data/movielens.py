@@ -169,7 +169,13 @@ def _read_ratings(src: Source, kind: str, movie_ids: list[int], movies_file: str
 def _items_table(ids: list[int], titles: list[str], genres: list[list[str]], tags: dict[str, list[str]]) -> pa.Table:
     keys = [str(i) for i in ids]
     return pa.table(
-        {"source_id": keys, "title": titles, "genres": genres, "tags": [tags.get(k, []) for k in keys]},
+        {
+            "source_id": keys,
+            "title": titles,
+            "genres": genres,
+            "tags": [tags.get(k, []) for k in keys],
+            "text": [None] * len(keys),
+        },
         schema=ITEMS_SCHEMA,
     )
 

@@ -168,6 +168,7 @@ class Catalogue:
 
     titles: list[str]  # (N,)
     genres: list[list[str]]  # (N,)
+    texts: list[str | None]  # (N,) the source's own item text, None where it has none
     rows: pa.Table  # (N rows) raw.items in item_idx order
 
 
@@ -263,14 +264,17 @@ def index_catalogue(raw: RawData, events: Events) -> Catalogue:
         raise DataFormatError(f"{raw.name} ratings", f"item {missing[0]} is not in the items table")
     rows = catalogue.take(pos)
     return Catalogue(
-        titles=rows.column("title").to_pylist(), genres=[g or [] for g in rows.column("genres").to_pylist()], rows=rows
+        titles=rows.column("title").to_pylist(),
+        genres=[g or [] for g in rows.column("genres").to_pylist()],
+        texts=rows.column("text").to_pylist(),
+        rows=rows,
     )
 
 
 def encode_texts(encoder, cat: Catalogue, tags: list[list[str]], progress: bool, step) -> Texts:
-    """Each item's text and every intent phrase, encoded once by `encoder`."""
+    """Each item's text (the source's own, else `item_text`) and every intent phrase, encoded once by `encoder`."""
     step(f"encoding {len(cat.titles)} item texts")
-    texts = [item_text(t or "", g, tg) for t, g, tg in zip(cat.titles, cat.genres, tags)]
+    texts = [own or item_text(t or "", g, tg) for own, t, g, tg in zip(cat.texts, cat.titles, cat.genres, tags)]
     item_emb = _encode(encoder, texts, progress, "item texts")
     per_item = [intent_phrases(g, tg) for g, tg in zip(cat.genres, tags)]
     vocab = sorted({p for ps in per_item for p in ps})
@@ -398,6 +402,7 @@ def prepare(
         "min_user_events": min_user_events,
         "tie_seed": TIE_SEED,
         "tags": tag_record,
+        "source_details": raw.details,
         "extra_tables": sorted(raw.extra),
     }
     step(f"writing {out_dir}")

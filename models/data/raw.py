@@ -22,6 +22,7 @@ ITEMS_SCHEMA = pa.schema(
             "tags",
             pa.list_(pa.string()),
         ),  # distinct tags, most used first, at most MAX_TAGS_PER_ITEM; see RawData.tag_events
+        ("text", pa.string()),  # the source's own item text for the encoder; null: built from title, genres, tags
     ]
 )
 
@@ -54,6 +55,7 @@ class RawData:
     # then builds the item text from the tags applied before every evaluation target only, in place
     # of `items.tags`; a source without it (the synthetic data) has static tags.
     tag_events: pa.Table | None = None
+    details: dict = field(default_factory=dict)  # what the reader decided (rating scale, ...), kept in the manifest
 
 
 def rank_tags(items: list[str], tags: list[str]) -> dict[str, list[str]]:

@@ -238,6 +238,7 @@ def generate(config: SyntheticConfig | None = None) -> RawData:
             "title": cat.titles,
             "genres": cat.genres,
             "tags": cat.tags,
+            "text": [None] * cfg.n_items,
         },
         schema=ITEMS_SCHEMA,
     )
