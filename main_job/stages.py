@@ -21,7 +21,13 @@ def prepare(s: MainSettings) -> Path:
     name = f"{s.dataset}-smoke" if s.smoke else s.dataset
     print(f"\n==> preparing {s.dataset}", flush=True)
     try:
-        return prepare_source(s.dataset, Path("runs/data") / name, data_dir=s.data_dir, synthetic_config=synthetic)
+        return prepare_source(
+            s.dataset,
+            Path("runs/data") / name,
+            data_dir=s.data_dir,
+            synthetic_config=synthetic,
+            min_user_events=s.min_user_events,
+        )
     except urllib.error.URLError as e:
         raise NewcomerError(
             f"could not download {s.dataset} ({e.reason}); without network, pass a local copy: "

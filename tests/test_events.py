@@ -200,3 +200,22 @@ def test_a_few_training_steps_from_a_tiny_event_log(tmp_path, encoder_cache):
     assert 0.0 <= results["results"]["decomposer"]["masked"]["ndcg@10"] <= 1.0
     data = load_prepared(tmp_path / "prepared")
     assert data.n_users == 12 and all(len(i) == 7 and i.startswith("00") for i in data.item_source_ids[1:])
+
+
+def test_every_entry_point_takes_an_event_log(tmp_path, encoder_cache):
+    """The command lines that take --dataset take `events` with --data-dir and --min-user-events, and
+    the Ray entry points (training, tuning, the equal-budget benchmark) prepare it through `resolve_dataset`."""
+    from main_job.main import parse_args as main_job_args
+    from models.training.run import parse_args as run_args
+    from ray_app.train.data import resolve_dataset
+    from ray_app.train.settings import parse_args as train_args
+    from tuning.search import parse_args as search_args
+
+    log = write_log(tmp_path / "log", good_events())
+    argv = ["--dataset", "events", "--data-dir", str(log), "--min-user-events", "4"]
+    for s in (run_args(argv), train_args(argv)[0], search_args(argv)[0], main_job_args(argv)):
+        assert (s.dataset, s.data_dir, s.min_user_events) == ("events", log, 4)
+    prepared = resolve_dataset("events", log, tmp_path / "prepared", progress=False, min_user_events=3)
+    assert load_prepared(prepared).user_source_ids.tolist() == ["", "007", "u1"]
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    assert manifest["min_user_events"] == 3 and manifest["request"]["input"] == str(log.resolve())
