@@ -1,5 +1,5 @@
-"""A named source ("synthetic", an event log, a MovieLens set) → a prepared folder, reused when an
-identical request already made a complete one."""
+"""A named source ("synthetic", an event log, MovieTweetings, a MovieLens set) → a prepared folder,
+reused when an identical request already made a complete one."""
 
 from __future__ import annotations
 
@@ -16,16 +16,21 @@ from models.data.raw import RawData
 from models.files import sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SHARED_ML_LATEST_SMALL = REPO_ROOT.parent / "shared" / "data" / "movielens" / "ml-latest-small"
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SHARED_ML_LATEST_SMALL = SHARED_DATA / "movielens" / "ml-latest-small"
 EVENTS = "events"  # an event log in the documented format (models/data/events.py), from --data-dir
-DATASETS = ("synthetic", EVENTS, *KNOWN_DATASETS)  # the names every --dataset takes
+MOVIETWEETINGS_100K = "movietweetings-100k"  # read as an event log (models/data/movietweetings.py)
+SHARED_MOVIETWEETINGS_100K = SHARED_DATA / "movietweetings" / MOVIETWEETINGS_100K
+DATASETS = ("synthetic", EVENTS, MOVIETWEETINGS_100K, *KNOWN_DATASETS)  # the names every --dataset takes
 # Users with fewer events are dropped at preparation (the split needs 3: a training event, validation
 # and test). A dataset whose own protocol asks for more has it here; --min-user-events overrides.
 DEFAULT_MIN_USER_EVENTS = 3
-DATASET_MIN_USER_EVENTS: dict[str, int] = {}
+# MovieTweetings' own protocol: leave-one-out over the users with at least 5 ratings.
+DATASET_MIN_USER_EVENTS = {MOVIETWEETINGS_100K: 5}
 DATA_DIR_HELP = "the dataset's files: a MovieLens folder or .zip, an event-log folder (--dataset events)"
 MIN_USER_EVENTS_HELP = (
-    f"drop users with fewer events at preparation (default: the dataset's own, {DEFAULT_MIN_USER_EVENTS} for most)"
+    f"drop users with fewer events at preparation (default: the dataset's own: {DEFAULT_MIN_USER_EVENTS}, "
+    f"{MOVIETWEETINGS_100K} {DATASET_MIN_USER_EVENTS[MOVIETWEETINGS_100K]})"
 )
 
 
@@ -99,7 +104,8 @@ def prepare_source(
 ) -> Path:
     """Prepare a named dataset (one of DATASETS) into `out_dir`.
 
-    An event log (`events`) is read from `data_dir`. MovieLens is read from `data_dir` (folder
+    An event log (`events`) is read from `data_dir`; MovieTweetings from `data_dir`, else the copy
+    in ../shared. MovieLens is read from `data_dir` (folder
     or zip); without it, ml-latest-small comes from the checked copy in ../shared when present,
     any other set is downloaded into `download_dir` (default: ~/.cache/dynamic-interest/movielens).
     `min_user_events` defaults to the dataset's own (`min_user_events_for`). An existing complete
@@ -133,6 +139,19 @@ def prepare_source(
 
         def load() -> RawData:
             return read_event_log(data_dir, name=dataset)
+    elif dataset == MOVIETWEETINGS_100K:
+        from models.data.movietweetings import read_movietweetings
+
+        needs = "the MovieTweetings folder that holds ratings.dat and movies.dat"
+        if data_dir is None and not SHARED_MOVIETWEETINGS_100K.is_dir():
+            raise DataSourceError(
+                f"--dataset {dataset}: no copy at {SHARED_MOVIETWEETINGS_100K}; pass --data-dir: {needs}"
+            )
+        data_dir = existing_dir(data_dir or SHARED_MOVIETWEETINGS_100K, needs)
+        request = {"dataset": dataset, "input": str(data_dir)}
+
+        def load() -> RawData:
+            return read_movietweetings(data_dir, name=dataset)
     else:
         if data_dir is None and dataset == "ml-latest-small" and SHARED_ML_LATEST_SMALL.is_dir():
             data_dir = SHARED_ML_LATEST_SMALL
