@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from models.cli import add_settings, setting, settings_from
-from models.data import load_prepared, prepare_source
+from models.data import DataError, load_prepared, prepare_source
 from models.data.sources import DATA_DIR_HELP, DATASETS, MIN_USER_EVENTS_HELP
 from models.data.batching import make_split
 from models.evaluation.evaluate import evaluate
@@ -68,13 +68,18 @@ def parse_args(argv=None) -> RunSettings:
 
 
 def main(argv=None) -> int:
+    """`python -m models.training.run` -> its exit status (2: a data error, printed as one line)."""
     args = parse_args(argv)
-    prepared = prepare_source(
-        args.dataset,
-        args.prepared_dir or Path("runs/data") / args.dataset,
-        data_dir=args.data_dir,
-        min_user_events=args.min_user_events,
-    )
+    try:
+        prepared = prepare_source(
+            args.dataset,
+            args.prepared_dir or Path("runs/data") / args.dataset,
+            data_dir=args.data_dir,
+            min_user_events=args.min_user_events,
+        )
+    except (DataError, FileExistsError) as e:  # a missing, malformed or unreachable dataset: its message has the fix
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     data = load_prepared(prepared)
     split = make_split(data.user_offsets, PROTOCOLS[args.protocol])
     print(

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from models.data.batching import Split, training_windows
-from models.data import DATASETS, DownloadError, InteractionData, load_prepared, prepare_source
+from models.data import DATASETS, DataError, InteractionData, load_prepared, prepare_source
 
 EVENT_COLUMNS = ["user_idx", "item_idx", "rating", "timestamp"]
 
@@ -42,8 +42,8 @@ def resolve_dataset(
             return prepare_source(
                 dataset, out, data_dir=data_dir, progress=progress, min_user_events=min_user_events
             ).resolve()
-        except (OSError, ValueError, DownloadError) as e:
-            raise SetupError(f"--dataset {dataset}: {e}") from e
+        except (OSError, ValueError, DataError) as e:  # a DataError's message is one line with its fix
+            raise SetupError(str(e) if str(e).startswith("--") else f"--dataset {dataset}: {e}") from e
     path = Path(dataset).expanduser()
     if not path.exists():
         raise SetupError(f"--dataset {dataset}: no such folder, and not a known dataset name ({', '.join(DATASETS)})")
