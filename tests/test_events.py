@@ -147,6 +147,9 @@ def test_parquet_errors_name_the_row(tmp_path):
     pq.write_table(pa.table({"item_id": ["1"]}), folder / "items.parquet")
     with pytest.raises(DataFormatError, match=r"^events.parquet row 2, column 'timestamp': -5 is before 1970$"):
         read_event_log(folder)
+    pq.write_table(pa.table({"user_id": ["a"], "item_id": [1.0], "timestamp": [5]}), folder / "events.parquet")
+    with pytest.raises(DataFormatError, match=r"^events.parquet, column 'item_id': has type double, expected text or"):
+        read_event_log(folder)
 
 
 def test_missing_files_and_folders_say_what_to_pass(tmp_path):

@@ -47,6 +47,7 @@ ITEMS_FILE_SCHEMA = pa.schema(
 CATEGORY_SEPARATOR = "|"
 MAX_TIMESTAMP = 100_000_000_000  # year 5138, the API's bound: a larger value is milliseconds or a mistake
 FORMAT_DOC = "docs/data-and-evaluation.md"
+NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"  # what a numeric field in a CSV file may hold
 
 
 # ---- where a row came from -------------------------------------------------------------------
@@ -107,7 +108,7 @@ def find_file(folder: Path, stem: str) -> Path:
     return found[0]
 
 
-def _bad_csv_line(path: Path) -> tuple[int, str]:
+def _bad_csv_line(path: Path) -> tuple[int, str] | None:
     """The first line whose field count differs from the header's, and the problem (the slow, exact scan)."""
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
         reader = csv.reader(f)
@@ -115,7 +116,7 @@ def _bad_csv_line(path: Path) -> tuple[int, str]:
         for fields in reader:
             if fields and len(fields) != len(header):
                 return reader.line_num, f"expected {len(header)} fields (the header's), got {len(fields)}"
-    return 1, "cannot be parsed as CSV"
+    return None
 
 
 def read_csv(path: Path, schema: pa.Schema) -> tuple[pa.Table, Origin]:
@@ -124,7 +125,6 @@ def read_csv(path: Path, schema: pa.Schema) -> tuple[pa.Table, Origin]:
     try:
         table = pacsv.read_csv(
             path,
-            read_options=pacsv.ReadOptions(use_threads=True),
             convert_options=pacsv.ConvertOptions(
                 column_types={name: pa.string() for name in schema.names}, strings_can_be_null=False
             ),
@@ -132,10 +132,10 @@ def read_csv(path: Path, schema: pa.Schema) -> tuple[pa.Table, Origin]:
     except pa.ArrowInvalid as e:
         if "Empty CSV file" in str(e):
             raise DataFormatError(path.name, "file is empty", line=1) from None
-        line, reason = _bad_csv_line(path)
-        raise DataFormatError(path.name, reason, line) from None
-    except UnicodeDecodeError:
-        raise DataFormatError(path.name, "is not UTF-8 text") from None
+        bad = _bad_csv_line(path)
+        if bad is not None:
+            raise DataFormatError(path.name, bad[1], bad[0]) from None
+        raise DataFormatError(path.name, f"cannot be read as CSV ({str(e).splitlines()[0]})") from None
     return table, Origin(path.name, csv_line_of(path))
 
 
@@ -159,40 +159,30 @@ def require_columns(table: pa.Table, schema: pa.Schema, origin: Origin) -> None:
     if missing:
         raise origin.error(
             f"no {', '.join(map(repr, missing))} column (it has {', '.join(table.column_names) or 'none'}; "
-            f"the format: {FORMAT_DOC})",
-            row=None,
+            f"the format: {FORMAT_DOC})"
         )
 
 
-def text_column(table: pa.Table, name: str, origin: Origin) -> pa.ChunkedArray:
-    """A text column as string (dictionary-encoded text decoded); another type is refused."""
+def text_column(table: pa.Table, name: str, origin: Origin, integers: bool = False) -> pa.ChunkedArray:
+    """A text column as string (dictionary-encoded text decoded; with `integers`, integers as their
+    decimal text); another type is refused."""
     col = table.column(name)
     if pa.types.is_dictionary(col.type):
         col = col.cast(col.type.value_type)
-    if pa.types.is_large_string(col.type) or pa.types.is_null(col.type):
+    if pa.types.is_large_string(col.type) or pa.types.is_null(col.type) or (integers and pa.types.is_integer(col.type)):
         col = col.cast(pa.string())
     if not pa.types.is_string(col.type):
-        raise origin.error(f"has type {col.type}, expected text", column=name)
+        raise origin.error(f"has type {col.type}, expected text{' or integers' if integers else ''}", column=name)
     return col
 
 
 def id_column(table: pa.Table, name: str, origin: Origin) -> pa.ChunkedArray:
     """Ids as text, spaces trimmed: integers become their decimal text; a missing or empty id is refused."""
-    col = table.column(name)
-    if pa.types.is_dictionary(col.type):
-        col = col.cast(col.type.value_type)
-    if pa.types.is_integer(col.type) or pa.types.is_large_string(col.type):
-        col = col.cast(pa.string())
-    elif not pa.types.is_string(col.type):
-        raise origin.error(f"has type {col.type}; ids are text or integers", column=name)
-    col = pc.utf8_trim_whitespace(col)
+    col = pc.utf8_trim_whitespace(text_column(table, name, origin, integers=True))
     row = first(pc.or_kleene(pc.is_null(col), pc.equal(col, "")))
     if row is not None:
         raise origin.error("empty id", row, name)
     return col
-
-
-NUMBER = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
 
 
 def number_column(table: pa.Table, name: str, origin: Origin) -> np.ndarray:
