@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -27,7 +28,7 @@ DATASETS = ("synthetic", EVENTS, MOVIETWEETINGS_100K, *KNOWN_DATASETS)  # the na
 DEFAULT_MIN_USER_EVENTS = 3
 # MovieTweetings' own protocol: leave-one-out over the users with at least 5 ratings.
 DATASET_MIN_USER_EVENTS = {MOVIETWEETINGS_100K: 5}
-DATA_DIR_HELP = "the dataset's files: a MovieLens folder or .zip, an event-log folder (--dataset events)"
+DATA_DIR_HELP = "the dataset's files: an event-log folder (--dataset events), a MovieTweetings or MovieLens folder"
 MIN_USER_EVENTS_HELP = (
     f"drop users with fewer events at preparation (default: the dataset's own: {DEFAULT_MIN_USER_EVENTS}, "
     f"{MOVIETWEETINGS_100K} {DATASET_MIN_USER_EVENTS[MOVIETWEETINGS_100K]})"
@@ -91,6 +92,59 @@ def _same_but_for_digests(done: dict | None, asked: dict) -> bool:
     return {k: v for k, v in done.items() if k != "sha256"} == {k: v for k, v in asked.items() if k != "sha256"}
 
 
+def source(
+    dataset: str, data_dir: Path | None, download_dir: Path | None, synthetic_config, progress: bool
+) -> tuple[dict, Callable[[], RawData]]:
+    """What identifies a dataset's input (for reuse) and how to read it -> (request, load).
+
+    An event log (`events`) is read from `data_dir`; MovieTweetings from `data_dir`, else the copy
+    in ../shared; MovieLens from `data_dir` (folder or zip), else ml-latest-small from the checked
+    copy in ../shared when present, any other set downloaded into `download_dir` (default:
+    ~/.cache/dynamic-interest/movielens).
+    """
+    if dataset == "synthetic":
+        from models.data.synthetic import SyntheticConfig, generate
+
+        config = synthetic_config if synthetic_config is not None else SyntheticConfig()
+        return {"dataset": dataset, "input": _jsonable(config)}, lambda: generate(config)
+    if dataset == EVENTS:
+        from models.data.events import find_file, read_event_log
+
+        needs = "a folder with events.csv or events.parquet and items.csv or items.parquet"
+        if data_dir is None:
+            raise DataSourceError(f"--dataset events reads --data-dir DIR: pass {needs}")
+        folder = existing_dir(data_dir, needs)
+        files = [find_file(folder, "events"), find_file(folder, "items")] if folder.is_dir() else []
+        # The files' digests, not only the folder: an event log grows in place, and a changed one is prepared again.
+        request = {"dataset": dataset, "input": str(folder), "sha256": {f.name: sha256_file(f) for f in files}}
+        return request, lambda: read_event_log(folder, name=dataset)
+    if dataset == MOVIETWEETINGS_100K:
+        from models.data.movietweetings import read_movietweetings
+
+        needs = "the MovieTweetings folder that holds ratings.dat and movies.dat"
+        if data_dir is None and not SHARED_MOVIETWEETINGS_100K.is_dir():
+            raise DataSourceError(
+                f"--dataset {dataset}: no copy at {SHARED_MOVIETWEETINGS_100K}; pass --data-dir: {needs}"
+            )
+        folder = existing_dir(data_dir or SHARED_MOVIETWEETINGS_100K, needs)
+        return {"dataset": dataset, "input": str(folder)}, lambda: read_movietweetings(folder, name=dataset)
+
+    from models.data.download import MOVIELENS_URL, download
+    from models.data.encoder import cache_dir
+    from models.data.movielens import read_movielens
+
+    if data_dir is None and dataset == "ml-latest-small" and SHARED_ML_LATEST_SMALL.is_dir():
+        data_dir = SHARED_ML_LATEST_SMALL
+    if data_dir is not None:
+        path = existing_dir(data_dir, f"a MovieLens release: its unpacked folder or its .zip ({dataset}.zip)")
+        return {"dataset": dataset, "input": str(path)}, lambda: read_movielens(path, name=dataset)
+    if dataset not in KNOWN_DATASETS:
+        raise DataSourceError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}, or pass data_dir")
+    target = Path(download_dir) if download_dir else cache_dir() / "movielens"
+    request = {"dataset": dataset, "input": MOVIELENS_URL.format(name=dataset)}
+    return request, lambda: read_movielens(download(dataset, target, progress=progress), name=dataset)
+
+
 def prepare_source(
     dataset: str,
     out_dir: Path,
@@ -102,76 +156,18 @@ def prepare_source(
     min_user_events: int | None = None,
     progress: bool = True,
 ) -> Path:
-    """Prepare a named dataset (one of DATASETS) into `out_dir`.
+    """Prepare a named dataset (one of DATASETS; where each is read from: `source`) into `out_dir`.
 
-    An event log (`events`) is read from `data_dir`; MovieTweetings from `data_dir`, else the copy
-    in ../shared. MovieLens is read from `data_dir` (folder
-    or zip); without it, ml-latest-small comes from the checked copy in ../shared when present,
-    any other set is downloaded into `download_dir` (default: ~/.cache/dynamic-interest/movielens).
     `min_user_events` defaults to the dataset's own (`min_user_events_for`). An existing complete
-    output made from the same request is returned as is unless `overwrite`. Bad or missing input
-    raises a `DataError` whose message is one line with the fix.
+    output made from the same request is returned as is unless `overwrite`; one made from the same
+    event-log folder whose files changed since is prepared again. Bad or missing input raises a
+    `DataError` whose message is one line with the fix.
     """
-    from models.data.download import MOVIELENS_URL, download
-    from models.data.movielens import read_movielens
-    from models.data.encoder import MODEL_NAME, cache_dir
+    from models.data.encoder import MODEL_NAME
 
     out_dir = Path(out_dir).expanduser()
     min_user_events = min_user_events_for(dataset, min_user_events)
-    if dataset == "synthetic":
-        from models.data.synthetic import SyntheticConfig, generate
-
-        config = synthetic_config if synthetic_config is not None else SyntheticConfig()
-        request = {"dataset": dataset, "input": _jsonable(config)}
-
-        def load() -> RawData:
-            return generate(config)
-    elif dataset == EVENTS:
-        from models.data.events import find_file, read_event_log
-
-        needs = "a folder with events.csv or events.parquet and items.csv or items.parquet"
-        if data_dir is None:
-            raise DataSourceError(f"--dataset events reads --data-dir DIR: pass {needs}")
-        data_dir = existing_dir(data_dir, needs)
-        files = [find_file(data_dir, "events"), find_file(data_dir, "items")] if data_dir.is_dir() else []
-        # The files' digests, not only the folder: an event log grows in place, and a changed one is prepared again.
-        request = {"dataset": dataset, "input": str(data_dir), "sha256": {f.name: sha256_file(f) for f in files}}
-
-        def load() -> RawData:
-            return read_event_log(data_dir, name=dataset)
-    elif dataset == MOVIETWEETINGS_100K:
-        from models.data.movietweetings import read_movietweetings
-
-        needs = "the MovieTweetings folder that holds ratings.dat and movies.dat"
-        if data_dir is None and not SHARED_MOVIETWEETINGS_100K.is_dir():
-            raise DataSourceError(
-                f"--dataset {dataset}: no copy at {SHARED_MOVIETWEETINGS_100K}; pass --data-dir: {needs}"
-            )
-        data_dir = existing_dir(data_dir or SHARED_MOVIETWEETINGS_100K, needs)
-        request = {"dataset": dataset, "input": str(data_dir)}
-
-        def load() -> RawData:
-            return read_movietweetings(data_dir, name=dataset)
-    else:
-        if data_dir is None and dataset == "ml-latest-small" and SHARED_ML_LATEST_SMALL.is_dir():
-            data_dir = SHARED_ML_LATEST_SMALL
-        if data_dir is not None:
-            data_dir = existing_dir(data_dir, f"a MovieLens release: its unpacked folder or its .zip ({dataset}.zip)")
-            request = {"dataset": dataset, "input": str(data_dir)}
-
-            def load() -> RawData:
-                return read_movielens(data_dir, name=dataset)
-        else:
-            if dataset not in KNOWN_DATASETS:
-                raise DataSourceError(
-                    f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}, or pass data_dir"
-                )
-            request = {"dataset": dataset, "input": MOVIELENS_URL.format(name=dataset)}
-            target = Path(download_dir) if download_dir else cache_dir() / "movielens"
-
-            def load() -> RawData:
-                return read_movielens(download(dataset, target, progress=progress), name=dataset)
-
+    request, load = source(dataset, data_dir, download_dir, synthetic_config, progress)
     request["min_user_events"] = min_user_events
     request["encoder"] = getattr(encoder, "model_name", MODEL_NAME) if encoder else MODEL_NAME
 
@@ -183,7 +179,7 @@ def prepare_source(
             return out_dir
         if manifest is not None and _same_but_for_digests(manifest.get("request"), request):
             if progress:
-                tqdm.write(f"[prepare {dataset}] the files in {data_dir} changed: preparing them again")
+                tqdm.write(f"[prepare {dataset}] the files in {request['input']} changed: preparing them again")
             overwrite = True
         elif manifest is None and _older_format(out_dir):
             if progress:
