@@ -33,6 +33,7 @@ from search_budget import SearchBudget, parse_budget  # noqa: E402  (sibling scr
 from models.cli import setting  # noqa: E402
 from models.nn import checkpoint  # noqa: E402
 from models.data import load_prepared  # noqa: E402
+from models.data.sources import DATA_DIR_HELP, MIN_USER_EVENTS_HELP  # noqa: E402
 from models.files import write_json  # noqa: E402
 from models.evaluation.metrics import per_user_mean, seed_user_bootstrap  # noqa: E402
 from models.training.defaults import protocol_split  # noqa: E402
@@ -79,6 +80,8 @@ class EqualBudgetSettings(SearchBudget):
     grace_period: int = setting(2)
     seeds: str = setting("0,1", "retraining seeds of each best configuration")
     cpus_per_worker: float = setting(2.0)
+    data_dir: Path | None = setting(None, DATA_DIR_HELP)
+    min_user_events: int | None = setting(None, MIN_USER_EVENTS_HELP)
 
 
 def search_record(run_dir: Path, best: dict, wall_s: float) -> dict:
@@ -212,7 +215,8 @@ def plot(report: dict, path: Path) -> None:
 def plan(s: EqualBudgetSettings, out: Path) -> dict:
     """The report so far (empty unless `out` holds runs of the same budget), its header refreshed."""
     report = json.loads(out.read_text()) if out.is_file() else {}
-    settings = s.record(leave_out=("out", "seeds"))
+    unset = tuple(n for n in ("data_dir", "min_user_events") if getattr(s, n) is None)  # runs recorded before them
+    settings = s.record(leave_out=("out", "seeds", *unset))
     if report.get("settings") != settings:
         report = {"searches": {}, "retrain": {}}  # another budget: start over
     report.update(
@@ -300,7 +304,7 @@ def finish(report: dict, data, split, out: Path, save) -> None:
 def main(argv=None) -> int:
     s = parse_budget(EqualBudgetSettings, __doc__, argv)
     out = s.out or RESULTS / f"equal_budget_{Path(s.dataset).name}.json"
-    prepared = resolve_dataset(s.dataset)
+    prepared = resolve_dataset(s.dataset, s.data_dir, min_user_events=s.min_user_events)
     data = load_prepared(prepared)
     split = protocol_split(data.user_offsets, PROTOCOL)
     report = plan(s, out)

@@ -38,6 +38,7 @@ import torch
 from machine_info import machine  # sibling script
 from models.cli import add_settings, setting, settings_from
 from models.data import load_prepared, prepare_source
+from models.data.sources import DATA_DIR_HELP, MIN_USER_EVENTS_HELP
 from models.data.batching import INTENT_REGIMES
 from models.evaluation.evaluate import evaluate
 from models.evaluation.metrics import per_user_mean, summarize
@@ -66,7 +67,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 @dataclass
 class QualitySettings:
     dataset: str = setting("synthetic", "a dataset name (prepared under runs/data/NAME); names the results file")
-    data_dir: Path | None = setting(None, "MovieLens folder or .zip for a named dataset")
+    data_dir: Path | None = setting(None, DATA_DIR_HELP)
+    min_user_events: int | None = setting(None, MIN_USER_EVENTS_HELP)
     prepared: Path | None = setting(None, "an already prepared folder (then --dataset only names the results)")
     seeds: str = setting("0,1,2", "comma-separated")
     protocols: str = setting("loo,last10", "comma-separated, from: " + ", ".join(PROTOCOLS))
@@ -262,7 +264,9 @@ def main(argv=None) -> int:
     out = s.out or RESULTS / f"quality_{s.dataset}.json"
     record = json.loads(out.read_text()) if out.exists() else {}
     runs = record.setdefault("runs", {})
-    prepared = s.prepared or prepare_source(s.dataset, Path("runs/data") / s.dataset, data_dir=s.data_dir)
+    prepared = s.prepared or prepare_source(
+        s.dataset, Path("runs/data") / s.dataset, data_dir=s.data_dir, min_user_events=s.min_user_events
+    )
     data = load_prepared(prepared)
     splits = {p: protocol_split(data.user_offsets, p) for p in protocols}
     plan = plan_runs(s, seeds, protocols, variants, runs)

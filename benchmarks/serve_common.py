@@ -87,14 +87,12 @@ def checkpoint_config(checkpoint: Path) -> dict:
 def add_vocabulary(checkpoint: Path, data: Path) -> None:
     """Store the item vocabulary in the checkpoint's meta, as Ray Train checkpoints do (`models.training.run`
     leaves it out), so every serving stage can map source ids without the dataset."""
-    import torch
-
     from models.nn import checkpoint as ckpt
     from models.data import load_prepared
 
     model, meta = ckpt.load(checkpoint)
     if "item_source_ids" not in meta:
-        ids = torch.as_tensor(load_prepared(data).item_source_ids)
+        ids = load_prepared(data).item_source_ids.tolist()
         ckpt.save(checkpoint, model, {**meta, "item_source_ids": ids})
 
 

@@ -28,7 +28,7 @@ def make_spec(data_dir: Path, n_users: int, seed: int) -> dict:
     users = rng.choice(data.user_source_ids[1:], size=min(n_users, data.n_users), replace=False)
     intents = list(rng.choice(data.intent_phrases, size=min(20, len(data.intent_phrases)), replace=False))
     return {
-        "users": [str(int(u)) for u in users],
+        "users": [str(u) for u in users],
         "item_ids": [int(i) for i in data.item_source_ids[1:]],
         "intents": [str(t) for t in intents],
         "weights": WEIGHTS,

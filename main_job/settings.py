@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.cli import setting
+from models.data.sources import DATA_DIR_HELP, DATASETS, MIN_USER_EVENTS_HELP
 
 BASELINES = ("popular", "seen-popular", "lstm", "gru4rec", "sasrec")
 # Serve first: the default compares with the two trivial rules only (seconds): most-popular, and the
@@ -20,8 +21,9 @@ class NewcomerError(RuntimeError):
 
 @dataclass
 class MainSettings:
-    dataset: str = setting("synthetic", "synthetic | ml-latest-small | ml-1m | ml-25m | ...")
-    data_dir: Path | None = setting(None, "MovieLens folder or .zip (else the ../shared copy or a download)")
+    dataset: str = setting("synthetic", " | ".join(DATASETS))
+    data_dir: Path | None = setting(None, DATA_DIR_HELP)
+    min_user_events: int | None = setting(None, MIN_USER_EVENTS_HELP)
     checkpoint: Path | None = setting(None, "serve this checkpoint (model.pt or a run folder): no training")
     tune_samples: int = setting(
         0,

@@ -3,7 +3,6 @@ evaluate against the baselines; each failure a newcomer can fix is a NewcomerErr
 
 from __future__ import annotations
 
-import urllib.error
 from pathlib import Path
 
 from main_job.settings import MainSettings, NewcomerError
@@ -13,7 +12,7 @@ ORACLE_ROW = "decomposer + oracle intent (the target's own words)"
 
 def prepare(s: MainSettings) -> Path:
     """The dataset prepared under runs/data (a small synthetic one with --smoke) -> its folder."""
-    from models.data.errors import DataFormatError
+    from models.data.errors import DataError
     from models.data.sources import prepare_source
     from models.data.synthetic import SyntheticConfig
 
@@ -21,14 +20,32 @@ def prepare(s: MainSettings) -> Path:
     name = f"{s.dataset}-smoke" if s.smoke else s.dataset
     print(f"\n==> preparing {s.dataset}", flush=True)
     try:
-        return prepare_source(s.dataset, Path("runs/data") / name, data_dir=s.data_dir, synthetic_config=synthetic)
-    except urllib.error.URLError as e:
-        raise NewcomerError(
-            f"could not download {s.dataset} ({e.reason}); without network, pass a local copy: "
-            f"--data-dir path/to/{s.dataset}.zip or its unpacked folder"
-        ) from None
-    except DataFormatError as e:
+        prepared = prepare_source(
+            s.dataset,
+            Path("runs/data") / name,
+            data_dir=s.data_dir,
+            synthetic_config=synthetic,
+            min_user_events=s.min_user_events,
+        )
+    except (DataError, FileExistsError) as e:  # a missing, malformed or unreachable dataset: one line, its fix
         raise NewcomerError(str(e)) from None
+    check_item_ids(prepared)
+    return prepared
+
+
+def check_item_ids(prepared: Path) -> None:
+    """The API names an item by a number (its `item_id` is an int): a dataset with other item ids
+    trains and evaluates, but the job could not serve it."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    ids = pq.read_table(prepared / "items.parquet", columns=["source_id"]).column("source_id")
+    other = pc.invert(pc.match_substring_regex(ids, r"^[0-9]+$"))
+    if pc.any(other).as_py():
+        raise NewcomerError(
+            f"item id {ids.filter(other)[0].as_py()!r} is not a number, and the API names items by number: "
+            "train and evaluate this dataset with python -m ray_app.train or python -m models.training.run"
+        )
 
 
 def tune(s: MainSettings, prepared: Path) -> Path:

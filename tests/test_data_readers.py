@@ -136,17 +136,17 @@ def test_csv_folder(tmp_path):
     assert raw.name == "ml-latest-small"
     assert raw.items.schema == ITEMS_SCHEMA and raw.ratings.schema == RATINGS_SCHEMA
     items = {r["source_id"]: r for r in raw.items.to_pylist()}
-    assert items[2]["title"] == "American President, The (1995)"
-    assert items[7]["title"] == '"Great Performances" Cats (1998)'
-    assert items[7]["genres"] == []
-    assert items[1]["genres"] == ["Adventure", "Animation", "Children", "Comedy", "Fantasy"]
+    assert items["2"]["title"] == "American President, The (1995)"
+    assert items["7"]["title"] == '"Great Performances" Cats (1998)'
+    assert items["7"]["genres"] == []
+    assert items["1"]["genres"] == ["Adventure", "Animation", "Children", "Comedy", "Fantasy"]
     # distinct, lower-cased, most frequent first (ties keep first-seen order), at most 10
-    assert items[1]["tags"] == ["pixar", "fun"]
-    assert items[2]["tags"] == ["politics, satire"]
-    assert items[5]["tags"] == ["tag11"] + [f"tag{k:02d}" for k in range(9)]
+    assert items["1"]["tags"] == ["pixar", "fun"]
+    assert items["2"]["tags"] == ["politics, satire"]
+    assert items["5"]["tags"] == ["tag11"] + [f"tag{k:02d}" for k in range(9)]
     assert raw.ratings.to_pydict() == {
-        "user": [1, 1, 2, 2],
-        "item": [1, 2, 5, 1],
+        "user": ["1", "1", "2", "2"],
+        "item": ["1", "2", "5", "1"],
         "rating": [4.0, 3.5, 0.5, 5.0],
         "timestamp": [964982703, 964981247, 964982224, 964983815],
     }
@@ -170,21 +170,21 @@ def test_dat_latin1_with_tags(tmp_path):
     write_lines(folder / "tags.dat", ["15::2::Board Game::1215184630", "20::2::board game::1215184631"], eol="\n")
     raw = read_movielens(folder, name="ml-1m")
     items = {r["source_id"]: r for r in raw.items.to_pylist()}
-    assert items[3]["title"] == "Misérables, Les (1995)"
-    assert items[1]["genres"] == ["Animation", "Children's", "Comedy"]
-    assert items[2]["tags"] == ["board game"]
+    assert items["3"]["title"] == "Misérables, Les (1995)"
+    assert items["1"]["genres"] == ["Animation", "Children's", "Comedy"]
+    assert items["2"]["tags"] == ["board game"]
     assert raw.ratings.column("rating").to_pylist() == [5.0, 3.0, 4.0]
-    assert raw.ratings.column("item").to_pylist() == [1, 3, 2]
+    assert raw.ratings.column("item").to_pylist() == ["1", "3", "2"]
 
 
 def test_ml100k(tmp_path):
     raw = read_movielens(ml100k_folder(tmp_path))
     assert raw.name == "ml-100k"
     items = {r["source_id"]: r for r in raw.items.to_pylist()}
-    assert items[2]["genres"] == ["Action", "Adventure", "Thriller"]
-    assert items[3]["genres"] == []  # 'unknown' means no genre
-    assert items[3]["title"] == "Café au lait (1994)"
-    assert raw.ratings.to_pydict()["user"] == [196, 186, 196]
+    assert items["2"]["genres"] == ["Action", "Adventure", "Thriller"]
+    assert items["3"]["genres"] == []  # 'unknown' means no genre
+    assert items["3"]["title"] == "Café au lait (1994)"
+    assert raw.ratings.to_pydict()["user"] == ["196", "186", "196"]
 
 
 def test_real_ml_latest_small():

@@ -110,7 +110,7 @@ def tiny_checkpoint(tiny_data, tmp_path_factory) -> Path:
     model = new_model("decomposer", tiny_data, split, lstm_units=32, dim_size=16)
     fit(model, tiny_data, split, TrainConfig(epochs=2, patience=2), progress=False)
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    return checkpoint.save(path, model, {"item_source_ids": torch.tensor(tiny_data.item_source_ids)})
+    return checkpoint.save(path, model, {"item_source_ids": tiny_data.item_source_ids.tolist()})
 
 
 @pytest.fixture(scope="module")

@@ -66,19 +66,20 @@ class CrashingEncoder(FakeEncoder):
 def make_raw() -> RawData:
     items = pa.table(
         {
-            "source_id": [30, 10, 20, 40],
+            "source_id": ["30", "10", "20", "40"],
             "title": ["Heat (1995)", "Toy Story (1995)", "Sabrina (1995)", "Never Rated (2000)"],
             "genres": [["Action", "Crime"], ["Animation", "Comedy"], ["Comedy", "Romance"], ["Drama"]],
             "tags": [[], ["pixar", "fun", "toys", "cgi", "buddy", "kids"], ["remake"], []],
+            "text": [None] * 4,
         },
         schema=ITEMS_SCHEMA,
     )
     ratings = pa.table(
         {
-            "user": [7, 5, 7, 5, 5, 7, 9, 9, 5],
-            "item": [30, 10, 10, 20, 30, 20, 10, 20, 10],
+            "user": ["7", "5", "7", "5", "5", "7", "9", "9", "5"],
+            "item": ["30", "10", "10", "20", "30", "20", "10", "20", "10"],
             "rating": [4.0, 5.0, 3.0, 2.5, 4.5, 1.0, 3.0, 3.0, 4.0],
-            # user 5 has a timestamp tie (200): file order must be kept
+            # user 5 has a timestamp tie (200): the two take the seeded order
             "timestamp": [300, 200, 100, 200, 100, 200, 50, 60, 400],
         },
         schema=RATINGS_SCHEMA,
@@ -114,7 +115,7 @@ def test_prepare_tables_and_manifest(tmp_path):
     assert items.schema.field("item_idx").type == pa.int32()
     assert items.schema.field("intent_ids").type == pa.list_(pa.int32())
     # user 9 (2 events) is dropped; item 40 is never rated; items ordered by source id
-    assert items.column("source_id").to_pylist() == [10, 20, 30]
+    assert items.column("source_id").to_pylist() == ["10", "20", "30"]
     assert items.column("item_idx").to_pylist() == [1, 2, 3]
     assert (
         items.column("text")[0].as_py()
@@ -124,26 +125,28 @@ def test_prepare_tables_and_manifest(tmp_path):
     assert inter.schema == pa.schema(
         [
             ("user_idx", pa.int32()),
-            ("source_user", pa.int64()),
+            ("source_user", pa.string()),
             ("item_idx", pa.int32()),
             ("rating", pa.float32()),
             ("timestamp", pa.int64()),
         ]
     )
     d = inter.to_pydict()
-    assert d["source_user"] == [5, 5, 5, 5, 7, 7, 7]
+    assert d["source_user"] == ["5", "5", "5", "5", "7", "7", "7"]
     assert d["user_idx"] == [1, 1, 1, 1, 2, 2, 2]
-    assert d["item_idx"] == [3, 1, 2, 1, 1, 2, 3]  # tie at t=200 keeps file order 10, 20
+    # User 5's events at t=200 (items 10 and 20, in that file order) tie: either order, the rest by time.
+    assert d["item_idx"][0] == 3 and sorted(d["item_idx"][1:3]) == [1, 2] and d["item_idx"][3:] == [1, 1, 2, 3]
     assert d["timestamp"] == [100, 200, 200, 400, 100, 200, 300]
     intents = pq.read_table(out / "intents.parquet")
     phrases = intents.column("phrase").to_pylist()
     assert phrases == sorted(phrases) and "comedy and romance" in phrases
     assert "toys" in phrases and "cgi" not in phrases  # at most 3 tags per item
     assert not any("(1995)" in p for p in phrases)  # never the title
-    assert pq.read_table(out / "user_map.parquet").to_pydict() == {"user_idx": [1, 2], "source_user": [5, 7]}
+    assert pq.read_table(out / "user_map.parquet").to_pydict() == {"user_idx": [1, 2], "source_user": ["5", "7"]}
     assert pq.read_table(out / "truth.parquet").equals(make_raw().extra["truth"])
     m = json.loads((out / "manifest.json").read_text())
-    assert m["format_version"] == 2 and m["dataset"] == "toy" and m["source"] == "made by hand"
+    assert m["format_version"] == 4 and m["dataset"] == "toy" and m["source"] == "made by hand"
+    assert m["tie_seed"] == 0
     assert m["counts"] == {"users": 2, "items": 3, "interactions": 7, "genres": 5, "intents": len(phrases)}
     assert m["genres"] == ["Action", "Animation", "Comedy", "Crime", "Romance"]
     assert m["encoder"] == {"model": "fake-encoder", "dim": DIM}
@@ -167,8 +170,8 @@ def test_load_prepared(tmp_path):
     assert data.user_offsets.tolist() == [0, 4, 7]
     assert data.items[data.user_events(2)].tolist() == [1, 2, 3]
     assert data.titles == ["<pad>", "Toy Story (1995)", "Sabrina (1995)", "Heat (1995)"]
-    assert data.item_source_ids.tolist() == [-1, 10, 20, 30]
-    assert data.user_source_ids.tolist() == [-1, 5, 7]
+    assert data.item_source_ids.tolist() == ["", "10", "20", "30"]
+    assert data.user_source_ids.tolist() == ["", "5", "7"]
     assert data.item_genres.shape == (4, 5) and not data.item_genres[0].any()
     heat = [data.genre_names[j] for j in np.flatnonzero(data.item_genres[3])]
     assert heat == ["Action", "Crime"]
@@ -254,6 +257,56 @@ def test_prepare_source_unknown_dataset(tmp_path):
         prepare_source("netflix", tmp_path / "x", encoder=FakeEncoder())
 
 
+def bulk_rated(n_users: int, per_second: int) -> RawData:
+    """Each user rates `per_second` items within one second, listed in ascending item id (as MovieLens
+    lists a bulk-rating second), after two earlier events: file order says the last event of the
+    second, the test target, is its largest id."""
+    users, items, times = [], [], []
+    rng = np.random.default_rng(7)
+    for u in range(1, n_users + 1):
+        bulk = np.sort(rng.choice(np.arange(3, 40), per_second, replace=False))
+        for t, i in [(10, 1), (20, 2), *((30, int(i)) for i in bulk)]:
+            users.append(str(u))
+            items.append(str(i))
+            times.append(1000 * u + t)
+    n = len(users)
+    ratings = pa.table({"user": users, "item": items, "rating": [4.0] * n, "timestamp": times}, schema=RATINGS_SCHEMA)
+    ids = [str(i) for i in range(1, 40)]
+    items_t = pa.table(
+        {
+            "source_id": ids,
+            "title": [f"m{i}" for i in ids],
+            "genres": [[]] * 39,
+            "tags": [[]] * 39,
+            "text": [None] * 39,
+        },
+        schema=ITEMS_SCHEMA,
+    )
+    return RawData("bulk", items_t, ratings)
+
+
+def test_file_order_within_a_second_does_not_show_through(tmp_path):
+    n_users, k = 200, 5
+    raw = bulk_rated(n_users, k)
+    out = prepare(raw, tmp_path / "a", encoder=FakeEncoder(), progress=False)
+    data = load_prepared(out)
+    ids = np.array([0, *map(int, data.item_source_ids[1:])])  # item index -> its id as a number
+    last = np.array([ids[data.items[data.user_offsets[u] - 1]] for u in range(1, n_users + 1)])
+    bulk = [ids[data.items[data.user_offsets[u] - k : data.user_offsets[u]]] for u in range(1, n_users + 1)]
+    # In file order the rule "the target is the largest id of its second" is right for every user;
+    # after preparation about 1 in k.
+    hits = np.mean([t == max(b) for t, b in zip(last, bulk)])
+    assert 0.1 < hits < 0.35
+    ascending = np.mean([list(b) == sorted(b) for b in bulk])
+    assert ascending < 0.05  # 1 in k! = 120 by chance
+    # Only the tied events move: each user's two earlier events keep their places.
+    assert all(ids[data.items[data.user_offsets[u - 1]]] == 1 for u in range(1, n_users + 1))
+    # The order is the same every run: the same input prepares the same bytes.
+    again = prepare(bulk_rated(n_users, k), tmp_path / "b", encoder=FakeEncoder(), progress=False)
+    for name in ("interactions.parquet", "items.parquet", "user_map.parquet"):
+        assert (out / name).read_bytes() == (again / name).read_bytes()
+
+
 # ---- no future information in item text -------------------------------------------------------
 
 
@@ -304,7 +357,7 @@ def test_a_tag_applied_after_a_target_does_not_change_its_score(tmp_path):
         == 3001
         == evaluation_cutoff(np.repeat([1, 2, 3], 14), np.tile(1000 * np.arange(14), 3) + np.repeat([1, 2, 3], 14))
     )
-    target_item = int(base.item_source_ids[base.items[base.user_offsets[1] - 1]])  # user 1's last target
+    target_item = base.item_source_ids[base.items[base.user_offsets[1] - 1]]  # user 1's last target
     late = [f"9,{target_item},spoiler ending,{cutoff + 1}", f"9,{target_item},spoiler ending,99999"]
     planted, planted_scores, planted_out = prepared_scores("late", late)
     assert json.loads((planted_out / "manifest.json").read_text())["tags"]["applied"] == 4
@@ -317,7 +370,8 @@ def test_a_tag_applied_after_a_target_does_not_change_its_score(tmp_path):
 
 
 def test_the_tag_cutoff_covers_the_longest_protocol():
-    from models.data.prepare import MAX_TEST_EVENTS
-    from models.training.defaults import PROTOCOLS
+    from models.data.prepare import MAX_TEST_EVENTS, MAX_VALID_EVENTS
+    from models.training.defaults import PROTOCOLS, VALID_TARGETS
 
     assert MAX_TEST_EVENTS == max(PROTOCOLS.values())
+    assert MAX_VALID_EVENTS >= max(VALID_TARGETS.values())

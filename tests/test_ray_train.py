@@ -215,7 +215,7 @@ def test_checkpoints_hold_model_vocabulary_metrics_and_optimizer(faulted, tiny_d
     assert 0 < m["worker_events_max"] < len(tiny_data.items)
     model, meta = checkpoint.load(best["model"])
     assert model.cfg.lstm_units == 16 and meta["epoch"] == best["epoch"]
-    np.testing.assert_array_equal(meta["item_source_ids"].numpy(), tiny_data.item_source_ids)
+    np.testing.assert_array_equal(checkpoint.item_vocabulary(meta), tiny_data.item_source_ids)
     folder = faulted / "fault" / f"epoch_{best['epoch']:04d}"
     # model.pt: the averaged weights that were validated (the decomposer's default); live.pt: the ones training resumes from
     assert {p.name for p in folder.iterdir()} >= {"model.pt", "live.pt", "optimizer.pt", "train_state.json"}

@@ -33,7 +33,7 @@ def served(tiny_data, tmp_path_factory):
     redis.start()
     torch.manual_seed(0)
     model = new_model("decomposer", tiny_data, make_split(tiny_data.user_offsets, 1), lstm_units=16, dim_size=8)
-    ckpt = checkpoint.save(tmp / "model.pt", model, {"item_source_ids": torch.as_tensor(tiny_data.item_source_ids)})
+    ckpt = checkpoint.save(tmp / "model.pt", model, {"item_source_ids": tiny_data.item_source_ids.tolist()})
     one = DeploymentSettings(num_cpus=0.2, min_replicas=1, max_replicas=1)
     args = AppArgs(
         checkpoint=str(ckpt),

@@ -37,7 +37,7 @@ def train_checkpoint(data, path: Path, combine: str, seed: int) -> Path:
     torch.manual_seed(seed)
     m = new_model("decomposer", data, split, lstm_units=32, item_dim=32, dim_size=16, combine=combine)
     fit(m, data, split, TrainConfig(epochs=1, patience=1, seed=seed), progress=False)
-    return checkpoint.save(path, m, {"item_source_ids": torch.tensor(data.item_source_ids)})
+    return checkpoint.save(path, m, {"item_source_ids": data.item_source_ids.tolist()})
 
 
 def free_port() -> int:
@@ -162,7 +162,7 @@ def test_inline_history_and_new_user(client, env):
     empty = client.post("/recommend", json={"history": [], "k": 5, "context": ctx}).json()
     assert fresh["n_events"] == 0 and fresh["user_id"] is None and len(fresh["items"]) == 5
     assert fresh["items"] == empty["items"]
-    assert {i["item_id"] for i in fresh["items"]} <= set(data.item_source_ids[1:].tolist())
+    assert {str(i["item_id"]) for i in fresh["items"]} <= set(data.item_source_ids[1:].tolist())
 
 
 def test_items_text_search(client, env):
@@ -340,7 +340,7 @@ def test_new_checkpoint_through_user_config_without_failed_requests(client, env)
 
 def test_restart_loses_no_acknowledged_event(client, env):
     uid = "restart-user"
-    items = env["data"].item_source_ids[1:6].tolist()
+    items = [int(i) for i in env["data"].item_source_ids[1:6]]
     for j, item in enumerate(items):
         event = {"item_id": item, "rating": 4, "timestamp": 1.6e9 + j}
         r = client.post(f"/users/{uid}/events", json={"events": [event]})

@@ -62,7 +62,7 @@ def served(tiny_data, tmp_path_factory):
     # Untrained weights are enough: what is under test is the serving path, not ranking quality.
     torch.manual_seed(0)
     model = new_model("decomposer", tiny_data, make_split(tiny_data.user_offsets, 1), lstm_units=16, dim_size=8)
-    ckpt = checkpoint.save(tmp / "model.pt", model, {"item_source_ids": torch.as_tensor(tiny_data.item_source_ids)})
+    ckpt = checkpoint.save(tmp / "model.pt", model, {"item_source_ids": tiny_data.item_source_ids.tolist()})
     store_url = f"sqlite:///{tmp}/state.db"
     one = DeploymentSettings(num_cpus=0.2, min_replicas=1, max_replicas=1)
     two = DeploymentSettings(num_cpus=0.2, min_replicas=2, max_replicas=2)

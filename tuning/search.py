@@ -37,6 +37,7 @@ from ray_app.train.settings import METRIC, RayTrainSettings
 from ray_app.train.driver import build_trainer, exit_status
 from ray_app.train.preflight import check_storage, connect, plan
 from tuning import results
+from models.data.sources import DATA_DIR_HELP, DATASETS, MIN_USER_EVENTS_HELP
 from models.training.defaults import PROTOCOLS
 from tuning.space import MODEL_SPACES, SearchSpace, SpaceError
 
@@ -48,7 +49,7 @@ SMOKE_SPACE = ["lstm_units=[16, 32]", "dim_size=[8, 16]", "max_len=[10, 20]", "m
 
 @dataclass
 class SearchSettings:
-    dataset: str = setting("synthetic", "synthetic | ml-latest-small | ... | a prepared folder")
+    dataset: str = setting("synthetic", f"{' | '.join(DATASETS)} | a prepared folder")
     model: str = setting(
         "decomposer",
         "the model searched; each has its space in tuning/space.py, with the same recipe fixed",
@@ -57,7 +58,8 @@ class SearchSettings:
     protocol: str = setting(
         "loo", "the split: loo (validation = the event before the last) or last10", choices=sorted(PROTOCOLS)
     )
-    data_dir: Path | None = setting(None, "MovieLens folder or .zip for a named dataset")
+    data_dir: Path | None = setting(None, DATA_DIR_HELP)
+    min_user_events: int | None = setting(None, MIN_USER_EVENTS_HELP)
     prepared_dir: Path | None = setting(None, "where a named dataset is prepared (default runs/data/NAME)")
     storage_path: str = setting("runs/tune", "folder that holds the run folder (<storage-path>/<name>)")
     name: str | None = setting(None, "run name; the same name continues the same Optuna study")
@@ -146,7 +148,7 @@ def prepare(s: SearchSettings) -> Setup:
     name = s.run_name()
     check_storage(s.storage_path, name)
     run_dir = Path(s.storage_path).expanduser().resolve() / name
-    prepared = resolve_dataset(s.dataset, s.data_dir, s.prepared_dir)
+    prepared = resolve_dataset(s.dataset, s.data_dir, s.prepared_dir, min_user_events=s.min_user_events)
     load_checked(prepared)
     url = storage = None
     if s.sampler == "tpe":

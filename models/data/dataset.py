@@ -33,8 +33,8 @@ class InteractionData:
     genre_names: list[str]  # (G,) column names of item_genres
     item_emb: np.ndarray  # (N+1, D) float32 text embeddings; row 0 zeros
     titles: list[str]  # (N+1,) titles[0] == "<pad>"
-    item_source_ids: np.ndarray  # (N+1,) int64 source item ids; [0] == -1
-    user_source_ids: np.ndarray  # (U+1,) int64 source user ids; [0] == -1
+    item_source_ids: np.ndarray  # (N+1,) object: source item ids (str); [0] == "" (padding)
+    user_source_ids: np.ndarray  # (U+1,) object: source user ids (str); [0] == "" (padding)
     intent_emb: np.ndarray  # (P, D) float32 embeddings of the intent phrases
     intent_phrases: list[str]  # (P,)
     item_intent_offsets: np.ndarray  # (N+2,) int64; item i's intents: ids[off[i]:off[i+1]]
@@ -153,6 +153,11 @@ def intent_csr(items_t: pa.Table, n_intents: int) -> tuple[np.ndarray, np.ndarra
     return offsets, ids
 
 
+def source_ids(column: pa.ChunkedArray) -> np.ndarray:
+    """A column of source ids (K,) -> (K+1,) object array of str, [0] == "" for the padding row."""
+    return np.array(["", *column.cast(pa.string()).to_pylist()], dtype=object)
+
+
 def load_prepared(path: str | Path, verify_checksums: bool = False) -> InteractionData:
     """Read a folder written by `prepare`; raise naming the file if anything is off."""
     path = Path(path).expanduser()
@@ -182,8 +187,8 @@ def load_prepared(path: str | Path, verify_checksums: bool = False) -> Interacti
         genre_names=genre_names,
         item_emb=item_emb,
         titles=["<pad>"] + items_t.column("title").to_pylist(),
-        item_source_ids=np.concatenate([[-1], items_t.column("source_id").to_numpy()]).astype(np.int64),
-        user_source_ids=np.concatenate([[-1], users_t.column("source_user").to_numpy()]).astype(np.int64),
+        item_source_ids=source_ids(items_t.column("source_id")),
+        user_source_ids=source_ids(users_t.column("source_user")),
         intent_emb=intent_emb,
         intent_phrases=intents_t.column("phrase").to_pylist(),
         item_intent_offsets=item_intent_offsets,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from models.data.errors import DataError
 from models.files import atomic_path, sha256_file
 
 MOVIELENS_URL = "https://files.grouplens.org/datasets/movielens/{name}.zip"
@@ -17,7 +18,7 @@ KNOWN_SHA256 = {
 }
 
 
-class DownloadError(RuntimeError):
+class DownloadError(DataError, RuntimeError):
     """A download failed or its checksum did not match."""
 
 
@@ -67,8 +68,9 @@ def download(
     except httpx.HTTPStatusError as e:
         raise DownloadError(f"cannot download {url}: HTTP {e.response.status_code}") from None
     except httpx.TransportError as e:
+        reason = (str(e).splitlines() or [""])[0] or type(e).__name__
         raise DownloadError(
-            f"cannot download {url}: {type(e).__name__}: {e} (no network? put "
-            f"{dest.name} in {dest_dir} or pass a local folder)"
+            f"cannot download {name} from {url} ({reason}); without network, pass a local copy: "
+            f"--data-dir path/to/{dest.name} or its unpacked folder (or put {dest.name} in {dest_dir})"
         ) from None
     return dest

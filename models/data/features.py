@@ -13,6 +13,24 @@ EVENT_FEATURES = 5  # sin/cos hour, sin/cos weekday, log gap since previous even
 CONTEXT_FEATURES = 5  # the same, for the moment of prediction
 
 
+# What the data path reads ratings as: stars, 0.5..5 (MovieLens's scale and the API's). Other sources map
+# onto it when read: an event with no rating (a view, a click: an implicit event) is IMPLICIT_RATING, the
+# most common MovieLens rating and the API's reading of an event without one; a weight w in 0..1 (an
+# implicit event's strength) is 0.5 + 4.5·w, buckets 1..10; a rating r on a 0..10 scale (MovieTweetings)
+# is r / 2, with 0 joining 1 in the lowest bucket.
+IMPLICIT_RATING = 4.0
+
+
+def stars_from_weight(weight: np.ndarray) -> np.ndarray:
+    """Weights in 0..1 -> stars 0.5..5, linearly (rating buckets 1..10)."""
+    return 0.5 + 4.5 * np.asarray(weight, dtype=np.float64)
+
+
+def stars_from_ten(rating: np.ndarray) -> np.ndarray:
+    """Ratings on a 0..10 scale -> stars: half of it, at least 0.5 (0 and 1 share the lowest bucket)."""
+    return np.maximum(np.asarray(rating, dtype=np.float64) / 2.0, 0.5)
+
+
 def rating_bucket(rating: np.ndarray) -> np.ndarray:
     """Ratings on a 0.5-step scale up to 5 -> integer buckets 1..11 (0 is padding)."""
     return np.clip(np.rint(np.asarray(rating, dtype=np.float64) * 2.0), 1, N_RATING_BUCKETS - 1).astype(np.int64)

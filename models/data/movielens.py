@@ -108,15 +108,16 @@ def _scan_ratings(src: Source, kind: str, item_ids: set[int], movies_file: str) 
             raise DataFormatError(disp, f"{names[1]} {item} is not in {movies_file}", line)
 
 
-def _read_ratings(src: Source, kind: str, items: pa.Table, movies_file: str) -> pa.Table:
+def _read_ratings(src: Source, kind: str, movie_ids: list[int], movies_file: str) -> pa.Table:
+    """The ratings, checked, with the ids as the decimal strings of RATINGS_SCHEMA."""
     name, delim, header = _RATING_LAYOUT[kind]
     disp = src.display(name)
     cols = ["user", "item", "rating", "timestamp"]
     types = {"user": pa.int64(), "item": pa.int64(), "rating": pa.float64(), "timestamp": pa.int64()}
-    item_ids = items.column("source_id")
+    item_ids = pa.array(movie_ids, pa.int64())
 
     def slow(reason: str):
-        _scan_ratings(src, kind, set(item_ids.to_pylist()), movies_file)
+        _scan_ratings(src, kind, set(movie_ids), movies_file)
         raise DataFormatError(disp, reason)  # only if the exact scan disagrees with pyarrow
 
     if kind == "csv":
@@ -165,9 +166,16 @@ def _read_ratings(src: Source, kind: str, items: pa.Table, movies_file: str) -> 
 # ---- movies ---------------------------------------------------------------------------------
 
 
-def _items_table(ids: list[int], titles: list[str], genres: list[list[str]], tags: dict[int, list[str]]) -> pa.Table:
+def _items_table(ids: list[int], titles: list[str], genres: list[list[str]], tags: dict[str, list[str]]) -> pa.Table:
+    keys = [str(i) for i in ids]
     return pa.table(
-        {"source_id": ids, "title": titles, "genres": genres, "tags": [tags.get(i, []) for i in ids]},
+        {
+            "source_id": keys,
+            "title": titles,
+            "genres": genres,
+            "tags": [tags.get(k, []) for k in keys],
+            "text": [None] * len(keys),
+        },
         schema=ITEMS_SCHEMA,
     )
 
@@ -272,7 +280,7 @@ def _read_tags(src: Source, kind: str, item_ids: set[int], movies_file: str) -> 
             raise DataFormatError(disp, f"{names[1]} {item} is not in {movies_file}", line)
         tag = " ".join(f[2].split()).lower()
         if tag:
-            out_items.append(item)
+            out_items.append(str(item))
             out_tags.append(tag)
             out_times.append(when)
     return pa.table({"item": out_items, "tag": out_tags, "timestamp": out_times}, schema=TAG_EVENTS_SCHEMA)
@@ -301,10 +309,10 @@ def read_movielens(path: str | Path, name: str | None = None) -> RawData:
         tags = (
             {}
             if tag_events is None
-            else rank_tags(tag_events.column("item").to_numpy(), tag_events.column("tag").to_pylist())
+            else rank_tags(tag_events.column("item").to_pylist(), tag_events.column("tag").to_pylist())
         )
         items = _items_table(ids, titles, genres, tags)
-        ratings = _read_ratings(src, src.kind, items, movies_file)
+        ratings = _read_ratings(src, src.kind, ids, movies_file)
     finally:
         if src.zip is not None:
             src.zip.close()

@@ -25,10 +25,21 @@ from models.data.errors import DataFormatError
 from models.data.raw import ITEMS_SCHEMA, RATINGS_SCHEMA, RawData, rank_tags
 from models.files import sha256_file
 
-FORMAT_VERSION = 2  # 2: item text from the tags applied before every evaluation target only
+# 2: item text from the tags applied before every evaluation target only;
+# 3: a user's events that share a second in a seeded random order (TIE_SEED), not in file order;
+# 4: source ids as strings (IMDb's "0133093" keeps its zero);
+# 5: tags applied before the ten validation targets that precede the test window too
+FORMAT_VERSION = 5
+# Events of one user with the same timestamp have no order of their own; the file's order often
+# encodes something (MovieLens lists a bulk-rating second in ascending movieId, so the last event
+# of a tie would be its largest id). They are put in a random order drawn from this seed instead:
+# the same input still prepares byte-identical output.
+TIE_SEED = 0
 # The longest evaluation protocol predicts each user's last 10 events (`models.training.defaults.PROTOCOLS`), with
-# the event before them as validation: no feature may use what happened after the earliest of these.
+# the 10 events before them as validation (`VALID_TARGETS`): no feature may use what happened after the
+# earliest of these.
 MAX_TEST_EVENTS = 10
+MAX_VALID_EVENTS = 10
 SPLIT_PROTOCOL = (
     "leave-one-out: last event test, second-to-last validation; "
     "maximum sequence length 200; full ranking; history-masked headline"
@@ -105,12 +116,12 @@ def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
 def evaluation_cutoff(users: np.ndarray, times: np.ndarray) -> int:
     """Events sorted by (user, time) -> the time of the earliest event any protocol evaluates.
 
-    Per user that is the first of its last MAX_TEST_EVENTS + 1 events (test targets and the
-    validation target; all but the first event for short users), as `models.data.batching.make_split`
-    cuts them; the minimum over users.
+    Per user that is the first of its last MAX_TEST_EVENTS + MAX_VALID_EVENTS events (test and
+    validation targets; all but the first event for short users), at least as early as
+    `models.data.batching.make_split` cuts them; the minimum over users.
     """
     _, first, counts = np.unique(users, return_index=True, return_counts=True)
-    k = np.minimum(MAX_TEST_EVENTS + 1, counts - 1)
+    k = np.minimum(MAX_TEST_EVENTS + MAX_VALID_EVENTS, counts - 1)
     return int(times[first + counts - k].min())
 
 
@@ -126,8 +137,8 @@ def item_tags(raw: RawData, catalogue: pa.Table, cutoff: int) -> tuple[list[list
         return tags, {"source": "static", "items_with_tags": sum(bool(t) for t in tags)}
     events = raw.tag_events
     before = events.filter(pc.less(events.column("timestamp"), cutoff))
-    ranked = rank_tags(before.column("item").to_numpy(), before.column("tag").to_pylist())
-    tags = [ranked.get(int(i), []) for i in catalogue.column("source_id").to_numpy()]
+    ranked = rank_tags(before.column("item").to_pylist(), before.column("tag").to_pylist())
+    tags = [ranked.get(i, []) for i in catalogue.column("source_id").to_pylist()]
     return tags, {
         "source": "timestamped",
         "used_before": cutoff,
@@ -139,28 +150,28 @@ def item_tags(raw: RawData, catalogue: pa.Table, cutoff: int) -> tuple[list[list
 
 @dataclasses.dataclass(frozen=True)
 class Events:
-    """The kept events, sorted by (user, time) — ties in file order — in their source ids."""
+    """The kept events, sorted by (user, time) — ties in a seeded random order — with users 1..U and
+    items 1..N numbered in the order of their source ids (0 is padding)."""
 
-    users: np.ndarray  # (E,) int64 source user ids
-    items: np.ndarray  # (E,) int64 source item ids
+    user_ids: np.ndarray  # (U,) object: source user ids, in id order (`id_order`)
+    item_ids: np.ndarray  # (N,) object: source item ids, in id order
+    user_idx: np.ndarray  # (E,) int32 in 1..U
+    item_idx: np.ndarray  # (E,) int32 in 1..N
     ratings: np.ndarray  # (E,) float32
     times: np.ndarray  # (E,) int64 seconds
 
     @property
     def size(self) -> int:
-        return int(self.users.size)
+        return int(self.user_idx.size)
 
 
 @dataclasses.dataclass(frozen=True)
 class Catalogue:
-    """Users 1..U and items 1..N in order of their source ids (0 is padding), with the item rows."""
+    """The rows of the rated items, in item_idx order."""
 
-    user_ids: np.ndarray  # (U,) source ids, ascending
-    item_ids: np.ndarray  # (N,) source ids, ascending
-    user_idx: np.ndarray  # (E,) int32 in 1..U
-    item_idx: np.ndarray  # (E,) int32 in 1..N
-    titles: list[str]
-    genres: list[list[str]]
+    titles: list[str]  # (N,)
+    genres: list[list[str]]  # (N,)
+    texts: list[str | None]  # (N,) the source's own item text, None where it has none
     rows: pa.Table  # (N rows) raw.items in item_idx order
 
 
@@ -185,59 +196,88 @@ def check_target(raw: RawData, out_dir: Path, overwrite: bool) -> None:
         raise ValueError(f"extra table names {sorted(clash)} clash with the prepared tables")
 
 
+def tie_keys(n: int) -> np.ndarray:
+    """(n,) random sort keys, one per event in file order, drawn from TIE_SEED: the last key of a sort by
+    (user, time, key), so events that share a user and a second take a random order, the same every run."""
+    return np.random.default_rng(TIE_SEED).random(n)
+
+
+def id_order(ids: np.ndarray) -> np.ndarray:
+    """Distinct source ids (K,) -> the indices that sort them: as numbers when every one is a decimal
+    integer (MovieLens's "9" before "10", IMDb's "0133093"), else as strings."""
+    text = np.asarray(ids, dtype=str)
+    if text.size and np.char.isdecimal(text).all():
+        try:
+            return np.lexsort((text, text.astype(np.int64)))  # equal numbers ("07", "7"): by string
+        except (OverflowError, ValueError):  # longer than int64: compared as strings below
+            pass
+    return np.argsort(text, kind="stable")
+
+
+def distinct_ids(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """Source ids (E,) -> (the distinct ids in id order (K,) object, each entry's position among them (E,) int64)."""
+    uniques = pc.unique(column)
+    codes = pc.index_in(column, value_set=uniques).to_numpy()  # (E,) into `uniques`
+    distinct = uniques.to_numpy(zero_copy_only=False)
+    order = id_order(distinct)
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    return distinct[order].astype(object), rank[codes]
+
+
 def sorted_events(raw: RawData, min_user_events: int) -> Events:
-    """Stable sort by (user, time) — ties keep file order — and drop histories shorter than `min_user_events`."""
+    """Sort by (user, time) — ties in the order of `tie_keys` — drop histories shorter than
+    `min_user_events`, and number the users and items that remain."""
     ratings = raw.ratings.cast(RATINGS_SCHEMA)
     for col in ratings.column_names:
         if ratings.column(col).null_count:
             raise DataFormatError(f"{raw.name} ratings", f"column {col!r} has missing values")
-    users = ratings.column("user").to_numpy()
+    user_ids, users = distinct_ids(ratings.column("user"))  # (U0,), (E0,)
+    item_ids, items = distinct_ids(ratings.column("item"))  # (N0,), (E0,)
     times = ratings.column("timestamp").to_numpy()
-    by_time = np.argsort(times, kind="stable")
-    order = by_time[np.argsort(users[by_time], kind="stable")]
-    _, inverse, counts = np.unique(users[order], return_inverse=True, return_counts=True)
-    keep = order[counts[inverse] >= min_user_events]
+    order = np.lexsort((tie_keys(len(users)), times, users))  # the last key sorts first
+    long_enough = np.bincount(users, minlength=len(user_ids)) >= min_user_events  # (U0,)
+    keep = order[long_enough[users[order]]]
     if keep.size == 0:
         raise ValueError(f"{raw.name}: no user has at least {min_user_events} events")
+    rated = np.unique(items[keep])  # (N,) positions in item_ids, ascending: id order
     return Events(
-        users=users[keep],
-        items=ratings.column("item").to_numpy()[keep],
+        user_ids=user_ids[long_enough],
+        item_ids=item_ids[rated],
+        user_idx=np.cumsum(long_enough).astype(np.int32)[users[keep]],
+        item_idx=(np.searchsorted(rated, items[keep]) + 1).astype(np.int32),
         ratings=ratings.column("rating").to_numpy()[keep].astype(np.float32),
         times=times[keep].astype(np.int64),
     )
 
 
 def index_catalogue(raw: RawData, events: Events) -> Catalogue:
-    """Re-index users and items and take each rated item's row from `raw.items` (every one must be there, once)."""
-    user_ids = np.unique(events.users)
-    item_ids = np.unique(events.items)
+    """Each rated item's row from `raw.items` (every one must be there, once), in item_idx order."""
     catalogue = raw.items.cast(ITEMS_SCHEMA)
-    src = catalogue.column("source_id").to_numpy()
-    src_order = np.argsort(src, kind="stable")
-    src_sorted = src[src_order]
-    dup = np.flatnonzero(src_sorted[1:] == src_sorted[:-1])
-    if dup.size:
-        raise DataFormatError(f"{raw.name} items", f"source_id {src_sorted[dup[0]]} appears twice")
-    pos = np.searchsorted(src_sorted, item_ids)
-    missing = (pos >= len(src_sorted)) | (src_sorted[np.minimum(pos, len(src_sorted) - 1)] != item_ids)
-    if missing.any():
-        raise DataFormatError(f"{raw.name} ratings", f"item {item_ids[missing][0]} is not in the items table")
-    rows = catalogue.take(pa.array(src_order[pos]))
+    src = catalogue.column("source_id")
+    if src.null_count:
+        raise DataFormatError(f"{raw.name} items", "column 'source_id' has missing values")
+    distinct = pc.unique(src)
+    if len(distinct) < len(src):
+        counts = np.bincount(pc.index_in(src, value_set=distinct).to_numpy(), minlength=len(distinct))
+        raise DataFormatError(f"{raw.name} items", f"source_id {distinct[int(np.argmax(counts))]} appears twice")
+    pos = pc.index_in(pa.array(events.item_ids, pa.string()), value_set=src)  # (N,) row of each rated item
+    if pos.null_count:
+        missing = events.item_ids[pos.is_null().to_numpy(zero_copy_only=False)]
+        raise DataFormatError(f"{raw.name} ratings", f"item {missing[0]} is not in the items table")
+    rows = catalogue.take(pos)
     return Catalogue(
-        user_ids=user_ids,
-        item_ids=item_ids,
-        user_idx=(np.searchsorted(user_ids, events.users) + 1).astype(np.int32),
-        item_idx=(np.searchsorted(item_ids, events.items) + 1).astype(np.int32),
         titles=rows.column("title").to_pylist(),
         genres=[g or [] for g in rows.column("genres").to_pylist()],
+        texts=rows.column("text").to_pylist(),
         rows=rows,
     )
 
 
 def encode_texts(encoder, cat: Catalogue, tags: list[list[str]], progress: bool, step) -> Texts:
-    """Each item's text and every intent phrase, encoded once by `encoder`."""
+    """Each item's text (the source's own, else `item_text`) and every intent phrase, encoded once by `encoder`."""
     step(f"encoding {len(cat.titles)} item texts")
-    texts = [item_text(t or "", g, tg) for t, g, tg in zip(cat.titles, cat.genres, tags)]
+    texts = [own or item_text(t or "", g, tg) for own, t, g, tg in zip(cat.texts, cat.titles, cat.genres, tags)]
     item_emb = _encode(encoder, texts, progress, "item texts")
     per_item = [intent_phrases(g, tg) for g, tg in zip(cat.genres, tags)]
     vocab = sorted({p for ps in per_item for p in ps})
@@ -248,12 +288,12 @@ def encode_texts(encoder, cat: Catalogue, tags: list[list[str]], progress: bool,
 
 def build_tables(events: Events, cat: Catalogue, tags: list[list[str]], text: Texts) -> dict[str, pa.Table]:
     """The four prepared tables: items, interactions, intents, user_map."""
-    n_items, n_users = len(cat.item_ids), len(cat.user_ids)
+    n_items, n_users = len(events.item_ids), len(events.user_ids)
     phrase_id = {p: i for i, p in enumerate(text.vocab)}
     items = pa.table(
         {
             "item_idx": pa.array(np.arange(1, n_items + 1, dtype=np.int32)),
-            "source_id": pa.array(cat.item_ids.astype(np.int64)),
+            "source_id": pa.array(events.item_ids, pa.string()),
             "title": pa.array(cat.titles, pa.string()),
             "genres": pa.array(cat.genres, pa.list_(pa.string())),
             "tags": pa.array(tags, pa.list_(pa.string())),
@@ -264,9 +304,9 @@ def build_tables(events: Events, cat: Catalogue, tags: list[list[str]], text: Te
     )
     interactions = pa.table(
         {
-            "user_idx": pa.array(cat.user_idx),
-            "source_user": pa.array(events.users.astype(np.int64)),
-            "item_idx": pa.array(cat.item_idx),
+            "user_idx": pa.array(events.user_idx),
+            "source_user": pa.array(events.user_ids, pa.string()).take(pa.array(events.user_idx - 1)),
+            "item_idx": pa.array(events.item_idx),
             "rating": pa.array(events.ratings),
             "timestamp": pa.array(events.times),
         }
@@ -281,7 +321,7 @@ def build_tables(events: Events, cat: Catalogue, tags: list[list[str]], text: Te
     user_map = pa.table(
         {
             "user_idx": pa.array(np.arange(1, n_users + 1, dtype=np.int32)),
-            "source_user": pa.array(cat.user_ids.astype(np.int64)),
+            "source_user": pa.array(events.user_ids, pa.string()),
         }
     )
     return {"items": items, "interactions": interactions, "intents": intents, "user_map": user_map}
@@ -337,9 +377,9 @@ def prepare(
 
     step("sorting events")
     events = sorted_events(raw, min_user_events)
-    step("indexing users and items")
+    step("finding the items' rows")
     cat = index_catalogue(raw, events)
-    tags, tag_record = item_tags(raw, cat.rows, evaluation_cutoff(events.users, events.times))
+    tags, tag_record = item_tags(raw, cat.rows, evaluation_cutoff(events.user_idx, events.times))
     if encoder is None:
         from models.data.encoder import TextEncoder
 
@@ -351,8 +391,8 @@ def prepare(
         "source": raw.source,
         "request": request,
         "counts": {
-            "users": len(cat.user_ids),
-            "items": len(cat.item_ids),
+            "users": len(events.user_ids),
+            "items": len(events.item_ids),
             "interactions": events.size,
             "genres": len({g for gs in cat.genres for g in gs}),
             "intents": len(text.vocab),
@@ -363,10 +403,14 @@ def prepare(
             "dim": int(text.item_emb.shape[1]),
         },
         "min_user_events": min_user_events,
+        "tie_seed": TIE_SEED,
         "tags": tag_record,
+        "source_details": raw.details,
         "extra_tables": sorted(raw.extra),
     }
     step(f"writing {out_dir}")
     write_prepared({**build_tables(events, cat, tags, text), **raw.extra}, manifest, out_dir, overwrite)
-    step(f"done: {len(cat.user_ids)} users, {len(cat.item_ids)} items, {events.size} events, {len(text.vocab)} intents")
+    step(
+        f"done: {len(events.user_ids)} users, {len(events.item_ids)} items, {events.size} events, {len(text.vocab)} intents"
+    )
     return out_dir

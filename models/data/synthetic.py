@@ -215,9 +215,9 @@ def _simulate_user(u: int, cfg: SyntheticConfig, cat: _Catalogue, rng, cols: dic
         rating = float(np.clip(np.rint(score), 1, 5))
         if rating >= 4:
             liked = item
-        for k, v in zip(cols, (u + 1, item + 1, rating, t)):
+        for k, v in zip(cols, (str(u + 1), str(item + 1), rating, t)):
             cols[k].append(v)
-        for k, v in zip(truth, (u + 1, s, t, item + 1, SOURCES[src], h, lg, *pi)):
+        for k, v in zip(truth, (str(u + 1), s, t, str(item + 1), SOURCES[src], h, lg, *pi)):
             truth[k].append(v)
         theta = (1 - cfg.drift) * theta + cfg.drift * target
         if rng.random() < 0.05:
@@ -234,17 +234,18 @@ def generate(config: SyntheticConfig | None = None) -> RawData:
         _simulate_user(u, cfg, cat, rng, cols, truth)
     items = pa.table(
         {
-            "source_id": np.arange(1, cfg.n_items + 1, dtype=np.int64),
+            "source_id": [str(i) for i in range(1, cfg.n_items + 1)],
             "title": cat.titles,
             "genres": cat.genres,
             "tags": cat.tags,
+            "text": [None] * cfg.n_items,
         },
         schema=ITEMS_SCHEMA,
     )
     ratings = pa.table(
         {
-            "user": np.asarray(cols["user"], np.int64),
-            "item": np.asarray(cols["item"], np.int64),
+            "user": cols["user"],
+            "item": cols["item"],
             "rating": np.asarray(cols["rating"], np.float32),
             "timestamp": np.asarray(cols["timestamp"], np.int64),
         },

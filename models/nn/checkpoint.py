@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
@@ -140,6 +141,17 @@ def load(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict]:
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"{path}: unreadable or corrupt checkpoint ({type(e).__name__}: {e})") from e
     return from_dict(ckpt, str(path))
+
+
+def item_vocabulary(meta: dict) -> np.ndarray | None:
+    """A checkpoint's item index -> source id (N+1,) as an object array of str, [0] == "" (padding);
+    None when its meta has no `item_source_ids`. Training writes them as a list of str; a checkpoint
+    from before source ids were strings holds an int64 tensor, read as the numbers' decimal strings."""
+    ids = meta.get("item_source_ids")
+    if ids is None:
+        return None
+    values = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    return np.array(["", *(str(v) for v in values[1:])], dtype=object)
 
 
 class BestCheckpoint(BaseModel):

@@ -2,6 +2,7 @@
 
 python -m models.training.run                                   # embedded synthetic data
 python -m models.training.run --dataset ml-latest-small         # ../shared copy, or --data-dir PATH
+python -m models.training.run --dataset events --data-dir DIR    # your event log (docs/data-and-evaluation.md)
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 import torch
 
 from models.cli import add_settings, setting, settings_from
-from models.data import load_prepared, prepare_source
+from models.data import DataError, load_prepared, prepare_source
+from models.data.sources import DATA_DIR_HELP, DATASETS, MIN_USER_EVENTS_HELP
 from models.evaluation.evaluate import evaluate
 from models.evaluation.metrics import summarize
 from models.evaluation.report import TABLE_METRICS, format_table, table_row
@@ -39,8 +41,9 @@ MODEL_KINDS = (
 
 @dataclass
 class RunSettings:
-    dataset: str = setting("synthetic", "synthetic | ml-latest-small | ml-100k | ml-1m | ...")
-    data_dir: Path | None = setting(None, "MovieLens folder or .zip (else the ../shared copy or a download)")
+    dataset: str = setting("synthetic", " | ".join(DATASETS))
+    data_dir: Path | None = setting(None, DATA_DIR_HELP)
+    min_user_events: int | None = setting(None, MIN_USER_EVENTS_HELP)
     prepared_dir: Path | None = setting(None, "where prepared Parquet goes (default runs/data/DATASET)")
     out: Path = setting(Path("runs/local"), "checkpoints and results")
     models: str = setting(",".join(MODEL_KINDS), "comma-separated subset of " + ",".join(MODEL_KINDS))
@@ -64,10 +67,18 @@ def parse_args(argv=None) -> RunSettings:
 
 
 def main(argv=None) -> int:
+    """`python -m models.training.run` -> its exit status (2: a data error, printed as one line)."""
     args = parse_args(argv)
-    prepared = prepare_source(
-        args.dataset, args.prepared_dir or Path("runs/data") / args.dataset, data_dir=args.data_dir
-    )
+    try:
+        prepared = prepare_source(
+            args.dataset,
+            args.prepared_dir or Path("runs/data") / args.dataset,
+            data_dir=args.data_dir,
+            min_user_events=args.min_user_events,
+        )
+    except (DataError, FileExistsError) as e:  # a missing, malformed or unreachable dataset: its message has the fix
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     data = load_prepared(prepared)
     split = protocol_split(data.user_offsets, args.protocol)
     print(

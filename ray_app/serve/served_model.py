@@ -61,6 +61,12 @@ class Ranking:
     explanation: dict[str, list[tuple[int, float]]] | None  # per dimension: its own top items
 
 
+def api_item_id(source_id: str) -> int | str:
+    """A source id (str) as the API's `item_id`, which is a number: a decimal id is served as its value
+    (IMDb's "0133093" as 133093); any other id stays a string that a numeric request cannot name."""
+    return int(source_id) if source_id.isdecimal() else source_id
+
+
 class ServingSetupError(ValueError):
     """A checkpoint or dataset the app cannot serve; the message names the path."""
 
@@ -96,15 +102,15 @@ class ServedModel:
     model: InterestDecomposer
     version: str
     path: Path
-    item_source_ids: np.ndarray  # (N+1,) model index -> source id; [0] = -1 (padding)
+    item_source_ids: np.ndarray  # (N+1,) model index -> source id (str); [0] = "" (padding)
     device: torch.device = torch.device("cpu")
     # Item indexes built over item_vecs for this version, by their settings (ray_app/serve/ann.py).
     indexes: dict = field(default_factory=dict, repr=False)
 
     @cached_property
-    def index_of(self) -> dict[int, int]:
-        """Source item id -> model index."""
-        return {int(s): i for i, s in enumerate(self.item_source_ids) if i > 0}
+    def index_of(self) -> dict[int | str, int]:
+        """The API's item id (`api_item_id`) -> model index."""
+        return {api_item_id(s): i for i, s in enumerate(self.item_source_ids) if i > 0}
 
     @cached_property
     def item_vecs(self) -> torch.Tensor:
@@ -148,8 +154,7 @@ class ServedModel:
                 f"{file}: a {checkpoint.model_type(model)!r} checkpoint; serving needs a "
                 "'decomposer' (the baselines have no dimensions or gates)"
             )
-        ids = meta.get("item_source_ids")
-        ids = np.asarray(ids.numpy() if isinstance(ids, torch.Tensor) else ids, np.int64) if ids is not None else None
+        ids = checkpoint.item_vocabulary(meta)
         if ids is None:
             if catalogue_ids is None:
                 raise ServingSetupError(f"{file}: no item vocabulary in the checkpoint and no dataset given")
@@ -167,17 +172,17 @@ class ServedModel:
 class Catalogue:
     """Item side of a prepared dataset: titles and genres by source id, for the responses."""
 
-    item_source_ids: np.ndarray  # (N+1,) model index -> source id
+    item_source_ids: np.ndarray  # (N+1,) model index -> source id (str)
     titles: list[str]  # (N+1,)
     genres: list[list[str]]  # (N+1,)
-    index_of: dict[int, int]  # source id -> model index
+    index_of: dict[int | str, int]  # the API's item id (`api_item_id`) -> model index
 
     @classmethod
     def from_data(cls, data: InteractionData) -> Catalogue:
         names = np.asarray(data.genre_names, dtype=object)
         genres = [list(names[row > 0]) for row in data.item_genres]
         ids = data.item_source_ids
-        return cls(ids, list(data.titles), genres, {int(s): i for i, s in enumerate(ids) if i > 0})
+        return cls(ids, list(data.titles), genres, {api_item_id(s): i for i, s in enumerate(ids) if i > 0})
 
     @classmethod
     def load(cls, data_dir: str | Path) -> tuple[Catalogue, InteractionData]:
@@ -196,7 +201,7 @@ class Catalogue:
         return [j for j, s in enumerate(source_ids) if int(s) not in self.index_of]
 
     def describe(self, idx: int, score: float | None = None) -> dict:
-        out = {"item_id": int(self.item_source_ids[idx]), "title": self.titles[idx], "genres": self.genres[idx]}
+        out = {"item_id": api_item_id(self.item_source_ids[idx]), "title": self.titles[idx], "genres": self.genres[idx]}
         if score is not None:
             out["score"] = float(score)
         return out
@@ -210,8 +215,9 @@ def training_user_events(data: InteractionData, chunk: int = 1000) -> Iterator[d
         out = {}
         for u in range(lo, min(lo + chunk, data.n_users + 1)):
             sl = data.user_events(u)
-            out[str(int(data.user_source_ids[u]))] = [
-                Event(int(i), float(r), float(t)) for i, r, t in zip(src[sl], data.ratings[sl], data.timestamps[sl])
+            out[data.user_source_ids[u]] = [
+                Event(api_item_id(i), float(r), float(t))
+                for i, r, t in zip(src[sl], data.ratings[sl], data.timestamps[sl])
             ]
         yield out
 

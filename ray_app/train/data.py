@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from models.data.batching import Split, training_windows
-from models.data import KNOWN_DATASETS, DownloadError, InteractionData, load_prepared, prepare_source
+from models.data import DATASETS, DataError, InteractionData, load_prepared, prepare_source
 
 EVENT_COLUMNS = ["user_idx", "item_idx", "rating", "timestamp"]
 
@@ -29,21 +29,24 @@ class SetupError(ValueError):
 
 
 def resolve_dataset(
-    dataset: str, data_dir: Path | None = None, prepared_dir: Path | None = None, progress: bool = True
+    dataset: str,
+    data_dir: Path | None = None,
+    prepared_dir: Path | None = None,
+    progress: bool = True,
+    min_user_events: int | None = None,
 ) -> Path:
-    """ "synthetic" or a MovieLens name → prepared into `prepared_dir`; anything else is a prepared folder."""
-    if dataset == "synthetic" or dataset in KNOWN_DATASETS:
+    """A dataset name (`models.data.DATASETS`) → prepared into `prepared_dir`; anything else is a prepared folder."""
+    if dataset in DATASETS:
         out = prepared_dir or Path("runs/data") / dataset
         try:
-            return prepare_source(dataset, out, data_dir=data_dir, progress=progress).resolve()
-        except (OSError, ValueError, DownloadError) as e:
-            raise SetupError(f"--dataset {dataset}: {e}") from e
+            return prepare_source(
+                dataset, out, data_dir=data_dir, progress=progress, min_user_events=min_user_events
+            ).resolve()
+        except (OSError, ValueError, DataError) as e:  # a DataError's message is one line with its fix
+            raise SetupError(str(e) if str(e).startswith("--") else f"--dataset {dataset}: {e}") from e
     path = Path(dataset).expanduser()
     if not path.exists():
-        raise SetupError(
-            f"--dataset {dataset}: no such folder, and not a known dataset name "
-            f"(synthetic, {', '.join(KNOWN_DATASETS)})"
-        )
+        raise SetupError(f"--dataset {dataset}: no such folder, and not a known dataset name ({', '.join(DATASETS)})")
     if not path.is_dir():
         raise SetupError(f"--dataset {dataset}: not a folder (expected a prepared dataset folder)")
     return path.resolve()
@@ -134,5 +137,5 @@ def shard_data(batches, items: InteractionData, users: tuple[int, int]) -> Inter
         items=cols["item_idx"].astype(np.int64),
         ratings=cols["rating"].astype(np.float32),
         timestamps=cols["timestamp"].astype(np.int64),
-        user_source_ids=np.concatenate([[-1], items.user_source_ids[lo:hi]]).astype(np.int64),
+        user_source_ids=np.concatenate([np.array([""], object), items.user_source_ids[lo:hi]]),
     )

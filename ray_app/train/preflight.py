@@ -136,7 +136,7 @@ def plan(s: RayTrainSettings, num_cpus: int | None = None) -> Plan:
             raise SetupError(f"--bf16: {problem}; train without --bf16, or on GPUs with --use-gpu")
     name = s.run_name()
     check_storage(s.storage_path, name)
-    prepared = resolve_dataset(s.dataset, s.data_dir, s.prepared_dir)
+    prepared = resolve_dataset(s.dataset, s.data_dir, s.prepared_dir, min_user_events=s.min_user_events)
     data = load_checked(prepared)
     try:
         split = protocol_split(data.user_offsets, s.protocol)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from models.data.sources import DATA_DIR_HELP, DATASETS, MIN_USER_EVENTS_HELP
 from models.evaluation.evaluate import HEADLINE
 from models.cli import add_settings, setting, settings_from
 from models.nn import checkpoint
@@ -30,8 +31,9 @@ FIXED_BY_DATA = ("n_items", "n_genres", "text_dim")
 
 @dataclass
 class RayTrainSettings:
-    dataset: str = setting("synthetic", "synthetic | ml-latest-small | ml-1m | ... | a prepared folder")
-    data_dir: Path | None = setting(None, "MovieLens folder or .zip for a named dataset")
+    dataset: str = setting("synthetic", f"{' | '.join(DATASETS)} | a prepared folder")
+    data_dir: Path | None = setting(None, DATA_DIR_HELP)
+    min_user_events: int | None = setting(None, MIN_USER_EVENTS_HELP)
     prepared_dir: Path | None = setting(None, "where a named dataset is prepared (default runs/data/NAME)")
     model: str = setting("decomposer", choices=MODEL_KINDS)
     model_args: dict = field(default_factory=dict)  # typed overrides of the model's config (--set KEY=VALUE)

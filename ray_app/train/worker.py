@@ -261,7 +261,7 @@ def report(
                 "dataset": config["dataset"],
                 "protocol": config["protocol"],
                 "train_config": config["train"],
-                "item_source_ids": torch.tensor(items.item_source_ids),  # item index -> source id
+                "item_source_ids": items.item_source_ids.tolist(),  # item index -> source id (str)
             },
         )
         torch.save(optimizer.state_dict(), Path(d) / "optimizer.pt")
@@ -283,7 +283,7 @@ def restore(folder: Path, core, data: InteractionData, ema=None) -> tuple[TrainS
     saved, meta = checkpoint.load(folder / "model.pt")
     if saved.cfg.to_dict() != core.cfg.to_dict():
         raise RuntimeError(f"{folder}: the run was started with other model settings; use another --name")
-    if not np.array_equal(meta["item_source_ids"].numpy(), data.item_source_ids):
+    if not np.array_equal(checkpoint.item_vocabulary(meta), data.item_source_ids):
         raise RuntimeError(f"{folder}: the run was started on another item catalogue; use another --name")
     if ema is None:
         if (folder / "live.pt").is_file():
