@@ -59,8 +59,9 @@ NO_DIMENSIONS = [
     "use_time=false",
     "max_latent=0",
     "combine=max",
-    "tau=1.0",  # one member: the temperature and the separation mean nothing
+    "tau=1.0",  # one member: the temperature, the separation and the dimensions' size mean nothing
     "separation=0.0",
+    "dim_size=8",
 ]
 # name -> (model kind, fixed settings on top of its space). Every space fixes the same recipe.
 MODELS = {

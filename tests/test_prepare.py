@@ -145,7 +145,7 @@ def test_prepare_tables_and_manifest(tmp_path):
     assert pq.read_table(out / "user_map.parquet").to_pydict() == {"user_idx": [1, 2], "source_user": ["5", "7"]}
     assert pq.read_table(out / "truth.parquet").equals(make_raw().extra["truth"])
     m = json.loads((out / "manifest.json").read_text())
-    assert m["format_version"] == 4 and m["dataset"] == "toy" and m["source"] == "made by hand"
+    assert m["format_version"] == 5 and m["dataset"] == "toy" and m["source"] == "made by hand"
     assert m["tie_seed"] == 0
     assert m["counts"] == {"users": 2, "items": 3, "interactions": 7, "genres": 5, "intents": len(phrases)}
     assert m["genres"] == ["Action", "Animation", "Comedy", "Crime", "Romance"]
@@ -342,7 +342,7 @@ def test_a_tag_applied_after_a_target_does_not_change_its_score(tmp_path):
             progress=False,
         )
         data = load_prepared(out)
-        split = make_split(data.user_offsets, 10)
+        split = make_split(data.user_offsets, 10, 10)
         torch.manual_seed(0)
         model = new_model("decomposer", data, split)
         ev = evaluate(model, data, split, "test")
@@ -351,10 +351,10 @@ def test_a_tag_applied_after_a_target_does_not_change_its_score(tmp_path):
     base, base_scores, out = prepared_scores("base", [])
     manifest = json.loads((out / "manifest.json").read_text())
     cutoff = manifest["tags"]["used_before"]
-    # The earliest evaluated event: user 1's 4th (14 events: 10 test, 1 validation, 3 history).
+    # The earliest evaluated event: user 1's 3rd (14 events: 10 test, 2 validation, 2 to train on).
     assert (
         cutoff
-        == 3001
+        == 2001
         == evaluation_cutoff(np.repeat([1, 2, 3], 14), np.tile(1000 * np.arange(14), 3) + np.repeat([1, 2, 3], 14))
     )
     target_item = base.item_source_ids[base.items[base.user_offsets[1] - 1]]  # user 1's last target

@@ -121,10 +121,10 @@ def test_bad_baseline_spaces_are_named(model, override, message):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("units=64", "units: not a search-space parameter; choose from lstm_units"),
+        ("units=64", "units: not a search-space parameter; choose from backbone, lstm_units"),
         ("lstm_units={low: 64, high: 32}", "low 64 is above high 32"),
         ("lr={low: 0, high: 0.1, log: true}", "a log range needs low > 0"),
-        ("combine=[concat, max]", "combine must be 'concat', 'sum' or 'mixture'"),
+        ("combine=[concat, maximum]", "combine must be one of max, concat, sum, mixture"),
         ("dropout=1.5", "dropout=1.5: must be in \\[0, 1\\)"),
         ("dim_size=0", "dim_size=0: must be a positive integer"),
         ("use_time=sometimes", "use_time='sometimes': expected true or false"),

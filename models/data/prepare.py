@@ -116,13 +116,14 @@ def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
 def evaluation_cutoff(users: np.ndarray, times: np.ndarray) -> int:
     """Events sorted by (user, time) -> the time of the earliest event any protocol evaluates.
 
-    Per user that is the first of its last MAX_TEST_EVENTS + MAX_VALID_EVENTS events (test and
-    validation targets; all but the first event for short users), at least as early as
-    `models.data.batching.make_split` cuts them; the minimum over users.
+    Per user that is the first of its test and validation targets under the longest protocol, as
+    `models.data.batching.make_split` cuts them (MAX_TEST_EVENTS test targets, up to
+    MAX_VALID_EVENTS validation targets before them); the minimum over users.
     """
     _, first, counts = np.unique(users, return_index=True, return_counts=True)
-    k = np.minimum(MAX_TEST_EVENTS + MAX_VALID_EVENTS, counts - 1)
-    return int(times[first + counts - k].min())
+    k = np.minimum(MAX_TEST_EVENTS, counts - 2)
+    v = np.clip(np.minimum(MAX_VALID_EVENTS, (counts - k) // 2), 1, None)
+    return int(times[first + counts - k - v].min())
 
 
 def item_tags(raw: RawData, catalogue: pa.Table, cutoff: int) -> tuple[list[list[str]], dict]:
