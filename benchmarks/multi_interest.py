@@ -52,6 +52,9 @@ from ray_app.train.settings import RayTrainSettings  # noqa: E402
 from tuning import search  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+INTENT_TRAINING_RATE = 0.3  # the words model: share of training positions with the target's phrases
+WRONG_WORDS_RATE = 0.2  # and the share of those that are a phrase the target does not carry
+ADHERENCE_USERS = 500  # users sampled for intent adherence
 PROTOCOL_OF = {"ml-latest-small": "last10", "movietweetings-100k": "loo"}
 NO_DIMENSIONS = [
     "use_topic=false",
@@ -159,16 +162,30 @@ def scores(model_path: str, data, split) -> dict:
     }
 
 
-def retrain(kind: str, found: dict, seed: int, prepared: Path, data, split, s: MultiInterestSettings, name: str):
-    """The search's best configuration trained from scratch with Ray Train on `seed`, then scored."""
+def retrain(
+    kind: str,
+    found: dict,
+    seed: int,
+    prepared: Path,
+    data,
+    split,
+    s: MultiInterestSettings,
+    name: str,
+    model_args: dict | None = None,
+    words: tuple[float, float] | None = None,
+):
+    """The search's best configuration (`model_args` in its place when given) trained from scratch
+    with Ray Train on `seed`, then scored; `words` = (intent rate, wrong-words rate) in training."""
+    intent_rate, wrong_rate = words if words is not None else (s.intent_rate, None)
     t = RayTrainSettings(
         dataset=str(prepared),
         model=kind,
-        model_args=found["best_model_args"],
+        model_args=model_args if model_args is not None else found["best_model_args"],
         protocol=s.protocol,
         lr=found["best_train"]["lr"],
         ema_decay=found["best_train"]["ema_decay"] or 0.0,
-        intent_rate=s.intent_rate,
+        intent_rate=intent_rate,
+        wrong_intent_rate=wrong_rate,
         epochs=s.retrain_epochs,
         patience=s.retrain_patience,
         seed=seed,
@@ -206,6 +223,121 @@ def run_retrains(s: MultiInterestSettings, prepared: Path, data, split, report: 
             )
             report["primary"] = primary(report)
             save()
+
+
+def retrain_variant(s, prepared, data, split, report, save, name: str, seeds, **over) -> dict:
+    """A named change of the searched decomposer retrained on `seeds` (recorded seeds skipped)."""
+    done = report["checks"].setdefault("retrain", {}).setdefault(name, {})
+    for seed in seeds:
+        if str(seed) not in done:
+            print(f"retrain {name}, seed {seed}", flush=True)
+            found = report["searches"]["decomposer"]
+            done[str(seed)] = retrain(
+                "decomposer", found, seed, prepared, data, split, s, f"{run_name(name)}-seed{seed}", **over
+            )
+            save()
+    return done
+
+
+def run_checks(s: MultiInterestSettings, prepared: Path, data, split, report: dict, save) -> None:
+    """The mechanism rows (benchmarks/multi_interest_checks.py), each recorded once."""
+    from models.data.encoder import TextEncoder
+
+    import multi_interest_checks as mc
+
+    checks = report.setdefault("checks", {})
+    seeds = [int(x) for x in s.seeds.split(",")]
+    few = seeds[:3]
+    decomposer = report["retrain"]["decomposer"]
+    found = report["searches"]["decomposer"]["best_model_args"]
+    # The decomposition itself: K = 1 (the base readout) widened to the decomposer's parameter count.
+    matched = mc.matched_backbone(found, data.n_items, max(1, data.item_genres.shape[1]))
+    counts = matched.pop("matched_parameters")
+    alone = retrain_variant(
+        s, prepared, data, split, report, save, "backbone alone, matched parameters", seeds, model_args=matched
+    )
+    report["k_ablation"] = {**mc.compare_runs(decomposer, alone), "parameters": counts}
+    fixed = retrain_variant(
+        s, prepared, data, split, report, save, "constant gates", few, model_args={**found, "use_gates": False}
+    )
+    checks["constant_gates"] = mc.compare_runs(decomposer, fixed)
+    if "context_shuffled" not in checks:
+        shuffled = mc.context_shuffled({k: r["model"] for k, r in decomposer.items()}, data, split)
+        checks["context_shuffled"] = mc.compare_runs(decomposer, shuffled)
+        save()
+    report["dimension_overlap"] = float(
+        np.mean([mc.dimension_overlap(r["model"], data, split) for r in decomposer.values()])
+    )
+    base = strongest_baseline(report)
+    checks["clusters"] = {
+        "baseline": base,
+        **mc.cluster_gain(decomposer, report["retrain"][base], mc.multi_cluster_users(data, split)),
+    }
+    save()
+    run_intent(s, prepared, data, split, report, save, few, TextEncoder())
+
+
+def run_intent(s, prepared, data, split, report, save, seeds, encoder) -> None:
+    """The decomposer trained with words against the intent-aware baselines given the same words."""
+    import multi_interest_checks as mc
+    from quality import fusion_weight
+
+    from models.data.batching import INTENT_REGIMES
+    from models.nn.baselines import FusedWithText
+    from models.training.loop import new_model
+
+    found = report["searches"]["decomposer"]["best_model_args"]
+    over = {**found, "intent_member": found.get("combine") == "max"}
+    rates = (INTENT_TRAINING_RATE, WRONG_WORDS_RATE)
+    name = "decomposer, trained with words"
+    words = retrain_variant(s, prepared, data, split, report, save, name, seeds, model_args=over, words=rates)
+    text = new_model("intent-text", data, split)
+    sasrec = report["retrain"]["sasrec, text and event features"]
+    fused_name = "sasrec fused with text retrieval"
+    rows: dict[str, dict] = report["checks"].setdefault("intent", {})
+
+    def fused(seed: int, regime: str):
+        model, _ = checkpoint.load(sasrec[str(seed)]["model"])
+        if regime == "none":
+            return model, None
+        w, _ = fusion_weight(model, text, data, split, regime, "cpu")
+        return FusedWithText(model, text, w), w
+
+    for regime in ("none", *INTENT_REGIMES):
+        if regime in rows:
+            continue
+        kw = {} if regime == "none" else {"with_intent": True, "intent": regime}
+        row = {
+            name: {},
+            fused_name: {},
+            "text retrieval": {"0": {"user_ndcg@10": mc.user_ndcg(text, data, split, **kw)}},
+        }
+        for seed in seeds:
+            model, _ = checkpoint.load(words[str(seed)]["model"])
+            row[name][str(seed)] = {"user_ndcg@10": mc.user_ndcg(model, data, split, **kw)}
+            model, w = fused(seed, regime)
+            row[fused_name][str(seed)] = {"user_ndcg@10": mc.user_ndcg(model, data, split, **kw), "weight": w}
+        rows[regime] = {
+            k: {**runs, "mean": float(np.mean([r["user_ndcg@10"] for r in runs.values()]))} for k, runs in row.items()
+        }
+        save()
+    if "intent_adherence" not in report:
+        # Genre words are the oracle regime's kind of words: the fusion weight chosen for it.
+        users = np.random.default_rng(0).permutation(len(split.user_start))[:ADHERENCE_USERS]
+        model, _ = checkpoint.load(words[str(seeds[0])]["model"])
+        by_phrase = {
+            name: mc.intent_adherence(model, data, split, encoder, users),
+            fused_name: mc.intent_adherence(fused(seeds[0], "oracle")[0], data, split, encoder, users),
+            "text retrieval": mc.intent_adherence(text, data, split, encoder, users),
+        }
+        report["intent_adherence"] = {k: a["all"] for k, a in by_phrase.items()}
+        report["checks"]["intent_adherence_by_phrase"] = by_phrase
+    report["wrong_words_drop"] = 1.0 - rows["wrong"][name]["mean"] / rows["none"][name]["mean"]
+    report["checks"]["intent_ratios"] = {
+        regime: rows[regime][name]["mean"] / max(rows[regime][b]["mean"] for b in ("text retrieval", fused_name))
+        for regime in INTENT_REGIMES
+    }
+    save()
 
 
 def strongest_baseline(report: dict) -> str | None:
@@ -329,6 +461,7 @@ def main(argv=None) -> int:
     connect(int(np.ceil(s.cpus_per_worker)) + 1)  # a local GPU is found by Ray itself
     run_searches(s, prepared, report, save)
     run_retrains(s, prepared, data, split, report, save)
+    run_checks(s, prepared, data, split, report, save)
     report["popular"] = popularity(data, split)
     report["primary"] = primary(report)
     report["flattened"] = flattened(report)
