@@ -37,23 +37,34 @@ def concat_ckpt(tmp_path_factory):
     return _checkpoint(tmp_path_factory, "concat")
 
 
+@pytest.fixture(scope="module")
+def max_ckpt(tmp_path_factory):
+    """Per-dimension scoring: four members (three dimensions and the base), a soft maximum."""
+    return _checkpoint(tmp_path_factory, "max", combine="max", n_latent=0)
+
+
 def _states(served: ServedModel, n: int, seen: np.ndarray | None = None) -> list[UserState]:
     rng = np.random.default_rng(1)
     H = rng.standard_normal((n, served.model.state_dim)).astype(np.float32)
     return [UserState(served.version, str(served.path), h, 5, 1.6e9, seen) for h in H]
 
 
-def test_hnsw_top10_matches_exact(concat_ckpt):
+@pytest.mark.parametrize("mode", ["concat", "max"])
+def test_hnsw_top10_matches_exact(concat_ckpt, max_ckpt, mode):
+    """One vector searched (concat), or each member's searched and their candidates scored exactly (max)."""
+    ckpt = concat_ckpt if mode == "concat" else max_ckpt
     exact, ann = Combiner.func_or_class(), Combiner.func_or_class(index=HNSW)
     for comb in (exact, ann):
-        comb.reconfigure({"checkpoint": str(concat_ckpt)})
+        comb.reconfigure({"checkpoint": str(ckpt)})
     jobs = [RankJob(s, None, 10, False, False, 1.6e9 + 60) for s in _states(exact.current, 200)]
     want, got = exact._rank(exact.current, jobs), ann._rank(ann.current, jobs)
     recall = np.mean([len({i for i, _ in w.items} & {i for i, _ in g.items}) / 10 for w, g in zip(want, got)])
     assert recall >= 0.95
     assert all(len(g.items) == 10 and 0 not in {i for i, _ in g.items} for g in got)
-    assert [g.gates for g in got] == [w.gates for w in want]
-    # The scores are the inner products the exact path computes, for the items the graph found.
+    for g, w in zip(got, want):
+        assert g.gates.keys() == w.gates.keys()
+        np.testing.assert_allclose(list(g.gates.values()), list(w.gates.values()), rtol=1e-5)
+    # The scores are the ones the exact path computes, for the items the graph found.
     exact_scores = {i: s for i, s in want[0].items}
     shared = [(s, exact_scores[i]) for i, s in got[0].items if i in exact_scores]
     np.testing.assert_allclose(*zip(*shared), rtol=1e-4)

@@ -4,8 +4,11 @@ nearest-neighbour graph (HNSW, from faiss) for catalogues too large to score wit
 A concat- or sum-mode decomposer scores item i as u · q_i, the inner product of the combined user
 vector with the item's vector, so the top-k is a maximum-inner-product search that an HNSW graph
 answers approximately (benchmarks/ann.py measures its recall@10 against the exact top-10). A
-mixture-mode one scores by a log-sum-exp over its dimensions, which no single vector search
-reproduces: it is refused when the replica loads it, naming the option.
+max-mode one scores by a soft maximum over its members' inner products: each member's vector is
+searched, and the union of their candidates is scored exactly (the hard maximum's top-k is always
+in that union; the soft one differs from it by at most τ·log M). A mixture-mode one normalises
+each dimension over the whole catalogue, which no vector search reproduces: it is refused when the
+replica loads it, naming the option.
 
 The index is built once per model version, when the replica is configured with that version, and
 kept beside its item vectors (`ServedModel.indexes`); a version that a request brings first is
@@ -100,10 +103,42 @@ class HNSWIndex:
         return indices, values
 
 
+CANDIDATES_PER_QUERY = 2  # max mode: each search of a request asks for this many times k
+
+
+def pooled_top(
+    index: HNSWIndex, U: np.ndarray, log_alpha: np.ndarray, tau: float, seen: list[np.ndarray | None], k: int
+) -> tuple[list[list[int]], list[list[float]]]:
+    """Max mode: U (B, M, D) the members' vectors, log α (B, M) -> per row the k best unseen items by
+    s(i) = τ · log Σ_m exp((u_m · q_i + log α_m) / τ), among the candidates of M + 1 searches: each
+    member's own top k (where one interest dominates, s is its score) and the top k of their
+    α-weighted mean (where several agree: at τ = 1, s is at least the α-weighted mean score)."""
+    B, M, D = U.shape
+    w = np.exp(log_alpha - log_alpha.max(1, keepdims=True))
+    mean = (w[:, :, None] * U).sum(1) / w.sum(1)[:, None]  # (B, D)
+    queries = np.concatenate([U, mean[:, None]], axis=1).reshape(B * (M + 1), D)
+    cand, _ = index.top(queries, [s for s in seen for _ in range(M + 1)], CANDIDATES_PER_QUERY * k)
+    indices, values = [], []
+    for b in range(B):
+        rows = cand[b * (M + 1) : (b + 1) * (M + 1)]
+        ids = np.unique(np.concatenate([np.asarray(c, np.int64) for c in rows]))
+        if not len(ids):
+            indices.append([])
+            values.append([])
+            continue
+        logits = U[b] @ index.vecs[ids - 1].T + log_alpha[b][:, None]  # (M, C)
+        m = logits.max(0)
+        s = m + tau * np.log(np.exp((logits - m) / tau).sum(0))  # (C,)
+        order = np.argsort(-s, kind="stable")[:k]
+        indices.append(ids[order].tolist())
+        values.append(s[order].tolist())
+    return indices, values
+
+
 def check_servable(served: ServedModel, settings: IndexSettings) -> None:
     """ServingSetupError when `settings` cannot serve this checkpoint's scores."""
     combine = served.model.cfg.combine
-    if settings.kind != "exact" and combine in ("mixture", "max"):
+    if settings.kind != "exact" and combine == "mixture":
         raise ServingSetupError(
             f"{served.path}: index.kind {settings.kind!r} searches by the inner product u · q_i, but this "
             f"checkpoint combines its dimensions as a {combine!r} (a log-sum-exp over dimensions, which no "
@@ -126,3 +161,16 @@ def user_vectors(served: ServedModel, H: torch.Tensor, ctx: torch.Tensor, intent
     """The combined user vectors u (B, D) the exact path multiplies with the items, and the gates α (B, K)."""
     u, _, alpha = served.model.user_vectors(H, ctx, intent)
     return u.cpu().numpy(), alpha
+
+
+def indexed_top(
+    served: ServedModel, index: HNSWIndex, H, ctx, intent, seen: list[np.ndarray | None], k: int
+) -> tuple[list[list[int]], list[list[float]], torch.Tensor]:
+    """The graph's answer for a batch of requests -> (indices, scores, gates α (B, M)), either mode."""
+    m = served.model
+    if not m.pooled:
+        u, alpha = user_vectors(served, H, ctx, intent)
+        return (*index.top(u, seen, k), alpha)
+    U, log_alpha, _ = m.members(H, ctx, intent)
+    top = pooled_top(index, U.cpu().numpy(), log_alpha.cpu().numpy(), m.cfg.tau, seen, k)
+    return (*top, log_alpha.exp())

@@ -24,7 +24,7 @@ from ray import serve
 
 from models.data.encoder import TextEncoder
 from models.data.features import moment_features
-from ray_app.serve.ann import HNSWIndex, IndexSettings, check_servable, item_index, user_vectors
+from ray_app.serve.ann import HNSWIndex, IndexSettings, check_servable, indexed_top, item_index
 from ray_app.serve.metrics import AppMetrics
 from ray_app.serve.served_model import (
     Catalogue,
@@ -395,8 +395,8 @@ class Combiner:
             top_indices, top_values = top.indices.cpu().tolist(), top.values.cpu().tolist()  # plain lists: fast
             excluded = excluded[want_explain]  # (E, N+1)
         else:
-            u, alpha = user_vectors(served, H, ctx, intent)  # (B, D), (B, K)
-            top_indices, top_values = index.top(u, [job.state.seen if job.exclude_seen else None for job in jobs], kmax)
+            seen = [job.state.seen if job.exclude_seen else None for job in jobs]
+            top_indices, top_values, alpha = indexed_top(served, index, H, ctx, intent, seen, kmax)
             excluded = _excluded([jobs[b] for b in want_explain], m.cfg.n_items + 1, dev)  # (E, N+1)
         alpha = alpha.cpu().tolist()
         expl = (
