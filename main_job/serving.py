@@ -53,10 +53,12 @@ def deploy_app(s: MainSettings, prepared: Path, checkpoint_path: Path) -> None:
     from ray import serve
 
     from ray_app.serve.app import AppArgs, build_app
+    from ray_app.serve.load_users import load_training_users
 
     print("\n==> deploying the Serve app (encoder → decomposer → combiner)", flush=True)
     s.runs.mkdir(parents=True, exist_ok=True)
     store = f"sqlite:///{(s.runs / 'state.db').resolve()}"
+    load_training_users(prepared, store)  # once, here: no replica loads users when it starts
     args = AppArgs(checkpoint=str(checkpoint_path), data_dir=str(prepared), store_url=store, index={"kind": s.index})
     app = build_app(args)
     try:

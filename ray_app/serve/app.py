@@ -24,6 +24,7 @@ from ray_app.serve.ann import IndexSettings
 from ray_app.serve.auth import secret_from_env
 from ray_app.serve.deployments import Combiner, Decomposer, Encoder
 from ray_app.serve.ingress import Ingress
+from ray_app.serve.quotas import QuotaSettings
 from ray_app.serve.served_model import ServingSetupError, file_sha256, resolve_checkpoint
 
 
@@ -68,13 +69,19 @@ class AppArgs(BaseModel):
     checkpoint: str  # model.pt, or a Ray Train run folder
     data_dir: str  # prepared dataset: titles, genres, training users
     store_url: str = "sqlite:///runs/serve/state.db"
-    load_users: bool = True  # bulk-load the dataset's users into the store
+    # Load the dataset's users into the store once, while the app is built (not in any replica);
+    # the documented way is the one-off `python -m ray_app.serve.load_users` before deploying.
+    load_users: bool = False
     batching: bool = True  # False: max_batch_size 1 everywhere (benchmark baseline)
     max_batch_size: int = Field(16, ge=1)
     batch_wait_s: float = Field(0.002, ge=0)
     text_cache_size: int = Field(10_000, ge=0)  # the Encoder's LRU of text vectors, per replica
-    rate_per_minute: int = Field(600, ge=1)  # requests a user token may make a minute, per Ingress replica
+    # Limits (ray_app/serve/quotas.py): shared by the Ingress replicas on a Redis store, per replica on SQLite.
+    rate_per_minute: int = Field(600, ge=1)  # requests a user token may make a minute
     service_rate_per_minute: int = Field(60_000, ge=1)  # the same for a service token (the demo, a back end)
+    events_per_hour: int = Field(5_000, ge=1)  # events written for one user an hour, by any token
+    failed_auth_per_minute: int = Field(30, ge=1)  # requests with a bad token from one client address
+    max_events_per_user: int = Field(20_000, ge=1)  # a user's stored events; an append past it is a 409
     call_timeout_s: float = Field(10.0, gt=0)  # the Ingress answers 504 when a model stage takes longer
     # How the Combiner finds the top-k: exact (default) or an HNSW graph for very large catalogues.
     index: IndexSettings = IndexSettings()
@@ -102,6 +109,10 @@ def build_app(args: AppArgs):
     """One .bind() expression: the ingress holds handles to the three model stages."""
     args = AppArgs.model_validate(args if isinstance(args, (dict, AppArgs)) else dict(args)).resolved()
     file = resolve_checkpoint(args.checkpoint)  # fail at build time, naming the path, not in every replica
+    if args.load_users:
+        from ray_app.serve.load_users import load_training_users
+
+        load_training_users(args.data_dir, args.store_url)
     batch = {"max_batch_size": args.max_batch_size if args.batching else 1, "batch_wait_s": args.batch_wait_s}
     # The file a run folder resolves to now, and its digest: every replica loads these bytes, even
     # if training writes a better checkpoint into the folder meanwhile.
@@ -112,10 +123,11 @@ def build_app(args: AppArgs):
         Combiner.options(**args.combiner.options(), user_config=model).bind(args.data_dir, **batch, index=args.index),
         args.store_url,
         args.data_dir,
-        args.load_users,
-        args.rate_per_minute,
-        args.service_rate_per_minute,
-        args.call_timeout_s,
+        quotas=QuotaSettings(
+            args.rate_per_minute, args.service_rate_per_minute, args.events_per_hour, args.failed_auth_per_minute
+        ),
+        max_events_per_user=args.max_events_per_user,
+        call_timeout_s=args.call_timeout_s,
     )
 
 
@@ -129,6 +141,12 @@ def main(argv=None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--no-batching", action="store_true")
+    p.add_argument(
+        "--load-users",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="load the dataset's training users into the store before deploying (once; default on)",
+    )
     p.add_argument("--index", choices=("exact", "hnsw"), default="exact", help="how the Combiner finds the top-k")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (without RAY_ADDRESS)")
     p.add_argument(
@@ -147,11 +165,12 @@ def main(argv=None) -> int:
                 checkpoint=a.checkpoint,
                 data_dir=a.data,
                 store_url=a.store_url,
+                load_users=a.load_users,
                 batching=not a.no_batching,
                 index=IndexSettings(kind=a.index),
             )
         )
-    except (ServingSetupError, ValueError, RuntimeError) as e:
+    except (ServingSetupError, ValueError, RuntimeError) as e:  # StoreUnavailable is a RuntimeError
         print(f"error: {e}", file=sys.stderr)
         return 2
     import ray

@@ -91,10 +91,6 @@ class Decomposer:
         self.metrics = AppMetrics()
         _configure_batching(self.user_state, max_batch_size, batch_wait_s)
 
-    def check_health(self) -> None:
-        """Serve's health check: the store answers (StoreUnavailable marks the replica unhealthy)."""
-        self.store.ping()
-
     def reconfigure(self, config: dict) -> None:
         path, sha256 = _checkpoint_of(config)
         served = ServedModel.load(path, self.catalogue_ids, sha256)

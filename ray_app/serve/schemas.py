@@ -123,6 +123,16 @@ class Health(BaseModel):
     dimensions: list[str]
 
 
+class Ready(BaseModel):
+    status: str  # "ready"
+    store: str  # "ok"
+
+
+class ErasedResponse(BaseModel):
+    user_id: str
+    erased_events: int  # 0 for a user the store did not hold
+
+
 class RecommendResponse(BaseModel):
     user_id: str | None
     model_version: str
