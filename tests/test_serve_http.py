@@ -26,7 +26,8 @@ from models.data.batching import make_split
 from models.training.loop import TrainConfig, fit, new_model
 from conftest import local_serve, service_auth, user_auth
 from ray_app.serve.load_users import load_training_users
-from ray_app.serve.served_model import file_version
+from ray_app.serve.pin import pin_config_text
+from ray_app.serve.served_model import file_sha256, file_version
 from serve_helpers import BAD, CALLERS, CONFIG, EV, ROUTES
 
 APP = "recommender"
@@ -47,19 +48,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def config_for(port: int, first: Path, ckpt: Path, data_dir: Path, store_url: str) -> ServeDeploySchema:
-    """The checked-in config with `args.checkpoint` = first and the deployments' user_config = ckpt."""
-    cfg = yaml.safe_load(CONFIG.read_text())
-    cfg["http_options"] = {"host": "127.0.0.1", "port": port}
+def config_for(port: int, ckpt: Path, data_dir: Path, store_url: str) -> ServeDeploySchema:
+    """The checked-in config pinned to `ckpt` (its pin rewritten as `python -m ray_app.serve.pin` does)."""
+    cfg = yaml.safe_load(pin_config_text(CONFIG.read_text(), str(ckpt), file_sha256(ckpt)))
+    cfg["http_options"].update(host="127.0.0.1", port=port)
     app = cfg["applications"][0]
     # Every request of the suite comes from 127.0.0.1: the failed-authentication limit per address
     # is raised here so that the probes of bad tokens get their 401s (tests/test_attacks.py checks it).
-    app["args"].update(
-        checkpoint=str(first), data_dir=str(data_dir), store_url=store_url, failed_auth_per_minute=100_000
-    )
+    app["args"].update(data_dir=str(data_dir), store_url=store_url, failed_auth_per_minute=100_000)
     for d in app["deployments"]:
-        if "user_config" in d:
-            d["user_config"] = {"checkpoint": str(ckpt)}
         d["autoscaling_config"]["max_replicas"] = 1  # 2 cores shared by the whole test run
     return ServeDeploySchema.model_validate(cfg)
 
@@ -91,7 +88,7 @@ def env(tiny_data, tmp_path_factory):
         "ckpt_b": ckpt_b,
         "port": port,
         "store_url": store_url,
-        "config": lambda ckpt: config_for(port, ckpt_a, ckpt, tiny_data.path, store_url),
+        "config": lambda ckpt: config_for(port, ckpt, tiny_data.path, store_url),
     }
     load_training_users(tiny_data.path, store_url)  # the one-off step before serving
     with local_serve(port):
@@ -346,10 +343,12 @@ def test_the_api_description_declares_the_bearer_scheme(client):
 # ---- model swap and restart -------------------------------------------------------------
 
 
-def test_new_checkpoint_through_user_config_without_failed_requests(client, env):
-    version_b = file_version(env["ckpt_b"])
+def test_a_new_pin_swaps_the_model_and_the_previous_config_rolls_it_back_without_failed_requests(client, env):
+    """The config pinned to checkpoint B is deployed while a client keeps asking, then the config
+    pinned to A again (a rollback): every request is answered, and each config's model serves."""
+    version_a, version_b = file_version(env["ckpt_a"]), file_version(env["ckpt_b"])
     uid = client.get("/users", params={"limit": 1}).json()["users"][0]["user_id"]
-    failures, versions, stop = [], set(), threading.Event()
+    failures, versions, stop = [], [], threading.Event()
 
     def hammer():
         with httpx.Client(base_url=f"http://127.0.0.1:{env['port']}", timeout=60, headers=service_auth()) as c:
@@ -358,25 +357,32 @@ def test_new_checkpoint_through_user_config_without_failed_requests(client, env)
                 if r.status_code != 200:
                     failures.append((r.status_code, r.text))
                 else:
-                    versions.add(r.json()["model_version"])
+                    versions.append(r.json()["model_version"])
+
+    def serves(version: str) -> None:
+        deadline = time.time() + 120
+        while client.get("/healthz").json()["model_version"] != version and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(1.0)
 
     thread = threading.Thread(target=hammer)
     thread.start()
     try:
         time.sleep(0.5)
-        # Only user_config changes, as in the YAML's instructions: replicas reconfigure in place.
+        # Only the pin changes, the model deployments' user_config: their replicas swap it in place.
         deploy(env["config"](env["ckpt_b"]))
-        deadline = time.time() + 120
-        while client.get("/healthz").json()["model_version"] != version_b and time.time() < deadline:
-            time.sleep(0.5)
-        time.sleep(1.0)
+        serves(version_b)
+        deploy(env["config"](env["ckpt_a"]))  # the previous config: a rollback
+        serves(version_a)
     finally:
         stop.set()
         thread.join()
     assert failures == []
-    assert version_b in versions
+    assert version_b in versions and versions[-1] == version_a
     rec = client.post("/recommend", json={"user_id": uid, "k": 5}).json()
-    assert rec["model_version"] == version_b and len(rec["items"]) == 5
+    assert rec["model_version"] == version_a and len(rec["items"]) == 5
+    deploy(env["config"](env["ckpt_b"]))  # what the test below restarts
+    serves(version_b)
 
 
 def test_restart_loses_no_acknowledged_event(client, env):

@@ -27,11 +27,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ray_app.serve.auth import FIELD as AUTH_FIELD
-from ray_app.serve.auth import AuthError, Keys, Principal, TokenCheck
+from ray_app.serve.auth import AuthError, Keys, Principal, TokenCheck, decode, mint
 from ray_app.serve.quotas import QuotaExceeded, Quotas, QuotaSettings
 from ray_app.serve.schemas import (
     IDEMPOTENCY_KEY,
@@ -41,6 +42,8 @@ from ray_app.serve.schemas import (
     ErrorResponse,
     Ready,
     Text,
+    TokenRequest,
+    TokenResponse,
     EventIn,
     EventsRequest,
     EventsResponse,
@@ -67,9 +70,9 @@ REVOCATION_REFRESH_S = 5.0  # how often a replica reads the revocation list from
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, detail: str, field: str | None = None):
+    def __init__(self, status: int, detail: str, field: str | None = None, retry_after_s: int | None = None):
         super().__init__(detail)
-        self.status, self.detail, self.field = status, detail, field
+        self.status, self.detail, self.field, self.retry_after_s = status, detail, field, retry_after_s
 
 
 def _error(status: int, detail: str, field: str | None) -> JSONResponse:
@@ -152,7 +155,10 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return _error(exc.status, exc.detail, exc.field)
+    resp = _error(exc.status, exc.detail, exc.field)
+    if exc.retry_after_s is not None:
+        resp.headers["Retry-After"] = str(exc.retry_after_s)
+    return resp
 
 
 def _unavailable(exc: BaseException) -> StoreUnavailable | None:
@@ -276,6 +282,8 @@ class Ingress:
         except asyncio.TimeoutError:
             response.cancel()
             raise ApiError(504, f"the {stage} did not answer within {self.call_timeout_s:g} s", None) from None
+        except BackPressureError:  # a stage's queue at this replica is full: shed, as the proxy does
+            raise ApiError(503, f"the {stage} is at capacity, try again shortly", None, retry_after_s=1) from None
         except Exception as e:
             cause = _unavailable(e)
             if cause is not None:
@@ -436,6 +444,16 @@ class Ingress:
         n = await self._store("erase", self.store.erase_user, user_id)
         log.info("user %r erased (%d events) by a service token (jti %s)", user_id, n, actor.jti)
         return ErasedResponse(user_id=user_id, erased_events=n)
+
+    @app.post("/tokens", response_model=TokenResponse, responses=ERRORS)
+    async def tokens(self, body: TokenRequest, who: Caller) -> TokenResponse:
+        """A short-lived token for one user, minted with the API's key for a service token's holder
+        (the demo: its service credential stays on its server, each person's calls carry this)."""
+        actor = await self._allow(who, service_only="minting a user token")
+        token = mint(self.keys, "user", body.user_id, ttl_s=body.ttl_s)
+        minted = decode(self.keys, f"Bearer {token}")
+        log.info("a token for user %r (jti %s) minted by a service token (jti %s)", body.user_id, minted.jti, actor.jti)
+        return TokenResponse(token=token, jti=minted.jti, expires_at=minted.expires_at)
 
     @app.get("/users/{user_id}/events", response_model=UserEventsResponse, responses=ERRORS)
     async def user_events(
