@@ -25,7 +25,11 @@ def banner(api_url: str, demo_url: str | None, user_id: str, item_id: int, s: Ma
         "",
         "=" * 72,
         f"API   {api_url}        (OpenAPI docs: {api_url}/docs)",
-        *([f"demo  {demo_url}"] if demo_url else []),
+        *(
+            [f"demo  {demo_url}   (log in as admin, password: cat {s.demo_password_file.resolve()})"]
+            if demo_url
+            else []
+        ),
         "",
         "try (every route but /healthz needs a token; this one acts for any user):",
         f"  export {TOKEN_ENV}=$(cat {token_file.resolve()})",
