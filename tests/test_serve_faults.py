@@ -13,15 +13,12 @@ import time
 
 import httpx
 import pytest
-import torch
 from ray import serve
 
 from conftest import local_serve, service_auth
-from models.nn import checkpoint
-from models.data.batching import make_split
-from models.training.loop import new_model
-from ray_app.serve.app import AppArgs, DeploymentSettings, build_app
+from ray_app.serve.app import AppArgs, build_app
 from test_serve_reliability import free_port, wait_healthy
+from serve_helpers import one_replica_each, untrained_checkpoint
 from store_helpers import RedisServer, needs_redis
 
 pytestmark = needs_redis
@@ -33,19 +30,13 @@ def served(tiny_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve-faults")
     redis = RedisServer(tmp)
     redis.start()
-    torch.manual_seed(0)
-    model = new_model("decomposer", tiny_data, make_split(tiny_data.user_offsets, 1), lstm_units=16, dim_size=8)
-    ckpt = checkpoint.save(tmp / "model.pt", model, {"item_source_ids": torch.as_tensor(tiny_data.item_source_ids)})
-    one = DeploymentSettings(num_cpus=0.2, min_replicas=1, max_replicas=1)
     args = AppArgs(
-        checkpoint=str(ckpt),
-        data_dir=str(tiny_data.path),
-        store_url=redis.url,
-        load_users=True,  # once, while the app is built
-        encoder=one,
-        decomposer=one,
-        combiner=one,
-        ingress=one,
+        **one_replica_each(
+            checkpoint=str(untrained_checkpoint(tiny_data, tmp / "model.pt")),
+            data_dir=str(tiny_data.path),
+            store_url=redis.url,
+            load_users=True,  # once, while the app is built
+        )
     )
     port, metrics_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
