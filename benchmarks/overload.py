@@ -8,8 +8,9 @@ Capacity is the concurrency the app admits without queueing: the Ingress's `max_
 /recommend for known users) runs with that many connections, then with four times as many. Beyond
 what the Ingress admits and its `max_queued_requests` queue at the proxy, Serve's proxy answers 503
 with `Retry-After` at once. wrk's own latencies mix the accepted requests with the shed ones, so a
-probe beside it (two threads of one connection each, sequential requests, the same route and
-users) times every request it sends and keeps the status: the p99 of its accepted requests at 4x
+probe beside it (eight threads of one connection each, sequential requests, the same route and
+users; wrk gets eight connections fewer, so the totals are the capacity and four times it) times
+every request it sends and keeps the status: the p99 of its accepted requests at 4x
 over the p99 at capacity is `p99_ratio` (target <= 2), the p99 of its 503s at 4x is `shed_ms`
 (target <= 100). wrk's throughput and non-2xx counts are recorded beside them. One replica per
 stage, fractional CPUs, wrk and the probe on the same cores as Serve. Result:
@@ -32,6 +33,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 TARGETS = {"p99_ratio": 2.0, "shed_ms": 100.0}
+PROBE_THREADS = 8  # the probe's connections, counted in each level's total
 
 
 def _p99(ms: list[float]) -> float | None:
@@ -41,7 +43,7 @@ def _p99(ms: list[float]) -> float | None:
 class Probe:
     """Threads that send POST /recommend one after another and time each answer, by status."""
 
-    def __init__(self, url: str, users: list[str], headers: dict, threads: int = 2):
+    def __init__(self, url: str, users: list[str], headers: dict, threads: int = PROBE_THREADS):
         self.url, self.users, self.headers, self.n = url, users, headers, threads
         self.ok: list[float] = []  # ms of 200s
         self.shed: list[float] = []  # ms of 503s
@@ -100,7 +102,7 @@ def run_level(url: str, connections: int, duration_s: float, users_file: Path, u
     from serve_floor import run_wrk
 
     with Probe(url, users, headers) as probe:
-        wrk = run_wrk(url, connections, duration_s, users_file, threads=2)
+        wrk = run_wrk(url, connections - PROBE_THREADS, duration_s, users_file, threads=2)
     return {"wrk": wrk, "probe": probe.summary()}
 
 
