@@ -145,6 +145,7 @@ def main(argv=None) -> int:
             checkpoint=str(a.checkpoint.resolve()),
             data_dir=str(a.data.resolve()),
             store_url=store_url,
+            load_users=False,  # loaded above
             # Far above what wrk sends: the load shedding is measured, not the rate limit.
             service_rate_per_minute=10**9,
             encoder=DeploymentSettings(**one),

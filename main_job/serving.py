@@ -61,7 +61,13 @@ def deploy_app(s: MainSettings, prepared: Path, checkpoint_path: Path) -> None:
     s.runs.mkdir(parents=True, exist_ok=True)
     store = f"sqlite:///{(s.runs / 'state.db').resolve()}"
     load_training_users(prepared, store)  # once, here: no replica loads users when it starts
-    args = AppArgs(checkpoint=str(checkpoint_path), data_dir=str(prepared), store_url=store, index={"kind": s.index})
+    args = AppArgs(
+        checkpoint=str(checkpoint_path),
+        data_dir=str(prepared),
+        store_url=store,
+        index={"kind": s.index},
+        load_users=False,
+    )
     app = build_app(args)
     try:
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)

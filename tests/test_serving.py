@@ -141,16 +141,24 @@ def test_a_checkpoint_is_served_only_with_the_digest_its_configuration_names(tin
         with pytest.raises(ValueError, match="user_config must"):
             _checkpoint_of(bad)
     # The app names the resolved file and its digest in every model stage's user_config.
-    app = build_app(AppArgs(checkpoint=str(ckpt), data_dir=str(tiny_data.path)))
+    app = build_app(AppArgs(checkpoint=str(ckpt), data_dir=str(tiny_data.path), load_users=False))
     configs = [d.user_config for d in _deployments(app) if d.user_config]
     assert len(configs) == 2 and all(c == {"checkpoint": str(ckpt.resolve()), "sha256": digest} for c in configs)
     # A config that pins a digest serves that file or none: not another file, not a folder.
-    pinned = build_app(AppArgs(checkpoint=str(ckpt), checkpoint_sha256=digest, data_dir=str(tiny_data.path)))
+    pinned = build_app(
+        AppArgs(checkpoint=str(ckpt), checkpoint_sha256=digest, data_dir=str(tiny_data.path), load_users=False)
+    )
     assert [d.user_config for d in _deployments(pinned) if d.user_config] == configs
     with pytest.raises(ServingSetupError, match=f"its sha256 is .* the serve config pins {digest}"):
-        build_app(AppArgs(checkpoint=str(moved), checkpoint_sha256=digest, data_dir=str(tiny_data.path)))
+        build_app(
+            AppArgs(checkpoint=str(moved), checkpoint_sha256=digest, data_dir=str(tiny_data.path), load_users=False)
+        )
     with pytest.raises(ServingSetupError, match="must name the model file"):
-        build_app(AppArgs(checkpoint=str(ckpt.parent), checkpoint_sha256=digest, data_dir=str(tiny_data.path)))
+        build_app(
+            AppArgs(
+                checkpoint=str(ckpt.parent), checkpoint_sha256=digest, data_dir=str(tiny_data.path), load_users=False
+            )
+        )
 
 
 def test_pinning_rewrites_the_two_lines_of_a_serve_config(tiny_data, ckpt, tmp_path):
@@ -284,7 +292,7 @@ def test_error_field_paths(loc, field):
 
 
 def test_app_args(tmp_path, ckpt, tiny_data):
-    args = AppArgs(checkpoint=str(ckpt), data_dir=str(tiny_data.path))
+    args = AppArgs(checkpoint=str(ckpt), data_dir=str(tiny_data.path), load_users=False)
     parts = [args.encoder, args.decomposer, args.combiner, args.ingress]
     assert sum(p.num_cpus * p.max_replicas for p in parts) <= 2
     assert DeploymentSettings(min_replicas=2, max_replicas=2).options()["num_replicas"] == 2
@@ -297,6 +305,10 @@ def test_app_args(tmp_path, ckpt, tiny_data):
         build_app({"checkpoint": str(tmp_path / "missing.pt"), "data_dir": str(tiny_data.path)})
     unbatched = build_app(args.model_copy(update={"batching": False}))
     assert unbatched is not None
+    # Where the app is built, the training users are loaded into its store once (never in a replica).
+    store = f"sqlite:///{tmp_path / 'built.db'}"
+    build_app(args.model_copy(update={"store_url": store, "load_users": True}))
+    assert open_store(store).count_events(str(int(tiny_data.user_source_ids[1]))) > 0
 
 
 def test_open_store_rejects_unknown_urls(tmp_path):

@@ -90,9 +90,10 @@ class AppArgs(BaseModel):
     checkpoint_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")  # the file's digest
     data_dir: str  # prepared dataset: titles, genres, training users
     store_url: str = "sqlite:///runs/serve/state.db"
-    # Load the dataset's users into the store once, while the app is built (not in any replica);
-    # the documented way is the one-off `python -m ray_app.serve.load_users` before deploying.
-    load_users: bool = False
+    # Load the dataset's users into the store once, where the app is built (never in a replica, so
+    # no replica's start or scale-up waits for the store). The serve config turns it off: there it
+    # is the one-off `python -m ray_app.serve.load_users` before deploying.
+    load_users: bool = True
     batching: bool = True  # False: max_batch_size 1 everywhere (benchmark baseline)
     max_batch_size: int = Field(16, ge=1)
     batch_wait_s: float = Field(0.002, ge=0)
