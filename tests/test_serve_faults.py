@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -68,6 +69,7 @@ def test_a_stopped_store_is_a_503_and_the_api_comes_back_with_it(served):
         ("GET", "/readyz", None),
     ]
     inline = {"history": [{"item_id": item, "rating": 5, "timestamp": 1.7e9}], "k": 3}
+    request_ids = []
     try:
         # Twice, the second time past Serve's health-check period and timeout (10 s + 30 s by default):
         # no replica is replaced while Redis is down, so every answer still comes within seconds.
@@ -78,6 +80,7 @@ def test_a_stopped_store_is_a_503_and_the_api_comes_back_with_it(served):
                 assert r.status_code == 503, (round_, path, r.status_code, r.text)
                 assert r.json() == {"detail": "the event store is unavailable, try again shortly", "field": "store"}
                 assert r.headers["retry-after"] == "1" and r.headers.get("x-request-id")
+                request_ids.append(r.headers["x-request-id"])
                 assert time.monotonic() - t0 < 15, f"{path} took {time.monotonic() - t0:.1f} s to give up"
             r = client.post("/recommend", json=inline, timeout=20)
             assert r.status_code == 200, r.text  # a request that needs no store is still served
@@ -96,6 +99,13 @@ def test_a_stopped_store_is_a_503_and_the_api_comes_back_with_it(served):
     assert len(back.json()["events"]) == acked  # nothing acknowledged was lost
     assert client.post("/recommend", json={"user_id": user, "k": 3}).status_code == 200
     assert client.get("/readyz").status_code == 200
+    # What the caller was not told is in the Ingress's log, on a line with the request's id.
+    import ray
+
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    text = "".join(f.read_text() for f in logs.glob(f"replica_{APP}_Ingress_*.log"))
+    line = next(line for line in text.splitlines() if request_ids[0] in line and "store unavailable" in line)
+    assert redis.url.split("//")[1].split("/")[0] in line  # the store's address, for whoever runs it
 
 
 def test_application_metrics_reach_prometheus(served):
