@@ -1,22 +1,28 @@
 """The Gradio Blocks page: pick a user, set the moment and intent, see the recommendations and
 the decomposition, mark an item as watched and watch the interests move.
 
-Every handler talks to the HTTP API through `ApiClient` and turns an `ApiError` into a message
-in the status line; nothing else of a failure reaches the page.
+A person logs in (Gradio's auth, `gradio_demo.accounts`); an account acts for its own user id
+only, through a short-lived user token the API mints from the demo's service token (`Access`),
+and an admin account may act for any user, each time logged. Every handler talks to the HTTP API
+through `ApiClient` and turns an `ApiError` into a message in the status line; nothing else of a
+failure reaches the page.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import gradio as gr
+from cachetools import TTLCache
 
 from gradio_demo import views
+from gradio_demo.accounts import Account, Accounts
 from gradio_demo.client import ApiClient, ApiError, NotFound
 from gradio_demo.panels import Page, build_page
 from ray_app.serve.schemas import EventIn, Health
@@ -74,28 +80,89 @@ def describe_health(api: ApiClient, health: Health) -> str:
     )
 
 
+USER_TOKEN_TTL_S = 900  # the life of a user token the demo has minted (15 minutes)
+
+
+@dataclass
+class Access:
+    """Who is on the page, and the API client that acts for them: a user token for the one user
+    the account may act for, minted by the API from the demo's service token (which never leaves
+    this process) and kept until a minute before it expires."""
+
+    api: ApiClient  # with the demo's service token
+    accounts: Accounts
+    token_ttl_s: int = USER_TOKEN_TTL_S
+    _tokens: TTLCache = field(init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self):
+        self._tokens = TTLCache(maxsize=10_000, ttl=max(self.token_ttl_s - 60, 1))  # user id -> token
+
+    def account(self, request: gr.Request | None) -> Account:
+        account = self.accounts.get(getattr(request, "username", None))
+        if account is None:  # Gradio's login stands before every handler; this is a second lock
+            raise Missing("Log in first.")
+        return account
+
+    def client_for(self, account: Account, user_id: str) -> ApiClient:
+        """A client acting for `user_id`: the account's own user, or any user for an admin (logged)."""
+        if not account.admin and user_id != account.user_id:
+            log.warning("account %r asked to act for user %r: refused", account.name, user_id)
+            raise Missing(f"Your account acts for user {account.user_id} only.")
+        if account.admin:
+            log.info("admin %r acts for user %r", account.name, user_id)
+        with self._lock:
+            token = self._tokens.get(user_id)
+        if token is None:
+            token = self.api.mint_user_token(user_id, self.token_ttl_s).token
+            with self._lock:
+                self._tokens[user_id] = token
+        return self.api.with_token(token)
+
+    def admin(self, account: Account, what: str) -> ApiClient:
+        """The service client, for an admin account only (logged)."""
+        if not account.admin:
+            raise Missing(f"Your account acts for user {account.user_id} only; {what} is for admin accounts.")
+        log.info("admin %r: %s", account.name, what)
+        return self.api
+
+    def searcher(self, account: Account) -> ApiClient:
+        """A client that may search the catalogue: the account's own user token, or the service's for an admin."""
+        return self.api if account.admin else self.client_for(account, account.user_id)
+
+
 @dataclass
 class Handlers:
-    """The page's actions; each returns a tuple in the order of the outputs it is wired to."""
+    """The page's actions; each returns a tuple in the order of the outputs it is wired to. Each
+    takes Gradio's request last, to know who is logged in."""
 
-    api: ApiClient
+    access: Access
+
+    @property
+    def api(self) -> ApiClient:
+        return self.access.api
 
     # -- connection and users --
 
-    def connect(self, q: str):
+    def connect(self, q: str, request: gr.Request):
+        account = self.access.account(request)
         health = self.api.health()
-        users = self.api.users(q or "")
+        if not account.admin:
+            mine = [(f"{account.user_id} (your account's user)", account.user_id)]
+            return describe_health(self.api, health), gr.update(choices=mine, value=account.user_id)
+        users = self.access.admin(account, "listing users").users(q or "")
         return describe_health(self.api, health), gr.update(choices=self._user_choices(users))
 
-    def find_users(self, q: str):
-        users = self.api.users(q or "")
+    def find_users(self, q: str, request: gr.Request):
+        users = self.access.admin(self.access.account(request), "listing users").users(q or "")
         note = ok(f"{len(users)} users match “{q}”.") if q else ok(f"Showing the first {len(users)} users.")
         return note, gr.update(choices=self._user_choices(users))
 
-    def start_new_user(self, q: str):
+    def start_new_user(self, q: str, request: gr.Request):
+        admin = self.access.admin(self.access.account(request), "starting a new user")
         user_id = new_user_id()
         try:
-            users = self.api.users(q or "")
+            users = admin.users(q or "")
         except ApiError:
             users = []  # the new user works without the list; refresh reports the endpoint's state
         choices = [(f"{user_id} (new)", user_id), *self._user_choices(users)]
@@ -110,20 +177,21 @@ class Handlers:
 
     # -- the main view --
 
-    def refresh(self, user_id: str | None, intent: str, weekday: int, hour: int, k: int):
+    def refresh(self, user_id: str | None, intent: str, weekday: int, hour: int, k: int, request: gr.Request):
         """History, moment, recommendations, gates, the gates over the history, per-dimension tops."""
         if not user_id:
             raise Missing("Pick a user (or start a new one) first.")
+        api = self.access.client_for(self.access.account(request), user_id)
         try:
-            history = self.api.user_events(user_id, limit=HISTORY_SHOWN)
+            history = api.user_events(user_id, limit=HISTORY_SHOWN)
         except NotFound:
             if not user_id.startswith(NEW_PREFIX):
                 raise
             history = []  # a new user exists in the store only after the first event
         start = views.anchor(history)
         moment = views.next_moment(start, int(weekday), int(hour))
-        rec = self.api.recommend(user_id if history else None, timestamp=moment, intent=intent, k=int(k), explain=True)
-        interests = self.api.interests(user_id, last=INTERESTS_SHOWN) if history else None
+        rec = api.recommend(user_id if history else None, timestamp=moment, intent=intent, k=int(k), explain=True)
+        interests = api.interests(user_id, last=INTERESTS_SHOWN) if history else None
         who = (
             f"**{user_id}** — {views.events(rec.n_events)}, last on {views.fmt_time(history[-1].timestamp)}"
             if history
@@ -156,17 +224,17 @@ class Handlers:
         weekday: int,
         hour: int,
         k: int,
+        request: gr.Request,
     ):
         """Post `item_id` as watched at the chosen moment, then redraw everything from the API."""
         if not user_id:
             raise Missing("Pick a user (or start a new one) first.")
         if item_id is None:
             raise Missing("Choose an item first (click a row or use the list).")
+        api = self.access.client_for(self.access.account(request), user_id)
         moment = views.next_moment(start if start is not None else time.time(), int(weekday), int(hour))
-        accepted = self.api.post_events(
-            user_id, [EventIn(item_id=int(item_id), rating=float(rating), timestamp=moment)]
-        )
-        out = self.refresh(user_id, intent, weekday, hour, k)
+        accepted = api.post_events(user_id, [EventIn(item_id=int(item_id), rating=float(rating), timestamp=moment)])
+        out = self.refresh(user_id, intent, weekday, hour, k, request)
         note = ok(
             f"Posted item {item_id} (rating {rating:g}) at {views.fmt_time(moment)} UTC — "
             f"{views.events(accepted.n_events)} now. "
@@ -175,10 +243,10 @@ class Handlers:
 
     # -- items --
 
-    def search_items(self, q: str):
+    def search_items(self, q: str, request: gr.Request):
         if not q or not q.strip():
             raise Missing("Type a few words to search the catalogue.")
-        items = self.api.search_items(q.strip(), k=10)
+        items = self.access.searcher(self.access.account(request)).search_items(q.strip(), k=10)
         choices = views.item_choices(items)
         return (
             ok(f"{len(items)} items close to “{q.strip()}”."),
@@ -220,9 +288,9 @@ def wire_events(demo: gr.Blocks, h: Handlers, page: Page) -> None:
     )
 
 
-def build_demo(api: ApiClient) -> gr.Blocks:
-    """The page (see `gradio_demo.panels`) with its handlers wired to `api`."""
-    h = Handlers(api)
+def build_demo(access: Access) -> gr.Blocks:
+    """The page (see `gradio_demo.panels`) with its handlers wired to the API through `access`."""
+    h = Handlers(access)
     with gr.Blocks(title="Dynamic interests", analytics_enabled=False) as demo:  # no calls home
         page = build_page()
         wire_events(demo, h, page)

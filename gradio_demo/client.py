@@ -26,6 +26,8 @@ from ray_app.serve.schemas import (
     ItemsResponse,
     RecommendRequest,
     RecommendResponse,
+    TokenRequest,
+    TokenResponse,
     UserEvent,
     UserEventsResponse,
     UsersResponse,
@@ -64,7 +66,9 @@ M = TypeVar("M", bound=BaseModel)
 
 class ApiClient:
     """Thread-safe (httpx.Client is); one per demo process. `token` is sent as a bearer token on
-    every call (the demo's is a service token, kept in its own process)."""
+    every call; `with_token` gives a client that sends another token over the same connections
+    (the demo's own is a service token, kept in its process; each person's calls carry a
+    short-lived user token minted from it)."""
 
     def __init__(
         self,
@@ -74,8 +78,14 @@ class ApiClient:
         token: str | None = None,
     ):
         self.base_url = base_url.rstrip("/")
-        headers = {"Authorization": f"Bearer {token}"} if token else None
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport, headers=headers)
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def with_token(self, token: str) -> ApiClient:
+        """This client with `token` on every call instead of its own."""
+        other = object.__new__(ApiClient)
+        other.base_url, other._http, other._auth = self.base_url, self._http, {"Authorization": f"Bearer {token}"}
+        return other
 
     def close(self) -> None:
         self._http.close()
@@ -131,11 +141,16 @@ class ApiClient:
     def search_items(self, q: str, k: int = 10) -> list[Item]:
         return self._call("GET", "/items", ItemsResponse, params={"q": q, "k": k}).items
 
+    def mint_user_token(self, user_id: str, ttl_s: int) -> TokenResponse:
+        """A token for `user_id` only, minted by the API (this client's token must be a service token)."""
+        body = _request(TokenRequest, user_id=user_id, ttl_s=ttl_s)
+        return self._call("POST", "/tokens", TokenResponse, json=body)
+
     # -- plumbing --
 
     def _call(self, method: str, path: str, model: type[M], **kw) -> M:
         try:
-            response = self._http.request(method, path, **kw)
+            response = self._http.request(method, path, headers=self._auth, **kw)
         except (httpx.ConnectError, httpx.ConnectTimeout) as e:
             raise EndpointDown(
                 f"The recommendation API at {self.base_url} is not reachable ({_reason(e)}). "

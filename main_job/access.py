@@ -1,4 +1,4 @@
-"""The API's signing secret and the service token of a run, kept owner-only under runs/main."""
+"""The API's signing secret, the service token of a run and the demo's login, kept owner-only under runs/main."""
 
 from __future__ import annotations
 
@@ -34,3 +34,20 @@ def setup_access(s: MainSettings) -> str:
     token = mint(secret, "service")
     private_write(s.token_file, token)
     return token
+
+
+DEMO_ADMIN = "admin"  # the demo account the main job makes: it may act for any user (each act logged)
+
+
+def setup_demo_accounts(s: MainSettings) -> Path:
+    """The demo's accounts file: made at the first start with one admin account, whose password is
+    kept in runs/main/demo-password (owner-only, as the file); reused afterwards -> its path."""
+    from gradio_demo.accounts import add_account
+
+    if not s.demo_accounts_file.is_file():
+        import secrets
+
+        password = secrets.token_urlsafe(12)
+        private_write(s.demo_password_file, password)
+        add_account(s.demo_accounts_file, DEMO_ADMIN, password, None, admin=True)
+    return s.demo_accounts_file

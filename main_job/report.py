@@ -17,7 +17,7 @@ def banner(api_url: str, demo_url: str | None, user_id: str, item_id: int, s: Ma
     token_file = s.token_file
     # The secret is the user's own ($DYNAMIC_INTEREST_AUTH_SECRET) or the one kept in the secret file.
     kept = s.secret_file.is_file() and s.secret_file.read_text().strip() == os.environ.get(SECRET_ENV)
-    mint_user = f"{sys.executable} -m ray_app.serve.auth --user {user_id}"
+    mint_user = f"{sys.executable} -m ray_app.serve.auth mint --user {user_id}"
 
     auth = f'-H "Authorization: Bearer ${TOKEN_ENV}"'
     json_ = "-H 'content-type: application/json'"
@@ -25,7 +25,11 @@ def banner(api_url: str, demo_url: str | None, user_id: str, item_id: int, s: Ma
         "",
         "=" * 72,
         f"API   {api_url}        (OpenAPI docs: {api_url}/docs)",
-        *([f"demo  {demo_url}"] if demo_url else []),
+        *(
+            [f"demo  {demo_url}   (log in as admin, password: cat {s.demo_password_file.resolve()})"]
+            if demo_url
+            else []
+        ),
         "",
         "try (every route but /healthz needs a token; this one acts for any user):",
         f"  export {TOKEN_ENV}=$(cat {token_file.resolve()})",

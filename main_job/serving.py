@@ -42,8 +42,10 @@ def start_serve_proxy(s: MainSettings) -> str:
     the Train worker leaves idle -> the API's URL."""
     from ray import serve
 
+    from ray_app.serve.app import REQUEST_TIMEOUT_S
+
     # Quiet is `connect`'s doing: the replicas' logs stay in Ray's log files, at Serve's own levels.
-    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": REQUEST_TIMEOUT_S})
     return f"http://{s.host}:{s.port}"
 
 
@@ -53,11 +55,19 @@ def deploy_app(s: MainSettings, prepared: Path, checkpoint_path: Path) -> None:
     from ray import serve
 
     from ray_app.serve.app import AppArgs, build_app
+    from ray_app.serve.load_users import load_training_users
 
     print("\n==> deploying the Serve app (encoder → decomposer → combiner)", flush=True)
     s.runs.mkdir(parents=True, exist_ok=True)
     store = f"sqlite:///{(s.runs / 'state.db').resolve()}"
-    args = AppArgs(checkpoint=str(checkpoint_path), data_dir=str(prepared), store_url=store, index={"kind": s.index})
+    load_training_users(prepared, store)  # once, here: no replica loads users when it starts
+    args = AppArgs(
+        checkpoint=str(checkpoint_path),
+        data_dir=str(prepared),
+        store_url=store,
+        index={"kind": s.index},
+        load_users=False,
+    )
     app = build_app(args)
     try:
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
@@ -68,18 +78,34 @@ def deploy_app(s: MainSettings, prepared: Path, checkpoint_path: Path) -> None:
 
 def start_demo(s: MainSettings, api_url: str, token: str) -> tuple[subprocess.Popen, str]:
     """Start the demo process (not waiting for it) with the service token in its environment
-    (not its command line, which `ps` shows) -> (process, its URL)."""
-    from ray_app.serve.auth import TOKEN_ENV
+    (not its command line, which `ps` shows) and its accounts file; never the API's signing keys,
+    which this process holds for Ray -> (process, its URL)."""
+    from main_job.access import setup_demo_accounts
+    from ray_app.serve.auth import SECRET_ENV, TOKEN_ENV, VERIFY_SECRET_ENV
 
     print("\n==> starting the Gradio demo", flush=True)
     s.runs.mkdir(parents=True, exist_ok=True)
+    accounts = setup_demo_accounts(s)
+    env = {k: v for k, v in os.environ.items() if k not in (SECRET_ENV, VERIFY_SECRET_ENV)}
     out = None if s.demo_log is None else open(s.demo_log, "ab")  # the child keeps its own copy
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gradio_demo", "--api", api_url, "--host", s.host, "--port", str(s.demo_port)],
+            [
+                sys.executable,
+                "-m",
+                "gradio_demo",
+                "--api",
+                api_url,
+                "--host",
+                s.host,
+                "--port",
+                str(s.demo_port),
+                "--accounts",
+                str(accounts.resolve()),
+            ],
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
-            env={**os.environ, TOKEN_ENV: token},
+            env={**env, TOKEN_ENV: token},
         )
     finally:
         if out is not None:

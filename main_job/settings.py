@@ -76,3 +76,11 @@ class MainSettings:
     @property
     def token_file(self) -> Path:
         return self.runs / "token"
+
+    @property
+    def demo_accounts_file(self) -> Path:
+        return self.runs / "demo-accounts.yaml"
+
+    @property
+    def demo_password_file(self) -> Path:
+        return self.runs / "demo-password"

@@ -10,6 +10,28 @@ from pathlib import Path
 from conftest import service_auth, user_auth
 from ray_app.serve.auth import mint
 
+
+def untrained_checkpoint(data, path: Path) -> Path:
+    """A small decomposer as initialised (seed 0), with the dataset's vocabulary: serves at once."""
+    import torch
+
+    from models.data.batching import make_split
+    from models.nn import checkpoint
+    from models.training.loop import new_model
+
+    torch.manual_seed(0)
+    model = new_model("decomposer", data, make_split(data.user_offsets, 1), lstm_units=16, dim_size=8)
+    return checkpoint.save(path, model, {"item_source_ids": data.item_source_ids.tolist()})
+
+
+def one_replica_each(**args) -> dict:
+    """AppArgs' fields for one small replica of every deployment, plus `args`."""
+    from ray_app.serve.app import DeploymentSettings
+
+    one = DeploymentSettings(num_cpus=0.2, min_replicas=1, max_replicas=1)
+    return {"encoder": one, "decomposer": one, "combiner": one, "ingress": one, **args}
+
+
 CONFIG = Path(__file__).resolve().parents[1] / "ray_app" / "serve" / "config.yaml"
 EV = {"item_id": 1, "rating": 4.0, "timestamp": 1.6e9}
 JSON = {"content-type": "application/json"}
@@ -131,6 +153,7 @@ ROUTES = [  # (id, method, path, httpx arguments, whose data it touches: OWNER, 
     ("read interests", "GET", f"/users/{OWNER}/interests", {"params": {"last": 3}}, OWNER),
     ("search items", "GET", "/items", {"params": {"q": "comedy", "k": 3}}, None),
     ("list users", "GET", "/users", {"params": {"limit": 3}}, "service"),
+    ("mint a user token", "POST", "/tokens", {"json": {"user_id": OWNER, "ttl_s": 60}}, "service"),
 ]
 CALLERS = {  # (id, headers) -> the status expected for (route owner kind)
     "no token": ({}, {OWNER: 401, None: 401, "service": 401}),

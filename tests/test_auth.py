@@ -1,5 +1,6 @@
 """Bearer tokens (ray_app.serve.auth) without a server: what each token proves, and what it does not.
-The same rules over real HTTP, on every route, are in tests/test_serve_http.py."""
+The same rules over real HTTP, on every route, are in tests/test_serve_http.py and tests/test_attacks.py;
+the rate limits in tests/test_quotas.py."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import jwt
 import pytest
 
 from ray_app.serve.auth import (
+    MAX_TTL_S,
     SECRET_ENV,
+    VERIFY_SECRET_ENV,
     AuthError,
+    Keys,
     Principal,
-    RateLimit,
     TokenCheck,
+    key_id,
     main,
     mint,
     new_secret,
@@ -22,6 +26,16 @@ from ray_app.serve.auth import (
 )
 
 SECRET = new_secret()
+KID = {"kid": key_id(SECRET)}
+
+
+def forged(claims: dict, key=SECRET, algorithm="HS256", headers=KID) -> str:
+    """A token signed by hand, with the claims a test wants (defaults: a valid service token; None
+    leaves a claim out)."""
+    now = int(time.time())
+    base = {"iss": "dynamic-interest", "role": "service", "iat": now, "exp": now + 60, "jti": "j1"}
+    claims = {k: v for k, v in {**base, **claims}.items() if v is not None}
+    return "Bearer " + jwt.encode(claims, key, algorithm, headers=headers)
 
 
 def test_user_and_service_tokens_say_who_calls():
@@ -39,12 +53,20 @@ def test_user_and_service_tokens_say_who_calls():
         ("Basic dXNlcjpwYXNz", "must be `Bearer <token>`"),
         ("Bearer ", "must be `Bearer <token>`"),
         ("Bearer abc.def.ghi", "invalid token"),
-        (f"Bearer {mint(new_secret(), 'service')}", "Signature verification failed"),
+        (f"Bearer {mint(new_secret(), 'service')}", "is not one of the API's keys"),
+        (forged({}, key=new_secret()), "Signature verification failed"),  # our key id, another key
         (f"Bearer {mint(SECRET, 'service', ttl_s=-5)}", "expired"),
-        (f"Bearer {jwt.encode({'iss': 'dynamic-interest', 'role': 'admin', 'iat': 0}, SECRET, 'HS256')}", "role"),
-        (f"Bearer {jwt.encode({'iss': 'dynamic-interest', 'role': 'user', 'iat': 0}, SECRET, 'HS256')}", "subject"),
-        (f"Bearer {jwt.encode({'iss': 'elsewhere', 'role': 'service', 'iat': 0}, SECRET, 'HS256')}", "issuer"),
-        (f"Bearer {jwt.encode({'iss': 'dynamic-interest', 'role': 'service', 'iat': 0}, None, 'none')}", "not allowed"),
+        (forged({"role": "admin"}), "role"),
+        (forged({"role": "user"}), "subject"),
+        (forged({"iss": "elsewhere"}), "issuer"),
+        (forged({}, None, "none"), "not allowed"),
+        (forged({}, headers={}), "names no key id"),
+        (forged({}, headers={"kid": "0123456789abcdef"}), "is not one of the API's keys"),
+        (forged({"exp": None}), "exp"),
+        (forged({"jti": None}), "jti"),
+        (forged({"iat": None}), "iat"),
+        (forged({"exp": int(time.time()) + MAX_TTL_S["service"] + 100}), "may live"),
+        (forged({"role": "user", "sub": "7", "exp": int(time.time()) + MAX_TTL_S["user"] + 100}), "may live"),
     ],
 )
 def test_a_token_that_proves_nothing_is_a_401(header, why):
@@ -77,51 +99,89 @@ def test_the_secret_must_be_set_and_long(monkeypatch):
     assert secret_from_env() == SECRET
 
 
-def test_minting_from_the_command_line(monkeypatch, capsys):
-    monkeypatch.setenv(SECRET_ENV, SECRET)
-    assert main(["--user", "7", "--days", "1"]) == 0
-    assert verify(SECRET, "Bearer " + capsys.readouterr().out.strip()).user_id == "7"
-    monkeypatch.delenv(SECRET_ENV)
-    assert main(["--service"]) == 2 and SECRET_ENV in capsys.readouterr().err
+def test_every_token_expires_has_an_id_and_names_its_key():
+    now = time.time()
+    user, service = (
+        verify(SECRET, f"Bearer {mint(SECRET, 'user', '7')}"),
+        verify(SECRET, f"Bearer {mint(SECRET, 'service')}"),
+    )
+    assert 3600 - 5 <= user.expires_at - now <= 3600 + 5  # the default lifetimes: 1 hour, 30 days
+    assert 30 * 86400 - 5 <= service.expires_at - now <= 30 * 86400 + 5
+    assert user.jti != service.jti and len(user.jti) == 32
+    assert jwt.get_unverified_header(mint(SECRET, "service"))["kid"] == key_id(SECRET) != key_id(new_secret())
+    with pytest.raises(ValueError, match="at most"):
+        mint(SECRET, "user", "7", ttl_s=MAX_TTL_S["user"] + 1)
     with pytest.raises(ValueError):
         mint(SECRET, "user")  # a user token needs its user
 
 
-def test_the_rate_limit_counts_per_token():
-    limit = RateLimit(user_per_minute=3, service_per_minute=5)
-    alice = verify(SECRET, f"Bearer {mint(SECRET, 'user', 'alice')}")
-    alice_again = verify(SECRET, f"Bearer {mint(SECRET, 'user', 'alice', ttl_s=3600)}")  # another token
-    for _ in range(3):
-        limit.admit(alice)
-    with pytest.raises(AuthError, match="at most 3 requests a minute") as e:
-        limit.admit(alice)
-    assert e.value.status == 429 and 1 <= e.value.retry_after_s <= 60
-    limit.admit(alice_again)  # its own count
-    service = verify(SECRET, f"Bearer {mint(SECRET, 'service')}")
-    for _ in range(5):
-        limit.admit(service)
-    with pytest.raises(AuthError):
-        limit.admit(service)
+def test_a_revoked_token_is_refused_even_when_remembered():
+    check = TokenCheck()
+    header = f"Bearer {mint(SECRET, 'user', '42')}"
+    who = check(SECRET, header)
+    assert check(SECRET, header, revoked={"another"}) == who
+    with pytest.raises(AuthError, match="revoked") as e:
+        check(SECRET, header, revoked={who.jti})
+    assert e.value.status == 401
+    with pytest.raises(AuthError, match="revoked"):
+        verify(SECRET, header, revoked={who.jti})
 
 
-def test_the_rate_limit_window_slides_and_its_memory_is_bounded():
-    limit = RateLimit(user_per_minute=10, service_per_minute=10, max_tokens=4)
-    alice = Principal("user", "alice", "a" * 32)
-    t0 = 6000.0  # the start of a minute
-    for j in range(10):
-        limit.admit(alice, now=t0 + j)
-    with pytest.raises(AuthError):
-        limit.admit(alice, now=t0 + 30)
-    # 15 s into the next minute the previous one still weighs 10 * 0.75 = 7.5: two more fit, not three.
-    limit.admit(alice, now=t0 + 75)
-    limit.admit(alice, now=t0 + 75)
-    with pytest.raises(AuthError) as e:
-        limit.admit(alice, now=t0 + 75)
-    assert e.value.retry_after_s == 45
-    limit.admit(alice, now=t0 + 180)  # two minutes on, the old minutes no longer count
-    for j in range(50):  # many tokens: the counts stay within the bound
-        limit.admit(Principal("user", str(j), f"{j:032d}"), now=t0 + 200)
-    assert len(limit._counts) <= 8
+def test_a_key_rotates_without_a_moment_when_a_live_token_is_refused():
+    """The documented rotation from key A to key B, each step a configuration every replica may run
+    beside the previous step's: (1) sign with A, verify B too; (2) sign with B, verify A too; (3)
+    after the longest token lifetime, B alone. A token of either key is accepted wherever a
+    replica of the neighbouring step may see it."""
+    a, b = new_secret(), new_secret()
+    before, step1, step2, step3 = Keys(a), Keys(a, b), Keys(b, a), Keys(b)
+    token_a, token_b = f"Bearer {mint(before, 'user', '1')}", f"Bearer {mint(step2, 'user', '1')}"
+    assert mint(step1, "service").count(".") == 2 and jwt.get_unverified_header(mint(step1, "service"))[
+        "kid"
+    ] == key_id(a)
+    for keys in (before, step1, step2):
+        assert verify(keys, token_a).user_id == "1"  # A's tokens, until step 3
+    for keys in (step1, step2, step3):
+        assert verify(keys, token_b).user_id == "1"  # B's tokens, from step 1 on
+    with pytest.raises(AuthError, match="not one of the API's keys"):
+        verify(step3, token_a)  # retired with its key
+    with pytest.raises(AuthError, match="not one of the API's keys"):
+        verify(before, token_b)
+
+
+def test_the_keys_come_from_the_environment(monkeypatch):
+    a, b = new_secret(), new_secret()
+    monkeypatch.setenv(SECRET_ENV, a)
+    monkeypatch.delenv(VERIFY_SECRET_ENV, raising=False)
+    assert Keys.from_env() == Keys(a)
+    monkeypatch.setenv(VERIFY_SECRET_ENV, b)
+    assert Keys.from_env() == Keys(a, b) and set(Keys.from_env().by_id) == {key_id(a), key_id(b)}
+    monkeypatch.setenv(VERIFY_SECRET_ENV, "short")
+    with pytest.raises(RuntimeError, match=f"{VERIFY_SECRET_ENV} has 5 characters"):
+        Keys.from_env()
+
+
+def test_minting_and_revoking_from_the_command_line(monkeypatch, capsys, tmp_path):
+    from ray_app.store.sqlite import SQLiteStore
+
+    monkeypatch.setenv(SECRET_ENV, SECRET)
+    monkeypatch.delenv(VERIFY_SECRET_ENV, raising=False)
+    assert main(["--user", "7", "--days", "1"]) == 0  # the flags without a subcommand still mint
+    out = capsys.readouterr()
+    who = verify(SECRET, "Bearer " + out.out.strip())
+    assert who.user_id == "7" and who.jti in out.err and 86400 - 5 <= who.expires_at - time.time() <= 86400
+    assert main(["mint", "--service", "--hours", "2"]) == 0
+    service_token = capsys.readouterr().out.strip()
+    url = f"sqlite:///{tmp_path}/state.db"
+    assert main(["revoke", who.jti, "--store-url", url]) == 0
+    assert main(["revoke", service_token, "--store-url", url]) == 0  # a whole token: its jti and exp
+    assert SQLiteStore(str(tmp_path / "state.db")).revoked_tokens() == {
+        who.jti,
+        verify(SECRET, f"Bearer {service_token}").jti,
+    }
+    assert main(["kid"]) == 0 and key_id(SECRET) in capsys.readouterr().out
+    assert main(["mint", "--user", "7", "--hours", "48"]) == 2 and "at most" in capsys.readouterr().err
+    monkeypatch.delenv(SECRET_ENV)
+    assert main(["--service"]) == 2 and SECRET_ENV in capsys.readouterr().err
 
 
 def test_a_remembered_token_is_refused_once_it_expires_and_bad_tokens_are_never_remembered():

@@ -1,10 +1,13 @@
 """The Gradio demo in headless Chromium (the system's /usr/bin/chromium, never a downloaded one)
 against a real Ray Serve endpoint serving a decomposer trained here in seconds.
 
-The demo process starts first, before the API exists, as it may in real life; the first test
-reads what the page says then. The second walks the issue's journey: select a user, type an
-intent, recommend, see the table and both plots, click "watched", see the list change.
-The screenshot path is printed (pytest -s) and the file kept under runs/artifacts/.
+The demo process starts first, before the API exists, as it may in real life, with a service
+token and an accounts file but never the API's signing key; a person logs in through Gradio's
+login page. The first test reads what the page says before the API is up, and that nothing of
+the demo answers without a login. The second walks the journey as the admin account: select a
+user, type an intent, recommend, see the table and both plots, click "watched", see the list
+change. Another checks that a user's account acts for its own user only. The screenshot path is
+printed (pytest -s) and the file kept under runs/artifacts/.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from conftest import local_serve, service_auth
 from models.nn import checkpoint
 from models.data.batching import make_split
 from models.training.loop import TrainConfig, fit, new_model
-from ray_app.serve.auth import TOKEN_ENV
+from gradio_demo.accounts import add_account
+from ray_app.serve.auth import SECRET_ENV, TOKEN_ENV
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,26 +77,43 @@ def api_url() -> str:
     return f"http://127.0.0.1:{free_port()}"
 
 
+ADMIN = ("ops", "admin-password-1")  # an account that may act for any user
+READER = ("reader", "reader-password-1")  # an account bound to one user
+
+
 @pytest.fixture(scope="module")
-def demo_url(api_url, tmp_path_factory):
-    """`python -m gradio_demo` as a user starts it, pointed at an API that is not up yet."""
+def reader_user(tiny_data) -> str:
+    return str(int(tiny_data.user_source_ids[2]))
+
+
+@pytest.fixture(scope="module")
+def demo_url(api_url, tmp_path_factory, reader_user):
+    """`python -m gradio_demo` as a user starts it, pointed at an API that is not up yet, with its
+    accounts and a service token, without the signing key this test process holds."""
     port = free_port()
-    log = tmp_path_factory.mktemp("demo") / "demo.log"
+    root = tmp_path_factory.mktemp("demo")
+    log, accounts = root / "demo.log", root / "accounts.yaml"
+    add_account(accounts, ADMIN[0], ADMIN[1], None, admin=True)
+    add_account(accounts, READER[0], READER[1], reader_user, admin=False)
+    env = {k: v for k, v in os.environ.items() if k != SECRET_ENV}
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gradio_demo", "--api", api_url, "--port", str(port)],
+            [sys.executable, "-m", "gradio_demo", "--api", api_url, "--port", str(port), "--accounts", str(accounts)],
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
             env={
-                **os.environ,
+                **env,
                 "GRADIO_ANALYTICS_ENABLED": "False",
                 TOKEN_ENV: SERVICE["Authorization"].removeprefix("Bearer "),
             },
         )
     try:
         wait_http(f"http://127.0.0.1:{port}/", 120, proc)
+        environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+        assert not any(e.startswith(SECRET_ENV.encode() + b"=") for e in environ)  # never the signing key
         yield f"http://127.0.0.1:{port}"
+        assert "admin 'ops' acts for user" in log.read_text()  # what an admin did is in the log
     finally:
         proc.terminate()
         try:
@@ -127,6 +148,7 @@ def serve_app(api_url, tiny_checkpoint, tiny_data, tmp_path_factory):
                 checkpoint=str(tiny_checkpoint),
                 data_dir=str(tiny_data.path),
                 store_url=f"sqlite:///{store}",
+                load_users=True,  # once, while the app is built
                 encoder=one,
                 decomposer=one,
                 combiner=one,
@@ -139,13 +161,31 @@ def serve_app(api_url, tiny_checkpoint, tiny_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(demo_url):
+def browser(demo_url):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
-        page = browser.new_page(viewport={"width": 1400, "height": 1700})
-        page.set_default_timeout(TIMEOUT_MS)
-        yield page
+        yield browser
         browser.close()
+
+
+def logged_in(browser, demo_url: str, account: tuple[str, str]):
+    """A new browser context (its own cookies) logged in through Gradio's login page."""
+    page = browser.new_context(viewport={"width": 1400, "height": 1700}).new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(demo_url)
+    page.get_by_label("username").fill(account[0])
+    page.get_by_label("password").fill(account[1])
+    page.get_by_role("button", name="Login").click()
+    sync_api.expect(page.locator("#status")).to_be_visible()
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(browser, demo_url):
+    """The admin's page: it may act for any user."""
+    page = logged_in(browser, demo_url, ADMIN)
+    yield page
+    page.context.close()
 
 
 def status_shows(page, text: str) -> None:
@@ -166,6 +206,43 @@ def test_demo_starts_before_the_api_and_says_so(page, demo_url, api_url):
     status_shows(page, "not reachable")
     assert api_url in page.locator("#status").inner_text()
     assert "Traceback" not in page.content()
+
+
+def test_nothing_of_the_demo_answers_without_a_login(browser, demo_url):
+    """The page is a login form until a person logs in; the demo's API (what the page calls) is a
+    401 without the session's cookie; a wrong password is refused."""
+    assert httpx.get(f"{demo_url}/config", timeout=10).status_code == 401
+    assert httpx.get(f"{demo_url}/gradio_api/info", timeout=10).status_code == 401
+    stranger = browser.new_context().new_page()
+    stranger.set_default_timeout(TIMEOUT_MS)
+    stranger.goto(demo_url)
+    sync_api.expect(stranger.get_by_role("button", name="Login")).to_be_visible()
+    assert stranger.locator("#status").count() == 0
+    stranger.get_by_label("username").fill(ADMIN[0])
+    stranger.get_by_label("password").fill("not-the-password")
+    stranger.get_by_role("button", name="Login").click()
+    sync_api.expect(stranger.get_by_text("Incorrect Credentials")).to_be_visible()
+    assert stranger.locator("#status").count() == 0
+    stranger.context.close()
+
+
+def test_an_account_acts_for_its_own_user_only(browser, demo_url, serve_app, reader_user):
+    page = logged_in(browser, demo_url, READER)
+    try:
+        status_shows(page, "Connected to")
+        sync_api.expect(page.locator("#who")).to_contain_text(reader_user)  # its user, picked for it
+        page.locator("#user input").click()
+        (choice,) = page.locator("#user [role=option]").all_inner_texts()  # one user to choose from
+        assert choice.endswith(f"{reader_user} (your account's user)")
+        page.locator("#user input").press("Escape")
+        page.locator("#user-q textarea").fill("1")
+        page.locator("#user-q textarea").press("Enter")
+        status_shows(page, f"acts for user {reader_user} only")
+        page.locator("#new-user").click()
+        status_shows(page, f"acts for user {reader_user} only")
+        assert len(table_column(page, "recs", 1)) == 10  # its own recommendations, through its user token
+    finally:
+        page.context.close()
 
 
 def test_recommend_watch_and_see_the_interests_move(page, demo_url, serve_app, tiny_data):

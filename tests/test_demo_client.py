@@ -16,12 +16,27 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from gradio_demo import views
 from gradio_demo.__main__ import parse_args
-from gradio_demo.app import N_VIEW, Handlers, guarded
+from gradio_demo.accounts import Account, Accounts, hash_password
+from gradio_demo.app import N_VIEW, Access, Handlers, guarded
 from gradio_demo.client import ApiClient, ApiError, EndpointDown, NotFound
 from ray_app.serve import schemas
 from ray_app.serve.schemas import EventIn, UserEvent
 
 TITLES = {1: ("Alpha", ["Comedy"]), 2: ("Beta", ["Drama"]), 3: ("Gamma", ["Comedy", "Romance"])}
+SERVICE_TOKEN = "the-demo-service-token"
+ACCOUNTS = Accounts(
+    {
+        "ops": Account("ops", hash_password("admin-password"), None, admin=True),
+        "ann": Account("ann", hash_password("ann-password"), "new-ann"),
+    }
+)
+
+
+class Login:
+    """What Gradio hands a handler: the logged-in account's name."""
+
+    def __init__(self, username: str):
+        self.username = username
 
 
 def stand_in_api() -> FastAPI:
@@ -29,6 +44,7 @@ def stand_in_api() -> FastAPI:
     models, so the stand-in cannot drift from the contract the real endpoint follows."""
     app = FastAPI()
     log: dict[str, list[dict]] = {"u1": [{"item_id": 1, "rating": 4.0, "timestamp": 1000.0}]}
+    app.state.writers = []  # the Authorization header of each post of events
 
     def item(i: int, score: float = 0.0) -> dict:
         return {"item_id": i, "title": TITLES[i][0], "genres": TITLES[i][1], "score": score}
@@ -64,7 +80,15 @@ def stand_in_api() -> FastAPI:
         if not body.get("events"):
             return JSONResponse({"detail": "events: at least 1 event is required", "field": "events"}, 422)
         log.setdefault(user_id, []).extend(body["events"])
+        app.state.writers.append(request.headers.get("authorization"))
         return {"user_id": user_id, "accepted": len(body["events"]), "n_events": len(log[user_id])}
+
+    @app.post("/tokens", response_model=schemas.TokenResponse)
+    async def tokens(request: Request):
+        body = await request.json()
+        if request.headers.get("authorization") != f"Bearer {SERVICE_TOKEN}":
+            return JSONResponse({"detail": "minting needs a service token", "field": "authorization"}, 403)
+        return {"token": f"user-token-of-{body['user_id']}", "jti": "j", "expires_at": time.time() + body["ttl_s"]}
 
     @app.get("/users/{user_id}/interests", response_model=schemas.InterestsResponse)
     def interests(user_id: str, last: int = 50):
@@ -134,10 +158,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+base_url_app = stand_in_api()
+
+
 @pytest.fixture(scope="module")
 def base_url():
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(stand_in_api(), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(base_url_app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 20
@@ -248,18 +275,67 @@ def test_slow_endpoint_times_out(base_url):
 
 def test_handlers_show_a_message_not_a_traceback_when_down():
     with ApiClient(f"http://127.0.0.1:{free_port()}") as client:
-        h = Handlers(client)
-        out = guarded(h.connect, 2)("")
+        h = Handlers(Access(client, ACCOUNTS))
+        out = guarded(h.connect, 2)("", Login("ops"))
         assert out[0].startswith("⚠") and "not reachable" in out[0]
-        out = guarded(h.refresh, N_VIEW)(None, "", 0, 0, 10)  # nothing picked: a hint, no request
+        out = guarded(h.refresh, N_VIEW)(None, "", 0, 0, 10, Login("ops"))  # nothing picked: a hint, no request
         assert out[0] == "⚠ Pick a user (or start a new one) first." and len(out) == N_VIEW
 
 
+def test_an_account_acts_for_its_user_with_a_token_minted_for_it(base_url):
+    with ApiClient(base_url, token=SERVICE_TOKEN) as service:
+        h = Handlers(Access(service, ACCOUNTS))
+        ann = Login("ann")
+        status, users = h.connect("", ann)
+        assert users["choices"] == [("new-ann (your account's user)", "new-ann")] and users["value"] == "new-ann"
+        out = guarded(h.refresh, N_VIEW)("u1", "", 4, 20, 10, ann)  # another user's: refused before any call
+        assert out[0] == "⚠ Your account acts for user new-ann only."
+        assert guarded(h.find_users, 2)("", ann)[0].startswith("⚠ Your account acts for user new-ann only")
+        assert guarded(h.start_new_user, 2)("", ann)[0].startswith("⚠ Your account acts for user new-ann only")
+        assert guarded(h.connect, 2)("", Login("mallory"))[0] == "⚠ Log in first."
+        fresh = h.refresh("new-ann", "", 4, 20, 10, ann)
+        h.post_event("new-ann", 2, 4.0, fresh[4], "", 4, 20, 10, ann)
+        h.post_event("u1", 3, 4.0, fresh[4], "", 4, 20, 10, Login("ops"))  # an admin acts for any user
+        assert base_url_app.state.writers[-2:] == ["Bearer user-token-of-new-ann", "Bearer user-token-of-u1"]
+
+
+def test_accounts_hold_hashes_and_check_passwords(tmp_path):
+    from gradio_demo.accounts import AccountsError, add_account
+
+    assert ACCOUNTS.check("ann", "ann-password") and not ACCOUNTS.check("ann", "ops-password")
+    assert not ACCOUNTS.check("nobody", "ann-password") and not ACCOUNTS.check("ann", "")
+    path = tmp_path / "accounts.yaml"
+    add_account(path, "bob", "bob-password", "42", admin=False)
+    add_account(path, "root", "root-password", None, admin=True)
+    assert "bob-password" not in path.read_text() and path.stat().st_mode & 0o077 == 0
+    loaded = Accounts.from_env(path)
+    assert loaded.get("bob").user_id == "42" and loaded.get("root").admin and loaded.check("bob", "bob-password")
+    with pytest.raises(AccountsError, match="never the password itself"):
+        Accounts.parse("eve: {password: plain-text, user_id: '1'}", "inline")
+    with pytest.raises(AccountsError, match="either `user_id` or `admin: true`"):
+        Accounts.parse(f"eve: {{password: '{hash_password('x' * 8)}'}}", "inline")
+    with pytest.raises(AccountsError, match="no demo accounts"):
+        Accounts.from_env(None, environ={})
+
+
+def test_the_demo_refuses_to_start_with_the_signing_key(monkeypatch, capsys, tmp_path):
+    from gradio_demo.__main__ import main
+    from ray_app.serve.auth import SECRET_ENV
+
+    monkeypatch.setenv(SECRET_ENV, "k" * 40)
+    assert main(["--accounts", str(tmp_path / "none.yaml")]) == 2
+    assert "must not hold the API's signing keys" in capsys.readouterr().err
+    monkeypatch.delenv(SECRET_ENV)
+    assert main(["--accounts", str(tmp_path / "none.yaml")]) == 2  # and not without accounts
+    assert "cannot be read" in capsys.readouterr().err
+
+
 def test_new_user_watches_an_item(api):
-    h = Handlers(api)
-    fresh = h.refresh("new-abc", "", 4, 20, 10)  # no events yet: a cold-start request
+    h = Handlers(Access(api.with_token(SERVICE_TOKEN), ACCOUNTS))  # the demo's service token
+    ops = Login("ops")
+    fresh = h.refresh("new-abc", "", 4, 20, 10, ops)  # no events yet: a cold-start request
     assert "no events yet" in fresh[1] and fresh[2].empty and list(fresh[6]["item_id"]) == [1, 2, 3]
-    out = h.post_event("new-abc", 1, 5.0, fresh[4], "", 4, 20, 10)
+    out = h.post_event("new-abc", 1, 5.0, fresh[4], "", 4, 20, 10, ops)
     assert out[0].startswith("✓ Posted item 1")
     assert list(out[6]["item_id"]) == [2, 3]  # the watched item left the list
     assert list(out[2]["title"]) == ["Alpha"] and not out[9].empty

@@ -32,6 +32,23 @@ def test_serve_config_v2_is_rendered_from_the_repository_config():
     assert render.main(["--check"]) == 0
 
 
+def test_render_pins_a_checkpoint_and_keeps_the_pin(tmp_path, monkeypatch):
+    """`--checkpoint FILE --sha256 HEX` pins the RayService's model; a later render without them keeps
+    that pin; rendering the previous manifest's pin again is the rollback."""
+    copy, original = tmp_path / "rayservice.yaml", render.RAYSERVICE.read_text()
+    copy.write_text(original)
+    monkeypatch.setattr(render, "RAYSERVICE", copy)
+    before = render.current_pin(copy.read_text())
+    assert render.main(["--checkpoint", "/mnt/runs/ray/ml-1m/checkpoint_000012/model.pt", "--sha256", "ab" * 32]) == 0
+    pinned = ("/mnt/runs/ray/ml-1m/checkpoint_000012/model.pt", "ab" * 32)
+    assert render.current_pin(copy.read_text()) == pinned
+    assert render.main([]) == 0 and render.current_pin(copy.read_text()) == pinned
+    assert render.main(["--checkpoint", before[0], "--sha256", before[1]]) == 0
+    assert copy.read_text() == original  # the previous pin, byte for byte
+    with pytest.raises(SystemExit):
+        render.main(["--checkpoint", "/x/model.pt"])  # a file without its digest is no pin
+
+
 def test_render_detects_a_changed_serve_config():
     source = _repo_serve_config()
     source["applications"][0]["deployments"][0]["max_ongoing_requests"] += 1
@@ -132,10 +149,13 @@ def test_serving_cluster_fits_the_deployments_and_reaches_redis():
             assert _env(template)[variable] == {"secretKeyRef": {"name": REDIS_SECRET, "key": "store-password"}}
             # Serve's throughput-optimized mode is read by every Ray process: every pod sets it.
             assert _env(template)["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
-        # The serving checkpoint is the training job's run folder on the shared volume.
+        # The serving checkpoint is a model file of the training job's run folder, pinned by its digest.
         train_argv = shlex.split(load("rayjob-train.yaml")[0]["spec"]["entrypoint"])
         run_dir = f"{train_argv[train_argv.index('--storage-path') + 1]}/{train_argv[train_argv.index('--name') + 1]}"
-        assert app["args"]["checkpoint"] == run_dir
+        pins = [d["user_config"] for d in app["deployments"] if "user_config" in d]
+        assert len(pins) == 2 and pins[0] == pins[1] and "checkpoint" not in app["args"]
+        assert pins[0]["checkpoint"].startswith(run_dir + "/") and pins[0]["checkpoint"].endswith("/model.pt")
+        assert re.fullmatch(r"[0-9a-f]{64}", pins[0]["sha256"])
         assert app["args"]["data_dir"] == train_argv[train_argv.index("--prepared-dir") + 1]
 
 

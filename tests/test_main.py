@@ -114,6 +114,19 @@ def test_first_command_serves_the_api_and_the_demo(tmp_path):
         )
         assert ev.status_code == 200, ev.text
         assert ev.json()["accepted"] == 1
+
+        # The demo: behind a login whose password the banner points to, and without the signing key.
+        password_file = ROOT / "runs" / "main" / "demo-password"
+        assert password_file.stat().st_mode & 0o777 == 0o600 and f"cat {password_file}" in text
+        demo = f"http://127.0.0.1:{demo_port}"
+        assert httpx.get(f"{demo}/config", timeout=10).status_code == 401
+        login = {"username": "admin", "password": password_file.read_text().strip()}
+        assert httpx.post(f"{demo}/login", data=login, timeout=10).status_code == 200
+        (pid,) = subprocess.run(
+            ["pgrep", "-f", f"gradio_demo --api {api} "], capture_output=True, text=True
+        ).stdout.split()
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert not any(e.startswith(SECRET_ENV.encode() + b"=") for e in environ)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends

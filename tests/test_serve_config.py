@@ -22,5 +22,10 @@ def test_config_yaml_is_a_valid_serve_build_config():
         assert d.autoscaling_config["min_replicas"] >= 1
     cpus = sum(d.ray_actor_options.num_cpus * d.autoscaling_config["max_replicas"] for d in app.deployments)
     assert cpus <= 2, "at full scale the app must still fit 2 cores"
-    models = [d.user_config for d in app.deployments if d.name in ("Decomposer", "Combiner")]
-    assert models == [{"checkpoint": args.checkpoint}] * 2
+    # One checkpoint FILE and its digest, the same in both model deployments' user_config (a
+    # lightweight update: swapped in place), never a run folder that each replica would resolve;
+    # not in `args`, whose change would restart every replica.
+    pins = {d.name: d.user_config for d in app.deployments if d.name in ("Decomposer", "Combiner")}
+    assert pins["Decomposer"] == pins["Combiner"] and set(pins["Combiner"]) == {"checkpoint", "sha256"}
+    assert pins["Combiner"]["checkpoint"].endswith(".pt") and len(pins["Combiner"]["sha256"]) == 64
+    assert args.checkpoint is None

@@ -25,7 +25,9 @@ from models.nn import checkpoint
 from models.data.batching import make_split
 from models.training.loop import TrainConfig, fit, new_model
 from conftest import local_serve, service_auth, user_auth
-from ray_app.serve.served_model import file_version
+from ray_app.serve.load_users import load_training_users
+from ray_app.serve.pin import pin_config_text
+from ray_app.serve.served_model import file_sha256, file_version
 from serve_helpers import BAD, CALLERS, CONFIG, EV, ROUTES
 
 APP = "recommender"
@@ -46,15 +48,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def config_for(port: int, first: Path, ckpt: Path, data_dir: Path, store_url: str) -> ServeDeploySchema:
-    """The checked-in config with `args.checkpoint` = first and the deployments' user_config = ckpt."""
-    cfg = yaml.safe_load(CONFIG.read_text())
-    cfg["http_options"] = {"host": "127.0.0.1", "port": port}
+def config_for(port: int, ckpt: Path, data_dir: Path, store_url: str) -> ServeDeploySchema:
+    """The checked-in config pinned to `ckpt` (its pin rewritten as `python -m ray_app.serve.pin` does)."""
+    cfg = yaml.safe_load(pin_config_text(CONFIG.read_text(), str(ckpt), file_sha256(ckpt)))
+    cfg["http_options"].update(host="127.0.0.1", port=port)
     app = cfg["applications"][0]
-    app["args"].update(checkpoint=str(first), data_dir=str(data_dir), store_url=store_url)
+    # Every request of the suite comes from 127.0.0.1: the failed-authentication limit per address
+    # is raised here so that the probes of bad tokens get their 401s (tests/test_attacks.py checks it).
+    app["args"].update(data_dir=str(data_dir), store_url=store_url, failed_auth_per_minute=100_000)
     for d in app["deployments"]:
-        if "user_config" in d:
-            d["user_config"] = {"checkpoint": str(ckpt)}
         d["autoscaling_config"]["max_replicas"] = 1  # 2 cores shared by the whole test run
     return ServeDeploySchema.model_validate(cfg)
 
@@ -86,8 +88,9 @@ def env(tiny_data, tmp_path_factory):
         "ckpt_b": ckpt_b,
         "port": port,
         "store_url": store_url,
-        "config": lambda ckpt: config_for(port, ckpt_a, ckpt, tiny_data.path, store_url),
+        "config": lambda ckpt: config_for(port, ckpt, tiny_data.path, store_url),
     }
+    load_training_users(tiny_data.path, store_url)  # the one-off step before serving
     with local_serve(port):
         deploy(env["config"](ckpt_a))
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers=service_auth()) as client:
@@ -296,6 +299,41 @@ def test_a_token_past_its_rate_gets_429_and_others_do_not(env, client):
     assert client.get("/items", params={"q": "x", "k": 1}).status_code == 200  # another token is not slowed
 
 
+def test_a_user_writing_past_its_budget_gets_429_and_other_users_still_write(env, client):
+    """The checked-in config lets one user write 5,000 events an hour, whatever token writes them."""
+    items = env["data"].item_source_ids[1:].tolist()
+    batch = {"events": [{"item_id": items[j % len(items)], "rating": 3, "timestamp": 1.6e9 + j} for j in range(1000)]}
+    with httpx.Client(base_url=f"http://127.0.0.1:{env['port']}", timeout=60, headers=user_auth("busy-writer")) as c:
+        for j in range(5):
+            assert c.post("/users/busy-writer/events", json=batch).json()["n_events"] == 1000 * (j + 1)
+        r = c.post("/users/busy-writer/events", json={"events": batch["events"][:1]})
+        assert r.status_code == 429 and r.json()["field"] == "events" and int(r.headers["retry-after"]) >= 1, r.text
+    assert client.post("/users/busy-writer/events", json={"events": [EV]}).status_code == 429  # any token
+    assert client.post("/users/calm-writer/events", json={"events": [EV]}).json()["n_events"] == 1
+    assert client.get("/users", params={"q": "busy-writer"}).json()["users"][0]["n_events"] == 5000
+
+
+def test_a_service_token_erases_a_user_and_a_user_token_may_not(env, client):
+    uid = "to-be-erased"
+    client.post(f"/users/{uid}/events", json={"events": [EV, EV]}, headers={"Idempotency-Key": "erase-me-1"})
+    assert client.post("/recommend", json={"user_id": uid, "k": 3}).status_code == 200  # a state is cached
+    with httpx.Client(base_url=f"http://127.0.0.1:{env['port']}", timeout=60) as anonymous:
+        r = anonymous.delete(f"/users/{uid}", headers=user_auth(uid))
+        assert r.status_code == 403 and r.json()["field"] == "authorization"
+    assert client.delete(f"/users/{uid}").json() == {"user_id": uid, "erased_events": 2}
+    assert client.get(f"/users/{uid}/events").status_code == 404
+    assert client.post("/recommend", json={"user_id": uid, "k": 3}).status_code == 404
+    again = client.post(f"/users/{uid}/events", json={"events": [EV, EV]}, headers={"Idempotency-Key": "erase-me-1"})
+    assert again.json()["replayed"] is False  # its idempotency records went with it
+    assert client.delete(f"/users/{uid}").json()["erased_events"] == 2
+    assert client.delete(f"/users/{uid}").json()["erased_events"] == 0
+
+
+def test_readiness_and_liveness(client):
+    assert client.get("/readyz").json() == {"status": "ready", "store": "ok"}
+    assert "security" not in client.get("/openapi.json").json()["paths"]["/readyz"]["get"]
+
+
 def test_the_api_description_declares_the_bearer_scheme(client):
     spec = client.get("/openapi.json").json()
     assert any(v.get("scheme") == "bearer" for v in spec["components"]["securitySchemes"].values())
@@ -305,10 +343,12 @@ def test_the_api_description_declares_the_bearer_scheme(client):
 # ---- model swap and restart -------------------------------------------------------------
 
 
-def test_new_checkpoint_through_user_config_without_failed_requests(client, env):
-    version_b = file_version(env["ckpt_b"])
+def test_a_new_pin_swaps_the_model_and_the_previous_config_rolls_it_back_without_failed_requests(client, env):
+    """The config pinned to checkpoint B is deployed while a client keeps asking, then the config
+    pinned to A again (a rollback): every request is answered, and each config's model serves."""
+    version_a, version_b = file_version(env["ckpt_a"]), file_version(env["ckpt_b"])
     uid = client.get("/users", params={"limit": 1}).json()["users"][0]["user_id"]
-    failures, versions, stop = [], set(), threading.Event()
+    failures, versions, stop = [], [], threading.Event()
 
     def hammer():
         with httpx.Client(base_url=f"http://127.0.0.1:{env['port']}", timeout=60, headers=service_auth()) as c:
@@ -317,25 +357,32 @@ def test_new_checkpoint_through_user_config_without_failed_requests(client, env)
                 if r.status_code != 200:
                     failures.append((r.status_code, r.text))
                 else:
-                    versions.add(r.json()["model_version"])
+                    versions.append(r.json()["model_version"])
+
+    def serves(version: str) -> None:
+        deadline = time.time() + 120
+        while client.get("/healthz").json()["model_version"] != version and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(1.0)
 
     thread = threading.Thread(target=hammer)
     thread.start()
     try:
         time.sleep(0.5)
-        # Only user_config changes, as in the YAML's instructions: replicas reconfigure in place.
+        # Only the pin changes, the model deployments' user_config: their replicas swap it in place.
         deploy(env["config"](env["ckpt_b"]))
-        deadline = time.time() + 120
-        while client.get("/healthz").json()["model_version"] != version_b and time.time() < deadline:
-            time.sleep(0.5)
-        time.sleep(1.0)
+        serves(version_b)
+        deploy(env["config"](env["ckpt_a"]))  # the previous config: a rollback
+        serves(version_a)
     finally:
         stop.set()
         thread.join()
     assert failures == []
-    assert version_b in versions
+    assert version_b in versions and versions[-1] == version_a
     rec = client.post("/recommend", json={"user_id": uid, "k": 5}).json()
-    assert rec["model_version"] == version_b and len(rec["items"]) == 5
+    assert rec["model_version"] == version_a and len(rec["items"]) == 5
+    deploy(env["config"](env["ckpt_b"]))  # what the test below restarts
+    serves(version_b)
 
 
 def test_restart_loses_no_acknowledged_event(client, env):
@@ -351,6 +398,6 @@ def test_restart_loses_no_acknowledged_event(client, env):
     deploy(copy.deepcopy(config))
     assert [e["item_id"] for e in events_of(client, uid)] == items
     after = {u["user_id"]: u["n_events"] for u in client.get("/users", params={"limit": 1000}).json()["users"]}
-    assert after == counts  # the startup bulk load is idempotent: no training user is loaded twice
+    assert after == counts  # no replica loads users: the store is as it was
     rec = client.post("/recommend", json={"user_id": uid, "k": 3}).json()
     assert rec["n_events"] == len(items)

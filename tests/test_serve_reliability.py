@@ -71,6 +71,7 @@ def served(tiny_data, tmp_path_factory):
         checkpoint=str(ckpt),
         data_dir=str(tiny_data.path),
         store_url=store_url,
+        load_users=True,  # once, while the app is built
         encoder=one,
         decomposer=two,
         combiner=one,

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from pydantic import ValidationError
 
 from models.nn import checkpoint
@@ -130,13 +131,49 @@ def test_a_checkpoint_is_served_only_with_the_digest_its_configuration_names(tin
         f.write(b"\0")  # the file changed after the swap named it
     with pytest.raises(ServingSetupError, match=f"swapped.pt: sha256 .* is not the {digest}"):
         ServedModel.load(moved, tiny_data.item_source_ids, digest)
-    assert _checkpoint_of({"checkpoint": "a.pt"}) == ("a.pt", None)
-    with pytest.raises(ValueError, match="unknown keys.*'sha'"):
-        _checkpoint_of({"checkpoint": "a.pt", "sha": digest})
+    assert _checkpoint_of({"checkpoint": "a.pt", "sha256": digest}) == ("a.pt", digest)
+    # A replica never resolves a run folder (build_app always gives the file and its digest).
+    for bad in (
+        {"checkpoint": "a.pt", "sha": digest},
+        {"checkpoint": str(tmp_path), "sha256": digest},
+        {"checkpoint": "a.pt", "sha256": "not-a-digest"},
+    ):
+        with pytest.raises(ValueError, match="user_config must"):
+            _checkpoint_of(bad)
     # The app names the resolved file and its digest in every model stage's user_config.
-    app = build_app(AppArgs(checkpoint=str(ckpt), data_dir=str(tiny_data.path)))
+    app = build_app(AppArgs(checkpoint=str(ckpt), data_dir=str(tiny_data.path), load_users=False))
     configs = [d.user_config for d in _deployments(app) if d.user_config]
     assert len(configs) == 2 and all(c == {"checkpoint": str(ckpt.resolve()), "sha256": digest} for c in configs)
+    # A config that pins a digest serves that file or none: not another file, not a folder.
+    pinned = build_app(
+        AppArgs(checkpoint=str(ckpt), checkpoint_sha256=digest, data_dir=str(tiny_data.path), load_users=False)
+    )
+    assert [d.user_config for d in _deployments(pinned) if d.user_config] == configs
+    with pytest.raises(ServingSetupError, match=f"its sha256 is .* the serve config pins {digest}"):
+        build_app(
+            AppArgs(checkpoint=str(moved), checkpoint_sha256=digest, data_dir=str(tiny_data.path), load_users=False)
+        )
+    with pytest.raises(ServingSetupError, match="must name the model file"):
+        build_app(
+            AppArgs(
+                checkpoint=str(ckpt.parent), checkpoint_sha256=digest, data_dir=str(tiny_data.path), load_users=False
+            )
+        )
+
+
+def test_pinning_rewrites_the_two_lines_of_a_serve_config(tiny_data, ckpt, tmp_path):
+    from ray_app.serve.pin import main as pin_main
+    from ray_app.serve.served_model import file_sha256
+    from serve_helpers import CONFIG
+
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG.read_text())
+    assert pin_main([str(ckpt), "--config", str(config)]) == 0
+    deployments = yaml.safe_load(config.read_text())["applications"][0]["deployments"]
+    pins = [d["user_config"] for d in deployments if "user_config" in d]
+    assert pins == [{"checkpoint": str(ckpt), "sha256": file_sha256(ckpt)}] * 2
+    before, after = CONFIG.read_text().splitlines(), config.read_text().splitlines()
+    assert len(before) == len(after) and sum(a != b for a, b in zip(before, after)) == 4  # comments kept
 
 
 def _deployments(app):
@@ -255,7 +292,7 @@ def test_error_field_paths(loc, field):
 
 
 def test_app_args(tmp_path, ckpt, tiny_data):
-    args = AppArgs(checkpoint=str(ckpt), data_dir=str(tiny_data.path))
+    args = AppArgs(checkpoint=str(ckpt), data_dir=str(tiny_data.path), load_users=False)
     parts = [args.encoder, args.decomposer, args.combiner, args.ingress]
     assert sum(p.num_cpus * p.max_replicas for p in parts) <= 2
     assert DeploymentSettings(min_replicas=2, max_replicas=2).options()["num_replicas"] == 2
@@ -268,6 +305,10 @@ def test_app_args(tmp_path, ckpt, tiny_data):
         build_app({"checkpoint": str(tmp_path / "missing.pt"), "data_dir": str(tiny_data.path)})
     unbatched = build_app(args.model_copy(update={"batching": False}))
     assert unbatched is not None
+    # Where the app is built, the training users are loaded into its store once (never in a replica).
+    store = f"sqlite:///{tmp_path / 'built.db'}"
+    build_app(args.model_copy(update={"store_url": store, "load_users": True}))
+    assert open_store(store).count_events(str(int(tiny_data.user_source_ids[1]))) > 0
 
 
 def test_open_store_rejects_unknown_urls(tmp_path):

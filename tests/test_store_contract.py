@@ -12,7 +12,7 @@ import sqlite3
 
 import pytest
 
-from ray_app.store.base import IdempotencyConflict, StoredState, UserSnapshot
+from ray_app.store.base import EventCapReached, IdempotencyConflict, StoredState, UserSnapshot
 from ray_app.store.opener import open_store
 from store_helpers import (
     REDIS_SERVER,
@@ -103,6 +103,9 @@ def test_an_idempotency_key_appends_once(store):
 
 def test_state_cache(store):
     assert store.get_state("u") is None
+    store.put_state("u", StoredState("v1", 5, b"no events"))  # a user the store does not hold: dropped
+    assert store.get_state("u") is None
+    store.append_events("u", [ev(1)])
     store.put_state("u", StoredState("v1", 5, b"\x00h5"))
     assert store.get_state("u") == StoredState("v1", 5, b"\x00h5")
     store.put_state("u", StoredState("v1", 4, b"older"))  # a slower replica: ignored
@@ -112,6 +115,52 @@ def test_state_cache(store):
     store.put_state("u", StoredState("v2", 1, b"new model"))  # another version always replaces
     assert store.get_state("u") == StoredState("v2", 1, b"new model")
     assert store.get_state("other") is None
+
+
+def test_a_cap_refuses_the_whole_append_and_writes_nothing(store):
+    """An append that would take the log past `max_events` is refused whole: the log, the seen set
+    and the state stay as they were; a replay of a key used before is still answered."""
+    assert store.append_events("c", [ev(1), ev(2)], max_events=3) == 2
+    assert store.append_once("c", "key-1", [ev(3)], max_events=3) == (3, False)
+    with pytest.raises(EventCapReached, match="holds 3 events and the cap is 3") as e:
+        store.append_events("c", [ev(4)], max_events=3)
+    assert (e.value.n_events, e.value.cap, e.value.adding) == (3, 3, 1)
+    with pytest.raises(EventCapReached):
+        store.append_once("c", "key-2", [ev(5), ev(6)], max_events=4)
+    assert store.append_once("c", "key-1", [ev(3)], max_events=3) == (3, True)  # the retry of an accepted batch
+    assert store.events("c") == [ev(1), ev(2), ev(3)] and sorted(store.seen_items("c")) == [1, 2, 3]
+    assert store.append_once("c", "key-2", [ev(5)], max_events=4) == (4, False)  # key-2 was never recorded
+    with pytest.raises(EventCapReached):
+        store.append_events("empty", [ev(1)], max_events=0)
+    assert store.count_events("empty") == 0 and store.users("empty") == []
+
+
+def test_erasing_a_user_removes_events_seen_state_and_idempotency_records(store):
+    store.append_once("gone", "key-1", [ev(1), ev(2)])
+    store.append_events("gone", [ev(3)])
+    store.put_state("gone", StoredState("v1", 3, b"h3"))
+    store.append_events("kept", [ev(9)])
+    store.put_state("kept", StoredState("v1", 1, b"h1"))
+    assert store.erase_user("gone") == 3
+    assert store.snapshot("gone", with_seen=True) == UserSnapshot(None, 0, None, [])
+    assert [u for u, _ in store.users()] == ["kept"]
+    # The key is forgotten with the user: the same batch is a new append, not a replay.
+    assert store.append_once("gone", "key-1", [ev(1), ev(2)]) == (2, False)
+    store.put_state("gone", StoredState("v1", 2, b"h2"))
+    assert store.erase_user("gone") == 2 and store.get_state("gone") is None
+    store.put_state("gone", StoredState("v1", 2, b"late"))  # a state computed before the erasure: dropped
+    assert store.get_state("gone") is None and store.erase_user("gone") == 0
+    assert store.events("kept") == [ev(9)] and store.get_state("kept") == StoredState("v1", 1, b"h1")
+
+
+def test_revoked_token_ids_are_kept_until_their_tokens_expire(store):
+    import time
+
+    now = time.time()
+    store.revoke_token("jti-live", now + 3600)
+    store.revoke_token("jti-expired", now - 1)
+    store.revoke_token("jti-live", now + 10)  # a second revocation never shortens the first
+    assert store.revoked_tokens() == {"jti-live"}
 
 
 def test_a_snapshot_reads_state_length_last_event_and_seen_together(store):
@@ -263,6 +312,9 @@ def _state_writer(url: str, proc: int, n: int) -> None:
 
 def test_concurrent_state_writers_never_go_backwards(url):
     # Two replicas racing on one user's cache: whatever the interleaving, the newest survives.
+    seed = open_store(url)
+    seed.append_events("cached", [ev(0)])  # a state is cached only for a user the store holds
+    seed.close()
     procs = [SPAWN.Process(target=_state_writer, args=(url, p, 150)) for p in range(2)]
     for proc in procs:
         proc.start()

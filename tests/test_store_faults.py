@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from ray_app.store.base import StoreUnavailable
 from ray_app.store.opener import open_store
 from ray_app.store.sqlite import SQLiteStore
 from store_helpers import (
@@ -62,12 +63,15 @@ def test_redis_restart_mid_run_loses_no_acknowledged_event(tmp_path):
         server.stop()
 
 
-def test_unreachable_redis_names_the_url():
+def test_an_unreachable_redis_opens_and_each_call_names_the_url():
+    """A replica starts while Redis is down: opening contacts nobody, each call is a StoreUnavailable."""
     url = f"redis://127.0.0.1:{free_port()}/0"
     from ray_app.store.redis import RedisStore
 
-    with pytest.raises(ConnectionError, match=re.escape(url)):
-        RedisStore(url, retries=0)
+    store = RedisStore(url, retries=0)
+    for call in (lambda: store.count_events("u"), store.ping, lambda: store.durable):
+        with pytest.raises(StoreUnavailable, match=re.escape(url)):
+            call()
 
 
 def test_wal_switch_is_retried_while_another_opener_holds_the_file(tmp_path):

@@ -1,8 +1,8 @@
 """The Serve graph's model stages: Encoder (text -> vector), Decomposer (events / stored state ->
 LSTM state and the K dimension vectors), Combiner (context + dimensions -> gates, scores, top-k).
 
-The model-holding stages take their checkpoint through `user_config` ({"checkpoint": path,
-"sha256": digest}; the digest is optional and, when given, checked before the swap),
+The model-holding stages take their checkpoint through `user_config` ({"checkpoint": file,
+"sha256": digest}; the app always sends both, and the digest is checked before the swap),
 so a new checkpoint is swapped in by `reconfigure` without restarting replicas. Every result
 carries the model version it came from; the Combiner loads that version on demand, so a
 request caught between two replicas' swaps is still answered consistently.
@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 from collections import OrderedDict, defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from itertools import repeat
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,13 +50,19 @@ def _configure_batching(method, max_batch_size: int, batch_wait_s: float) -> Non
 
 
 def _checkpoint_of(config: dict) -> tuple[str, str | None]:
-    """user_config -> (checkpoint path, its sha256 or None)."""
-    if not isinstance(config, dict) or not config.get("checkpoint"):
-        raise ValueError(f"user_config must be {{'checkpoint': PATH[, 'sha256': HEX]}}, got {config!r}")
-    unknown = set(config) - {"checkpoint", "sha256"}
-    if unknown:
-        raise ValueError(f"user_config: unknown keys {sorted(unknown)}; accepted: checkpoint, sha256")
-    return str(config["checkpoint"]), config.get("sha256")
+    """user_config -> (checkpoint FILE, its sha256). build_app always gives both, so every replica,
+    autoscaled or not, loads the bytes the configuration names; a run folder, which each replica
+    would resolve when it starts, is refused."""
+    if not isinstance(config, dict) or not config.get("checkpoint") or set(config) - {"checkpoint", "sha256"}:
+        raise ValueError(f"user_config must be {{'checkpoint': FILE, 'sha256': HEX}}, got {config!r}")
+    sha256 = config.get("sha256")
+    if (sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", str(sha256))) or Path(
+        config["checkpoint"]
+    ).is_dir():
+        raise ValueError(f"user_config must name a checkpoint file and its 64-hex sha256, got {config!r}")
+    if sha256 is None:  # only a direct, in-process call: the app always names the digest
+        log.warning("serving %s without a digest: nothing checks that it is the file meant", config["checkpoint"])
+    return str(config["checkpoint"]), sha256
 
 
 @serve.deployment
@@ -90,10 +98,6 @@ class Decomposer:
         self.served: ServedModel | None = None
         self.metrics = AppMetrics()
         _configure_batching(self.user_state, max_batch_size, batch_wait_s)
-
-    def check_health(self) -> None:
-        """Serve's health check: the store answers (StoreUnavailable marks the replica unhealthy)."""
-        self.store.ping()
 
     def reconfigure(self, config: dict) -> None:
         path, sha256 = _checkpoint_of(config)

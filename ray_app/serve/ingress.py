@@ -1,11 +1,15 @@
 """FastAPI ingress of the Serve app: validation, the state store, and the calls down the graph.
 
 Every client error is a JSON `{"detail", "field"}` with a 4xx status (401 no or bad token, 403
-another user's token, 422 validation, 404 unknown user, 413 body too large), never a 500; a
-store that cannot answer is 503 (`field: "store"`, with Retry-After), a model stage that does not
+another user's token, 422 validation, 404 unknown user, 409 a user's event cap reached, 413 body
+too large, 429 a limit, `ray_app.serve.quotas`), never a 500; a store that cannot answer is 503
+(`field: "store"`, with Retry-After, the details only in the log), a model stage that does not
 answer within `call_timeout_s` is 504. An event is committed to the store before the response
-that acknowledges it. Every route but /healthz needs a bearer token (`ray_app.serve.auth`). Store
-calls run in threads, never on the replica's event loop.
+that acknowledges it. Every route but /healthz and /readyz needs a bearer token
+(`ray_app.serve.auth`). Store calls run in threads, never on the replica's event loop.
+
+Liveness does not depend on the store: no replica is restarted, and none fails to start, while
+the store is down; /readyz and the requests that need the store say it is.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations of the class
@@ -13,6 +17,8 @@ calls run in threads, never on the replica's event loop.
 import asyncio
 import json
 import logging
+import time
+from dataclasses import dataclass
 from typing import Annotated
 from collections.abc import Sequence
 
@@ -21,17 +27,23 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ray_app.serve.auth import FIELD as AUTH_FIELD
-from ray_app.serve.auth import AuthError, Principal, RateLimit, TokenCheck, secret_from_env
+from ray_app.serve.auth import AuthError, Keys, Principal, TokenCheck, decode, mint
+from ray_app.serve.quotas import QuotaExceeded, Quotas, QuotaSettings
 from ray_app.serve.schemas import (
     IDEMPOTENCY_KEY,
     MAX_K,
     MAX_USER_ID_CHARS,
+    ErasedResponse,
     ErrorResponse,
+    Ready,
     Text,
+    TokenRequest,
+    TokenResponse,
     EventIn,
     EventsRequest,
     EventsResponse,
@@ -44,22 +56,23 @@ from ray_app.serve.schemas import (
     UsersResponse,
 )
 from ray_app.serve.metrics import AppMetrics
-from ray_app.serve.served_model import Catalogue, training_user_events
-from ray_app.store.base import Event, IdempotencyConflict, StoreUnavailable
+from ray_app.serve.served_model import Catalogue
+from ray_app.store.base import Event, EventCapReached, IdempotencyConflict, StoreUnavailable
 from ray_app.store.opener import open_store
 
 log = logging.getLogger("ray.serve")
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: 1,000 events are about 70 kB of JSON
-ERRORS = {status: {"model": ErrorResponse} for status in (401, 403, 404, 413, 422, 429, 503, 504)}
+ERRORS = {status: {"model": ErrorResponse} for status in (401, 403, 404, 409, 413, 422, 429, 503, 504)}
 STORE_FIELD = "store"
 CALL_TIMEOUT_S = 10.0  # a model stage that takes longer is answered 504
+REVOCATION_REFRESH_S = 5.0  # how often a replica reads the revocation list from the store
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, detail: str, field: str | None = None):
+    def __init__(self, status: int, detail: str, field: str | None = None, retry_after_s: int | None = None):
         super().__init__(detail)
-        self.status, self.detail, self.field = status, detail, field
+        self.status, self.detail, self.field, self.retry_after_s = status, detail, field, retry_after_s
 
 
 def _error(status: int, detail: str, field: str | None) -> JSONResponse:
@@ -142,7 +155,10 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return _error(exc.status, exc.detail, exc.field)
+    resp = _error(exc.status, exc.detail, exc.field)
+    if exc.retry_after_s is not None:
+        resp.headers["Retry-After"] = str(exc.retry_after_s)
+    return resp
 
 
 def _unavailable(exc: BaseException) -> StoreUnavailable | None:
@@ -153,11 +169,24 @@ def _unavailable(exc: BaseException) -> StoreUnavailable | None:
     return None
 
 
+STORE_DOWN = "the event store is unavailable, try again shortly"
+
+
 @app.exception_handler(StoreUnavailable)
 async def _store_error(request: Request, exc: StoreUnavailable) -> JSONResponse:
-    log.warning("store unavailable on %s: %s", request.url.path, exc)
-    resp = _error(503, f"the event store is unavailable, try again shortly ({exc})", STORE_FIELD)
+    # The details (which store, its address, the driver's error) go to the replica's log, whose
+    # lines Serve tags with the request id that the response's X-Request-ID carries; the caller
+    # learns only what failed.
+    log.warning("store unavailable on %s %s: %s", request.method, request.url.path, exc)
+    resp = _error(503, STORE_DOWN, STORE_FIELD)
     resp.headers["Retry-After"] = "1"
+    return resp
+
+
+@app.exception_handler(QuotaExceeded)
+async def _quota_error(request: Request, exc: QuotaExceeded) -> JSONResponse:
+    resp = _error(429, exc.detail, exc.field)
+    resp.headers["Retry-After"] = str(exc.retry_after_s)
     return resp
 
 
@@ -172,18 +201,24 @@ async def _auth_error(request: Request, exc: AuthError) -> JSONResponse:
 
 
 # The scheme is declared for the OpenAPI description (Swagger's "Authorize"); `caller` reads the
-# header itself, so that a missing token and a malformed header get messages of their own.
+# header itself, so that a missing token and a malformed header get messages of their own. The
+# token is checked by the Ingress (`_allow`), which holds the keys and the revocation list.
 _bearer = HTTPBearer(auto_error=False, description="a user or service token (python -m ray_app.serve.auth)")
-_tokens = TokenCheck()  # each replica process remembers the tokens it checked (bounded, a minute each)
 
 
-async def caller(request: Request, _: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Principal:
-    # Read from the environment on each call (a dict lookup): Serve ships the app's functions to the
-    # replica apart from this module's globals, so nothing set at start-up would be seen here.
-    return _tokens(secret_from_env(), request.headers.get("authorization"))
+@dataclass(frozen=True)
+class Credentials:
+    """What a request presents: its Authorization header and the client's address."""
+
+    authorization: str | None
+    address: str | None
 
 
-Caller = Annotated[Principal, Depends(caller)]
+async def caller(request: Request, _: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Credentials:
+    return Credentials(request.headers.get("authorization"), request.client.host if request.client else None)
+
+
+Caller = Annotated[Credentials, Depends(caller)]
 
 
 UserId = Annotated[
@@ -211,26 +246,27 @@ class Ingress:
         combiner: DeploymentHandle,
         store_url: str,
         data_dir: str,
-        load_users: bool = True,
-        rate_per_minute: int = 600,
-        service_rate_per_minute: int = 60_000,
+        quotas: QuotaSettings = QuotaSettings(),
+        max_events_per_user: int = 20_000,
         call_timeout_s: float = CALL_TIMEOUT_S,
     ):
-        secret_from_env()  # from the environment only; no secret, no start
-        self.rate = RateLimit(rate_per_minute, service_rate_per_minute)
+        self.keys = Keys.from_env()  # from the environment only; no signing key, no start
+        self.tokens = TokenCheck()  # the tokens this replica checked (bounded, a minute each)
+        self.quotas = Quotas(quotas, store_url)  # shared by the replicas on a Redis store
+        self.max_events_per_user = max_events_per_user
         self.call_timeout_s = call_timeout_s
         self.metrics = AppMetrics()
         self.encoder, self.decomposer, self.combiner = encoder, decomposer, combiner
         self.catalogue, data = Catalogue.load(data_dir)
         self.n_training_users = data.n_users
         self.store = open_store(store_url)
-        if load_users:  # idempotent: users already in the store keep their (possibly longer) logs
-            for users in training_user_events(data):
-                self.store.bulk_load(users)
-
-    def check_health(self) -> None:
-        """Serve's health check: the store answers (StoreUnavailable marks the replica unhealthy)."""
-        self.store.ping()
+        self.revoked: set[str] = set()
+        self._revoked_read_at = time.monotonic()
+        self._reading_revoked: asyncio.Future | None = None
+        try:
+            self.revoked = self.store.revoked_tokens()
+        except StoreUnavailable as e:  # a replica starts while the store is down; the list is read later
+            log.warning("reading the revoked tokens failed, trying again in %g s: %s", REVOCATION_REFRESH_S, e)
 
     # ---- helpers ---------------------------------------------------------------------------
     async def _store(self, operation: str, fn, *args):
@@ -246,20 +282,47 @@ class Ingress:
         except asyncio.TimeoutError:
             response.cancel()
             raise ApiError(504, f"the {stage} did not answer within {self.call_timeout_s:g} s", None) from None
+        except BackPressureError:  # a stage's queue at this replica is full: shed, as the proxy does
+            raise ApiError(503, f"the {stage} is at capacity, try again shortly", None, retry_after_s=1) from None
         except Exception as e:
             cause = _unavailable(e)
             if cause is not None:
                 raise StoreUnavailable(str(cause)) from None
             raise
 
-    def _allow(self, who: Principal, user_id: str | None = None, service_only: str | None = None) -> None:
-        """The caller's rate (429), then whether its token may act for `user_id` or do
-        `service_only` (403)."""
-        self.rate.admit(who)
+    async def _allow(self, cred: Credentials, user_id: str | None = None, service_only: str | None = None) -> Principal:
+        """The caller's address (429 past its failed authentications), its token (401: none, bad,
+        expired or revoked), its rate (429), then whether it may act for `user_id` or do
+        `service_only` (403) -> who calls."""
+        self._read_revoked()
+        await self.quotas.check_address(cred.address)
+        try:
+            who = self.tokens(self.keys, cred.authorization, self.revoked)
+        except AuthError:
+            await self.quotas.failed(cred.address)
+            raise
+        await self.quotas.admit(who)
         if user_id is not None:
             who.require_user(user_id)
         if service_only is not None:
             who.require_service(service_only)
+        return who
+
+    def _read_revoked(self) -> None:
+        """Start a read of the revocation list when the last is `REVOCATION_REFRESH_S` old: in the
+        background, so that no request waits for the store (a revocation takes effect within
+        seconds); while the store cannot answer, the last list read stays in force."""
+        if self._reading_revoked is None and time.monotonic() - self._revoked_read_at >= REVOCATION_REFRESH_S:
+            self._reading_revoked = asyncio.ensure_future(self._load_revoked())
+
+    async def _load_revoked(self) -> None:
+        try:
+            self.revoked = await asyncio.to_thread(self.store.revoked_tokens)
+        except StoreUnavailable as e:
+            log.warning("reading the revoked tokens failed, the last list read stays in force: %s", e)
+        finally:
+            self._revoked_read_at = time.monotonic()
+            self._reading_revoked = None
 
     def _check_items(self, events: Sequence[EventIn], field: str) -> None:
         bad = self.catalogue.unknown(e.item_id for e in events)
@@ -284,8 +347,17 @@ class Ingress:
         return self.catalogue.describe(idx)
 
     # ---- endpoints -------------------------------------------------------------------------
+    @app.get("/readyz", response_model=Ready, responses={503: {"model": ErrorResponse}})
+    async def readyz(self) -> Ready:
+        """Whether every route can answer: the model stages and the store (503 naming what does not). No
+        token needed."""
+        await self._call(self.decomposer.info.remote(), "decomposer")
+        await self._store("ping", self.store.ping)
+        return Ready(status="ready", store="ok")
+
     @app.get("/healthz", response_model=Health)
     async def healthz(self) -> Health:
+        """Liveness: the model stages answer (the store is not asked). No token needed."""
         info = await self._call(self.decomposer.info.remote(), "decomposer")
         return Health(
             status="ok",
@@ -297,7 +369,7 @@ class Ingress:
 
     @app.post("/recommend", response_model=RecommendResponse, responses=ERRORS)
     async def recommend(self, req: RecommendRequest, who: Caller) -> Response:
-        self._allow(who, req.user_id)
+        await self._allow(who, req.user_id)
         intent = self.encoder.encode.remote(req.context.intent) if req.context.intent else None
         if req.user_id is not None:  # an unknown user comes back with no events: the 404 below
             state = self.decomposer.user_state.remote((req.user_id, req.exclude_seen))
@@ -332,17 +404,20 @@ class Ingress:
     async def add_events(
         self, body: EventsRequest, user_id: UserId, who: Caller, idempotency_key: IdempotencyKey = None
     ) -> EventsResponse:
-        self._allow(who, user_id)
+        await self._allow(who, user_id)
         self._check_items(body.events, "events")
+        await self.quotas.admit_events(user_id, len(body.events))  # 429 past the user's events an hour
         events = [Event(e.item_id, e.rating, e.timestamp) for e in body.events]
-        replayed = False
-        if idempotency_key is None:
-            n = await self._store("append", self.store.append_events, user_id, events)  # durable from here on
-        else:
-            try:
-                n, replayed = await self._store("append", self.store.append_once, user_id, idempotency_key, events)
-            except IdempotencyConflict as e:
-                raise ApiError(422, str(e), "Idempotency-Key") from None
+        replayed, cap = False, self.max_events_per_user
+        try:
+            if idempotency_key is None:
+                n = await self._store("append", self.store.append_events, user_id, events, cap)  # durable from here
+            else:
+                n, replayed = await self._store("append", self.store.append_once, user_id, idempotency_key, events, cap)
+        except IdempotencyConflict as e:
+            raise ApiError(422, str(e), "Idempotency-Key") from None
+        except EventCapReached as e:
+            raise ApiError(409, f"events: {e}", "events") from None
         if not replayed:
             self.metrics.events_appended.inc(len(events))
             try:
@@ -358,15 +433,33 @@ class Ingress:
         q: Annotated[Text, Query(max_length=MAX_USER_ID_CHARS, description="user id prefix")] = "",
         limit: int = Query(50, ge=1, le=1000),
     ) -> UsersResponse:
-        self._allow(who, service_only="listing users")
+        await self._allow(who, service_only="listing users")
         found = await self._store("users", self.store.users, q, limit)
         return UsersResponse(users=[{"user_id": u, "n_events": n} for u, n in found])
+
+    @app.delete("/users/{user_id}", response_model=ErasedResponse, responses=ERRORS)
+    async def erase_user(self, user_id: UserId, who: Caller) -> ErasedResponse:
+        """Erase a user: events, seen set, cached state and idempotency records (service tokens only)."""
+        actor = await self._allow(who, service_only="erasing a user")
+        n = await self._store("erase", self.store.erase_user, user_id)
+        log.info("user %r erased (%d events) by a service token (jti %s)", user_id, n, actor.jti)
+        return ErasedResponse(user_id=user_id, erased_events=n)
+
+    @app.post("/tokens", response_model=TokenResponse, responses=ERRORS)
+    async def tokens(self, body: TokenRequest, who: Caller) -> TokenResponse:
+        """A short-lived token for one user, minted with the API's key for a service token's holder
+        (the demo: its service credential stays on its server, each person's calls carry this)."""
+        actor = await self._allow(who, service_only="minting a user token")
+        token = mint(self.keys, "user", body.user_id, ttl_s=body.ttl_s)
+        minted = decode(self.keys, f"Bearer {token}")
+        log.info("a token for user %r (jti %s) minted by a service token (jti %s)", body.user_id, minted.jti, actor.jti)
+        return TokenResponse(token=token, jti=minted.jti, expires_at=minted.expires_at)
 
     @app.get("/users/{user_id}/events", response_model=UserEventsResponse, responses=ERRORS)
     async def user_events(
         self, user_id: UserId, who: Caller, limit: int = Query(20, ge=1, le=1000)
     ) -> UserEventsResponse:
-        self._allow(who, user_id)
+        await self._allow(who, user_id)
         n = await self._require_user(user_id)
         events = await self._store("events", self.store.events, user_id, max(n - limit, 0), limit)
         return UserEventsResponse(
@@ -376,7 +469,7 @@ class Ingress:
 
     @app.get("/users/{user_id}/interests", response_model=InterestsResponse, responses=ERRORS)
     async def interests(self, user_id: UserId, who: Caller, last: int = Query(50, ge=1, le=1000)) -> InterestsResponse:
-        self._allow(who, user_id)
+        await self._allow(who, user_id)
         await self._require_user(user_id)
         res = await self._call(self.decomposer.interests.remote(user_id, last), "decomposer")
         steps = [{**step, "title": self._describe(step["item_id"])["title"]} for step in res["steps"]]
@@ -384,7 +477,7 @@ class Ingress:
 
     @app.get("/items", response_model=ItemsResponse, responses=ERRORS)
     async def items(self, q: QueryText, who: Caller, k: int = Query(10, ge=1, le=MAX_K)) -> ItemsResponse:
-        self._allow(who)
+        await self._allow(who)
         if not q.strip():
             raise ApiError(422, "q: empty query", "q")
         found = await self._call(self.combiner.search.remote(self.encoder.encode.remote(q), k), "search")

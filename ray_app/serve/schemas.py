@@ -123,6 +123,27 @@ class Health(BaseModel):
     dimensions: list[str]
 
 
+class TokenRequest(_Request):
+    user_id: Text = Field(min_length=1, max_length=MAX_USER_ID_CHARS)
+    ttl_s: int = Field(900, ge=60, le=3600, description="lifetime in seconds (15 minutes by default, an hour at most)")
+
+
+class TokenResponse(BaseModel):
+    token: str
+    jti: str  # what a revocation names
+    expires_at: float  # unix seconds
+
+
+class Ready(BaseModel):
+    status: str  # "ready"
+    store: str  # "ok"
+
+
+class ErasedResponse(BaseModel):
+    user_id: str
+    erased_events: int  # 0 for a user the store did not hold
+
+
 class RecommendResponse(BaseModel):
     user_id: str | None
     model_version: str

@@ -44,6 +44,17 @@ class IdempotencyConflict(ValueError):
     """An Idempotency-Key seen before with other events: a client bug, not a retry."""
 
 
+class EventCapReached(ValueError):
+    """An append that would take a user's log past its cap: refused whole, nothing written."""
+
+    def __init__(self, user_id: str, n_events: int, cap: int, adding: int):
+        super().__init__(
+            f"user {user_id!r} holds {n_events} events and the cap is {cap}: {adding} more would exceed it "
+            f"(erasing the user frees it)"
+        )
+        self.user_id, self.n_events, self.cap, self.adding = user_id, n_events, cap, adding
+
+
 class StoreUnavailable(RuntimeError):
     """The store cannot answer now (down, unreachable, full, locked past its timeout, or
     unreadable). A refused write wrote nothing; only a connection lost after Redis ran a write
@@ -62,10 +73,17 @@ def events_digest(events: Sequence[Event]) -> str:
 class StateStore(Protocol):
     """Thread-safe; every method may be called from several processes at once."""
 
-    def append_events(self, user_id: str, events: Sequence[Event]) -> int: ...
-    def append_once(self, user_id: str, key: str, events: Sequence[Event]) -> tuple[int, bool]:
+    def append_events(self, user_id: str, events: Sequence[Event], max_events: int | None = None) -> int:
+        """Append -> the log's length; EventCapReached (nothing written) when the log would hold
+        more than `max_events`."""
+        ...
+
+    def append_once(
+        self, user_id: str, key: str, events: Sequence[Event], max_events: int | None = None
+    ) -> tuple[int, bool]:
         """Append unless `key` was used for this user within IDEMPOTENCY_TTL_S -> (n_events after
-        the first append, replayed?); IdempotencyConflict when the key came with other events."""
+        the first append, replayed?); IdempotencyConflict when the key came with other events;
+        EventCapReached as `append_events` (a replay is answered whatever the cap)."""
         ...
 
     def events(self, user_id: str, start: int = 0, limit: int | None = None) -> list[Event]: ...
@@ -80,7 +98,23 @@ class StateStore(Protocol):
         (one SQLite read transaction, one Redis MULTI/EXEC round trip)."""
         ...
 
-    def put_state(self, user_id: str, state: StoredState) -> None: ...
+    def put_state(self, user_id: str, state: StoredState) -> None:
+        """Cache a state; a no-op for a user the store does not hold (one erased meanwhile)."""
+        ...
+
+    def erase_user(self, user_id: str) -> int:
+        """Delete the user's events, seen set, state and idempotency records together -> the
+        number of events erased (0 for an unknown user)."""
+        ...
+
+    def revoke_token(self, jti: str, expires_at: float) -> None:
+        """Remember a revoked token id until `expires_at` (after which the token is refused anyway)."""
+        ...
+
+    def revoked_tokens(self) -> set[str]:
+        """The ids of revoked tokens that have not expired yet (expired entries are dropped)."""
+        ...
+
     def users(self, prefix: str = "", limit: int = 50) -> list[tuple[str, int]]: ...
     def bulk_load(self, user_events: Mapping[str, Sequence[Event]]) -> None: ...
     def ping(self) -> None:

@@ -14,11 +14,8 @@ _SCHEMES = "sqlite:///PATH (relative; sqlite:////abs/path for an absolute one) o
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def open_store(url: str) -> StateStore:
-    """`sqlite:///relative.db`, `sqlite:////abs/path.db` (SQLAlchemy convention) or `redis://host:port/db`.
-
-    `${NAME}` in the URL is replaced by the environment variable NAME where the store is opened (in
-    each replica), so that a password can come from a Kubernetes Secret instead of the serve config."""
+def expand_env(url: str) -> str:
+    """`url` with each `${NAME}` replaced by the environment variable NAME (ValueError if it is unset)."""
 
     def from_env(m: re.Match) -> str:
         if not os.environ.get(m[1]):
@@ -27,7 +24,15 @@ def open_store(url: str) -> StateStore:
             )
         return os.environ[m[1]]
 
-    url = _ENV_REFERENCE.sub(from_env, url)
+    return _ENV_REFERENCE.sub(from_env, url)
+
+
+def open_store(url: str) -> StateStore:
+    """`sqlite:///relative.db`, `sqlite:////abs/path.db` (SQLAlchemy convention) or `redis://host:port/db`.
+
+    `${NAME}` in the URL is replaced by the environment variable NAME where the store is opened (in
+    each replica), so that a password can come from a Kubernetes Secret instead of the serve config."""
+    url = expand_env(url)
     if url.startswith("sqlite:///"):
         path = url[len("sqlite:///") :]
         if not path:

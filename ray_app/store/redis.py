@@ -8,13 +8,18 @@ Layout (every key under a namespace, default `di`):
                   in the same byte order as SQLite's `ORDER BY user_id`;
 - `di:op:<token>` a marker per append call, kept `op_ttl_s` (5 min; retries end within seconds).
 - `di:idem:<user>:<key>` a client's Idempotency-Key, `{d: events digest, n: n_events after}`,
-                  kept IDEMPOTENCY_TTL_S (24 h).
+                  kept IDEMPOTENCY_TTL_S (24 h);
+- `di:idemk:<user>` a sorted set of the user's live Idempotency-Keys (score: when each was used),
+                  so that erasing the user finds them without scanning the keyspace;
+- `di:revoked`    a sorted set of revoked token ids, scored by the token's expiry.
 
 Every write is one Lua script, which Redis runs atomically and logs to the AOF as one unit, so
 the event list, the user set and the state never disagree. Durability comes from the server:
 with `appendonly yes` and `appendfsync always`, Redis fsyncs the AOF before it answers, so a
 returned `append_events` survives `kill -9` of the server (`durable` reports the setting).
 Redis Cluster is not supported (the scripts touch the global user set and a user's keys).
+Opening a store does not contact Redis: a replica starts while Redis is down, and each call
+raises StoreUnavailable until Redis answers again.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import struct
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 
@@ -32,6 +38,7 @@ from redis.retry import Retry
 from ray_app.store.base import (
     IDEMPOTENCY_TTL_S,
     Event,
+    EventCapReached,
     IdempotencyConflict,
     StoredState,
     StoreUnavailable,
@@ -56,40 +63,60 @@ end
 
 # The token makes an append exactly-once under the client's automatic retries: if the
 # connection drops after Redis ran the script but before the reply arrived, the retry carries
-# the same token and only reads the count. KEYS: ev, users, op, seen; ARGV: ttl_s, user, k,
-# k item ids, k packed events.
+# the same token and only reads the count. A cap (>= 0; -1: none) refuses an append that would take the log
+# past it, writing nothing. KEYS: ev, users, op, seen; ARGV: ttl_s, user, cap, k, k item ids,
+# k packed events -> {refused 0/1, n_events}.
 _APPEND = (
     _PUSH
     + """
-local k = tonumber(ARGV[3])
-if redis.call('SET', KEYS[3], '1', 'NX', 'EX', tonumber(ARGV[1])) then
-  push('RPUSH', KEYS[1], 4 + k, 3 + 2 * k)
-  push('SADD', KEYS[4], 4, 3 + k)
-  redis.call('ZADD', KEYS[2], 0, ARGV[2])
-end
-return redis.call('LLEN', KEYS[1])
+if redis.call('EXISTS', KEYS[3]) == 1 then return {0, redis.call('LLEN', KEYS[1])} end
+local cap, k = tonumber(ARGV[3]), tonumber(ARGV[4])
+local n = redis.call('LLEN', KEYS[1])
+if cap >= 0 and n + k > cap then return {1, n} end
+redis.call('SET', KEYS[3], '1', 'EX', tonumber(ARGV[1]))
+push('RPUSH', KEYS[1], 5 + k, 4 + 2 * k)
+push('SADD', KEYS[4], 5, 4 + k)
+redis.call('ZADD', KEYS[2], 0, ARGV[2])
+return {0, redis.call('LLEN', KEYS[1])}
 """
 )
 
 # A client's Idempotency-Key: the first call appends and records (digest, count); a later one with
-# the key only answers what the first did. The key and the events are written by the same script.
-# KEYS: ev, users, idem, seen; ARGV: ttl_s, user, digest, k, k item ids, k packed events
-# -> {replayed 0/1, n_events, digest}
+# the key only answers what the first did. The key and the events are written by the same script,
+# and the key joins the user's index of keys (entries older than the TTL dropped).
+# KEYS: ev, users, idem, seen, idem index; ARGV: ttl_s, user, digest, cap, now, key, k, k item ids,
+# k packed events -> {0 appended / 1 replayed / 2 refused by the cap, n_events, digest}
 _APPEND_ONCE = (
     _PUSH
     + """
 local seen = redis.call('HMGET', KEYS[3], 'd', 'n')
 if seen[1] then return {1, tonumber(seen[2]), seen[1]} end
-local k = tonumber(ARGV[4])
-push('RPUSH', KEYS[1], 5 + k, 4 + 2 * k)
-push('SADD', KEYS[4], 5, 4 + k)
-redis.call('ZADD', KEYS[2], 0, ARGV[2])
+local cap, k = tonumber(ARGV[4]), tonumber(ARGV[7])
 local n = redis.call('LLEN', KEYS[1])
+if cap >= 0 and n + k > cap then return {2, n, ARGV[3]} end
+push('RPUSH', KEYS[1], 8 + k, 7 + 2 * k)
+push('SADD', KEYS[4], 8, 7 + k)
+redis.call('ZADD', KEYS[2], 0, ARGV[2])
+n = redis.call('LLEN', KEYS[1])
 redis.call('HSET', KEYS[3], 'd', ARGV[3], 'n', n)
 redis.call('EXPIRE', KEYS[3], tonumber(ARGV[1]))
+redis.call('ZADD', KEYS[5], tonumber(ARGV[5]), ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', tonumber(ARGV[5]) - tonumber(ARGV[1]))
+redis.call('EXPIRE', KEYS[5], tonumber(ARGV[1]))
 return {0, n, ARGV[3]}
 """
 )
+
+# Erase one user whole: the events, the seen set, the state, the idempotency records (found through
+# the index) and the user's place in the user set. KEYS: ev, seen, st, users, idem index;
+# ARGV: user, the prefix of the user's idempotency keys -> events erased.
+_ERASE = """
+for _, key in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do redis.call('DEL', ARGV[2] .. key) end
+local n = redis.call('LLEN', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[5])
+redis.call('ZREM', KEYS[4], ARGV[1])
+return n
+"""
 # Idempotent initial load of one user: skipped if the user is already known. KEYS: ev, users, seen;
 # ARGV: user, k, k item ids, k packed events -> 1 if loaded.
 _LOAD = (
@@ -106,8 +133,10 @@ return 1
 )
 
 # A cache write never moves n_events backwards for the same model version (a slower replica
-# must not overwrite a newer state). KEYS: st; ARGV: version, n, blob -> 1 if written.
+# must not overwrite a newer state), and is dropped for a user the store does not hold (erased
+# meanwhile). KEYS: st, users; ARGV: version, n, blob, user -> 1 if written.
 _PUT_STATE = """
+if not redis.call('ZSCORE', KEYS[2], ARGV[4]) then return 0 end
 local cur = redis.call('HMGET', KEYS[1], 'v', 'n')
 if cur[1] == ARGV[1] and tonumber(cur[2]) > tonumber(ARGV[2]) then return 0 end
 redis.call('HSET', KEYS[1], 'v', ARGV[1], 'n', ARGV[2], 'b', ARGV[3])
@@ -147,6 +176,11 @@ def _pack(events: Sequence[Event]) -> list[bytes]:
     return [_EVENT.pack(int(e.item_id), float(e.rating), float(e.timestamp)) for e in events]
 
 
+def _cap(max_events: int | None) -> int:
+    """The scripts' cap argument: -1 for none."""
+    return -1 if max_events is None else max(int(max_events), 0)
+
+
 def _args(events: Sequence[Event]) -> list:
     """k, the k item ids, the k packed events: the tail of every appending script's ARGV."""
     return [len(events), *(int(e.item_id) for e in events), *_pack(events)]
@@ -171,21 +205,31 @@ class RedisStore:
         self.url = redact_url(url)  # for messages and logs: never the password
         self._ns = namespace
         self._op_ttl_s = op_ttl_s
+        # Connections are made on the first call (none here): a store that is down at start is a
+        # StoreUnavailable per call, not a replica that cannot start.
         self._r = redis.Redis.from_url(
             url, retry=retry, socket_connect_timeout=min(timeout_s, 2.0), socket_timeout=timeout_s
         )
-        try:
-            self._r.ping()
-        except redis.ConnectionError as e:
-            raise ConnectionError(f"store URL {self.url!r}: cannot reach Redis ({e})") from None
         self._append = self._r.register_script(_APPEND)
         self._append_key = self._r.register_script(_APPEND_ONCE)
+        self._erase = self._r.register_script(_ERASE)
         self._load = self._r.register_script(_LOAD)
         self._put_state = self._r.register_script(_PUT_STATE)
-        self.durable = self._check_durability()
+        self._durable: bool | None = None
+        self._durable_known = False
 
+    @property
+    def durable(self) -> bool | None:
+        """True if the server fsyncs the AOF on every write, False if not (logged as a warning,
+        once), None if CONFIG is not allowed; asked once, at first use. StoreUnavailable while
+        Redis cannot answer."""
+        if not self._durable_known:
+            self._durable = self._check_durability()
+            self._durable_known = True
+        return self._durable
+
+    @_redis_faults
     def _check_durability(self) -> bool | None:
-        """True if the server fsyncs the AOF on every write; None if CONFIG is not allowed."""
         try:
             conf = self._r.config_get("append*")
         except redis.ResponseError:  # managed Redis often disables CONFIG
@@ -215,24 +259,41 @@ class RedisStore:
     def _users(self) -> str:
         return f"{self._ns}:users"
 
+    def _idem(self, user_id: str) -> str:
+        return f"{self._ns}:idem:{user_id}:"
+
     # -- events ----------------------------------------------------------------------
     @_redis_faults
-    def append_events(self, user_id: str, events: Sequence[Event]) -> int:
-        return self._append_once(user_id, events, uuid.uuid4().hex)
+    def append_events(self, user_id: str, events: Sequence[Event], max_events: int | None = None) -> int:
+        return self._append_once(user_id, events, uuid.uuid4().hex, max_events)
 
     @_redis_faults
-    def append_once(self, user_id: str, key: str, events: Sequence[Event]) -> tuple[int, bool]:
+    def append_once(
+        self, user_id: str, key: str, events: Sequence[Event], max_events: int | None = None
+    ) -> tuple[int, bool]:
         # A retry of the script itself (a dropped connection) finds the key and only reads: exactly once.
         digest = events_digest(events)
-        keys = [self._ev(user_id), self._users, f"{self._ns}:idem:{user_id}:{key}", self._seen(user_id)]
-        replayed, n, seen = self._append_key(keys=keys, args=[IDEMPOTENCY_TTL_S, user_id, digest, *_args(events)])
-        if replayed and (seen.decode() if isinstance(seen, bytes) else seen) != digest:
+        keys = [
+            self._ev(user_id),
+            self._users,
+            self._idem(user_id) + key,
+            self._seen(user_id),
+            f"{self._ns}:idemk:{user_id}",
+        ]
+        args = [IDEMPOTENCY_TTL_S, user_id, digest, _cap(max_events), time.time(), key, *_args(events)]
+        outcome, n, seen = self._append_key(keys=keys, args=args)
+        if outcome == 2:
+            raise EventCapReached(user_id, int(n), int(max_events), len(events))
+        if outcome == 1 and (seen.decode() if isinstance(seen, bytes) else seen) != digest:
             raise IdempotencyConflict(f"Idempotency-Key {key!r} was used for other events of this user")
-        return int(n), bool(replayed)
+        return int(n), bool(outcome)
 
-    def _append_once(self, user_id: str, events: Sequence[Event], token: str) -> int:
+    def _append_once(self, user_id: str, events: Sequence[Event], token: str, max_events: int | None = None) -> int:
         keys = [self._ev(user_id), self._users, f"{self._ns}:op:{token}", self._seen(user_id)]
-        return int(self._append(keys=keys, args=[self._op_ttl_s, user_id, *_args(events)]))
+        refused, n = self._append(keys=keys, args=[self._op_ttl_s, user_id, _cap(max_events), *_args(events)])
+        if refused:
+            raise EventCapReached(user_id, int(n), int(max_events), len(events))
+        return int(n)
 
     @_redis_faults
     def events(self, user_id: str, start: int = 0, limit: int | None = None) -> list[Event]:
@@ -278,7 +339,28 @@ class RedisStore:
 
     @_redis_faults
     def put_state(self, user_id: str, state: StoredState) -> None:
-        self._put_state(keys=[self._st(user_id)], args=[state.model_version, int(state.n_events), state.blob])
+        self._put_state(
+            keys=[self._st(user_id), self._users], args=[state.model_version, int(state.n_events), state.blob, user_id]
+        )
+
+    # -- erasure and revoked tokens --------------------------------------------------------
+    @_redis_faults
+    def erase_user(self, user_id: str) -> int:
+        keys = [self._ev(user_id), self._seen(user_id), self._st(user_id), self._users, f"{self._ns}:idemk:{user_id}"]
+        return int(self._erase(keys=keys, args=[user_id, self._idem(user_id)]))
+
+    @_redis_faults
+    def revoke_token(self, jti: str, expires_at: float) -> None:
+        self._r.zadd(f"{self._ns}:revoked", {jti: float(expires_at)}, gt=True)
+
+    @_redis_faults
+    def revoked_tokens(self) -> set[str]:
+        key = f"{self._ns}:revoked"
+        with self._r.pipeline(transaction=True) as pipe:
+            pipe.zremrangebyscore(key, "-inf", f"({time.time()}")
+            pipe.zrange(key, 0, -1)
+            _, ids = pipe.execute()
+        return {i.decode() for i in ids}
 
     # -- users -----------------------------------------------------------------------
     @_redis_faults

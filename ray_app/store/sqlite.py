@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from ray_app.store.base import (
     IDEMPOTENCY_TTL_S,
     Event,
+    EventCapReached,
     IdempotencyConflict,
     StoredState,
     StoreUnavailable,
@@ -68,6 +69,10 @@ CREATE TABLE IF NOT EXISTS idempotency (
     PRIMARY KEY (user_id, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (created);
+CREATE TABLE IF NOT EXISTS revoked (
+    jti     TEXT PRIMARY KEY,
+    expires REAL NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS states (
     user_id       TEXT PRIMARY KEY,
     model_version TEXT    NOT NULL,
@@ -159,13 +164,15 @@ class SQLiteStore:
 
     # -- events ----------------------------------------------------------------------
     @_sqlite_faults
-    def append_events(self, user_id: str, events: Sequence[Event]) -> int:
+    def append_events(self, user_id: str, events: Sequence[Event], max_events: int | None = None) -> int:
         conn = self._conn()
         with self._write(conn):
-            return self._append(conn, user_id, events)
+            return self._append(conn, user_id, events, max_events)
 
     @_sqlite_faults
-    def append_once(self, user_id: str, key: str, events: Sequence[Event]) -> tuple[int, bool]:
+    def append_once(
+        self, user_id: str, key: str, events: Sequence[Event], max_events: int | None = None
+    ) -> tuple[int, bool]:
         digest, now = events_digest(events), time.time()
         conn = self._conn()
         with self._write(conn):  # the key and the events commit together, or neither
@@ -177,7 +184,7 @@ class SQLiteStore:
                 if row[0] != digest:
                     raise IdempotencyConflict(f"Idempotency-Key {key!r} was used for other events of this user")
                 return int(row[1]), True
-            total = self._append(conn, user_id, events)
+            total = self._append(conn, user_id, events, max_events)
             conn.execute(
                 "INSERT INTO idempotency (user_id, key, digest, n_events, created) VALUES (?, ?, ?, ?, ?)",
                 (user_id, key, digest, total, now),
@@ -185,10 +192,12 @@ class SQLiteStore:
         return total, False
 
     @staticmethod
-    def _append(conn: sqlite3.Connection, user_id: str, events: Sequence[Event]) -> int:
+    def _append(conn: sqlite3.Connection, user_id: str, events: Sequence[Event], max_events: int | None) -> int:
         """Inside a write transaction: the events after the user's last -> the new count."""
         row = conn.execute("SELECT n_events FROM users WHERE user_id = ?", (user_id,)).fetchone()
         n = row[0] if row else 0
+        if max_events is not None and n + len(events) > max_events:
+            raise EventCapReached(user_id, n, max_events, len(events))  # the transaction writes nothing
         conn.executemany(
             "INSERT INTO events (user_id, seq, item_id, rating, timestamp) VALUES (?, ?, ?, ?, ?)",
             [(user_id, n + i, int(e.item_id), float(e.rating), float(e.timestamp)) for i, e in enumerate(events)],
@@ -270,15 +279,46 @@ class SQLiteStore:
         conn.execute("PRAGMA synchronous=NORMAL")
         try:
             with self._write(conn):
+                # Only for a user the store holds: a state computed while the user was erased is dropped.
                 conn.execute(
-                    "INSERT INTO states (user_id, model_version, n_events, blob) VALUES (?, ?, ?, ?) "
+                    "INSERT INTO states (user_id, model_version, n_events, blob) "
+                    "SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM users WHERE user_id = ?) "
                     "ON CONFLICT(user_id) DO UPDATE SET model_version = excluded.model_version, "
                     "n_events = excluded.n_events, blob = excluded.blob "
                     "WHERE states.model_version != excluded.model_version OR excluded.n_events >= states.n_events",
-                    (user_id, state.model_version, int(state.n_events), sqlite3.Binary(state.blob)),
+                    (user_id, state.model_version, int(state.n_events), sqlite3.Binary(state.blob), user_id),
                 )
         finally:
             conn.execute("PRAGMA synchronous=FULL")
+
+    # -- erasure and revoked tokens --------------------------------------------------------
+    @_sqlite_faults
+    def erase_user(self, user_id: str) -> int:
+        conn = self._conn()
+        with self._write(conn):  # all of the user, or (on any error) nothing
+            n = self._count(conn, user_id)
+            for table in ("events", "seen", "idempotency", "states", "users"):
+                conn.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,))
+        return n
+
+    @_sqlite_faults
+    def revoke_token(self, jti: str, expires_at: float) -> None:
+        conn = self._conn()
+        with self._write(conn):
+            conn.execute(
+                "INSERT INTO revoked (jti, expires) VALUES (?, ?) "
+                "ON CONFLICT(jti) DO UPDATE SET expires = max(expires, excluded.expires)",
+                (jti, float(expires_at)),
+            )
+
+    @_sqlite_faults
+    def revoked_tokens(self) -> set[str]:
+        conn = self._conn()
+        now = time.time()
+        if conn.execute("SELECT 1 FROM revoked WHERE expires < ? LIMIT 1", (now,)).fetchone():
+            with self._write(conn):
+                conn.execute("DELETE FROM revoked WHERE expires < ?", (now,))
+        return {row[0] for row in conn.execute("SELECT jti FROM revoked WHERE expires >= ?", (now,))}
 
     # -- users -----------------------------------------------------------------------
     @_sqlite_faults
