@@ -232,9 +232,7 @@ def test_an_item_no_training_event_holds_is_placed_by_its_text_alone(tiny_data, 
     counts = np.ones(tiny_data.n_items + 1, np.int64)
     counts[3] = 0  # item 3: never in training
     m.set_item_data(tiny_data.item_emb, tiny_data.item_genres, counts)
-    emb = m.items.emb.weight if kind == "decomposer" else m.item_emb.weight
-    vectors = (lambda: m.items.all()) if kind == "decomposer" else m.item_vectors
-    text = m.items.proj(m.items.text) if kind == "decomposer" else m.text_proj(m.text)
+    emb, vectors, text = m.items.emb.weight, m.items.all, m.items.proj(m.items.text)
     with torch.no_grad():
         torch.testing.assert_close(vectors()[3], text[3])  # no id vector
         assert not torch.allclose(vectors()[4], text[4])  # a known item keeps its own
@@ -242,6 +240,62 @@ def test_an_item_no_training_event_holds_is_placed_by_its_text_alone(tiny_data, 
         before = m.score(batch)
         emb[3] += 5.0  # whatever training did to the cold item's id vector has no effect
         torch.testing.assert_close(m.score(batch), before)
+
+
+@pytest.mark.parametrize("kind, flags", [("decomposer", {"combine": "max"}), ("sasrec", {"use_text": True})])
+def test_item_tower_levers(tiny_data, split, kind, flags):
+    """The id part bounded to its radius; a bias per item, one shared by the cold items; a share of
+    known items cold for a training epoch on both sides; the text projection frozen."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    levers = {"residual_radius": 0.05, "item_bias": True, "cold_share": 0.5, "freeze_text": True}
+    m = new_model(kind, tiny_data, split, **flags, **levers)
+    counts = np.ones(tiny_data.n_items + 1, np.int64)
+    counts[3] = 0
+    m.set_item_data(tiny_data.item_emb, tiny_data.item_genres, counts)
+    tower = m.items
+    with torch.no_grad():
+        tower.emb.weight.mul_(100.0)  # far outside the radius
+        tower.bias.copy_(torch.arange(tiny_data.n_items + 1, dtype=torch.float32))
+        tower.cold_bias.fill_(-7.0)
+    m.eval()
+    ids = tower.all() - tower.proj(tower.text)
+    assert ids.norm(dim=1).max() <= 0.05 + 1e-6
+    V = tower.output()
+    assert V.shape[1] == tower.emb.weight.shape[1] + 1  # the bias column
+    assert V[3, -1] == -7.0 and V[4, -1] == 4.0  # the cold item has the cold items' bias
+    assert not tower.proj.weight.requires_grad
+    m.train()  # an epoch: half the known items are cold, on the input and the output side
+    cold = tower.simulated.bool()
+    assert 0 < int(cold.sum()) < tiny_data.n_items and not cold[3]
+    V = tower.output()
+    text = tower.proj(tower.text)
+    torch.testing.assert_close(V[cold][:, :-1], text[cold])
+    assert (V[cold][:, -1] == -7.0).all()
+    items = torch.nonzero(cold)[:2].T  # (1, 2)
+    torch.testing.assert_close(tower(items)[0], text[items[0]])
+    loss, _ = m(first_batch(tiny_data, split))
+    loss.backward()
+    assert tower.bias.grad is not None and tower.cold_bias.grad is not None
+    m.eval()
+    assert not tower.simulated.any()
+
+
+def test_an_old_text_sasrec_checkpoint_loads_into_the_item_tower(tiny_data, split, tmp_path):
+    from models.nn import checkpoint
+
+    m = new_model("sasrec", tiny_data, split, use_text=True).eval()
+    ckpt = checkpoint.to_bytes_dict(m)
+    old = {"items.emb.": "item_emb.", "items.proj.": "text_proj.", "items.text": "text", "items.known": "known"}
+    state = {}
+    for name, value in ckpt["state_dict"].items():
+        new = next((to + name[len(frm) :] for frm, to in old.items() if name.startswith(frm)), name)
+        state[new] = value
+    assert "text_proj.weight" in state and "item_emb.weight" in state
+    loaded, _ = checkpoint.from_dict({**ckpt, "state_dict": state})
+    batch = first_batch(tiny_data, split)
+    torch.testing.assert_close(loaded.score(batch), m.score(batch))
 
 
 def test_an_id_only_model_keeps_every_id_vector(tiny_data, split):

@@ -29,7 +29,7 @@ from torch import nn
 from models.data.features import EVENT_FEATURES, N_RATING_BUCKETS
 from models.nn.losses import next_item_loss, seen_pairs
 from models.nn.backbones import LSTMBackbone
-from models.nn.items import ItemTower, known_items, last_position
+from models.nn.items import ItemTower, last_position
 
 
 class _ItemDataMixin:
@@ -245,6 +245,11 @@ class SASRecConfig:
     use_text: bool = False  # item vectors E(i) + P·z(i), as the decomposer's item tower
     use_events: bool = False  # inputs also carry the event's rating bucket and time features
     text_dim: int = 384  # language-model embedding size (with use_text)
+    # With use_text, how text places an item: the decomposer's item tower and its levers (models/nn/items.py).
+    residual_radius: float = 0.0
+    item_bias: bool = False
+    cold_share: float = 0.0
+    freeze_text: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -254,11 +259,19 @@ class SASRec(_ItemDataMixin, nn.Module):
     def __init__(self, cfg: SASRecConfig):
         super().__init__()
         self.cfg = cfg
-        self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.hidden, padding_idx=0)
-        if cfg.use_text:  # the frozen text travels with the checkpoint, as in the item tower
-            self.register_buffer("text", torch.zeros(cfg.n_items + 1, cfg.text_dim))
-            self.text_proj = nn.Linear(cfg.text_dim, cfg.hidden, bias=False)
-            self.register_buffer("known", torch.ones(cfg.n_items + 1))  # as the item tower's (cold items: text alone)
+        if cfg.use_text:  # the decomposer's item tower, the frozen text travelling with the checkpoint
+            self.items = ItemTower(
+                cfg.n_items,
+                cfg.hidden,
+                cfg.text_dim,
+                True,
+                residual_radius=cfg.residual_radius,
+                item_bias=cfg.item_bias,
+                cold_share=cfg.cold_share,
+                freeze_text=cfg.freeze_text,
+            )
+        else:
+            self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.hidden, padding_idx=0)
         if cfg.use_events:
             self.rating_emb = nn.Embedding(N_RATING_BUCKETS, cfg.hidden, padding_idx=0)
             self.event_proj = nn.Linear(EVENT_FEATURES, cfg.hidden)
@@ -276,21 +289,20 @@ class SASRec(_ItemDataMixin, nn.Module):
         self.blocks = nn.TransformerEncoder(layer, cfg.blocks, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.hidden)
         self.register_buffer("log_q", torch.zeros(cfg.n_items + 1))
-        nn.init.normal_(self.item_emb.weight, std=0.02)
+        if not cfg.use_text:
+            nn.init.normal_(self.item_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
-
-    def set_item_data(self, text_emb: np.ndarray, genres: np.ndarray, counts: np.ndarray | None = None) -> None:
-        super().set_item_data(text_emb, genres, counts)
-        if self.cfg.use_text:
-            self.text.copy_(torch.as_tensor(text_emb, dtype=torch.float32))
-            if counts is not None:
-                self.known.copy_(known_items(counts))
 
     def item_vectors(self) -> torch.Tensor:
         """(N+1, H) input and output vectors of every item (tied); row 0 is padding."""
-        if not self.cfg.use_text:
-            return self.item_emb.weight
-        return self.item_emb.weight * self.known[:, None] + self.text_proj(self.text)
+        return self.items.all() if self.cfg.use_text else self.item_emb.weight
+
+    def output_vectors(self) -> torch.Tensor:
+        """(N+1, H[+1]) what a position's vector is scored against (the items' bias, when they have one)."""
+        return self.items.output() if self.cfg.use_text else self.item_emb.weight
+
+    def user_side(self, h: torch.Tensor) -> torch.Tensor:
+        return self.items.user_side(h) if self.cfg.use_text else h
 
     def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, T) right-padded events -> (B, T, H); causal attention keeps padding out of real positions."""
@@ -308,14 +320,20 @@ class SASRec(_ItemDataMixin, nn.Module):
         sup = batch["targets"] > 0
         seen = seen_pairs(batch["items"], sup, batch["targets"]) if self.cfg.mask_seen else None
         loss = next_item_loss(
-            h[sup], self.item_vectors(), batch["targets"][sup], self.cfg.loss, self.log_q, self.cfg.n_negatives, seen
+            self.user_side(h[sup]),
+            self.output_vectors(),
+            batch["targets"][sup],
+            self.cfg.loss,
+            self.log_q,
+            self.cfg.n_negatives,
+            seen,
         )
         return loss, {"next_item": loss.item()}
 
     @torch.no_grad()
     def score(self, batch):
         h = last_position(self.encode(batch), batch["lengths"])  # (B, H)
-        return h @ self.item_vectors().T  # (B, N+1)
+        return self.user_side(h) @ self.output_vectors().T  # (B, N+1)
 
 
 @dataclass

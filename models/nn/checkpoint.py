@@ -53,18 +53,28 @@ ABSENT_MEANS = {"decomposer": {"residual": False, "profile_decays": (), "scale_g
 
 
 # Weights that moved into a part of their own after checkpoints of FORMAT were first written:
-# (model type, old name prefix) -> new prefix.
+# model type -> (a name only such an old state has, or None for any; old name prefix -> new prefix).
 MOVED = {
-    "decomposer": {
-        f"{old}": f"interests.{old}"
-        for old in ("heads.", "ctx.", "intent.", "gate_a", "gate_b", "gate_v", "log_prior", "aux.")
-    }
+    "decomposer": (
+        None,
+        {
+            old: f"interests.{old}"
+            for old in ("heads.", "ctx.", "intent.", "gate_a", "gate_b", "gate_v", "log_prior", "aux.")
+        },
+    ),
+    # SASRec with text: its own item vectors became the item tower (`text_proj.` before `text`).
+    "sasrec": (
+        "text_proj.weight",
+        {"item_emb.": "items.emb.", "text_proj.": "items.proj.", "text": "items.text", "known": "items.known"},
+    ),
 }
 
 
 def _moved(kind: str, state: dict) -> dict:
     """A state dict with the names of MOVED weights brought up to date."""
-    moves = MOVED.get(kind, {})
+    trigger, moves = MOVED.get(kind, (None, {}))
+    if trigger is not None and trigger not in state:
+        return state
     out = {}
     for name, value in state.items():
         new = next((to + name[len(old) :] for old, to in moves.items() if name.startswith(old)), name)

@@ -65,6 +65,11 @@ class DecomposerConfig:
     profile_decays: tuple[float, ...] = (1.0, 0.98, 0.9)
     use_text: bool = True  # add P·z(i) to item vectors
     id_dropout: float = 0.0  # in training, the share of items whose id vector is left out (text alone)
+    # How text places an item (models/nn/items.py): the id part a residual of at most this norm (0: unbounded),
+    residual_radius: float = 0.0
+    item_bias: bool = False  # popularity in a bias of its own per item (one shared by the cold items)
+    cold_share: float = 0.0  # in training, this share of known items is cold for an epoch (no id part, cold bias)
+    freeze_text: bool = False  # the text projection fixed to the text's principal directions
     dim_names: tuple[str, ...] = field(init=False)  # the dimensions, named
     member_names: tuple[str, ...] = field(init=False)  # what the gates weigh: the dimensions [, base, intent]
 
@@ -113,7 +118,17 @@ class InterestDecomposer(nn.Module):
         K, d, D = len(cfg.dim_names), cfg.dim_size, cfg.item_dim
         self.K = K
         self.pooled = cfg.combine in ("max", "mixture")  # per-dimension scores, not one vector
-        self.items = ItemTower(cfg.n_items, D, cfg.text_dim, cfg.use_text, cfg.id_dropout)
+        self.items = ItemTower(
+            cfg.n_items,
+            D,
+            cfg.text_dim,
+            cfg.use_text,
+            cfg.id_dropout,
+            cfg.residual_radius,
+            cfg.item_bias,
+            cfg.cold_share,
+            cfg.freeze_text,
+        )
         self.encoder = build_backbone(
             cfg.backbone, self.items, D, cfg.lstm_units, cfg.dropout, cfg.max_len, cfg.blocks, cfg.heads
         )
@@ -256,8 +271,9 @@ class InterestDecomposer(nn.Module):
         return self.combined(z, I, log_alpha), I, log_alpha.exp()
 
     def pool_scores(self, U: torch.Tensor, log_alpha: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-        """U (B, M, D), log α (B, M), V (N+1, D) -> pooled scores (B, N+1) ("max": s; "mixture": log p)."""
-        logits = U @ V.T  # (B, M, N+1)
+        """U (B, M, D), log α (B, M), V (N+1, D[+1]) the items' output vectors -> pooled scores
+        (B, N+1) ("max": s; "mixture": log p)."""
+        logits = self.items.user_side(U) @ V.T  # (B, M, N+1)
         if self.cfg.combine == "max":
             return self.cfg.tau * torch.logsumexp((logits + log_alpha[..., None]) / self.cfg.tau, dim=-2)
         logits[..., 0] = -torch.inf  # the padding leaves every dimension's softmax
@@ -272,14 +288,15 @@ class InterestDecomposer(nn.Module):
         U, log_alpha, I = self.members(z[sup], batch["ctx_feats"][sup], intent[sup] if intent is not None else None)
         targets = batch["targets"][sup]  # (P,)
         seen = seen_pairs(batch["items"], sup, batch["targets"]) if self.cfg.mask_seen else None
-        V = self.items.all()
+        V = self.items.output()  # (N+1, D[+1])
         if not self.pooled:
-            u = self.combined(z[sup], I, log_alpha)
+            u = self.items.user_side(self.combined(z[sup], I, log_alpha))
             loss = next_item_loss(u, V, targets, self.cfg.loss, self.log_q, self.cfg.n_negatives, seen)
         elif self.cfg.loss == "sampled":
             loss = self._sampled_pool_loss(U, log_alpha, V, targets)
         else:
-            loss = pooled_softmax_ce(U, V, targets, log_alpha, seen, self.cfg.combine, self.cfg.tau)
+            U1 = self.items.user_side(U)
+            loss = pooled_softmax_ce(U1, V, targets, log_alpha, seen, self.cfg.combine, self.cfg.tau)
         parts = {"next_item": loss.item()}
         if self.cfg.separation > 0 and self.pooled:
             n = U.shape[1] - self.cfg.intent_member  # the words are kept out: they come from the request
@@ -323,17 +340,17 @@ class InterestDecomposer(nn.Module):
     def score_state(self, h, ctx_feats, intent=None, item_vecs=None) -> torch.Tensor:
         """From interest states h (B, S) and context (B, 5) [+ intent (B, 384)] -> scores (B, N+1).
 
-        item_vecs (N+1, D): `items.all()` computed once by a caller that scores many times (serving).
+        item_vecs (N+1, D[+1]): `items.output()` computed once by a caller that scores many times (serving).
         """
         return self.score_and_gates(h, ctx_feats, intent, item_vecs)[0]
 
     def score_and_gates(self, h, ctx_feats, intent=None, item_vecs=None) -> tuple[torch.Tensor, torch.Tensor]:
         """`score_state` and the gates α (B, M) it weighed the members with, from one pass."""
-        V = self.items.all() if item_vecs is None else item_vecs
+        V = self.items.output() if item_vecs is None else item_vecs
         U, log_alpha, I = self.members(h, ctx_feats, intent)
         if self.pooled:
             return self.pool_scores(U, log_alpha, V), log_alpha.exp()
-        return self.combined(h, I, log_alpha) @ V.T, log_alpha.exp()
+        return self.items.user_side(self.combined(h, I, log_alpha)) @ V.T, log_alpha.exp()
 
     @torch.no_grad()
     def explain(self, h, ctx_feats, intent=None, top_k: int = 5, exclude=None, item_vecs=None) -> dict:
@@ -342,10 +359,10 @@ class InterestDecomposer(nn.Module):
         exclude (B, N+1) bool removes items (e.g. the ones a user has seen) from every member's list.
         """
         U, log_alpha, I = self.members(h, ctx_feats, intent)
-        V = self.items.all() if item_vecs is None else item_vecs
+        V = self.items.output() if item_vecs is None else item_vecs
         if not self.pooled:  # the dimensions' own vectors (the base readout is not gated)
             U = self.dimension_vectors(I)
-        per_member = U @ V.T  # (B, M, N+1)
+        per_member = self.items.user_side(U) @ V.T  # (B, M, N+1)
         per_member[..., 0] = -torch.inf
         if exclude is not None:
             per_member = per_member.masked_fill(exclude[:, None, :], -torch.inf)

@@ -1,4 +1,17 @@
-"""The item tower shared by the decomposer and the text-aware baselines (DESIGN §2): q_i = E_item(i) + P·z(i)."""
+"""The item tower shared by the decomposer and the text-aware baselines (DESIGN §2).
+
+q_i = P·z(i) + e_i: the item's frozen language-model text z(i) projected, plus a vector learned
+from its id. An item no training event holds (a cold one) has no id vector: its text alone places
+it. The levers that let text place an item well (each off by default, chosen on validation cold
+targets by benchmarks/cold_items.py):
+- `residual_radius`: the id part is a residual bounded to this norm, so an item's own taste is a
+  correction of where its text puts it, not a vector of its own;
+- `item_bias`: popularity in a channel of its own, a bias b_i added to every score of item i
+  (one learned bias for the cold items), so that the text projection need not learn it;
+- `cold_share`: in training, a fixed share of the known items, drawn anew each epoch, is treated as
+  cold on the input and the output side alike (no id part, the cold items' bias);
+- `freeze_text`: P fixed to the text's principal directions instead of learned.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +26,24 @@ def known_items(counts: np.ndarray) -> torch.Tensor:
 
 
 class ItemTower(nn.Module):
-    """Item vectors E_item(i) + P·z(i); used as LSTM input and, tied, as output embeddings q_i."""
+    """Item vectors e_i + P·z(i); used as the backbone's input and, tied, as output embeddings q_i."""
 
-    def __init__(self, n_items: int, dim: int, text_dim: int, use_text: bool, id_dropout: float = 0.0):
+    def __init__(
+        self,
+        n_items: int,
+        dim: int,
+        text_dim: int,
+        use_text: bool,
+        id_dropout: float = 0.0,
+        residual_radius: float = 0.0,
+        item_bias: bool = False,
+        cold_share: float = 0.0,
+        freeze_text: bool = False,
+    ):
         super().__init__()
         self.id_dropout = id_dropout if use_text else 0.0  # in training, the share of items placed by text alone
+        self.cold_share = cold_share if use_text else 0.0
+        self.radius = residual_radius if use_text else 0.0
         self.emb = nn.Embedding(n_items + 1, dim, padding_idx=0)
         nn.init.normal_(self.emb.weight, std=0.02)
         with torch.no_grad():
@@ -26,37 +52,91 @@ class ItemTower(nn.Module):
         # Frozen language-model embeddings travel with the checkpoint, so serving needs no dataset.
         self.register_buffer("text", torch.zeros(n_items + 1, text_dim))
         self.proj = nn.Linear(text_dim, dim, bias=False) if use_text else None
+        self.freeze_text = freeze_text and use_text
+        if self.freeze_text:
+            self.proj.weight.requires_grad_(False)
         # 1 for an item some training event holds, 0 for one none does (a cold item): with text,
         # a cold item's id vector, which training only ever pushed away as a negative, is left out
         # and its text alone places it. Travels with the checkpoint; all ones until `set_known`.
         self.register_buffer("known", torch.ones(n_items + 1))
+        # The known items treated as cold in this training epoch (cold_share); none outside training.
+        self.register_buffer("simulated", torch.zeros(n_items + 1), persistent=False)
+        self.bias = nn.Parameter(torch.zeros(n_items + 1)) if item_bias else None
+        self.cold_bias = nn.Parameter(torch.zeros(())) if item_bias else None  # the bias of every cold item
 
     def set_text(self, text_emb: np.ndarray) -> None:
         self.text.copy_(torch.as_tensor(text_emb, dtype=torch.float32))
+        if self.freeze_text:  # P: the text's first principal directions, giving vectors of about unit norm
+            x = self.text[1:] - self.text[1:].mean(0)
+            _, s, vh = torch.linalg.svd(x, full_matrices=False)
+            D = self.proj.weight.shape[0]
+            k = min(D, int((s > 1e-6 * s[0]).sum()))  # a small catalogue has fewer directions than D
+            with torch.no_grad():
+                self.proj.weight.zero_()
+                self.proj.weight[:k] = vh[:k] * (len(x) ** 0.5 / s[:k, None]) / D**0.5
 
     def set_known(self, counts: np.ndarray) -> None:
         """(N+1,) training events per item -> which items keep their id vector (all, without text)."""
         if self.proj is not None:
             self.known.copy_(known_items(counts))
 
+    def train(self, mode: bool = True):
+        """Entering training draws the epoch's simulated cold items (cold_share of the known ones)."""
+        super().train(mode)
+        if self.cold_share > 0:
+            drawn = torch.rand(self.known.shape, device=self.known.device) < self.cold_share
+            self.simulated.copy_((drawn & (self.known > 0) & mode).float())
+        return self
+
     def _keep(self) -> torch.Tensor:
-        """(N+1,) 1 where an item's id vector counts: the known items, less a random `id_dropout`
-        share of them in training, so that the text part learns to place an item on its own."""
-        if not (self.training and self.id_dropout > 0):
-            return self.known
-        return self.known * (torch.rand_like(self.known) >= self.id_dropout)
+        """(N+1,) 1 where an item's id part counts: the known items, less the simulated cold ones and
+        (id_dropout) a random share drawn at each call, so that the text learns to place an item alone."""
+        keep = self.known * (1.0 - self.simulated) if self.training else self.known
+        if self.training and self.id_dropout > 0:
+            keep = keep * (torch.rand_like(self.known) >= self.id_dropout)
+        return keep
+
+    def _ids(self) -> torch.Tensor:
+        """(N+1, D) the id parts, each bounded to `radius` when one is set."""
+        e = self.emb.weight
+        if self.radius > 0:
+            e = e * (self.radius / e.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+        return e
 
     def all(self) -> torch.Tensor:
         """(N+1, D) vectors of every item; row 0 is padding."""
         if self.proj is None:
             return self.emb.weight
-        return self.emb.weight * self._keep()[:, None] + self.proj(self.text)
+        return self._ids() * self._keep()[:, None] + self.proj(self.text)
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
-        out = self.emb(items)  # (B, T, D)
-        if self.proj is not None:
-            out = out * self._keep()[items].unsqueeze(-1) + self.proj(self.text[items])
-        return out
+        if self.proj is None:
+            return self.emb(items)  # (B, T, D)
+        if self.radius > 0:
+            ids = self._ids()[items]
+        else:
+            ids = self.emb(items)
+        return ids * self._keep()[items].unsqueeze(-1) + self.proj(self.text[items])
+
+    # ---- the output side: item vectors with their bias, user vectors with a 1 to meet it ---------
+    def biases(self) -> torch.Tensor | None:
+        """(N+1,) each item's bias: its own for a known item, the cold items' one otherwise."""
+        if self.bias is None:
+            return None
+        keep = self.known * (1.0 - self.simulated) if self.training else self.known
+        return self.bias * keep + self.cold_bias * (1.0 - keep)
+
+    def output(self) -> torch.Tensor:
+        """(N+1, D[+1]) what a user vector is scored against: [q_i, b_i] with a bias, else q_i."""
+        q = self.all()
+        b = self.biases()
+        return q if b is None else torch.cat([q, b[:, None]], dim=1)
+
+    def user_side(self, u: torch.Tensor) -> torch.Tensor:
+        """(…, D) user vectors -> (…, D[+1]): a 1 appended when items have a bias (u·q_i + b_i)."""
+        if self.bias is None:
+            return u
+        return torch.cat([u, u.new_ones(*u.shape[:-1], 1)], dim=-1)
 
 
 def last_position(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -160,7 +160,7 @@ def item_index(served: ServedModel, settings: IndexSettings) -> HNSWIndex | None
 def user_vectors(served: ServedModel, H: torch.Tensor, ctx: torch.Tensor, intent: torch.Tensor | None):
     """The combined user vectors u (B, D) the exact path multiplies with the items, and the gates α (B, K)."""
     u, _, alpha = served.model.user_vectors(H, ctx, intent)
-    return u.cpu().numpy(), alpha
+    return served.model.items.user_side(u).cpu().numpy(), alpha
 
 
 def indexed_top(
@@ -172,5 +172,6 @@ def indexed_top(
         u, alpha = user_vectors(served, H, ctx, intent)
         return (*index.top(u, seen, k), alpha)
     U, log_alpha, _ = m.members(H, ctx, intent)
+    U = m.items.user_side(U)  # (B, M, D[+1]): a 1 meets the items' bias
     top = pooled_top(index, U.cpu().numpy(), log_alpha.cpu().numpy(), m.cfg.tau, seen, k)
     return (*top, log_alpha.exp())

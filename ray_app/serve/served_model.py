@@ -114,9 +114,9 @@ class ServedModel:
 
     @cached_property
     def item_vecs(self) -> torch.Tensor:
-        """(N+1, D) every item's vector, computed once: the text projection is fixed while serving."""
+        """(N+1, D[+1]) every item's output vector (its bias too, when the model has one), computed once."""
         with torch.no_grad():
-            return self.model.eval().items.all()
+            return self.model.eval().items.output()
 
     @property
     def dim_names(self) -> list[str]:
