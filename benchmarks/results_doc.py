@@ -10,7 +10,14 @@ The prose of docs/results.md is written by hand; each table in it stands between
     <!-- end table -->
 
 and is rewritten from FILE by the view VIEW (the functions of `VIEWS` below), so a table cannot say
-other than its file. tests/test_results_doc.py runs `--check`.
+other than its file. A figure quoted in prose, in docs/results.md, the README or any docs/ page, is
+marked the same way, inline:
+
+    <!-- fig: FILE PATH [FORMAT [mean|min|max]] -->0.0741<!-- /fig -->
+
+PATH is a '/'-separated path of keys into FILE's JSON (`*` matches every key at its level, and the
+values found are reduced by mean, min or max); FORMAT a Python format spec (default `.4f`). So a
+number in the prose cannot say other than its file either. tests/test_results_doc.py runs `--check`.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DOC = HERE.parent / "docs" / "results.md"
 MARKER = re.compile(r"<!-- table: (?P<spec>.+?) -->\n(?P<body>.*?)<!-- end table -->", re.S)
+FIGURE = re.compile(r"<!-- fig: (?P<spec>.+?) -->(?P<body>.*?)<!-- /fig -->")
+PAGES = (HERE.parent / "README.md", *sorted((HERE.parent / "docs").glob("*.md")))  # where figures are checked
 QUALITY_COLUMNS = {
     "model": "model",
     "seeds": "seeds",
@@ -325,8 +334,35 @@ def render(spec: str, results: Path) -> str:
     return VIEWS[view](records, **kwargs) + "\n"
 
 
+def lookup(node, keys: list[str]) -> list:
+    """The values at a '/'-path of keys (`*`: every key at that level)."""
+    if not keys:
+        return [node]
+    head, rest = keys[0], keys[1:]
+    if isinstance(node, list):
+        children = node if head == "*" else [node[int(head)]]
+    elif head == "*":
+        children = list(node.values())
+    else:
+        children = [node[head]]
+    return [v for child in children for v in lookup(child, rest)]
+
+
+def figure(spec: str, results: Path) -> str:
+    """The number a figure marker's `FILE PATH [FORMAT [REDUCE]]` names."""
+    file, path, *rest = shlex.split(spec)
+    fmt = rest[0] if rest else ".4f"
+    reduce = {"mean": np.mean, "min": np.min, "max": np.max}[rest[1] if len(rest) > 1 else "mean"]
+    try:
+        values = lookup(json.loads((results / file).read_text()), path.split("/"))
+    except (KeyError, IndexError, ValueError, OSError) as e:
+        raise SystemExit(f"docs figure '{spec}': {type(e).__name__}: {e}") from None
+    value = values[0] if len(values) == 1 else float(reduce(values))
+    return format(value, fmt)
+
+
 def regenerate(text: str, results: Path) -> tuple[str, list[str]]:
-    """`text` with every table rewritten, and the specs of the tables that changed."""
+    """`text` with every table and figure rewritten, and the specs of those that changed."""
     changed = []
 
     def one(m: re.Match) -> str:
@@ -335,30 +371,42 @@ def regenerate(text: str, results: Path) -> tuple[str, list[str]]:
             changed.append(m["spec"])
         return f"<!-- table: {m['spec']} -->\n{body}<!-- end table -->"
 
-    return MARKER.sub(one, text), changed
+    def fig(m: re.Match) -> str:
+        body = figure(m["spec"], results)
+        if body != m["body"]:
+            changed.append(m["spec"])
+        return f"<!-- fig: {m['spec']} -->{body}<!-- /fig -->"
+
+    return FIGURE.sub(fig, MARKER.sub(one, text)), changed
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs from its file")
-    p.add_argument("--doc", type=Path, default=DOC)
+    p.add_argument("--doc", type=Path, action="append", help="a page (default: docs/results.md, README, docs/*.md)")
     p.add_argument("--results", type=Path, default=RESULTS)
     a = p.parse_args(argv)
-    text = a.doc.read_text()
-    new, changed = regenerate(text, a.results)
-    if a.check:
-        for spec in changed:
-            print(f"{a.doc}: the table '{spec}' differs from its results file", file=sys.stderr)
-        if changed:
-            print("regenerate with: python benchmarks/results_doc.py", file=sys.stderr)
-        return 1 if changed else 0
-    if changed:
-        from models.files import atomic_path
+    from models.files import atomic_path
 
-        with atomic_path(a.doc) as tmp:
-            tmp.write_text(new)
-    print(f"{len(MARKER.findall(text))} tables, {len(changed)} rewritten in {a.doc}")
-    return 0
+    stale = 0
+    for doc in a.doc or sorted({DOC, *PAGES}):
+        text = doc.read_text()
+        new, changed = regenerate(text, a.results)
+        stale += len(changed)
+        if a.check:
+            for spec in changed:
+                what = "figure" if spec in {m["spec"] for m in FIGURE.finditer(text)} else "table"
+                print(f"{doc}: the {what} '{spec}' differs from its results file", file=sys.stderr)
+            continue
+        if changed:
+            with atomic_path(doc) as tmp:
+                tmp.write_text(new)
+        n_tables, n_figures = len(MARKER.findall(text)), len(FIGURE.findall(text))
+        if n_tables or n_figures:
+            print(f"{doc}: {n_tables} tables, {n_figures} figures, {len(changed)} rewritten")
+    if a.check and stale:
+        print("regenerate with: python benchmarks/results_doc.py", file=sys.stderr)
+    return 1 if a.check and stale else 0
 
 
 if __name__ == "__main__":

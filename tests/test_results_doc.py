@@ -46,3 +46,23 @@ def test_reads_follows_each_models_config_and_the_searchs_fixed_settings():
     assert _reads({"kind": "sasrec", "fixed": ["use_text=true", "use_events=true"]}) == "ids, text, ratings, times"
     assert _reads({"kind": "lstm", "fixed": ["use_text=false"]}) == "ids, ratings, times"
     assert _reads({"kind": "gru4rec", "fixed": []}) == "ids"
+
+
+def test_a_figure_in_prose_is_checked_against_its_file(tmp_path):
+    """Inline figure markers: a path into a results file, a format, a reduction over `*`."""
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "r.json").write_text('{"runs": {"0": {"ndcg": 0.07}, "1": {"ndcg": 0.08}}, "ratio": 1.0312}')
+    doc = tmp_path / "page.md"
+    good = (
+        "mean <!-- fig: r.json runs/*/ndcg .3f mean -->0.075<!-- /fig -->, "
+        "ratio <!-- fig: r.json ratio .2f -->1.03<!-- /fig -->\n"
+    )
+    doc.write_text(good)
+    run = [sys.executable, str(SCRIPT), "--doc", str(doc), "--results", str(results)]
+    assert subprocess.run([*run, "--check"], cwd=ROOT, capture_output=True).returncode == 0
+    doc.write_text(good.replace("1.03", "1.10"))  # a figure typed by hand
+    done = subprocess.run([*run, "--check"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 1 and "figure 'r.json ratio .2f'" in done.stderr
+    subprocess.run(run, cwd=ROOT, check=True, capture_output=True)
+    assert doc.read_text() == good
