@@ -70,8 +70,8 @@ NO_DIMENSIONS = [
 MODELS = {
     "decomposer": ("decomposer", []),
     "backbone alone": ("decomposer", NO_DIMENSIONS),
-    "lstm": ("lstm", []),
     "gru4rec": ("gru4rec", []),
+    "lstm": ("lstm", []),
     "sasrec, text and event features": ("sasrec", ["use_text=true", "use_events=true"]),
 }
 BASELINES = [name for name in MODELS if name != "decomposer"]
@@ -105,7 +105,9 @@ class MultiInterestSettings(SearchBudget):
     trial_patience: int = setting(5, "early stopping inside a trial")
     seeds: str = setting("0,1,2,3,4", "retraining seeds of each best configuration")
     device: str = setting("cpu", "cpu | cuda: a GPU per Train worker", choices=("cpu", "cuda"))
-    cpus_per_worker: float = setting(2.0)
+    # One thread a trial: on a machine shared with other work, two threads that wait for each other
+    # cost more than they give (measured: an epoch 3x slower with two threads on a busy 2-core machine).
+    cpus_per_worker: float = setting(1.0)
     intent_rate: float = setting(0.0, "share of training positions with words from the target (0: none)")
 
     @property
