@@ -25,7 +25,7 @@ from models.data import load_prepared, prepare_source  # noqa: E402
 from models.training.defaults import PROTOCOLS, protocol_split  # noqa: E402
 from models.training.loop import fit  # noqa: E402
 
-DEFAULT = "plain decomposer;decomposer, K·α;decomposer, no gates, no aux losses;lstm (mask seen)"
+DEFAULT = "decomposer;decomposer, no gates;lstm (mask seen)"
 
 
 def plot(curves: dict, path: Path) -> None:
