@@ -324,14 +324,43 @@ VIEWS = {
 }
 
 
+# Views whose tables hold timings: each is followed by the machine its file recorded.
+TIMED = (
+    "ray_train",
+    "scale",
+    "scale_ray",
+    "ann",
+    "multinode",
+    "serve_load",
+    "floor",
+    "incremental",
+    "tuning",
+    "newcomer",
+)
+
+
+def machine_line(files: list[str], records: list[dict]) -> str:
+    """'Machine: …' naming the CPU, cores and GPU each file recorded."""
+    parts = []
+    for name, r in zip(files, records):
+        m = r.get("machine") or {}
+        what = f"{m.get('cpu', 'unrecorded CPU')}, {m.get('cpus', '?')} cores" + (
+            f", {m['gpu']}" if m.get("gpu") else ""
+        )
+        parts.append(f"{what} (`{name}`)")
+    return "Machine: " + "; ".join(parts) + ".\n"
+
+
 def render(spec: str, results: Path) -> str:
     """The table a marker's `VIEW FILE[,FILE...] key="value" ...` names."""
     view, files, *options = shlex.split(spec)
     if view not in VIEWS:
         raise SystemExit(f"docs table '{spec}': unknown view {view!r}; views: {', '.join(VIEWS)}")
-    records = [json.loads((results / f).read_text()) for f in files.split(",")]
+    names_ = files.split(",")
+    records = [json.loads((results / f).read_text()) for f in names_]
     kwargs = dict(o.split("=", 1) for o in options)
-    return VIEWS[view](records, **kwargs) + "\n"
+    body = VIEWS[view](records, **kwargs) + "\n"
+    return body + "\n" + machine_line(names_, records) if view in TIMED else body
 
 
 def lookup(node, keys: list[str]) -> list:
