@@ -114,6 +114,11 @@ class MultiInterestSettings(SearchBudget):
     def protocol(self) -> str:
         return PROTOCOL_OF.get(Path(self.dataset).name, "loo")
 
+    @property
+    def runs(self) -> Path:
+        """This dataset's searches and retrains: runs of two datasets never share a study."""
+        return self.storage / Path(self.dataset).name
+
 
 def run_name(name: str) -> str:
     return name.split(",")[0].replace(" ", "-")
@@ -130,7 +135,7 @@ def run_searches(s: MultiInterestSettings, prepared: Path, report: dict, save) -
             dataset=str(prepared),
             model=kind,
             protocol=s.protocol,
-            storage_path=str(s.storage / "search"),
+            storage_path=str(s.runs / "search"),
             name=key,
             num_samples=s.trials,
             seed=0,
@@ -147,7 +152,7 @@ def run_searches(s: MultiInterestSettings, prepared: Path, report: dict, save) -
         print(f"search {name}: {s.trials} trials", flush=True)
         t0 = time.perf_counter()
         best = search.run(settings)
-        report["searches"][name] = search_record(s.storage / "search" / key, best, time.perf_counter() - t0)
+        report["searches"][name] = search_record(s.runs / "search" / key, best, time.perf_counter() - t0)
         save()
 
 
@@ -193,7 +198,7 @@ def retrain(
         seed=seed,
         cpus_per_worker=s.cpus_per_worker,
         use_gpu=s.device == "cuda",
-        storage_path=str(s.storage / "retrain"),
+        storage_path=str(s.runs / "retrain"),
         name=name,
         num_to_keep=1,
     )
