@@ -316,3 +316,29 @@ def test_id_dropout_leaves_out_id_vectors_in_training_only(tiny_data, split):
     m.eval()
     assert not torch.allclose(m.items.all()[1:], text[1:])
     assert new_model("decomposer", tiny_data, split, use_text=False, id_dropout=0.5).items.id_dropout == 0.0
+
+
+def test_items_added_while_serving_are_placed_by_their_text(tiny_data, split):
+    """A new item gets its text's vector (no id part, the cold items' bias), ranks like any cold item,
+    and events on it advance a state."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    m = new_model("decomposer", tiny_data, split, combine="max", item_bias=True).eval()
+    N = tiny_data.n_items
+    before = m.items.output().clone()
+    text = tiny_data.item_emb[[5, 7]]  # two new items with the texts of items 5 and 7
+    new = m.add_items(text, tiny_data.item_genres[[5, 7]])
+    assert list(new) == [N + 1, N + 2] and m.cfg.n_items == N + 2
+    V = m.items.output()
+    torch.testing.assert_close(V[: N + 1], before)  # the trained catalogue is unchanged
+    torch.testing.assert_close(V[N + 1, :-1], m.items.proj(torch.as_tensor(text[0], dtype=torch.float32)))
+    assert V[N + 1, -1] == m.items.cold_bias
+    z, ctx = torch.randn(2, m.state_dim), torch.randn(2, 5)
+    assert m.score_state(z, ctx).shape == (2, N + 3)
+    state = m.advance(None, torch.tensor([[1, N + 1]]), torch.tensor([[8, 8]]), torch.zeros(1, 2, 5))
+    assert torch.isfinite(m.interest_state(state)).all()
+    assert not np.allclose(
+        m.interest_state(state).numpy(),
+        m.interest_state(m.advance(None, torch.tensor([[1]]), torch.tensor([[8]]), torch.zeros(1, 1, 5))).numpy(),
+    )

@@ -169,6 +169,19 @@ class InterestDecomposer(nn.Module):
             p = (np.asarray(counts, dtype=np.float64) + 1.0) / (np.sum(counts) + len(counts))
             self.log_q.copy_(torch.as_tensor(np.log(p), dtype=torch.float32))
 
+    @torch.no_grad()
+    def add_items(self, text_emb: np.ndarray, genres: np.ndarray) -> range:
+        """Items added while serving: (k, 384) text embeddings and (k, G) genre rows -> their indices.
+
+        They are placed by their text alone, as any item no training event holds; the config's
+        n_items grows with them (a checkpoint of this model would not be the trained one)."""
+        new = self.items.append(text_emb)
+        dev = self.item_genres.device
+        self.item_genres = torch.cat([self.item_genres, torch.as_tensor(genres, dtype=torch.float32, device=dev)])
+        self.log_q = torch.cat([self.log_q, self.log_q.new_full((len(new),), float(self.log_q.min()))])
+        self.cfg.n_items += len(new)
+        return new
+
     # ---- the interest state z_t -------------------------------------------------------------
     def states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, T) right-padded events -> interest states z_t (B, T, U + R·D), R = len(profile_decays).

@@ -75,6 +75,21 @@ class ItemTower(nn.Module):
                 self.proj.weight.zero_()
                 self.proj.weight[:k] = vh[:k] * (len(x) ** 0.5 / s[:k, None]) / D**0.5
 
+    @torch.no_grad()
+    def append(self, text_emb: np.ndarray) -> range:
+        """Items added after training, placed by their text alone (cold: no id part, the cold items'
+        bias) -> their new indices. Serving grows the catalogue with this; training does not."""
+        n0, k = self.text.shape[0], len(text_emb)
+        dev = self.text.device
+        self.text = torch.cat([self.text, torch.as_tensor(np.asarray(text_emb), dtype=torch.float32, device=dev)])
+        self.known = torch.cat([self.known, torch.zeros(k, device=dev)])
+        self.simulated = torch.cat([self.simulated, torch.zeros(k, device=dev)])
+        weight = torch.cat([self.emb.weight, self.emb.weight.new_zeros(k, self.emb.weight.shape[1])])
+        self.emb = nn.Embedding.from_pretrained(weight, freeze=False, padding_idx=0)
+        if self.bias is not None:
+            self.bias = nn.Parameter(torch.cat([self.bias, self.bias.new_zeros(k)]))
+        return range(n0, n0 + k)
+
     def set_known(self, counts: np.ndarray) -> None:
         """(N+1,) training events per item -> which items keep their id vector (all, without text)."""
         if self.proj is not None:
