@@ -268,6 +268,24 @@ def run_checks(s: MultiInterestSettings, prepared: Path, data, split, report: di
         s, prepared, data, split, report, save, "constant gates", few, model_args={**found, "use_gates": False}
     )
     checks["constant_gates"] = mc.compare_runs(decomposer, fixed)
+    # The other backbones under the searched heads, judged on validation (the LSTM stays unless one wins).
+    backbones = {"lstm": [r["valid_ndcg@10"] for r in decomposer.values()]}
+    for name in ("gru", "transformer"):
+        if name == found.get("backbone", "lstm"):
+            continue
+        runs = retrain_variant(
+            s,
+            prepared,
+            data,
+            split,
+            report,
+            save,
+            f"{name} backbone",
+            seeds[:1],
+            model_args={**found, "backbone": name},
+        )
+        backbones[name] = [r["valid_ndcg@10"] for r in runs.values()]
+    checks["backbones_valid_ndcg@10"] = {k: float(np.mean(v)) for k, v in backbones.items()}
     if "context_shuffled" not in checks:
         shuffled = mc.context_shuffled({k: r["model"] for k, r in decomposer.items()}, data, split)
         checks["context_shuffled"] = mc.compare_runs(decomposer, shuffled)
