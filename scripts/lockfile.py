@@ -145,6 +145,7 @@ def _find_links() -> list[Path]:
 def _stand_in_index(folder: Path, packages: list[str]) -> str:
     """A simple index (PEP 503) in `folder` of the local wheels of `packages`, for an index this machine cannot reach."""
     for package in packages:
+        # The index [tool.uv.index] names is PyTorch's CPU index: its wheels carry the local version "+cpu".
         wheels = sorted({w.resolve() for d in _find_links() for w in d.glob(f"{package}-*+cpu-*.whl")})
         if not wheels:
             raise SystemExit(
@@ -327,7 +328,7 @@ def split(lock: Lock, folder: Path) -> None:
 
 def stale(files: list[Path]) -> list[str]:
     keep = {"pip", PROJECT} | {n for f in files for n in read(f).entries}
-    installed = {canonical(d.metadata["Name"]) for d in importlib.metadata.distributions()}
+    installed = {canonical(d.metadata["Name"]) for d in importlib.metadata.distributions() if d.metadata["Name"]}
     return sorted(installed - keep)
 
 
