@@ -6,12 +6,13 @@
 #                                (requirements-cuda.lock); the venv keeps it until TORCH=cpu
 # The lock files pin every package with its hashes, for CPython 3.11 on Linux x86_64; after a change of a
 # dependency in pyproject.toml, `bash scripts/lock.sh` writes them again (the install refuses a stale lock).
+# Another Python (pyproject.toml allows >= 3.10) or platform installs from pyproject.toml's ranges,
+# torch from its CPU index, and says it is not the locked install.
 # pip's own output goes to .venv/pip-install.log (shown when the install fails; VERBOSE=1 shows it live).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
-  "$PY" scripts/lockfile.py covers                      # the Python the lock files are for, or a clear error
   echo "==> creating .venv"
   "$PY" -m venv .venv
 fi
@@ -22,7 +23,11 @@ case "$torch" in cpu|cuda) ;; *) echo "error: TORCH is cpu or cuda, not '$torch'
 hash=$(cat pyproject.toml requirements.lock requirements-dev.lock requirements-cuda.lock | sha256sum | cut -c1-16)
 stamp=.venv/.installed-$hash-$torch${extra:+-$extra}
 if [ ! -f "$stamp" ] && [ ! -f ".venv/.installed-$hash-$torch-dev" ]; then     # the dev install covers the plain one
-  .venv/bin/python scripts/lockfile.py covers
+  locked=1
+  if ! .venv/bin/python scripts/lockfile.py covers 2>/dev/null; then
+    locked=0
+    echo "warning: the lock files are for CPython 3.11 on Linux x86_64; installing from pyproject.toml's ranges (not the locked versions)" >&2
+  fi
   log=.venv/pip-install.log
   echo "==> installing dependencies (first time: a few minutes; pip's log: $log)"
   SKIP_COMPILE='/(tests?|pip|networkx)/|/transformers/models/(?!(auto|bert|align|encoder_decoder)/|__init__)'
@@ -37,6 +42,12 @@ if [ ! -f "$stamp" ] && [ ! -f ".venv/.installed-$hash-$torch-dev" ]; then     #
     # The venv's own pip where it is new enough (an editable pyproject-only install needs 21.3;
     # Python 3.10.0-3.10.2 ship 21.2): no upgrade to the latest, which cost time.
     .venv/bin/pip install --quiet 'pip>=21.3'
+    if [ "$locked" = 0 ]; then  # the CPU build of torch from its index (unless CUDA is asked for), then the rest
+      [ "$torch" = cuda ] || .venv/bin/pip install --quiet --no-compile "$(grep -o 'torch==[0-9.]*' pyproject.toml)" \
+        --index-url https://download.pytorch.org/whl/cpu
+      .venv/bin/pip install --quiet --no-compile -e ".${extra:+[$extra]}"
+      return
+    fi
     # Exactly the lock's files (their hashes), nothing resolved here (--no-deps). pip asks every index it is
     # given for every package, so each lock is split: the packages of the default index (PyPI), then those of
     # torch's CPU index, installed with that index alone (the CUDA install leaves the CPU build out).
