@@ -90,6 +90,22 @@ SPACE_LIMITS = {
 }
 
 
+# What a recorded search or retrain depends on: a rerun with the same keeps it (the storage folder,
+# the device and the threads may differ, e.g. a later session on another machine or a GPU).
+BUDGET = (
+    "dataset",
+    "trials",
+    "epochs",
+    "startup_trials",
+    "retrain_epochs",
+    "retrain_patience",
+    "grace_period",
+    "reduction_factor",
+    "trial_patience",
+    "intent_rate",
+)
+
+
 @dataclass
 class MultiInterestSettings(SearchBudget):
     """The shared search budget (at least a dozen trials, ASHA's cap at the retrained best epochs),
@@ -452,7 +468,7 @@ def plan(s: MultiInterestSettings, out: Path) -> dict:
     """The report so far (empty unless `out` holds runs of the same budget), its header refreshed."""
     report = json.loads(out.read_text()) if out.is_file() else {}
     settings = s.record(leave_out=("out", "seeds", "device"))
-    if report.get("settings") != settings:
+    if {k: report.get("settings", {}).get(k) for k in BUDGET} != {k: settings[k] for k in BUDGET}:
         report = {"searches": {}, "retrain": {}}  # another budget: start over
     report.update(
         {
