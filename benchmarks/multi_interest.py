@@ -271,8 +271,11 @@ def run_checks(s: MultiInterestSettings, prepared: Path, data, split, report: di
     checks = report.setdefault("checks", {})
     seeds = [int(x) for x in s.seeds.split(",")]
     few = seeds[:3]
-    decomposer = report["retrain"]["decomposer"]
     found = report["searches"]["decomposer"]["best_model_args"]
+    decomposer = report["retrain"]["decomposer"]  # figures of every seed
+    on_disk = {k: r for k, r in decomposer.items() if Path(r["model"]).is_file()}  # models, for what reads one
+    if not on_disk:  # retrained in an earlier session whose run folder is gone: one seed again, for the checks
+        on_disk = retrain_variant(s, prepared, data, split, report, save, "decomposer, for the checks", few[:1])
     # The decomposition itself: K = 1 (the base readout) widened to the decomposer's parameter count.
     matched = mc.matched_backbone(found, data.n_items, max(1, data.item_genres.shape[1]))
     counts = matched.pop("matched_parameters")
@@ -303,11 +306,11 @@ def run_checks(s: MultiInterestSettings, prepared: Path, data, split, report: di
         backbones[name] = [r["valid_ndcg@10"] for r in runs.values()]
     checks["backbones_valid_ndcg@10"] = {k: float(np.mean(v)) for k, v in backbones.items()}
     if "context_shuffled" not in checks:
-        shuffled = mc.context_shuffled({k: r["model"] for k, r in decomposer.items()}, data, split)
-        checks["context_shuffled"] = mc.compare_runs(decomposer, shuffled)
+        shuffled = mc.context_shuffled({k: r["model"] for k, r in on_disk.items()}, data, split)
+        checks["context_shuffled"] = mc.compare_runs(on_disk, shuffled)
         save()
     report["dimension_overlap"] = float(
-        np.mean([mc.dimension_overlap(r["model"], data, split) for r in decomposer.values()])
+        np.mean([mc.dimension_overlap(r["model"], data, split) for r in on_disk.values()])
     )
     base = strongest_baseline(report)
     checks["clusters"] = {
