@@ -48,30 +48,32 @@ def test_user_and_service_tokens_say_who_calls():
 @pytest.mark.parametrize(
     "header,why",
     [
-        (None, "missing bearer token"),
-        ("", "missing bearer token"),
-        ("Basic dXNlcjpwYXNz", "must be `Bearer <token>`"),
-        ("Bearer ", "must be `Bearer <token>`"),
-        ("Bearer abc.def.ghi", "invalid token"),
-        (f"Bearer {mint(new_secret(), 'service')}", "is not one of the API's keys"),
-        (forged({}, key=new_secret()), "Signature verification failed"),  # our key id, another key
-        (f"Bearer {mint(SECRET, 'service', ttl_s=-5)}", "expired"),
-        (forged({"role": "admin"}), "role"),
-        (forged({"role": "user"}), "subject"),
-        (forged({"iss": "elsewhere"}), "issuer"),
-        (forged({}, None, "none"), "not allowed"),
-        (forged({}, headers={}), "names no key id"),
-        (forged({}, headers={"kid": "0123456789abcdef"}), "is not one of the API's keys"),
-        (forged({"exp": None}), "exp"),
-        (forged({"jti": None}), "jti"),
-        (forged({"iat": None}), "iat"),
-        (forged({"exp": int(time.time()) + MAX_TTL_S["service"] + 100}), "may live"),
-        (forged({"role": "user", "sub": "7", "exp": int(time.time()) + MAX_TTL_S["user"] + 100}), "may live"),
+        (lambda: None, "missing bearer token"),
+        (lambda: "", "missing bearer token"),
+        (lambda: "Basic dXNlcjpwYXNz", "must be `Bearer <token>`"),
+        (lambda: "Bearer ", "must be `Bearer <token>`"),
+        (lambda: "Bearer abc.def.ghi", "invalid token"),
+        (lambda: f"Bearer {mint(new_secret(), 'service')}", "is not one of the API's keys"),
+        (lambda: forged({}, key=new_secret()), "Signature verification failed"),  # our key id, another key
+        (lambda: f"Bearer {mint(SECRET, 'service', ttl_s=-5)}", "expired"),
+        (lambda: forged({"role": "admin"}), "role"),
+        (lambda: forged({"role": "user"}), "subject"),
+        (lambda: forged({"iss": "elsewhere"}), "issuer"),
+        (lambda: forged({}, None, "none"), "not allowed"),
+        (lambda: forged({}, headers={}), "names no key id"),
+        (lambda: forged({}, headers={"kid": "0123456789abcdef"}), "is not one of the API's keys"),
+        (lambda: forged({"exp": None}), "exp"),
+        (lambda: forged({"jti": None}), "jti"),
+        (lambda: forged({"iat": None}), "iat"),
+        (lambda: forged({"exp": int(time.time()) + MAX_TTL_S["service"] + 100}), "may live"),
+        (lambda: forged({"role": "user", "sub": "7", "exp": int(time.time()) + MAX_TTL_S["user"] + 100}), "may live"),
     ],
 )
 def test_a_token_that_proves_nothing_is_a_401(header, why):
+    # Tokens are made when the test runs, not when it is collected: a suite that runs for longer than
+    # a forged token's minute would otherwise find it expired.
     with pytest.raises(AuthError, match=why) as e:
-        verify(SECRET, header)
+        verify(SECRET, header())
     assert e.value.status == 401
 
 

@@ -164,7 +164,28 @@ def test_redis_acl_lets_the_store_work_and_nothing_else(manifest_redis):
     assert store.get_state("u1") == StoredState("v1", 4, b"blob")
     store.bulk_load({"u2": events, "u10": events[:1]})
     assert store.users(prefix="u1") == [("u1", 4), ("u10", 1)]
+    assert store.snapshot("u1", with_seen=True).n_events == 4
+    store.revoke_token("jti-1", time.time() + 60)
+    assert store.revoked_tokens() == {"jti-1"}
+    assert store.erase_user("u2") == 5 and store.count_events("u2") == 0
     store.close()
+    # The shared rate limits count on the same Redis, as the same user.
+    import asyncio
+
+    from ray_app.serve.auth import Principal
+    from ray_app.serve.quotas import Quotas, QuotaSettings
+
+    async def limited() -> list[bool]:
+        quotas, answers = Quotas(QuotaSettings(user_per_minute=2), server.url()), []
+        for _ in range(3):
+            try:
+                await quotas.admit(Principal("user", "7", token_key="k" * 32))
+                answers.append(True)
+            except Exception:
+                answers.append(False)
+        return answers + [quotas.shared]
+
+    assert asyncio.run(limited()) == [True, True, False, True], "counted on the Redis, refused past the limit"
     # Nothing beyond it: administration, other keys, other users' keys.
     with redis.Redis.from_url(server.url(STORE_USER)) as r:
         for command in (

@@ -110,7 +110,7 @@ def test_set_overrides_are_typed_and_checked():
     with pytest.raises(SetupError, match="fixed by the dataset"):
         parse_model_args("lstm", ["n_items=5"])
     with pytest.raises(SetupError, match="combine"):
-        parse_model_args("decomposer", ["combine=max"])
+        parse_model_args("decomposer", ["combine=median"])
     with pytest.raises(SetupError, match="KEY=VALUE"):
         parse_model_args("sasrec", ["hidden"])
 

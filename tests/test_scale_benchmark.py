@@ -20,8 +20,9 @@ def test_generated_release_reads_as_movielens_with_its_shape(tmp_path):
     record = write_release(ScaleConfig(events=20_000, items=2_000, seed=1), tmp_path)
     raw = read_movielens(tmp_path, name="scale")
     assert raw.ratings.num_rows == record["events"] == 20_000
-    users = raw.ratings.column("user").to_numpy()
-    items = raw.ratings.column("item").to_numpy()
+    # Source ids are strings on the data path; the generator writes MovieLens's integers.
+    users = raw.ratings.column("user").to_numpy(zero_copy_only=False).astype(np.int64)
+    items = raw.ratings.column("item").to_numpy(zero_copy_only=False).astype(np.int64)
     assert np.unique(users * 10_000 + items).size == len(items)  # a user rates an item once
     counts = np.bincount(users)[1:-1]  # the last user may be cut short
     assert counts.min() >= 10 and 40 <= np.median(counts) <= 110  # ≥ 20 draws, repeats dropped; median ~70
