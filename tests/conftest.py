@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny synthetic dataset prepared once per session with the real text encoder
-(and its training/validation/test split), the API's signing secret with tokens for it, and the
-one local Ray (and Serve) of a test module."""
+(and its training/validation/test split), the same with IMDb-style item ids, the API's signing
+secret with tokens for it, and the one local Ray (and Serve) of a test module."""
 
 from __future__ import annotations
 
@@ -79,6 +79,36 @@ def tiny_prepared(tmp_path_factory, encoder_cache) -> Path:
 @pytest.fixture(scope="session")
 def tiny_data(tiny_prepared):
     return load_prepared(tiny_prepared)
+
+
+def imdb_id(synthetic_id: str) -> str:
+    """A synthetic item id as an IMDb-style one: seven digits with leading zeros ("7" -> "0000707")."""
+    return f"{int(synthetic_id) * 101:07d}"
+
+
+@pytest.fixture(scope="session")
+def imdb_prepared(tmp_path_factory, encoder_cache) -> Path:
+    """The tiny synthetic dataset with its items named as IMDb names films (`imdb_id`): ids that
+    only survive as strings. The texts are the tiny dataset's, so the encoder's cache serves them."""
+    import pyarrow as pa
+
+    from models.data.prepare import prepare
+    from models.data.synthetic import generate
+
+    def renamed(table: pa.Table, column: str) -> pa.Table:
+        ids = pa.array([imdb_id(i) for i in table.column(column).to_pylist()], pa.string())
+        return table.set_column(table.schema.get_field_index(column), column, ids)
+
+    raw = generate(SyntheticConfig(n_users=40, n_items=60, min_events=8, max_events=20, seed=3))
+    raw.items, raw.ratings = renamed(raw.items, "source_id"), renamed(raw.ratings, "item")
+    raw.name, raw.extra = "synthetic-imdb", {}
+    out = tmp_path_factory.mktemp("prepared") / "imdb"
+    return prepare(raw, out, encoder=TextEncoder(cache_path=encoder_cache), progress=False)
+
+
+@pytest.fixture(scope="session")
+def imdb_data(imdb_prepared):
+    return load_prepared(imdb_prepared)
 
 
 @pytest.fixture(scope="module")

@@ -105,7 +105,7 @@ def test_first_command_serves_the_api_and_the_demo(tmp_path):
         rec = httpx.post(f"{api}/recommend", json={"user_id": user, "k": 5}, timeout=30, headers=auth)
         assert rec.status_code == 200, rec.text
         items = [i["item_id"] for i in rec.json()["items"]]
-        assert len(items) == 5
+        assert len(items) == 5 and all(isinstance(i, str) for i in items)
         ev = httpx.post(
             f"{api}/users/{user}/events",
             json={"events": [{"item_id": items[0], "rating": 5.0, "timestamp": time.time()}]},

@@ -330,7 +330,7 @@ class Ingress:
             j = bad[0]
             raise ApiError(
                 422,
-                f"{field}.{j}.item_id: unknown item id {events[j].item_id} ({len(bad)} unknown in all)",
+                f"{field}.{j}.item_id: unknown item id {events[j].item_id!r} ({len(bad)} unknown in all)",
                 f"{field}.{j}.item_id",
             )
 
@@ -340,10 +340,10 @@ class Ingress:
             raise ApiError(404, f"{field}: unknown user {user_id!r}", field)
         return n
 
-    def _describe(self, item_id: int) -> dict:
-        idx = self.catalogue.index_of.get(int(item_id))
+    def _describe(self, item_id: str) -> dict:
+        idx = self.catalogue.index_of.get(item_id)
         if idx is None:
-            return {"item_id": int(item_id), "title": "", "genres": []}
+            return {"item_id": item_id, "title": "", "genres": []}
         return self.catalogue.describe(idx)
 
     # ---- endpoints -------------------------------------------------------------------------

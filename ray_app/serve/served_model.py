@@ -19,6 +19,7 @@ from models.data.batching import BatchBuilder
 from models.data import InteractionData, load_prepared
 from models.files import sha256_file as file_sha256
 from models.nn.decomposer import InterestDecomposer
+from ray_app.serve.schemas import MAX_ITEM_ID_CHARS
 from ray_app.store.base import Event
 
 
@@ -59,12 +60,6 @@ class Ranking:
     items: list[tuple[int, float]]
     gates: dict[str, float]
     explanation: dict[str, list[tuple[int, float]]] | None  # per dimension: its own top items
-
-
-def api_item_id(source_id: str) -> int | str:
-    """A source id (str) as the API's `item_id`, which is a number: a decimal id is served as its value
-    (IMDb's "0133093" as 133093); any other id stays a string that a numeric request cannot name."""
-    return int(source_id) if source_id.isdecimal() else source_id
 
 
 class ServingSetupError(ValueError):
@@ -108,9 +103,9 @@ class ServedModel:
     indexes: dict = field(default_factory=dict, repr=False)
 
     @cached_property
-    def index_of(self) -> dict[int | str, int]:
-        """The API's item id (`api_item_id`) -> model index."""
-        return {api_item_id(s): i for i, s in enumerate(self.item_source_ids) if i > 0}
+    def index_of(self) -> dict[str, int]:
+        """Source item id (the API's `item_id`) -> model index."""
+        return vocabulary_index(self.item_source_ids)
 
     @cached_property
     def item_vecs(self) -> torch.Tensor:
@@ -175,14 +170,21 @@ class Catalogue:
     item_source_ids: np.ndarray  # (N+1,) model index -> source id (str)
     titles: list[str]  # (N+1,)
     genres: list[list[str]]  # (N+1,)
-    index_of: dict[int | str, int]  # the API's item id (`api_item_id`) -> model index
+    index_of: dict[str, int]  # source item id (the API's `item_id`) -> model index
 
     @classmethod
     def from_data(cls, data: InteractionData) -> Catalogue:
+        """ServingSetupError for a catalogue with an id longer than a request may send."""
         names = np.asarray(data.genre_names, dtype=object)
         genres = [list(names[row > 0]) for row in data.item_genres]
         ids = data.item_source_ids
-        return cls(ids, list(data.titles), genres, {api_item_id(s): i for i, s in enumerate(ids) if i > 0})
+        long = next((s for s in ids[1:] if len(s) > MAX_ITEM_ID_CHARS), None)
+        if long is not None:
+            raise ServingSetupError(
+                f"{data.path}: item id {long[:40]!r}... is longer than the {MAX_ITEM_ID_CHARS} characters "
+                "an API request may send; shorten the ids in the event log"
+            )
+        return cls(ids, list(data.titles), genres, vocabulary_index(ids))
 
     @classmethod
     def load(cls, data_dir: str | Path) -> tuple[Catalogue, InteractionData]:
@@ -198,10 +200,10 @@ class Catalogue:
 
     def unknown(self, source_ids) -> list[int]:
         """Positions of source ids not in the catalogue."""
-        return [j for j, s in enumerate(source_ids) if int(s) not in self.index_of]
+        return [j for j, s in enumerate(source_ids) if s not in self.index_of]
 
     def describe(self, idx: int, score: float | None = None) -> dict:
-        out = {"item_id": api_item_id(self.item_source_ids[idx]), "title": self.titles[idx], "genres": self.genres[idx]}
+        out = {"item_id": str(self.item_source_ids[idx]), "title": self.titles[idx], "genres": self.genres[idx]}
         if score is not None:
             out["score"] = float(score)
         return out
@@ -215,11 +217,15 @@ def training_user_events(data: InteractionData, chunk: int = 1000) -> Iterator[d
         out = {}
         for u in range(lo, min(lo + chunk, data.n_users + 1)):
             sl = data.user_events(u)
-            out[data.user_source_ids[u]] = [
-                Event(api_item_id(i), float(r), float(t))
-                for i, r, t in zip(src[sl], data.ratings[sl], data.timestamps[sl])
+            out[str(data.user_source_ids[u])] = [
+                Event(str(i), float(r), float(t)) for i, r, t in zip(src[sl], data.ratings[sl], data.timestamps[sl])
             ]
         yield out
+
+
+def vocabulary_index(item_source_ids: np.ndarray) -> dict[str, int]:
+    """(N+1,) source ids ([0] padding) -> {source id: model index}."""
+    return {str(s): i for i, s in enumerate(item_source_ids) if i > 0}
 
 
 def event_tensors(

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 @dataclass(frozen=True)
 class Event:
-    item_id: int  # the SOURCE item id (MovieLens movieId / synthetic item id), not the model's index
+    item_id: str  # the SOURCE item id as written (MovieLens movieId, IMDb id "0133093"), not the model's index
     rating: float
     timestamp: float  # unix seconds
 
@@ -34,7 +34,7 @@ class UserSnapshot:
     state: StoredState | None  # the cached state, None if there is none
     n_events: int  # the length of the log
     last_event: Event | None  # its last event (the gap to now), None for an empty log
-    seen: list[int] | None  # the distinct item ids seen; None when not asked for
+    seen: list[str] | None  # the distinct item ids seen; None when not asked for
 
 
 IDEMPOTENCY_TTL_S = 24 * 3600  # how long an Idempotency-Key is remembered; retries end long before
@@ -61,12 +61,23 @@ class StoreUnavailable(RuntimeError):
     leaves it unknown, which a retry with the same Idempotency-Key settles. The API answers 503."""
 
 
+_INT64_ID = re.compile(r"0|[1-9][0-9]{0,18}")  # an id as a store held it when ids were integers
+
+
 def events_digest(events: Sequence[Event]) -> str:
-    """What an Idempotency-Key promises: these events, in this order."""
+    """What an Idempotency-Key promises: these events, in this order. Events whose ids all read as
+    the integers that stores held before ids were strings ("7", not "07") hash as they hashed then,
+    so that a key recorded before the change still matches its retry; others hash their ids' text,
+    under a prefix that no digest of the first kind has."""
     h = hashlib.sha256()
+    if all(_INT64_ID.fullmatch(e.item_id) and int(e.item_id) < 2**63 for e in events):
+        for e in events:
+            h.update(struct.pack("<qdd", int(e.item_id), float(e.rating), float(e.timestamp)))
+        return h.hexdigest()
     for e in events:
-        h.update(struct.pack("<qdd", int(e.item_id), float(e.rating), float(e.timestamp)))
-    return h.hexdigest()
+        raw = e.item_id.encode()
+        h.update(struct.pack("<Qdd", len(raw), float(e.rating), float(e.timestamp)) + raw)
+    return "s:" + h.hexdigest()
 
 
 @runtime_checkable
@@ -88,7 +99,7 @@ class StateStore(Protocol):
 
     def events(self, user_id: str, start: int = 0, limit: int | None = None) -> list[Event]: ...
     def count_events(self, user_id: str) -> int: ...
-    def seen_items(self, user_id: str) -> list[int]:
+    def seen_items(self, user_id: str) -> list[str]:
         """The distinct item ids of the user's events, kept beside the log (no read of the log)."""
         ...
 

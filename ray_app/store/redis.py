@@ -1,7 +1,10 @@
 """`StateStore` on Redis: one event log and state cache shared by serving replicas on several nodes.
 
 Layout (every key under a namespace, default `di`):
-- `di:ev:<user>`  a list of packed events in append order (so the count is `LLEN`);
+- `di:ev:<user>`  a list of packed events in append order (so the count is `LLEN`): rating and time
+                  (float64 each), the item id's length in bytes (uint64) and its UTF-8 text; a record
+                  of exactly 24 bytes is one written while ids were integers (int64 id, rating,
+                  time) and is read as the id's decimal string, so such a store needs no migration;
 - `di:seen:<user>` a set of the item ids in the user's events (for `exclude_seen`);
 - `di:st:<user>`  a hash `{v: model_version, n: n_events, b: blob}`, the state cache;
 - `di:users`      a sorted set of user ids with equal scores, so `ZRANGEBYLEX` lists them by id
@@ -49,8 +52,11 @@ from ray_app.store.base import (
 
 log = logging.getLogger(__name__)
 
-# item_id int64, rating float64, timestamp float64: exact round trip of what SQLite stores.
-_EVENT = struct.Struct("<qdd")
+# rating float64, timestamp float64, the id's byte length: then the id (exact round trips). Every
+# such record is longer than 24 bytes (an id has at least one byte), the size of the records of
+# integer ids (item_id int64, rating, timestamp) that stores written before hold.
+_EVENT = struct.Struct("<ddQ")
+_INT_EVENT = struct.Struct("<qdd")
 
 # Each script pushes the events' item ids into the user's seen set in the same unit as the
 # events, so the set never disagrees with the log. `push` goes in chunks because Lua's unpack()
@@ -173,7 +179,11 @@ def _redis_faults(method):
 
 
 def _pack(events: Sequence[Event]) -> list[bytes]:
-    return [_EVENT.pack(int(e.item_id), float(e.rating), float(e.timestamp)) for e in events]
+    out = []
+    for e in events:
+        raw = str(e.item_id).encode()
+        out.append(_EVENT.pack(float(e.rating), float(e.timestamp), len(raw)) + raw)
+    return out
 
 
 def _cap(max_events: int | None) -> int:
@@ -183,12 +193,15 @@ def _cap(max_events: int | None) -> int:
 
 def _args(events: Sequence[Event]) -> list:
     """k, the k item ids, the k packed events: the tail of every appending script's ARGV."""
-    return [len(events), *(int(e.item_id) for e in events), *_pack(events)]
+    return [len(events), *(str(e.item_id) for e in events), *_pack(events)]
 
 
 def _unpack(raw: bytes) -> Event:
-    item_id, rating, timestamp = _EVENT.unpack(raw)
-    return Event(item_id, rating, timestamp)
+    if len(raw) == _INT_EVENT.size:  # written while ids were integers
+        item_id, rating, timestamp = _INT_EVENT.unpack(raw)
+        return Event(str(item_id), rating, timestamp)
+    rating, timestamp, n = _EVENT.unpack_from(raw)
+    return Event(raw[_EVENT.size : _EVENT.size + n].decode(), rating, timestamp)
 
 
 def _state_of(got: dict) -> StoredState | None:
@@ -309,13 +322,13 @@ class RedisStore:
         return int(self._r.llen(self._ev(user_id)))
 
     @_redis_faults
-    def seen_items(self, user_id: str) -> list[int]:
+    def seen_items(self, user_id: str) -> list[str]:
         items = self._r.smembers(self._seen(user_id))
         if not items and self._r.llen(self._ev(user_id)):  # a log from before the seen sets: fill it once
             ids = {e.item_id for e in self.events(user_id)}
             self._r.sadd(self._seen(user_id), *ids)
             return sorted(ids)
-        return [int(i) for i in items]
+        return [i.decode() for i in items]
 
     # -- state cache -----------------------------------------------------------------
     @_redis_faults
@@ -334,7 +347,7 @@ class RedisStore:
         seen = None
         if with_seen:
             # An empty set beside a log from before the seen sets: seen_items fills it once.
-            seen = [int(i) for i in items[0]] if items[0] or not n else self.seen_items(user_id)
+            seen = [i.decode() for i in items[0]] if items[0] or not n else self.seen_items(user_id)
         return UserSnapshot(_state_of(got), int(n), _unpack(last) if last is not None else None, seen)
 
     @_redis_faults
