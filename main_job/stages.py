@@ -22,7 +22,7 @@ def prepare(s: MainSettings) -> Path:
     try:
         prepared = prepare_source(
             s.dataset,
-            Path("runs/data") / name,
+            s.data_root / name,
             data_dir=s.data_dir,
             synthetic_config=synthetic,
             min_user_events=s.min_user_events,

@@ -101,6 +101,6 @@ def test_the_main_job_prepares_a_dataset_whose_item_ids_are_text(offline):
     (log / "items.csv").write_text("item_id,title\nsku-1,a\n0133093,b\n")
     rows = "".join(f"u{u},{('sku-1', '0133093')[j % 2]},{1_600_000_000 + 60 * j}\n" for u in range(3) for j in range(4))
     (log / "events.csv").write_text("user_id,item_id,timestamp\n" + rows)
-    prepared = prepare(MainSettings(dataset="events", data_dir=log))
-    assert prepared.resolve() == offline / "runs" / "data" / "events"
+    prepared = prepare(MainSettings(dataset="events", data_dir=log, runs_dir=offline / "elsewhere"))
+    assert prepared == offline / "elsewhere" / "data" / "events"
     assert sorted(load_prepared(prepared).item_source_ids[1:]) == ["0133093", "sku-1"]

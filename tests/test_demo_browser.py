@@ -8,7 +8,7 @@ the demo answers without a login. The second walks the journey as the admin acco
 user, type an intent, recommend, see the table and both plots, click "watched", see the list
 change. Another checks that a user's account acts for its own user only. The items are named as
 IMDb names films ("0000101"), so a picked row's id must keep its zeros through the page. The
-screenshot path is printed (pytest -s) and the file kept under runs/artifacts/.
+screenshot path is printed (pytest -s); the file is kept in pytest's temporary folder.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from ray_app.serve.auth import SECRET_ENV, TOKEN_ENV
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "runs" / "artifacts"
 TIMEOUT_MS = 60_000
 SERVICE = service_auth()  # the test's own calls; the demo gets a service token of its own
 
@@ -246,7 +245,7 @@ def test_an_account_acts_for_its_own_user_only(browser, demo_url, serve_app, rea
         page.context.close()
 
 
-def test_recommend_watch_and_see_the_interests_move(page, demo_url, serve_app, imdb_data):
+def test_recommend_watch_and_see_the_interests_move(page, demo_url, serve_app, imdb_data, tmp_path):
     page.goto(demo_url)  # a reload is how a person retries once the API is up
     status_shows(page, "Connected to")
 
@@ -297,8 +296,7 @@ def test_recommend_watch_and_see_the_interests_move(page, demo_url, serve_app, i
     )
     assert "Traceback" not in page.content()
 
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    shot = ARTIFACTS / "demo_browser.png"
+    shot = tmp_path / "demo_browser.png"
     page.screenshot(path=str(shot), full_page=True)
     print(f"\nscreenshot: {shot}")
 

@@ -1,7 +1,9 @@
 """The README's first command, end to end: set up, prepare, train, evaluate, serve, demo, Ctrl-C.
 
-The job runs as the README shows it (`bash scripts/main.sh`), with `--smoke` for a small budget;
-on CI this is a clean clone, so `scripts/setup.sh` has just built a clean virtual environment.
+The job runs as the README shows it (`bash scripts/main.sh`), with `--smoke` for a small budget
+and `--runs-dir` in a temporary folder (never the checkout's runs/, which holds a user's own
+secret, token and stores); on CI this is a clean clone, so `scripts/setup.sh` has just built a
+clean virtual environment.
 """
 
 from __future__ import annotations
@@ -51,9 +53,9 @@ def wait_for(url: str, proc: subprocess.Popen, timeout_s: float) -> httpx.Respon
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_first_command_serves_the_api_and_the_demo(tmp_path):
+def test_first_command_serves_the_api_and_the_demo(tmp_path, encoder_cache):
     api_port, demo_port = free_port(), free_port()
-    log = tmp_path / "main.log"
+    log, runs = tmp_path / "main.log", tmp_path / "runs"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     env.pop(SECRET_ENV, None)  # the job makes (or reuses) its own secret, as for a newcomer
@@ -69,6 +71,8 @@ def test_first_command_serves_the_api_and_the_demo(tmp_path):
                 str(demo_port),
                 "--num-cpus",
                 "2",
+                "--runs-dir",
+                str(runs),
             ],
             cwd=ROOT,
             env=env,
@@ -95,10 +99,8 @@ def test_first_command_serves_the_api_and_the_demo(tmp_path):
         assert sum(line.startswith("epoch ") for line in before) == 2  # --smoke trains 2 epochs
 
         assert httpx.get(f"{api}/users", params={"limit": 1}, timeout=10).status_code == 401  # no token
-        token_file = ROOT / "runs" / "main" / "token"
-        assert (
-            token_file.stat().st_mode & 0o777 == 0o600 and (ROOT / "runs/main/auth-secret").stat().st_mode & 0o077 == 0
-        )
+        token_file = runs / "main" / "token"
+        assert token_file.stat().st_mode & 0o777 == 0o600 and (runs / "main/auth-secret").stat().st_mode & 0o077 == 0
         assert f"$(cat {token_file})" in text  # the banner says where the token is
         auth = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
         user = httpx.get(f"{api}/users", params={"limit": 1}, timeout=10, headers=auth).json()["users"][0]["user_id"]
@@ -116,7 +118,7 @@ def test_first_command_serves_the_api_and_the_demo(tmp_path):
         assert ev.json()["accepted"] == 1
 
         # The demo: behind a login whose password the banner points to, and without the signing key.
-        password_file = ROOT / "runs" / "main" / "demo-password"
+        password_file = runs / "main" / "demo-password"
         assert password_file.stat().st_mode & 0o777 == 0o600 and f"cat {password_file}" in text
         demo = f"http://127.0.0.1:{demo_port}"
         assert httpx.get(f"{demo}/config", timeout=10).status_code == 401
@@ -144,13 +146,13 @@ def test_first_command_serves_the_api_and_the_demo(tmp_path):
         s.bind(("127.0.0.1", api_port))
 
 
-def test_port_in_use_is_one_line_with_the_fix():
+def test_port_in_use_is_one_line_with_the_fix(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         r = subprocess.run(
-            [sys.executable, "-m", "main_job", "--port", str(port), "--no-demo"],
+            [sys.executable, "-m", "main_job", "--port", str(port), "--no-demo", "--runs-dir", str(tmp_path)],
             cwd=ROOT,
             capture_output=True,
             text=True,
