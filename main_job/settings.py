@@ -77,6 +77,11 @@ class MainSettings:
         """Where datasets are prepared, one folder each."""
         return self.runs_dir / "data"
 
+    def store_file(self, dataset_key: str) -> Path:
+        """The event store of one dataset (`DatasetRecord.key`): a dataset's users never share a
+        store with another's."""
+        return self.runs / "stores" / f"{dataset_key}.db"
+
     @property
     def demo_log(self) -> Path | None:
         """Where the demo's output goes (None: to the console, with --verbose)."""

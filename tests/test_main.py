@@ -101,6 +101,8 @@ def test_first_command_serves_the_api_and_the_demo(tmp_path, encoder_cache):
         assert httpx.get(f"{api}/users", params={"limit": 1}, timeout=10).status_code == 401  # no token
         token_file = runs / "main" / "token"
         assert token_file.stat().st_mode & 0o777 == 0o600 and (runs / "main/auth-secret").stat().st_mode & 0o077 == 0
+        (store,) = (runs / "main" / "stores").glob("synthetic-*.db")  # the store of this dataset
+        assert f"the event store of this dataset: {store}" in text
         assert f"$(cat {token_file})" in text  # the banner says where the token is
         auth = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
         user = httpx.get(f"{api}/users", params={"limit": 1}, timeout=10, headers=auth).json()["users"][0]["user_id"]
@@ -210,3 +212,49 @@ def test_the_memory_estimate_is_the_scale_benchmarks_fit():
         assert coefs == pytest.approx(want, rel=0.01, abs=1.0), stage
     stage, need = main_job.memory_need(*main_job.KNOWN_SIZES["ml-25m"])
     assert stage != "train-full" and need > main_job.memory_need(*main_job.KNOWN_SIZES["ml-1m"])[1]
+
+
+def test_each_dataset_gets_a_store_of_its_own(tiny_prepared, tmp_path):
+    """The sequence a newcomer runs: the first command (synthetic data), then ml-latest-small, whose
+    user ids overlap the synthetic ones. Each dataset gets a store of its own, and every user of
+    each holds exactly its dataset's events; a dataset run again finds its store with the events
+    posted since; and loading the second dataset into the first one's store is refused, writing nothing."""
+    from main_job.serving import load_store
+    from models.data import load_prepared, prepare_source
+    from ray_app.serve.load_users import load_users
+    from ray_app.serve.served_model import training_user_events
+    from ray_app.store.base import Event, StoreMismatch
+    from ray_app.store.opener import open_store
+    from test_prepare import FakeEncoder
+
+    source = ROOT.parent / "shared" / "data" / "movielens" / "ml-latest-small"
+    if not source.is_dir():
+        pytest.skip(f"{source} is not here")
+    movielens = prepare_source(
+        "ml-latest-small", tmp_path / "ml", data_dir=source, encoder=FakeEncoder(), progress=False
+    )
+    s = main_job.MainSettings(runs_dir=tmp_path / "runs")
+    first = load_store(s, tiny_prepared)
+    second = load_store(s, movielens)
+    assert first != second and all(url.startswith(f"sqlite:///{s.runs / 'stores'}") for url in (first, second))
+    for url, prepared in ((first, tiny_prepared), (second, movielens)):
+        expected = {u: evs for chunk in training_user_events(load_prepared(prepared)) for u, evs in chunk.items()}
+        store = open_store(url)
+        try:
+            assert {u for u, _ in store.users(limit=10_000)} == set(expected)
+            assert all(store.events(u) == evs for u, evs in expected.items())
+        finally:
+            store.close()
+    store = open_store(first)
+    n = store.count_events("1")
+    store.append_events("1", [Event(str(load_prepared(tiny_prepared).item_source_ids[1]), 4.0, 1.7e9)])
+    store.close()
+    assert load_store(s, tiny_prepared) == first  # the synthetic run again: its own store, as it was left
+    store = open_store(first)
+    try:
+        assert store.count_events("1") == n + 1
+        with pytest.raises(StoreMismatch, match="loaded for dataset 'synthetic'.*not 'ml-latest-small'"):
+            load_users(load_prepared(movielens), first)
+        assert store.count_events("1") == n + 1 and store.count_events("600") == 0
+    finally:
+        store.close()

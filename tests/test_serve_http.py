@@ -88,6 +88,7 @@ def env(imdb_data, tmp_path_factory):
         "ckpt_a": ckpt_a,
         "ckpt_b": ckpt_b,
         "port": port,
+        "store": root / "state.db",
         "store_url": store_url,
         "config": lambda ckpt: config_for(port, ckpt, imdb_data.path, store_url),
     }
@@ -352,6 +353,32 @@ def test_item_ids_are_served_as_the_catalogue_writes_them(client, env):
     assert all(isinstance(i["item_id"], str) and i["item_id"].startswith("0") for i in found)
     schema = client.get("/openapi.json").json()["components"]["schemas"]
     assert {"type": "integer"} in schema["EventIn"]["properties"]["item_id"]["anyOf"]  # a number is accepted
+
+
+def test_a_store_of_another_dataset_is_not_ready(client, env):
+    """/readyz compares the dataset the store records with the app's: another one is a 503 naming both."""
+    import sqlite3
+
+    from ray_app.store.base import DatasetRecord
+
+    with sqlite3.connect(env["store"]) as conn:
+        (held,) = conn.execute("SELECT value FROM meta WHERE key = 'dataset'").fetchone()
+        assert DatasetRecord.from_json(held).name == "synthetic-imdb"
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'dataset'", (DatasetRecord("other", "a", "b").to_json(),))
+    try:
+        r = client.get("/readyz")
+        assert r.status_code == 503 and r.json()["field"] == "store", r.text
+        assert "'other'" in r.json()["detail"] and "'synthetic-imdb'" in r.json()["detail"]
+    finally:
+        with sqlite3.connect(env["store"]) as conn:
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'dataset'", (held,))
+    assert client.get("/readyz").status_code == 200
+
+
+def test_the_api_description_declares_the_bearer_scheme(client):
+    spec = client.get("/openapi.json").json()
+    assert any(v.get("scheme") == "bearer" for v in spec["components"]["securitySchemes"].values())
+    assert "security" not in spec["paths"]["/healthz"]["get"] and spec["paths"]["/items"]["get"]["security"]
 
 
 # ---- model swap and restart -------------------------------------------------------------

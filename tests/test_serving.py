@@ -456,3 +456,39 @@ def test_a_catalogue_of_text_ids_is_served_by_its_ids(imdb_data, tmp_path):
     ids[2] = "x" * (MAX_ITEM_ID_CHARS + 1)
     with pytest.raises(ServingSetupError, match=f"longer than the {MAX_ITEM_ID_CHARS} characters"):
         Catalogue.from_data(dataclasses.replace(imdb_data, item_source_ids=ids))
+
+
+def test_a_dataset_record_names_the_dataset_by_its_content(tiny_data, imdb_data):
+    """The same data gives the same record; another catalogue, or one changed event, another."""
+    import dataclasses
+
+    from ray_app.serve.served_model import dataset_record
+
+    record = dataset_record(tiny_data)
+    assert record == dataset_record(dataclasses.replace(tiny_data, manifest=dict(tiny_data.manifest)))
+    assert record.name == "synthetic" and len(record.events) == len(record.catalogue) == 64
+    other = dataset_record(imdb_data)  # the same events, the items named otherwise
+    assert other.catalogue != record.catalogue and other.events != record.events and other.key != record.key
+    ratings = tiny_data.ratings.copy()
+    ratings[0] += 0.5
+    changed = dataset_record(dataclasses.replace(tiny_data, ratings=ratings))
+    assert changed.catalogue == record.catalogue and changed.events != record.events
+
+
+def test_loading_users_refuses_a_store_of_another_dataset(tiny_data, imdb_data, tmp_path):
+    """The load step records the dataset; loading another into the same store writes nothing."""
+    from ray_app.serve.load_users import load_users, main as load_main
+    from ray_app.serve.served_model import dataset_record
+    from ray_app.store.base import StoreMismatch
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    assert load_users(tiny_data, url) == tiny_data.n_users
+    assert load_users(tiny_data, url) == tiny_data.n_users  # again: nothing changes
+    store = open_store(url)
+    before = {u: store.events(u) for u, _ in store.users(limit=1000)}
+    with pytest.raises(StoreMismatch, match="loaded for dataset 'synthetic'.*not 'synthetic-imdb'"):
+        load_users(imdb_data, url)
+    assert {u: store.events(u) for u, _ in store.users(limit=1000)} == before
+    assert store.dataset() == dataset_record(tiny_data)
+    store.close()
+    assert load_main(["--data", str(imdb_data.path), "--store-url", url]) == 2  # one line, no traceback

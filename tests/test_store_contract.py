@@ -13,7 +13,15 @@ import sqlite3
 
 import pytest
 
-from ray_app.store.base import Event, EventCapReached, IdempotencyConflict, StoredState, UserSnapshot
+from ray_app.store.base import (
+    DatasetRecord,
+    Event,
+    EventCapReached,
+    IdempotencyConflict,
+    StoredState,
+    StoreMismatch,
+    UserSnapshot,
+)
 from ray_app.store.opener import open_store
 from store_helpers import (
     SPAWN,
@@ -341,6 +349,32 @@ def test_item_ids_come_back_as_written(store):
     assert store.events("u") == events and store.events("v") == events
     assert sorted(store.seen_items("u")) == sorted(odd) and sorted(store.snapshot("v", True).seen) == sorted(odd)
     assert store.snapshot("u").last_event == events[-1]
+
+
+def test_a_store_records_the_dataset_it_was_loaded_for(store):
+    """The first claim records the dataset; the same one again is fine; another is refused, writing
+    nothing; a store that holds users but records none is refused unless adopted."""
+    synthetic = DatasetRecord("synthetic", "a" * 64, "b" * 64)
+    movielens = DatasetRecord("ml-latest-small", "c" * 64, "d" * 64)
+    assert store.dataset() is None
+    store.claim_dataset(synthetic)
+    store.claim_dataset(synthetic)
+    store.append_events("1", [ev(1)])
+    with pytest.raises(StoreMismatch, match="loaded for dataset 'synthetic'.*not 'ml-latest-small'"):
+        store.claim_dataset(movielens)
+    with pytest.raises(StoreMismatch):
+        store.claim_dataset(movielens, adopt=True)  # adopting is for a store that records none
+    assert store.dataset() == synthetic
+
+
+def test_a_store_with_users_and_no_dataset_is_adopted_only_when_asked(store):
+    movielens = DatasetRecord("ml-latest-small", "c" * 64, "d" * 64)
+    store.append_events("1", [ev(1)])  # loaded before stores recorded their dataset
+    with pytest.raises(StoreMismatch, match="records no dataset.*--adopt"):
+        store.claim_dataset(movielens)
+    assert store.dataset() is None
+    store.claim_dataset(movielens, adopt=True)
+    assert store.dataset() == movielens
 
 
 # -- several processes -------------------------------------------------------------------

@@ -6,6 +6,8 @@ tested (and benchmarked in-process) without starting Serve.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -20,7 +22,7 @@ from models.data import InteractionData, load_prepared
 from models.files import sha256_file as file_sha256
 from models.nn.decomposer import InterestDecomposer
 from ray_app.serve.schemas import MAX_ITEM_ID_CHARS
-from ray_app.store.base import Event
+from ray_app.store.base import DatasetRecord, Event
 
 
 # ---- what crosses the hops between deployments --------------------------------------------------
@@ -226,6 +228,34 @@ def training_user_events(data: InteractionData, chunk: int = 1000) -> Iterator[d
 def vocabulary_index(item_source_ids: np.ndarray) -> dict[str, int]:
     """(N+1,) source ids ([0] padding) -> {source id: model index}."""
     return {str(s): i for i, s in enumerate(item_source_ids) if i > 0}
+
+
+def _id_list(ids) -> bytes:
+    return json.dumps([str(x) for x in ids]).encode()
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))  # framed: no two sequences of parts hash alike
+        h.update(part)
+    return h.hexdigest()
+
+
+def dataset_record(data: InteractionData) -> DatasetRecord:
+    """What a store loaded with `data`'s users records: the dataset's name, a digest of the users'
+    events (ids, items, ratings, times) and one of the item vocabulary. Computed from the content,
+    so preparing the same data again gives the same record."""
+    catalogue = _digest(_id_list(data.item_source_ids[1:]))
+    events = _digest(
+        _id_list(data.user_source_ids[1:]),
+        np.asarray(data.user_offsets, "<i8").tobytes(),
+        np.asarray(data.items, "<i8").tobytes(),
+        np.asarray(data.ratings, "<f4").tobytes(),
+        np.asarray(data.timestamps, "<f8").tobytes(),
+        catalogue.encode(),
+    )
+    return DatasetRecord(str(data.manifest.get("dataset", data.path.name)), events, catalogue)
 
 
 def event_tensors(

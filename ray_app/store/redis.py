@@ -14,7 +14,8 @@ Layout (every key under a namespace, default `di`):
                   kept IDEMPOTENCY_TTL_S (24 h);
 - `di:idemk:<user>` a sorted set of the user's live Idempotency-Keys (score: when each was used),
                   so that erasing the user finds them without scanning the keyspace;
-- `di:revoked`    a sorted set of revoked token ids, scored by the token's expiry.
+- `di:revoked`    a sorted set of revoked token ids, scored by the token's expiry;
+- `di:meta`       a hash; its field `dataset` records the dataset the store was loaded for (JSON).
 
 Every write is one Lua script, which Redis runs atomically and logs to the AOF as one unit, so
 the event list, the user set and the state never disagree. Durability comes from the server:
@@ -40,12 +41,14 @@ from redis.retry import Retry
 
 from ray_app.store.base import (
     IDEMPOTENCY_TTL_S,
+    DatasetRecord,
     Event,
     EventCapReached,
     IdempotencyConflict,
     StoredState,
     StoreUnavailable,
     UserSnapshot,
+    check_claim,
     events_digest,
     redact_url,
 )
@@ -122,6 +125,14 @@ local n = redis.call('LLEN', KEYS[1])
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[5])
 redis.call('ZREM', KEYS[4], ARGV[1])
 return n
+"""
+# Record the store's dataset unless it records one: KEYS: meta, users; ARGV: record (JSON), adopt
+# (0/1) -> {the record held before (false: none), whether the store holds users}.
+_CLAIM = """
+local held = redis.call('HGET', KEYS[1], 'dataset')
+local has_users = redis.call('ZCARD', KEYS[2]) > 0 and 1 or 0
+if not held and (has_users == 0 or ARGV[2] == '1') then redis.call('HSET', KEYS[1], 'dataset', ARGV[1]) end
+return {held, has_users}
 """
 # Idempotent initial load of one user: skipped if the user is already known. KEYS: ev, users, seen;
 # ARGV: user, k, k item ids, k packed events -> 1 if loaded.
@@ -228,6 +239,7 @@ class RedisStore:
         self._erase = self._r.register_script(_ERASE)
         self._load = self._r.register_script(_LOAD)
         self._put_state = self._r.register_script(_PUT_STATE)
+        self._claim = self._r.register_script(_CLAIM)
         self._durable: bool | None = None
         self._durable_known = False
 
@@ -406,6 +418,18 @@ class RedisStore:
                         client=pipe,
                     )
                 pipe.execute()
+
+    # -- the dataset -----------------------------------------------------------------
+    @_redis_faults
+    def dataset(self) -> DatasetRecord | None:
+        held = self._r.hget(f"{self._ns}:meta", "dataset")
+        return DatasetRecord.from_json(held) if held is not None else None
+
+    @_redis_faults
+    def claim_dataset(self, record: DatasetRecord, adopt: bool = False) -> None:
+        held, has_users = self._claim(keys=[f"{self._ns}:meta", self._users], args=[record.to_json(), int(adopt)])
+        held = DatasetRecord.from_json(held) if held else None  # Lua's false arrives as None
+        check_claim(f"Redis store {self.url}", held, record, bool(has_users), adopt)
 
     @_redis_faults
     def ping(self) -> None:

@@ -4,7 +4,8 @@ The events are the source of truth; a `StoredState` is a cache that the serving 
 rebuilds from the events when it is missing or was produced by another model version.
 `open_store(url)` picks the backend: SQLite (embedded, one node) or Redis (several nodes).
 
-Schema version 2 (`PRAGMA user_version`) keeps item ids as TEXT ("0133093" keeps its zero). A store of version 0 or 1, whose item ids
+Schema version 2 (`PRAGMA user_version`) keeps item ids as TEXT ("0133093" keeps its zero) and
+records the dataset the store was loaded for (`meta`). A store of version 0 or 1, whose item ids
 were INTEGER columns, is migrated when it is first opened, in one transaction: each id becomes its
 decimal string, which is the source id it stood for.
 """
@@ -21,12 +22,14 @@ from collections.abc import Mapping, Sequence
 
 from ray_app.store.base import (
     IDEMPOTENCY_TTL_S,
+    DatasetRecord,
     Event,
     EventCapReached,
     IdempotencyConflict,
     StoredState,
     StoreUnavailable,
     UserSnapshot,
+    check_claim,
     events_digest,
 )
 
@@ -85,6 +88,10 @@ CREATE TABLE IF NOT EXISTS states (
     n_events      INTEGER NOT NULL,
     blob          BLOB    NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
 """
 # The tables whose item_id was an INTEGER column before version 2, and their columns.
 _TEXT_ID_TABLES = {"events": "user_id, seq, item_id, rating, timestamp", "seen": "user_id, item_id"}
@@ -377,6 +384,23 @@ class SQLiteStore:
                     "INSERT OR IGNORE INTO seen (user_id, item_id) VALUES (?, ?)",
                     [(user_id, str(e.item_id)) for e in events],
                 )
+
+    # -- the dataset -----------------------------------------------------------------
+    @_sqlite_faults
+    def dataset(self) -> DatasetRecord | None:
+        row = self._conn().execute("SELECT value FROM meta WHERE key = 'dataset'").fetchone()
+        return DatasetRecord.from_json(row[0]) if row else None
+
+    @_sqlite_faults
+    def claim_dataset(self, record: DatasetRecord, adopt: bool = False) -> None:
+        conn = self._conn()
+        with self._write(conn):
+            row = conn.execute("SELECT value FROM meta WHERE key = 'dataset'").fetchone()
+            held = DatasetRecord.from_json(row[0]) if row else None
+            has_users = conn.execute("SELECT 1 FROM users LIMIT 1").fetchone() is not None
+            check_claim(f"SQLite store {self.path}", held, record, has_users, adopt)
+            if held is None:
+                conn.execute("INSERT INTO meta (key, value) VALUES ('dataset', ?)", (record.to_json(),))
 
     @_sqlite_faults
     def ping(self) -> None:
