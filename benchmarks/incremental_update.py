@@ -49,7 +49,7 @@ from models.data.features import moment_features, rating_bucket
 from models.files import write_json
 
 
-def event_tensors(model, events: list[dict], index_of: dict[int, int], prev_ts: float | None):
+def event_tensors(model, events: list[dict], index_of: dict[str, int], prev_ts: float | None):
     """API events -> the (1, T) item / rating-bucket tensors and (1, T, 5) features `advance` takes."""
     items = np.array([index_of[e["item_id"]] for e in events], dtype=np.int64)
     ratings = rating_bucket(np.array([e["rating"] for e in events]))
@@ -70,7 +70,7 @@ def timed(fn, repeats: int) -> list[float]:
 
 
 def model_level(
-    model, index_of: dict[int, int], source_ids: np.ndarray, lengths: list[int], repeats: int, seed: int
+    model, index_of: dict[str, int], source_ids: np.ndarray, lengths: list[int], repeats: int, seed: int
 ) -> dict:
     rng = np.random.default_rng(seed)
     rows = {}
@@ -328,7 +328,7 @@ def main(argv=None) -> int:
     ensure_checkpoint(args.checkpoint, args.data)
     model, _ = ckpt.load(args.checkpoint)
     source_ids = load_prepared(args.data).item_source_ids
-    index_of = {int(s): i for i, s in enumerate(source_ids) if i > 0}
+    index_of = {str(s): i for i, s in enumerate(source_ids) if i > 0}
     torch.set_num_threads(1)  # one serving replica's share of the CPU
     record = {
         "benchmark": "incremental_update",

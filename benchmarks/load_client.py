@@ -48,7 +48,7 @@ def summarize(latencies: list[float]) -> dict:
 class Load:
     def __init__(self, spec: dict, seed: int):
         self.users = [str(u) for u in spec["users"]]
-        self.item_ids = [int(i) for i in spec["item_ids"]]
+        self.item_ids = [str(i) for i in spec["item_ids"]]
         self.intents = list(spec.get("intents") or ["something light and funny"])
         w = {**DEFAULT_WEIGHTS, **(spec.get("weights") or {})}
         self.ops = [op for op in OPS if w.get(op, 0) > 0]

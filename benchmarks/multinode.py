@@ -155,7 +155,7 @@ class Traffic:
 
     base_url: str
     headers: dict[str, str]
-    item_ids: list[int]
+    item_ids: list[str]
     users: int
     acked: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     retries: int = 0
@@ -215,7 +215,7 @@ class Traffic:
         return threads
 
 
-def check_store(store, acked_by_user: dict[str, list[tuple[int, float]]]) -> dict:
+def check_store(store, acked_by_user: dict[str, list[tuple[str, float]]]) -> dict:
     """Each user's stored events against the acknowledged ones: lost, duplicated, out of order."""
     lost = duplicated = stored_total = out_of_order = 0
     for user, acked in acked_by_user.items():
@@ -265,7 +265,7 @@ def serve_phase(cluster: NetnsCluster, cfg: MultinodeConfig) -> dict:
     _wait("the app to serve with two Ingress replicas", ready, 240, 1)
     t_ready = time.monotonic()
     ingress_hosts = sorted(cluster.host_of(INGRESS))
-    items = [int(i) for i in Catalogue.load(cfg.data_dir)[0].item_source_ids[1:]]
+    items = [str(i) for i in Catalogue.load(cfg.data_dir)[0].item_source_ids[1:]]
     traffic = Traffic(base, headers, items, cfg.users)
     threads = traffic.start()
     time.sleep(cfg.serve_before_kill_s)

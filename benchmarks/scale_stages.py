@@ -130,7 +130,7 @@ def stage_serve(a) -> dict:
         dec.reconfigure({"checkpoint": str(ckpt)})
         ids = comb.catalogue_ids[1:]
         rng = np.random.default_rng(0)
-        events = [(int(i), 4.0, 1.6e9 + 60.0 * j) for j, i in enumerate(rng.choice(ids, 50))]
+        events = [(str(i), 4.0, 1.6e9 + 60.0 * j) for j, i in enumerate(rng.choice(ids, 50))]
         state = dec.history_state(events)
         lat = []
         for _ in range(a.serve_requests):

@@ -45,7 +45,7 @@ def random_events(item_source_ids: np.ndarray, n: int, rng: np.random.Generator,
     ids = rng.choice(item_source_ids[1:], size=n)  # [0] is the padding row
     ratings = rng.integers(1, 11, size=n) / 2.0  # 0.5 .. 5.0
     ts = start + np.cumsum(rng.exponential(3 * 3600.0, size=n)).round()
-    return [{"item_id": int(i), "rating": float(r), "timestamp": float(t)} for i, r, t in zip(ids, ratings, ts)]
+    return [{"item_id": str(i), "rating": float(r), "timestamp": float(t)} for i, r, t in zip(ids, ratings, ts)]
 
 
 def ensure_checkpoint(checkpoint: Path, data: Path, time_budget_s: float = 90.0) -> Path:

@@ -29,7 +29,7 @@ def make_spec(data_dir: Path, n_users: int, seed: int) -> dict:
     intents = list(rng.choice(data.intent_phrases, size=min(20, len(data.intent_phrases)), replace=False))
     return {
         "users": [str(u) for u in users],
-        "item_ids": [int(i) for i in data.item_source_ids[1:]],
+        "item_ids": [str(i) for i in data.item_source_ids[1:]],
         "intents": [str(t) for t in intents],
         "weights": WEIGHTS,
     }
@@ -108,7 +108,7 @@ def in_process(args, spec: dict, store_url: str) -> dict:
         user = spec["users"][int(rng.integers(len(spec["users"])))]
         start = time.perf_counter()
         if op == "post_event":
-            ev = Event(int(rng.choice(spec["item_ids"])), float(rng.integers(1, 11)) / 2.0, time.time())
+            ev = Event(str(rng.choice(spec["item_ids"])), float(rng.integers(1, 11)) / 2.0, time.time())
             dec.store.append_events(user, [ev])
             dec._advance_users([(user, False)])  # Decomposer.advance's work
         else:

@@ -89,7 +89,7 @@ def replica_rss(app: str = "soak") -> dict[str, int]:
 class Stream:
     """The soak's requests, each new to the app; counts what was sent and what failed."""
 
-    def __init__(self, users: list[str], item_ids: list[int], secret: str, service_token: str, seed: int):
+    def __init__(self, users: list[str], item_ids: list[str], secret: str, service_token: str, seed: int):
         self.users, self.item_ids, self.secret = users, item_ids, secret
         self.service = {"Authorization": f"Bearer {service_token}"}
         self.rng = np.random.default_rng(seed)
@@ -117,7 +117,7 @@ class Stream:
             headers = {"Authorization": f"Bearer {mint(self.secret, 'user', uid, ttl_s=3600)}"}
             t = time.time() - 3600
             events = [
-                {"item_id": int(self.rng.choice(self.item_ids)), "rating": 4.0, "timestamp": t + 60 * j}
+                {"item_id": str(self.rng.choice(self.item_ids)), "rating": 4.0, "timestamp": t + 60 * j}
                 for j in range(3)
             ]
             await self._send(http, f"/users/{uid}/events", {"events": events}, headers)

@@ -70,7 +70,7 @@ def appends(url: str, n: int, proc: int = 0, go=None) -> tuple[list[float], floa
     lat, start = [], time.time()
     for i in range(n):
         t = time.perf_counter()
-        store.append_events(f"p{proc}-u{i % USERS}", [Event(i, 4.0, 1.7e9 + i)])
+        store.append_events(f"p{proc}-u{i % USERS}", [Event(str(i), 4.0, 1.7e9 + i)])
         lat.append(time.perf_counter() - t)
     end = time.time()
     store.close()

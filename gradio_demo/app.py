@@ -217,7 +217,7 @@ class Handlers:
     def post_event(
         self,
         user_id: str | None,
-        item_id: int | None,
+        item_id: str | None,
         rating: float,
         start: float | None,
         intent: str,
@@ -229,11 +229,11 @@ class Handlers:
         """Post `item_id` as watched at the chosen moment, then redraw everything from the API."""
         if not user_id:
             raise Missing("Pick a user (or start a new one) first.")
-        if item_id is None:
+        if not item_id:
             raise Missing("Choose an item first (click a row or use the list).")
         api = self.access.client_for(self.access.account(request), user_id)
         moment = views.next_moment(start if start is not None else time.time(), int(weekday), int(hour))
-        accepted = api.post_events(user_id, [EventIn(item_id=int(item_id), rating=float(rating), timestamp=moment)])
+        accepted = api.post_events(user_id, [EventIn(item_id=str(item_id), rating=float(rating), timestamp=moment)])
         out = self.refresh(user_id, intent, weekday, hour, k, request)
         note = ok(
             f"Posted item {item_id} (rating {rating:g}) at {views.fmt_time(moment)} UTC — "
@@ -260,7 +260,7 @@ class Handlers:
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         if frame is None or not 0 <= row < len(frame):
             return gr.skip()
-        return int(frame["item_id"].iloc[row])
+        return str(frame["item_id"].iloc[row])
 
 
 def wire_events(demo: gr.Blocks, h: Handlers, page: Page) -> None:

@@ -83,7 +83,7 @@ def search_frame(items: Sequence[Item]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=SEARCH_COLUMNS)
 
 
-def item_choices(items: Sequence[Item]) -> list[tuple[str, int]]:
+def item_choices(items: Sequence[Item]) -> list[tuple[str, str]]:
     """(label, source item id) pairs for a dropdown."""
     return [(f"{it.title} ({genres(it.genres)})" if it.genres else it.title, it.item_id) for it in items]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 from main_job.settings import MainSettings
 
 
-def banner(api_url: str, demo_url: str | None, user_id: str, item_id: int, s: MainSettings) -> str:
+def banner(api_url: str, demo_url: str | None, user_id: str, item_id: str, s: MainSettings) -> str:
     """The closing banner: the URLs, curl commands for `user_id` and `item_id`, and how to get a token."""
     from ray_app.serve.auth import SECRET_ENV, TOKEN_ENV
 
@@ -18,6 +19,7 @@ def banner(api_url: str, demo_url: str | None, user_id: str, item_id: int, s: Ma
     # The secret is the user's own ($DYNAMIC_INTEREST_AUTH_SECRET) or the one kept in the secret file.
     kept = s.secret_file.is_file() and s.secret_file.read_text().strip() == os.environ.get(SECRET_ENV)
     mint_user = f"{sys.executable} -m ray_app.serve.auth mint --user {user_id}"
+    item = json.dumps(item_id)  # a string in the JSON bodies: "0133093" keeps its zero
 
     auth = f'-H "Authorization: Bearer ${TOKEN_ENV}"'
     json_ = "-H 'content-type: application/json'"
@@ -36,9 +38,9 @@ def banner(api_url: str, demo_url: str | None, user_id: str, item_id: int, s: Ma
         f"  curl -s {api_url}/recommend {auth} {json_} \\",
         f'       -d \'{{"user_id": "{user_id}", "context": {{"intent": "something light and funny"}}, "k": 5, "explain": true}}\'',
         f"  curl -s {api_url}/users/{user_id}/events {auth} {json_} \\",
-        f'       -d \'{{"events": [{{"item_id": {item_id}, "rating": 4.5, "timestamp": {time.time():.0f}}}]}}\'',
+        f'       -d \'{{"events": [{{"item_id": {item}, "rating": 4.5, "timestamp": {time.time():.0f}}}]}}\'',
         f"  curl -s {api_url}/recommend {auth} {json_} \\",
-        f'       -d \'{{"history": [{{"item_id": {item_id}, "timestamp": {time.time():.0f}}}], "k": 5}}\''
+        f'       -d \'{{"history": [{{"item_id": {item}, "timestamp": {time.time():.0f}}}], "k": 5}}\''
         "   # no rating: a view",
         f"  curl -s '{api_url}/users/{user_id}/interests?last=20' {auth}",
         f"  curl -s '{api_url}/items?q=space+adventure&k=5' {auth}",
@@ -51,9 +53,9 @@ def banner(api_url: str, demo_url: str | None, user_id: str, item_id: int, s: Ma
     return "\n".join(lines)
 
 
-def example_ids(prepared: Path) -> tuple[str, int]:
+def example_ids(prepared: Path) -> tuple[str, str]:
     """A user and an item of the prepared data, for the banner's examples."""
     from models.data.dataset import load_prepared
 
     data = load_prepared(prepared)
-    return str(data.user_source_ids[1]), int(data.item_source_ids[1])  # [0] is padding
+    return str(data.user_source_ids[1]), str(data.item_source_ids[1])  # [0] is padding

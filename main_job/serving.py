@@ -49,18 +49,35 @@ def start_serve_proxy(s: MainSettings) -> str:
     return f"http://{s.host}:{s.port}"
 
 
+def load_store(s: MainSettings, prepared: Path) -> str:
+    """The training users of `prepared` loaded into the event store of that dataset -> its URL.
+    Each dataset, as prepared now, has a store of its own (`MainSettings.store_file`): events
+    posted for its users stay with them across runs, and no other dataset's users mix with them."""
+    from models.data import load_prepared
+    from ray_app.serve.load_users import load_users
+    from ray_app.serve.served_model import dataset_record
+    from ray_app.store.base import StoreMismatch, StoreUnavailable
+
+    data = load_prepared(prepared)
+    file = s.store_file(dataset_record(data).key).resolve()
+    print(f"    the event store of this dataset: {file}", flush=True)
+    store = f"sqlite:///{file}"
+    try:
+        load_users(data, store)
+    except (StoreMismatch, StoreUnavailable) as e:  # a store file copied over, or not a database
+        raise NewcomerError(f"{e}; move {file} aside to start this dataset's store afresh") from None
+    return store
+
+
 def deploy_app(s: MainSettings, prepared: Path, checkpoint_path: Path) -> None:
     """Deploy the Serve app and wait until it runs; a failed deploy is one line with Serve's reason
     (a bad checkpoint, a replica that crashed while starting)."""
     from ray import serve
 
     from ray_app.serve.app import AppArgs, build_app
-    from ray_app.serve.load_users import load_training_users
 
     print("\n==> deploying the Serve app (encoder → decomposer → combiner)", flush=True)
-    s.runs.mkdir(parents=True, exist_ok=True)
-    store = f"sqlite:///{(s.runs / 'state.db').resolve()}"
-    load_training_users(prepared, store)  # once, here: no replica loads users when it starts
+    store = load_store(s, prepared)  # once, here: no replica loads users when it starts
     args = AppArgs(
         checkpoint=str(checkpoint_path),
         data_dir=str(prepared),

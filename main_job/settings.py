@@ -51,7 +51,10 @@ class MainSettings:
     demo_port: int = setting(7860)
     demo: bool = setting(True, "serve the API only", flag="--no-demo")
     smoke: bool = setting(False, "a tiny run (small synthetic data, 2 epochs): a quick check")
-    runs: Path = Path("runs/main")
+    runs_dir: Path = setting(
+        Path("runs"),
+        "where the job writes: the prepared data (DIR/data), and its checkpoints, stores, secret and token (DIR/main)",
+    )
     num_cpus: int | None = setting(None, "CPUs of the local Ray (default: all)")
     verbose: bool = setting(
         False,
@@ -63,6 +66,21 @@ class MainSettings:
         "Serve's throughput-optimized mode (default on; --no-throughput-optimized for Serve's default mode; "
         "RAY_SERVE_THROUGHPUT_OPTIMIZED=0 does the same)",
     )
+
+    @property
+    def runs(self) -> Path:
+        """The job's own files: checkpoints, the event stores, the secret, the token, the demo's login."""
+        return self.runs_dir / "main"
+
+    @property
+    def data_root(self) -> Path:
+        """Where datasets are prepared, one folder each."""
+        return self.runs_dir / "data"
+
+    def store_file(self, dataset_key: str) -> Path:
+        """The event store of one dataset (`DatasetRecord.key`): a dataset's users never share a
+        store with another's."""
+        return self.runs / "stores" / f"{dataset_key}.db"
 
     @property
     def demo_log(self) -> Path | None:

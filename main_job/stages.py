@@ -22,30 +22,14 @@ def prepare(s: MainSettings) -> Path:
     try:
         prepared = prepare_source(
             s.dataset,
-            Path("runs/data") / name,
+            s.data_root / name,
             data_dir=s.data_dir,
             synthetic_config=synthetic,
             min_user_events=s.min_user_events,
         )
     except (DataError, FileExistsError) as e:  # a missing, malformed or unreachable dataset: one line, its fix
         raise NewcomerError(str(e)) from None
-    check_item_ids(prepared)
     return prepared
-
-
-def check_item_ids(prepared: Path) -> None:
-    """The API names an item by a number (its `item_id` is an int): a dataset with other item ids
-    trains and evaluates, but the job could not serve it."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    ids = pq.read_table(prepared / "items.parquet", columns=["source_id"]).column("source_id")
-    other = pc.invert(pc.match_substring_regex(ids, r"^[0-9]+$"))
-    if pc.any(other).as_py():
-        raise NewcomerError(
-            f"item id {ids.filter(other)[0].as_py()!r} is not a number, and the API names items by number: "
-            "train and evaluate this dataset with python -m ray_app.train or python -m models.training.run"
-        )
 
 
 def tune(s: MainSettings, prepared: Path) -> Path:

@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from conftest import service_auth, user_auth
+from conftest import imdb_id, service_auth, user_auth
 from ray_app.serve.auth import mint
 
 
@@ -33,7 +33,7 @@ def one_replica_each(**args) -> dict:
 
 
 CONFIG = Path(__file__).resolve().parents[1] / "ray_app" / "serve" / "config.yaml"
-EV = {"item_id": 1, "rating": 4.0, "timestamp": 1.6e9}
+EV = {"item_id": imdb_id("1"), "rating": 4.0, "timestamp": 1.6e9}  # tests/test_serve_http.py's dataset
 JSON = {"content-type": "application/json"}
 BAD = [  # (id, method, path, httpx arguments, status, field named in the error)
     ("malformed JSON", "POST", "/recommend", {"content": b'{"k": 3,', "headers": JSON}, 422, "body"),
@@ -57,6 +57,31 @@ BAD = [  # (id, method, path, httpx arguments, status, field named in the error)
         {"json": {"history": [EV, {**EV, "item_id": 10**8}]}},
         422,
         "history.1.item_id",
+    ),
+    (
+        "item id without its zeros",
+        "POST",
+        "/recommend",
+        {"json": {"history": [{**EV, "item_id": EV["item_id"].lstrip("0")}]}},
+        422,
+        "history.0.item_id",
+    ),
+    ("empty item id", "POST", "/recommend", {"json": {"history": [{**EV, "item_id": ""}]}}, 422, "history.0.item_id"),
+    (
+        "item id too long",
+        "POST",
+        "/users/x/events",
+        {"json": {"events": [{**EV, "item_id": "0" * 129}]}},
+        422,
+        "events.0.item_id",
+    ),
+    (
+        "item id not a whole number",
+        "POST",
+        "/users/x/events",
+        {"json": {"events": [{**EV, "item_id": 101.5}]}},
+        422,
+        "events.0.item_id",
     ),
     ("oversized history", "POST", "/recommend", {"json": {"history": [EV] * 1001}}, 422, "history"),
     ("user and history", "POST", "/recommend", {"json": {"user_id": "1", "history": [EV]}}, 422, "history"),
@@ -90,7 +115,7 @@ BAD = [  # (id, method, path, httpx arguments, status, field named in the error)
         "event missing field",
         "POST",
         "/users/x/events",
-        {"json": {"events": [{"item_id": 1, "rating": 4}]}},
+        {"json": {"events": [{"item_id": EV["item_id"], "rating": 4}]}},
         422,
         "events.0.timestamp",
     ),

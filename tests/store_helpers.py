@@ -84,8 +84,14 @@ class RedisServer:
 
 
 def ev(i: int, t0: float = 1.7e9) -> Event:
-    # Timestamps with a fraction: the round trip must be exact, not rounded to seconds.
-    return Event(item_id=i, rating=0.5 + (i % 10) * 0.5, timestamp=t0 + i * 61.123456)
+    # Ids as IMDb writes them, with leading zeros (they must come back as written); timestamps with
+    # a fraction: the round trip must be exact, not rounded to seconds.
+    return Event(item_id=f"{i:07d}", rating=0.5 + (i % 10) * 0.5, timestamp=t0 + i * 61.123456)
+
+
+def ids(*numbers: int) -> list[str]:
+    """The item ids of `ev(n)` for each n, in that order."""
+    return [ev(n).item_id for n in numbers]
 
 
 def _acking_writer(url: str, log_path: str, n: int) -> None:
@@ -124,7 +130,7 @@ def _wait_for_acks(path: Path, n: int, proc, timeout_s: float = 30) -> None:
 
 def _check_acknowledged(store, acked: list[int], attempted: int) -> list[int]:
     """Every acknowledged event is stored, in order, once; nothing stored was never attempted."""
-    stored = [e.item_id for e in store.events("w")]
+    stored = [int(e.item_id) for e in store.events("w")]
     assert stored == sorted(set(stored)), "an event is duplicated or out of order"
     assert set(acked) <= set(stored), f"acknowledged but lost: {sorted(set(acked) - set(stored))[:10]}"
     assert set(stored) <= set(range(attempted))

@@ -41,7 +41,7 @@ def post_events(client: httpx.Client, user: str, events: list[dict], **kw) -> ht
     return r
 
 
-def events(item: int, n: int, t0: float = 1.7e9) -> list[dict]:
+def events(item: str, n: int, t0: float = 1.7e9) -> list[dict]:
     return [{"item_id": item, "rating": 4.0, "timestamp": t0 + j} for j in range(n)]
 
 
@@ -66,7 +66,7 @@ def target(tiny_data, tmp_path_factory):
     with local_serve(port):
         serve.run(build_app(args), name="attacked", route_prefix="/")
         wait_healthy(url, 180)
-        yield {"url": url, "redis": redis, "data": tiny_data, "item": int(tiny_data.item_source_ids[1])}
+        yield {"url": url, "redis": redis, "data": tiny_data, "item": tiny_data.item_source_ids[1]}
     redis.stop()
 
 

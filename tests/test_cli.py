@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,4 +83,6 @@ def test_the_entry_points_keep_their_flags():
     assert search_args([])[0] == SearchSettings()
     m = main_args(["--tune", "4", "--no-demo", "--set", "dims=topic"])
     assert m.tune_samples == 4 and not m.demo and m.model_args == ["dims=topic"]
-    assert dataclasses.replace(main_args([]), runs=MainSettings().runs) == MainSettings()
+    assert main_args([]) == MainSettings()
+    runs = main_args(["--runs-dir", "/tmp/elsewhere"])
+    assert runs.runs == Path("/tmp/elsewhere/main") and runs.data_root == Path("/tmp/elsewhere/data")

@@ -90,12 +90,17 @@ def test_a_data_dir_that_does_not_exist_is_one_line_with_its_fix(entry, dataset,
     assert f"--data-dir {offline / 'nowhere'}: no such folder or file; {fix}" in line
 
 
-def test_the_main_job_refuses_item_ids_the_api_cannot_name(offline, capsys):
+def test_the_main_job_prepares_a_dataset_whose_item_ids_are_text(offline):
+    """The API names items by their source ids as strings, so the main job takes any id."""
+    from main_job.settings import MainSettings
+    from main_job.stages import prepare
+    from models.data import load_prepared
+
     log = offline / "log"
     log.mkdir()
-    (log / "items.csv").write_text("item_id,title\nsku-1,a\nsku-2,b\n")
-    rows = "".join(f"u{u},sku-{1 + j % 2},{1_600_000_000 + 60 * j}\n" for u in range(3) for j in range(4))
+    (log / "items.csv").write_text("item_id,title\nsku-1,a\n0133093,b\n")
+    rows = "".join(f"u{u},{('sku-1', '0133093')[j % 2]},{1_600_000_000 + 60 * j}\n" for u in range(3) for j in range(4))
     (log / "events.csv").write_text("user_id,item_id,timestamp\n" + rows)
-    assert main_job(["--dataset", "events", "--data-dir", str(log)]) == 2
-    line = the_error_line(capsys.readouterr().err)
-    assert "item id 'sku-1' is not a number, and the API names items by number" in line
+    prepared = prepare(MainSettings(dataset="events", data_dir=log, runs_dir=offline / "elsewhere"))
+    assert prepared == offline / "elsewhere" / "data" / "events"
+    assert sorted(load_prepared(prepared).item_source_ids[1:]) == ["0133093", "sku-1"]

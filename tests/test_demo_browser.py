@@ -6,8 +6,9 @@ token and an accounts file but never the API's signing key; a person logs in thr
 login page. The first test reads what the page says before the API is up, and that nothing of
 the demo answers without a login. The second walks the journey as the admin account: select a
 user, type an intent, recommend, see the table and both plots, click "watched", see the list
-change. Another checks that a user's account acts for its own user only. The screenshot path is
-printed (pytest -s) and the file kept under runs/artifacts/.
+change. Another checks that a user's account acts for its own user only. The items are named as
+IMDb names films ("0000101"), so a picked row's id must keep its zeros through the page. The
+screenshot path is printed (pytest -s); the file is kept in pytest's temporary folder.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from ray_app.serve.auth import SECRET_ENV, TOKEN_ENV
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "runs" / "artifacts"
 TIMEOUT_MS = 60_000
 SERVICE = service_auth()  # the test's own calls; the demo gets a service token of its own
 
@@ -82,8 +82,8 @@ READER = ("reader", "reader-password-1")  # an account bound to one user
 
 
 @pytest.fixture(scope="module")
-def reader_user(tiny_data) -> str:
-    return str(int(tiny_data.user_source_ids[2]))
+def reader_user(imdb_data) -> str:
+    return str(imdb_data.user_source_ids[2])
 
 
 @pytest.fixture(scope="module")
@@ -124,18 +124,18 @@ def demo_url(api_url, tmp_path_factory, reader_user):
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tiny_data, tmp_path_factory) -> Path:
+def tiny_checkpoint(imdb_data, tmp_path_factory) -> Path:
     """A small decomposer, two epochs on the tiny synthetic data: seconds, and enough to rank."""
-    split = make_split(tiny_data.user_offsets, 1)
+    split = make_split(imdb_data.user_offsets, 1)
     torch.manual_seed(0)
-    model = new_model("decomposer", tiny_data, split, lstm_units=32, dim_size=16)
-    fit(model, tiny_data, split, TrainConfig(epochs=2, patience=2), progress=False)
+    model = new_model("decomposer", imdb_data, split, lstm_units=32, dim_size=16)
+    fit(model, imdb_data, split, TrainConfig(epochs=2, patience=2), progress=False)
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    return checkpoint.save(path, model, {"item_source_ids": tiny_data.item_source_ids.tolist()})
+    return checkpoint.save(path, model, {"item_source_ids": imdb_data.item_source_ids.tolist()})
 
 
 @pytest.fixture(scope="module")
-def serve_app(api_url, tiny_checkpoint, tiny_data, tmp_path_factory):
+def serve_app(api_url, tiny_checkpoint, imdb_data, tmp_path_factory):
     from ray import serve
 
     from ray_app.serve.app import AppArgs, DeploymentSettings, build_app
@@ -146,7 +146,7 @@ def serve_app(api_url, tiny_checkpoint, tiny_data, tmp_path_factory):
         app = build_app(
             AppArgs(
                 checkpoint=str(tiny_checkpoint),
-                data_dir=str(tiny_data.path),
+                data_dir=str(imdb_data.path),
                 store_url=f"sqlite:///{store}",
                 load_users=True,  # once, while the app is built
                 encoder=one,
@@ -245,7 +245,7 @@ def test_an_account_acts_for_its_own_user_only(browser, demo_url, serve_app, rea
         page.context.close()
 
 
-def test_recommend_watch_and_see_the_interests_move(page, demo_url, serve_app, tiny_data):
+def test_recommend_watch_and_see_the_interests_move(page, demo_url, serve_app, imdb_data, tmp_path):
     page.goto(demo_url)  # a reload is how a person retries once the API is up
     status_shows(page, "Connected to")
 
@@ -267,7 +267,7 @@ def test_recommend_watch_and_see_the_interests_move(page, demo_url, serve_app, t
     page.locator("#recommend").click()
     status_shows(page, "for “something light and funny for tonight”")
     titles = table_column(page, "recs", 1)
-    assert len(titles) == 10 and set(titles) <= set(tiny_data.titles)
+    assert len(titles) == 10 and set(titles) <= set(imdb_data.titles)
     scores = [float(s) for s in table_column(page, "recs", 3)]
     assert scores == sorted(scores, reverse=True)
 
@@ -289,20 +289,19 @@ def test_recommend_watch_and_see_the_interests_move(page, demo_url, serve_app, t
     assert ids[1] not in table_column(page, "recs", 4)  # seen items are excluded
     assert table_column(page, "history", 1)[0] == titles[1]  # newest first in the timeline
     events = httpx.get(f"{serve_app}/users/{user}/events", params={"limit": 1}, headers=SERVICE).json()["events"]
-    assert str(events[-1]["item_id"]) == ids[1]
+    assert events[-1]["item_id"] == ids[1] and ids[1].startswith("0")  # the id as written, its zeros kept
     assert (
         httpx.get(f"{serve_app}/users", params={"q": user}, headers=SERVICE).json()["users"][0]["n_events"]
         == n_before + 1
     )
     assert "Traceback" not in page.content()
 
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    shot = ARTIFACTS / "demo_browser.png"
+    shot = tmp_path / "demo_browser.png"
     page.screenshot(path=str(shot), full_page=True)
     print(f"\nscreenshot: {shot}")
 
 
-def test_new_user_adds_an_event_found_by_text(page, demo_url, serve_app, tiny_data):
+def test_new_user_adds_an_event_found_by_text(page, demo_url, serve_app, imdb_data):
     page.goto(demo_url)
     status_shows(page, "Connected to")
     page.locator("#new-user").click()
@@ -317,7 +316,7 @@ def test_new_user_adds_an_event_found_by_text(page, demo_url, serve_app, tiny_da
     page.locator("#search").click()
     status_shows(page, "items close to “river”")
     found = table_column(page, "found", 0)
-    assert found and set(found) <= set(tiny_data.titles)
+    assert found and set(found) <= set(imdb_data.titles)
     page.locator("#add").click()
     status_shows(page, "1 event now")
     sync_api.expect(page.locator("#who")).to_contain_text("1 event,")

@@ -8,6 +8,7 @@ import threading
 import time
 from datetime import datetime, timezone
 
+import gradio as gr
 import pandas as pd
 import pytest
 import uvicorn
@@ -22,7 +23,9 @@ from gradio_demo.client import ApiClient, ApiError, EndpointDown, NotFound
 from ray_app.serve import schemas
 from ray_app.serve.schemas import EventIn, UserEvent
 
-TITLES = {1: ("Alpha", ["Comedy"]), 2: ("Beta", ["Drama"]), 3: ("Gamma", ["Comedy", "Romance"])}
+# Ids as IMDb writes them: a leading zero that must survive every hop.
+A, B, C = "0000001", "0000002", "0000003"
+TITLES = {A: ("Alpha", ["Comedy"]), B: ("Beta", ["Drama"]), C: ("Gamma", ["Comedy", "Romance"])}
 SERVICE_TOKEN = "the-demo-service-token"
 ACCOUNTS = Accounts(
     {
@@ -43,10 +46,10 @@ def stand_in_api() -> FastAPI:
     """The contract's endpoints over an in-memory event log; answers go through the API's own response
     models, so the stand-in cannot drift from the contract the real endpoint follows."""
     app = FastAPI()
-    log: dict[str, list[dict]] = {"u1": [{"item_id": 1, "rating": 4.0, "timestamp": 1000.0}]}
+    log: dict[str, list[dict]] = {"u1": [{"item_id": A, "rating": 4.0, "timestamp": 1000.0}]}
     app.state.writers = []  # the Authorization header of each post of events
 
-    def item(i: int, score: float = 0.0) -> dict:
+    def item(i: str, score: float = 0.0) -> dict:
         return {"item_id": i, "title": TITLES[i][0], "genres": TITLES[i][1], "score": score}
 
     def missing(user_id: str):
@@ -113,7 +116,7 @@ def stand_in_api() -> FastAPI:
         if user_id is not None and user_id not in log:
             return missing(user_id)
         seen = {e["item_id"] for e in log.get(user_id, [])} if body.get("exclude_seen", True) else set()
-        ranked = [item(i, 1.0 / i) for i in TITLES if i not in seen][: body.get("k", 10)]
+        ranked = [item(i, 1.0 / int(i)) for i in TITLES if i not in seen][: body.get("k", 10)]
         intent = (body.get("context") or {}).get("intent")
         gates = {"topic": 0.9, "time": 0.1} if intent else {"topic": 0.5, "time": 0.5}
         return {
@@ -194,18 +197,18 @@ def test_health_and_users(api):
 
 def test_post_then_read_back(api):
     got = api.post_events(
-        "client-a", [EventIn(item_id=2, rating=4.5, timestamp=2000.0), EventIn(item_id=3, rating=3.0, timestamp=2100.0)]
+        "client-a", [EventIn(item_id=B, rating=4.5, timestamp=2000.0), EventIn(item_id=C, rating=3.0, timestamp=2100.0)]
     )
     assert (got.accepted, got.n_events) == (2, 2)
     history = api.user_events("client-a")
-    assert [(e.item_id, e.title, e.rating) for e in history] == [(2, "Beta", 4.5), (3, "Gamma", 3.0)]
+    assert [(e.item_id, e.title, e.rating) for e in history] == [(B, "Beta", 4.5), (C, "Gamma", 3.0)]
     steps = api.interests("client-a").steps
-    assert [s.item_id for s in steps] == [2, 3] and set(steps[0].gates) == {"topic", "time"}
+    assert [s.item_id for s in steps] == [B, C] and set(steps[0].gates) == {"topic", "time"}
 
 
 def test_recommend_sends_the_contract_body(api):
     rec = api.recommend("u1", timestamp=5000.0, intent="  something funny ", k=5, explain=True)
-    assert [it.item_id for it in rec.items] == [2, 3]  # item 1 was seen by u1
+    assert [it.item_id for it in rec.items] == [B, C]  # A was seen by u1
     assert rec.gates == {"topic": 0.9, "time": 0.1}  # the intent reached the server
     assert rec.explanation["topic"][0].title == "Beta"
     assert views.dimension_frame(rec).values.tolist()[0] == ["topic (90%)", "Beta", "", "", "", ""]
@@ -214,8 +217,8 @@ def test_recommend_sends_the_contract_body(api):
 
 
 def test_user_ids_are_one_path_segment(api):
-    api.post_events("odd id é", [EventIn(item_id=1, rating=5.0, timestamp=10.0)])
-    assert api.user_events("odd id é")[0].item_id == 1
+    api.post_events("odd id é", [EventIn(item_id=A, rating=5.0, timestamp=10.0)])
+    assert api.user_events("odd id é")[0].item_id == A
 
 
 def test_item_search(api):
@@ -294,8 +297,8 @@ def test_an_account_acts_for_its_user_with_a_token_minted_for_it(base_url):
         assert guarded(h.start_new_user, 2)("", ann)[0].startswith("⚠ Your account acts for user new-ann only")
         assert guarded(h.connect, 2)("", Login("mallory"))[0] == "⚠ Log in first."
         fresh = h.refresh("new-ann", "", 4, 20, 10, ann)
-        h.post_event("new-ann", 2, 4.0, fresh[4], "", 4, 20, 10, ann)
-        h.post_event("u1", 3, 4.0, fresh[4], "", 4, 20, 10, Login("ops"))  # an admin acts for any user
+        h.post_event("new-ann", B, 4.0, fresh[4], "", 4, 20, 10, ann)
+        h.post_event("u1", C, 4.0, fresh[4], "", 4, 20, 10, Login("ops"))  # an admin acts for any user
         assert base_url_app.state.writers[-2:] == ["Bearer user-token-of-new-ann", "Bearer user-token-of-u1"]
 
 
@@ -334,10 +337,12 @@ def test_new_user_watches_an_item(api):
     h = Handlers(Access(api.with_token(SERVICE_TOKEN), ACCOUNTS))  # the demo's service token
     ops = Login("ops")
     fresh = h.refresh("new-abc", "", 4, 20, 10, ops)  # no events yet: a cold-start request
-    assert "no events yet" in fresh[1] and fresh[2].empty and list(fresh[6]["item_id"]) == [1, 2, 3]
-    out = h.post_event("new-abc", 1, 5.0, fresh[4], "", 4, 20, 10, ops)
-    assert out[0].startswith("✓ Posted item 1")
-    assert list(out[6]["item_id"]) == [2, 3]  # the watched item left the list
+    assert "no events yet" in fresh[1] and fresh[2].empty and list(fresh[6]["item_id"]) == [A, B, C]
+    picked = h.pick_row(fresh[6], gr.SelectData(None, {"index": [0, 1], "value": "Alpha"}))  # a click on row 1
+    assert picked == A  # the id as the API wrote it, its zeros kept
+    out = h.post_event("new-abc", picked, 5.0, fresh[4], "", 4, 20, 10, ops)
+    assert out[0].startswith(f"✓ Posted item {A}")
+    assert list(out[6]["item_id"]) == [B, C]  # the watched item left the list
     assert list(out[2]["title"]) == ["Alpha"] and not out[9].empty
     assert out[3]["when"][0] == pd.Timestamp(views.next_moment(fresh[4], 4, 20), unit="s")
 
@@ -370,8 +375,8 @@ def test_next_moment_rejects_bad_slots():
 
 def test_frames():
     history = [
-        UserEvent(item_id=1, title="Alpha", genres=["Comedy"], rating=4.0, timestamp=utc(2024, 1, 1)),
-        UserEvent(item_id=2, title="Beta", genres=[], rating=2.0, timestamp=utc(2024, 1, 2)),
+        UserEvent(item_id=A, title="Alpha", genres=["Comedy"], rating=4.0, timestamp=utc(2024, 1, 1)),
+        UserEvent(item_id=B, title="Beta", genres=[], rating=2.0, timestamp=utc(2024, 1, 2)),
     ]
     frame = views.history_frame(history)
     assert list(frame["title"]) == ["Beta", "Alpha"] and frame["when (UTC)"][1] == "Mon 2024-01-01 00:00"

@@ -154,7 +154,7 @@ def test_redis_acl_lets_the_store_work_and_nothing_else(manifest_redis):
     # Every operation of the store, as its user.
     store = open_store(server.url())
     assert store.durable is None  # CONFIG is denied: the manifest's conf is checked here instead
-    events = [Event(i, 4.0, 1.7e9 + i) for i in range(5)]
+    events = [Event(str(i), 4.0, 1.7e9 + i) for i in range(5)]
     assert store.append_events("u1", events[:2]) == 2
     assert store.append_once("u1", "key-1", events[2:4]) == (4, False)
     assert store.append_once("u1", "key-1", events[2:4]) == (4, True)
@@ -228,7 +228,7 @@ def test_redis_refuses_writes_at_the_memory_cap_and_evicts_nothing(tmp_path):
     try:
         store = open_store(server.url())
         acknowledged, refused = 0, None
-        batch = [Event(i, 4.0, 1.7e9 + i) for i in range(2000)]
+        batch = [Event(str(i), 4.0, 1.7e9 + i) for i in range(2000)]
         for i in range(200):
             try:
                 store.append_events(f"u{i}", batch)

@@ -1,7 +1,9 @@
 """The README's first command, end to end: set up, prepare, train, evaluate, serve, demo, Ctrl-C.
 
-The job runs as the README shows it (`bash scripts/main.sh`), with `--smoke` for a small budget;
-on CI this is a clean clone, so `scripts/setup.sh` has just built a clean virtual environment.
+The job runs as the README shows it (`bash scripts/main.sh`), with `--smoke` for a small budget
+and `--runs-dir` in a temporary folder (never the checkout's runs/, which holds a user's own
+secret, token and stores); on CI this is a clean clone, so `scripts/setup.sh` has just built a
+clean virtual environment.
 """
 
 from __future__ import annotations
@@ -51,9 +53,9 @@ def wait_for(url: str, proc: subprocess.Popen, timeout_s: float) -> httpx.Respon
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_first_command_serves_the_api_and_the_demo(tmp_path):
+def test_first_command_serves_the_api_and_the_demo(tmp_path, encoder_cache):
     api_port, demo_port = free_port(), free_port()
-    log = tmp_path / "main.log"
+    log, runs = tmp_path / "main.log", tmp_path / "runs"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     env.pop(SECRET_ENV, None)  # the job makes (or reuses) its own secret, as for a newcomer
@@ -69,6 +71,8 @@ def test_first_command_serves_the_api_and_the_demo(tmp_path):
                 str(demo_port),
                 "--num-cpus",
                 "2",
+                "--runs-dir",
+                str(runs),
             ],
             cwd=ROOT,
             env=env,
@@ -95,17 +99,17 @@ def test_first_command_serves_the_api_and_the_demo(tmp_path):
         assert sum(line.startswith("epoch ") for line in before) == 2  # --smoke trains 2 epochs
 
         assert httpx.get(f"{api}/users", params={"limit": 1}, timeout=10).status_code == 401  # no token
-        token_file = ROOT / "runs" / "main" / "token"
-        assert (
-            token_file.stat().st_mode & 0o777 == 0o600 and (ROOT / "runs/main/auth-secret").stat().st_mode & 0o077 == 0
-        )
+        token_file = runs / "main" / "token"
+        assert token_file.stat().st_mode & 0o777 == 0o600 and (runs / "main/auth-secret").stat().st_mode & 0o077 == 0
+        (store,) = (runs / "main" / "stores").glob("synthetic-*.db")  # the store of this dataset
+        assert f"the event store of this dataset: {store}" in text
         assert f"$(cat {token_file})" in text  # the banner says where the token is
         auth = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
         user = httpx.get(f"{api}/users", params={"limit": 1}, timeout=10, headers=auth).json()["users"][0]["user_id"]
         rec = httpx.post(f"{api}/recommend", json={"user_id": user, "k": 5}, timeout=30, headers=auth)
         assert rec.status_code == 200, rec.text
         items = [i["item_id"] for i in rec.json()["items"]]
-        assert len(items) == 5
+        assert len(items) == 5 and all(isinstance(i, str) for i in items)
         ev = httpx.post(
             f"{api}/users/{user}/events",
             json={"events": [{"item_id": items[0], "rating": 5.0, "timestamp": time.time()}]},
@@ -116,7 +120,7 @@ def test_first_command_serves_the_api_and_the_demo(tmp_path):
         assert ev.json()["accepted"] == 1
 
         # The demo: behind a login whose password the banner points to, and without the signing key.
-        password_file = ROOT / "runs" / "main" / "demo-password"
+        password_file = runs / "main" / "demo-password"
         assert password_file.stat().st_mode & 0o777 == 0o600 and f"cat {password_file}" in text
         demo = f"http://127.0.0.1:{demo_port}"
         assert httpx.get(f"{demo}/config", timeout=10).status_code == 401
@@ -144,13 +148,13 @@ def test_first_command_serves_the_api_and_the_demo(tmp_path):
         s.bind(("127.0.0.1", api_port))
 
 
-def test_port_in_use_is_one_line_with_the_fix():
+def test_port_in_use_is_one_line_with_the_fix(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         r = subprocess.run(
-            [sys.executable, "-m", "main_job", "--port", str(port), "--no-demo"],
+            [sys.executable, "-m", "main_job", "--port", str(port), "--no-demo", "--runs-dir", str(tmp_path)],
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -208,3 +212,49 @@ def test_the_memory_estimate_is_the_scale_benchmarks_fit():
         assert coefs == pytest.approx(want, rel=0.01, abs=1.0), stage
     stage, need = main_job.memory_need(*main_job.KNOWN_SIZES["ml-25m"])
     assert stage != "train-full" and need > main_job.memory_need(*main_job.KNOWN_SIZES["ml-1m"])[1]
+
+
+def test_each_dataset_gets_a_store_of_its_own(tiny_prepared, tmp_path):
+    """The sequence a newcomer runs: the first command (synthetic data), then ml-latest-small, whose
+    user ids overlap the synthetic ones. Each dataset gets a store of its own, and every user of
+    each holds exactly its dataset's events; a dataset run again finds its store with the events
+    posted since; and loading the second dataset into the first one's store is refused, writing nothing."""
+    from main_job.serving import load_store
+    from models.data import load_prepared, prepare_source
+    from ray_app.serve.load_users import load_users
+    from ray_app.serve.served_model import training_user_events
+    from ray_app.store.base import Event, StoreMismatch
+    from ray_app.store.opener import open_store
+    from test_prepare import FakeEncoder
+
+    source = ROOT.parent / "shared" / "data" / "movielens" / "ml-latest-small"
+    if not source.is_dir():
+        pytest.skip(f"{source} is not here")
+    movielens = prepare_source(
+        "ml-latest-small", tmp_path / "ml", data_dir=source, encoder=FakeEncoder(), progress=False
+    )
+    s = main_job.MainSettings(runs_dir=tmp_path / "runs")
+    first = load_store(s, tiny_prepared)
+    second = load_store(s, movielens)
+    assert first != second and all(url.startswith(f"sqlite:///{s.runs / 'stores'}") for url in (first, second))
+    for url, prepared in ((first, tiny_prepared), (second, movielens)):
+        expected = {u: evs for chunk in training_user_events(load_prepared(prepared)) for u, evs in chunk.items()}
+        store = open_store(url)
+        try:
+            assert {u for u, _ in store.users(limit=10_000)} == set(expected)
+            assert all(store.events(u) == evs for u, evs in expected.items())
+        finally:
+            store.close()
+    store = open_store(first)
+    n = store.count_events("1")
+    store.append_events("1", [Event(str(load_prepared(tiny_prepared).item_source_ids[1]), 4.0, 1.7e9)])
+    store.close()
+    assert load_store(s, tiny_prepared) == first  # the synthetic run again: its own store, as it was left
+    store = open_store(first)
+    try:
+        assert store.count_events("1") == n + 1
+        with pytest.raises(StoreMismatch, match="loaded for dataset 'synthetic'.*not 'ml-latest-small'"):
+            load_users(load_prepared(movielens), first)
+        assert store.count_events("1") == n + 1 and store.count_events("600") == 0
+    finally:
+        store.close()

@@ -52,7 +52,7 @@ def served(tiny_data, tmp_path_factory):
 def test_a_stopped_store_is_a_503_and_the_api_comes_back_with_it(served):
     client, redis, _, data = served
     user = str(int(data.user_source_ids[1]))
-    item = int(data.item_source_ids[1])
+    item = int(data.item_source_ids[1])  # a whole number: still taken, as its decimal string
     ok = client.post(
         f"/users/{user}/events",
         json={"events": [{"item_id": item, "rating": 4, "timestamp": 1.7e9}]},

@@ -2,7 +2,8 @@
 
 The app is deployed from `ray_app/serve/config.yaml` (paths swapped for a tiny model and
 dataset) the way `serve deploy` does it, so the checked-in config is what is tested; the config's
-own schema, which needs no Ray, is checked in tests/test_serve_config.py.
+own schema, which needs no Ray, is checked in tests/test_serve_config.py. The dataset names its
+items as IMDb does ("0000101"): ids that only survive as strings, end to end.
 """
 
 from __future__ import annotations
@@ -76,21 +77,22 @@ def deploy(config: ServeDeploySchema, timeout_s: float = 180) -> None:
 
 
 @pytest.fixture(scope="module")
-def env(tiny_data, tmp_path_factory):
+def env(imdb_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    ckpt_a = train_checkpoint(tiny_data, root / "a" / "model.pt", "mixture", seed=0)
-    ckpt_b = train_checkpoint(tiny_data, root / "b" / "model.pt", "concat", seed=1)
+    ckpt_a = train_checkpoint(imdb_data, root / "a" / "model.pt", "mixture", seed=0)
+    ckpt_b = train_checkpoint(imdb_data, root / "b" / "model.pt", "concat", seed=1)
     port = free_port()
     store_url = f"sqlite:///{root / 'state.db'}"
     env = {
-        "data": tiny_data,
+        "data": imdb_data,
         "ckpt_a": ckpt_a,
         "ckpt_b": ckpt_b,
         "port": port,
+        "store": root / "state.db",
         "store_url": store_url,
-        "config": lambda ckpt: config_for(port, ckpt, tiny_data.path, store_url),
+        "config": lambda ckpt: config_for(port, ckpt, imdb_data.path, store_url),
     }
-    load_training_users(tiny_data.path, store_url)  # the one-off step before serving
+    load_training_users(imdb_data.path, store_url)  # the one-off step before serving
     with local_serve(port):
         deploy(env["config"](ckpt_a))
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, headers=service_auth()) as client:
@@ -165,7 +167,8 @@ def test_inline_history_and_new_user(client, env):
     empty = client.post("/recommend", json={"history": [], "k": 5, "context": ctx}).json()
     assert fresh["n_events"] == 0 and fresh["user_id"] is None and len(fresh["items"]) == 5
     assert fresh["items"] == empty["items"]
-    assert {str(i["item_id"]) for i in fresh["items"]} <= set(data.item_source_ids[1:].tolist())
+    assert {i["item_id"] for i in fresh["items"]} <= set(data.item_source_ids[1:].tolist())
+    assert all(i["item_id"].startswith("0") for i in fresh["items"])  # as the catalogue writes them
 
 
 def test_items_text_search(client, env):
@@ -200,7 +203,7 @@ def test_an_acknowledged_event_shows_in_the_next_recommendation(client, env):
     ctx = {"timestamp": 1.6e9 + 600}
     rec = client.post("/recommend", json={"user_id": uid, "k": 10, "context": ctx}).json()
     assert rec["n_events"] == 1 and first not in [i["item_id"] for i in rec["items"]]
-    more = [{"item_id": int(env["data"].item_source_ids[j]), "rating": 3.5, "timestamp": 1.6e9 + j} for j in (4, 9)]
+    more = [{"item_id": env["data"].item_source_ids[j], "rating": 3.5, "timestamp": 1.6e9 + j} for j in (4, 9)]
     assert client.post(f"/users/{uid}/events", json={"events": more}).json()["n_events"] == 3
     rec = client.post("/recommend", json={"user_id": uid, "k": 10, "exclude_seen": False, "context": ctx}).json()
     full = client.post(
@@ -216,7 +219,7 @@ def test_an_event_without_a_rating_is_an_implicit_one(client, env):
     """A view or a click has no rating: accepted, and scored as the documented IMPLICIT_RATING."""
     from ray_app.serve.schemas import IMPLICIT_RATING
 
-    items = [int(env["data"].item_source_ids[j]) for j in (2, 5, 7)]
+    items = [env["data"].item_source_ids[j] for j in (2, 5, 7)]
     implicit = [{"item_id": i, "timestamp": 1.6e9 + 60 * j} for j, i in enumerate(items)]
     rated = [{**e, "rating": IMPLICIT_RATING} for e in implicit]
     other = [{**e, "rating": 1.0} for e in implicit]
@@ -334,6 +337,44 @@ def test_readiness_and_liveness(client):
     assert "security" not in client.get("/openapi.json").json()["paths"]["/readyz"]["get"]
 
 
+def test_item_ids_are_served_as_the_catalogue_writes_them(client, env):
+    """An id with leading zeros is posted, stored, read back and recommended as written; the same
+    digits sent as a number name another id (unknown here), and the 422 names the field."""
+    first = env["data"].item_source_ids[1]
+    assert first == "0000101"
+    r = client.post("/users/zero-user/events", json={"events": [{**EV, "item_id": first}]})
+    assert r.status_code == 200, r.text
+    assert [e["item_id"] for e in events_of(client, "zero-user")] == [first]
+    steps = client.get("/users/zero-user/interests").json()["steps"]
+    assert [s["item_id"] for s in steps] == [first]
+    r = client.post("/recommend", json={"history": [{**EV, "item_id": int(first)}], "k": 3})
+    assert r.status_code == 422 and r.json()["field"] == "history.0.item_id" and "'101'" in r.json()["detail"]
+    found = client.get("/items", params={"q": "comedy", "k": 3}).json()["items"]
+    assert all(isinstance(i["item_id"], str) and i["item_id"].startswith("0") for i in found)
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    assert {"type": "integer"} in schema["EventIn"]["properties"]["item_id"]["anyOf"]  # a number is accepted
+
+
+def test_a_store_of_another_dataset_is_not_ready(client, env):
+    """/readyz compares the dataset the store records with the app's: another one is a 503 naming both."""
+    import sqlite3
+
+    from ray_app.store.base import DatasetRecord
+
+    with sqlite3.connect(env["store"]) as conn:
+        (held,) = conn.execute("SELECT value FROM meta WHERE key = 'dataset'").fetchone()
+        assert DatasetRecord.from_json(held).name == "synthetic-imdb"
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'dataset'", (DatasetRecord("other", "a", "b").to_json(),))
+    try:
+        r = client.get("/readyz")
+        assert r.status_code == 503 and r.json()["field"] == "store", r.text
+        assert "'other'" in r.json()["detail"] and "'synthetic-imdb'" in r.json()["detail"]
+    finally:
+        with sqlite3.connect(env["store"]) as conn:
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'dataset'", (held,))
+    assert client.get("/readyz").status_code == 200
+
+
 def test_the_api_description_declares_the_bearer_scheme(client):
     spec = client.get("/openapi.json").json()
     assert any(v.get("scheme") == "bearer" for v in spec["components"]["securitySchemes"].values())
@@ -387,7 +428,7 @@ def test_a_new_pin_swaps_the_model_and_the_previous_config_rolls_it_back_without
 
 def test_restart_loses_no_acknowledged_event(client, env):
     uid = "restart-user"
-    items = [int(i) for i in env["data"].item_source_ids[1:6]]
+    items = env["data"].item_source_ids[1:6].tolist()
     for j, item in enumerate(items):
         event = {"item_id": item, "rating": 4, "timestamp": 1.6e9 + j}
         r = client.post(f"/users/{uid}/events", json={"events": [event]})

@@ -100,7 +100,7 @@ def start_load(served, name: str, duration: float, concurrency: int = 4) -> tupl
     data = served.data
     spec = {
         "users": [str(int(u)) for u in data.user_source_ids[1:]],
-        "item_ids": [int(i) for i in data.item_source_ids[1:]],
+        "item_ids": [str(i) for i in data.item_source_ids[1:]],
         "intents": ["something light and funny"],
         "weights": {"recommend": 0.5, "recommend_intent": 0.0, "post_event": 0.5},
     }

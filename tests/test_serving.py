@@ -106,7 +106,7 @@ def test_resolve_checkpoint_accepts_file_folder_and_run(ckpt, tmp_path):
 def test_served_model_checks_type_and_vocabulary(tiny_data, ckpt, tmp_path):
     served = ServedModel.load(ckpt, tiny_data.item_source_ids)
     assert served.version == file_version(ckpt) and len(served.version) == 12
-    assert served.index_of[int(tiny_data.item_source_ids[5])] == 5
+    assert served.index_of[tiny_data.item_source_ids[5]] == 5
     other = tiny_data.item_source_ids.copy()
     other[1] = "not-an-item"
     with pytest.raises(ServingSetupError, match="differs"):
@@ -218,7 +218,7 @@ def test_incremental_update_equals_rebuild(tiny_data, which, request, tmp_path):
     dec = Decomposer.func_or_class(f"sqlite:///{tmp_path / 's.db'}", str(tiny_data.path))
     dec.reconfigure({"checkpoint": str(ckpt)})
     src = tiny_data.item_source_ids
-    events = [Event(int(src[i]), 3.5 + (i % 3) / 2, 1.6e9 + 3600 * i * i) for i in range(1, 9)]
+    events = [Event(src[i], 3.5 + (i % 3) / 2, 1.6e9 + 3600 * i * i) for i in range(1, 9)]
     dec.store.append_events("u", events[:5])
     first = dec._advance_users([("u", True)])[0]
     assert first.n_events == 5 and dec.store.get_state("u").n_events == 5
@@ -257,7 +257,7 @@ def test_events_that_land_between_the_snapshot_and_the_tail_read_are_consumed(ti
     dec = Decomposer.func_or_class(f"sqlite:///{tmp_path / 's.db'}", str(tiny_data.path))
     dec.reconfigure({"checkpoint": str(ckpt)})
     src = tiny_data.item_source_ids
-    events = [Event(int(src[i]), 4.0, 1.6e9 + 3600 * i) for i in range(1, 8)]
+    events = [Event(src[i], 4.0, 1.6e9 + 3600 * i) for i in range(1, 8)]
     dec.store.append_events("u", events[:3])
     dec._advance_users([("u", False)])
     dec.store.append_events("u", events[3:4])  # a new event: the tail is read after the snapshot
@@ -315,7 +315,7 @@ def test_open_store_rejects_unknown_urls(tmp_path):
     with pytest.raises(ValueError, match="ftp://x.*sqlite:///"):
         open_store("ftp://x")
     store = open_store(f"sqlite:///{tmp_path / 'a' / 'b.db'}")
-    assert store.append_events("u", [Event(1, 4.0, 1.0)]) == 1
+    assert store.append_events("u", [Event("1", 4.0, 1.0)]) == 1
     store.close()
 
 
@@ -332,9 +332,9 @@ def test_training_users_in_chunks(tiny_data):
 def test_catalogue_describes_items(tiny_data):
     cat = Catalogue.from_data(tiny_data)
     d = cat.describe(1, 0.5)
-    assert d["item_id"] == int(tiny_data.item_source_ids[1]) and d["title"] == tiny_data.titles[1]
+    assert d["item_id"] == tiny_data.item_source_ids[1] and d["title"] == tiny_data.titles[1]
     assert d["score"] == 0.5 and set(d["genres"]) <= set(tiny_data.genre_names)
-    assert cat.unknown([int(tiny_data.item_source_ids[2]), -99]) == [1]
+    assert cat.unknown([tiny_data.item_source_ids[2], "-99", "0" + tiny_data.item_source_ids[2]]) == [1, 2]
 
 
 def test_a_model_stage_past_its_timeout_is_a_504_and_is_cancelled():
@@ -391,7 +391,7 @@ def test_a_state_rebuild_reads_the_models_window_not_the_whole_log(tiny_data, tm
     dec = Decomposer.func_or_class(f"sqlite:///{tmp_path / 's.db'}", str(tiny_data.path))
     dec.reconfigure({"checkpoint": str(ckpt)})
     src = tiny_data.item_source_ids
-    events = [Event(int(src[1 + i % 20]), 4.0, 1.6e9 + 3600 * i) for i in range(40)]
+    events = [Event(src[1 + i % 20], 4.0, 1.6e9 + 3600 * i) for i in range(40)]
     dec.store.append_events("long", events)
     reads = []
     real = dec.store.events
@@ -409,5 +409,86 @@ def test_a_state_rebuild_reads_the_models_window_not_the_whole_log(tiny_data, tm
     parts = served.model.advance(None, t["items"], t["ratings"], t["event_feats"])
     np.testing.assert_allclose(out.h, served.model.interest_state(parts)[0].numpy(), atol=1e-5)
     reads.clear()
-    dec.store.append_events("long", [Event(int(src[3]), 5.0, 1.6e9 + 3600 * 41)])
+    dec.store.append_events("long", [Event(src[3], 5.0, 1.6e9 + 3600 * 41)])
     assert dec._advance_users([("long", False)])[0].n_events == 41 and reads == [39]  # one step, as usual
+
+
+def test_item_ids_are_strings_and_a_whole_number_is_read_as_its_decimal_string():
+    """IMDb's "0133093" keeps its zero; 7 is "7"; an empty, overlong, fractional or boolean id is a
+    validation error naming the field. Answers carry the string."""
+    from ray_app.serve.schemas import MAX_ITEM_ID_CHARS, EventIn, Item, RecommendRequest
+
+    assert EventIn(item_id="0133093", timestamp=1.0).item_id == "0133093"
+    assert EventIn(item_id=7, timestamp=1.0).item_id == "7"
+    req = RecommendRequest.model_validate({"history": [{"item_id": 133093, "timestamp": 1.0}]})
+    assert req.history[0].item_id == "133093"
+    for bad, message in [
+        ("", "at least 1 character"),
+        ("x" * (MAX_ITEM_ID_CHARS + 1), f"at most {MAX_ITEM_ID_CHARS} characters"),
+        (1.5, "a string or a whole number"),
+        (True, "a string or a whole number"),
+        (None, "a string or a whole number"),
+        ("a\x00b", "control characters"),
+    ]:
+        with pytest.raises(ValidationError, match=message) as e:
+            EventIn(item_id=bad, timestamp=1.0)
+        assert e.value.errors()[0]["loc"] == ("item_id",)
+    assert Item(item_id="0133093", title="The Matrix", genres=[], score=1.0).model_dump()["item_id"] == "0133093"
+
+
+def test_a_catalogue_of_text_ids_is_served_by_its_ids(imdb_data, tmp_path):
+    """Ids with leading zeros name their items, in the Catalogue and the served model alike; the
+    same digits without the zeros name nothing; ids longer than a request may send are refused."""
+    import dataclasses
+
+    from ray_app.serve.schemas import MAX_ITEM_ID_CHARS
+
+    cat = Catalogue.from_data(imdb_data)
+    first = imdb_data.item_source_ids[1]
+    assert first.startswith("0") and cat.describe(1)["item_id"] == first and cat.index_of[first] == 1
+    assert cat.unknown([first, first.lstrip("0"), str(int(first))]) == [1, 2]
+    torch.manual_seed(0)
+    model = new_model("decomposer", imdb_data, make_split(imdb_data.user_offsets, 1), lstm_units=16, dim_size=8)
+    saved = checkpoint.save(tmp_path / "m.pt", model, {"item_source_ids": imdb_data.item_source_ids.tolist()})
+    served = ServedModel.load(saved, imdb_data.item_source_ids)
+    assert served.index_of == cat.index_of
+    ids = imdb_data.item_source_ids.copy()
+    ids[2] = "x" * (MAX_ITEM_ID_CHARS + 1)
+    with pytest.raises(ServingSetupError, match=f"longer than the {MAX_ITEM_ID_CHARS} characters"):
+        Catalogue.from_data(dataclasses.replace(imdb_data, item_source_ids=ids))
+
+
+def test_a_dataset_record_names_the_dataset_by_its_content(tiny_data, imdb_data):
+    """The same data gives the same record; another catalogue, or one changed event, another."""
+    import dataclasses
+
+    from ray_app.serve.served_model import dataset_record
+
+    record = dataset_record(tiny_data)
+    assert record == dataset_record(dataclasses.replace(tiny_data, manifest=dict(tiny_data.manifest)))
+    assert record.name == "synthetic" and len(record.events) == len(record.catalogue) == 64
+    other = dataset_record(imdb_data)  # the same events, the items named otherwise
+    assert other.catalogue != record.catalogue and other.events != record.events and other.key != record.key
+    ratings = tiny_data.ratings.copy()
+    ratings[0] += 0.5
+    changed = dataset_record(dataclasses.replace(tiny_data, ratings=ratings))
+    assert changed.catalogue == record.catalogue and changed.events != record.events
+
+
+def test_loading_users_refuses_a_store_of_another_dataset(tiny_data, imdb_data, tmp_path):
+    """The load step records the dataset; loading another into the same store writes nothing."""
+    from ray_app.serve.load_users import load_users, main as load_main
+    from ray_app.serve.served_model import dataset_record
+    from ray_app.store.base import StoreMismatch
+
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    assert load_users(tiny_data, url) == tiny_data.n_users
+    assert load_users(tiny_data, url) == tiny_data.n_users  # again: nothing changes
+    store = open_store(url)
+    before = {u: store.events(u) for u, _ in store.users(limit=1000)}
+    with pytest.raises(StoreMismatch, match="loaded for dataset 'synthetic'.*not 'synthetic-imdb'"):
+        load_users(imdb_data, url)
+    assert {u: store.events(u) for u, _ in store.users(limit=1000)} == before
+    assert store.dataset() == dataset_record(tiny_data)
+    store.close()
+    assert load_main(["--data", str(imdb_data.path), "--store-url", url]) == 2  # one line, no traceback

@@ -8,14 +8,22 @@ readable store with every acknowledged event. Then what only Redis has, on the s
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 
 import pytest
 
-from ray_app.store.base import EventCapReached, IdempotencyConflict, StoredState, UserSnapshot
+from ray_app.store.base import (
+    DatasetRecord,
+    Event,
+    EventCapReached,
+    IdempotencyConflict,
+    StoredState,
+    StoreMismatch,
+    UserSnapshot,
+)
 from ray_app.store.opener import open_store
 from store_helpers import (
-    REDIS_SERVER,
     SPAWN,
     RedisServer,
     _acking_writer,
@@ -23,6 +31,7 @@ from store_helpers import (
     _read_log,
     _wait_for_acks,
     ev,
+    ids,
     needs_redis,
 )
 
@@ -128,7 +137,7 @@ def test_a_cap_refuses_the_whole_append_and_writes_nothing(store):
     with pytest.raises(EventCapReached):
         store.append_once("c", "key-2", [ev(5), ev(6)], max_events=4)
     assert store.append_once("c", "key-1", [ev(3)], max_events=3) == (3, True)  # the retry of an accepted batch
-    assert store.events("c") == [ev(1), ev(2), ev(3)] and sorted(store.seen_items("c")) == [1, 2, 3]
+    assert store.events("c") == [ev(1), ev(2), ev(3)] and sorted(store.seen_items("c")) == ids(1, 2, 3)
     assert store.append_once("c", "key-2", [ev(5)], max_events=4) == (4, False)  # key-2 was never recorded
     with pytest.raises(EventCapReached):
         store.append_events("empty", [ev(1)], max_events=0)
@@ -171,7 +180,7 @@ def test_a_snapshot_reads_state_length_last_event_and_seen_together(store):
     store.put_state("s", StoredState("v1", 2, b"h2"))
     snap = store.snapshot("s", with_seen=True)
     assert (snap.state, snap.n_events, snap.last_event) == (StoredState("v1", 2, b"h2"), 3, ev(1))
-    assert sorted(snap.seen) == [1, 2] and snap.seen == store.seen_items("s")
+    assert sorted(snap.seen) == ids(1, 2) and snap.seen == store.seen_items("s")
     store.append_once("s", "key-1", [ev(7)])
     assert store.snapshot("s") == UserSnapshot(StoredState("v1", 2, b"h2"), 4, ev(7), None)
 
@@ -221,39 +230,151 @@ def test_seen_items_follow_every_kind_of_append(store):
     store.append_once("s", "key-1", [ev(3)])
     store.append_once("s", "key-1", [ev(3)])  # the retry adds nothing
     store.bulk_load({"s": [ev(50)], "t": [ev(4), ev(4), ev(5)]})  # "s" is known: not reloaded
-    assert sorted(store.seen_items("s")) == [1, 2, 3]
-    assert sorted(store.seen_items("t")) == [4, 5]
+    assert sorted(store.seen_items("s")) == ids(1, 2, 3)
+    assert sorted(store.seen_items("t")) == ids(4, 5)
     big = [ev(i % 9001) for i in range(9001)]
     store.append_events("big", big)
     assert sorted(store.seen_items("big")) == sorted({e.item_id for e in big})
 
 
-def test_a_store_from_before_the_seen_sets_is_filled_on_first_use(tmp_path, request):
-    """An event log written before the seen sets existed: its seen set is filled from the log
-    (SQLite at open, Redis on the first read), not left empty."""
-    path = tmp_path / "old.db"
-    store = open_store(f"sqlite:///{path}")
-    store.append_events("old", [ev(1), ev(2), ev(1)])
-    store.close()
+# The schema of a store written while item ids were integers (before `PRAGMA user_version` 2),
+# without the tables that did not change.
+V1_SCHEMA = """
+CREATE TABLE users (user_id TEXT PRIMARY KEY, n_events INTEGER NOT NULL);
+CREATE TABLE events (user_id TEXT NOT NULL, seq INTEGER NOT NULL, item_id INTEGER NOT NULL,
+    rating REAL NOT NULL, timestamp REAL NOT NULL, PRIMARY KEY (user_id, seq)) WITHOUT ROWID;
+CREATE TABLE seen (user_id TEXT NOT NULL, item_id INTEGER NOT NULL, PRIMARY KEY (user_id, item_id)) WITHOUT ROWID;
+CREATE TABLE idempotency (user_id TEXT NOT NULL, key TEXT NOT NULL, digest TEXT NOT NULL,
+    n_events INTEGER NOT NULL, created REAL NOT NULL, PRIMARY KEY (user_id, key)) WITHOUT ROWID;
+"""
+
+
+def v1_store(path, events: dict[str, list], seen_table: bool = True) -> None:
+    """A SQLite store as the integer-id code wrote it: `events` {user: [(int id, rating, time)]}."""
     with sqlite3.connect(path) as conn:
-        conn.execute("DROP TABLE seen")
-    store = open_store(f"sqlite:///{path}")
-    try:
-        assert sorted(store.seen_items("old")) == [1, 2]
-    finally:
-        store.close()
-    if REDIS_SERVER is not None:
-        server = request.getfixturevalue("redis_server")
-        store = open_store(server.url)
+        conn.executescript(V1_SCHEMA if seen_table else V1_SCHEMA.replace("CREATE TABLE seen", "CREATE TABLE x"))
+        for user, evs in events.items():
+            conn.execute("INSERT INTO users VALUES (?, ?)", (user, len(evs)))
+            conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?)", [(user, i, *e) for i, e in enumerate(evs)])
+            if seen_table:
+                conn.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", [(user, e[0]) for e in evs])
+    conn.close()
+
+
+def test_a_sqlite_store_of_integer_ids_is_migrated_to_text_ids_when_opened(tmp_path):
+    """Each stored id becomes its decimal string (the source id it stood for), the seen set too (and
+    filled from the log for a store from before the seen table); then an IMDb id keeps its zero,
+    and an Idempotency-Key recorded before the change still answers its retry."""
+    import struct
+    import time
+
+    for seen_table in (True, False):
+        path = tmp_path / f"v1-{seen_table}.db"
+        v1_store(path, {"old": [(1, 4.0, 1.7e9), (133093, 3.5, 1.7e9 + 60), (1, 5.0, 1.7e9 + 120)]}, seen_table)
+        retry = [Event("7", 4.0, 1.7e9 + 180)]
+        digest = hashlib.sha256(struct.pack("<qdd", 7, 4.0, 1.7e9 + 180)).hexdigest()  # as recorded then
+        with sqlite3.connect(path) as conn:
+            conn.execute("INSERT INTO idempotency VALUES ('old', 'key-1', ?, 4, ?)", (digest, time.time()))
+        conn.close()
+        store = open_store(f"sqlite:///{path}")
         try:
-            store.append_events("old-r", [ev(7), ev(8)])
-            store._r.delete(store._seen("old-r"))
-            assert sorted(store.snapshot("old-r", with_seen=True).seen) == [7, 8]  # filled by the snapshot too
-            store._r.delete(store._seen("old-r"))
-            assert sorted(store.seen_items("old-r")) == [7, 8]
-            assert sorted(int(i) for i in store._r.smembers(store._seen("old-r"))) == [7, 8]
+            assert store.events("old") == [
+                Event("1", 4.0, 1.7e9),
+                Event("133093", 3.5, 1.7e9 + 60),
+                Event("1", 5.0, 1.7e9 + 120),
+            ]
+            assert sorted(store.seen_items("old")) == ["1", "133093"]
+            assert store.append_once("old", "key-1", retry) == (4, True)  # a replay, not a conflict
+            assert store.append_events("old", [Event("0133093", 4.5, 1.7e9 + 240)]) == 4
+            assert store.events("old", 3)[0].item_id == "0133093"
+            assert sorted(store.seen_items("old")) == ["0133093", "1", "133093"]
         finally:
             store.close()
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+            types = conn.execute("SELECT DISTINCT typeof(item_id) FROM events UNION SELECT typeof(item_id) FROM seen")
+            assert [t for (t,) in types] == ["text"]
+        conn.close()
+        again = open_store(f"sqlite:///{path}")
+        assert again.events("old")[3].item_id == "0133093"  # opened again: as it was
+        again.close()
+
+
+@needs_redis
+def test_a_redis_log_from_before_the_seen_sets_is_filled_on_first_use(redis_server):
+    store = open_store(redis_server.url)
+    try:
+        store.append_events("old-r", [ev(7), ev(8)])
+        store._r.delete(store._seen("old-r"))
+        assert sorted(store.snapshot("old-r", with_seen=True).seen) == ids(7, 8)  # filled by the snapshot too
+        store._r.delete(store._seen("old-r"))
+        assert sorted(store.seen_items("old-r")) == ids(7, 8)
+        assert sorted(i.decode() for i in store._r.smembers(store._seen("old-r"))) == ids(7, 8)
+    finally:
+        store.close()
+
+
+@needs_redis
+def test_a_redis_store_of_integer_ids_is_read_as_text_ids(redis_server):
+    """Events packed while ids were integers (24 bytes: int64 id, rating, time) read as the ids'
+    decimal strings beside those written since; their seen set (the ids' decimal text) too."""
+    import struct
+
+    store = open_store(redis_server.url)
+    try:
+        store._r.flushall()
+        store._r.rpush(
+            store._ev("old"), struct.pack("<qdd", 7, 4.0, 1.7e9), struct.pack("<qdd", 133093, 3.0, 1.7e9 + 1)
+        )
+        store._r.sadd(store._seen("old"), 7, 133093)
+        store._r.zadd(store._users, {"old": 0})
+        assert store.events("old") == [Event("7", 4.0, 1.7e9), Event("133093", 3.0, 1.7e9 + 1)]
+        assert store.append_events("old", [Event("0133093", 5.0, 1.7e9 + 2)]) == 3
+        assert [e.item_id for e in store.events("old")] == ["7", "133093", "0133093"]
+        assert sorted(store.snapshot("old", with_seen=True).seen) == ["0133093", "133093", "7"]
+    finally:
+        store.close()
+
+
+def test_item_ids_come_back_as_written(store):
+    """Text ids, whatever they hold: leading zeros, a comma, non-ASCII, the longest the API takes."""
+    from ray_app.serve.schemas import MAX_ITEM_ID_CHARS
+
+    odd = ["0133093", "133093", "a,b", "é 1", "x" * MAX_ITEM_ID_CHARS, "7"]
+    events = [Event(i, 4.0, 1.7e9 + j) for j, i in enumerate(odd)]
+    assert store.append_events("u", events[:3]) == 3
+    assert store.append_once("u", "key-1", events[3:]) == (6, False)
+    assert store.append_once("u", "key-1", events[3:]) == (6, True)
+    store.bulk_load({"v": events})
+    assert store.events("u") == events and store.events("v") == events
+    assert sorted(store.seen_items("u")) == sorted(odd) and sorted(store.snapshot("v", True).seen) == sorted(odd)
+    assert store.snapshot("u").last_event == events[-1]
+
+
+def test_a_store_records_the_dataset_it_was_loaded_for(store):
+    """The first claim records the dataset; the same one again is fine; another is refused, writing
+    nothing; a store that holds users but records none is refused unless adopted."""
+    synthetic = DatasetRecord("synthetic", "a" * 64, "b" * 64)
+    movielens = DatasetRecord("ml-latest-small", "c" * 64, "d" * 64)
+    assert store.dataset() is None
+    store.claim_dataset(synthetic)
+    store.claim_dataset(synthetic)
+    store.append_events("1", [ev(1)])
+    with pytest.raises(StoreMismatch, match="loaded for dataset 'synthetic'.*not 'ml-latest-small'"):
+        store.claim_dataset(movielens)
+    with pytest.raises(StoreMismatch):
+        store.claim_dataset(movielens, adopt=True)  # adopting is for a store that records none
+    assert store.dataset() == synthetic
+
+
+def test_a_store_with_users_and_no_dataset_is_adopted_only_when_asked(store):
+    movielens = DatasetRecord("ml-latest-small", "c" * 64, "d" * 64)
+    store.append_events("1", [ev(1)])  # loaded before stores recorded their dataset
+    with pytest.raises(StoreMismatch, match="records no dataset.*--adopt"):
+        store.claim_dataset(movielens)
+    assert store.dataset() is None
+    store.claim_dataset(movielens, adopt=True)
+    assert store.dataset() == movielens
 
 
 # -- several processes -------------------------------------------------------------------
@@ -292,7 +413,7 @@ def test_concurrent_writers_lose_nothing(url):
         assert len(shared) == store.count_events("shared") == N_PROCS * N_EVENTS
         for p in range(N_PROCS):
             mine = [ev(p * 10_000 + j) for j in range(N_EVENTS)]
-            assert [e for e in shared if e.item_id // 10_000 == p] == mine  # per-writer order kept
+            assert [e for e in shared if int(e.item_id) // 10_000 == p] == mine  # per-writer order kept
             assert store.events(f"own{p}") == mine
         # Each returned total is the count right after that batch: the batches tile 1..N exactly.
         spans = sorted((total - n + 1, total + 1) for calls in totals for n, total in calls)
@@ -364,7 +485,7 @@ def test_redis_append_is_exactly_once_under_retry(redis_server):
         assert store._append_once("r", raw, "token-1") == 2
         assert store._append_once("r", raw, "token-1") == 2
         assert store.events("r") == [ev(1), ev(2)]
-        assert sorted(store.seen_items("r")) == [1, 2]
+        assert sorted(store.seen_items("r")) == ids(1, 2)
     finally:
         store.close()
 

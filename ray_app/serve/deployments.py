@@ -212,13 +212,13 @@ class Decomposer:
 
     # ---- an inline history ---------------------------------------------------------------
     @torch.no_grad()
-    def history_state(self, events: list[tuple[int, float, float]]) -> UserState:
+    def history_state(self, events: list[tuple[str, float, float]]) -> UserState:
         """Source-id events (any order; sorted by time, stably, as in training) -> UserState; nothing stored."""
         served = self.served
         events = sorted(events, key=lambda e: e[2])
         if not events:
             return self._result(served, served.interest(None), 0, None, np.zeros(0, np.int64))
-        items = np.array([served.index_of[int(e[0])] for e in events], np.int64)
+        items = np.array([served.index_of[e[0]] for e in events], np.int64)
         ratings = np.array([e[1] for e in events], np.float32)
         ts = np.array([e[2] for e in events], np.float64)
         t = {k: v.to(served.device) for k, v in event_tensors(items, ratings, ts, 0, ts[-1]).items()}

@@ -56,7 +56,7 @@ from ray_app.serve.schemas import (
     UsersResponse,
 )
 from ray_app.serve.metrics import AppMetrics
-from ray_app.serve.served_model import Catalogue
+from ray_app.serve.served_model import Catalogue, dataset_record
 from ray_app.store.base import Event, EventCapReached, IdempotencyConflict, StoreUnavailable
 from ray_app.store.opener import open_store
 
@@ -259,6 +259,7 @@ class Ingress:
         self.encoder, self.decomposer, self.combiner = encoder, decomposer, combiner
         self.catalogue, data = Catalogue.load(data_dir)
         self.n_training_users = data.n_users
+        self.dataset = dataset_record(data)  # what /readyz expects the store to record
         self.store = open_store(store_url)
         self.revoked: set[str] = set()
         self._revoked_read_at = time.monotonic()
@@ -330,7 +331,7 @@ class Ingress:
             j = bad[0]
             raise ApiError(
                 422,
-                f"{field}.{j}.item_id: unknown item id {events[j].item_id} ({len(bad)} unknown in all)",
+                f"{field}.{j}.item_id: unknown item id {events[j].item_id!r} ({len(bad)} unknown in all)",
                 f"{field}.{j}.item_id",
             )
 
@@ -340,19 +341,25 @@ class Ingress:
             raise ApiError(404, f"{field}: unknown user {user_id!r}", field)
         return n
 
-    def _describe(self, item_id: int) -> dict:
-        idx = self.catalogue.index_of.get(int(item_id))
+    def _describe(self, item_id: str) -> dict:
+        idx = self.catalogue.index_of.get(item_id)
         if idx is None:
-            return {"item_id": int(item_id), "title": "", "genres": []}
+            return {"item_id": item_id, "title": "", "genres": []}
         return self.catalogue.describe(idx)
 
     # ---- endpoints -------------------------------------------------------------------------
     @app.get("/readyz", response_model=Ready, responses={503: {"model": ErrorResponse}})
     async def readyz(self) -> Ready:
-        """Whether every route can answer: the model stages and the store (503 naming what does not). No
-        token needed."""
+        """Whether every route can answer: the model stages and the store, which must hold this app's
+        dataset (503 naming what does not). No token needed."""
         await self._call(self.decomposer.info.remote(), "decomposer")
-        await self._store("ping", self.store.ping)
+        held = await self._store("dataset", self.store.dataset)
+        if held is not None and held != self.dataset:  # its users' histories are another catalogue's
+            raise ApiError(
+                503,
+                f"the event store was loaded for dataset {held.name!r}, not this app's {self.dataset.name!r}",
+                STORE_FIELD,
+            )
         return Ready(status="ready", store="ok")
 
     @app.get("/healthz", response_model=Health)

@@ -6,6 +6,11 @@ not the work of any replica (so that no replica's start, restart or scale-up wai
 Idempotent: a user already in the store keeps its log (possibly longer than the dataset's), so
 running it again, or after the API has taken events, changes nothing. The main job runs it before
 it deploys the app; on Kubernetes the training RayJob runs it once training is done.
+
+A store belongs to one dataset: the first load records it (its name and digests of its users'
+events and of its items), and a load of another dataset into it is refused, writing nothing. A
+store loaded before stores recorded their dataset is refused too, unless `--adopt` records this
+dataset for it (for a store known to hold this dataset's users).
 """
 
 from __future__ import annotations
@@ -26,20 +31,30 @@ class LoadSettings:
         "sqlite:///runs/serve/state.db",
         "the state store: sqlite:///PATH or redis://host:port/db (`${NAME}` read from the environment)",
     )
+    adopt: bool = setting(
+        False, "record this dataset for a store that holds users but records none (loaded before stores recorded it)"
+    )
 
 
-def load_training_users(data_dir: str | Path, store_url: str) -> int:
+def load_training_users(data_dir: str | Path, store_url: str, adopt: bool = False) -> int:
     """Bulk-load the dataset's users into the store -> how many users the dataset has."""
     from models.data import load_prepared
-    from ray_app.serve.served_model import training_user_events
+
+    return load_users(load_prepared(Path(data_dir)), store_url, adopt)
+
+
+def load_users(data, store_url: str, adopt: bool = False) -> int:
+    """`load_training_users` for a loaded dataset (an `InteractionData`): StoreMismatch, writing
+    nothing, for a store of another dataset -> how many users the dataset has."""
+    from ray_app.serve.served_model import dataset_record, training_user_events
     from ray_app.store.opener import open_store
 
-    data = load_prepared(Path(data_dir))
     store = open_store(store_url)
     try:
         store.ping()  # StoreUnavailable, naming the store, before any work
         if getattr(store, "durable", None) is False:
             logging.getLogger(__name__).warning("the store does not fsync every write: see the warning above")
+        store.claim_dataset(dataset_record(data), adopt)
         for users in training_user_events(data):
             store.bulk_load(users)
     finally:
@@ -57,8 +72,8 @@ def main(argv=None) -> int:
         p.error("--data is required")
     logging.basicConfig(level=logging.WARNING)
     try:
-        n = load_training_users(s.data, s.store_url)
-    except (StoreUnavailable, ValueError, FileNotFoundError) as e:
+        n = load_training_users(s.data, s.store_url, s.adopt)
+    except (StoreUnavailable, ValueError, FileNotFoundError) as e:  # StoreMismatch is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{n} training users of {s.data} are in the store")

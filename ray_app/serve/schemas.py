@@ -1,7 +1,9 @@
 """pydantic models of every HTTP request and response of the Serve app.
 
 Requests forbid unknown fields so that a typo ("userid") is a 422 naming it instead of a
-silently ignored field. Item ids on the wire are SOURCE ids, never the model's indices.
+silently ignored field. Item ids on the wire are SOURCE ids as strings, never the model's indices:
+IMDb's "0133093" stays "0133093"; a request may still send a whole number, read as its decimal
+string (7 -> "7").
 """
 
 from __future__ import annotations
@@ -10,12 +12,23 @@ import time
 import unicodedata
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
 
 MAX_K = 100
 MAX_HISTORY = 1000  # inline history and events per POST
 MAX_INTENT_CHARS = 500
 MAX_USER_ID_CHARS = 128
+MAX_ITEM_ID_CHARS = 128  # a catalogue whose ids are longer cannot be served (served_model.Catalogue refuses it)
 MAX_TIMESTAMP = 1e11  # unix seconds (year 5138): larger values would overflow the int64 time features
 # An implicit event (a view, a click) carries no rating; it is taken as this one, the most common
 # rating in MovieLens (4.0 stars): the model reads it and the store keeps it so, like a given 4.0.
@@ -39,13 +52,41 @@ def clean_text(value: str) -> str:
 Text = Annotated[str, AfterValidator(clean_text)]
 
 
+def id_text(value: object) -> object:
+    """A whole JSON number as its decimal string (7 -> "7"); a string as it is; anything else refused."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"an item id is a string or a whole number, not {type(value).__name__} {value!r}")
+    return value
+
+
+ITEM_ID_DESCRIPTION = (
+    'the source item id as a string ("0133093" keeps its zero); a whole number is read as its decimal string'
+)
+# What a request may send as an item id; answers always carry the string.
+ItemIdIn = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_ITEM_ID_CHARS),
+    BeforeValidator(id_text),
+    AfterValidator(clean_text),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "string", "minLength": 1, "maxLength": MAX_ITEM_ID_CHARS}, {"type": "integer"}],
+            "description": ITEM_ID_DESCRIPTION,
+        },
+        mode="validation",
+    ),
+]
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 # -- shared pieces ---------------------------------------------------------------------
 class EventIn(_Request):
-    item_id: int = Field(description="source item id")
+    item_id: ItemIdIn
     rating: float = Field(
         default=IMPLICIT_RATING,
         ge=0.5,
@@ -81,7 +122,7 @@ class Context(_Request):
 
 
 class Item(BaseModel):
-    item_id: int
+    item_id: str
     title: str
     genres: list[str]
     score: float
@@ -174,7 +215,7 @@ class UsersResponse(BaseModel):
 
 
 class UserEvent(BaseModel):
-    item_id: int
+    item_id: str
     title: str
     genres: list[str]
     rating: float
@@ -188,7 +229,7 @@ class UserEventsResponse(BaseModel):
 
 class InterestStep(BaseModel):
     index: int
-    item_id: int
+    item_id: str
     title: str
     timestamp: float
     gates: dict[str, float]

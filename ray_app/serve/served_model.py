@@ -6,6 +6,8 @@ tested (and benchmarked in-process) without starting Serve.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -19,7 +21,8 @@ from models.data.batching import BatchBuilder
 from models.data import InteractionData, load_prepared
 from models.files import sha256_file as file_sha256
 from models.nn.decomposer import InterestDecomposer
-from ray_app.store.base import Event
+from ray_app.serve.schemas import MAX_ITEM_ID_CHARS
+from ray_app.store.base import DatasetRecord, Event
 
 
 # ---- what crosses the hops between deployments --------------------------------------------------
@@ -59,12 +62,6 @@ class Ranking:
     items: list[tuple[int, float]]
     gates: dict[str, float]
     explanation: dict[str, list[tuple[int, float]]] | None  # per dimension: its own top items
-
-
-def api_item_id(source_id: str) -> int | str:
-    """A source id (str) as the API's `item_id`, which is a number: a decimal id is served as its value
-    (IMDb's "0133093" as 133093); any other id stays a string that a numeric request cannot name."""
-    return int(source_id) if source_id.isdecimal() else source_id
 
 
 class ServingSetupError(ValueError):
@@ -108,9 +105,9 @@ class ServedModel:
     indexes: dict = field(default_factory=dict, repr=False)
 
     @cached_property
-    def index_of(self) -> dict[int | str, int]:
-        """The API's item id (`api_item_id`) -> model index."""
-        return {api_item_id(s): i for i, s in enumerate(self.item_source_ids) if i > 0}
+    def index_of(self) -> dict[str, int]:
+        """Source item id (the API's `item_id`) -> model index."""
+        return vocabulary_index(self.item_source_ids)
 
     @cached_property
     def item_vecs(self) -> torch.Tensor:
@@ -175,14 +172,21 @@ class Catalogue:
     item_source_ids: np.ndarray  # (N+1,) model index -> source id (str)
     titles: list[str]  # (N+1,)
     genres: list[list[str]]  # (N+1,)
-    index_of: dict[int | str, int]  # the API's item id (`api_item_id`) -> model index
+    index_of: dict[str, int]  # source item id (the API's `item_id`) -> model index
 
     @classmethod
     def from_data(cls, data: InteractionData) -> Catalogue:
+        """ServingSetupError for a catalogue with an id longer than a request may send."""
         names = np.asarray(data.genre_names, dtype=object)
         genres = [list(names[row > 0]) for row in data.item_genres]
         ids = data.item_source_ids
-        return cls(ids, list(data.titles), genres, {api_item_id(s): i for i, s in enumerate(ids) if i > 0})
+        long = next((s for s in ids[1:] if len(s) > MAX_ITEM_ID_CHARS), None)
+        if long is not None:
+            raise ServingSetupError(
+                f"{data.path}: item id {long[:40]!r}... is longer than the {MAX_ITEM_ID_CHARS} characters "
+                "an API request may send; shorten the ids in the event log"
+            )
+        return cls(ids, list(data.titles), genres, vocabulary_index(ids))
 
     @classmethod
     def load(cls, data_dir: str | Path) -> tuple[Catalogue, InteractionData]:
@@ -198,10 +202,10 @@ class Catalogue:
 
     def unknown(self, source_ids) -> list[int]:
         """Positions of source ids not in the catalogue."""
-        return [j for j, s in enumerate(source_ids) if int(s) not in self.index_of]
+        return [j for j, s in enumerate(source_ids) if s not in self.index_of]
 
     def describe(self, idx: int, score: float | None = None) -> dict:
-        out = {"item_id": api_item_id(self.item_source_ids[idx]), "title": self.titles[idx], "genres": self.genres[idx]}
+        out = {"item_id": str(self.item_source_ids[idx]), "title": self.titles[idx], "genres": self.genres[idx]}
         if score is not None:
             out["score"] = float(score)
         return out
@@ -215,11 +219,43 @@ def training_user_events(data: InteractionData, chunk: int = 1000) -> Iterator[d
         out = {}
         for u in range(lo, min(lo + chunk, data.n_users + 1)):
             sl = data.user_events(u)
-            out[data.user_source_ids[u]] = [
-                Event(api_item_id(i), float(r), float(t))
-                for i, r, t in zip(src[sl], data.ratings[sl], data.timestamps[sl])
+            out[str(data.user_source_ids[u])] = [
+                Event(str(i), float(r), float(t)) for i, r, t in zip(src[sl], data.ratings[sl], data.timestamps[sl])
             ]
         yield out
+
+
+def vocabulary_index(item_source_ids: np.ndarray) -> dict[str, int]:
+    """(N+1,) source ids ([0] padding) -> {source id: model index}."""
+    return {str(s): i for i, s in enumerate(item_source_ids) if i > 0}
+
+
+def _id_list(ids) -> bytes:
+    return json.dumps([str(x) for x in ids]).encode()
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))  # framed: no two sequences of parts hash alike
+        h.update(part)
+    return h.hexdigest()
+
+
+def dataset_record(data: InteractionData) -> DatasetRecord:
+    """What a store loaded with `data`'s users records: the dataset's name, a digest of the users'
+    events (ids, items, ratings, times) and one of the item vocabulary. Computed from the content,
+    so preparing the same data again gives the same record."""
+    catalogue = _digest(_id_list(data.item_source_ids[1:]))
+    events = _digest(
+        _id_list(data.user_source_ids[1:]),
+        np.asarray(data.user_offsets, "<i8").tobytes(),
+        np.asarray(data.items, "<i8").tobytes(),
+        np.asarray(data.ratings, "<f4").tobytes(),
+        np.asarray(data.timestamps, "<f8").tobytes(),
+        catalogue.encode(),
+    )
+    return DatasetRecord(str(data.manifest.get("dataset", data.path.name)), events, catalogue)
 
 
 def event_tensors(

@@ -1,21 +1,23 @@
 """What every state store holds and promises: events (the source of truth), cached states, the
-errors a caller can meet, and the `StateStore` protocol; the URL of a store without its password.
+dataset a store was loaded for, the errors a caller can meet, and the `StateStore` protocol; the
+URL of a store without its password.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
 
 @dataclass(frozen=True)
 class Event:
-    item_id: int  # the SOURCE item id (MovieLens movieId / synthetic item id), not the model's index
+    item_id: str  # the SOURCE item id as written (MovieLens movieId, IMDb id "0133093"), not the model's index
     rating: float
     timestamp: float  # unix seconds
 
@@ -34,7 +36,32 @@ class UserSnapshot:
     state: StoredState | None  # the cached state, None if there is none
     n_events: int  # the length of the log
     last_event: Event | None  # its last event (the gap to now), None for an empty log
-    seen: list[int] | None  # the distinct item ids seen; None when not asked for
+    seen: list[str] | None  # the distinct item ids seen; None when not asked for
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """The dataset a store was loaded for (`ray_app.serve.served_model.dataset_record`): a store
+    holds one dataset's users, so that no user is served another dataset's history."""
+
+    name: str  # the prepared dataset's name ("synthetic", "ml-latest-small", ...)
+    events: str  # sha256 of the users' events as loaded
+    catalogue: str  # sha256 of the item vocabulary
+
+    @property
+    def key(self) -> str:
+        """A short name for this record: the dataset's name and a digest of the rest (a file name)."""
+        return f"{self.name}-{hashlib.sha256((self.events + self.catalogue).encode()).hexdigest()[:12]}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> DatasetRecord:
+        return cls(**json.loads(text))
+
+    def describe(self) -> str:
+        return f"{self.name!r} (events {self.events[:12]}, catalogue {self.catalogue[:12]})"
 
 
 IDEMPOTENCY_TTL_S = 24 * 3600  # how long an Idempotency-Key is remembered; retries end long before
@@ -55,18 +82,50 @@ class EventCapReached(ValueError):
         self.user_id, self.n_events, self.cap, self.adding = user_id, n_events, cap, adding
 
 
+class StoreMismatch(ValueError):
+    """A store that was loaded for another dataset (or holds users of an unrecorded one): loading
+    this dataset's users into it would mix the two."""
+
+
 class StoreUnavailable(RuntimeError):
     """The store cannot answer now (down, unreachable, full, locked past its timeout, or
     unreadable). A refused write wrote nothing; only a connection lost after Redis ran a write
     leaves it unknown, which a retry with the same Idempotency-Key settles. The API answers 503."""
 
 
+def check_claim(store: str, held: DatasetRecord | None, record: DatasetRecord, has_users: bool, adopt: bool) -> None:
+    """`claim_dataset`'s rule, for a store that records `held` and holds users or not: StoreMismatch
+    where `record` may not be recorded."""
+    if held == record or (held is None and (adopt or not has_users)):
+        return
+    if held is not None:
+        raise StoreMismatch(
+            f"{store} was loaded for dataset {held.describe()}, not {record.describe()}: a store holds one "
+            "dataset's users, so give this one a store of its own (another file, or another Redis database)"
+        )
+    raise StoreMismatch(
+        f"{store} holds users but records no dataset (it was loaded before stores recorded theirs): load "
+        f"{record.name!r} into a store of its own, or, if those are {record.name!r}'s users, record it with --adopt"
+    )
+
+
+_INT64_ID = re.compile(r"0|[1-9][0-9]{0,18}")  # an id as a store held it when ids were integers
+
+
 def events_digest(events: Sequence[Event]) -> str:
-    """What an Idempotency-Key promises: these events, in this order."""
+    """What an Idempotency-Key promises: these events, in this order. Events whose ids all read as
+    the integers that stores held before ids were strings ("7", not "07") hash as they hashed then,
+    so that a key recorded before the change still matches its retry; others hash their ids' text,
+    under a prefix that no digest of the first kind has."""
     h = hashlib.sha256()
+    if all(_INT64_ID.fullmatch(e.item_id) and int(e.item_id) < 2**63 for e in events):
+        for e in events:
+            h.update(struct.pack("<qdd", int(e.item_id), float(e.rating), float(e.timestamp)))
+        return h.hexdigest()
     for e in events:
-        h.update(struct.pack("<qdd", int(e.item_id), float(e.rating), float(e.timestamp)))
-    return h.hexdigest()
+        raw = e.item_id.encode()
+        h.update(struct.pack("<Qdd", len(raw), float(e.rating), float(e.timestamp)) + raw)
+    return "s:" + h.hexdigest()
 
 
 @runtime_checkable
@@ -88,7 +147,7 @@ class StateStore(Protocol):
 
     def events(self, user_id: str, start: int = 0, limit: int | None = None) -> list[Event]: ...
     def count_events(self, user_id: str) -> int: ...
-    def seen_items(self, user_id: str) -> list[int]:
+    def seen_items(self, user_id: str) -> list[str]:
         """The distinct item ids of the user's events, kept beside the log (no read of the log)."""
         ...
 
@@ -117,6 +176,17 @@ class StateStore(Protocol):
 
     def users(self, prefix: str = "", limit: int = 50) -> list[tuple[str, int]]: ...
     def bulk_load(self, user_events: Mapping[str, Sequence[Event]]) -> None: ...
+    def dataset(self) -> DatasetRecord | None:
+        """The dataset the store was loaded for; None for a store that records none."""
+        ...
+
+    def claim_dataset(self, record: DatasetRecord, adopt: bool = False) -> None:
+        """Record `record` as the store's dataset, atomically: a store without users takes it; one
+        that holds it already is left as it is; StoreMismatch (nothing written) for a store that
+        records another dataset, or that holds users and records none (a store loaded before
+        stores recorded their dataset) unless `adopt`, which records it for such a store."""
+        ...
+
     def ping(self) -> None:
         """A cheap round trip; StoreUnavailable when the store cannot answer."""
         ...

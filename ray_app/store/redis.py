@@ -1,7 +1,10 @@
 """`StateStore` on Redis: one event log and state cache shared by serving replicas on several nodes.
 
 Layout (every key under a namespace, default `di`):
-- `di:ev:<user>`  a list of packed events in append order (so the count is `LLEN`);
+- `di:ev:<user>`  a list of packed events in append order (so the count is `LLEN`): rating and time
+                  (float64 each), the item id's length in bytes (uint64) and its UTF-8 text; a record
+                  of exactly 24 bytes is one written while ids were integers (int64 id, rating,
+                  time) and is read as the id's decimal string, so such a store needs no migration;
 - `di:seen:<user>` a set of the item ids in the user's events (for `exclude_seen`);
 - `di:st:<user>`  a hash `{v: model_version, n: n_events, b: blob}`, the state cache;
 - `di:users`      a sorted set of user ids with equal scores, so `ZRANGEBYLEX` lists them by id
@@ -11,7 +14,8 @@ Layout (every key under a namespace, default `di`):
                   kept IDEMPOTENCY_TTL_S (24 h);
 - `di:idemk:<user>` a sorted set of the user's live Idempotency-Keys (score: when each was used),
                   so that erasing the user finds them without scanning the keyspace;
-- `di:revoked`    a sorted set of revoked token ids, scored by the token's expiry.
+- `di:revoked`    a sorted set of revoked token ids, scored by the token's expiry;
+- `di:meta`       a hash; its field `dataset` records the dataset the store was loaded for (JSON).
 
 Every write is one Lua script, which Redis runs atomically and logs to the AOF as one unit, so
 the event list, the user set and the state never disagree. Durability comes from the server:
@@ -37,20 +41,25 @@ from redis.retry import Retry
 
 from ray_app.store.base import (
     IDEMPOTENCY_TTL_S,
+    DatasetRecord,
     Event,
     EventCapReached,
     IdempotencyConflict,
     StoredState,
     StoreUnavailable,
     UserSnapshot,
+    check_claim,
     events_digest,
     redact_url,
 )
 
 log = logging.getLogger(__name__)
 
-# item_id int64, rating float64, timestamp float64: exact round trip of what SQLite stores.
-_EVENT = struct.Struct("<qdd")
+# rating float64, timestamp float64, the id's byte length: then the id (exact round trips). Every
+# such record is longer than 24 bytes (an id has at least one byte), the size of the records of
+# integer ids (item_id int64, rating, timestamp) that stores written before hold.
+_EVENT = struct.Struct("<ddQ")
+_INT_EVENT = struct.Struct("<qdd")
 
 # Each script pushes the events' item ids into the user's seen set in the same unit as the
 # events, so the set never disagrees with the log. `push` goes in chunks because Lua's unpack()
@@ -117,6 +126,14 @@ redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[5])
 redis.call('ZREM', KEYS[4], ARGV[1])
 return n
 """
+# Record the store's dataset unless it records one: KEYS: meta, users; ARGV: record (JSON), adopt
+# (0/1) -> {the record held before (false: none), whether the store holds users}.
+_CLAIM = """
+local held = redis.call('HGET', KEYS[1], 'dataset')
+local has_users = redis.call('ZCARD', KEYS[2]) > 0 and 1 or 0
+if not held and (has_users == 0 or ARGV[2] == '1') then redis.call('HSET', KEYS[1], 'dataset', ARGV[1]) end
+return {held, has_users}
+"""
 # Idempotent initial load of one user: skipped if the user is already known. KEYS: ev, users, seen;
 # ARGV: user, k, k item ids, k packed events -> 1 if loaded.
 _LOAD = (
@@ -173,7 +190,11 @@ def _redis_faults(method):
 
 
 def _pack(events: Sequence[Event]) -> list[bytes]:
-    return [_EVENT.pack(int(e.item_id), float(e.rating), float(e.timestamp)) for e in events]
+    out = []
+    for e in events:
+        raw = str(e.item_id).encode()
+        out.append(_EVENT.pack(float(e.rating), float(e.timestamp), len(raw)) + raw)
+    return out
 
 
 def _cap(max_events: int | None) -> int:
@@ -183,12 +204,15 @@ def _cap(max_events: int | None) -> int:
 
 def _args(events: Sequence[Event]) -> list:
     """k, the k item ids, the k packed events: the tail of every appending script's ARGV."""
-    return [len(events), *(int(e.item_id) for e in events), *_pack(events)]
+    return [len(events), *(str(e.item_id) for e in events), *_pack(events)]
 
 
 def _unpack(raw: bytes) -> Event:
-    item_id, rating, timestamp = _EVENT.unpack(raw)
-    return Event(item_id, rating, timestamp)
+    if len(raw) == _INT_EVENT.size:  # written while ids were integers
+        item_id, rating, timestamp = _INT_EVENT.unpack(raw)
+        return Event(str(item_id), rating, timestamp)
+    rating, timestamp, n = _EVENT.unpack_from(raw)
+    return Event(raw[_EVENT.size : _EVENT.size + n].decode(), rating, timestamp)
 
 
 def _state_of(got: dict) -> StoredState | None:
@@ -215,6 +239,7 @@ class RedisStore:
         self._erase = self._r.register_script(_ERASE)
         self._load = self._r.register_script(_LOAD)
         self._put_state = self._r.register_script(_PUT_STATE)
+        self._claim = self._r.register_script(_CLAIM)
         self._durable: bool | None = None
         self._durable_known = False
 
@@ -309,13 +334,13 @@ class RedisStore:
         return int(self._r.llen(self._ev(user_id)))
 
     @_redis_faults
-    def seen_items(self, user_id: str) -> list[int]:
+    def seen_items(self, user_id: str) -> list[str]:
         items = self._r.smembers(self._seen(user_id))
         if not items and self._r.llen(self._ev(user_id)):  # a log from before the seen sets: fill it once
             ids = {e.item_id for e in self.events(user_id)}
             self._r.sadd(self._seen(user_id), *ids)
             return sorted(ids)
-        return [int(i) for i in items]
+        return [i.decode() for i in items]
 
     # -- state cache -----------------------------------------------------------------
     @_redis_faults
@@ -334,7 +359,7 @@ class RedisStore:
         seen = None
         if with_seen:
             # An empty set beside a log from before the seen sets: seen_items fills it once.
-            seen = [int(i) for i in items[0]] if items[0] or not n else self.seen_items(user_id)
+            seen = [i.decode() for i in items[0]] if items[0] or not n else self.seen_items(user_id)
         return UserSnapshot(_state_of(got), int(n), _unpack(last) if last is not None else None, seen)
 
     @_redis_faults
@@ -393,6 +418,18 @@ class RedisStore:
                         client=pipe,
                     )
                 pipe.execute()
+
+    # -- the dataset -----------------------------------------------------------------
+    @_redis_faults
+    def dataset(self) -> DatasetRecord | None:
+        held = self._r.hget(f"{self._ns}:meta", "dataset")
+        return DatasetRecord.from_json(held) if held is not None else None
+
+    @_redis_faults
+    def claim_dataset(self, record: DatasetRecord, adopt: bool = False) -> None:
+        held, has_users = self._claim(keys=[f"{self._ns}:meta", self._users], args=[record.to_json(), int(adopt)])
+        held = DatasetRecord.from_json(held) if held else None  # Lua's false arrives as None
+        check_claim(f"Redis store {self.url}", held, record, bool(has_users), adopt)
 
     @_redis_faults
     def ping(self) -> None:

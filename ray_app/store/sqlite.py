@@ -3,11 +3,17 @@
 The events are the source of truth; a `StoredState` is a cache that the serving decomposer
 rebuilds from the events when it is missing or was produced by another model version.
 `open_store(url)` picks the backend: SQLite (embedded, one node) or Redis (several nodes).
+
+Schema version 2 (`PRAGMA user_version`) keeps item ids as TEXT ("0133093" keeps its zero) and
+records the dataset the store was loaded for (`meta`). A store of version 0 or 1, whose item ids
+were INTEGER columns, is migrated when it is first opened, in one transaction: each id becomes its
+decimal string, which is the source id it stood for.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sqlite3
 import threading
@@ -16,12 +22,14 @@ from collections.abc import Mapping, Sequence
 
 from ray_app.store.base import (
     IDEMPOTENCY_TTL_S,
+    DatasetRecord,
     Event,
     EventCapReached,
     IdempotencyConflict,
     StoredState,
     StoreUnavailable,
     UserSnapshot,
+    check_claim,
     events_digest,
 )
 
@@ -42,6 +50,7 @@ def _sqlite_faults(method):
     return wrapper
 
 
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
     user_id  TEXT PRIMARY KEY,
@@ -50,14 +59,14 @@ CREATE TABLE IF NOT EXISTS users (
 CREATE TABLE IF NOT EXISTS events (
     user_id   TEXT    NOT NULL,
     seq       INTEGER NOT NULL,
-    item_id   INTEGER NOT NULL,
+    item_id   TEXT    NOT NULL,
     rating    REAL    NOT NULL,
     timestamp REAL    NOT NULL,
     PRIMARY KEY (user_id, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS seen (
-    user_id TEXT    NOT NULL,
-    item_id INTEGER NOT NULL,
+    user_id TEXT NOT NULL,
+    item_id TEXT NOT NULL,
     PRIMARY KEY (user_id, item_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS idempotency (
@@ -79,7 +88,13 @@ CREATE TABLE IF NOT EXISTS states (
     n_events      INTEGER NOT NULL,
     blob          BLOB    NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
 """
+# The tables whose item_id was an INTEGER column before version 2, and their columns.
+_TEXT_ID_TABLES = {"events": "user_id, seq, item_id, rating, timestamp", "seen": "user_id, item_id"}
 
 
 class SQLiteStore:
@@ -100,20 +115,37 @@ class SQLiteStore:
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._closed = False
-        # executescript manages its own transaction; CREATE IF NOT EXISTS makes it idempotent.
         try:
             conn = self._conn()
-            had_events = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'events'").fetchone() is not None
-            had_seen = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'seen'").fetchone() is not None
-            conn.executescript(_SCHEMA)
-            if had_events and not had_seen:  # a store from before the seen table: fill it once
-                with self._write(conn):
-                    conn.execute("INSERT OR IGNORE INTO seen (user_id, item_id) SELECT user_id, item_id FROM events")
+            if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                with self._write(conn):  # several processes may open a new file at once: one migrates
+                    self._migrate(conn)
         except sqlite3.DatabaseError as e:  # "file is not a database", "disk image is malformed"
             self.close()
             raise StoreUnavailable(
                 f"SQLite store {path}: cannot be opened as a store ({e}); restore it from a backup or move it aside"
             ) from None
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        """Inside a write transaction: create what is missing and bring an older store to SCHEMA_VERSION."""
+        if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            return  # another process migrated it meanwhile
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for table in _TEXT_ID_TABLES:
+            if table in tables:  # item ids were INTEGER: the rows are copied into a TEXT column
+                conn.execute(f"ALTER TABLE {table} RENAME TO old_{table}")
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        for table, columns in _TEXT_ID_TABLES.items():
+            if table in tables:
+                cast = columns.replace("item_id", "CAST(item_id AS TEXT)")
+                conn.execute(f"INSERT INTO {table} ({columns}) SELECT {cast} FROM old_{table}")
+                conn.execute(f"DROP TABLE old_{table}")
+        if "events" in tables and "seen" not in tables:  # a store from before the seen table: fill it
+            conn.execute("INSERT OR IGNORE INTO seen (user_id, item_id) SELECT user_id, item_id FROM events")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # -- connections -----------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -200,10 +232,10 @@ class SQLiteStore:
             raise EventCapReached(user_id, n, max_events, len(events))  # the transaction writes nothing
         conn.executemany(
             "INSERT INTO events (user_id, seq, item_id, rating, timestamp) VALUES (?, ?, ?, ?, ?)",
-            [(user_id, n + i, int(e.item_id), float(e.rating), float(e.timestamp)) for i, e in enumerate(events)],
+            [(user_id, n + i, str(e.item_id), float(e.rating), float(e.timestamp)) for i, e in enumerate(events)],
         )
         conn.executemany(
-            "INSERT OR IGNORE INTO seen (user_id, item_id) VALUES (?, ?)", [(user_id, int(e.item_id)) for e in events]
+            "INSERT OR IGNORE INTO seen (user_id, item_id) VALUES (?, ?)", [(user_id, str(e.item_id)) for e in events]
         )
         total = n + len(events)
         conn.execute(
@@ -225,7 +257,7 @@ class SQLiteStore:
             )
             .fetchall()
         )
-        return [Event(int(i), float(r), float(t)) for i, r, t in rows]
+        return [Event(i, float(r), float(t)) for i, r, t in rows]
 
     @staticmethod
     def _count(conn: sqlite3.Connection, user_id: str) -> int:
@@ -233,10 +265,11 @@ class SQLiteStore:
         return int(row[0]) if row else 0
 
     @staticmethod
-    def _seen(conn: sqlite3.Connection, user_id: str) -> list[int]:
-        # One row (the ids joined by SQLite) rather than a row per item: a long seen set reads in one step.
-        row = conn.execute("SELECT group_concat(item_id) FROM seen WHERE user_id = ?", (user_id,)).fetchone()
-        return [int(i) for i in row[0].split(",")] if row and row[0] else []
+    def _seen(conn: sqlite3.Connection, user_id: str) -> list[str]:
+        # One row (a JSON array built by SQLite) rather than a row per item: a long seen set reads in
+        # one step, and an id may hold any character.
+        row = conn.execute("SELECT json_group_array(item_id) FROM seen WHERE user_id = ?", (user_id,)).fetchone()
+        return json.loads(row[0]) if row and row[0] else []
 
     @staticmethod
     def _state(conn: sqlite3.Connection, user_id: str) -> StoredState | None:
@@ -248,7 +281,7 @@ class SQLiteStore:
         return self._count(self._conn(), user_id)
 
     @_sqlite_faults
-    def seen_items(self, user_id: str) -> list[int]:
+    def seen_items(self, user_id: str) -> list[str]:
         return self._seen(self._conn(), user_id)
 
     # -- state cache -----------------------------------------------------------------
@@ -265,7 +298,7 @@ class SQLiteStore:
             row = conn.execute(
                 "SELECT item_id, rating, timestamp FROM events WHERE user_id = ? AND seq = ?", (user_id, n - 1)
             ).fetchone()
-            last = Event(int(row[0]), float(row[1]), float(row[2])) if row else None
+            last = Event(row[0], float(row[1]), float(row[2])) if row else None
             return UserSnapshot(self._state(conn, user_id), n, last, self._seen(conn, user_id) if with_seen else None)
         finally:
             if conn.in_transaction:
@@ -345,12 +378,29 @@ class SQLiteStore:
                     continue
                 conn.executemany(
                     "INSERT INTO events (user_id, seq, item_id, rating, timestamp) VALUES (?, ?, ?, ?, ?)",
-                    [(user_id, i, int(e.item_id), float(e.rating), float(e.timestamp)) for i, e in enumerate(events)],
+                    [(user_id, i, str(e.item_id), float(e.rating), float(e.timestamp)) for i, e in enumerate(events)],
                 )
                 conn.executemany(
                     "INSERT OR IGNORE INTO seen (user_id, item_id) VALUES (?, ?)",
-                    [(user_id, int(e.item_id)) for e in events],
+                    [(user_id, str(e.item_id)) for e in events],
                 )
+
+    # -- the dataset -----------------------------------------------------------------
+    @_sqlite_faults
+    def dataset(self) -> DatasetRecord | None:
+        row = self._conn().execute("SELECT value FROM meta WHERE key = 'dataset'").fetchone()
+        return DatasetRecord.from_json(row[0]) if row else None
+
+    @_sqlite_faults
+    def claim_dataset(self, record: DatasetRecord, adopt: bool = False) -> None:
+        conn = self._conn()
+        with self._write(conn):
+            row = conn.execute("SELECT value FROM meta WHERE key = 'dataset'").fetchone()
+            held = DatasetRecord.from_json(row[0]) if row else None
+            has_users = conn.execute("SELECT 1 FROM users LIMIT 1").fetchone() is not None
+            check_claim(f"SQLite store {self.path}", held, record, has_users, adopt)
+            if held is None:
+                conn.execute("INSERT INTO meta (key, value) VALUES ('dataset', ?)", (record.to_json(),))
 
     @_sqlite_faults
     def ping(self) -> None:
