@@ -85,11 +85,15 @@ def connect(num_cpus: int | None = None, verbose: bool = False) -> float:
 
 class _ConsoleFilter(logging.Filter):
     """Warnings and errors only, less two notices that ask nothing of the user: Ray's default token
-    authentication, and Ray Data's progress bars being off (`ray_app.train.data` turns them off)."""
+    authentication, and Ray Data's progress bars being off (`ray_app.train.data` turns them off).
+    Ray Data's progress, which it logs where the console is not a terminal, is shown."""
 
     HIDDEN = ("Token authentication is enabled for this Ray cluster", "Progress bars disabled")
+    PROGRESS = "ray.data._internal.progress"
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(self.PROGRESS):
+            return True
         return record.levelno >= logging.WARNING and not any(h in record.getMessage() for h in self.HIDDEN)
 
 
