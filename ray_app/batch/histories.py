@@ -35,23 +35,6 @@ class Histories:
     def __len__(self) -> int:
         return len(self.user_ids)
 
-    def take(self, rows: np.ndarray) -> Histories:
-        """The users `rows` (B',), in that order."""
-        rows = np.asarray(rows, np.int64)
-        sizes, seen_sizes = np.diff(self.offsets)[rows], np.diff(self.seen_offsets)[rows]
-        _, idx = flat_ranges(self.offsets[rows], sizes)
-        _, seen_idx = flat_ranges(self.seen_offsets[rows], seen_sizes)
-        return Histories(
-            self.user_ids[rows],
-            self.n_events[rows],
-            np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
-            self.items[idx],
-            self.ratings[idx],
-            self.timestamps[idx],
-            np.concatenate([[0], np.cumsum(seen_sizes)]).astype(np.int64),
-            self.seen[seen_idx],
-        )
-
     def window_starts(self, max_len: int) -> np.ndarray:
         """(B,) the row of each user's first scored event: the window's second row when it holds the
         event before the last `max_len` (kept for its gap), else its first."""

@@ -37,6 +37,7 @@ from ray_app.train.data import SetupError
 from ray_app.train.preflight import connect
 
 ROWS_PER_FILE = 1_000_000  # a shard holds at least this many rows (the last one fewer)
+LOG_USERS_PER_BATCH = 1024  # an event log's grouped users handed to a model actor at a time
 
 
 @dataclass
@@ -112,7 +113,7 @@ def run(s: BatchSettings, num_cpus: int | None = None) -> BatchResult:
             users, n_users, per_call = ray.data.from_items(ranges, override_num_blocks=len(ranges)), source.n_users, 1
         else:
             users = source.users(vocabulary, max_len)
-            n_users, per_call = users.count(), s.users_per_call
+            n_users, per_call = users.count(), LOG_USERS_PER_BATCH
         recs = users.map_batches(
             Scorer,
             fn_constructor_kwargs={

@@ -44,6 +44,9 @@ class ScoreSettings:
     threads: int  # torch threads of an actor
 
 
+STATE_BATCH = 256  # users advanced together (of one window length): bounds the LSTM's activations
+
+
 @torch.no_grad()
 def user_states(served: ServedModel, h: Histories, with_seen: bool) -> list[UserState]:
     """Each user's interest state from its window, as the Decomposer rebuilds one."""
@@ -54,10 +57,12 @@ def user_states(served: ServedModel, h: Histories, with_seen: bool) -> list[User
     builder = BatchBuilder(np.append(h.items, 0), np.append(h.ratings, 1.0), np.append(h.timestamps, 0))
     z = np.zeros((len(h), m.state_dim), np.float32)
     for T in np.unique(lengths):
-        rows = np.flatnonzero(lengths == T)
-        batch = builder(starts[rows], ends[rows], h.offsets[:-1][rows], supervise_all=False)  # (B_T, T) each
-        parts = m.advance(None, *(batch[key].to(dev) for key in ("items", "ratings", "event_feats")))
-        z[rows] = m.interest_state(parts).cpu().numpy()  # (B_T, S)
+        same = np.flatnonzero(lengths == T)
+        for lo in range(0, len(same), STATE_BATCH):
+            rows = same[lo : lo + STATE_BATCH]
+            batch = builder(starts[rows], ends[rows], h.offsets[:-1][rows], supervise_all=False)  # (B_T, T) each
+            parts = m.advance(None, *(batch[key].to(dev) for key in ("items", "ratings", "event_feats")))
+            z[rows] = m.interest_state(parts).cpu().numpy()  # (B_T, S)
     last = h.timestamps[ends - 1]
     return [
         UserState(
@@ -72,15 +77,16 @@ def user_states(served: ServedModel, h: Histories, with_seen: bool) -> list[User
     ]
 
 
-def recommend(served: ServedModel, h: Histories, s: ScoreSettings, item_ids: np.ndarray) -> pa.Table:
-    """Users' top-k as OUTPUT_SCHEMA rows, best first."""
-    states = user_states(served, h, s.exclude_seen)
+def recommend(
+    served: ServedModel, users: np.ndarray, states: list[UserState], s: ScoreSettings, item_ids: np.ndarray
+) -> pa.Table:
+    """Users' top-k from their states, as OUTPUT_SCHEMA rows, best first."""
     rankings = rank(served, [RankJob(state, None, s.k, s.exclude_seen, False, s.at) for state in states])
     counts = [len(r.items) for r in rankings]
     index = np.array([i for r in rankings for i, _ in r.items], np.int64)
     return pa.table(
         {
-            "user_id": pa.array(np.repeat(h.user_ids, counts), pa.string()),
+            "user_id": pa.array(np.repeat(users, counts), pa.string()),
             "rank": pa.array(np.concatenate([np.arange(1, c + 1) for c in counts] or [[]]), pa.int32()),
             "item_id": pa.array(item_ids[index], pa.string()),
             "score": pa.array([v for r in rankings for _, v in r.items], pa.float32()),
@@ -110,6 +116,8 @@ class Scorer:
             yield from self._score(self.prepared.read(r, self.served.model.cfg.max_len))
 
     def _score(self, h: Histories) -> Iterator[pa.Table]:
+        states = user_states(self.served, h, self.settings.exclude_seen)
         step = self.settings.users_per_call
         for lo in range(0, len(h), step):
-            yield recommend(self.served, h.take(np.arange(lo, min(lo + step, len(h)))), self.settings, self.item_ids)
+            part = slice(lo, lo + step)
+            yield recommend(self.served, h.user_ids[part], states[part], self.settings, self.item_ids)
