@@ -2,7 +2,8 @@
 its own: `python benchmarks/scale_stages.py STAGE --raw DIR --prepared DIR [...]` prints one JSON
 record (seconds of each step, peak RSS bytes) as its last line.
 
-    prepare   read the MovieLens files and prepare them (text encoding timed apart; it is cached)
+    prepare   read the MovieLens files (or, --reader events, an event log) and prepare them (text
+              encoding timed apart; it is cached)
     load      load the prepared folder, make the leave-one-out split and the training windows
     train     steps of the decomposer's training loop with the full and the sampled softmax
     serve     load a checkpoint and rank the catalogue in-process as the Combiner does (batch of one)
@@ -50,11 +51,11 @@ class TimedEncoder:
 
 
 def stage_prepare(a) -> dict:
-    from models.data import prepare, read_movielens
+    from models.data import prepare, read_event_log, read_movielens
     from models.data.encoder import TextEncoder
 
     t0 = time.perf_counter()
-    raw = read_movielens(a.raw, name="scale")
+    raw = read_event_log(a.raw, name="scale") if a.reader == "events" else read_movielens(a.raw, name="scale")
     read_s = time.perf_counter() - t0
     enc = TimedEncoder(TextEncoder(cache_path=a.encoder_cache))
     t1 = time.perf_counter()
@@ -184,17 +185,20 @@ def stage_store(a) -> dict:
 def stage_ray(a) -> dict:
     import os
 
+    import ray.train.torch  # noqa: F401  what the driver imports for TorchTrainer, counted in the fixed part
+
     from ray_app.train.driver import run
     from ray_app.train.settings import RayTrainSettings
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    before = peak_rss()  # the interpreter and the imports: what any driver holds, whatever the data
     with tempfile.TemporaryDirectory() as tmp:
         s = RayTrainSettings(
             dataset=str(a.prepared),
             num_workers=a.workers,
             epochs=1,
             max_steps=a.train_steps,
-            storage_path=tmp,
+            storage_path=str(a.storage or tmp),
             name="scale",
             model_args={"max_len": a.max_len},
         )
@@ -203,6 +207,8 @@ def stage_ray(a) -> dict:
         total = time.perf_counter() - t0
     m = best.metrics
     return {
+        "rss_before_run": before,
+        "checkpoint": best.model if a.storage else None,
         "workers": a.workers,
         "run_s": total,
         "train_s": m["train_seconds"],
@@ -235,6 +241,8 @@ def main(argv=None) -> int:
     p.add_argument("--serve-requests", type=int, default=105, help="rankings timed by the serve stage")
     p.add_argument("--max-len", type=int, default=200, help="training window length")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers of the ray stage")
+    p.add_argument("--reader", choices=("movielens", "events"), default="movielens", help="the prepare stage's input")
+    p.add_argument("--storage", type=Path, help="the ray stage's run folder, kept (default: a temporary one)")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     rec = STAGES[a.stage](a)

@@ -20,6 +20,7 @@ STAGES = (
     "tuning",
     "ray_app.store",
     "ray_app.serve",
+    "ray_app.batch",
     "gradio_demo",
     "main_job",
 )
@@ -100,6 +101,7 @@ def test_no_import_cycle_between_files():
         "models.training",
         "ray_app.train",
         "ray_app.serve",
+        "ray_app.batch",
         "ray_app.store",
         "main_job",
     ],

@@ -1,4 +1,5 @@
-"""Ray Jobs: a local head on loopback, `python -m ray_app.train` submitted with the working directory."""
+"""Ray Jobs: a local head on loopback, `python -m ray_app.train` and `python -m ray_app.batch` submitted with the
+working directory."""
 
 from __future__ import annotations
 
@@ -147,16 +148,11 @@ def head():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_submitted_training_job_writes_a_checkpoint(head, tiny_data):
-    client, temp = head
-    storage = temp / "runs"
-    job = client.submit_job(
-        entrypoint=f"python -m ray_app.train --dataset {tiny_data.path} --epochs 2 --storage-path {storage} "
-        "--name job --set lstm_units=16",
-        runtime_env={"working_dir": str(REPO)},
-    )
+def submit(client, entrypoint: str, timeout_s: float = 300) -> str:
+    """Submit `entrypoint` with the repository as the working directory -> its logs, once it succeeded."""
+    job = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(REPO)})
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + timeout_s
         while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
             assert time.monotonic() < deadline, client.get_job_logs(job)[-3000:]
             time.sleep(2)
@@ -164,8 +160,38 @@ def test_submitted_training_job_writes_a_checkpoint(head, tiny_data):
         assert status == JobStatus.SUCCEEDED, logs[-3000:]
     finally:
         client.stop_job(job)
+    return logs
+
+
+@pytest.fixture(scope="module")
+def trained(head, tiny_data):
+    client, temp = head
+    storage = temp / "runs"
+    logs = submit(
+        client,
+        f"python -m ray_app.train --dataset {tiny_data.path} --epochs 2 --storage-path {storage} "
+        "--name job --set lstm_units=16",
+    )
+    return logs, storage
+
+
+def test_submitted_training_job_writes_a_checkpoint(trained):
+    logs, storage = trained
     assert "best checkpoint:" in logs
     assert "epoch   1/2" in logs and "TrainingReport(" not in logs  # the driver's epoch lines, quiet Ray
     best = json.loads((storage / "job" / "best_checkpoint.json").read_text())
     model, meta = checkpoint.load(best["model"])
     assert model.cfg.lstm_units == 16 and meta["epoch"] == best["epoch"] in (1, 2)
+
+
+def test_submitted_batch_job_writes_every_users_top_k(head, trained, tiny_data):
+    import pyarrow.parquet as pq
+
+    client, temp = head
+    out = temp / "recs.parquet"
+    logs = submit(
+        client, f"python -m ray_app.batch --checkpoint {trained[1] / 'job'} --data {tiny_data.path} --k 5 --out {out}"
+    )
+    assert f"batch: {tiny_data.n_users} users, {tiny_data.n_users * 5} rows" in logs
+    table = pq.read_table(out)
+    assert table.num_rows == tiny_data.n_users * 5 and set(table.column("rank").to_pylist()) == set(range(1, 6))

@@ -13,7 +13,7 @@ from models.nn import checkpoint
 from models.data.batching import make_split
 from models.evaluation.metrics import summarize
 from models.evaluation.evaluate import evaluate
-from ray_app.train.data import SetupError, user_ranges
+from ray_app.train.data import SetupError, item_counts, load_checked, user_ranges
 from models.nn.checkpoint import BEST_FILE
 from ray_app.train.settings import METRIC, parse_args, parse_model_args
 from ray_app.train.driver import main
@@ -109,8 +109,8 @@ def test_set_overrides_are_typed_and_checked():
         parse_model_args("decomposer", ["lstm_units=many"])
     with pytest.raises(SetupError, match="fixed by the dataset"):
         parse_model_args("lstm", ["n_items=5"])
-    with pytest.raises(SetupError, match="combine"):
-        parse_model_args("decomposer", ["combine=median"])
+    with pytest.raises(SetupError, match="combine must be one of max, concat, sum, mixture"):
+        parse_model_args("decomposer", ["combine=blend"])
     with pytest.raises(SetupError, match="KEY=VALUE"):
         parse_model_args("sasrec", ["hidden"])
 
@@ -125,10 +125,77 @@ def test_unknown_set_key_is_a_usage_error(capsys):
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_user_ranges_cover_every_user_once(tiny_data, n):
     split = make_split(tiny_data.user_offsets, 1)
-    r = user_ranges(tiny_data, split, 4, n)
+    r = user_ranges(tiny_data.user_offsets, split, 4, n)
     assert r.bounds[0] == 0 and r.bounds[-1] == tiny_data.n_users and np.all(np.diff(r.bounds) > 0)
     assert r.events[-1] == tiny_data.n_events
     assert r.windows.max() - r.windows.min() < 2 * 5  # each cut is off by less than one user (<= 5 windows)
+
+
+def test_the_driver_plans_from_offsets_and_counts_equal_to_the_loaded_datas(tiny_data):
+    from models.training.loop import training_counts
+
+    index = load_checked(tiny_data.path)
+    np.testing.assert_array_equal(index.user_offsets, tiny_data.user_offsets)
+    assert (index.n_users, index.n_items, index.n_events) == (tiny_data.n_users, tiny_data.n_items, tiny_data.n_events)
+    split = make_split(index.user_offsets, 10, 10)
+    np.testing.assert_array_equal(item_counts(index, split, batch_rows=7), training_counts(tiny_data, split))
+
+
+PLAN_PEAK = """
+import json, sys, tracemalloc
+import pyarrow as pa
+from models.data.batching import make_split
+from ray_app.train.data import item_counts, load_checked
+
+def plan(path):
+    index = load_checked(path)
+    return index, item_counts(index, make_split(index.user_offsets, 10, 10))
+
+
+plan(sys.argv[2])  # the tiny dataset first: what its first call imports is not counted
+tracemalloc.start()
+index, counts = plan(sys.argv[1])
+print(json.dumps({"events": index.n_events, "counted": int(counts.sum()),
+                  "arrow_peak": pa.default_memory_pool().max_memory(), "numpy_peak": tracemalloc.get_traced_memory()[1]}))
+"""
+
+
+def test_the_driver_never_holds_the_events(tiny_data, tmp_path):
+    """Planning a run over 4 M events streams two integer columns: its peak allocation (Arrow's pool
+    and numpy's, both tracked, in a process of its own) stays far below the two columns whole (32 MB
+    as int32)."""
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    big = tmp_path / "big"
+    shutil.copytree(tiny_data.path, big)
+    n_users, per_user = tiny_data.n_users, 100_000
+    events = n_users * per_user
+    pq.write_table(
+        pa.table(
+            {
+                "user_idx": np.repeat(np.arange(1, n_users + 1, dtype=np.int32), per_user),
+                "item_idx": np.random.default_rng(0).integers(1, tiny_data.n_items + 1, events, dtype=np.int32),
+                "rating": np.full(events, 4.0, np.float32),
+                "timestamp": np.tile(np.arange(per_user, dtype=np.int64), n_users),
+            }
+        ),
+        big / "interactions.parquet",
+    )
+    manifest = json.loads((big / "manifest.json").read_text())
+    manifest["counts"]["interactions"] = events
+    (big / "manifest.json").write_text(json.dumps(manifest))
+    proc = subprocess.run(
+        [sys.executable, "-c", PLAN_PEAK, str(big), str(tiny_data.path)], capture_output=True, text=True, check=True
+    )
+    got = json.loads(proc.stdout.splitlines()[-1])
+    assert got["events"] == events and got["counted"] == n_users * (per_user - 20)
+    # Arrow decodes a row group's pages and a few batches of 65,536 rows at a time; both columns whole are 32 MB.
+    assert got["arrow_peak"] < 8 * 2**20, got
+    assert got["numpy_peak"] < 8 * 2**20, got
 
 
 # ---- bad input: clear errors before training ------------------------------------------------

@@ -1,13 +1,19 @@
-"""Load a prepared dataset (see `prepare.py`) into numpy arrays.
+"""Load a prepared dataset (see `prepare.py`) into numpy arrays, or read its events a part at a time.
 
 Events are stored CSR-style by user: user u (1..U) owns events
 ``user_offsets[u - 1] : user_offsets[u]`` of `items` / `ratings` / `timestamps`, in time order.
 Item-indexed arrays have N + 1 rows; row 0 is padding.
+
+`interactions.parquet` is sorted by user, so a range of users is a range of its rows: `index_prepared`
+finds every user's offsets by streaming two integer columns (memory in the users, not the events),
+and `table_rows` reads one range, touching only the row groups it lies in. A reader of many events
+(a Ray Train driver, the batch job) plans with the first and reads with the second.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +79,18 @@ def _read(path: Path, fname: str, columns: list[str]) -> pa.Table:
     return table
 
 
+def _rows(path: Path, fname: str, columns: list[str]) -> int:
+    """A table's row count from its footer, its columns checked the same way; no row is read."""
+    file = path / fname
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: missing from the prepared dataset")
+    f = pq.ParquetFile(file)
+    absent = [c for c in columns if c not in f.schema_arrow.names]
+    if absent:
+        raise DataFormatError(fname, f"missing columns {absent}")
+    return f.metadata.num_rows
+
+
 def read_manifest(path: Path, verify_checksums: bool) -> dict:
     """The manifest of the prepared folder `path`, of this format version (and its files' checksums checked)."""
     mfile = path / MANIFEST
@@ -96,7 +114,7 @@ def read_manifest(path: Path, verify_checksums: bool) -> dict:
     return manifest
 
 
-def check_counts(manifest: dict, items_t: pa.Table, inter_t: pa.Table, intents_t: pa.Table, users_t: pa.Table) -> None:
+def check_counts(manifest: dict, items_t: pa.Table, n_interactions: int, n_intents: int, users_t: pa.Table) -> None:
     """Items and users numbered 1..N and 1..U in order, and every table as long as the manifest says."""
     n_items, n_users = items_t.num_rows, users_t.num_rows
     if not np.array_equal(items_t.column("item_idx").to_numpy(), np.arange(1, n_items + 1)):
@@ -107,8 +125,8 @@ def check_counts(manifest: dict, items_t: pa.Table, inter_t: pa.Table, intents_t
     for key, n, fname in (
         ("items", n_items, TABLE_FILES[0]),
         ("users", n_users, TABLE_FILES[3]),
-        ("interactions", inter_t.num_rows, TABLE_FILES[1]),
-        ("intents", intents_t.num_rows, TABLE_FILES[2]),
+        ("interactions", n_interactions, TABLE_FILES[1]),
+        ("intents", n_intents, TABLE_FILES[2]),
     ):
         if counts.get(key) != n:
             raise DataFormatError(fname, f"has {n} {key}, {MANIFEST} says {counts.get(key)}")
@@ -158,17 +176,32 @@ def source_ids(column: pa.ChunkedArray) -> np.ndarray:
     return np.array(["", *column.cast(pa.string()).to_pylist()], dtype=object)
 
 
-def load_prepared(path: str | Path, verify_checksums: bool = False) -> InteractionData:
-    """Read a folder written by `prepare`; raise naming the file if anything is off."""
+EVENT_COLUMNS = ["user_idx", "item_idx", "rating", "timestamp"]
+
+
+def load_prepared(path: str | Path, verify_checksums: bool = False, events: bool = True) -> InteractionData:
+    """Read a folder written by `prepare`; raise naming the file if anything is off.
+
+    `events=False` reads everything but the events (their file's footer only): the item side and
+    every user's source id, with no users' events (n_users 0), for a reader that adds its own users'
+    events to it (`ray_app.train.data.shard_data`).
+    """
     path = Path(path).expanduser()
     manifest = read_manifest(path, verify_checksums)
     items_t = _read(path, TABLE_FILES[0], ["item_idx", "source_id", "title", "genres", "embedding", "intent_ids"])
-    inter_t = _read(path, TABLE_FILES[1], ["user_idx", "item_idx", "rating", "timestamp"])
+    inter_t = _read(path, TABLE_FILES[1], EVENT_COLUMNS) if events else None
+    n_interactions = inter_t.num_rows if events else _rows(path, TABLE_FILES[1], EVENT_COLUMNS)
     intents_t = _read(path, TABLE_FILES[2], ["intent_idx", "phrase", "embedding"])
     users_t = _read(path, TABLE_FILES[3], ["user_idx", "source_user"])
-    check_counts(manifest, items_t, inter_t, intents_t, users_t)
+    check_counts(manifest, items_t, n_interactions, intents_t.num_rows, users_t)
     n_items, n_users = items_t.num_rows, users_t.num_rows
-    user_offsets, items = user_csr(inter_t, n_users, n_items)
+    if events:
+        user_offsets, items = user_csr(inter_t, n_users, n_items)
+        ratings = inter_t.column("rating").to_numpy().astype(np.float32)
+        timestamps = inter_t.column("timestamp").to_numpy().astype(np.int64)
+    else:
+        user_offsets, items = np.zeros(1, np.int64), np.zeros(0, np.int64)
+        ratings, timestamps = np.zeros(0, np.float32), np.zeros(0, np.int64)
     genre_names = list(manifest.get("genres", []))
 
     emb = _emb(items_t, TABLE_FILES[0])
@@ -177,12 +210,12 @@ def load_prepared(path: str | Path, verify_checksums: bool = False) -> Interacti
     intent_emb = _emb(intents_t, TABLE_FILES[2]) if intents_t.num_rows else np.zeros((0, emb.shape[1]), np.float32)
     item_intent_offsets, item_intent_ids = intent_csr(items_t, intents_t.num_rows)
     return InteractionData(
-        n_users=n_users,
+        n_users=n_users if events else 0,
         n_items=n_items,
         user_offsets=user_offsets,
         items=items,
-        ratings=inter_t.column("rating").to_numpy().astype(np.float32),
-        timestamps=inter_t.column("timestamp").to_numpy().astype(np.int64),
+        ratings=ratings,
+        timestamps=timestamps,
         item_genres=genre_matrix(items_t, genre_names),
         genre_names=genre_names,
         item_emb=item_emb,
@@ -196,3 +229,69 @@ def load_prepared(path: str | Path, verify_checksums: bool = False) -> Interacti
         manifest=manifest,
         path=path,
     )
+
+
+# ---- the events a part at a time ---------------------------------------------------------------
+
+
+@dataclass
+class PreparedIndex:
+    """A prepared folder as a planner sees it: its counts and every user's event offsets, no events."""
+
+    path: Path
+    manifest: dict = field(repr=False)
+    n_users: int  # U
+    n_items: int  # N
+    user_offsets: np.ndarray  # (U+1,) int64; user u's events are rows [offsets[u-1], offsets[u]) of the file
+
+    @property
+    def n_events(self) -> int:
+        return int(self.user_offsets[-1])
+
+
+def event_batches(path: Path, columns: list[str], batch_rows: int = 1 << 16) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """interactions.parquet's `columns`, `batch_rows` rows at a time, each with the position of its first row."""
+    at = 0
+    for batch in pq.ParquetFile(Path(path) / TABLE_FILES[1]).iter_batches(batch_size=batch_rows, columns=columns):
+        yield at, batch
+        at += batch.num_rows
+
+
+def index_prepared(path: str | Path, batch_rows: int = 1 << 16) -> PreparedIndex:
+    """The checks of `load_prepared` that need no item vectors (manifest, each table's columns and
+    length, ids in order) and the users' event offsets, from the events streamed `batch_rows` at a
+    time: user_idx sorted within 1..U, item_idx within 1..N. Memory: O(U + N + batch_rows)."""
+    path = Path(path).expanduser()
+    manifest = read_manifest(path, False)
+    _rows(path, TABLE_FILES[0], ["item_idx", "source_id", "title", "genres", "embedding", "intent_ids"])
+    items_t = pq.read_table(path / TABLE_FILES[0], columns=["item_idx"])  # not the embeddings
+    n_interactions = _rows(path, TABLE_FILES[1], EVENT_COLUMNS)
+    n_intents = _rows(path, TABLE_FILES[2], ["intent_idx", "phrase", "embedding"])
+    users_t = _read(path, TABLE_FILES[3], ["user_idx", "source_user"]).select(["user_idx"])
+    check_counts(manifest, items_t, n_interactions, n_intents, users_t)
+    n_users, n_items = users_t.num_rows, items_t.num_rows
+    counts = np.zeros(n_users + 1, np.int64)
+    last = 0
+    for _, batch in event_batches(path, ["user_idx", "item_idx"], batch_rows):
+        users = batch.column(0).to_numpy().astype(np.int64)
+        items = batch.column(1).to_numpy()
+        if users.size and (users[0] < last or np.any(np.diff(users) < 0) or users[0] < 1 or users[-1] > n_users):
+            raise DataFormatError(TABLE_FILES[1], "user_idx is not sorted within 1..U")
+        if items.size and (items.min() < 1 or items.max() > n_items):
+            raise DataFormatError(TABLE_FILES[1], "item_idx is outside 1..N")
+        counts += np.bincount(users, minlength=n_users + 1)
+        last = int(users[-1]) if users.size else last
+    offsets = np.zeros(n_users + 1, np.int64)
+    np.cumsum(counts[1:], out=offsets[1:])
+    return PreparedIndex(path, manifest, n_users, n_items, offsets)
+
+
+def table_rows(file: str | Path, lo: int, hi: int, columns: list[str]) -> pa.Table:
+    """Rows [lo, hi) of a Parquet file's `columns`, reading only the row groups they lie in."""
+    f = pq.ParquetFile(file)
+    sizes = [f.metadata.row_group(g).num_rows for g in range(f.metadata.num_row_groups)]
+    starts = np.concatenate([[0], np.cumsum(sizes)])  # (G+1,)
+    groups = [g for g in range(len(sizes)) if starts[g] < hi and starts[g + 1] > lo]
+    if not groups or hi <= lo:
+        return f.schema_arrow.empty_table().select(columns)
+    return f.read_row_groups(groups, columns=columns).slice(lo - int(starts[groups[0]]), hi - lo)

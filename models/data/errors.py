@@ -34,6 +34,15 @@ class DataFormatError(DataError, ValueError):
             where += f", column {column!r}"
         super().__init__(f"{where}: {reason}")
 
+    def __reduce__(self):
+        # Picklable with its fields (the default pickles the message alone, which __init__ cannot take
+        # back): a check that fails in a Ray task reaches the driver as this error, not a wrapper.
+        return (_format_error, (type(self), self.file, self.reason, self.line, self.row, self.column))
+
+
+def _format_error(cls, file: str, reason: str, line: int | None, row: int | None, column: str | None):
+    return cls(file, reason, line, row=row, column=column)
+
 
 class DataSourceError(DataError, ValueError):
     """A dataset that cannot be found or read where it was asked for (a missing folder, a needed

@@ -1,13 +1,14 @@
 """Training data on a Ray cluster: the prepared Parquet → one Ray Data shard of users per worker.
 
-The driver loads the prepared folder once (to validate it, build the split and size the
-shards) and cuts the users into contiguous ranges with about the same number of training
-windows each, so DDP workers take about the same number of steps. Ray Data reads
-`interactions.parquet` (sorted by user) in file order and splits it exactly at those user
-boundaries: every user lands on exactly one worker, which Train's default split
-(`streaming_split(equal=True)`, which may drop rows) does not promise. A worker turns its
-shard back into an `InteractionData` holding only its users' events; the item tables (text
-embeddings, genres, intents) travel once through the object store.
+The driver never holds the events: it checks the prepared folder and finds every user's event
+offsets by streaming two integer columns of `interactions.parquet` (`models.data.dataset.index_prepared`),
+builds the split from those offsets, counts the items' training events in a second stream, and cuts
+the users into contiguous ranges with about the same number of training windows each, so DDP
+workers take about the same number of steps. Ray Data reads `interactions.parquet` (sorted by
+user) in file order, in its own tasks, and splits it exactly at those user boundaries: every user
+lands on exactly one worker, which Train's default split (`streaming_split(equal=True)`, which may
+drop rows) does not promise. A worker reads the item tables itself (`load_prepared(events=False)`)
+and turns its shard into an `InteractionData` holding only its users' events.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from models.data.batching import Split, training_windows
-from models.data import DATASETS, DataError, InteractionData, load_prepared, prepare_source
-
-EVENT_COLUMNS = ["user_idx", "item_idx", "rating", "timestamp"]
+from models.data import DATASETS, DataError, InteractionData, prepare_source
+from models.data.dataset import EVENT_COLUMNS, PreparedIndex, event_batches, index_prepared
 
 
 class SetupError(ValueError):
@@ -52,27 +52,29 @@ def resolve_dataset(
     return path.resolve()
 
 
-def load_checked(path: Path) -> InteractionData:
-    """`load_prepared`, with its errors (missing file, malformed table or manifest) as SetupError."""
+def load_checked(path: Path) -> PreparedIndex:
+    """`index_prepared` (the folder checked, the users' event offsets; no events held), with its errors
+    (missing file, malformed table or manifest) as SetupError."""
     try:
-        return load_prepared(path)
+        return index_prepared(path)
     except (OSError, ValueError) as e:
         raise SetupError(f"--dataset {path}: not a usable prepared dataset: {e}") from e
     except Exception as e:  # pyarrow raises its own types for a corrupt Parquet file
         raise SetupError(f"--dataset {path}: unreadable prepared dataset ({type(e).__name__}: {e})") from e
 
 
-def item_side(data: InteractionData) -> InteractionData:
-    """`data` without its events: what every worker needs besides its own shard."""
-    empty = np.zeros(0, np.int64)
-    return dataclasses.replace(
-        data,
-        n_users=0,
-        user_offsets=np.zeros(1, np.int64),
-        items=empty,
-        ratings=np.zeros(0, np.float32),
-        timestamps=empty,
-    )
+def item_counts(index: PreparedIndex, split: Split, batch_rows: int = 1 << 16) -> np.ndarray:
+    """(N+1,) training events of each item (`models.training.loop.training_counts`), the item
+    column streamed `batch_rows` at a time: a row is a training event when it lies before its
+    user's first validation target."""
+    counts = np.zeros(index.n_items + 1, np.int64)
+    ends = index.user_offsets[1:]  # (U,) each user's end row
+    for at, batch in event_batches(index.path, ["item_idx"], batch_rows):
+        rows = np.arange(at, at + batch.num_rows)
+        user = np.searchsorted(ends, rows, side="right")  # (R,) 0-based user of each row
+        train = rows < split.valid_pos[user]
+        counts += np.bincount(batch.column(0).to_numpy()[train], minlength=index.n_items + 1)
+    return counts
 
 
 @dataclass
@@ -87,9 +89,9 @@ class UserRanges:
         return int(self.bounds[r]) + 1, int(self.bounds[r + 1]) + 1
 
 
-def user_ranges(data: InteractionData, split: Split, max_len: int, n_shards: int) -> UserRanges:
+def user_ranges(user_offsets: np.ndarray, split: Split, max_len: int, n_shards: int) -> UserRanges:
     """Contiguous user ranges with about the same number of training windows each."""
-    n_users = data.n_users
+    n_users = len(user_offsets) - 1
     if n_users < n_shards:
         raise SetupError(f"{n_users} users cannot be shared among {n_shards} workers")
     _, _, rows = training_windows(split, max_len)
@@ -101,7 +103,7 @@ def user_ranges(data: InteractionData, split: Split, max_len: int, n_shards: int
         bounds.append(min(max(cut, bounds[-1] + 1), n_users - (n_shards - r)))
     bounds = np.array(bounds + [n_users], np.int64)
     windows = np.add.reduceat(per_user, bounds[:-1])
-    return UserRanges(bounds, data.user_offsets[bounds].astype(np.int64), windows.astype(np.int64))
+    return UserRanges(bounds, user_offsets[bounds].astype(np.int64), windows.astype(np.int64))
 
 
 def read_shards(prepared: Path, ranges: UserRanges) -> list:
@@ -118,7 +120,8 @@ def read_shards(prepared: Path, ranges: UserRanges) -> list:
 
 
 def shard_data(batches, items: InteractionData, users: tuple[int, int]) -> InteractionData:
-    """Numpy batches of one shard (users [lo, hi), in file order) → an `InteractionData` of those users."""
+    """Numpy batches of one shard (users [lo, hi), in file order) and the dataset without its events
+    (`load_prepared(events=False)`) → an `InteractionData` of those users."""
     lo, hi = users
     cols = {c: np.concatenate([b[c] for b in batches]) if batches else np.zeros(0) for c in EVENT_COLUMNS}
     user = cols["user_idx"].astype(np.int64)

@@ -14,9 +14,8 @@ import pyarrow.fs
 
 from models.nn import checkpoint
 from models.training.defaults import PROTOCOLS, protocol_split
-from models.training.loop import training_counts
 from models.training.precision import bf16_problem
-from ray_app.train.data import SetupError, item_side, load_checked, read_shards, resolve_dataset, user_ranges
+from ray_app.train.data import SetupError, item_counts, load_checked, read_shards, resolve_dataset, user_ranges
 from ray_app.train.settings import LSTM_MODELS, MODEL_KINDS, RayTrainSettings, check_model_args
 
 
@@ -86,11 +85,15 @@ def connect(num_cpus: int | None = None, verbose: bool = False) -> float:
 
 class _ConsoleFilter(logging.Filter):
     """Warnings and errors only, less two notices that ask nothing of the user: Ray's default token
-    authentication, and Ray Data's progress bars being off (`ray_app.train.data` turns them off)."""
+    authentication, and Ray Data's progress bars being off (`ray_app.train.data` turns them off).
+    Ray Data's progress, which it logs where the console is not a terminal, is shown."""
 
     HIDDEN = ("Token authentication is enabled for this Ray cluster", "Progress bars disabled")
+    PROGRESS = "ray.data._internal.progress"
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(self.PROGRESS):
+            return True
         return record.levelno >= logging.WARNING and not any(h in record.getMessage() for h in self.HIDDEN)
 
 
@@ -137,7 +140,7 @@ def plan(s: RayTrainSettings, num_cpus: int | None = None) -> Plan:
     name = s.run_name()
     check_storage(s.storage_path, name)
     prepared = resolve_dataset(s.dataset, s.data_dir, s.prepared_dir, min_user_events=s.min_user_events)
-    data = load_checked(prepared)
+    data = load_checked(prepared)  # the users' event offsets, not the events
     try:
         split = protocol_split(data.user_offsets, s.protocol)
     except ValueError as e:
@@ -148,16 +151,15 @@ def plan(s: RayTrainSettings, num_cpus: int | None = None) -> Plan:
     cfg = s.train_config()
     model_args = dict(s.model_args)
     max_len = model_args.get("max_len", checkpoint.MODELS[s.model][0].max_len)
-    ranges = user_ranges(data, split, max_len, s.num_workers)
-    shards = read_shards(prepared, ranges)  # Ray Data reads the Parquet here
-    counts = training_counts(data, split)
+    ranges = user_ranges(data.user_offsets, split, max_len, s.num_workers)
+    shards = read_shards(prepared, ranges)  # Ray Data reads the Parquet here, in its own tasks
     loop_config = {
         "model": s.model,
         "model_args": model_args,
         "train": cfg.to_dict(),
         "protocol": s.protocol,
         "dataset": str(prepared),
-        "items": ray.put((item_side(data), counts)),  # item tables, once per cluster
+        "counts": ray.put(item_counts(data, split)),  # items' training events; each worker reads the item tables
         "users": [ranges.users(r) for r in range(s.num_workers)],
         "windows": int(ranges.windows.sum()),
         "cpus_per_worker": s.cpus_per_worker,

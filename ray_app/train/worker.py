@@ -21,7 +21,7 @@ import pyarrow.fs
 import torch
 import torch.distributed as dist
 
-from models.data import InteractionData
+from models.data import InteractionData, load_prepared
 from models.data.batching import batch_builder, training_windows
 from models.training.defaults import protocol_split
 from models.evaluation.evaluate import HEADLINE, evaluate
@@ -46,7 +46,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()  # [ray] cuda:k with --use-gpu, else cpu
     torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
-    items, counts = ray.get(config["items"])  # [ray]
+    items, counts = load_prepared(config["dataset"], events=False), ray.get(config["counts"])  # [ray]
     shard = ray.train.get_dataset_shard(f"users_{rank}")  # [ray]
     data = shard_data(
         list(shard.iter_batches(batch_size=None, batch_format="numpy")), items, tuple(config["users"][rank])
