@@ -492,3 +492,24 @@ def test_loading_users_refuses_a_store_of_another_dataset(tiny_data, imdb_data, 
     assert store.dataset() == dataset_record(tiny_data)
     store.close()
     assert load_main(["--data", str(imdb_data.path), "--store-url", url]) == 2  # one line, no traceback
+
+
+def test_a_transformer_decomposer_reads_gates_over_its_window(tiny_data, tmp_path):
+    """Gates step by step on a transformer backbone: a log longer than its max_len is read as its last
+    max_len events (what its state holds), the steps keep their place in the whole log."""
+    torch.manual_seed(0)
+    model = new_model(
+        "decomposer", tiny_data, make_split(tiny_data.user_offsets, 1), backbone="transformer", dim_size=8, max_len=6
+    )
+    ckpt = checkpoint.save(tmp_path / "tf.pt", model, {"item_source_ids": tiny_data.item_source_ids.tolist()})
+    dec = Decomposer.func_or_class(f"sqlite:///{tmp_path / 's.db'}", str(tiny_data.path))
+    dec.reconfigure({"checkpoint": str(ckpt)})
+    src = tiny_data.item_source_ids
+    events = [Event(src[1 + i % 20], 4.0, 1.6e9 + 3600 * i) for i in range(15)]
+    dec.store.append_events("long", events)
+    out = dec._interests("long", last=3, now=events[-1].timestamp + 60)
+    assert [s["index"] for s in out["steps"]] == [12, 13, 14]
+    assert [s["item_id"] for s in out["steps"]] == [e.item_id for e in events[-3:]]
+    for step in out["steps"]:
+        assert abs(sum(step["gates"].values()) - 1) < 1e-5
+    assert dec._advance_users([("long", False)])[0].n_events == 15  # its state over the same window

@@ -234,6 +234,9 @@ class Decomposer:
     def _interests(self, user_id: str, last: int, now: float | None) -> dict:
         served = self.served
         events = self.store.events(user_id)
+        window = getattr(served.model.encoder, "max_len", None)  # a transformer attends to its last max_len events
+        n_before = max(len(events) - window, 0) if window is not None else 0
+        events = events[n_before:]
         if not events:
             return {"dimensions": served.dim_names, "steps": []}
         now = time.time() if now is None else now
@@ -248,7 +251,7 @@ class Decomposer:
         names = served.dim_names
         steps = [
             {
-                "index": lo + j,
+                "index": n_before + lo + j,
                 "item_id": events[lo + j].item_id,
                 "timestamp": events[lo + j].timestamp,
                 "gates": dict(zip(names, map(float, a))),
