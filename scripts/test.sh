@@ -7,4 +7,4 @@ bash scripts/setup.sh dev
 .venv/bin/ruff check --output-format concise .
 .venv/bin/ruff format --check .
 export RAY_USAGE_STATS_ENABLED=0
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q --durations=30 "$@"  # the slowest tests named, to keep the run short
