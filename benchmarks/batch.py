@@ -132,7 +132,7 @@ def online(a) -> dict:
     from models.data.dataset import index_prepared, table_rows
     from models.data.prepare import TABLE_FILES
     from ray_app.serve.deployments import Combiner, Decomposer
-    from ray_app.serve.served_model import RankJob, api_item_id
+    from ray_app.serve.served_model import RankJob
     from ray_app.store.base import Event
 
     index = index_prepared(a.data)
@@ -149,7 +149,7 @@ def online(a) -> dict:
             ["item_idx", "rating", "timestamp"],
         )
         logs[names[u - 1]] = [
-            Event(api_item_id(items[i - 1]), float(r), float(ts))
+            Event(str(items[i - 1]), float(r), float(ts))  # the API's item ids: the source ids
             for i, r, ts in zip(*(t.column(c).to_pylist() for c in ("item_idx", "rating", "timestamp")))
         ]
     with tempfile.TemporaryDirectory() as tmp:
@@ -297,10 +297,24 @@ def main(argv=None) -> int:
         return 0
     skip = set(filter(None, a.skip.split(",")))
     (name, events, items), *_ = a.size
-    record = {"machine": machine(), "command": " ".join(["python", *sys.argv]), "targets": TARGETS}
+    command = " ".join(["python", *sys.argv])
+    record = {"machine": machine(), "command": command, "targets": TARGETS}
+    if skip and a.out.is_file():  # a rerun of some steps keeps what the others recorded, and says so
+        earlier = json.loads(a.out.read_text())
+        if earlier.get("data", {}).get("name") == name:
+            reruns = earlier.get("reruns", []) + [
+                {"command": command, "machine": record["machine"], "skipped": sorted(skip)}
+            ]
+            record = {**earlier, "targets": TARGETS, "reruns": reruns}
     raw, rec = raw_release(a.workdir, name, events, items)
     prepared = a.workdir / name / "prepared"
-    record["data"] = {"name": name, "events": rec["events"], "items": items, "users": rec["users"]}
+    record["data"] = {
+        **record.get("data", {}),
+        "name": name,
+        "events": rec["events"],
+        "items": items,
+        "users": rec["users"],
+    }
     if not (prepared / "manifest.json").is_file():
         print(f"[batch {name}] preparing ...", flush=True)
         cache = a.workdir / "text-embeddings.parquet"
