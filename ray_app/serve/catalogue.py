@@ -108,10 +108,11 @@ class Follower:
     catalogue_ids: np.ndarray | None = None  # the dataset's vocabulary, for checkpoints without one
 
     @classmethod
-    def open(cls, store_url: str | None, data_dir: str | None) -> Follower:
+    def open(cls, store: StateStore | str | None, data_dir: str | None) -> Follower:
+        """`store`: the replica's own store, or its URL (None: no added items)."""
         cat = Catalogue.load(data_dir)[0] if data_dir else None
         return cls(
-            open_store(store_url) if store_url else None,
+            open_store(store) if isinstance(store, str) else store,
             cat.genre_names if cat else [],
             cat.item_source_ids[: cat.n_trained + 1] if cat else None,
         )

@@ -85,7 +85,7 @@ class Decomposer:
         self, store_url: str, data_dir: str | None = None, max_batch_size: int = 16, batch_wait_s: float = 0.002
     ):
         self.store = open_store(store_url)
-        self.added = Follower.open(store_url, data_dir)  # the items added while serving
+        self.added = Follower.open(self.store, data_dir)  # the items added while serving
         self.served: ServedModel | None = None
         self.metrics = AppMetrics()
         _configure_batching(self.user_state, max_batch_size, batch_wait_s)
