@@ -147,11 +147,12 @@ class Handlers:
     def connect(self, q: str, request: gr.Request):
         account = self.access.account(request)
         health = self.api.health()
+        genres = gr.update(choices=health.genres)  # what an added item may name
         if not account.admin:
             mine = [(f"{account.user_id} (your account's user)", account.user_id)]
-            return describe_health(self.api, health), gr.update(choices=mine, value=account.user_id)
+            return describe_health(self.api, health), gr.update(choices=mine, value=account.user_id), genres
         users = self.access.admin(account, "listing users").users(q or "")
-        return describe_health(self.api, health), gr.update(choices=self._user_choices(users))
+        return describe_health(self.api, health), gr.update(choices=self._user_choices(users)), genres
 
     def find_users(self, q: str, request: gr.Request):
         users = self.access.admin(self.access.account(request), "listing users").users(q or "")
@@ -243,6 +244,37 @@ class Handlers:
 
     # -- items --
 
+    def add_item(
+        self,
+        user_id: str | None,
+        item_id: str,
+        title: str,
+        genres: list[str] | None,
+        tags: str,
+        description: str,
+        intent: str,
+        weekday: int,
+        hour: int,
+        k: int,
+        request: gr.Request,
+    ):
+        """Add an item (admin accounts), then redraw the picked user's view and say where it ranks."""
+        if not user_id:
+            raise Missing("Pick a user (or start a new one) first, to see where the new item ranks for them.")
+        if not (item_id or "").strip() or not (title or "").strip():
+            raise Missing("Give the new item an id and a title.")
+        admin = self.access.admin(self.access.account(request), "adding an item")
+        tag_list = [t.strip() for t in (tags or "").split(",") if t.strip()]
+        added = admin.add_item(item_id.strip(), title.strip(), genres or [], tag_list, (description or "").strip())
+        out = self.refresh(user_id, intent, weekday, hour, k, request)
+        ranked = out[6]["item_id"].tolist()  # the redrawn recommendations
+        where = (
+            f"it is #{ranked.index(added.item_id) + 1} of this user's top {len(ranked)}"
+            if added.item_id in ranked
+            else f"it is not in this user's top {len(ranked)}"
+        )
+        return (ok(f"Added item {added.item_id} “{added.title}”; {where}. ") + out[0].removeprefix("✓ "), *out[1:])
+
     def search_items(self, q: str, request: gr.Request):
         if not q or not q.strip():
             raise Missing("Type a few words to search the catalogue.")
@@ -272,7 +304,8 @@ def wire_events(demo: gr.Blocks, h: Handlers, page: Page) -> None:
     n = len(refresh_out)
     assert n == N_VIEW, "refresh_out must follow Handlers.refresh's return order"
 
-    demo.load(guarded(h.connect, 2), [who.user_q], [status, who.user])
+    cat = page.catalogue
+    demo.load(guarded(h.connect, 3), [who.user_q], [status, who.user, cat.genres])
     who.user_q.submit(guarded(h.find_users, 2), [who.user_q], [status, who.user])
     who.new_btn.click(guarded(h.start_new_user, 2), [who.user_q], [status, who.user])
     who.user.change(guarded(h.refresh, n), [who.user, *moment_in], refresh_out)
@@ -286,6 +319,8 @@ def wire_events(demo: gr.Blocks, h: Handlers, page: Page) -> None:
     man.add_btn.click(
         guarded(h.post_event, n), [who.user, man.found_pick, man.found_rating, start, *moment_in], refresh_out
     )
+    new_item = [cat.item_id, cat.title, cat.genres, cat.tags, cat.description]
+    cat.add_btn.click(guarded(h.add_item, n), [who.user, *new_item, *moment_in], refresh_out)
 
 
 def build_demo(access: Access) -> gr.Blocks:

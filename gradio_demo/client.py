@@ -23,6 +23,8 @@ from ray_app.serve.schemas import (
     Health,
     InterestsResponse,
     Item,
+    ItemIn,
+    ItemOut,
     ItemsResponse,
     RecommendRequest,
     RecommendResponse,
@@ -140,6 +142,18 @@ class ApiClient:
 
     def search_items(self, q: str, k: int = 10) -> list[Item]:
         return self._call("GET", "/items", ItemsResponse, params={"q": q, "k": k}).items
+
+    def add_item(
+        self, item_id: str, title: str, genres: Sequence[str] = (), tags: Sequence[str] = (), description: str = ""
+    ) -> ItemOut:
+        """Add an item to the catalogue (this client's token must be a service token)."""
+        body = _request(
+            ItemIn, item_id=item_id, title=title, genres=list(genres), tags=list(tags), description=description
+        )
+        return self._call("POST", "/items", ItemOut, json=body)
+
+    def item(self, item_id: str) -> ItemOut:
+        return self._call("GET", f"/items/{_seg(item_id)}", ItemOut)
 
     def mint_user_token(self, user_id: str, ttl_s: int) -> TokenResponse:
         """A token for `user_id` only, minted by the API (this client's token must be a service token)."""

@@ -179,6 +179,33 @@ def manual_panel() -> ManualPanel:
 
 
 @dataclass
+class CataloguePanel:
+    """Add an item to the catalogue (admin accounts): placed by its text, recommended at once."""
+
+    item_id: gr.Textbox
+    title: gr.Textbox
+    genres: gr.CheckboxGroup
+    tags: gr.Textbox
+    description: gr.Textbox
+    add_btn: gr.Button
+
+
+def catalogue_panel() -> CataloguePanel:
+    """A closed accordion: a new item's id, title, genres (the catalogue's, filled on connecting),
+    tags and description; adding it redraws the picked user's recommendations."""
+    with gr.Accordion("Add an item to the catalogue (admin)", open=False):
+        with gr.Row():
+            item_id = gr.Textbox(label="Item id", placeholder="new-film-1", scale=1, elem_id="new-item-id")
+            title = gr.Textbox(label="Title", placeholder="A New Film (2026)", scale=2, elem_id="new-item-title")
+        with gr.Row():
+            genres = gr.CheckboxGroup(label="Genres", choices=[], elem_id="new-item-genres")
+            tags = gr.Textbox(label="Tags (comma-separated)", elem_id="new-item-tags")
+        description = gr.Textbox(label="Description", lines=2, elem_id="new-item-description")
+        add_btn = gr.Button("Add the item", elem_id="add-item")
+    return CataloguePanel(item_id, title, genres, tags, description, add_btn)
+
+
+@dataclass
 class Page:
     """The whole page: the status line, the request clock's start (a `gr.State`), and the sections."""
 
@@ -188,6 +215,7 @@ class Page:
     request: RequestPanel
     decomposition: DecompositionPanel
     manual: ManualPanel
+    catalogue: CataloguePanel
 
     @property
     def view_outputs(self) -> list:
@@ -221,4 +249,5 @@ def build_page() -> Page:
             request = request_panel(now)
     decomposition = decomposition_panel()
     manual = manual_panel()
-    return Page(status, start, who, request, decomposition, manual)
+    catalogue = catalogue_panel()
+    return Page(status, start, who, request, decomposition, manual, catalogue)

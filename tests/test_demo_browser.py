@@ -328,3 +328,39 @@ def test_new_user_adds_an_event_found_by_text(page, demo_url, serve_app, imdb_da
     page.locator("#search").click()
     status_shows(page, "Type a few words")
     assert "Traceback" not in page.content()
+
+
+def test_an_admin_adds_an_item_and_sees_it_recommended(page, demo_url, serve_app, imdb_data):
+    """An item added from the page with the text of the user's best recommendation (the prepared
+    title, genres and tags) under a new id: the page redraws the user's list, and the item is in it."""
+    import pyarrow.parquet as pq
+
+    page.goto(demo_url)
+    status_shows(page, "Connected to")
+    user = str(imdb_data.user_source_ids[3])
+    page.locator("#user-q textarea").fill(user)
+    page.locator("#user-q textarea").press("Enter")
+    status_shows(page, "users match")
+    page.locator("#user input").click()
+    page.locator("#user [role=option]", has_text=re.compile(rf"(^|\s){re.escape(user)} \(")).click()
+    sync_api.expect(page.locator("#who")).to_contain_text(user)
+    page.locator("#k input[type=number]").fill("30")
+    page.locator("#k input[type=number]").press("Enter")
+    page.locator("#recommend").click()
+    status_shows(page, "Top 30")
+    best = table_column(page, "recs", 4)[0]
+    rows = pq.read_table(imdb_data.path / "items.parquet", columns=["source_id", "title", "genres", "tags"]).to_pylist()
+    row = next(r for r in rows if r["source_id"] == best)
+
+    page.get_by_text("Add an item to the catalogue").click()
+    page.locator("#new-item-id textarea").fill("demo-new-1")
+    page.locator("#new-item-title textarea").fill(row["title"])
+    for genre in row["genres"]:
+        page.locator("#new-item-genres").get_by_label(genre, exact=True).check()
+    page.locator("#new-item-tags textarea").fill(", ".join(row["tags"]))
+    page.locator("#add-item").click()
+    status_shows(page, "Added item demo-new-1")
+    assert "demo-new-1" in table_column(page, "recs", 4)  # recommended, in the redrawn list
+    got = httpx.get(f"{serve_app}/items/demo-new-1", headers=SERVICE).json()
+    assert got["added"] is True and got["genres"] == row["genres"] and got["tags"] == row["tags"]
+    assert "Traceback" not in page.content()

@@ -279,7 +279,7 @@ def test_slow_endpoint_times_out(base_url):
 def test_handlers_show_a_message_not_a_traceback_when_down():
     with ApiClient(f"http://127.0.0.1:{free_port()}") as client:
         h = Handlers(Access(client, ACCOUNTS))
-        out = guarded(h.connect, 2)("", Login("ops"))
+        out = guarded(h.connect, 3)("", Login("ops"))
         assert out[0].startswith("⚠") and "not reachable" in out[0]
         out = guarded(h.refresh, N_VIEW)(None, "", 0, 0, 10, Login("ops"))  # nothing picked: a hint, no request
         assert out[0] == "⚠ Pick a user (or start a new one) first." and len(out) == N_VIEW
@@ -289,13 +289,15 @@ def test_an_account_acts_for_its_user_with_a_token_minted_for_it(base_url):
     with ApiClient(base_url, token=SERVICE_TOKEN) as service:
         h = Handlers(Access(service, ACCOUNTS))
         ann = Login("ann")
-        status, users = h.connect("", ann)
+        status, users, _ = h.connect("", ann)
         assert users["choices"] == [("new-ann (your account's user)", "new-ann")] and users["value"] == "new-ann"
         out = guarded(h.refresh, N_VIEW)("u1", "", 4, 20, 10, ann)  # another user's: refused before any call
         assert out[0] == "⚠ Your account acts for user new-ann only."
         assert guarded(h.find_users, 2)("", ann)[0].startswith("⚠ Your account acts for user new-ann only")
         assert guarded(h.start_new_user, 2)("", ann)[0].startswith("⚠ Your account acts for user new-ann only")
-        assert guarded(h.connect, 2)("", Login("mallory"))[0] == "⚠ Log in first."
+        assert guarded(h.connect, 3)("", Login("mallory"))[0] == "⚠ Log in first."
+        added = guarded(h.add_item, N_VIEW)("new-ann", "x1", "A film", [], "", "", "", 4, 20, 10, ann)
+        assert added[0].startswith("⚠ Your account acts for user new-ann only; adding an item is for admin")
         fresh = h.refresh("new-ann", "", 4, 20, 10, ann)
         h.post_event("new-ann", B, 4.0, fresh[4], "", 4, 20, 10, ann)
         h.post_event("u1", C, 4.0, fresh[4], "", 4, 20, 10, Login("ops"))  # an admin acts for any user

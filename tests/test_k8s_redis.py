@@ -142,7 +142,7 @@ def _admin(server: ManifestRedis):
 def test_redis_acl_lets_the_store_work_and_nothing_else(manifest_redis):
     import redis
 
-    from ray_app.store.base import Event, StoredState
+    from ray_app.store.base import AddedItem, Event, StoredState
     from ray_app.store.opener import open_store
 
     server = manifest_redis
@@ -168,6 +168,9 @@ def test_redis_acl_lets_the_store_work_and_nothing_else(manifest_redis):
     store.revoke_token("jti-1", time.time() + 60)
     assert store.revoked_tokens() == {"jti-1"}
     assert store.erase_user("u2") == 5 and store.count_events("u2") == 0
+    item = AddedItem("new-1", "A film", ("comedy",), (), "", b"\0" * 1536, time.time())
+    assert store.add_item(item, max_items=10) == 1 and store.count_items() == 1
+    assert store.items_since(0) == [item] and store.get_item("new-1") == item
     store.close()
     # The shared rate limits count on the same Redis, as the same user.
     import asyncio

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -29,7 +30,9 @@ from conftest import local_serve, service_auth, user_auth
 from ray_app.serve.load_users import load_training_users
 from ray_app.serve.pin import pin_config_text
 from ray_app.serve.served_model import file_sha256, file_version
+from ray_app.store.opener import open_store
 from serve_helpers import BAD, CALLERS, CONFIG, EV, ROUTES
+from store_helpers import RedisServer, needs_redis
 
 APP = "recommender"
 
@@ -51,6 +54,11 @@ def free_port() -> int:
 
 def config_for(port: int, ckpt: Path, data_dir: Path, store_url: str) -> ServeDeploySchema:
     """The checked-in config pinned to `ckpt` (its pin rewritten as `python -m ray_app.serve.pin` does)."""
+    return ServeDeploySchema.model_validate(config_dict(port, ckpt, data_dir, store_url))
+
+
+def config_dict(port: int, ckpt: Path, data_dir: Path, store_url: str) -> dict:
+    """`config_for`'s config before validation."""
     cfg = yaml.safe_load(pin_config_text(CONFIG.read_text(), str(ckpt), file_sha256(ckpt)))
     cfg["http_options"].update(host="127.0.0.1", port=port)
     app = cfg["applications"][0]
@@ -59,7 +67,7 @@ def config_for(port: int, ckpt: Path, data_dir: Path, store_url: str) -> ServeDe
     app["args"].update(data_dir=str(data_dir), store_url=store_url, failed_auth_per_minute=100_000)
     for d in app["deployments"]:
         d["autoscaling_config"]["max_replicas"] = 1  # 2 cores shared by the whole test run
-    return ServeDeploySchema.model_validate(cfg)
+    return cfg
 
 
 def deploy(config: ServeDeploySchema, timeout_s: float = 180) -> None:
@@ -263,6 +271,120 @@ def test_a_retried_post_with_its_idempotency_key_appends_once(client):
     assert client.post(f"/users/{uid}/events", json={"events": [EV]}).json()["n_events"] == 4  # no key: appends
 
 
+# ---- items added while serving -------------------------------------------------------------
+
+
+def prepared_items(data) -> dict[str, dict]:
+    """The prepared catalogue's rows by source id: title, genres, tags and the text's embedding."""
+    columns = ["source_id", "title", "genres", "tags", "embedding"]
+    return {row["source_id"]: row for row in pq.read_table(data.path / "items.parquet", columns=columns).to_pylist()}
+
+
+def twin(row: dict, item_id: str) -> dict:
+    """A POST /items body with the text of a prepared item under a new id."""
+    return {"item_id": item_id, "title": row["title"], "genres": row["genres"], "tags": row["tags"]}
+
+
+def test_an_added_item_is_placed_by_its_text_and_ranked_for_the_user_it_suits(client, env):
+    """Two items added with the texts of a user's best and worst trained items (preparation's text
+    recipe, so the same vector): both are ranked on the next request, the one that suits the user
+    in its top 10, above the other."""
+    uid = str(env["data"].user_source_ids[1])
+    ranked = client.post("/recommend", json={"user_id": uid, "k": 100}).json()["items"]
+    rows = prepared_items(env["data"])
+    best, worst = rows[ranked[0]["item_id"]], rows[ranked[-1]["item_id"]]
+    for item_id, row in (("added-best", best), ("added-worst", worst)):
+        r = client.post("/items", json=twin(row, item_id))
+        assert r.status_code == 201, r.text
+    assert client.get("/items/added-best").json() == {**twin(best, "added-best"), "description": "", "added": True}
+    store = open_store(env["store_url"])
+    stored = np.frombuffer(store.get_item("added-best").text_emb, np.float32)
+    store.close()
+    np.testing.assert_allclose(stored, best["embedding"], atol=1e-4)  # the prepared text's own vector
+    top = [i["item_id"] for i in client.post("/recommend", json={"user_id": uid, "k": 100}).json()["items"]]
+    assert top.index("added-best") < 10 and top.index("added-best") < top.index("added-worst")
+    assert client.get("/healthz").json()["n_items"] == env["data"].n_items + 2
+
+
+def test_an_event_on_an_added_item_advances_the_state_through_its_text(client, env):
+    uid, src = "added-item-fan", env["data"].item_source_ids
+    first = [{"item_id": src[i], "rating": 4.0, "timestamp": 1.6e9 + i} for i in (1, 2)]
+    ctx = {"timestamp": 1.7e9}
+    assert client.post(f"/users/{uid}/events", json={"events": first}).status_code == 200
+    before = client.post("/recommend", json={"user_id": uid, "k": 5, "context": ctx}).json()
+    event = {"item_id": "added-best", "rating": 5.0, "timestamp": 1.6e9 + 10}
+    r = client.post(f"/users/{uid}/events", json={"events": [event]})
+    assert r.status_code == 200 and r.json()["n_events"] == 3, r.text
+    after = client.post("/recommend", json={"user_id": uid, "k": 5, "context": ctx}).json()
+    assert after["n_events"] == 3 and after["items"] != before["items"]
+    assert "added-best" not in {i["item_id"] for i in after["items"]}  # seen, so excluded
+    # The stored state, advanced by the event, is the state a rebuild from the events gives.
+    inline = client.post("/recommend", json={"history": [*first, event], "k": 5, "context": ctx}).json()
+    np.testing.assert_allclose([i["score"] for i in inline["items"]], [i["score"] for i in after["items"]], rtol=1e-4)
+    assert events_of(client, uid)[-1]["title"] == client.get("/items/added-best").json()["title"]
+
+
+def test_an_added_id_is_a_409_and_only_a_service_token_adds(client, env):
+    taken = client.post("/items", json={"item_id": "added-best", "title": "Another"})
+    assert taken.status_code == 409 and taken.json()["field"] == "item_id", taken.text
+    assert client.get("/items/added-best").json()["title"] != "Another"  # not overwritten
+    body = {"item_id": "by-a-user", "title": "A user's item"}
+    with httpx.Client(base_url=f"http://127.0.0.1:{env['port']}", timeout=60) as anonymous:
+        assert anonymous.post("/items", json=body, headers=user_auth("1")).status_code == 403
+        assert anonymous.post("/items", json=body).status_code == 401
+        assert anonymous.get("/items/by-a-user", headers=user_auth("1")).status_code == 404
+    trained = client.get(f"/items/{EV['item_id']}").json()
+    assert trained["added"] is False and trained["title"] and trained["item_id"] == EV["item_id"]
+
+
+@needs_redis
+def test_on_a_redis_store_every_replica_ranks_an_added_item_on_the_next_request(env, tmp_path_factory):
+    """A second app beside the first, on Redis, with two Decomposer and two Combiner replicas and
+    the HNSW index: an item added through it is ranked by every request from the next one on. The
+    user has seen every trained item, so a request ranks the added items and a few others."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    name, prefix = "items-redis", "/redis"
+    main = env["config"](env["ckpt_a"])
+    both = config_dict(env["port"], env["ckpt_a"], env["data"].path, env["store_url"])
+    second = config_dict(env["port"], env["ckpt_b"], env["data"].path, server.url)["applications"][
+        0
+    ]  # concat: HNSW serves it
+    second.update(name=name, route_prefix=prefix)
+    second["args"]["index"] = {"kind": "hnsw"}
+    for d in second["deployments"]:
+        d["ray_actor_options"]["num_cpus"] = 0.1
+        if d["name"] in ("Decomposer", "Combiner"):
+            d["autoscaling_config"].update(min_replicas=2, initial_replicas=2, max_replicas=2)
+    both["applications"].append(second)
+    both = ServeDeploySchema.model_validate(both)
+    try:
+        deploy(both)
+        deadline = time.time() + 180
+        while serve.status().applications.get(name) is None or serve.status().applications[name].status != "RUNNING":
+            assert time.time() < deadline, serve.status().applications.get(name)
+            time.sleep(0.5)
+        running = serve.status().applications[name].deployments
+        assert all(running[d].replica_states.get("RUNNING") == 2 for d in ("Decomposer", "Combiner"))
+        base = f"http://127.0.0.1:{env['port']}{prefix}"
+        with httpx.Client(base_url=base, timeout=60, headers=service_auth()) as c:
+            src = env["data"].item_source_ids[1:].tolist()
+            events = [{"item_id": i, "rating": 4.0, "timestamp": 1.6e9 + j} for j, i in enumerate(src)]
+            assert c.post("/users/seen-it-all/events", json={"events": events}).status_code == 200
+            req = {"user_id": "seen-it-all", "k": 10}
+            assert c.post("/recommend", json=req).json()["items"] == []  # nothing unseen
+            r = c.post("/items", json={"item_id": "redis-new", "title": "A new film", "genres": ["comedy"]})
+            assert r.status_code == 201, r.text
+            for _ in range(30):  # the two replicas of each stage share these requests
+                got = c.post("/recommend", json=req).json()
+                assert [i["item_id"] for i in got["items"]] == ["redis-new"], got
+            assert c.get("/items/redis-new").json()["title"] == "A new film"
+            assert c.post("/items", json={"item_id": "redis-new", "title": "Again"}).status_code == 409
+    finally:
+        deploy(main)  # the first app alone again: the second is deleted
+        server.stop()
+
+
 # ---- access control: every route but /healthz --------------------------------------------
 
 
@@ -442,3 +564,13 @@ def test_restart_loses_no_acknowledged_event(client, env):
     assert after == counts  # no replica loads users: the store is as it was
     rec = client.post("/recommend", json={"user_id": uid, "k": 3}).json()
     assert rec["n_events"] == len(items)
+
+
+def test_added_items_outlive_the_swap_and_the_restart(client, env):
+    """After the swap to checkpoint B and a restart (the tests above), the items added under A are
+    still there and ranked, placed by B."""
+    assert client.get("/items/added-best").json()["added"] is True
+    uid = str(env["data"].user_source_ids[1])
+    rec = client.post("/recommend", json={"user_id": uid, "k": 100}).json()
+    assert rec["model_version"] == file_version(env["ckpt_b"])
+    assert {"added-best", "added-worst"} <= {i["item_id"] for i in rec["items"]}

@@ -513,3 +513,58 @@ def test_a_transformer_decomposer_reads_gates_over_its_window(tiny_data, tmp_pat
     for step in out["steps"]:
         assert abs(sum(step["gates"].values()) - 1) < 1e-5
     assert dec._advance_users([("long", False)])[0].n_events == 15  # its state over the same window
+
+
+def test_items_added_to_the_store_are_followed_by_every_stage_and_placed_again_by_a_new_model(
+    tiny_data, ckpt, profile_ckpt, tmp_path
+):
+    """An item added to the store: the Decomposer's next batch holds it (an event on it advances the
+    state through its text vector), a Combiner catches up to the catalogue the state was read with
+    and ranks it, exactly and through an HNSW graph built before the add; a swap to another
+    checkpoint places it again with that model, from its stored text embedding."""
+    import time
+
+    from ray_app.serve.catalogue import n_added
+    from ray_app.store.base import AddedItem
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    dec = Decomposer.func_or_class(url, str(tiny_data.path))
+    dec.reconfigure({"checkpoint": str(profile_ckpt)})
+    exact = Combiner.func_or_class(str(tiny_data.path), store_url=url)
+    hnsw = Combiner.func_or_class(str(tiny_data.path), store_url=url, index={"kind": "hnsw", "ef_search": 256})
+    for comb in (exact, hnsw):
+        comb.reconfigure({"checkpoint": str(profile_ckpt)})
+    src, N = tiny_data.item_source_ids, tiny_data.n_items
+    events = [Event(src[i], 4.0, 1.6e9 + 3600 * i) for i in range(1, 6)]
+    dec.store.append_events("u", events)
+    before = dec._advance_users([("u", True)])[0]
+    assert before.n_items == N
+    text = tiny_data.item_emb[3]  # the text of item 3, under a new id
+    item = AddedItem("new-1", "A new film", ("Comedy",), (), "", text.astype(np.float32).tobytes(), time.time())
+    assert dec.store.add_item(item) == 1
+    new_event = Event("new-1", 5.0, 1.6e9 + 3600 * 7)
+    dec.store.append_events("u", [new_event])
+    after = dec._advance_users([("u", True)])[0]
+    assert after.n_items == N + 1 and dec.served.index_of["new-1"] == N + 1 and after.n_events == 6
+    assert N + 1 in after.seen.tolist()
+    full = dec.history_state([(e.item_id, e.rating, e.timestamp) for e in [*events, new_event]])
+    np.testing.assert_allclose(after.h, full.h, atol=1e-5)  # the stored state advanced through it
+    assert not np.allclose(after.h, before.h, atol=1e-4)
+    m = dec.served.model
+    torch.testing.assert_close(m.items.all()[N + 1], m.items.proj(torch.from_numpy(text)))  # its text's vector
+    now = new_event.timestamp + 60
+    for comb in (exact, hnsw):
+        assert n_added(comb.current) == 0  # nothing read until a request needs it
+        job = RankJob(after, None, N + 1, False, False, now)
+        comb.added(comb.current, after.n_items)  # what _rank_batch does first
+        (res,) = comb._rank(comb.current, [job])
+        assert n_added(comb.current) == 1 and comb.current.model.cfg.n_items == N + 1
+        assert N + 1 in [i for i, _ in res.items]
+    scores = dict(exact._rank(exact.current, [job])[0].items)
+    graph = dict(hnsw._rank(hnsw.current, [job])[0].items)
+    assert graph[N + 1] == pytest.approx(scores[N + 1], rel=1e-4)
+    # A swap: the new model places the added item from its stored text embedding.
+    exact.reconfigure({"checkpoint": str(ckpt)})
+    placed = exact.current.model
+    assert exact.current.version == file_version(ckpt) and placed.cfg.n_items == N + 1
+    torch.testing.assert_close(placed.items.all()[N + 1], placed.items.proj(torch.from_numpy(text)))

@@ -14,10 +14,13 @@ import sqlite3
 import pytest
 
 from ray_app.store.base import (
+    AddedItem,
     DatasetRecord,
     Event,
     EventCapReached,
     IdempotencyConflict,
+    ItemCapReached,
+    ItemExists,
     StoredState,
     StoreMismatch,
     UserSnapshot,
@@ -291,7 +294,7 @@ def test_a_sqlite_store_of_integer_ids_is_migrated_to_text_ids_when_opened(tmp_p
         finally:
             store.close()
         with sqlite3.connect(path) as conn:
-            assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
             types = conn.execute("SELECT DISTINCT typeof(item_id) FROM events UNION SELECT typeof(item_id) FROM seen")
             assert [t for (t,) in types] == ["text"]
         conn.close()
@@ -301,6 +304,23 @@ def test_a_sqlite_store_of_integer_ids_is_migrated_to_text_ids_when_opened(tmp_p
 
 
 @needs_redis
+def test_a_sqlite_store_of_version_2_gets_the_items_table_and_keeps_its_events(tmp_path):
+    path = tmp_path / "v2.db"
+    store = open_store(f"sqlite:///{path}")
+    store.append_events("u", [ev(1), ev(2)])
+    store.close()
+    with sqlite3.connect(path) as conn:  # a store as version 2 wrote it: no items table
+        conn.execute("DROP TABLE items")
+        conn.execute("PRAGMA user_version = 2")
+    conn.close()
+    store = open_store(f"sqlite:///{path}")
+    try:
+        assert store.events("u") == [ev(1), ev(2)] and store.seen_items("u") != []
+        assert store.add_item(_item("new", 1)) == 1 and store.count_items() == 1
+    finally:
+        store.close()
+
+
 def test_a_redis_log_from_before_the_seen_sets_is_filled_on_first_use(redis_server):
     store = open_store(redis_server.url)
     try:
@@ -349,6 +369,28 @@ def test_item_ids_come_back_as_written(store):
     assert store.events("u") == events and store.events("v") == events
     assert sorted(store.seen_items("u")) == sorted(odd) and sorted(store.snapshot("v", True).seen) == sorted(odd)
     assert store.snapshot("u").last_event == events[-1]
+
+
+def _item(item_id: str, j: int) -> AddedItem:
+    emb = bytes(range(256)) * 6  # 384 float32 would be 1536 bytes: any bytes must come back exactly
+    return AddedItem(item_id, f"Title {j} é", ("Comedy",), ("tag, a", "b"), "A description.", emb, 1.7e9 + j)
+
+
+def test_added_items_are_numbered_in_order_unique_and_capped(store):
+    """Items added while serving: numbered 1, 2, ... in the order of their adds, read back exactly
+    from any place, an id taken is refused, and so is an add past the cap; a refusal writes nothing."""
+    assert store.count_items() == 0 and store.items_since(0) == [] and store.get_item("x") is None
+    added = [_item(i, j) for j, i in enumerate(["0133093", "new,1", "é 2"])]
+    assert [store.add_item(item, max_items=3) for item in added] == [1, 2, 3]
+    with pytest.raises(ItemExists, match="'new,1'"):
+        store.add_item(_item("new,1", 9))
+    with pytest.raises(ItemCapReached, match="holds 3 added items.*\\(3\\)"):
+        store.add_item(_item("other", 9), max_items=3)
+    assert store.count_items() == 3
+    assert store.items_since(0) == added and store.items_since(1) == added[1:] and store.items_since(3) == []
+    assert store.items_since(1, limit=1) == added[1:2]
+    assert store.get_item("new,1") == added[1] and store.get_item("other") is None
+    assert store.add_item(_item("other", 9)) == 4  # no cap: taken
 
 
 def test_a_store_records_the_dataset_it_was_loaded_for(store):

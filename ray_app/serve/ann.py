@@ -56,6 +56,13 @@ class HNSWIndex:
     def n_items(self) -> int:
         return len(self.vecs)
 
+    def add(self, vecs: np.ndarray) -> None:
+        """(k, D) the vectors of items appended to the catalogue (added while serving): into the graph."""
+        if len(vecs):
+            vecs = np.ascontiguousarray(vecs, dtype=np.float32)
+            self.index.add(vecs)
+            self.vecs = np.concatenate([self.vecs, vecs])
+
     def search(self, u: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """u (B, D) -> catalogue indices (B, k) and scores (B, k), best first; index 0 where fewer were found."""
         scores, ids = self.index.search(np.ascontiguousarray(u, dtype=np.float32), k)  # (B, k) each
@@ -152,8 +159,12 @@ def item_index(served: ServedModel, settings: IndexSettings) -> HNSWIndex | None
         return None
     if settings not in served.indexes:
         check_servable(served, settings)
-        vecs = served.item_vecs.detach().cpu().numpy()  # (N+1, D)
-        served.indexes[settings] = HNSWIndex(vecs, settings)
+        with served.lock:  # the items added while serving so far (ray_app/serve/catalogue.py)
+            vecs = served.item_vecs.detach().cpu().numpy()  # (N+1, D)
+        index = HNSWIndex(vecs, settings)  # outside the lock: a build takes seconds
+        with served.lock:  # items added during the build join the graph before anyone searches it
+            index.add(served.item_vecs.detach().cpu().numpy()[len(vecs) :])
+            served.indexes.setdefault(settings, index)
     return served.indexes[settings]
 
 

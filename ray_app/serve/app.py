@@ -104,6 +104,7 @@ class AppArgs(BaseModel):
     events_per_hour: int = Field(5_000, ge=1)  # events written for one user an hour, by any token
     failed_auth_per_minute: int = Field(30, ge=1)  # requests with a bad token from one client address
     max_events_per_user: int = Field(20_000, ge=1)  # a user's stored events; an append past it is a 409
+    max_added_items: int = Field(10_000, ge=0)  # items added while serving (POST /items); past it a 409
     call_timeout_s: float = Field(10.0, gt=0)  # the Ingress answers 504 when a model stage takes longer
     # How the Combiner finds the top-k: exact (default) or an HNSW graph for very large catalogues.
     index: IndexSettings = IndexSettings()
@@ -162,13 +163,16 @@ def build_app(args: AppArgs):
     return Ingress.options(**args.ingress.options()).bind(
         Encoder.options(**args.encoder.options()).bind(**batch, cache_size=args.text_cache_size),
         Decomposer.options(**args.decomposer.options(), **model).bind(args.store_url, args.data_dir, **batch),
-        Combiner.options(**args.combiner.options(), **model).bind(args.data_dir, **batch, index=args.index),
+        Combiner.options(**args.combiner.options(), **model).bind(
+            args.data_dir, **batch, index=args.index, store_url=args.store_url
+        ),
         args.store_url,
         args.data_dir,
         quotas=QuotaSettings(
             args.rate_per_minute, args.service_rate_per_minute, args.events_per_hour, args.failed_auth_per_minute
         ),
         max_events_per_user=args.max_events_per_user,
+        max_added_items=args.max_added_items,
         call_timeout_s=args.call_timeout_s,
     )
 

@@ -25,18 +25,10 @@ from ray import serve
 
 from models.data.encoder import TextEncoder
 from ray_app.serve.ann import HNSWIndex, IndexSettings, check_servable, item_index
+from ray_app.serve.catalogue import Follower
 from ray_app.serve.metrics import AppMetrics
 from ray_app.serve.ranking import rank
-from ray_app.serve.served_model import (
-    Catalogue,
-    RankJob,
-    Ranking,
-    ServedModel,
-    UserState,
-    event_tensors,
-    pack_state,
-    unpack_state,
-)
+from ray_app.serve.served_model import RankJob, Ranking, ServedModel, UserState, event_tensors, pack_state, unpack_state
 from ray_app.store.base import StoredState
 from ray_app.store.opener import open_store
 
@@ -93,16 +85,17 @@ class Decomposer:
         self, store_url: str, data_dir: str | None = None, max_batch_size: int = 16, batch_wait_s: float = 0.002
     ):
         self.store = open_store(store_url)
-        self.catalogue_ids = Catalogue.load(data_dir)[0].item_source_ids if data_dir else None
+        self.added = Follower.open(self.store, data_dir)  # the items added while serving
         self.served: ServedModel | None = None
         self.metrics = AppMetrics()
         _configure_batching(self.user_state, max_batch_size, batch_wait_s)
 
     def reconfigure(self, config: dict) -> None:
         path, sha256 = _checkpoint_of(config)
-        served = ServedModel.load(path, self.catalogue_ids, sha256)
+        served = ServedModel.load(path, self.added.catalogue_ids, sha256)
         if self.served is None or served.version != self.served.version:
             # States written by the old version are rebuilt lazily, on each user's next request.
+            self.added.quietly(served, "Decomposer swap")  # the added items, placed by this model
             self.served = served
             log.info("Decomposer serving %s (version %s)", served.path, served.version)
 
@@ -126,6 +119,7 @@ class Decomposer:
     @torch.no_grad()
     def _advance_users(self, requests: list[tuple[str, bool]]) -> list[UserState]:
         served = self.served  # one model for the whole batch even if reconfigure runs meanwhile
+        self.added(served)  # the items added since the last batch (one read of their count)
         sizes = served.state_sizes
         out: list[UserState | None] = [None] * len(requests)
         groups: dict[tuple[bool, int], list] = defaultdict(list)  # (has state, new events) -> jobs
@@ -203,7 +197,7 @@ class Decomposer:
     def _result(
         served: ServedModel, h: torch.Tensor, n: int, last_ts: float | None, seen: np.ndarray | None
     ) -> UserState:
-        return UserState(served.version, str(served.path), h.cpu().numpy(), n, last_ts, seen)
+        return UserState(served.version, str(served.path), h.cpu().numpy(), n, last_ts, seen, served.model.cfg.n_items)
 
     async def advance(self, user_id: str) -> int:
         """Bring a user's stored state up to date (after new events); -> events consumed."""
@@ -214,6 +208,7 @@ class Decomposer:
     def history_state(self, events: list[tuple[str, float, float]]) -> UserState:
         """Source-id events (any order; sorted by time, stably, as in training) -> UserState; nothing stored."""
         served = self.served
+        self.added.quietly(served, "inline history")  # an inline history needs no store otherwise
         events = sorted(events, key=lambda e: e[2])
         if not events:
             return self._result(served, served.interest(None), 0, None, np.zeros(0, np.int64))
@@ -233,6 +228,7 @@ class Decomposer:
     @torch.no_grad()
     def _interests(self, user_id: str, last: int, now: float | None) -> dict:
         served = self.served
+        self.added(served)
         events = self.store.events(user_id)
         window = getattr(served.model.encoder, "max_len", None)  # a transformer attends to its last max_len events
         n_before = max(len(events) - window, 0) if window is not None else 0
@@ -277,9 +273,11 @@ class Combiner:
         batch_wait_s: float = 0.002,
         keep_versions: int = 2,
         index: IndexSettings | dict | None = None,
+        store_url: str | None = None,
     ):
-        # The dataset's vocabulary serves checkpoints that carry none (those of models.training.run).
-        self.catalogue_ids = Catalogue.load(data_dir)[0].item_source_ids if data_dir else None
+        # The dataset's vocabulary serves checkpoints that carry none (those of models.training.run);
+        # the store holds the items added while serving (None: none are).
+        self.added = Follower.open(store_url, data_dir)
         self.index = IndexSettings.model_validate(index or {})
         self.models: OrderedDict[str, ServedModel] = OrderedDict()
         self.keep_versions = keep_versions
@@ -291,7 +289,8 @@ class Combiner:
 
     def reconfigure(self, config: dict) -> None:
         path, sha256 = _checkpoint_of(config)
-        served = ServedModel.load(path, self.catalogue_ids, sha256)
+        served = ServedModel.load(path, self.added.catalogue_ids, sha256)
+        self.added.quietly(served, "Combiner swap")  # before the graph is built: it holds them too
         building = self._building.get(served.version)
         if building is not None:  # a request brought this version first: its graph, not a second build
             wait([building])
@@ -315,7 +314,7 @@ class Combiner:
         # One lookup, and the loaded model itself returned: a swap in reconfigure's thread may evict meanwhile.
         served = self.models.get(version)
         if served is None:
-            served = ServedModel.load(path, self.catalogue_ids)
+            served = ServedModel.load(path, self.added.catalogue_ids)
             if served.version != version:
                 raise RuntimeError(f"checkpoint {path} changed on disk (version {served.version}, wanted {version})")
             check_servable(served, self.index)
@@ -362,7 +361,9 @@ class Combiner:
         for j, job in enumerate(jobs):
             by_version[(job.state.model_version, job.state.checkpoint)].append(j)
         for (version, path), rows in by_version.items():
-            for j, res in zip(rows, self._rank(self._model_for(version, path), [jobs[j] for j in rows])):
+            served = self._model_for(version, path)
+            self.added(served, max(jobs[j].state.n_items for j in rows))  # what the Decomposer knew
+            for j, res in zip(rows, self._rank(served, [jobs[j] for j in rows])):
                 out[j] = res
         return out
 
@@ -373,6 +374,7 @@ class Combiner:
     @torch.no_grad()
     def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
         """Items whose text embedding is closest (cosine) to the query's."""
+        self.added.quietly(self.current, "search")
         text = self.current.model.items.text  # (N+1, 384), normalised
         sims = text[1:] @ torch.tensor(np.asarray(query), dtype=torch.float32, device=text.device)  # (N,)
         top = sims.topk(min(k, len(sims)))

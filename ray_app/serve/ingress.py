@@ -1,7 +1,8 @@
 """FastAPI ingress of the Serve app: validation, the state store, and the calls down the graph.
 
 Every client error is a JSON `{"detail", "field"}` with a 4xx status (401 no or bad token, 403
-another user's token, 422 validation, 404 unknown user, 409 a user's event cap reached, 413 body
+another user's token, 422 validation, 404 unknown user or item, 409 a user's event cap reached, an
+item id taken or the added items' cap reached, 413 body
 too large, 429 a limit, `ray_app.serve.quotas`), never a 500; a store that cannot answer is 503
 (`field: "store"`, with Retry-After, the details only in the log), a model stage that does not
 answer within `call_timeout_s` is 504. An event is committed to the store before the response
@@ -17,11 +18,13 @@ the store is down; /readyz and the requests that need the store say it is.
 import asyncio
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Annotated
 from collections.abc import Sequence
 
+import numpy as np
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -36,6 +39,7 @@ from ray_app.serve.auth import AuthError, Keys, Principal, TokenCheck, decode, m
 from ray_app.serve.quotas import QuotaExceeded, Quotas, QuotaSettings
 from ray_app.serve.schemas import (
     IDEMPOTENCY_KEY,
+    MAX_ITEM_ID_CHARS,
     MAX_K,
     MAX_USER_ID_CHARS,
     ErasedResponse,
@@ -49,15 +53,26 @@ from ray_app.serve.schemas import (
     EventsResponse,
     Health,
     InterestsResponse,
+    ItemIn,
+    ItemOut,
     ItemsResponse,
     RecommendRequest,
     RecommendResponse,
     UserEventsResponse,
     UsersResponse,
 )
+from ray_app.serve.catalogue import added_item_text, catalogue_added, extend_catalogue
 from ray_app.serve.metrics import AppMetrics
 from ray_app.serve.served_model import Catalogue, dataset_record
-from ray_app.store.base import Event, EventCapReached, IdempotencyConflict, StoreUnavailable
+from ray_app.store.base import (
+    AddedItem,
+    Event,
+    EventCapReached,
+    IdempotencyConflict,
+    ItemCapReached,
+    ItemExists,
+    StoreUnavailable,
+)
 from ray_app.store.opener import open_store
 
 log = logging.getLogger("ray.serve")
@@ -233,6 +248,9 @@ IdempotencyKey = Annotated[
         "appends nothing and gets the first answer again, for 24 h",
     ),
 ]
+ItemIdPath = Annotated[
+    Text, Path(min_length=1, max_length=MAX_ITEM_ID_CHARS, description="the item's source id, as a string")
+]
 QueryText = Annotated[Text, Query(min_length=1, max_length=500, description="free text")]
 
 
@@ -249,11 +267,14 @@ class Ingress:
         quotas: QuotaSettings = QuotaSettings(),
         max_events_per_user: int = 20_000,
         call_timeout_s: float = CALL_TIMEOUT_S,
+        max_added_items: int = 10_000,
     ):
         self.keys = Keys.from_env()  # from the environment only; no signing key, no start
         self.tokens = TokenCheck()  # the tokens this replica checked (bounded, a minute each)
         self.quotas = Quotas(quotas, store_url)  # shared by the replicas on a Redis store
         self.max_events_per_user = max_events_per_user
+        self.max_added_items = max_added_items
+        self._reading_items = threading.Lock()  # one read of the added items at a time: their order is the indices'
         self.call_timeout_s = call_timeout_s
         self.metrics = AppMetrics()
         self.encoder, self.decomposer, self.combiner = encoder, decomposer, combiner
@@ -325,7 +346,24 @@ class Ingress:
             self._revoked_read_at = time.monotonic()
             self._reading_revoked = None
 
-    def _check_items(self, events: Sequence[EventIn], field: str) -> None:
+    def _read_added(self) -> None:
+        """In a thread: the items added since this replica's last read, appended to its catalogue."""
+        with self._reading_items:
+            extend_catalogue(self.catalogue, self.store.items_since(catalogue_added(self.catalogue)))
+
+    async def _knows(self, ids: Sequence[str] = (), indices: Sequence[int] = ()) -> None:
+        """Catch up with the added items when a request names an item id, or an answer an index,
+        that this replica does not know yet (nothing is read otherwise). A store that cannot
+        answer leaves the ids unknown (a 422 naming them) rather than failing the request."""
+        cat = self.catalogue
+        if any(i not in cat.index_of for i in ids) or any(i > cat.n_items for i in indices):
+            try:
+                await self._store("items_since", self._read_added)
+            except StoreUnavailable as e:
+                log.warning("reading the added items failed: %s", e)
+
+    async def _check_items(self, events: Sequence[EventIn], field: str) -> None:
+        await self._knows(ids=[e.item_id for e in events])
         bad = self.catalogue.unknown(e.item_id for e in events)
         if bad:
             j = bad[0]
@@ -372,6 +410,7 @@ class Ingress:
             n_items=self.catalogue.n_items,
             n_users=self.n_training_users,
             dimensions=info["dimensions"],
+            genres=self.catalogue.genre_names,
         )
 
     @app.post("/recommend", response_model=RecommendResponse, responses=ERRORS)
@@ -382,7 +421,7 @@ class Ingress:
             state = self.decomposer.user_state.remote((req.user_id, req.exclude_seen))
         else:
             history = req.history or []
-            self._check_items(history, "history")
+            await self._check_items(history, "history")
             state = self.decomposer.history_state.remote([(e.item_id, e.rating, e.timestamp) for e in history])
         # The responses are passed on unresolved: Serve hands their values to the Combiner.
         res = await self._call(
@@ -391,6 +430,8 @@ class Ingress:
         )
         if req.user_id is not None and res.n_events == 0:
             raise ApiError(404, f"user_id: unknown user {req.user_id!r}", "user_id")
+        shown = [i for i, _ in res.items] + [i for rows in (res.explanation or {}).values() for i, _ in rows]
+        await self._knows(indices=shown)  # an item added since this replica last read them
         cat = self.catalogue
         explanation = None
         if res.explanation is not None:
@@ -412,7 +453,7 @@ class Ingress:
         self, body: EventsRequest, user_id: UserId, who: Caller, idempotency_key: IdempotencyKey = None
     ) -> EventsResponse:
         await self._allow(who, user_id)
-        self._check_items(body.events, "events")
+        await self._check_items(body.events, "events")
         await self.quotas.admit_events(user_id, len(body.events))  # 429 past the user's events an hour
         events = [Event(e.item_id, e.rating, e.timestamp) for e in body.events]
         replayed, cap = False, self.max_events_per_user
@@ -469,6 +510,7 @@ class Ingress:
         await self._allow(who, user_id)
         n = await self._require_user(user_id)
         events = await self._store("events", self.store.events, user_id, max(n - limit, 0), limit)
+        await self._knows(ids=[e.item_id for e in events])
         return UserEventsResponse(
             user_id=user_id,
             events=[{**self._describe(e.item_id), "rating": e.rating, "timestamp": e.timestamp} for e in events],
@@ -479,6 +521,7 @@ class Ingress:
         await self._allow(who, user_id)
         await self._require_user(user_id)
         res = await self._call(self.decomposer.interests.remote(user_id, last), "decomposer")
+        await self._knows(ids=[step["item_id"] for step in res["steps"]])
         steps = [{**step, "title": self._describe(step["item_id"])["title"]} for step in res["steps"]]
         return InterestsResponse(user_id=user_id, dimensions=res["dimensions"], steps=steps)
 
@@ -488,4 +531,70 @@ class Ingress:
         if not q.strip():
             raise ApiError(422, "q: empty query", "q")
         found = await self._call(self.combiner.search.remote(self.encoder.encode.remote(q), k), "search")
+        await self._knows(indices=[i for i, _ in found])
         return ItemsResponse(items=[self.catalogue.describe(i, s) for i, s in found])
+
+    @app.post("/items", response_model=ItemOut, status_code=201, responses=ERRORS)
+    async def add_item(self, body: ItemIn, who: Caller) -> ItemOut:
+        """Add an item to the catalogue (service tokens only): the encoder embeds its text, the store
+        keeps it, and every replica places it by that text on its next request. An id the catalogue
+        holds, trained or added, is a 409; so is an add past the app's `max_added_items`."""
+        actor = await self._allow(who, service_only="adding an item")
+        cat = self.catalogue
+        await self._knows(ids=[body.item_id])
+        if body.item_id in cat.index_of:
+            kind = "a trained item" if cat.index_of[body.item_id] <= cat.n_trained else "an added item"
+            raise ApiError(409, f"item_id: {body.item_id!r} is {kind} already", "item_id")
+        unknown = [j for j, g in enumerate(body.genres) if g not in cat.genre_names]
+        if unknown:
+            j = unknown[0]
+            raise ApiError(
+                422,
+                f"genres.{j}: unknown genre {body.genres[j]!r}; the catalogue's: {', '.join(cat.genre_names)}",
+                f"genres.{j}",
+            )
+        text = added_item_text(body.title, body.genres, body.tags, body.description)
+        emb = await self._call(self.encoder.encode.remote(text), "encoder")  # (384,)
+        item = AddedItem(
+            body.item_id,
+            body.title,
+            tuple(body.genres),
+            tuple(body.tags),
+            body.description,
+            np.asarray(emb, np.float32).tobytes(),
+            time.time(),
+        )
+        try:
+            seq = await self._store("add_item", self.store.add_item, item, self.max_added_items)
+        except ItemExists:
+            raise ApiError(409, f"item_id: {body.item_id!r} is an added item already", "item_id") from None
+        except ItemCapReached as e:
+            raise ApiError(409, f"items: {e}", "items") from None
+        log.info("item %r added (number %d) by a service token (jti %s)", body.item_id, seq, actor.jti)
+        return self._item_out(item)
+
+    @app.get("/items/{item_id}", response_model=ItemOut, responses=ERRORS)
+    async def item(self, item_id: ItemIdPath, who: Caller) -> ItemOut:
+        """An item of the catalogue, trained or added (404 for an id it does not hold)."""
+        await self._allow(who)
+        cat = self.catalogue
+        idx = cat.index_of.get(item_id)
+        if idx is not None and idx <= cat.n_trained:
+            return ItemOut(
+                item_id=item_id, title=cat.titles[idx], genres=cat.genres[idx], tags=[], description="", added=False
+            )
+        found = await self._store("get_item", self.store.get_item, item_id)
+        if found is None:
+            raise ApiError(404, f"item_id: unknown item {item_id!r}", "item_id")
+        return self._item_out(found)
+
+    @staticmethod
+    def _item_out(item: AddedItem) -> ItemOut:
+        return ItemOut(
+            item_id=item.item_id,
+            title=item.title,
+            genres=list(item.genres),
+            tags=list(item.tags),
+            description=item.description,
+            added=True,
+        )

@@ -151,6 +151,43 @@ class RecommendRequest(_Request):
         return history
 
 
+# The bounds of an added item (documented in docs/serving.md, "Adding items").
+MAX_TITLE_CHARS = 300
+MAX_GENRES = 20
+MAX_TAGS = 20
+MAX_TAG_CHARS = 64
+MAX_DESCRIPTION_CHARS = 2000
+Tag = Annotated[Text, StringConstraints(min_length=1, max_length=MAX_TAG_CHARS)]
+
+
+class ItemIn(_Request):
+    """An item added to the catalogue while serving (POST /items), placed by its text."""
+
+    item_id: ItemIdIn
+    title: Text = Field(min_length=1, max_length=MAX_TITLE_CHARS, description="its title, with the year if any")
+    genres: list[Tag] = Field(
+        default_factory=list, max_length=MAX_GENRES, description="genres among the catalogue's (GET /healthz)"
+    )
+    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS, description="free tags; the first 5 are read")
+    description: Text = Field("", max_length=MAX_DESCRIPTION_CHARS, description="a sentence or a paragraph")
+
+    @field_validator("title")
+    @classmethod
+    def _not_blank(cls, title: str) -> str:
+        if not title.strip():
+            raise ValueError("a title is needed (it is most of the text that places the item)")
+        return title
+
+
+class ItemOut(BaseModel):
+    item_id: str
+    title: str
+    genres: list[str]
+    tags: list[str]
+    description: str
+    added: bool = Field(description="true for an item added while serving, false for a trained one")
+
+
 class EventsRequest(_Request):
     events: list[EventIn] = Field(min_length=1, max_length=MAX_HISTORY)
 
@@ -162,6 +199,7 @@ class Health(BaseModel):
     n_items: int
     n_users: int
     dimensions: list[str]
+    genres: list[str] = Field(default_factory=list, description="the catalogue's genres (what an added item may name)")
 
 
 class TokenRequest(_Request):

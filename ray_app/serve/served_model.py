@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -39,6 +40,9 @@ class UserState:
     n_events: int  # events consumed (0: a new or unknown user)
     last_ts: float | None  # time of the last event (the context's gap), None without events
     seen: np.ndarray | None  # (S,) catalogue indices of the items seen; None when not asked for
+    n_items: int = (
+        0  # the catalogue (trained and added items) the state was read with: a Combiner holding fewer catches up
+    )
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,12 @@ class ServedModel:
     device: torch.device = torch.device("cpu")
     # Item indexes built over item_vecs for this version, by their settings (ray_app/serve/ann.py).
     indexes: dict = field(default_factory=dict, repr=False)
+    # Items added while serving grow the catalogue beyond the trained n_trained (ray_app/serve/catalogue.py).
+    n_trained: int = field(init=False)
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    def __post_init__(self):
+        self.n_trained = self.model.cfg.n_items
 
     @cached_property
     def index_of(self) -> dict[str, int]:
@@ -173,6 +183,8 @@ class Catalogue:
     titles: list[str]  # (N+1,)
     genres: list[list[str]]  # (N+1,)
     index_of: dict[str, int]  # source item id (the API's `item_id`) -> model index
+    genre_names: list[str] = field(default_factory=list)  # (G,) the dataset's genres
+    n_trained: int = 0  # the dataset's items; those after them were added while serving
 
     @classmethod
     def from_data(cls, data: InteractionData) -> Catalogue:
@@ -186,7 +198,7 @@ class Catalogue:
                 f"{data.path}: item id {long[:40]!r}... is longer than the {MAX_ITEM_ID_CHARS} characters "
                 "an API request may send; shorten the ids in the event log"
             )
-        return cls(ids, list(data.titles), genres, vocabulary_index(ids))
+        return cls(ids, list(data.titles), genres, vocabulary_index(ids), list(data.genre_names), len(ids) - 1)
 
     @classmethod
     def load(cls, data_dir: str | Path) -> tuple[Catalogue, InteractionData]:

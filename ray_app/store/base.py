@@ -1,6 +1,6 @@
 """What every state store holds and promises: events (the source of truth), cached states, the
-dataset a store was loaded for, the errors a caller can meet, and the `StateStore` protocol; the
-URL of a store without its password.
+dataset a store was loaded for, the items added while serving, the errors a caller can meet, and
+the `StateStore` protocol; the URL of a store without its password.
 """
 
 from __future__ import annotations
@@ -62,6 +62,52 @@ class DatasetRecord:
 
     def describe(self) -> str:
         return f"{self.name!r} (events {self.events[:12]}, catalogue {self.catalogue[:12]})"
+
+
+@dataclass(frozen=True)
+class AddedItem:
+    """An item added to the catalogue while serving (POST /items): what a replica needs to place it
+    (its text embedding and genres) and what GET /items/{id} answers. The store numbers the added
+    items 1, 2, ... in the order they were added, the order every replica appends them in."""
+
+    item_id: str
+    title: str
+    genres: tuple[str, ...]
+    tags: tuple[str, ...]
+    description: str
+    text_emb: bytes  # (384,) float32: the encoder's vector of the item's text
+    created: float  # unix seconds
+
+    def fields_json(self) -> str:
+        """Everything but the id and the embedding, as the stores keep it."""
+        return json.dumps(
+            {
+                "title": self.title,
+                "genres": list(self.genres),
+                "tags": list(self.tags),
+                "description": self.description,
+                "created": self.created,
+            }
+        )
+
+    @classmethod
+    def from_parts(cls, item_id: str, fields: str | bytes, text_emb: bytes) -> AddedItem:
+        f = json.loads(fields)
+        return cls(
+            item_id, f["title"], tuple(f["genres"]), tuple(f["tags"]), f["description"], bytes(text_emb), f["created"]
+        )
+
+
+class ItemExists(ValueError):
+    """An added item's id is taken (by an item added before): nothing is overwritten."""
+
+
+class ItemCapReached(ValueError):
+    """The store holds as many added items as the app allows: nothing written."""
+
+    def __init__(self, n_items: int, cap: int):
+        super().__init__(f"the catalogue holds {n_items} added items, the most this app allows ({cap})")
+        self.n_items, self.cap = n_items, cap
 
 
 IDEMPOTENCY_TTL_S = 24 * 3600  # how long an Idempotency-Key is remembered; retries end long before
@@ -186,6 +232,21 @@ class StateStore(Protocol):
         records another dataset, or that holds users and records none (a store loaded before
         stores recorded their dataset) unless `adopt`, which records it for such a store."""
         ...
+
+    def add_item(self, item: AddedItem, max_items: int | None = None) -> int:
+        """Append an item to the added ones -> its number (1, 2, ...); ItemExists when its id was
+        added before, ItemCapReached when `max_items` are held; either writes nothing."""
+        ...
+
+    def count_items(self) -> int:
+        """How many items were added: the catalogue's version, one cheap read."""
+        ...
+
+    def items_since(self, start: int, limit: int | None = None) -> list[AddedItem]:
+        """The added items after the first `start`, in the order they were added."""
+        ...
+
+    def get_item(self, item_id: str) -> AddedItem | None: ...
 
     def ping(self) -> None:
         """A cheap round trip; StoreUnavailable when the store cannot answer."""

@@ -16,6 +16,10 @@ Layout (every key under a namespace, default `di`):
                   so that erasing the user finds them without scanning the keyspace;
 - `di:revoked`    a sorted set of revoked token ids, scored by the token's expiry;
 - `di:meta`       a hash; its field `dataset` records the dataset the store was loaded for (JSON).
+- `di:items`      a list of the items added while serving, in the order they were added (so the
+                  count, `LLEN`, is the catalogue's version): the id's and the fields' byte lengths
+                  (uint64 each), the id, the fields (JSON) and the text embedding (float32);
+- `di:itemids`    a hash, added item id -> its place in `di:items` (1, 2, ...).
 
 Every write is one Lua script, which Redis runs atomically and logs to the AOF as one unit, so
 the event list, the user set and the state never disagree. Durability comes from the server:
@@ -41,10 +45,13 @@ from redis.retry import Retry
 
 from ray_app.store.base import (
     IDEMPOTENCY_TTL_S,
+    AddedItem,
     DatasetRecord,
     Event,
     EventCapReached,
     IdempotencyConflict,
+    ItemCapReached,
+    ItemExists,
     StoredState,
     StoreUnavailable,
     UserSnapshot,
@@ -160,6 +167,31 @@ redis.call('HSET', KEYS[1], 'v', ARGV[1], 'n', ARGV[2], 'b', ARGV[3])
 return 1
 """
 
+# An added item: refused when its id is taken or the cap (-1: none) is reached.
+# KEYS: items, itemids; ARGV: id, record, cap -> {0 added / 1 id taken / 2 cap reached, count}.
+_ADD_ITEM = """
+local n = redis.call('LLEN', KEYS[1])
+if redis.call('HMGET', KEYS[2], ARGV[1])[1] then return {1, n} end
+local cap = tonumber(ARGV[3])
+if cap >= 0 and n >= cap then return {2, n} end
+n = redis.call('RPUSH', KEYS[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], n)
+return {0, n}
+"""
+_ITEM_HEAD = struct.Struct("<QQ")  # the id's and the fields' byte lengths
+
+
+def _pack_item(item: AddedItem) -> bytes:
+    raw_id, fields = item.item_id.encode(), item.fields_json().encode()
+    return _ITEM_HEAD.pack(len(raw_id), len(fields)) + raw_id + fields + item.text_emb
+
+
+def _unpack_item(raw: bytes) -> AddedItem:
+    n_id, n_fields = _ITEM_HEAD.unpack_from(raw)
+    at = _ITEM_HEAD.size
+    item_id, fields = raw[at : at + n_id].decode(), raw[at + n_id : at + n_id + n_fields]
+    return AddedItem.from_parts(item_id, fields, raw[at + n_id + n_fields :])
+
 
 # Replies that mean "not now" rather than a bug: out of memory under maxmemory noeviction, a
 # replica that only reads, a failed snapshot, a server still loading, credentials refused.
@@ -240,6 +272,7 @@ class RedisStore:
         self._load = self._r.register_script(_LOAD)
         self._put_state = self._r.register_script(_PUT_STATE)
         self._claim = self._r.register_script(_CLAIM)
+        self._add_item = self._r.register_script(_ADD_ITEM)
         self._durable: bool | None = None
         self._durable_known = False
 
@@ -430,6 +463,39 @@ class RedisStore:
         held, has_users = self._claim(keys=[f"{self._ns}:meta", self._users], args=[record.to_json(), int(adopt)])
         held = DatasetRecord.from_json(held) if held else None  # Lua's false arrives as None
         check_claim(f"Redis store {self.url}", held, record, bool(has_users), adopt)
+
+    # -- items added while serving ------------------------------------------------------
+    @property
+    def _items(self) -> list[str]:
+        return [f"{self._ns}:items", f"{self._ns}:itemids"]
+
+    @_redis_faults
+    def add_item(self, item: AddedItem, max_items: int | None = None) -> int:
+        outcome, n = self._add_item(keys=self._items, args=[item.item_id, _pack_item(item), _cap(max_items)])
+        if outcome == 1:
+            raise ItemExists(f"item {item.item_id!r} was added before")
+        if outcome == 2:
+            raise ItemCapReached(int(n), int(max_items))
+        return int(n)
+
+    @_redis_faults
+    def count_items(self) -> int:
+        return int(self._r.llen(self._items[0]))
+
+    @_redis_faults
+    def items_since(self, start: int, limit: int | None = None) -> list[AddedItem]:
+        if limit is not None and limit <= 0:
+            return []
+        end = -1 if limit is None else int(start) + int(limit) - 1
+        return [_unpack_item(raw) for raw in self._r.lrange(self._items[0], int(start), end)]
+
+    @_redis_faults
+    def get_item(self, item_id: str) -> AddedItem | None:
+        seq = self._r.hmget(self._items[1], [item_id])[0]
+        if seq is None:
+            return None
+        raw = self._r.lindex(self._items[0], int(seq) - 1)
+        return _unpack_item(raw) if raw is not None else None
 
     @_redis_faults
     def ping(self) -> None:

@@ -5,9 +5,10 @@ rebuilds from the events when it is missing or was produced by another model ver
 `open_store(url)` picks the backend: SQLite (embedded, one node) or Redis (several nodes).
 
 Schema version 2 (`PRAGMA user_version`) keeps item ids as TEXT ("0133093" keeps its zero) and
-records the dataset the store was loaded for (`meta`). A store of version 0 or 1, whose item ids
-were INTEGER columns, is migrated when it is first opened, in one transaction: each id becomes its
-decimal string, which is the source id it stood for.
+records the dataset the store was loaded for (`meta`); version 3 adds the items added while
+serving (`items`). A store of version 0 or 1, whose item ids were INTEGER columns, is migrated
+when it is first opened, in one transaction: each id becomes its decimal string, which is the
+source id it stood for; a store of version 2 only gets the new table.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ from collections.abc import Mapping, Sequence
 
 from ray_app.store.base import (
     IDEMPOTENCY_TTL_S,
+    AddedItem,
     DatasetRecord,
     Event,
     EventCapReached,
     IdempotencyConflict,
+    ItemCapReached,
+    ItemExists,
     StoredState,
     StoreUnavailable,
     UserSnapshot,
@@ -50,7 +54,7 @@ def _sqlite_faults(method):
     return wrapper
 
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
     user_id  TEXT PRIMARY KEY,
@@ -92,6 +96,12 @@ CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS items (
+    seq      INTEGER PRIMARY KEY,
+    item_id  TEXT NOT NULL UNIQUE,
+    fields   TEXT NOT NULL,
+    text_emb BLOB NOT NULL
+);
 """
 # The tables whose item_id was an INTEGER column before version 2, and their columns.
 _TEXT_ID_TABLES = {"events": "user_id, seq, item_id, rating, timestamp", "seen": "user_id, item_id"}
@@ -129,9 +139,12 @@ class SQLiteStore:
     @staticmethod
     def _migrate(conn: sqlite3.Connection) -> None:
         """Inside a write transaction: create what is missing and bring an older store to SCHEMA_VERSION."""
-        if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version >= SCHEMA_VERSION:
             return  # another process migrated it meanwhile
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if version >= 2:  # item ids are TEXT already: only the tables added since are created
+            tables = set()
         for table in _TEXT_ID_TABLES:
             if table in tables:  # item ids were INTEGER: the rows are copied into a TEXT column
                 conn.execute(f"ALTER TABLE {table} RENAME TO old_{table}")
@@ -401,6 +414,46 @@ class SQLiteStore:
             check_claim(f"SQLite store {self.path}", held, record, has_users, adopt)
             if held is None:
                 conn.execute("INSERT INTO meta (key, value) VALUES ('dataset', ?)", (record.to_json(),))
+
+    # -- items added while serving ------------------------------------------------------
+    @_sqlite_faults
+    def add_item(self, item: AddedItem, max_items: int | None = None) -> int:
+        conn = self._conn()
+        with self._write(conn):  # the id's check, the cap's and the insert see one commit
+            if conn.execute("SELECT 1 FROM items WHERE item_id = ?", (item.item_id,)).fetchone():
+                raise ItemExists(f"item {item.item_id!r} was added before")
+            n = conn.execute("SELECT count(*) FROM items").fetchone()[0]
+            if max_items is not None and n >= max_items:
+                raise ItemCapReached(n, max_items)
+            conn.execute(
+                "INSERT INTO items (seq, item_id, fields, text_emb) VALUES (?, ?, ?, ?)",
+                (n + 1, item.item_id, item.fields_json(), sqlite3.Binary(item.text_emb)),
+            )
+        return n + 1
+
+    @_sqlite_faults
+    def count_items(self) -> int:
+        row = self._conn().execute("SELECT max(seq) FROM items").fetchone()
+        return int(row[0] or 0)
+
+    @_sqlite_faults
+    def items_since(self, start: int, limit: int | None = None) -> list[AddedItem]:
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT item_id, fields, text_emb FROM items WHERE seq > ? ORDER BY seq LIMIT ?",
+                (int(start), -1 if limit is None else max(int(limit), 0)),
+            )
+            .fetchall()
+        )
+        return [AddedItem.from_parts(*row) for row in rows]
+
+    @_sqlite_faults
+    def get_item(self, item_id: str) -> AddedItem | None:
+        row = (
+            self._conn().execute("SELECT item_id, fields, text_emb FROM items WHERE item_id = ?", (item_id,)).fetchone()
+        )
+        return AddedItem.from_parts(*row) if row else None
 
     @_sqlite_faults
     def ping(self) -> None:
