@@ -215,12 +215,14 @@ def test_bad_input_is_one_line_naming_what_is_wrong(cluster, ckpt, tiny_data, at
 
 
 def test_recommend_over_http_gives_the_batch_top_k(cluster, recs, ckpt, tiny_data, at, tmp_path):
-    """One real check through the Serve app: /recommend at the batch's moment gives its rows."""
+    """One real check through the Serve app: /recommend at the batch's moment gives its rows; with
+    items added over HTTP, a job reading the API's store (--store-url) ranks them as /recommend does."""
     from ray import serve
 
     from ray_app.serve.app import AppArgs, build_app
 
-    args = AppArgs(checkpoint=str(ckpt), data_dir=str(tiny_data.path), store_url=f"sqlite:///{tmp_path / 's.db'}")
+    store_url = f"sqlite:///{tmp_path / 's.db'}"
+    args = AppArgs(checkpoint=str(ckpt), data_dir=str(tiny_data.path), store_url=store_url)
     serve.run(build_app(args), name="batch-check", route_prefix="/")
     try:
         want = by_user(pq.read_table(recs))
@@ -234,5 +236,26 @@ def test_recommend_over_http_gives_the_batch_top_k(cluster, recs, ckpt, tiny_dat
                 assert body["model_version"] == file_version(ckpt)
                 assert [str(i["item_id"]) for i in body["items"]] == [i for i, _ in want[user]]
                 np.testing.assert_allclose([i["score"] for i in body["items"]], [s for _, s in want[user]], rtol=1e-5)
+            # Items added while serving: a job given the API's store ranks them as /recommend does.
+            titles = pq.read_table(tiny_data.path / "items.parquet", columns=["title"]).column(0).to_pylist()
+            for n, title in enumerate(titles[:2]):
+                r = client.post("/items", json={"item_id": f"added-{n}", "title": title})
+                assert r.status_code == 201, r.text
+            out, every = tmp_path / "with-added", tiny_data.n_items + 2
+            assert batch(ckpt, tiny_data.path, out, at, "--store-url", store_url, "--k", str(every)) == 0
+            assert json.loads((out / MANIFEST).read_text())["added_items"] == 2
+            got = by_user(pq.read_table(out))
+            for user in list(got)[:3]:
+                assert {"added-0", "added-1"} <= {i for i, _ in got[user]}
+                r = client.post(
+                    "/recommend", json={"user_id": user, "context": {"timestamp": at}, "k": every, "exclude_seen": True}
+                )
+                assert r.status_code == 200, r.text
+                assert [str(i["item_id"]) for i in r.json()["items"]] == [i for i, _ in got[user]]
+                np.testing.assert_allclose(
+                    [i["score"] for i in r.json()["items"]], [s for _, s in got[user]], rtol=1e-5, atol=1e-6
+                )
     finally:
         serve.delete("batch-check")
+    assert batch(ckpt, tiny_data.path, tmp_path / "x", at, "--store-url", f"sqlite:///{tmp_path / 'typo.db'}") == 2
+    assert not (tmp_path / "typo.db").exists() and not (tmp_path / "x").exists()

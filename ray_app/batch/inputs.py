@@ -62,6 +62,10 @@ class PreparedInput:
         col = table_rows(self.path / TABLE_FILES[0], 0, self.index.n_items, ["source_id"]).column(0)
         return np.array(["", *col.cast(pa.string()).to_pylist()], dtype=object)
 
+    def genre_names(self) -> list[str]:
+        """(G,) the dataset's genres, as its manifest lists them."""
+        return list(self.index.manifest.get("genres", []))
+
     def read(self, r: dict, max_len: int) -> Histories:
         """One range's users, packed: the events read from their rows, the user ids from the user table."""
         events = table_rows(self.path / TABLE_FILES[1], r["row_lo"], r["row_hi"], EVENT_COLUMNS)

@@ -28,10 +28,12 @@ import pyarrow.parquet as pq
 
 from models.data.errors import DataError
 from models.files import write_json
+from ray_app.batch.added import read_added_items
 from ray_app.batch.inputs import PreparedInput, open_input
 from ray_app.batch.output import MANIFEST, check_target, publish, staging
 from ray_app.batch.scoring import ScoreSettings, Scorer
 from ray_app.batch.settings import BatchSettings, parse_args
+from ray_app.serve.catalogue import extend
 from ray_app.serve.served_model import ServedModel, ServingSetupError, resolve_checkpoint
 from ray_app.train.data import SetupError
 from ray_app.train.preflight import connect
@@ -93,8 +95,11 @@ def run(s: BatchSettings, num_cpus: int | None = None) -> BatchResult:
         checkpoint = resolve_checkpoint(s.checkpoint)
         catalogue = source.item_ids() if isinstance(source, PreparedInput) else None
         served = ServedModel.load(checkpoint, catalogue)  # refuses what the actors would refuse, now
+        genre_names = source.genre_names() if isinstance(source, PreparedInput) else []
     except (DataError, ServingSetupError, OSError) as e:
         raise SetupError(str(e)) from None
+    added = read_added_items(s.store_url, served.item_source_ids) if s.store_url else []
+    extend(served, added, genre_names)  # an event log's events on added items are then known
     version, max_len, vocabulary = served.version, served.model.cfg.max_len, served.item_source_ids
     del served
     connect(num_cpus, s.verbose)
@@ -102,9 +107,19 @@ def run(s: BatchSettings, num_cpus: int | None = None) -> BatchResult:
     ray.data.DataContext.get_current().raise_original_map_exception = True
     workers = pool_size(s)
     at = time.time() if s.at is None else s.at
-    settings = ScoreSettings(str(checkpoint), s.k, s.exclude_seen, at, s.users_per_call, max(1, int(s.cpus_per_worker)))
+    settings = ScoreSettings(
+        str(checkpoint),
+        s.k,
+        s.exclude_seen,
+        at,
+        s.users_per_call,
+        max(1, int(s.cpus_per_worker)),
+        tuple(added),
+        tuple(genre_names),
+    )
     when = datetime.fromtimestamp(at, timezone.utc).isoformat(timespec="seconds")
-    print(f"batch: top {s.k} of version {version} at {when} by {workers} model actor(s) -> {out}", flush=True)
+    extra = f" and {len(added)} added item(s)" if added else ""
+    print(f"batch: top {s.k} of version {version}{extra} at {when} by {workers} model actor(s) -> {out}", flush=True)
     t0 = time.perf_counter()
     tmp = staging(out)
     try:
@@ -136,6 +151,7 @@ def run(s: BatchSettings, num_cpus: int | None = None) -> BatchResult:
             "k": s.k,
             "exclude_seen": s.exclude_seen,
             "at": at,
+            "added_items": len(added),
             "users": n_users,
             "rows": rows,
             "workers": workers,

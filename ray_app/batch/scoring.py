@@ -18,8 +18,10 @@ import torch
 from models.data.batching import BatchBuilder
 from ray_app.batch.histories import Histories, from_arrow
 from ray_app.batch.inputs import PreparedInput
+from ray_app.serve.catalogue import extend
 from ray_app.serve.ranking import rank
 from ray_app.serve.served_model import RankJob, ServedModel, UserState
+from ray_app.store.base import AddedItem
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -42,6 +44,8 @@ class ScoreSettings:
     at: float  # the moment recommended for (epoch seconds)
     users_per_call: int  # users ranked in one call of the model
     threads: int  # torch threads of an actor
+    added: tuple[AddedItem, ...] = ()  # the items added while serving, in the store's order
+    genre_names: tuple[str, ...] = ()  # the dataset's genres (the added items' genre rows)
 
 
 STATE_BATCH = 256  # users advanced together (of one window length): bounds the LSTM's activations
@@ -97,8 +101,9 @@ def recommend(
 
 
 class Scorer:
-    """The callable class of the actor pool: the checkpoint loaded once per actor, then batches of
-    users (prepared input: ranges of users it reads itself) ranked `users_per_call` at a time."""
+    """The callable class of the actor pool: the checkpoint loaded once per actor (with the items
+    added while serving, when the job read any), then batches of users (prepared input: ranges of
+    users it reads itself) ranked `users_per_call` at a time."""
 
     def __init__(self, settings: ScoreSettings, prepared: PreparedInput | None = None):
         torch.set_num_threads(settings.threads)
@@ -106,6 +111,7 @@ class Scorer:
         # A prepared dataset's items are the catalogue, as the Combiner's data_dir: another vocabulary is refused.
         catalogue = prepared.item_ids() if prepared is not None else None
         self.served = ServedModel.load(settings.checkpoint, catalogue)
+        extend(self.served, list(settings.added), list(settings.genre_names))
         self.item_ids = np.asarray(self.served.item_source_ids, dtype=object)
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:

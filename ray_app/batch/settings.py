@@ -22,6 +22,11 @@ class BatchSettings:
     out: Path | None = setting(
         None, "the output folder: Parquet shards of user_id, rank, item_id, score, model_version; required"
     )
+    store_url: str | None = setting(
+        None,
+        "the serving store (the API's store_url): the items added while serving (POST /items) are ranked "
+        "too, placed by their text as /recommend places them; default: the trained catalogue only",
+    )
     k: int = setting(100, "items per user")
     exclude_seen: bool = setting(True, "keep the items a user already has in the ranking", flag="--include-seen")
     at: float | None = setting(
