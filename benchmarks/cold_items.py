@@ -3,6 +3,7 @@ no training event holds (cold targets), with the warm targets beside them.
 
     nice python benchmarks/cold_items.py --dataset ml-latest-small        # last 10
     nice python benchmarks/cold_items.py --dataset movietweetings-100k    # leave-one-out
+    python benchmarks/cold_items.py --dataset ml-latest-small --device cuda  # the same on a GPU
 
 writes benchmarks/results/cold_items_<dataset>.json. Two steps:
 1. Screening (seed 0): the decomposer with each lever of `LEVERS` (none: the model before this
@@ -72,15 +73,15 @@ class TailOnly(torch.nn.Module):
         return self.model.score(batch).masked_fill(self.head, -torch.inf)
 
 
-def scores(model, data, split, head: torch.Tensor) -> dict:
+def scores(model, data, split, head: torch.Tensor, device: str = "cpu") -> dict:
     """Cold and warm figures of a model on the test targets (and validation cold/warm NDCG@10)."""
     cold, warm = cold_and_warm(data, split, "test")
-    ev_cold = evaluate(model, data, split, "test", rows=cold)
+    ev_cold = evaluate(model, data, split, "test", rows=cold, device=device)
     ranks = 1.0 / ev_cold["masked"]["mrr"] - 1.0
-    tail = evaluate(TailOnly(model, head), data, split, "test", rows=cold)
-    ev_warm = evaluate(model, data, split, "test", rows=warm)
+    tail = evaluate(TailOnly(model, head.to(device)), data, split, "test", rows=cold, device=device)
+    ev_warm = evaluate(model, data, split, "test", rows=warm, device=device)
     v_cold, v_warm = cold_and_warm(data, split, "valid")
-    valid_warm = evaluate(model, data, split, "valid", rows=v_warm)["masked"]["ndcg@10"]
+    valid_warm = evaluate(model, data, split, "valid", rows=v_warm, device=device)["masked"]["ndcg@10"]
     return {
         "cold_targets": int(len(cold)),
         "cold_ndcg@10": float(ev_cold["masked"]["ndcg@10"].mean()),
@@ -90,7 +91,9 @@ def scores(model, data, split, head: torch.Tensor) -> dict:
         "warm_ndcg@10": float(ev_warm["masked"]["ndcg@10"].mean()),
         "warm_user_ndcg@10": per_user_mean(ev_warm["masked"]["ndcg@10"], ev_warm["users"]).round(6).tolist(),
         "warm_users": np.unique(ev_warm["users"]).tolist(),
-        "valid_cold_ndcg@10": float(evaluate(model, data, split, "valid", rows=v_cold)["masked"]["ndcg@10"].mean()),
+        "valid_cold_ndcg@10": float(
+            evaluate(model, data, split, "valid", rows=v_cold, device=device)["masked"]["ndcg@10"].mean()
+        ),
         "valid_warm_ndcg@10": float(valid_warm.mean()),
         "valid_warm_se": float(valid_warm.std() / np.sqrt(len(valid_warm))),
     }
@@ -102,8 +105,14 @@ def run(kind: str, over: dict, data, split, seed: int, args, head) -> dict:
     cfg = train_config(kind, seed=seed, epochs=args.epochs, patience=args.patience, intent_rate=0.0)
     if kind == "sasrec":
         cfg.ema_decay = 0.98  # the recipe the decomposer trains with, as in the equal-budget search
-    fitted = fit(model, data, split, cfg, progress=False, desc=f"{kind} {over} s{seed}")
-    return {"seed": seed, "best_epoch": fitted.best_epoch, "config": over, **scores(model, data, split, head)}
+    fitted = fit(model, data, split, cfg, device=args.device, progress=args.progress, desc=f"{kind} {over} s{seed}")
+    return {
+        "seed": seed,
+        "best_epoch": fitted.best_epoch,
+        "config": over,
+        "device": args.device,
+        **scores(model, data, split, head, args.device),
+    }
 
 
 def warm_change(a: list[dict], b: list[dict]) -> dict:
@@ -126,6 +135,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--base", action="append", default=[], metavar="KEY=VALUE", help="decomposer settings every lever starts from"
     )
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where each run trains and is scored")
+    p.add_argument("--progress", action="store_true", help="a progress bar per epoch")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     name = Path(args.dataset).name

@@ -362,7 +362,9 @@ class Combiner:
             by_version[(job.state.model_version, job.state.checkpoint)].append(j)
         for (version, path), rows in by_version.items():
             served = self._model_for(version, path)
-            self.added(served, max(jobs[j].state.n_items for j in rows))  # what the Decomposer knew
+            knew = max(jobs[j].state.n_items for j in rows)  # the catalogue the Decomposer ranked with
+            if knew > served.model.cfg.n_items:  # items added since: read off the event loop
+                await asyncio.to_thread(self.added, served, knew)
             for j, res in zip(rows, self._rank(served, [jobs[j] for j in rows])):
                 out[j] = res
         return out
