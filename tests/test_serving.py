@@ -568,3 +568,38 @@ def test_items_added_to_the_store_are_followed_by_every_stage_and_placed_again_b
     placed = exact.current.model
     assert exact.current.version == file_version(ckpt) and placed.cfg.n_items == N + 1
     torch.testing.assert_close(placed.items.all()[N + 1], placed.items.proj(torch.from_numpy(text)))
+
+
+def test_adding_an_item_to_a_model_trained_without_text_is_a_409(tiny_data, tmp_path):
+    """Such a model has no vector for an item no training event holds: the add is refused, not
+    stored (an item ranked from the origin would be an item ranked by nothing)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ray_app.serve.ingress import ApiError, Ingress
+    from ray_app.serve.schemas import ItemIn
+
+    torch.manual_seed(0)
+    m = new_model(
+        "decomposer", tiny_data, make_split(tiny_data.user_offsets, 1), lstm_units=8, item_dim=8, use_text=False
+    ).eval()
+    path = checkpoint.save(tmp_path / "ids.pt", m, {"item_source_ids": tiny_data.item_source_ids.tolist()})
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    dec = Decomposer.func_or_class(url, str(tiny_data.path))
+    dec.reconfigure({"checkpoint": str(path)})
+    assert dec.info()["places_by_text"] is False
+
+    async def answer(value):
+        return value
+
+    ingress = object.__new__(Ingress.func_or_class)
+    ingress.call_timeout_s = 5.0
+    ingress.catalogue = Catalogue.load(tiny_data.path)[0]
+    ingress.decomposer = SimpleNamespace(info=SimpleNamespace(remote=lambda: answer(dec.info())))
+    ingress._allow = lambda who, **kw: answer(SimpleNamespace(jti="j"))
+    ingress._knows = lambda **kw: answer(None)
+    ingress.store = dec.store
+    with pytest.raises(ApiError) as e:
+        asyncio.run(Ingress.func_or_class.add_item(ingress, ItemIn(item_id="new-1", title="A new film"), None))
+    assert e.value.status == 409 and "trained without item text" in e.value.detail
+    assert dec.store.count_items() == 0

@@ -106,6 +106,7 @@ class Decomposer:
             "checkpoint": str(s.path),
             "dimensions": s.dim_names,
             "n_items": s.model.cfg.n_items,
+            "places_by_text": bool(s.model.cfg.use_text),  # an added item has a vector of its own
         }
 
     # ---- a stored user -------------------------------------------------------------------

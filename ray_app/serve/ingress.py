@@ -538,7 +538,8 @@ class Ingress:
     async def add_item(self, body: ItemIn, who: Caller) -> ItemOut:
         """Add an item to the catalogue (service tokens only): the encoder embeds its text, the store
         keeps it, and every replica places it by that text on its next request. An id the catalogue
-        holds, trained or added, is a 409; so is an add past the app's `max_added_items`."""
+        holds, trained or added, is a 409; so is an add past the app's `max_added_items`, and any add
+        while the served model was trained without item text (it could not place the item)."""
         actor = await self._allow(who, service_only="adding an item")
         cat = self.catalogue
         await self._knows(ids=[body.item_id])
@@ -552,6 +553,13 @@ class Ingress:
                 422,
                 f"genres.{j}: unknown genre {body.genres[j]!r}; the catalogue's: {', '.join(cat.genre_names)}",
                 f"genres.{j}",
+            )
+        if not (await self._call(self.decomposer.info.remote(), "decomposer"))["places_by_text"]:
+            raise ApiError(
+                409,
+                "items: the served model was trained without item text (use_text off), so an added item "
+                "would have no vector to be ranked by; serve a model trained with text to add items",
+                "items",
             )
         text = added_item_text(body.title, body.genres, body.tags, body.description)
         emb = await self._call(self.encoder.encode.remote(text), "encoder")  # (384,)
