@@ -16,7 +16,9 @@ writes benchmarks/results/cold_items_<dataset>.json. Two steps:
 Cold rows: NDCG@10, MRR and median rank of the cold test targets (history-masked, all items), and
 NDCG@10 among the long-tail candidates (the items with at most TAIL training events and the target).
 `warm_change` is the decomposer's warm-target NDCG@10 with the kept lever minus without it, with an
-interval over seeds and users. A recorded run is skipped on a rerun, so an interrupted run resumes.
+interval over seeds and users. A recorded run is skipped on a rerun, so an interrupted run resumes
+(`complete` is false until every run is recorded; a committed partial file is where a later run,
+on this machine or a GPU, takes up).
 """
 
 from __future__ import annotations
@@ -154,6 +156,7 @@ def main(argv=None) -> int:
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "base": base,
             "tail": TAIL,
+            "complete": False,  # True once every run below is recorded and summarised
         }
     )
     runs = report.setdefault("runs", {})
@@ -208,6 +211,7 @@ def main(argv=None) -> int:
             and report["warm_change"]["hi"] >= 0
         ),
     }
+    report["complete"] = True
     write_json(out, report, indent=1)
     print(json.dumps({"kept": kept, "cold": report["cold"], "warm_change": report["warm_change"]}, indent=1))
     return 0
