@@ -45,14 +45,14 @@ from ray_app.train.data import resolve_dataset  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 PROTOCOL_OF = {"ml-latest-small": "last10", "movietweetings-100k": "loo"}
 TAIL = 5  # a long-tail item: at most this many training events
-LEVERS = {
+LEVERS = {  # screened in this order: the combined levers first, the single ones after
     "none": {},
+    "bias, bounded residual 0.5, cold share 0.2": {"item_bias": True, "residual_radius": 0.5, "cold_share": 0.2},
+    "cold share 0.2": {"cold_share": 0.2, "item_bias": True},
+    "frozen text, bounded residual 0.5": {"freeze_text": True, "residual_radius": 0.5},
     "item bias": {"item_bias": True},
     "bounded residual 0.5": {"residual_radius": 0.5},
     "bounded residual 2": {"residual_radius": 2.0},
-    "cold share 0.2": {"cold_share": 0.2, "item_bias": True},
-    "frozen text, bounded residual 0.5": {"freeze_text": True, "residual_radius": 0.5},
-    "bias, bounded residual 0.5, cold share 0.2": {"item_bias": True, "residual_radius": 0.5, "cold_share": 0.2},
 }
 
 
