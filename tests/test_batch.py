@@ -214,7 +214,7 @@ def test_bad_input_is_one_line_naming_what_is_wrong(cluster, ckpt, tiny_data, at
     assert "--k must be positive" in capsys.readouterr().err
 
 
-def test_recommend_over_http_gives_the_batch_top_k(cluster, recs, ckpt, tiny_data, at, tmp_path):
+def test_recommend_over_http_gives_the_batch_top_k(cluster, recs, ckpt, tiny_data, at, tmp_path, capsys):
     """One real check through the Serve app: /recommend at the batch's moment gives its rows; with
     items added over HTTP, a job reading the API's store (--store-url) ranks them as /recommend does."""
     from ray import serve
@@ -257,5 +257,37 @@ def test_recommend_over_http_gives_the_batch_top_k(cluster, recs, ckpt, tiny_dat
                 )
     finally:
         serve.delete("batch-check")
+    # The same users as an event log, one of them with an event on an added item: the others get the
+    # same rankings, and that user no longer gets the item it has seen.
+    users = np.repeat(tiny_data.user_source_ids[1:], np.diff(tiny_data.user_offsets))
+    fan = str(tiny_data.user_source_ids[1])
+    log = tmp_path / "log"
+    log.mkdir()
+    pacsv.write_csv(
+        pa.table(
+            {
+                "user_id": pa.array([*users, fan], pa.string()),
+                "item_id": pa.array([*tiny_data.item_source_ids[tiny_data.items], "added-0"], pa.string()),
+                "timestamp": [*tiny_data.timestamps, float(tiny_data.timestamps.min())],
+                "rating": [*tiny_data.ratings, 4.0],
+            }
+        ),
+        log / "events.csv",
+    )
+    assert batch(ckpt, log, tmp_path / "from-log", at, "--store-url", store_url, "--k", str(every)) == 0
+    from_log = by_user(pq.read_table(tmp_path / "from-log"))
+    assert_same_rankings({u: r for u, r in from_log.items() if u != fan}, {u: r for u, r in got.items() if u != fan})
+    assert "added-0" in {i for i, _ in got[fan]} and "added-0" not in {i for i, _ in from_log[fan]}
+    # Refused, one line each, nothing written: a store file that does not exist, and added items
+    # with a checkpoint trained without item text (nothing to place them by).
     assert batch(ckpt, tiny_data.path, tmp_path / "x", at, "--store-url", f"sqlite:///{tmp_path / 'typo.db'}") == 2
     assert not (tmp_path / "typo.db").exists() and not (tmp_path / "x").exists()
+    torch.manual_seed(0)
+    ids_only = new_model(
+        "decomposer", tiny_data, make_split(tiny_data.user_offsets, 1), lstm_units=8, item_dim=8, use_text=False
+    )
+    meta = {"item_source_ids": tiny_data.item_source_ids.tolist()}
+    ids_ckpt = checkpoint.save(tmp_path / "ids.pt", ids_only.eval(), meta)
+    capsys.readouterr()
+    assert batch(ids_ckpt, tiny_data.path, tmp_path / "y", at, "--store-url", store_url) == 2
+    assert "trained without item text" in capsys.readouterr().err and not (tmp_path / "y").exists()

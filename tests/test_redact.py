@@ -25,6 +25,9 @@ SECRET = "s3cr3t-Pa55word_xyz"
         (f"rediss://u:{SECRET}@h:6380/1?ssl_cert_reqs=none", "rediss://u:***@h:6380/1?ssl_cert_reqs=none"),
         (f"redis://h:6379/0?db=0&password={SECRET}", "redis://h:6379/0?db=0&password=***"),
         (f"unix://:{SECRET}@/run/redis.sock?db=0", "unix://:***@/run/redis.sock?db=0"),
+        # A password with characters a URL parser cuts the authority at, unencoded.
+        ("redis://:p#ss@redis:6379/0", "redis://:***@redis:6379/0"),
+        ("redis://u:ab/cd?e@redis:6379/0", "redis://u:***@redis:6379/0"),
         # Nothing to hide: returned exactly as given.
         ("redis://redis:6379/0", "redis://redis:6379/0"),
         ("redis://dynamic-interest@redis:6379/0", "redis://dynamic-interest@redis:6379/0"),

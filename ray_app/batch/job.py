@@ -98,7 +98,7 @@ def run(s: BatchSettings, num_cpus: int | None = None) -> BatchResult:
         genre_names = source.genre_names() if isinstance(source, PreparedInput) else []
     except (DataError, ServingSetupError, OSError) as e:
         raise SetupError(str(e)) from None
-    added = read_added_items(s.store_url, served.item_source_ids) if s.store_url else []
+    added = read_added_items(s.store_url, served.item_source_ids, served.model.cfg.use_text) if s.store_url else []
     extend(served, added, genre_names)  # an event log's events on added items are then known
     version, max_len, vocabulary = served.version, served.model.cfg.max_len, served.item_source_ids
     del served

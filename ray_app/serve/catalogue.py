@@ -69,8 +69,10 @@ def extend(served: ServedModel, items: list[AddedItem], genre_names: list[str]) 
     never meets an id the model does not hold yet."""
     if not items:
         return
+    width = served.model.item_genres.shape[1]  # (N+1, G): genre rows feed training's topic loss only
+    genres = genre_rows(items, genre_names) if len(genre_names) == width else np.zeros((len(items), width), np.float32)
     with served.lock:
-        new = served.model.add_items(text_embeddings(items), genre_rows(items, genre_names))
+        new = served.model.add_items(text_embeddings(items), genres)
         served.__dict__.pop("item_vecs", None)  # the cached vectors, recomputed on their next use
         if served.indexes:
             vecs = served.item_vecs.detach().cpu().numpy()  # (N+1, D[+1])

@@ -257,7 +257,12 @@ class StateStore(Protocol):
 
 def redact_url(url: str) -> str:
     """`url` as it may be printed or logged: a password in it becomes `***`
-    (`redis://user:***@host:port/db`, `...?password=***`); a URL without one is returned as is."""
+    (`redis://user:***@host:port/db`, `...?password=***`); a URL without one is returned as is.
+    A password holding `/`, `?` or `#` unencoded (which a URL parser cuts the authority at) is
+    hidden too: everything between the user's `:` and the last `@`."""
+    raw = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^:@/?#]*):([^@]*[/?#][^@]*)@([^@]*)$", url)
+    if raw:
+        return redact_url(f"{raw[1]}{raw[2]}:***@{raw[4]}")
     parts = urlsplit(url)
     query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
     if parts.password is None and query == parts.query:
