@@ -95,9 +95,9 @@ def follow(served: ServedModel, store: StateStore | None, genre_names: list[str]
             return
     elif store.count_items() <= have:
         return
-    with served.lock:  # one reader appends; another that waited finds the items there
-        have = n_added(served)
-        extend(served, store.items_since(have), genre_names)
+    items = store.items_since(have)  # read outside the lock: ranking waits only for the append
+    with served.lock:  # another reader may have appended some of them meanwhile
+        extend(served, items[n_added(served) - have :], genre_names)
 
 
 @dataclass

@@ -371,8 +371,12 @@ class Combiner:
         return out
 
     def _rank(self, served: ServedModel, jobs: list[RankJob]) -> list[Ranking]:
-        """The ranking the batch job shares (`ray_app.serve.ranking.rank`), with this replica's index."""
-        return rank(served, jobs, self._index_for(served))
+        """The ranking the batch job shares (`ray_app.serve.ranking.rank`), with this replica's index;
+        under the model's lock, so that items appended by a search's catch-up (in Serve's thread
+        pool) never change the catalogue in the middle of a ranking."""
+        index = self._index_for(served)
+        with served.lock:
+            return rank(served, jobs, index)
 
     @torch.no_grad()
     def search(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
