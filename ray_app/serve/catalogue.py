@@ -69,6 +69,12 @@ def extend(served: ServedModel, items: list[AddedItem], genre_names: list[str]) 
     never meets an id the model does not hold yet."""
     if not items:
         return
+    if not served.model.cfg.use_text:  # only a swap gets here: POST /items refuses such a model
+        log.warning(
+            "version %s was trained without item text: the %d added item(s) have no vector of their own",
+            served.version,
+            len(items),
+        )
     width = served.model.item_genres.shape[1]  # (N+1, G): genre rows feed training's topic loss only
     genres = genre_rows(items, genre_names) if len(genre_names) == width else np.zeros((len(items), width), np.float32)
     with served.lock:
