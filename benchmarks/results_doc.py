@@ -364,10 +364,14 @@ def render(spec: str, results: Path) -> str:
 
 
 def lookup(node, keys: list[str]) -> list:
-    """The values at a '/'-path of keys (`*`: every key at that level)."""
+    """The values at a '/'-path of keys (`*`: every key at that level; a key that holds '/' itself,
+    such as a run's "name/seed", is matched whole, the longest such key first)."""
     if not keys:
         return [node]
     head, rest = keys[0], keys[1:]
+    if isinstance(node, dict) and head != "*":
+        j = next((j for j in range(len(keys), 1, -1) if "/".join(keys[:j]) in node), 1)
+        head, rest = "/".join(keys[:j]), keys[j:]
     if isinstance(node, list):
         children = node if head == "*" else [node[int(head)]]
     elif head == "*":

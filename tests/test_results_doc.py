@@ -66,3 +66,12 @@ def test_a_figure_in_prose_is_checked_against_its_file(tmp_path):
     assert done.returncode == 1 and "figure 'r.json ratio .2f'" in done.stderr
     subprocess.run(run, cwd=ROOT, check=True, capture_output=True)
     assert doc.read_text() == good
+
+
+def test_a_key_that_holds_a_slash_is_addressed_whole():
+    from results_doc import lookup
+
+    runs = {"runs": {"decomposer, none/0": {"ndcg": 0.1}, "a": {"b": 2}}}
+    assert lookup(runs, "runs/decomposer, none/0/ndcg".split("/")) == [0.1]
+    assert lookup(runs, "runs/a/b".split("/")) == [2]
+    assert lookup(runs, "runs/*/ndcg".split("/")[:2]) == [{"ndcg": 0.1}, {"b": 2}]
