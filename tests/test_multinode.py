@@ -23,7 +23,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(WHY_NOT is not None, reason=f
 def test_a_lost_host_costs_no_epoch_and_no_acknowledged_event(tiny_prepared):
     root = Path(tempfile.mkdtemp(prefix="dimn-", dir="/tmp"))  # short: Ray's socket paths have a length limit
     try:
-        cfg = multinode.MultinodeConfig(root, Path(tiny_prepared), epochs=7, serve_after_kill_s=20)
+        cfg = multinode.MultinodeConfig(
+            root, Path(tiny_prepared), epochs=5, kill_after_epoch=2, serve_before_kill_s=10, serve_after_kill_s=20
+        )
         result = multinode.run(cfg, progress=lambda line: print(line, flush=True))
     finally:
         shutil.rmtree(root, ignore_errors=True)

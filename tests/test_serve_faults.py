@@ -31,8 +31,15 @@ def served(tiny_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve-faults")
     redis = RedisServer(tmp)
     redis.start()
+    # Serve's health checks every 2 s with a 4 s limit (10 s and 30 s by default), so that the
+    # test below can wait past them in seconds.
+    one = one_replica_each()["ingress"].model_copy(update={"health_check_period_s": 2, "health_check_timeout_s": 4})
     args = AppArgs(
         **one_replica_each(
+            encoder=one,
+            decomposer=one,
+            combiner=one,
+            ingress=one,
             checkpoint=str(untrained_checkpoint(tiny_data, tmp / "model.pt")),
             data_dir=str(tiny_data.path),
             store_url=redis.url,
@@ -71,7 +78,7 @@ def test_a_stopped_store_is_a_503_and_the_api_comes_back_with_it(served):
     inline = {"history": [{"item_id": item, "rating": 5, "timestamp": 1.7e9}], "k": 3}
     request_ids = []
     try:
-        # Twice, the second time past Serve's health-check period and timeout (10 s + 30 s by default):
+        # Twice, the second time past Serve's health-check period and timeout (2 s + 4 s here):
         # no replica is replaced while Redis is down, so every answer still comes within seconds.
         for round_ in range(2):
             for method, path, body in stored:
@@ -86,7 +93,7 @@ def test_a_stopped_store_is_a_503_and_the_api_comes_back_with_it(served):
             assert r.status_code == 200, r.text  # a request that needs no store is still served
             assert client.get("/healthz", timeout=20).status_code == 200  # liveness does not need the store
             if round_ == 0:
-                time.sleep(45)
+                time.sleep(10)
     finally:
         redis.start()
     deadline = time.monotonic() + 90

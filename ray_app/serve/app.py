@@ -56,6 +56,10 @@ class DeploymentSettings(BaseModel):
     upscale_delay_s: float = Field(2.0, ge=0)
     downscale_delay_s: float = Field(15.0, ge=0)
     access_log: bool = True  # a log line per request; the Ingress's carries the request id
+    # How often Serve checks a replica's health and how long a check may take before the replica
+    # is replaced; None: Serve's defaults (10 s and 30 s).
+    health_check_period_s: float | None = Field(None, gt=0)
+    health_check_timeout_s: float | None = Field(None, gt=0)
 
     def options(self) -> dict:
         opts = {
@@ -63,6 +67,9 @@ class DeploymentSettings(BaseModel):
             "max_ongoing_requests": self.max_ongoing_requests,
             "logging_config": {"enable_access_log": self.access_log},
         }
+        for name in ("health_check_period_s", "health_check_timeout_s"):
+            if getattr(self, name) is not None:
+                opts[name] = getattr(self, name)
         if self.max_queued_requests != -1:
             opts["max_queued_requests"] = self.max_queued_requests
             opts["backpressure_config"] = BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S)
