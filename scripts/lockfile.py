@@ -6,12 +6,16 @@
     python scripts/lockfile.py split LOCK DIR     DIR/default.txt: the packages from the default index;
                                                   DIR/extra.txt: those from another index (torch's CPU index), with it
     python scripts/lockfile.py stale FILE...      installed packages that none of FILE pins (run with .venv's Python)
+    python scripts/lockfile.py pin LOCK NAME      NAME's pin in LOCK, with its hashes (a requirements file of one)
+    python scripts/lockfile.py pip-sources        pip's configured sources as uv's options, one per line
 
 The lock files are pip requirements files with a sha256 for every file a pin may install, resolved for
 CPython 3.11 on Linux x86_64 (the Ray image's Python): requirements-dev.lock (the project and its dev extra),
 requirements.lock (the project, the same pins) and requirements-cuda.lock (the project with PyPI's CUDA build
 of torch instead of the CPU build, the same pins otherwise). `covers`, `split` and `stale` need only the
 standard library (scripts/setup.sh runs them before the project's packages are there); `check` needs `packaging`.
+scripts/setup.sh installs the split files with uv (pinned in requirements-dev.lock, installed by pip from its
+own pin and hashes) given pip's sources, so both installers read the same folders and indexes.
 """
 
 from __future__ import annotations
@@ -332,6 +336,32 @@ def stale(files: list[Path]) -> list[str]:
     return sorted(installed - keep)
 
 
+def pin(lock: Lock, name: str) -> str:
+    """One package's entry of a lock file as a requirements file: the pin and its hashes."""
+    entry = lock.entries.get(canonical(name))
+    if entry is None:
+        raise SystemExit(f"error: {lock.path.name} pins no {name}")
+    return "\n".join(entry.lines) + "\n"
+
+
+SOURCE_KEYS = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "find-links": "--find-links"}
+
+
+def pip_sources(config: str | None = None) -> list[str]:
+    """pip's index URLs and find-links (its configuration files and PIP_* variables) as uv's options."""
+    if config is None:
+        config = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+    out: list[str] = []
+    for line in config.splitlines():
+        key, _, value = line.partition("=")
+        option = SOURCE_KEYS.get(key.rsplit(".", 1)[-1])
+        if option:
+            for v in value.strip().strip("'\"").split():
+                if f"{option}={v}" not in out:
+                    out.append(f"{option}={v}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -342,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("lock", type=Path)
     p.add_argument("folder", type=Path)
     commands.add_parser("stale").add_argument("files", type=Path, nargs="+")
+    p = commands.add_parser("pin")
+    p.add_argument("lock", type=Path)
+    p.add_argument("name")
+    commands.add_parser("pip-sources")
     args = parser.parse_args(argv)
     if args.command == "lock":
         write_locks(args.upgrade)
@@ -361,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
         split(read(args.lock), args.folder)
     elif args.command == "stale":
         print("\n".join(stale(args.files)))
+    elif args.command == "pin":
+        print(pin(read(args.lock), args.name), end="")
+    elif args.command == "pip-sources":
+        print("\n".join(pip_sources()))
     return 0
 
 

@@ -197,3 +197,28 @@ def test_the_real_indexes_resolve_torch_to_the_cpu_build(tmp_path):
     item = _pip_dry_run(lockfile.LOCK, tmp_path, {})
     assert item["metadata"]["version"].endswith("+cpu")
     assert item["download_info"]["url"].startswith(CPU_INDEX.rsplit("/whl", 1)[0])
+
+
+def test_pip_sources_become_uv_options_once_each():
+    """setup.sh gives uv the sources pip is configured with (files, PIP_* variables), each once."""
+    config = (
+        ":env:.find-links='/opt/wheels'\n"
+        "global.cert='/etc/ssl/certs/ca.crt'\n"
+        "global.extra-index-url='file:///a/simple file:///b/simple'\n"
+        "global.find-links='/opt/wheels'\n"
+        "user.index-url='https://mirror.example/simple'\n"
+    )
+    assert lockfile.pip_sources(config) == [
+        "--find-links=/opt/wheels",
+        "--extra-index-url=file:///a/simple",
+        "--extra-index-url=file:///b/simple",
+        "--index-url=https://mirror.example/simple",
+    ]
+    assert lockfile.pip_sources("global.cert='/x'\n") == []
+
+
+def test_the_pin_of_uv_carries_its_hashes():
+    text = lockfile.pin(lockfile.read(lockfile.DEV_LOCK), "uv")
+    assert re.match(r"uv==\d", text) and text.count("--hash=sha256:") >= 2
+    with pytest.raises(SystemExit, match="pins no nothing-here"):
+        lockfile.pin(lockfile.read(lockfile.DEV_LOCK), "nothing-here")
