@@ -180,9 +180,7 @@ class NetnsCluster:
         self._network()
         self._redis()
         self.start_node("head")
-        for name in self.hosts:
-            if name != "head":
-                self.start_node(name)
+        self.start_node(*[name for name in self.hosts if name != "head"])  # the workers join side by side
         self.wait_for_nodes(len(self.hosts))
 
     def _network(self) -> None:
@@ -231,8 +229,14 @@ class NetnsCluster:
                 start_new_session=True,
             )
 
-    def start_node(self, name: str) -> None:
-        """`ray start` on host `name` (the head, or a worker joining it); returns once it is up."""
+    def start_node(self, *names: str) -> None:
+        """`ray start` on each host of `names` (the head, or workers joining it) at once; returns once all are up."""
+        procs = {name: self._ray_start(name) for name in names}
+        for name, proc in procs.items():
+            if proc.wait(timeout=180) != 0:
+                raise RuntimeError(f"ray start on {name} exited with {proc.returncode}: {self._tail(f'{name}.log')}")
+
+    def _ray_start(self, name: str) -> subprocess.Popen:
         h = self.hosts[name]
         env = {**os.environ, **self._ray_env(), "GLOO_SOCKET_IFNAME": IFNAME, **self.env}
         env[REDIS_PASSWORD_ENV] = self.redis_password
@@ -246,9 +250,7 @@ class NetnsCluster:
             argv += ["--dashboard-host", h.ip, "--dashboard-port", str(DASHBOARD_PORT)]
         else:
             argv += ["--address", self.gcs_address]
-        proc = self.popen(name, argv, log=self.root / f"{name}.log", env=env)
-        if proc.wait(timeout=180) != 0:
-            raise RuntimeError(f"ray start on {name} exited with {proc.returncode}: {self._tail(f'{name}.log')}")
+        return self.popen(name, argv, log=self.root / f"{name}.log", env=env)
 
     def wait_for_nodes(self, n: int, timeout_s: float = 120) -> None:
         """Until the cluster counts `n` alive nodes."""
