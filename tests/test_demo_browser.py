@@ -240,7 +240,8 @@ def test_an_account_acts_for_its_own_user_only(browser, demo_url, serve_app, rea
         status_shows(page, f"acts for user {reader_user} only")
         page.locator("#new-user").click()
         status_shows(page, f"acts for user {reader_user} only")
-        assert len(table_column(page, "recs", 1)) == 10  # its own recommendations, through its user token
+        # its own recommendations, through its user token (waited for: the status above may be an earlier one)
+        sync_api.expect(body_rows(page, "recs")).to_have_count(10, timeout=TIMEOUT_MS)
     finally:
         page.context.close()
 
@@ -308,7 +309,7 @@ def test_new_user_adds_an_event_found_by_text(page, demo_url, serve_app, imdb_da
     sync_api.expect(page.locator("#who")).to_contain_text("no events yet")
     user = page.locator("#who strong").inner_text().strip()
     assert user.startswith("new-")
-    assert len(table_column(page, "recs", 1)) == 10  # a cold-start list for a user with no state
+    sync_api.expect(body_rows(page, "recs")).to_have_count(10, timeout=TIMEOUT_MS)  # a cold-start list, no state
 
     # 5. search the catalogue by text (through the encoder) and add the first hit by hand
     page.get_by_text("Add an event by hand").click()
