@@ -12,7 +12,7 @@
 The lock files are pip requirements files with a sha256 for every file a pin may install, resolved for
 CPython 3.11 on Linux x86_64 (the Ray image's Python): requirements-dev.lock (the project and its dev extra),
 requirements.lock (the project, the same pins) and requirements-cuda.lock (the project with PyPI's CUDA build
-of torch instead of the CPU build, the same pins otherwise). `covers`, `split` and `stale` need only the
+of torch instead of the CPU build, the same pins otherwise). `covers`, `split`, `stale`, `pin` and `pip-sources` need only the
 standard library (scripts/setup.sh runs them before the project's packages are there); `check` needs `packaging`.
 scripts/setup.sh installs the split files with uv (pinned in requirements-dev.lock, installed by pip from its
 own pin and hashes) given pip's sources, so both installers read the same folders and indexes.
@@ -141,9 +141,8 @@ def _reachable(url: str) -> bool:
 
 def _find_links() -> list[Path]:
     """The folders of pip's find-links (its configuration and PIP_FIND_LINKS): where pip finds local wheels."""
-    config = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
-    found = re.findall(r"find-links='([^']*)'", config) + [os.environ.get("PIP_FIND_LINKS", "")]
-    return [Path(p) for value in found for p in value.split() if Path(p).is_dir()]
+    found = [o.split("=", 1)[1] for o in pip_sources() if o.startswith("--find-links=")]
+    return [Path(p) for p in found + os.environ.get("PIP_FIND_LINKS", "").split() if Path(p).is_dir()]
 
 
 def _stand_in_index(folder: Path, packages: list[str]) -> str:
