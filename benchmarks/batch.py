@@ -132,7 +132,7 @@ def online(a) -> dict:
     from models.data.dataset import index_prepared, table_rows
     from models.data.prepare import TABLE_FILES
     from ray_app.serve.deployments import Combiner, Decomposer
-    from ray_app.serve.served_model import RankJob
+    from ray_app.serve.records import RankJob
     from ray_app.store.base import Event
 
     index = index_prepared(a.data)

@@ -239,7 +239,7 @@ def serve_phase(cluster: NetnsCluster, cfg: MultinodeConfig) -> dict:
     import subprocess
 
     from ray_app.serve.auth import SECRET_ENV, mint
-    from ray_app.serve.served_model import Catalogue
+    from ray_app.serve.item_catalogue import Catalogue
     from ray_app.store.redis import RedisStore
 
     path = cfg.root / "serve.yaml"

@@ -177,7 +177,7 @@ def add_and_watch(s: NewItemsSettings, client, body: dict) -> dict:
 
 def item_bodies(s: NewItemsSettings) -> list[dict]:
     """`--items` new items, each with a new title and the genres of a random trained item."""
-    from ray_app.serve.served_model import Catalogue
+    from ray_app.serve.item_catalogue import Catalogue
 
     cat = Catalogue.load(s.data)[0]
     rng = np.random.default_rng(s.seed)

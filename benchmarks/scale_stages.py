@@ -121,7 +121,7 @@ def stage_serve(a) -> dict:
     from models.nn import checkpoint
     from models.training.loop import new_model
     from ray_app.serve.deployments import Combiner, Decomposer
-    from ray_app.serve.served_model import RankJob
+    from ray_app.serve.records import RankJob
 
     data, split, _, rec = load(a)
     torch.set_num_threads(1)  # what a replica with a fractional CPU gets
@@ -159,7 +159,7 @@ def stage_store(a) -> dict:
     from store import start_redis  # benchmarks/store.py
 
     from models.data import load_prepared
-    from ray_app.serve.served_model import training_user_events
+    from ray_app.serve.item_catalogue import training_user_events
     from ray_app.store.opener import open_store
 
     data = load_prepared(a.prepared)

@@ -103,7 +103,7 @@ def header(s: LoadSettings, throughput_optimized: bool) -> dict:
 
 def run_in_process(s: LoadSettings, spec: dict, tmp: str) -> dict:
     """Step 1 on a store loaded with the training users' events (printed too)."""
-    from ray_app.serve.served_model import Catalogue, training_user_events
+    from ray_app.serve.item_catalogue import Catalogue, training_user_events
     from ray_app.store.opener import open_store
 
     base_store = f"sqlite:///{tmp}/inprocess.db"

@@ -88,7 +88,7 @@ def in_process(args, spec: dict, store_url: str) -> dict:
     import torch
 
     from ray_app.serve.deployments import Combiner, Decomposer, Encoder
-    from ray_app.serve.served_model import RankJob
+    from ray_app.serve.records import RankJob
     from ray_app.store.base import Event
 
     torch.set_num_threads(1)  # what a replica with a fractional CPU gets (OMP_NUM_THREADS=1)

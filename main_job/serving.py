@@ -55,7 +55,7 @@ def load_store(s: MainSettings, prepared: Path) -> str:
     posted for its users stay with them across runs, and no other dataset's users mix with them."""
     from models.data import load_prepared
     from ray_app.serve.load_users import load_users
-    from ray_app.serve.served_model import dataset_record
+    from ray_app.serve.item_catalogue import dataset_record
     from ray_app.store.base import StoreMismatch, StoreUnavailable
 
     data = load_prepared(prepared)

@@ -14,7 +14,8 @@ from models.nn import checkpoint
 from ray_app.serve.ann import IndexSettings, item_index
 from ray_app.serve.app import AppArgs
 from ray_app.serve.deployments import Combiner
-from ray_app.serve.served_model import RankJob, ServedModel, ServingSetupError, UserState
+from ray_app.serve.records import RankJob, UserState
+from ray_app.serve.served_model import ServedModel, ServingSetupError
 
 N_ITEMS = 3000
 HNSW = IndexSettings(kind="hnsw", ef_search=64)

@@ -25,7 +25,9 @@ from ray_app.batch.job import main
 from ray_app.batch.output import MANIFEST
 from ray_app.batch.scoring import OUTPUT_SCHEMA
 from ray_app.serve.deployments import Combiner, Decomposer
-from ray_app.serve.served_model import RankJob, file_version, training_user_events
+from ray_app.serve.item_catalogue import training_user_events
+from ray_app.serve.records import RankJob
+from ray_app.serve.served_model import file_version
 
 K = 5
 MAX_LEN = 6  # shorter than every user's log (8 to 20 events): each state comes from a cut window

@@ -222,7 +222,7 @@ def test_each_dataset_gets_a_store_of_its_own(tiny_prepared, tmp_path):
     from main_job.serving import load_store
     from models.data import load_prepared, prepare_source
     from ray_app.serve.load_users import load_users
-    from ray_app.serve.served_model import training_user_events
+    from ray_app.serve.item_catalogue import training_user_events
     from ray_app.store.base import Event, StoreMismatch
     from ray_app.store.opener import open_store
     from test_prepare import FakeEncoder

@@ -4,6 +4,8 @@ incremental update against a rebuild, the combiner's ranking, errors and app arg
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,16 +21,15 @@ from models.nn.checkpoint import BestCheckpoint
 from ray_app.serve.deployments import Combiner, Decomposer
 from ray_app.serve.ingress import _field_path
 from ray_app.serve.app import AppArgs, DeploymentSettings, build_app
+from ray_app.serve.item_catalogue import Catalogue, training_user_events
+from ray_app.serve.records import RankJob
 from ray_app.serve.served_model import (
-    Catalogue,
-    RankJob,
     ServedModel,
     ServingSetupError,
     event_tensors,
     file_version,
     pack_state,
     resolve_checkpoint,
-    training_user_events,
     unpack_state,
 )
 from ray_app.store.base import Event, StoredState
@@ -462,7 +463,7 @@ def test_a_dataset_record_names_the_dataset_by_its_content(tiny_data, imdb_data)
     """The same data gives the same record; another catalogue, or one changed event, another."""
     import dataclasses
 
-    from ray_app.serve.served_model import dataset_record
+    from ray_app.serve.item_catalogue import dataset_record
 
     record = dataset_record(tiny_data)
     assert record == dataset_record(dataclasses.replace(tiny_data, manifest=dict(tiny_data.manifest)))
@@ -478,7 +479,7 @@ def test_a_dataset_record_names_the_dataset_by_its_content(tiny_data, imdb_data)
 def test_loading_users_refuses_a_store_of_another_dataset(tiny_data, imdb_data, tmp_path):
     """The load step records the dataset; loading another into the same store writes nothing."""
     from ray_app.serve.load_users import load_users, main as load_main
-    from ray_app.serve.served_model import dataset_record
+    from ray_app.serve.item_catalogue import dataset_record
     from ray_app.store.base import StoreMismatch
 
     url = f"sqlite:///{tmp_path / 'state.db'}"
@@ -603,3 +604,9 @@ def test_adding_an_item_to_a_model_trained_without_text_is_a_409(tiny_data, tmp_
         asyncio.run(Ingress.func_or_class.add_item(ingress, ItemIn(item_id="new-1", title="A new film"), None))
     assert e.value.status == 409 and "trained without item text" in e.value.detail
     assert dec.store.count_items() == 0
+
+
+def test_the_ingress_and_the_records_it_unpickles_need_no_torch():
+    """An Ingress replica starts (and reads the Combiner's answers) without importing torch."""
+    code = "import sys, ray_app.serve.ingress, ray_app.serve.records; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ray_app.serve.served_model import _digest, _id_list
+from ray_app.serve.item_catalogue import _digest, _id_list
 from ray_app.store.base import AddedItem, StoreUnavailable, redact_url
 from ray_app.store.opener import expand_env, open_store
 from ray_app.train.data import SetupError

@@ -20,7 +20,8 @@ from ray_app.batch.histories import Histories, from_arrow
 from ray_app.batch.inputs import PreparedInput
 from ray_app.serve.catalogue import extend
 from ray_app.serve.ranking import rank
-from ray_app.serve.served_model import RankJob, ServedModel, UserState
+from ray_app.serve.records import RankJob, UserState
+from ray_app.serve.served_model import ServedModel
 from ray_app.store.base import AddedItem
 
 OUTPUT_SCHEMA = pa.schema(

@@ -25,20 +25,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from models.data.prepare import item_text
-from ray_app.serve.served_model import Catalogue, ServedModel
+from ray_app.serve.item_catalogue import Catalogue
+from ray_app.serve.served_model import ServedModel
 from ray_app.store.base import AddedItem, StateStore, StoreUnavailable
 from ray_app.store.opener import open_store
 
 log = logging.getLogger("ray.serve")
-
-
-def added_item_text(title: str, genres: list[str], tags: list[str], description: str) -> str:
-    """The text the encoder embeds: preparation's recipe ("Title. Genres: a, b. Tags: x, y"),
-    then the description, when there is one, as its last sentence."""
-    text = item_text(title, genres, tags)
-    description = description.strip()
-    return f"{text}. {description}" if text and description else text or description
 
 
 def genre_rows(items: list[AddedItem], genre_names: list[str]) -> np.ndarray:
@@ -135,17 +127,3 @@ class Follower:
             self(served)
         except StoreUnavailable as e:
             log.warning("%s: reading the added items failed, serving the %d held: %s", where, n_added(served), e)
-
-
-def extend_catalogue(cat: Catalogue, items: list[AddedItem]) -> None:
-    """The Ingress's catalogue (titles and genres by index) with the added items appended (the
-    items after its first `catalogue_added(cat)`, read under one lock: the indices are the store's order)."""
-    for item in items:
-        cat.item_source_ids = np.append(cat.item_source_ids, np.array([item.item_id], dtype=object))
-        cat.titles.append(item.title)
-        cat.genres.append(list(item.genres))
-        cat.index_of[item.item_id] = len(cat.item_source_ids) - 1
-
-
-def catalogue_added(cat: Catalogue) -> int:
-    return cat.n_items - cat.n_trained

@@ -28,7 +28,8 @@ from ray_app.serve.ann import HNSWIndex, IndexSettings, check_servable, item_ind
 from ray_app.serve.catalogue import Follower
 from ray_app.serve.metrics import AppMetrics
 from ray_app.serve.ranking import rank
-from ray_app.serve.served_model import RankJob, Ranking, ServedModel, UserState, event_tensors, pack_state, unpack_state
+from ray_app.serve.records import RankJob, Ranking, UserState
+from ray_app.serve.served_model import ServedModel, event_tensors, pack_state, unpack_state
 from ray_app.store.base import StoredState
 from ray_app.store.opener import open_store
 

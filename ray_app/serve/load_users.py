@@ -46,7 +46,7 @@ def load_training_users(data_dir: str | Path, store_url: str, adopt: bool = Fals
 def load_users(data, store_url: str, adopt: bool = False) -> int:
     """`load_training_users` for a loaded dataset (an `InteractionData`): StoreMismatch, writing
     nothing, for a store of another dataset -> how many users the dataset has."""
-    from ray_app.serve.served_model import dataset_record, training_user_events
+    from ray_app.serve.item_catalogue import dataset_record, training_user_events
     from ray_app.store.opener import open_store
 
     store = open_store(store_url)

@@ -16,7 +16,8 @@ import torch
 
 from models.data.features import moment_features
 from ray_app.serve.ann import HNSWIndex, indexed_top
-from ray_app.serve.served_model import RankJob, Ranking, ServedModel
+from ray_app.serve.records import RankJob, Ranking
+from ray_app.serve.served_model import ServedModel
 
 
 def excluded_items(jobs: list[RankJob], n: int, dev: torch.device) -> torch.Tensor:

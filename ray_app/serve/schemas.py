@@ -28,7 +28,7 @@ MAX_K = 100
 MAX_HISTORY = 1000  # inline history and events per POST
 MAX_INTENT_CHARS = 500
 MAX_USER_ID_CHARS = 128
-MAX_ITEM_ID_CHARS = 128  # a catalogue whose ids are longer cannot be served (served_model.Catalogue refuses it)
+MAX_ITEM_ID_CHARS = 128  # a catalogue whose ids are longer cannot be served (item_catalogue.Catalogue refuses it)
 MAX_TIMESTAMP = 1e11  # unix seconds (year 5138): larger values would overflow the int64 time features
 # An implicit event (a view, a click) carries no rating; it is taken as this one, the most common
 # rating in MovieLens (4.0 stars): the model reads it and the store keeps it so, like a given 4.0.

@@ -6,10 +6,7 @@ tested (and benchmarked in-process) without starting Serve.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -19,57 +16,9 @@ import torch
 
 from models.nn import checkpoint
 from models.data.batching import BatchBuilder
-from models.data import InteractionData, load_prepared
 from models.files import sha256_file as file_sha256
 from models.nn.decomposer import InterestDecomposer
-from ray_app.serve.schemas import MAX_ITEM_ID_CHARS
-from ray_app.store.base import DatasetRecord, Event
-
-
-# ---- what crosses the hops between deployments --------------------------------------------------
-
-
-@dataclass(frozen=True)
-class UserState:
-    """Decomposer -> Combiner, one user: only the interest state z crosses the hop; the Combiner
-    derives the dimensions I_{t,k} and gates from it with the same model version."""
-
-    model_version: str
-    checkpoint: str  # where the Combiner loads that version if it does not hold it
-    h: np.ndarray  # (U[+R·D],) interest state z_t
-    n_events: int  # events consumed (0: a new or unknown user)
-    last_ts: float | None  # time of the last event (the context's gap), None without events
-    seen: np.ndarray | None  # (S,) catalogue indices of the items seen; None when not asked for
-    n_items: int = (
-        0  # the catalogue (trained and added items) the state was read with: a Combiner holding fewer catches up
-    )
-
-
-@dataclass(frozen=True)
-class RankJob:
-    """One request as the Combiner batches it."""
-
-    state: UserState
-    intent: np.ndarray | None  # (384,) the encoded words, None without
-    k: int
-    exclude_seen: bool
-    explain: bool
-    now: float  # the request's moment (seconds since the epoch)
-
-
-@dataclass(frozen=True)
-class Ranking:
-    """Combiner -> Ingress: catalogue indices and scores, best first, and how the gates weighed."""
-
-    model_version: str
-    n_events: int
-    items: list[tuple[int, float]]
-    gates: dict[str, float]
-    explanation: dict[str, list[tuple[int, float]]] | None  # per dimension: its own top items
-
-
-class ServingSetupError(ValueError):
-    """A checkpoint or dataset the app cannot serve; the message names the path."""
+from ray_app.serve.item_catalogue import ServingSetupError, vocabulary_index
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -173,101 +122,6 @@ class ServedModel:
         # A replica given a GPU (ray_actor_options num_gpus) sees it; others see none.
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return cls(model.to(device), file_version(file), file, ids, device)  # version: digest of the same bytes
-
-
-@dataclass
-class Catalogue:
-    """Item side of a prepared dataset: titles and genres by source id, for the responses."""
-
-    item_source_ids: np.ndarray  # (N+1,) model index -> source id (str)
-    titles: list[str]  # (N+1,)
-    genres: list[list[str]]  # (N+1,)
-    index_of: dict[str, int]  # source item id (the API's `item_id`) -> model index
-    genre_names: list[str] = field(default_factory=list)  # (G,) the dataset's genres
-    n_trained: int = 0  # the dataset's items; those after them were added while serving
-
-    @classmethod
-    def from_data(cls, data: InteractionData) -> Catalogue:
-        """ServingSetupError for a catalogue with an id longer than a request may send."""
-        names = np.asarray(data.genre_names, dtype=object)
-        genres = [list(names[row > 0]) for row in data.item_genres]
-        ids = data.item_source_ids
-        long = next((s for s in ids[1:] if len(s) > MAX_ITEM_ID_CHARS), None)
-        if long is not None:
-            raise ServingSetupError(
-                f"{data.path}: item id {long[:40]!r}... is longer than the {MAX_ITEM_ID_CHARS} characters "
-                "an API request may send; shorten the ids in the event log"
-            )
-        return cls(ids, list(data.titles), genres, vocabulary_index(ids), list(data.genre_names), len(ids) - 1)
-
-    @classmethod
-    def load(cls, data_dir: str | Path) -> tuple[Catalogue, InteractionData]:
-        try:
-            data = load_prepared(data_dir)
-        except (FileNotFoundError, ValueError) as e:
-            raise ServingSetupError(f"data_dir {data_dir}: {e}") from e
-        return cls.from_data(data), data
-
-    @property
-    def n_items(self) -> int:
-        return len(self.item_source_ids) - 1
-
-    def unknown(self, source_ids) -> list[int]:
-        """Positions of source ids not in the catalogue."""
-        return [j for j, s in enumerate(source_ids) if s not in self.index_of]
-
-    def describe(self, idx: int, score: float | None = None) -> dict:
-        out = {"item_id": str(self.item_source_ids[idx]), "title": self.titles[idx], "genres": self.genres[idx]}
-        if score is not None:
-            out["score"] = float(score)
-        return out
-
-
-def training_user_events(data: InteractionData, chunk: int = 1000) -> Iterator[dict[str, list[Event]]]:
-    """The dataset's users as store events, keyed str(source user id), `chunk` users at a time
-    (a large dataset as Python objects all at once would not fit in a replica's memory)."""
-    src = data.item_source_ids[data.items]
-    for lo in range(1, data.n_users + 1, chunk):
-        out = {}
-        for u in range(lo, min(lo + chunk, data.n_users + 1)):
-            sl = data.user_events(u)
-            out[str(data.user_source_ids[u])] = [
-                Event(str(i), float(r), float(t)) for i, r, t in zip(src[sl], data.ratings[sl], data.timestamps[sl])
-            ]
-        yield out
-
-
-def vocabulary_index(item_source_ids: np.ndarray) -> dict[str, int]:
-    """(N+1,) source ids ([0] padding) -> {source id: model index}."""
-    return {str(s): i for i, s in enumerate(item_source_ids) if i > 0}
-
-
-def _id_list(ids) -> bytes:
-    return json.dumps([str(x) for x in ids]).encode()
-
-
-def _digest(*parts: bytes) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(len(part).to_bytes(8, "little"))  # framed: no two sequences of parts hash alike
-        h.update(part)
-    return h.hexdigest()
-
-
-def dataset_record(data: InteractionData) -> DatasetRecord:
-    """What a store loaded with `data`'s users records: the dataset's name, a digest of the users'
-    events (ids, items, ratings, times) and one of the item vocabulary. Computed from the content,
-    so preparing the same data again gives the same record."""
-    catalogue = _digest(_id_list(data.item_source_ids[1:]))
-    events = _digest(
-        _id_list(data.user_source_ids[1:]),
-        np.asarray(data.user_offsets, "<i8").tobytes(),
-        np.asarray(data.items, "<i8").tobytes(),
-        np.asarray(data.ratings, "<f4").tobytes(),
-        np.asarray(data.timestamps, "<f8").tobytes(),
-        catalogue.encode(),
-    )
-    return DatasetRecord(str(data.manifest.get("dataset", data.path.name)), events, catalogue)
 
 
 def event_tensors(

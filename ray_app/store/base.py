@@ -41,7 +41,7 @@ class UserSnapshot:
 
 @dataclass(frozen=True)
 class DatasetRecord:
-    """The dataset a store was loaded for (`ray_app.serve.served_model.dataset_record`): a store
+    """The dataset a store was loaded for (`ray_app.serve.item_catalogue.dataset_record`): a store
     holds one dataset's users, so that no user is served another dataset's history."""
 
     name: str  # the prepared dataset's name ("synthetic", "ml-latest-small", ...)
