@@ -61,9 +61,8 @@ from ray_app.serve.schemas import (
     UserEventsResponse,
     UsersResponse,
 )
-from ray_app.serve.item_catalogue import added_item_text, catalogue_added, extend_catalogue
+from ray_app.serve.item_catalogue import Catalogue, added_item_text, catalogue_added, dataset_record, extend_catalogue
 from ray_app.serve.metrics import AppMetrics
-from ray_app.serve.item_catalogue import Catalogue, dataset_record
 from ray_app.store.base import (
     AddedItem,
     Event,
