@@ -175,6 +175,23 @@ def test_the_soft_maximum_ranks_two_interests_above_their_midpoint(tiny_data, sp
     assert single[3] > single[1] and single[3] > single[2]
 
 
+@pytest.mark.parametrize("item_bias", [False, True])
+def test_ranking_without_gradients_scores_as_training_does(tiny_data, split, item_bias):
+    """The soft maximum's in-place path (no autograd) gives the training path's scores."""
+    torch.manual_seed(0)
+    m = new_model("decomposer", tiny_data, split, combine="max", n_latent=2, tau=0.3, item_bias=item_bias).eval()
+    V = m.items.output().detach() + torch.randn(m.items.output().shape)  # a learnt-looking bias column too
+    assert V.shape[1] == m.cfg.item_dim + item_bias
+    M = len(m.cfg.member_names)
+    U = torch.randn(3, M, m.cfg.item_dim) * 4
+    log_alpha = torch.randn(3, M).log_softmax(-1)
+    with torch.no_grad():
+        ranked = m.pool_scores(U, log_alpha, V)
+    trained = m.pool_scores(U.requires_grad_(), log_alpha, V)
+    assert trained.requires_grad and not ranked.requires_grad
+    torch.testing.assert_close(ranked, trained.detach())
+
+
 def test_the_words_are_a_member_only_when_a_request_has_them(tiny_data, split):
     torch.manual_seed(0)
     m = new_model("decomposer", tiny_data, split, combine="max", intent_member=True).eval()

@@ -111,6 +111,13 @@ class DecomposerConfig:
         return d
 
 
+def soft_max_(logits: torch.Tensor, log_alpha: torch.Tensor) -> torch.Tensor:
+    """logits (B, M, N), log α (B, M) -> log Σ_m exp(logits + log α) (B, N), overwriting logits."""
+    logits.add_(log_alpha[..., None])
+    top = logits.amax(-2)  # (B, N)
+    return logits.sub_(top[:, None]).exp_().sum(-2).log_().add_(top)
+
+
 class InterestDecomposer(nn.Module):
     def __init__(self, cfg: DecomposerConfig):
         super().__init__()
@@ -286,9 +293,13 @@ class InterestDecomposer(nn.Module):
     def pool_scores(self, U: torch.Tensor, log_alpha: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         """U (B, M, D), log α (B, M), V (N+1, D[+1]) the items' output vectors -> pooled scores
         (B, N+1) ("max": s; "mixture": log p)."""
-        logits = self.items.user_side(U) @ V.T  # (B, M, N+1)
         if self.cfg.combine == "max":
-            return self.cfg.tau * torch.logsumexp((logits + log_alpha[..., None]) / self.cfg.tau, dim=-2)
+            tau = self.cfg.tau
+            if not torch.is_grad_enabled():  # ranking: the same figures, without the temporaries
+                return soft_max_(self.items.user_side(U) / tau @ V.T, log_alpha / tau).mul_(tau)
+            logits = self.items.user_side(U) @ V.T  # (B, M, N+1)
+            return tau * torch.logsumexp((logits + log_alpha[..., None]) / tau, dim=-2)
+        logits = self.items.user_side(U) @ V.T  # (B, M, N+1)
         logits[..., 0] = -torch.inf  # the padding leaves every dimension's softmax
         return torch.logsumexp(torch.log_softmax(logits, -1) + log_alpha[..., None], dim=-2)
 
