@@ -463,9 +463,10 @@ def test_a_dataset_record_names_the_dataset_by_its_content(tiny_data, imdb_data)
     """The same data gives the same record; another catalogue, or one changed event, another."""
     import dataclasses
 
-    from ray_app.serve.item_catalogue import dataset_record
+    from ray_app.serve.item_catalogue import catalogue_digest, dataset_record
 
     record = dataset_record(tiny_data)
+    assert record.catalogue == catalogue_digest(tiny_data.item_source_ids[1:])  # what a batch run checks a store by
     assert record == dataset_record(dataclasses.replace(tiny_data, manifest=dict(tiny_data.manifest)))
     assert record.name == "synthetic" and len(record.events) == len(record.catalogue) == 64
     other = dataset_record(imdb_data)  # the same events, the items named otherwise

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ray_app.serve.item_catalogue import _digest, _id_list
+from ray_app.serve.item_catalogue import catalogue_digest
 from ray_app.store.base import AddedItem, StoreUnavailable, redact_url
 from ray_app.store.opener import expand_env, open_store
 from ray_app.train.data import SetupError
@@ -51,7 +51,7 @@ def read_added_items(store_url: str, vocabulary: np.ndarray, places_by_text: boo
         raise SetupError(f"{shown}: reading the added items failed ({type(e).__name__})") from None
     finally:
         store.close()
-    if held is not None and held.catalogue != _digest(_id_list(vocabulary[1:])):
+    if held is not None and held.catalogue != catalogue_digest(vocabulary[1:]):
         raise SetupError(
             f"{shown} serves dataset {held.describe()}, whose item vocabulary is not the checkpoint's: "
             "its added items belong to another catalogue"

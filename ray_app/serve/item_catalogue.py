@@ -102,11 +102,16 @@ def _digest(*parts: bytes) -> str:
     return h.hexdigest()
 
 
+def catalogue_digest(item_source_ids) -> str:
+    """The digest a store's dataset record keeps of an item vocabulary (source ids, padding left out)."""
+    return _digest(_id_list(item_source_ids))
+
+
 def dataset_record(data: InteractionData) -> DatasetRecord:
     """What a store loaded with `data`'s users records: the dataset's name, a digest of the users'
     events (ids, items, ratings, times) and one of the item vocabulary. Computed from the content,
     so preparing the same data again gives the same record."""
-    catalogue = _digest(_id_list(data.item_source_ids[1:]))
+    catalogue = catalogue_digest(data.item_source_ids[1:])
     events = _digest(
         _id_list(data.user_source_ids[1:]),
         np.asarray(data.user_offsets, "<i8").tobytes(),
