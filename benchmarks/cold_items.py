@@ -18,12 +18,19 @@ NDCG@10 among the long-tail candidates (the items with at most TAIL training eve
 `warm_change` is the decomposer's warm-target NDCG@10 with the kept lever minus without it, with an
 interval over seeds and users. A recorded run is skipped on a rerun, so an interrupted run resumes
 (`complete` is false until every run is recorded; a committed partial file is where a later run,
-on this machine or a GPU, takes up).
+on this machine or a GPU, takes up). Several processes may share one file: each write takes in the
+runs the others recorded meanwhile, under a lock, so the screening can be split among them with
+`--lever` (each screens the levers named and stops; a run without it goes on to the retrains):
+
+    OMP_NUM_THREADS=1 nice python benchmarks/cold_items.py --dataset movietweetings-100k \
+        --lever "item bias" --lever "bounded residual 0.5" --lever "bounded residual 2" &
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import sys
 from pathlib import Path
@@ -128,6 +135,27 @@ def warm_change(a: list[dict], b: list[dict]) -> dict:
     return {"mean": d["mean"], "lo": d["lo"], "hi": d["hi"]}
 
 
+@contextlib.contextmanager
+def locked(out: Path):
+    """Holds an exclusive lock beside `out` (one writer at a time among processes sharing the file)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(f".{out.name}.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def save(out: Path, report: dict) -> None:
+    """Writes `report`, first taking in the runs another process recorded in `out` since."""
+    with locked(out):
+        if out.is_file():
+            theirs = json.loads(out.read_text()).get("runs", {})
+            report["runs"].update({k: v for k, v in theirs.items() if k not in report["runs"]})
+        write_json(out, report, indent=1)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="ml-latest-small")
@@ -136,6 +164,13 @@ def main(argv=None) -> int:
     p.add_argument("--patience", type=int, default=6)
     p.add_argument(
         "--base", action="append", default=[], metavar="KEY=VALUE", help="decomposer settings every lever starts from"
+    )
+    p.add_argument(
+        "--lever",
+        action="append",
+        choices=list(LEVERS),
+        metavar="LEVER",
+        help=f"screen only these levers, then stop (repeatable; one of: {'; '.join(LEVERS)})",
     )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where each run trains and is scored")
     p.add_argument("--progress", action="store_true", help="a progress bar per epoch")
@@ -162,12 +197,21 @@ def main(argv=None) -> int:
     runs = report.setdefault("runs", {})
 
     def once(key: str, kind: str, over: dict, seed: int) -> dict:
+        if f"{key}/{seed}" not in runs and out.is_file():  # recorded by another process meanwhile?
+            with locked(out):
+                runs.update({k: v for k, v in json.loads(out.read_text()).get("runs", {}).items() if k not in runs})
         if f"{key}/{seed}" not in runs:
             print(f"{key}, seed {seed}", flush=True)
             runs[f"{key}/{seed}"] = run(kind, over, data, split, seed, args, head)
-            write_json(out, report, indent=1)
+            save(out, report)
         return runs[f"{key}/{seed}"]
 
+    if args.lever:
+        for lever in args.lever:
+            once(f"decomposer, {lever}", "decomposer", {**base, **LEVERS[lever]}, 0)
+        left = [k for k in LEVERS if f"decomposer, {k}/0" not in runs]
+        print(f"screened {len(LEVERS) - len(left)} of {len(LEVERS)} levers; a run without --lever goes on")
+        return 0
     screened = {
         lever: once(f"decomposer, {lever}", "decomposer", {**base, **over}, 0) for lever, over in LEVERS.items()
     }
@@ -212,7 +256,7 @@ def main(argv=None) -> int:
         ),
     }
     report["complete"] = True
-    write_json(out, report, indent=1)
+    save(out, report)
     print(json.dumps({"kept": kept, "cold": report["cold"], "warm_change": report["warm_change"]}, indent=1))
     return 0
 
