@@ -147,12 +147,17 @@ def locked(out: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def take_in(out: Path, runs: dict) -> None:
+    """Adds to `runs` the runs recorded in `out` that it lacks (the caller holds the lock)."""
+    if out.is_file():
+        theirs = json.loads(out.read_text()).get("runs", {})
+        runs.update({k: v for k, v in theirs.items() if k not in runs})
+
+
 def save(out: Path, report: dict) -> None:
     """Writes `report`, first taking in the runs another process recorded in `out` since."""
     with locked(out):
-        if out.is_file():
-            theirs = json.loads(out.read_text()).get("runs", {})
-            report["runs"].update({k: v for k, v in theirs.items() if k not in report["runs"]})
+        take_in(out, report["runs"])
         write_json(out, report, indent=1)
 
 
@@ -197,9 +202,9 @@ def main(argv=None) -> int:
     runs = report.setdefault("runs", {})
 
     def once(key: str, kind: str, over: dict, seed: int) -> dict:
-        if f"{key}/{seed}" not in runs and out.is_file():  # recorded by another process meanwhile?
+        if f"{key}/{seed}" not in runs:  # recorded by another process meanwhile?
             with locked(out):
-                runs.update({k: v for k, v in json.loads(out.read_text()).get("runs", {}).items() if k not in runs})
+                take_in(out, runs)
         if f"{key}/{seed}" not in runs:
             print(f"{key}, seed {seed}", flush=True)
             runs[f"{key}/{seed}"] = run(kind, over, data, split, seed, args, head)
