@@ -24,6 +24,9 @@ runs the others recorded meanwhile, under a lock, so the screening can be split 
 
     OMP_NUM_THREADS=1 nice python benchmarks/cold_items.py --dataset movietweetings-100k \
         --lever "item bias" --lever "bounded residual 0.5" --lever "bounded residual 2" &
+
+and the retrains with `--seeds` (each process retrains its seeds; the summary, over all three, is
+written by the process that records the last run).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from ray_app.train.data import resolve_dataset  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 PROTOCOL_OF = {"ml-latest-small": "last10", "movietweetings-100k": "loo"}
 TAIL = 5  # a long-tail item: at most this many training events
+SEEDS = (0, 1, 2)  # the retrains' seeds: the summary waits until each is recorded
 LEVERS = {  # screened in this order: the combined levers first, the single ones after
     "none": {},
     "bias, bounded residual 0.5, cold share 0.2": {"item_bias": True, "residual_radius": 0.5, "cold_share": 0.2},
@@ -161,10 +165,60 @@ def save(out: Path, report: dict) -> None:
         write_json(out, report, indent=1)
 
 
+LABEL_OF = {"gru4rec": "gru4rec (item ids only)"}  # a run's key -> its row's name, where they differ
+SUMMARY = ("cold", "cold_rows", "warm_change", "target")  # what `summary` writes
+
+
+def retrains(kept: str, base: dict) -> list[tuple[str, str, dict, tuple[int, ...]]]:
+    """The runs after the screening: (key, kind, settings, seeds); the models' rows are named by key."""
+    text = {"use_text": True, "use_events": True, "mask_seen": True}
+    return [
+        (f"decomposer, {kept}", "decomposer", {**base, **LEVERS[kept]}, SEEDS),
+        ("decomposer, none", "decomposer", base, SEEDS),
+        (f"sasrec with text, {kept}", "sasrec", {**text, **LEVERS[kept]}, SEEDS),
+        ("sasrec with text, none", "sasrec", text, SEEDS),
+        ("text similarity to the history", "history-text", {}, (0,)),
+        ("popular", "popular", {}, (0,)),
+        ("gru4rec", "gru4rec", {"mask_seen": True}, (0,)),
+    ]
+
+
+def summary(runs: dict, kept: str, base: dict) -> dict | None:
+    """The retrains' rows, `warm_change` and the target from `runs`; None while one is unrecorded."""
+    plan = retrains(kept, base)
+    if any(f"{k}/{s}" not in runs for k, _, _, ss in plan for s in ss):
+        return None
+    final = {LABEL_OF.get(k, k): [runs[f"{k}/{s}"] for s in ss] for k, _, _, ss in plan}
+    cold = {k: float(np.mean([r["cold_ndcg@10"] for r in v])) for k, v in final.items()}
+    cold["decomposer"] = cold[f"decomposer, {kept}"]
+    change = warm_change(final[f"decomposer, {kept}"], final["decomposer, none"])
+    text = cold["text similarity to the history"]
+    return {
+        "cold": cold,
+        "cold_rows": {
+            k: {
+                m: float(np.mean([r[m] for r in v]))
+                for m in ("cold_mrr", "cold_median_rank", "cold_tail_ndcg@10", "warm_ndcg@10")
+            }
+            for k, v in final.items()
+        },
+        "warm_change": change,
+        "target": {
+            "cold_ratio_to_text_similarity": cold["decomposer"] / max(text, 1e-12),
+            "met": bool(cold["decomposer"] >= 1.5 * text and change["hi"] >= 0),
+        },
+        "complete": True,
+    }
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="ml-latest-small")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument(
+        "--seeds",
+        default=",".join(map(str, SEEDS)),
+        help="the seeds this process retrains (the summary waits for all of %(default)s, whoever runs them)",
+    )
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--patience", type=int, default=6)
     p.add_argument(
@@ -199,6 +253,8 @@ def main(argv=None) -> int:
             "complete": False,  # True once every run below is recorded and summarised
         }
     )
+    for k in SUMMARY:  # a summary is written again, from every seed, once the last run is recorded
+        report.pop(k, None)
     runs = report.setdefault("runs", {})
 
     def once(key: str, kind: str, over: dict, seed: int) -> dict:
@@ -226,41 +282,19 @@ def main(argv=None) -> int:
     ]
     kept = max(fit_warm, key=lambda k: screened[k]["valid_cold_ndcg@10"])
     report["kept_lever"] = kept
-    seeds = [int(s) for s in args.seeds.split(",")]
-    final = {}
-    for label, kind, over in (
-        (f"decomposer, {kept}", "decomposer", {**base, **LEVERS[kept]}),
-        ("decomposer, none", "decomposer", base),
-        (
-            f"sasrec with text, {kept}",
-            "sasrec",
-            {"use_text": True, "use_events": True, "mask_seen": True, **LEVERS[kept]},
-        ),
-        ("sasrec with text, none", "sasrec", {"use_text": True, "use_events": True, "mask_seen": True}),
-    ):
-        final[label] = [once(label, kind, over, s) for s in seeds]
-    final["text similarity to the history"] = [once("text similarity to the history", "history-text", {}, 0)]
-    final["popular"] = [once("popular", "popular", {}, 0)]
-    final["gru4rec (item ids only)"] = [once("gru4rec", "gru4rec", {"mask_seen": True}, 0)]
-    report["cold"] = {k: float(np.mean([r["cold_ndcg@10"] for r in v])) for k, v in final.items()}
-    report["cold"]["decomposer"] = report["cold"][f"decomposer, {kept}"]
-    report["cold_rows"] = {
-        k: {
-            m: float(np.mean([r[m] for r in v]))
-            for m in ("cold_mrr", "cold_median_rank", "cold_tail_ndcg@10", "warm_ndcg@10")
-        }
-        for k, v in final.items()
-    }
-    report["warm_change"] = warm_change(final[f"decomposer, {kept}"], final["decomposer, none"])
-    report["target"] = {
-        "cold_ratio_to_text_similarity": report["cold"]["decomposer"]
-        / max(report["cold"]["text similarity to the history"], 1e-12),
-        "met": bool(
-            report["cold"]["decomposer"] >= 1.5 * report["cold"]["text similarity to the history"]
-            and report["warm_change"]["hi"] >= 0
-        ),
-    }
-    report["complete"] = True
+    mine = {int(s) for s in args.seeds.split(",")}
+    for key, kind, over, seeds in retrains(kept, base):
+        for seed in seeds:
+            if len(seeds) == 1 or seed in mine:  # a rule's one run is anyone's; a seed is its process's
+                once(key, kind, over, seed)
+    with locked(out):
+        take_in(out, runs)
+    done = summary(runs, kept, base)
+    if done is None:  # the process that records the last run writes the summary
+        left = [f"{k}/{s}" for k, _, _, ss in retrains(kept, base) for s in ss if f"{k}/{s}" not in runs]
+        print(f"not summarised: {len(left)} runs left ({'; '.join(left)})")
+        return 0
+    report.update(done)
     save(out, report)
     print(json.dumps({"kept": kept, "cold": report["cold"], "warm_change": report["warm_change"]}, indent=1))
     return 0

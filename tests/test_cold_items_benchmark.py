@@ -25,3 +25,31 @@ def test_each_write_keeps_the_runs_another_process_recorded(tmp_path):
     mine["runs"]["decomposer, none/0"] = {"cold_ndcg@10": 0.5}
     cold_items.save(out, mine)
     assert json.loads(out.read_text())["runs"]["decomposer, none/0"] == {"cold_ndcg@10": 0.5}
+
+
+def _run(cold: float, warm: list[float]) -> dict:
+    return {
+        "cold_ndcg@10": cold,
+        "cold_mrr": cold,
+        "cold_median_rank": 100.0,
+        "cold_tail_ndcg@10": cold,
+        "warm_ndcg@10": float(sum(warm) / len(warm)),
+        "warm_users": [1, 2, 3],
+        "warm_user_ndcg@10": warm,
+    }
+
+
+def test_the_summary_waits_for_every_seed_of_every_retrain():
+    kept = "item bias"
+    runs = {
+        f"{key}/{s}": _run(0.01 * (1 + s), [0.1, 0.2, 0.3])
+        for key, _, _, seeds in cold_items.retrains(kept, {})
+        for s in seeds
+    }
+    done = cold_items.summary(runs, kept, {})
+    assert done["complete"] and set(done) == {*cold_items.SUMMARY, "complete"}
+    assert abs(done["cold"]["decomposer"] - 0.02) < 1e-12  # the mean over seeds 0, 1, 2
+    assert "gru4rec (item ids only)" in done["cold"] and done["warm_change"]["mean"] == 0.0
+    # A process that retrained one seed leaves the summary to the one that records the last run.
+    del runs["sasrec with text, none/1"]
+    assert cold_items.summary(runs, kept, {}) is None
