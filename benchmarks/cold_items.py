@@ -115,7 +115,8 @@ def scores(model, data, split, head: torch.Tensor, device: str = "cpu") -> dict:
 def run(kind: str, over: dict, data, split, seed: int, args, head) -> dict:
     torch.manual_seed(seed)
     model = new_model(kind, data, split, **over)
-    cfg = train_config(kind, seed=seed, epochs=args.epochs, patience=args.patience, intent_rate=0.0)
+    recipe = args.train if kind == "decomposer" else {}
+    cfg = train_config(kind, seed=seed, epochs=args.epochs, patience=args.patience, intent_rate=0.0, **recipe)
     if kind == "sasrec":
         cfg.ema_decay = 0.98  # the recipe the decomposer trains with, as in the equal-budget search
     fitted = fit(model, data, split, cfg, device=args.device, progress=args.progress, desc=f"{kind} {over} s{seed}")
@@ -123,6 +124,7 @@ def run(kind: str, over: dict, data, split, seed: int, args, head) -> dict:
         "seed": seed,
         "best_epoch": fitted.best_epoch,
         "config": over,
+        "recipe": recipe,
         "device": args.device,
         **scores(model, data, split, head, args.device),
     }
@@ -225,6 +227,9 @@ def main(argv=None) -> int:
         "--base", action="append", default=[], metavar="KEY=VALUE", help="decomposer settings every lever starts from"
     )
     p.add_argument(
+        "--train", action="append", default=[], metavar="KEY=VALUE", help="the decomposer's training recipe (lr=0.001)"
+    )
+    p.add_argument(
         "--lever",
         action="append",
         choices=list(LEVERS),
@@ -241,6 +246,7 @@ def main(argv=None) -> int:
     split = protocol_split(data.user_offsets, PROTOCOL_OF.get(name, "loo"))
     head = torch.as_tensor(training_counts(data, split) > TAIL)[None, :]  # (1, N+1)
     base = {k: json.loads(v) for k, v in (pair.split("=", 1) for pair in args.base)}
+    args.train = {k: json.loads(v) for k, v in (pair.split("=", 1) for pair in args.train)}
     report = json.loads(out.read_text()) if out.is_file() else {}
     report.update(
         {
@@ -249,6 +255,7 @@ def main(argv=None) -> int:
             "machine": machine(),
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "base": base,
+            "train": args.train,
             "tail": TAIL,
             "complete": False,  # True once every run below is recorded and summarised
         }
