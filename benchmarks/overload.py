@@ -2,19 +2,21 @@
 
     python benchmarks/overload.py                      # 20 s at capacity, 20 s at 4x, one round
     python benchmarks/overload.py --rounds 2 --duration 30
+    python benchmarks/overload.py --rounds 2 --honour-retry-after   # clients that wait Retry-After
 
 Capacity is the concurrency the app admits without queueing: the Ingress's `max_ongoing_requests`
 (the shipped default, one Ingress replica). wrk (closed loop, `benchmarks/wrk_recommend.lua`: POST
 /recommend for known users) runs with that many connections, then with four times as many. Beyond
-what the Ingress admits and its `max_queued_requests` queue at the proxy, Serve's proxy answers 503
-with `Retry-After` at once. wrk's own latencies mix the accepted requests with the shed ones, so a
+what the Ingress admits and its `max_queued_requests` queue, Serve answers 503 with `Retry-After` at
+once (the Ingress replica itself in the shipped throughput-optimized mode, the proxy otherwise). wrk's own latencies mix the accepted requests with the shed ones, so a
 probe beside it (eight threads of one connection each, sequential requests, the same route and
 users; wrk gets eight connections fewer, so the totals are the capacity and four times it) times
 every request it sends and keeps the status: the p99 of its accepted requests at 4x
 over the p99 at capacity is `p99_ratio` (target <= 2), the p99 of its 503s at 4x is `shed_ms`
 (target <= 100). wrk's throughput and non-2xx counts are recorded beside them. One replica per
-stage, fractional CPUs, wrk and the probe on the same cores as Serve. Result:
-benchmarks/results/overload.json.
+stage, fractional CPUs, wrk and the probe on the same cores as Serve, in Serve's mode as shipped
+(`ray_app/serve/mode.py`: throughput-optimized unless RAY_SERVE_THROUGHPUT_OPTIMIZED=0; recorded).
+Result: benchmarks/results/overload.json.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ def _p99(ms: list[float]) -> float | None:
 class Probe:
     """Threads that send POST /recommend one after another and time each answer, by status."""
 
-    def __init__(self, url: str, users: list[str], headers: dict, threads: int = PROBE_THREADS):
+    def __init__(self, url: str, users: list[str], headers: dict, threads: int = PROBE_THREADS, honour: bool = False):
         self.url, self.users, self.headers, self.n = url, users, headers, threads
+        self.honour = honour  # after a 503, wait its Retry-After before the next request (not timed)
         self.ok: list[float] = []  # ms of 200s
         self.shed: list[float] = []  # ms of 503s
         self.other: dict[int, int] = {}
@@ -71,6 +74,8 @@ class Probe:
                 elif r.status_code == 503:
                     self.shed.append(ms)
                     self.retry_after.add(r.headers.get("retry-after", "missing"))
+                    if self.honour:
+                        self._stop.wait(float(r.headers.get("retry-after", "1")))
                 else:
                     self.other[r.status_code] = self.other.get(r.status_code, 0) + 1
 
@@ -98,11 +103,16 @@ class Probe:
         }
 
 
-def run_level(url: str, connections: int, duration_s: float, users_file: Path, users: list[str], headers: dict):
+def run_level(
+    url: str, connections: int, duration_s: float, users_file: Path, users: list[str], headers: dict, honour: bool
+):
     from serve_floor import run_wrk
 
-    with Probe(url, users, headers) as probe:
-        wrk = run_wrk(url, connections - PROBE_THREADS, duration_s, users_file, threads=2)
+    with Probe(url, users, headers, honour=honour) as probe:
+        n = connections - PROBE_THREADS
+        # A wrk thread's script state is shared by its connections: a wait after a 503 is only the
+        # connection's own with one thread per connection.
+        wrk = run_wrk(url, n, duration_s, users_file, threads=n if honour else 2, honour_retry_after=honour)
     return {"wrk": wrk, "probe": probe.summary()}
 
 
@@ -119,13 +129,22 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=8035)
     p.add_argument("--users", type=int, default=200, help="known users the requests pick from")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=RESULTS / "overload.json")
+    p.add_argument(
+        "--honour-retry-after",
+        action="store_true",
+        help="clients wait a 503's Retry-After before their next request (default: they send it at once, as wrk does)",
+    )
+    p.add_argument("--out", type=Path, help="default: results/overload.json (overload_retry_after.json with the flag)")
     a = p.parse_args(argv)
+    a.out = a.out or RESULTS / ("overload_retry_after.json" if a.honour_retry_after else "overload.json")
 
     headers = api_access()  # before Ray starts: its replicas inherit the signing key
     ensure_checkpoint(a.checkpoint, a.data)
     users = make_spec(a.data, a.users, a.seed)["users"]
 
+    from ray_app.serve import mode as serve_mode
+
+    throughput_optimized = serve_mode.use()  # the shipped mode unless the environment says otherwise
     import ray
     from ray import serve
 
@@ -159,11 +178,11 @@ def main(argv=None) -> int:
         try:
             serve.run(build_app(app_args), name="overload", route_prefix="/")
             wait_healthy(url)
-            run_level(url, capacity, 5, users_file, users, headers)  # warm-up, not recorded
+            run_level(url, capacity, 5, users_file, users, headers, a.honour_retry_after)  # warm-up, not recorded
             rounds = []
             for r in range(a.rounds):
-                at = run_level(url, capacity, a.duration, users_file, users, headers)
-                over = run_level(url, 4 * capacity, a.duration, users_file, users, headers)
+                at = run_level(url, capacity, a.duration, users_file, users, headers, a.honour_retry_after)
+                over = run_level(url, 4 * capacity, a.duration, users_file, users, headers, a.honour_retry_after)
                 rounds.append({"at_capacity": at, "at_4x": over})
                 print(
                     f"round {r + 1}: capacity ({capacity} conns) {at['wrk']['throughput_rps']:.0f} req/s, "
@@ -187,6 +206,10 @@ def main(argv=None) -> int:
         "command": command_line(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "machine": machine("wrk and the probe run on the same cores as Serve"),
+        "throughput_optimized": throughput_optimized,
+        "clients": "wait a 503's Retry-After"
+        if a.honour_retry_after
+        else "send the next request at once (closed loop)",
         "capacity_connections": capacity,
         "ingress": {
             "max_ongoing_requests": shipped.max_ongoing_requests,

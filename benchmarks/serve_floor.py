@@ -39,7 +39,13 @@ FLOOR_APP = "floor"
 
 
 def run_wrk(
-    url: str, connections: int, duration_s: float, users_file: Path, threads: int = 2, path: str = "/recommend"
+    url: str,
+    connections: int,
+    duration_s: float,
+    users_file: Path,
+    threads: int = 2,
+    path: str = "/recommend",
+    honour_retry_after: bool = False,
 ) -> dict:
     """One wrk run of POST `path` -> req/s, latency percentiles (ms), errors."""
     wrk = shutil.which("wrk")
@@ -62,7 +68,12 @@ def run_wrk(
         capture_output=True,
         text=True,
         timeout=duration_s + 60,
-        env={**os.environ, "WRK_USERS": str(users_file), "WRK_PATH": path},
+        env={
+            **os.environ,
+            "WRK_USERS": str(users_file),
+            "WRK_PATH": path,
+            "WRK_HONOUR_RETRY_AFTER": "1" if honour_retry_after else "0",
+        },
     )
     found = re.search(r"^WRK_JSON (\{.*\})$", out.stdout, re.M)
     if out.returncode != 0 or found is None:

@@ -27,13 +27,16 @@ needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not o
 class _Recorder(BaseHTTPRequestHandler):
     seen: list[tuple[str, str | None, dict]] = []
     fail_every = 0
+    shed = False  # every answer a 503 with Retry-After: 1
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.seen.append((self.path, self.headers.get("Authorization"), body))
         bad = self.fail_every and len(self.seen) % self.fail_every == 0
         payload = b'{"items": []}'
-        self.send_response(500 if bad else 200)
+        self.send_response(503 if self.shed else 500 if bad else 200)
+        if self.shed:
+            self.send_header("Retry-After", "1")
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
@@ -45,7 +48,7 @@ class _Recorder(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    _Recorder.seen, _Recorder.fail_every = [], 0
+    _Recorder.seen, _Recorder.fail_every, _Recorder.shed = [], 0, False
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -68,6 +71,19 @@ def test_wrk_sends_the_token_and_known_users_and_counts_failures(server, tmp_pat
     _Recorder.seen, _Recorder.fail_every = [], 3  # every third answer a 500
     r = run_wrk(server, 2, 1.0, users)
     assert r["error_kinds"]["status_errors"] > 0 and r["errors"] >= r["error_kinds"]["status_errors"]
+
+
+@needs_wrk
+def test_a_client_that_honours_retry_after_waits_after_each_503(server, tmp_path):
+    users = tmp_path / "users.txt"
+    users.write_text("17\n")
+    _Recorder.shed = True
+    eager = run_wrk(server, 2, 2.0, users)
+    _Recorder.seen = []
+    polite = run_wrk(server, 2, 2.0, users, threads=2, honour_retry_after=True)
+    # Two connections, each waiting 1 s after every 503: at most a few requests in 2 s.
+    assert polite["error_kinds"]["status_errors"] == polite["requests"] <= 6 < eager["requests"]
+    assert len(_Recorder.seen) <= 8
 
 
 def test_rounds_pool_into_one_rate_and_the_median_round():
