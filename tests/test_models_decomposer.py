@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from models.nn.decomposer import DecomposerConfig
+from models.nn.items import last_position
 from models.training.loop import new_model
 from model_helpers import first_batch
 
@@ -297,6 +298,28 @@ def test_item_tower_levers(tiny_data, split, kind, flags):
     assert tower.bias.grad is not None and tower.cold_bias.grad is not None
     m.eval()
     assert not tower.simulated.any()
+
+
+@pytest.mark.parametrize(
+    "kind, flags", [("decomposer", {}), ("decomposer", {"combine": "max"}), ("sasrec", {"use_text": True})]
+)
+def test_normalised_vectors_score_cosines_over_the_temperature(tiny_data, split, kind, flags):
+    """With cosine_tau, a score is cos(u, q_i)/τ: item vectors of unit length on the output side,
+    and scores within ±1/τ however long the vectors grow (as popular items' id parts do)."""
+    torch.manual_seed(0)
+    m = new_model(kind, tiny_data, split, **flags, cosine_tau=0.1).eval()
+    batch = first_batch(tiny_data, split)
+    with torch.no_grad():
+        m.items.emb.weight.mul_(50.0)
+        m.items.proj.weight.mul_(50.0)  # every item vector 50 times as long
+    torch.testing.assert_close(m.items.output()[1:].norm(dim=1), torch.ones(tiny_data.n_items))
+    s = m.score(batch)
+    assert s.abs().max() <= 10.0 + 1e-4 and s.std() > 0.1
+    if kind == "sasrec":  # one vector per user: the score is exactly its cosine with the item over τ
+        u = last_position(m.encode(batch), batch["lengths"])
+        q = m.items.all()
+        cos = torch.nn.functional.cosine_similarity(u[:, None, :], q[None, 1:, :], dim=-1)
+        torch.testing.assert_close(m.score(batch)[:, 1:], cos / 0.1, atol=1e-4, rtol=1e-4)
 
 
 def test_an_old_text_sasrec_checkpoint_loads_into_the_item_tower(tiny_data, split, tmp_path):

@@ -250,6 +250,7 @@ class SASRecConfig:
     item_bias: bool = False
     cold_share: float = 0.0
     freeze_text: bool = False
+    cosine_tau: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -269,6 +270,7 @@ class SASRec(_ItemDataMixin, nn.Module):
                 item_bias=cfg.item_bias,
                 cold_share=cfg.cold_share,
                 freeze_text=cfg.freeze_text,
+                cosine_tau=cfg.cosine_tau,
             )
         else:
             self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.hidden, padding_idx=0)

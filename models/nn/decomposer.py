@@ -70,6 +70,7 @@ class DecomposerConfig:
     item_bias: bool = False  # popularity in a bias of its own per item (one shared by the cold items)
     cold_share: float = 0.0  # in training, this share of known items is cold for an epoch (no id part, cold bias)
     freeze_text: bool = False  # the text projection fixed to the text's principal directions
+    cosine_tau: float = 0.0  # > 0: scores are cosines of user and item vectors over this temperature
     dim_names: tuple[str, ...] = field(init=False)  # the dimensions, named
     member_names: tuple[str, ...] = field(init=False)  # what the gates weigh: the dimensions [, base, intent]
 
@@ -135,6 +136,7 @@ class InterestDecomposer(nn.Module):
             cfg.item_bias,
             cfg.cold_share,
             cfg.freeze_text,
+            cfg.cosine_tau,
         )
         self.encoder = build_backbone(
             cfg.backbone, self.items, D, cfg.lstm_units, cfg.dropout, cfg.max_len, cfg.blocks, cfg.heads

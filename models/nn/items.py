@@ -10,7 +10,9 @@ targets by benchmarks/cold_items.py):
   (one learned bias for the cold items), so that the text projection need not learn it;
 - `cold_share`: in training, a fixed share of the known items, drawn anew each epoch, is treated as
   cold on the input and the output side alike (no id part, the cold items' bias);
-- `freeze_text`: P fixed to the text's principal directions instead of learned.
+- `freeze_text`: P fixed to the text's principal directions instead of learned;
+- `cosine_tau`: normalised vectors with a temperature, a score cos(u, q_i)/τ instead of u·q_i, so
+  that no item is ranked up by the length of its vector (popular items' id parts grow long).
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ class ItemTower(nn.Module):
         item_bias: bool = False,
         cold_share: float = 0.0,
         freeze_text: bool = False,
+        cosine_tau: float = 0.0,
     ):
         super().__init__()
         self.id_dropout = id_dropout if use_text else 0.0  # in training, the share of items placed by text alone
         self.cold_share = cold_share if use_text else 0.0
+        self.cosine_tau = cosine_tau  # 0: dot products; > 0: cosines over this temperature
         self.radius = residual_radius if use_text else 0.0
         self.emb = nn.Embedding(n_items + 1, dim, padding_idx=0)
         nn.init.normal_(self.emb.weight, std=0.02)
@@ -142,13 +146,19 @@ class ItemTower(nn.Module):
         return self.bias * keep + self.cold_bias * (1.0 - keep)
 
     def output(self) -> torch.Tensor:
-        """(N+1, D[+1]) what a user vector is scored against: [q_i, b_i] with a bias, else q_i."""
+        """(N+1, D[+1]) what a user vector is scored against: [q_i, b_i] with a bias, else q_i
+        (q_i of unit length with `cosine_tau`)."""
         q = self.all()
+        if self.cosine_tau > 0:
+            q = nn.functional.normalize(q, dim=-1)
         b = self.biases()
         return q if b is None else torch.cat([q, b[:, None]], dim=1)
 
     def user_side(self, u: torch.Tensor) -> torch.Tensor:
-        """(…, D) user vectors -> (…, D[+1]): a 1 appended when items have a bias (u·q_i + b_i)."""
+        """(…, D) user vectors -> (…, D[+1]): a 1 appended when items have a bias (u·q_i + b_i);
+        with `cosine_tau`, u of length 1/τ."""
+        if self.cosine_tau > 0:
+            u = nn.functional.normalize(u, dim=-1) / self.cosine_tau
         if self.bias is None:
             return u
         return torch.cat([u, u.new_ones(*u.shape[:-1], 1)], dim=-1)
