@@ -382,3 +382,19 @@ def test_items_added_while_serving_are_placed_by_their_text(tiny_data, split):
         m.interest_state(state).numpy(),
         m.interest_state(m.advance(None, torch.tensor([[1]]), torch.tensor([[8]]), torch.zeros(1, 1, 5))).numpy(),
     )
+
+
+@pytest.mark.parametrize("flags", [{}, {"combine": "max"}])
+def test_profile_skip_adds_the_decayed_means_to_the_base_readout(tiny_data, split, flags):
+    """With profile_skip, u_0 = W z_t + Σ_λ β_λ m_t^(λ): with β = 0 the scores are the plain model's."""
+    torch.manual_seed(0)
+    plain = new_model("decomposer", tiny_data, split, **flags).eval()
+    skip = new_model("decomposer", tiny_data, split, **flags, profile_skip=True).eval()
+    skip.load_state_dict({**plain.state_dict(), "skip": skip.skip.detach()})
+    batch = first_batch(tiny_data, split)
+    assert not torch.allclose(skip.score(batch), plain.score(batch))
+    with torch.no_grad():
+        skip.skip.zero_()
+    torch.testing.assert_close(skip.score(batch), plain.score(batch))
+    with pytest.raises(ValueError, match="profile_skip"):
+        DecomposerConfig(n_items=5, profile_skip=True, profile_decays=())

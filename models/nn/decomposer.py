@@ -63,6 +63,10 @@ class DecomposerConfig:
     residual: bool = True  # the base readout W z_t: added to the combined vector, or the pool's base member
     # z_t = [h_t; m_t^(λ) for each λ]: decayed means of the item vectors consumed (1.0 = plain mean), () = h_t alone
     profile_decays: tuple[float, ...] = (1.0, 0.98, 0.9)
+    # The decayed means also added to the base readout as they are (one learned weight per λ): a path
+    # from the items consumed to the score that no learned map stands in, as a transformer's residual
+    # stream gives SASRec, so that a new item scores by its likeness to what the user consumed.
+    profile_skip: bool = False
     use_text: bool = True  # add P·z(i) to item vectors
     id_dropout: float = 0.0  # in training, the share of items whose id vector is left out (text alone)
     # How text places an item (models/nn/items.py): the id part a residual of at most this norm (0: unbounded),
@@ -84,6 +88,10 @@ class DecomposerConfig:
             raise ValueError(f"dims: unknown dimension(s) {sorted(unknown)}; choose from {NAMED_DIMENSIONS}")
         if self.combine not in COMBINES:
             raise ValueError(f"combine must be one of {', '.join(COMBINES)}, got {self.combine!r}")
+        if self.profile_skip and not (self.profile_decays and self.residual and self.combine != "mixture"):
+            raise ValueError(
+                "profile_skip needs profile_decays and the base readout (residual, combine other than mixture)"
+            )
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {self.backbone!r}")
         if self.backbone == "transformer" and self.lstm_units % self.heads:
@@ -161,6 +169,8 @@ class InterestDecomposer(nn.Module):
             self.out = nn.Linear(d if cfg.combine == "sum" else K * d, D)  # W_o = [W_1 … W_K]
         # W, the base readout (the backbone's own u_0 = W z_t); the mixture scores from the dimensions alone
         self.direct = nn.Linear(self.state_dim, D) if cfg.residual and cfg.combine != "mixture" else None
+        R = len(cfg.profile_decays)
+        self.skip = nn.Parameter(torch.full((R,), 1.0 / R)) if cfg.profile_skip else None  # β_λ
         if cfg.intent_member:
             self.words_out = nn.Linear(cfg.text_dim, D)  # u_w: the words as a user vector
             # How the words fit: their cosine with the base vector and with each decayed profile.
@@ -251,7 +261,7 @@ class InterestDecomposer(nn.Module):
         C = self.context(ctx_feats, intent)
         U, x, present = [self.dimension_vectors(I)], [I], None
         if "base" in self.cfg.member_names:
-            U.append(self.direct(self.drop(z)).unsqueeze(-2))
+            U.append(self.base(z).unsqueeze(-2))
             x.append(I.new_zeros(*I.shape[:-2], 1, I.shape[-1]))  # the base's gate reads the context alone
         if self.cfg.intent_member:
             words = intent if intent is not None else z.new_zeros(*z.shape[:-1], self.cfg.text_dim)
@@ -279,7 +289,15 @@ class InterestDecomposer(nn.Module):
             alpha = alpha * self.K
         weighted = alpha.unsqueeze(-1) * I  # (…, K, d)
         u = self.out(weighted.sum(-2) if self.cfg.combine == "sum" else weighted.flatten(-2))
-        return u + self.direct(self.drop(z)) if self.direct is not None else u
+        return u + self.base(z) if self.direct is not None else u
+
+    def base(self, z: torch.Tensor) -> torch.Tensor:
+        """(…, S) -> the base readout u_0 = W z_t (…, D) [+ Σ_λ β_λ m_t^(λ) with profile_skip]."""
+        u = self.direct(self.drop(z))
+        if self.skip is None:
+            return u
+        m = z[..., self.cfg.lstm_units :].unflatten(-1, (len(self.cfg.profile_decays), self.cfg.item_dim))
+        return u + torch.einsum("r,...rd->...d", self.skip, m)
 
     def gates(self, z: torch.Tensor, ctx_feats: torch.Tensor, intent: torch.Tensor | None = None) -> torch.Tensor:
         """(…, S) interest states in their context -> α (…, M), one weight per member."""
