@@ -185,11 +185,16 @@ def retrains(kept: str, base: dict) -> list[tuple[str, str, dict, tuple[int, ...
     ]
 
 
+def missing(runs: dict, kept: str, base: dict) -> list[str]:
+    """The retrains' runs ("key/seed") that `runs` does not hold yet."""
+    return [f"{k}/{s}" for k, _, _, ss in retrains(kept, base) for s in ss if f"{k}/{s}" not in runs]
+
+
 def summary(runs: dict, kept: str, base: dict) -> dict | None:
     """The retrains' rows, `warm_change` and the target from `runs`; None while one is unrecorded."""
-    plan = retrains(kept, base)
-    if any(f"{k}/{s}" not in runs for k, _, _, ss in plan for s in ss):
+    if missing(runs, kept, base):
         return None
+    plan = retrains(kept, base)
     final = {LABEL_OF.get(k, k): [runs[f"{k}/{s}"] for s in ss] for k, _, _, ss in plan}
     cold = {k: float(np.mean([r["cold_ndcg@10"] for r in v])) for k, v in final.items()}
     cold["decomposer"] = cold[f"decomposer, {kept}"]
@@ -211,6 +216,11 @@ def summary(runs: dict, kept: str, base: dict) -> dict | None:
         },
         "complete": True,
     }
+
+
+def settings(pairs: list[str]) -> dict:
+    """["KEY=VALUE", ...] (each VALUE JSON) -> {KEY: value}."""
+    return {k: json.loads(v) for k, v in (pair.split("=", 1) for pair in pairs)}
 
 
 def main(argv=None) -> int:
@@ -245,8 +255,7 @@ def main(argv=None) -> int:
     data = load_prepared(resolve_dataset(args.dataset))
     split = protocol_split(data.user_offsets, PROTOCOL_OF.get(name, "loo"))
     head = torch.as_tensor(training_counts(data, split) > TAIL)[None, :]  # (1, N+1)
-    base = {k: json.loads(v) for k, v in (pair.split("=", 1) for pair in args.base)}
-    args.train = {k: json.loads(v) for k, v in (pair.split("=", 1) for pair in args.train)}
+    base, args.train = settings(args.base), settings(args.train)
     report = json.loads(out.read_text()) if out.is_file() else {}
     report.update(
         {
@@ -298,7 +307,7 @@ def main(argv=None) -> int:
         take_in(out, runs)
     done = summary(runs, kept, base)
     if done is None:  # the process that records the last run writes the summary
-        left = [f"{k}/{s}" for k, _, _, ss in retrains(kept, base) for s in ss if f"{k}/{s}" not in runs]
+        left = missing(runs, kept, base)
         print(f"not summarised: {len(left)} runs left ({'; '.join(left)})")
         return 0
     report.update(done)

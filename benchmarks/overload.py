@@ -8,10 +8,10 @@ Capacity is the concurrency the app admits without queueing: the Ingress's `max_
 (the shipped default, one Ingress replica). wrk (closed loop, `benchmarks/wrk_recommend.lua`: POST
 /recommend for known users) runs with that many connections, then with four times as many. Beyond
 what the Ingress admits and its `max_queued_requests` queue, Serve answers 503 with `Retry-After` at
-once (the Ingress replica itself in the shipped throughput-optimized mode, the proxy otherwise). wrk's own latencies mix the accepted requests with the shed ones, so a
-probe beside it (eight threads of one connection each, sequential requests, the same route and
-users; wrk gets eight connections fewer, so the totals are the capacity and four times it) times
-every request it sends and keeps the status: the p99 of its accepted requests at 4x
+once (the Ingress replica itself in the shipped throughput-optimized mode, the proxy otherwise).
+wrk's own latencies mix the accepted requests with the shed ones, so a probe beside it (eight
+threads of one connection each, sequential requests, the same route and users; wrk gets eight
+connections fewer, so the totals are the capacity and four times it) times every request it sends and keeps the status: the p99 of its accepted requests at 4x
 over the p99 at capacity is `p99_ratio` (target <= 2), the p99 of its 503s at 4x is `shed_ms`
 (target <= 100). wrk's throughput and non-2xx counts are recorded beside them. One replica per
 stage, fractional CPUs, wrk and the probe on the same cores as Serve, in Serve's mode as shipped
