@@ -49,7 +49,8 @@ from models.evaluation.evaluate import evaluate  # noqa: E402
 from models.evaluation.metrics import per_user_mean, seed_user_bootstrap  # noqa: E402
 from models.files import write_json  # noqa: E402
 from models.training.defaults import protocol_split, train_config  # noqa: E402
-from models.training.loop import fit, new_model, training_counts  # noqa: E402
+from models.nn.items import last_position  # noqa: E402
+from models.training.loop import fit, new_model, training_counts, training_first_seen  # noqa: E402
 from ray_app.train.data import resolve_dataset  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,7 +61,13 @@ LEVERS = {  # screened in this order: the combined levers first, the single ones
     "none": {},
     "bias, bounded residual 0.5, cold share 0.2": {"item_bias": True, "residual_radius": 0.5, "cold_share": 0.2},
     "cold share 0.2": {"cold_share": 0.2, "item_bias": True},
+    "frozen text, bounded residual 0.5, new-item bias": {
+        "freeze_text": True,
+        "residual_radius": 0.5,
+        "new_item_bias": True,
+    },
     "frozen text, bounded residual 0.5": {"freeze_text": True, "residual_radius": 0.5},
+    "new-item bias": {"new_item_bias": True},
     "item bias": {"item_bias": True},
     "bounded residual 0.5": {"residual_radius": 0.5},
     "bounded residual 2": {"residual_radius": 2.0},
@@ -112,8 +119,47 @@ def scores(model, data, split, head: torch.Tensor, device: str = "cpu") -> dict:
     }
 
 
+class NewItemBonus(torch.nn.Module):
+    """A rule's scores plus `bonus` for the items no training event held before each row's moment:
+    the information the new-item bias gives a model (models/nn/items.py), given to a rule."""
+
+    def __init__(self, model, first_seen: np.ndarray, bonus: float):
+        super().__init__()
+        self.model, self.cfg, self.bonus = model, model.cfg, bonus
+        self.first = torch.as_tensor(first_seen)
+
+    @torch.no_grad()
+    def score(self, batch):
+        t = last_position(batch["next_time"], batch["lengths"])  # (B,)
+        return self.model.score(batch) + self.bonus * (self.first[None, :] >= t[:, None])
+
+
+BONUSES = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # text similarity is a cosine: the bonus is on its scale
+
+
+def with_new_item_bonus(model, data, split, device: str) -> NewItemBonus:
+    """The rule with the bonus of BONUSES that scores best on every validation target (NDCG@10)."""
+    first = training_first_seen(data, split)
+
+    def valid(bonus: float) -> float:
+        return float(
+            evaluate(NewItemBonus(model, first, bonus), data, split, "valid", device=device)["masked"]["ndcg@10"].mean()
+        )
+
+    return NewItemBonus(model, first, max(BONUSES, key=valid))
+
+
 def run(kind: str, over: dict, data, split, seed: int, args, head) -> dict:
     torch.manual_seed(seed)
+    if kind == "history-text" and over.get("new_item_bonus"):
+        model = with_new_item_bonus(new_model(kind, data, split), data, split, args.device)
+        return {
+            "seed": seed,
+            "best_epoch": 0,
+            "config": {"new_item_bonus": model.bonus},
+            "device": args.device,
+            **scores(model, data, split, head, args.device),
+        }
     model = new_model(kind, data, split, **over)
     recipe = args.train if kind == "decomposer" else {}
     cfg = train_config(kind, seed=seed, epochs=args.epochs, patience=args.patience, intent_rate=0.0, **recipe)
@@ -180,6 +226,7 @@ def retrains(kept: str, base: dict) -> list[tuple[str, str, dict, tuple[int, ...
         (f"sasrec with text, {kept}", "sasrec", {**text, **LEVERS[kept]}, SEEDS),
         ("sasrec with text, none", "sasrec", text, SEEDS),
         ("text similarity to the history", "history-text", {}, (0,)),
+        ("text similarity to the history, new-item bonus", "history-text", {"new_item_bonus": True}, (0,)),
         ("popular", "popular", {}, (0,)),
         ("gru4rec", "gru4rec", {"mask_seen": True}, (0,)),
     ]

@@ -398,3 +398,106 @@ def test_profile_skip_adds_the_decayed_means_to_the_base_readout(tiny_data, spli
     torch.testing.assert_close(skip.score(batch), plain.score(batch))
     with pytest.raises(ValueError, match="profile_skip"):
         DecomposerConfig(n_items=5, profile_skip=True, profile_decays=())
+
+
+def _moments(batch) -> torch.Tensor:
+    return last_position(batch["next_time"], batch["lengths"])  # (B,) each row's moment
+
+
+@pytest.mark.parametrize(
+    "kind, flags", [("decomposer", {}), ("decomposer", {"combine": "max"}), ("sasrec", {"use_text": True})]
+)
+def test_the_new_item_bias_reads_only_training_events_before_the_moment(tiny_data, split, kind, flags):
+    """An item is new at t when no training event before t holds it. Events planted after every
+    moment scored change no score; one planted before them takes the item's new-item bias away."""
+    import numpy as np
+
+    from models.nn.items import first_seen_times
+    from models.training.loop import training_first_seen
+
+    torch.manual_seed(0)
+    m = new_model(kind, tiny_data, split, **flags, new_item_bias=True).eval()
+    with torch.no_grad():
+        m.items.new_w.copy_(torch.tensor([3.0, 0.0]))
+    batch = first_batch(tiny_data, split)
+    t = _moments(batch)
+    first = training_first_seen(tiny_data, split)
+    later = int(np.sort(first[1:])[-2])  # an item first seen after some moments: new then, not after
+    item = int(np.flatnonzero(first == later)[0])
+    assert (t < later).any() and (t >= later).any() or (t < later).all()
+    before = m.score(batch)
+
+    def with_events(at: int) -> torch.Tensor:
+        items = np.arange(1, tiny_data.n_items + 1)
+        planted = np.minimum(first, first_seen_times(items, np.full(len(items), at), tiny_data.n_items))
+        m.items.set_first_seen(planted)
+        return m.score(batch)
+
+    torch.testing.assert_close(with_events(int(t.max()) + 1), before)  # after every moment: no effect
+    m.items.set_first_seen(first)
+    earlier = with_events(int(t.min()) - 1)  # before every moment: no item is new any more
+    new_then = torch.as_tensor(first)[None, :] >= t[:, None]  # (B, N+1)
+    torch.testing.assert_close(earlier + 3.0 * new_then, before)
+    assert new_then[:, item].any()
+
+
+@pytest.mark.parametrize("K, combine", [(1, "concat"), (3, "max")])
+def test_the_new_item_bias_trains_as_plain_autograd_does(K, combine):
+    """The chunked softmax with the new-item bias: the loss and every gradient (the bias's too) equal
+    those of the logits written out, u·q_i (pooled) + b(t)·[item new at t]."""
+    from models.nn.losses import pooled_softmax_ce
+
+    torch.manual_seed(0)
+    P, D, n = 7, 5, 30
+    U = torch.randn(P, K, D, requires_grad=True)
+    V = torch.randn(n, D, requires_grad=True)
+    la = torch.log_softmax(torch.randn(P, K), 1).requires_grad_(True)
+    o = torch.randn(P, requires_grad=True)
+    first = torch.randint(0, 100, (n,))
+    first[0] = -(2**62)
+    times = torch.randint(0, 100, (P,))
+    targets = torch.randint(1, n, (P,))
+    loss = pooled_softmax_ce(U, V, targets, la, pool="max", tau=0.5, new_items=(first, times, o))
+    grads = torch.autograd.grad(loss, (U, V, la, o))
+    logits = U @ V.T  # (P, K, n)
+    s = 0.5 * torch.logsumexp((logits + la[..., None]) / 0.5, 1) if K > 1 else logits[:, 0] + la
+    s = s + o[:, None] * (first[None, :] >= times[:, None])
+    s = torch.cat([torch.full((P, 1), -torch.inf), s[:, 1:]], 1)
+    ref = torch.nn.functional.cross_entropy(s, targets)
+    torch.testing.assert_close(loss, ref)
+    for g, r in zip(grads, torch.autograd.grad(ref, (U, V, la, o))):
+        torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+def test_the_new_item_bias_learns_and_serves_as_a_column(tiny_data, split, loss):
+    """Training moves (w_0, w_1); serving, after every training event, gives the items no training
+    event holds, and the items added since, the bias as a fixed column of the item vectors."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    m = new_model("decomposer", tiny_data, split, combine="max", loss=loss, new_item_bias=True)
+    l, _ = m(first_batch(tiny_data, split))
+    l.backward()
+    assert m.items.new_w.grad.abs().sum() > 0
+    m.eval()
+    counts = np.ones(tiny_data.n_items + 1, np.int64)
+    counts[3] = 0
+    first = np.zeros(tiny_data.n_items + 1, np.int64)
+    first[3] = np.iinfo(np.int64).max  # item 3: never in training
+    m.set_item_data(tiny_data.item_emb, tiny_data.item_genres, counts, first)
+    with torch.no_grad():
+        m.items.new_w.copy_(torch.tensor([2.0, 0.5]))
+    N = tiny_data.n_items
+    new_bias = 2.0 + 0.5 * np.log(1 / N)
+    V = m.items.output()
+    assert V[3, -1].item() == pytest.approx(new_bias) and V[4, -1] == 0.0
+    added = m.add_items(tiny_data.item_emb[1:3], tiny_data.item_genres[1:3])
+    V = m.items.output()
+    assert V[added.start, -1].item() == pytest.approx(2.0 + 0.5 * np.log(3 / (N + 2)))  # 3 new of N + 2
+    batch = {k: v for k, v in first_batch(tiny_data, split).items() if k != "next_time"}
+    torch.testing.assert_close(m.score(batch), m.score_state(m.last_hidden(batch), _ctx(batch)))
+
+
+def _ctx(batch) -> torch.Tensor:
+    return last_position(batch["ctx_feats"], batch["lengths"])

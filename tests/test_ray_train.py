@@ -13,7 +13,7 @@ from models.nn import checkpoint
 from models.data.batching import make_split
 from models.evaluation.metrics import summarize
 from models.evaluation.evaluate import evaluate
-from ray_app.train.data import SetupError, item_counts, load_checked, user_ranges
+from ray_app.train.data import SetupError, item_counts, item_first_seen, load_checked, user_ranges
 from models.nn.checkpoint import BEST_FILE
 from ray_app.train.settings import METRIC, parse_args, parse_model_args
 from ray_app.train.driver import main
@@ -132,13 +132,14 @@ def test_user_ranges_cover_every_user_once(tiny_data, n):
 
 
 def test_the_driver_plans_from_offsets_and_counts_equal_to_the_loaded_datas(tiny_data):
-    from models.training.loop import training_counts
+    from models.training.loop import training_counts, training_first_seen
 
     index = load_checked(tiny_data.path)
     np.testing.assert_array_equal(index.user_offsets, tiny_data.user_offsets)
     assert (index.n_users, index.n_items, index.n_events) == (tiny_data.n_users, tiny_data.n_items, tiny_data.n_events)
     split = make_split(index.user_offsets, 10, 10)
     np.testing.assert_array_equal(item_counts(index, split, batch_rows=7), training_counts(tiny_data, split))
+    np.testing.assert_array_equal(item_first_seen(index, split, batch_rows=7), training_first_seen(tiny_data, split))
 
 
 PLAN_PEAK = """

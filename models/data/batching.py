@@ -195,6 +195,7 @@ class BatchBuilder:
             "next_rating": torch.from_numpy(np.where(sup, self.rating_bucket[nxt], 0)),
             "next_log_gap": torch.from_numpy(log_gap_hours(ts_next - ts)),
             "next_hour": torch.from_numpy(hour_bucket(ts_next)),
+            "next_time": torch.from_numpy(np.where(mask, ts_next, 0)),  # (B, T) seconds: each position's moment
         }
         if intent_rate > 0 and self.intents is not None:
             rng = rng or np.random.default_rng(0)

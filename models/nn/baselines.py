@@ -33,11 +33,15 @@ from models.nn.items import ItemTower, last_position
 
 
 class _ItemDataMixin:
-    def set_item_data(self, text_emb: np.ndarray, genres: np.ndarray, counts: np.ndarray | None = None) -> None:
+    def set_item_data(
+        self, text_emb: np.ndarray, genres: np.ndarray, counts: np.ndarray | None = None, first_seen=None
+    ) -> None:
         if hasattr(self, "items") and isinstance(self.items, ItemTower):
             self.items.set_text(text_emb)
             if counts is not None:
                 self.items.set_known(counts)
+            if first_seen is not None:
+                self.items.set_first_seen(first_seen)
         if counts is not None:
             p = (np.asarray(counts, dtype=np.float64) + 1.0) / (np.sum(counts) + len(counts))
             self.log_q.copy_(torch.as_tensor(np.log(p), dtype=torch.float32))
@@ -113,8 +117,8 @@ class _IntentRule(MostPopular):
         member[torch.as_tensor(rows), torch.as_tensor(table.ids[: len(rows)].astype(np.int64))] = True
         self.phrase_emb, self.member = emb, member
 
-    def set_item_data(self, text_emb, genres, counts=None) -> None:
-        super().set_item_data(text_emb, genres, counts)
+    def set_item_data(self, text_emb, genres, counts=None, first_seen=None) -> None:
+        super().set_item_data(text_emb, genres, counts, first_seen)
         t = torch.as_tensor(np.asarray(text_emb, dtype=np.float32))
         self.text = t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (N+1, 384)
 
@@ -251,6 +255,11 @@ class SASRecConfig:
     cold_share: float = 0.0
     freeze_text: bool = False
     cosine_tau: float = 0.0
+    new_item_bias: bool = False
+
+    def __post_init__(self):
+        if self.new_item_bias and not self.use_text:
+            raise ValueError("new_item_bias needs use_text (the item tower that carries it)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -271,6 +280,7 @@ class SASRec(_ItemDataMixin, nn.Module):
                 cold_share=cfg.cold_share,
                 freeze_text=cfg.freeze_text,
                 cosine_tau=cfg.cosine_tau,
+                new_item_bias=cfg.new_item_bias,
             )
         else:
             self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.hidden, padding_idx=0)
@@ -299,9 +309,14 @@ class SASRec(_ItemDataMixin, nn.Module):
         """(N+1, H) input and output vectors of every item (tied); row 0 is padding."""
         return self.items.all() if self.cfg.use_text else self.item_emb.weight
 
-    def output_vectors(self) -> torch.Tensor:
-        """(N+1, H[+1]) what a position's vector is scored against (the items' bias, when they have one)."""
-        return self.items.output() if self.cfg.use_text else self.item_emb.weight
+    def output_vectors(self, new_items: bool = True) -> torch.Tensor:
+        """(N+1, H[+1]) what a position's vector is scored against (the items' bias, when they have one;
+        `new_items=False`: without the new-item bias, which the caller adds at each moment)."""
+        return self.items.output(new_items) if self.cfg.use_text else self.item_emb.weight
+
+    def _moments(self) -> bool:
+        """Whether scores take the new-item bias at each position's moment."""
+        return self.cfg.use_text and self.items.new_w is not None
 
     def user_side(self, h: torch.Tensor) -> torch.Tensor:
         return self.items.user_side(h) if self.cfg.use_text else h
@@ -321,21 +336,29 @@ class SASRec(_ItemDataMixin, nn.Module):
         h = self.encode(batch)
         sup = batch["targets"] > 0
         seen = seen_pairs(batch["items"], sup, batch["targets"]) if self.cfg.mask_seen else None
+        new = None
+        if self._moments():
+            times = batch["next_time"][sup]
+            new = (self.items.first_seen, times, self.items.new_items(times)[0])
         loss = next_item_loss(
             self.user_side(h[sup]),
-            self.output_vectors(),
+            self.output_vectors(new_items=False),
             batch["targets"][sup],
             self.cfg.loss,
             self.log_q,
             self.cfg.n_negatives,
             seen,
+            new,
         )
         return loss, {"next_item": loss.item()}
 
     @torch.no_grad()
     def score(self, batch):
         h = last_position(self.encode(batch), batch["lengths"])  # (B, H)
-        return self.user_side(h) @ self.output_vectors().T  # (B, N+1)
+        if not (self._moments() and "next_time" in batch):
+            return self.user_side(h) @ self.output_vectors().T  # (B, N+1)
+        times = last_position(batch["next_time"], batch["lengths"])  # (B,) each row at its own moment
+        return self.user_side(h) @ self.output_vectors(new_items=False).T + self.items.new_item_scores(times)
 
 
 @dataclass

@@ -75,6 +75,7 @@ class DecomposerConfig:
     cold_share: float = 0.0  # in training, this share of known items is cold for an epoch (no id part, cold bias)
     freeze_text: bool = False  # the text projection fixed to the text's principal directions
     cosine_tau: float = 0.0  # > 0: scores are cosines of user and item vectors over this temperature
+    new_item_bias: bool = False  # a learned bias for the items no event held before the moment scored
     dim_names: tuple[str, ...] = field(init=False)  # the dimensions, named
     member_names: tuple[str, ...] = field(init=False)  # what the gates weigh: the dimensions [, base, intent]
 
@@ -107,6 +108,8 @@ class DecomposerConfig:
             raise ValueError("intent_member needs combine=max (the words are one of the pooled members)")
         if self.combine == "mixture" and self.loss != "full":
             raise ValueError("combine=mixture needs loss=full")
+        if self.new_item_bias and self.combine == "mixture":
+            raise ValueError("new_item_bias needs one score per item: combine concat, sum or max, not mixture")
         self.dim_names = self.dims + tuple(f"latent_{j + 1}" for j in range(self.n_latent))
         extra = ("base",) * base_alone + ("intent",) * self.intent_member
         self.member_names = self.dim_names + extra
@@ -145,6 +148,7 @@ class InterestDecomposer(nn.Module):
             cfg.cold_share,
             cfg.freeze_text,
             cfg.cosine_tau,
+            cfg.new_item_bias,
         )
         self.encoder = build_backbone(
             cfg.backbone, self.items, D, cfg.lstm_units, cfg.dropout, cfg.max_len, cfg.blocks, cfg.heads
@@ -179,10 +183,15 @@ class InterestDecomposer(nn.Module):
         self.register_buffer("log_q", torch.full((cfg.n_items + 1,), -float(np.log(max(cfg.n_items, 1)))))
 
     # ---- data the model carries -------------------------------------------------------------
-    def set_item_data(self, text_emb: np.ndarray, genres: np.ndarray, counts: np.ndarray | None = None) -> None:
+    def set_item_data(
+        self, text_emb: np.ndarray, genres: np.ndarray, counts: np.ndarray | None = None, first_seen=None
+    ) -> None:
+        """`first_seen` (N+1,): each item's first training event time (`items.first_seen_times`)."""
         self.items.set_text(text_emb)
         if counts is not None:
             self.items.set_known(counts)
+        if first_seen is not None:
+            self.items.set_first_seen(first_seen)
         self.item_genres.copy_(torch.as_tensor(genres, dtype=torch.float32))
         if counts is not None:
             p = (np.asarray(counts, dtype=np.float64) + 1.0) / (np.sum(counts) + len(counts))
@@ -332,15 +341,16 @@ class InterestDecomposer(nn.Module):
         U, log_alpha, I = self.members(z[sup], batch["ctx_feats"][sup], intent[sup] if intent is not None else None)
         targets = batch["targets"][sup]  # (P,)
         seen = seen_pairs(batch["items"], sup, batch["targets"]) if self.cfg.mask_seen else None
-        V = self.items.output()  # (N+1, D[+1])
+        new = self._new_items(batch["next_time"][sup]) if self.items.new_w is not None else None
+        V = self.items.output(new_items=False)  # (N+1, D[+1]); the new-item bias comes with each moment
         if not self.pooled:
             u = self.items.user_side(self.combined(z[sup], I, log_alpha))
-            loss = next_item_loss(u, V, targets, self.cfg.loss, self.log_q, self.cfg.n_negatives, seen)
+            loss = next_item_loss(u, V, targets, self.cfg.loss, self.log_q, self.cfg.n_negatives, seen, new)
         elif self.cfg.loss == "sampled":
-            loss = self._sampled_pool_loss(U, log_alpha, V, targets)
+            loss = self._sampled_pool_loss(U, log_alpha, V, targets, new)
         else:
             U1 = self.items.user_side(U)
-            loss = pooled_softmax_ce(U1, V, targets, log_alpha, seen, self.cfg.combine, self.cfg.tau)
+            loss = pooled_softmax_ce(U1, V, targets, log_alpha, seen, self.cfg.combine, self.cfg.tau, new)
         parts = {"next_item": loss.item()}
         if self.cfg.separation > 0 and self.pooled:
             n = U.shape[1] - self.cfg.intent_member  # the words are kept out: they come from the request
@@ -359,11 +369,18 @@ class InterestDecomposer(nn.Module):
             loss = loss + self.cfg.aux_weight * sum(aux.values())
         return loss, parts
 
-    def _sampled_pool_loss(self, U, log_alpha, V, targets) -> torch.Tensor:
+    def _new_items(self, times: torch.Tensor):
+        """(P,) moments -> the new-item bias of a loss (`models.nn.losses.NewItems`)."""
+        return self.items.first_seen, times, self.items.new_items(times)[0]
+
+    def _sampled_pool_loss(self, U, log_alpha, V, targets, new=None) -> torch.Tensor:
         """ "max" over in-batch targets plus uniform negatives, each pooled score corrected by log Q(i)."""
         uniform = torch.randint(1, self.cfg.n_items + 1, (self.cfg.n_negatives,), device=U.device)
         cand, inverse = torch.unique(torch.cat([targets, uniform]), return_inverse=True)  # (C,)
         s = self.pool_scores(U, log_alpha, V[cand]) - self.log_q[cand]  # (P, C)
+        if new is not None:
+            first, times, offsets = new
+            s = s + offsets[:, None] * (first[cand][None, :] >= times[:, None])
         return F.cross_entropy(s, inverse[: len(targets)])
 
     # ---- serving ----------------------------------------------------------------------------
@@ -378,7 +395,12 @@ class InterestDecomposer(nn.Module):
         lengths = batch["lengths"]
         ctx = last_position(batch["ctx_feats"], lengths)
         intent = last_position(intent, lengths) if intent is not None else None
-        return self.score_state(h, ctx, intent)
+        if self.items.new_w is None or "next_time" not in batch:
+            return self.score_state(h, ctx, intent)
+        # Each row scored at its own moment: the new-item bias of the items new then.
+        times = last_position(batch["next_time"], lengths)  # (B,)
+        scores = self.score_state(h, ctx, intent, item_vecs=self.items.output(new_items=False))
+        return scores + self.items.new_item_scores(times)
 
     @torch.no_grad()
     def score_state(self, h, ctx_feats, intent=None, item_vecs=None) -> torch.Tensor:

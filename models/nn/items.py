@@ -12,7 +12,13 @@ targets by benchmarks/cold_items.py):
   cold on the input and the output side alike (no id part, the cold items' bias);
 - `freeze_text`: P fixed to the text's principal directions instead of learned;
 - `cosine_tau`: normalised vectors with a temperature, a score cos(u, q_i)/τ instead of u·q_i, so
-  that no item is ranked up by the length of its vector (popular items' id parts grow long).
+  that no item is ranked up by the length of its vector (popular items' id parts grow long);
+- `new_item_bias`: a bias for the items no event held before the moment scored, learned in training
+  where each item is new at its first event: b(t) = w_0 + w_1·log(n_new(t) / N), n_new(t) the
+  number of items new at t. A released film or a fresh article is what many people take next;
+  at a cold item's moment it is new, and so is every item first seen later. It reads only the
+  times of training events before t. Serving scores after every training event, so there the
+  new items are the cold ones and the added ones, and the bias is a fixed column (`output`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+
+
+NEVER = torch.iinfo(torch.int64).max  # the first-seen time of an item no training event holds
+
+
+def first_seen_times(items: np.ndarray, times: np.ndarray, n_items: int) -> np.ndarray:
+    """(E,) training events' items and times -> (N+1,) int64 time of each item's first one (NEVER:
+    none; row 0, the padding, -NEVER)."""
+    first = np.full(n_items + 1, int(NEVER), dtype=np.int64)
+    np.minimum.at(first, np.asarray(items, dtype=np.int64), np.asarray(times, dtype=np.int64))
+    first[0] = -int(NEVER)
+    return first
 
 
 def known_items(counts: np.ndarray) -> torch.Tensor:
@@ -42,6 +60,7 @@ class ItemTower(nn.Module):
         cold_share: float = 0.0,
         freeze_text: bool = False,
         cosine_tau: float = 0.0,
+        new_item_bias: bool = False,
     ):
         super().__init__()
         self.id_dropout = id_dropout if use_text else 0.0  # in training, the share of items placed by text alone
@@ -67,6 +86,13 @@ class ItemTower(nn.Module):
         self.register_buffer("simulated", torch.zeros(n_items + 1), persistent=False)
         self.bias = nn.Parameter(torch.zeros(n_items + 1)) if item_bias else None
         self.cold_bias = nn.Parameter(torch.zeros(())) if item_bias else None  # the bias of every cold item
+        # new_item_bias: (w_0, w_1) and the time of each item's first training event (NEVER: none;
+        # the padding row is never new). Travels with the checkpoint; all NEVER until `set_first_seen`.
+        self.new_w = nn.Parameter(torch.zeros(2)) if new_item_bias else None
+        if new_item_bias:
+            first = torch.full((n_items + 1,), NEVER, dtype=torch.int64)
+            first[0] = -NEVER
+            self.register_buffer("first_seen", first)
 
     def set_text(self, text_emb: np.ndarray) -> None:
         self.text.copy_(torch.as_tensor(text_emb, dtype=torch.float32))
@@ -92,12 +118,19 @@ class ItemTower(nn.Module):
         self.emb = nn.Embedding.from_pretrained(weight, freeze=False, padding_idx=0)
         if self.bias is not None:
             self.bias = nn.Parameter(torch.cat([self.bias, self.bias.new_zeros(k)]))
+        if self.new_w is not None:
+            self.first_seen = torch.cat([self.first_seen, self.first_seen.new_full((k,), NEVER)])
         return range(n0, n0 + k)
 
     def set_known(self, counts: np.ndarray) -> None:
         """(N+1,) training events per item -> which items keep their id vector (all, without text)."""
         if self.proj is not None:
             self.known.copy_(known_items(counts))
+
+    def set_first_seen(self, first: np.ndarray) -> None:
+        """(N+1,) time of each item's first training event (`first_seen_times`); kept with new_item_bias."""
+        if self.new_w is not None:
+            self.first_seen.copy_(torch.as_tensor(np.asarray(first), dtype=torch.int64))
 
     def train(self, mode: bool = True):
         """Entering training draws the epoch's simulated cold items (cold_share of the known ones)."""
@@ -138,20 +171,52 @@ class ItemTower(nn.Module):
         return ids * self._keep()[items].unsqueeze(-1) + self.proj(self.text[items])
 
     # ---- the output side: item vectors with their bias, user vectors with a 1 to meet it ---------
-    def biases(self) -> torch.Tensor | None:
-        """(N+1,) each item's bias: its own for a known item, the cold items' one otherwise."""
-        if self.bias is None:
-            return None
-        keep = self.known * (1.0 - self.simulated) if self.training else self.known
-        return self.bias * keep + self.cold_bias * (1.0 - keep)
+    @property
+    def has_bias(self) -> bool:
+        """Whether item vectors carry a bias column (and user vectors a 1 to meet it)."""
+        return self.bias is not None or self.new_w is not None
 
-    def output(self) -> torch.Tensor:
+    def biases(self, new_items: bool = True) -> torch.Tensor | None:
+        """(N+1,) each item's bias: its own for a known item, the cold items' one otherwise; with
+        `new_items`, plus the new-item bias of the items no training event holds (serving's moment,
+        after every training event). None without a bias column."""
+        if not self.has_bias:
+            return None
+        b = self.known.new_zeros(self.known.shape)
+        if self.bias is not None:
+            keep = self.known * (1.0 - self.simulated) if self.training else self.known
+            b = self.bias * keep + self.cold_bias * (1.0 - keep)
+        if new_items and self.new_w is not None:
+            new = self.first_seen == NEVER
+            b = b + self.new_item_offsets(new.sum()[None])[0] * new
+        return b
+
+    def new_item_offsets(self, n_new: torch.Tensor) -> torch.Tensor:
+        """(P,) number of items new at each moment -> (P,) their bias w_0 + w_1·log(n_new / N)."""
+        N = self.first_seen.shape[0] - 1
+        return self.new_w[0] + self.new_w[1] * torch.log(n_new.float().clamp_min(1.0) / N)
+
+    def new_items(self, times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P,) moments (seconds) -> ((P,) the new-item bias at each, (P,) how many items are new).
+
+        An item is new at t when no training event before t holds it (`first_seen` ≥ t)."""
+        ordered = torch.sort(self.first_seen).values
+        n_new = len(ordered) - torch.searchsorted(ordered, times.contiguous(), side="left")  # (P,)
+        return self.new_item_offsets(n_new), n_new
+
+    def new_item_scores(self, times: torch.Tensor) -> torch.Tensor:
+        """(P,) moments -> (P, N+1) the new-item bias of each item at each moment (0 for the others)."""
+        offsets, _ = self.new_items(times)
+        return offsets[:, None] * (self.first_seen[None, :] >= times[:, None])
+
+    def output(self, new_items: bool = True) -> torch.Tensor:
         """(N+1, D[+1]) what a user vector is scored against: [q_i, b_i] with a bias, else q_i
-        (q_i of unit length with `cosine_tau`)."""
+        (q_i of unit length with `cosine_tau`). `new_items=False` leaves the new-item bias out of
+        b_i, for a caller that adds it at each moment (`new_item_scores`)."""
         q = self.all()
         if self.cosine_tau > 0:
             q = nn.functional.normalize(q, dim=-1)
-        b = self.biases()
+        b = self.biases(new_items)
         return q if b is None else torch.cat([q, b[:, None]], dim=1)
 
     def user_side(self, u: torch.Tensor) -> torch.Tensor:
@@ -159,7 +224,7 @@ class ItemTower(nn.Module):
         with `cosine_tau`, u of length 1/τ."""
         if self.cosine_tau > 0:
             u = nn.functional.normalize(u, dim=-1) / self.cosine_tau
-        if self.bias is None:
+        if not self.has_bias:
             return u
         return torch.cat([u, u.new_ones(*u.shape[:-1], 1)], dim=-1)
 

@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 
 POOLS = ("max", "mixture")
+# The new-item bias of a loss: (N+1,) each item's first training event time, (P,) each position's
+# moment, (P,) the bias at that moment (models/nn/items.py `new_items`).
+NewItems = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 # Rows of a chunk are chosen so that one chunk's (rows, K, N+1) logits hold about this many floats.
 CHUNK_ELEMENTS = 1 << 20
 
@@ -57,11 +60,11 @@ class _PooledSoftmaxCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, U, V, log_alpha, targets, seen, pool: str, tau: float):
+    def forward(ctx, U, V, log_alpha, targets, seen, pool: str, tau: float, first, times, offsets):
         P, K, D = U.shape
         n = V.shape[0]
-        Uf, Vf, La = U.float(), V.float(), log_alpha.float()
-        gU, gV, gA = torch.empty_like(Uf), torch.zeros_like(Vf), torch.empty_like(La)
+        Uf, Vf, La, Of = U.float(), V.float(), log_alpha.float(), offsets.float()
+        gU, gV, gA, gO = torch.empty_like(Uf), torch.zeros_like(Vf), torch.empty_like(La), torch.zeros_like(Of)
         VT = Vf.T.contiguous()  # (D, N+1): the matmul reads it row by row
         total = Uf.new_zeros(())
         step = max(1, CHUNK_ELEMENTS // (K * n))
@@ -79,6 +82,10 @@ class _PooledSoftmaxCE(torch.autograd.Function):
                 else:
                     w, lse_k = _softmax_(logits.add_(la[:, :, None]).div_(tau), dim=1)  # (c, K, N+1), (c, N+1)
                     s = lse_k.mul_(tau)  # w: each dimension's share of s_i
+                new = None
+                if first is not None:  # (c, N+1) the items no training event held before each moment
+                    new = first[None, :] >= times[lo:hi, None]
+                    s.add_(new * Of[lo:hi, None])
                 s[:, 0] = -torch.inf
                 if masked is not None:
                     s[masked] = -torch.inf
@@ -86,6 +93,8 @@ class _PooledSoftmaxCE(torch.autograd.Function):
                 p, lse = _softmax_(s)
                 total += (lse - s_t).sum()
                 p[rows, t] -= 1.0  # dL/ds
+                if new is not None:
+                    gO[lo:hi] = (p * new).sum(-1)
                 if w is None:
                     g = p[:, None, :]  # (c, 1, N+1)
                     gA[lo:hi] = p.sum(-1, keepdim=True)
@@ -108,15 +117,26 @@ class _PooledSoftmaxCE(torch.autograd.Function):
             g2 = g.reshape(c * K, n)
             gU[lo:hi] = (g2 @ Vf).view(c, K, D)
             gV.addmm_(g2.T, u.reshape(c * K, D))
-        ctx.save_for_backward(gU / P, gV / P, gA / P)
-        ctx.dtypes = (U.dtype, V.dtype, log_alpha.dtype)
+        ctx.save_for_backward(gU / P, gV / P, gA / P, gO / P)
+        ctx.dtypes = (U.dtype, V.dtype, log_alpha.dtype, offsets.dtype)
         return total / P
 
     @staticmethod
     def backward(ctx, grad):
-        gU, gV, gA = ctx.saved_tensors
-        tU, tV, tA = ctx.dtypes
-        return (grad * gU).to(tU), (grad * gV).to(tV), (grad * gA).to(tA), None, None, None, None
+        gU, gV, gA, gO = ctx.saved_tensors
+        tU, tV, tA, tO = ctx.dtypes
+        return (
+            (grad * gU).to(tU),
+            (grad * gV).to(tV),
+            (grad * gA).to(tA),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            (grad * gO).to(tO),
+        )
 
 
 def pooled_softmax_ce(
@@ -127,6 +147,7 @@ def pooled_softmax_ce(
     seen: tuple[torch.Tensor, torch.Tensor] | None = None,
     pool: str = "max",
     tau: float = 1.0,
+    new_items: NewItems | None = None,
 ) -> torch.Tensor:
     """Full-softmax cross-entropy with K user vectors per position.
 
@@ -135,15 +156,19 @@ def pooled_softmax_ce(
     With `seen` (see `seen_pairs`) the items a user already consumed leave the softmax, as they
     leave the history-masked ranking. pool "max": the score of item i is
     τ·log Σ_k exp((u_k·q_i + log α_k)/τ); with K = 1 and α = 1 it is u·q_i, the plain softmax.
-    pool "mixture": p(i) = Σ_k α_k softmax(u_k·q)_i.
+    pool "mixture": p(i) = Σ_k α_k softmax(u_k·q)_i. `new_items` adds each position's new-item
+    bias to the pooled score of the items new at its moment ("max" only).
     """
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    if new_items is not None and pool != "max":
+        raise ValueError("the new-item bias needs pool 'max' (a mixture has no one score per item)")
     if log_alpha is None:
         if U.shape[1] != 1:
             raise ValueError("log_alpha is needed for more than one user vector per position")
         log_alpha = U.new_zeros(U.shape[:2])
-    return _PooledSoftmaxCE.apply(U, V, log_alpha, targets, seen, pool, float(tau))
+    first, times, offsets = new_items if new_items is not None else (None, None, U.new_zeros(len(U)))
+    return _PooledSoftmaxCE.apply(U, V, log_alpha, targets, seen, pool, float(tau), first, times, offsets)
 
 
 def full_softmax_ce(
@@ -151,17 +176,23 @@ def full_softmax_ce(
     item_vecs: torch.Tensor,
     targets: torch.Tensor,
     seen: tuple[torch.Tensor, torch.Tensor] | None = None,
+    new_items: NewItems | None = None,
 ) -> torch.Tensor:
     """u (P, D) user vectors at supervised positions, item_vecs (N+1, D), targets (P,) in 1..N.
 
     With `seen` (see `seen_pairs`) the items a user already consumed leave the softmax, as they
     leave the history-masked ranking: the model spends no capacity pushing them down.
     """
-    return pooled_softmax_ce(u[:, None, :], item_vecs, targets, seen=seen)
+    return pooled_softmax_ce(u[:, None, :], item_vecs, targets, seen=seen, new_items=new_items)
 
 
 def sampled_softmax_ce(
-    u: torch.Tensor, item_vecs: torch.Tensor, targets: torch.Tensor, log_q: torch.Tensor, n_negatives: int
+    u: torch.Tensor,
+    item_vecs: torch.Tensor,
+    targets: torch.Tensor,
+    log_q: torch.Tensor,
+    n_negatives: int,
+    new_items: NewItems | None = None,
 ) -> torch.Tensor:
     """In-batch targets plus uniform negatives as candidates, logits corrected by log Q(i).
 
@@ -172,6 +203,9 @@ def sampled_softmax_ce(
     uniform = torch.randint(1, n_items + 1, (n_negatives,), device=u.device)
     cand, inverse = torch.unique(torch.cat([targets, uniform]), return_inverse=True)  # (C,)
     logits = u @ item_vecs[cand].T - log_q[cand]  # (P, C)
+    if new_items is not None:
+        first, times, offsets = new_items
+        logits = logits + offsets[:, None] * (first[cand][None, :] >= times[:, None])
     return F.cross_entropy(logits, inverse[: len(targets)])
 
 
@@ -183,9 +217,12 @@ def next_item_loss(
     log_q: torch.Tensor | None = None,
     n_negatives: int = 1024,
     seen: tuple[torch.Tensor, torch.Tensor] | None = None,
+    new_items: NewItems | None = None,
 ) -> torch.Tensor:
+    """`new_items` (first-seen times (N+1,), moments (P,), biases (P,)): the new-item bias added to
+    the items new at each position's moment (models/nn/items.py)."""
     if mode == "full":
-        return full_softmax_ce(u, item_vecs, targets, seen)
+        return full_softmax_ce(u, item_vecs, targets, seen, new_items)
     if mode == "sampled":
-        return sampled_softmax_ce(u, item_vecs, targets, log_q, n_negatives)
+        return sampled_softmax_ce(u, item_vecs, targets, log_q, n_negatives, new_items)
     raise ValueError(f"loss must be 'full' or 'sampled', got {mode!r}")

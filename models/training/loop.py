@@ -28,6 +28,7 @@ from models.data.batching import (
 from models.evaluation.evaluate import HEADLINE, evaluate
 from models.evaluation.metrics import summarize
 from models.nn.checkpoint import MODELS, build
+from models.nn.items import first_seen_times
 
 
 @dataclass
@@ -68,6 +69,12 @@ def training_counts(data, split: Split) -> np.ndarray:
     return np.bincount(data.items[pos], minlength=data.n_items + 1)
 
 
+def training_first_seen(data, split: Split) -> np.ndarray:
+    """(N+1,) time of each item's first training event (`models.nn.items.first_seen_times`)."""
+    _, pos = flat_ranges(split.user_start, split.valid_pos - split.user_start)
+    return first_seen_times(data.items[pos], data.timestamps[pos], data.n_items)
+
+
 # Above this many items a model that has the choice trains with the sampled softmax unless told
 # otherwise: the full softmax's (positions × catalogue) logits are what training memory grows with
 # (benchmarks/scale.py); on ml-latest-small the sampled one scores within the seed spread of it.
@@ -89,7 +96,8 @@ def new_model(kind: str, data, split: Split, **overrides) -> nn.Module:
     if kind == "decomposer":
         args.setdefault("n_genres", max(1, data.item_genres.shape[1]))
     model = build(kind, args)
-    model.set_item_data(data.item_emb, data.item_genres, training_counts(data, split))
+    first = training_first_seen(data, split)
+    model.set_item_data(data.item_emb, data.item_genres, training_counts(data, split), first)
     if hasattr(model, "set_intents"):  # the intent-aware rules
         model.set_intents(intent_table(data))
     return model

@@ -22,6 +22,7 @@ import numpy as np
 from models.data.batching import Split, training_windows
 from models.data import DATASETS, DataError, InteractionData, prepare_source
 from models.data.dataset import EVENT_COLUMNS, PreparedIndex, event_batches, index_prepared
+from models.nn.items import NEVER, first_seen_times
 
 
 class SetupError(ValueError):
@@ -75,6 +76,21 @@ def item_counts(index: PreparedIndex, split: Split, batch_rows: int = 1 << 16) -
         train = rows < split.valid_pos[user]
         counts += np.bincount(batch.column(0).to_numpy()[train], minlength=index.n_items + 1)
     return counts
+
+
+def item_first_seen(index: PreparedIndex, split: Split, batch_rows: int = 1 << 16) -> np.ndarray:
+    """(N+1,) time of each item's first training event (`models.training.loop.training_first_seen`),
+    streamed as `item_counts` streams: what the new-item bias reads (models/nn/items.py)."""
+    first = first_seen_times(np.zeros(0, np.int64), np.zeros(0, np.int64), index.n_items)
+    ends = index.user_offsets[1:]  # (U,) each user's end row
+    for at, batch in event_batches(index.path, ["item_idx", "timestamp"], batch_rows):
+        rows = np.arange(at, at + batch.num_rows)
+        user = np.searchsorted(ends, rows, side="right")  # (R,) 0-based user of each row
+        train = rows < split.valid_pos[user]
+        items, times = batch.column(0).to_numpy()[train], batch.column(1).to_numpy()[train]
+        first = np.minimum(first, first_seen_times(items, times, index.n_items))
+    first[0] = -int(NEVER)
+    return first
 
 
 @dataclass

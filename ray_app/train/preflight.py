@@ -15,7 +15,15 @@ import pyarrow.fs
 from models.nn import checkpoint
 from models.training.defaults import PROTOCOLS, protocol_split
 from models.training.precision import bf16_problem
-from ray_app.train.data import SetupError, item_counts, load_checked, read_shards, resolve_dataset, user_ranges
+from ray_app.train.data import (
+    SetupError,
+    item_counts,
+    item_first_seen,
+    load_checked,
+    read_shards,
+    resolve_dataset,
+    user_ranges,
+)
 from ray_app.train.settings import LSTM_MODELS, MODEL_KINDS, RayTrainSettings, check_model_args
 
 
@@ -160,6 +168,7 @@ def plan(s: RayTrainSettings, num_cpus: int | None = None) -> Plan:
         "protocol": s.protocol,
         "dataset": str(prepared),
         "counts": ray.put(item_counts(data, split)),  # items' training events; each worker reads the item tables
+        "first_seen": ray.put(item_first_seen(data, split)),  # each item's first training event time
         "users": [ranges.users(r) for r in range(s.num_workers)],
         "windows": int(ranges.windows.sum()),
         "cpus_per_worker": s.cpus_per_worker,

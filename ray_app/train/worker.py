@@ -60,7 +60,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     torch.manual_seed(cfg.seed)  # the same initial weights everywhere
     core = new_model(config["model"], data, split, **config["model_args"])
-    core.set_item_data(data.item_emb, data.item_genres, counts)  # popularity of all users, not the shard's
+    # popularity and first-seen times of all users' events, not the shard's
+    core.set_item_data(data.item_emb, data.item_genres, counts, ray.get(config["first_seen"]))  # [ray]
     ema = weight_average(core, cfg)  # averaged weights (cfg.ema_decay), or None
     judged = ema.module if ema is not None else core  # the weights validated and checkpointed
     state, opt_state = TrainState(), None
