@@ -408,8 +408,9 @@ def _moments(batch) -> torch.Tensor:
     "kind, flags", [("decomposer", {}), ("decomposer", {"combine": "max"}), ("sasrec", {"use_text": True})]
 )
 def test_the_new_item_bias_reads_only_training_events_before_the_moment(tiny_data, split, kind, flags):
-    """An item is new at t when no training event before t holds it. Events planted after every
-    moment scored change no score; one planted before them takes the item's new-item bias away."""
+    """An item is new at t when no training event before t holds it, and is scored then by its text
+    and the new-item bias. Events planted after every moment scored change no score; events planted
+    before them make no item new, and change the scores of the items that were new, and no other."""
     import numpy as np
 
     from models.nn.items import first_seen_times
@@ -422,9 +423,6 @@ def test_the_new_item_bias_reads_only_training_events_before_the_moment(tiny_dat
     batch = first_batch(tiny_data, split)
     t = _moments(batch)
     first = training_first_seen(tiny_data, split)
-    later = int(np.sort(first[1:])[-2])  # an item first seen after some moments: new then, not after
-    item = int(np.flatnonzero(first == later)[0])
-    assert (t < later).any() and (t >= later).any() or (t < later).all()
     before = m.score(batch)
 
     def with_events(at: int) -> torch.Tensor:
@@ -437,14 +435,16 @@ def test_the_new_item_bias_reads_only_training_events_before_the_moment(tiny_dat
     m.items.set_first_seen(first)
     earlier = with_events(int(t.min()) - 1)  # before every moment: no item is new any more
     new_then = torch.as_tensor(first)[None, :] >= t[:, None]  # (B, N+1)
-    torch.testing.assert_close(earlier + 3.0 * new_then, before)
-    assert new_then[:, item].any()
+    new_then[:, 0] = False
+    assert new_then.any() and (~new_then[:, 1:]).any()
+    torch.testing.assert_close(earlier[~new_then], before[~new_then])
+    assert (earlier[new_then] != before[new_then]).all()
 
 
 @pytest.mark.parametrize("K, combine", [(1, "concat"), (3, "max")])
 def test_the_new_item_bias_trains_as_plain_autograd_does(K, combine):
-    """The chunked softmax with the new-item bias: the loss and every gradient (the bias's too) equal
-    those of the logits written out, u·q_i (pooled) + b(t)·[item new at t]."""
+    """The chunked softmax with new items: the loss and every gradient (the bias's and the text
+    vectors' too) equal those of the logits written out, u·q_i, or u·x_i + b(t) for an item new at t."""
     from models.nn.losses import pooled_softmax_ce
 
     torch.manual_seed(0)
@@ -453,19 +453,22 @@ def test_the_new_item_bias_trains_as_plain_autograd_does(K, combine):
     V = torch.randn(n, D, requires_grad=True)
     la = torch.log_softmax(torch.randn(P, K), 1).requires_grad_(True)
     o = torch.randn(P, requires_grad=True)
+    X = torch.randn(n, D, requires_grad=True)  # the text vectors
     first = torch.randint(0, 100, (n,))
     first[0] = -(2**62)
     times = torch.randint(0, 100, (P,))
     targets = torch.randint(1, n, (P,))
-    loss = pooled_softmax_ce(U, V, targets, la, pool="max", tau=0.5, new_items=(first, times, o))
-    grads = torch.autograd.grad(loss, (U, V, la, o))
-    logits = U @ V.T  # (P, K, n)
+    loss = pooled_softmax_ce(U, V, targets, la, pool="max", tau=0.5, new_items=(first, times, o, X))
+    grads = torch.autograd.grad(loss, (U, V, la, o, X))
+    new = first[None, :] >= times[:, None]  # (P, n)
+    assert new[:, 1:].any() and (~new[:, 1:]).any()
+    logits = torch.where(new[:, None, :], U @ X.T, U @ V.T)  # (P, K, n)
     s = 0.5 * torch.logsumexp((logits + la[..., None]) / 0.5, 1) if K > 1 else logits[:, 0] + la
-    s = s + o[:, None] * (first[None, :] >= times[:, None])
+    s = s + o[:, None] * new
     s = torch.cat([torch.full((P, 1), -torch.inf), s[:, 1:]], 1)
     ref = torch.nn.functional.cross_entropy(s, targets)
     torch.testing.assert_close(loss, ref)
-    for g, r in zip(grads, torch.autograd.grad(ref, (U, V, la, o))):
+    for g, r in zip(grads, torch.autograd.grad(ref, (U, V, la, o, X))):
         torch.testing.assert_close(g, r)
 
 

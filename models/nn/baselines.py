@@ -339,7 +339,7 @@ class SASRec(_ItemDataMixin, nn.Module):
         new = None
         if self._moments():
             times = batch["next_time"][sup]
-            new = (self.items.first_seen, times, self.items.new_items(times)[0])
+            new = (self.items.first_seen, times, self.items.new_items(times)[0], self.items.text_output())
         loss = next_item_loss(
             self.user_side(h[sup]),
             self.output_vectors(new_items=False),
@@ -358,7 +358,8 @@ class SASRec(_ItemDataMixin, nn.Module):
         if not (self._moments() and "next_time" in batch):
             return self.user_side(h) @ self.output_vectors().T  # (B, N+1)
         times = last_position(batch["next_time"], batch["lengths"])  # (B,) each row at its own moment
-        return self.user_side(h) @ self.output_vectors(new_items=False).T + self.items.new_item_scores(times)
+        u = self.user_side(h)
+        return self.items.at_moments(u @ self.output_vectors(new_items=False).T, u @ self.items.text_output().T, times)
 
 
 @dataclass

@@ -370,8 +370,8 @@ class InterestDecomposer(nn.Module):
         return loss, parts
 
     def _new_items(self, times: torch.Tensor):
-        """(P,) moments -> the new-item bias of a loss (`models.nn.losses.NewItems`)."""
-        return self.items.first_seen, times, self.items.new_items(times)[0]
+        """(P,) moments -> the new items of a loss (`models.nn.losses.NewItems`)."""
+        return self.items.first_seen, times, self.items.new_items(times)[0], self.items.text_output()
 
     def _sampled_pool_loss(self, U, log_alpha, V, targets, new=None) -> torch.Tensor:
         """ "max" over in-batch targets plus uniform negatives, each pooled score corrected by log Q(i)."""
@@ -379,8 +379,9 @@ class InterestDecomposer(nn.Module):
         cand, inverse = torch.unique(torch.cat([targets, uniform]), return_inverse=True)  # (C,)
         s = self.pool_scores(U, log_alpha, V[cand]) - self.log_q[cand]  # (P, C)
         if new is not None:
-            first, times, offsets = new
-            s = s + offsets[:, None] * (first[cand][None, :] >= times[:, None])
+            first, times, offsets, V_text = new
+            text = self.pool_scores(U, log_alpha, V_text[cand]) - self.log_q[cand] + offsets[:, None]
+            s = torch.where(first[cand][None, :] >= times[:, None], text, s)
         return F.cross_entropy(s, inverse[: len(targets)])
 
     # ---- serving ----------------------------------------------------------------------------
@@ -397,10 +398,11 @@ class InterestDecomposer(nn.Module):
         intent = last_position(intent, lengths) if intent is not None else None
         if self.items.new_w is None or "next_time" not in batch:
             return self.score_state(h, ctx, intent)
-        # Each row scored at its own moment: the new-item bias of the items new then.
+        # Each row scored at its own moment: the items new then by their text and the new-item bias.
         times = last_position(batch["next_time"], lengths)  # (B,)
-        scores = self.score_state(h, ctx, intent, item_vecs=self.items.output(new_items=False))
-        return scores + self.items.new_item_scores(times)
+        full = self.score_state(h, ctx, intent, item_vecs=self.items.output(new_items=False))
+        text = self.score_state(h, ctx, intent, item_vecs=self.items.text_output())
+        return self.items.at_moments(full, text, times)
 
     @torch.no_grad()
     def score_state(self, h, ctx_feats, intent=None, item_vecs=None) -> torch.Tensor:

@@ -13,12 +13,15 @@ targets by benchmarks/cold_items.py):
 - `freeze_text`: P fixed to the text's principal directions instead of learned;
 - `cosine_tau`: normalised vectors with a temperature, a score cos(u, q_i)/τ instead of u·q_i, so
   that no item is ranked up by the length of its vector (popular items' id parts grow long);
-- `new_item_bias`: a bias for the items no event held before the moment scored, learned in training
-  where each item is new at its first event: b(t) = w_0 + w_1·log(n_new(t) / N), n_new(t) the
-  number of items new at t. A released film or a fresh article is what many people take next;
-  at a cold item's moment it is new, and so is every item first seen later. It reads only the
-  times of training events before t. Serving scores after every training event, so there the
-  new items are the cold ones and the added ones, and the bias is a fixed column (`output`).
+- `new_item_bias`: an item no training event held before the moment scored is new then, and is
+  scored as serving scores an item nobody has taken yet: by its text vector alone (no id part, no
+  bias of its own) plus a learned new-item bias b(t) = w_0 + w_1·log(n_new(t) / N), n_new(t) the
+  number of items new at t. Training sees every item new up to its first event, so the text and
+  the bias learn to place items at the moment they are cold, where otherwise an item's id vector,
+  learned from its later events, would stand in. A released film or a fresh article is what many
+  people take next. It reads only the times of training events before t. Serving scores after
+  every training event, so there the new items are the cold ones and the added ones (text alone
+  already) and the bias is a fixed column (`output`).
 """
 
 from __future__ import annotations
@@ -204,15 +207,25 @@ class ItemTower(nn.Module):
         n_new = len(ordered) - torch.searchsorted(ordered, times.contiguous(), side="left")  # (P,)
         return self.new_item_offsets(n_new), n_new
 
-    def new_item_scores(self, times: torch.Tensor) -> torch.Tensor:
-        """(P,) moments -> (P, N+1) the new-item bias of each item at each moment (0 for the others)."""
+    def text_output(self) -> torch.Tensor:
+        """(N+1, D[+1]) `output` of every item as if it were new: its text vector alone (of unit length
+        with `cosine_tau`), a bias column of 0 (the new-item bias comes with each moment)."""
+        q = self.proj(self.text)
+        if self.cosine_tau > 0:
+            q = nn.functional.normalize(q, dim=-1)
+        return torch.cat([q, q.new_zeros(len(q), 1)], dim=1) if self.has_bias else q
+
+    def at_moments(self, full: torch.Tensor, text: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+        """Scores (P, N+1) against `output(new_items=False)` and against `text_output`, (P,) moments ->
+        each item's score at each moment: a new item's by its text plus the new-item bias."""
         offsets, _ = self.new_items(times)
-        return offsets[:, None] * (self.first_seen[None, :] >= times[:, None])
+        new = self.first_seen[None, :] >= times[:, None]  # (P, N+1)
+        return torch.where(new, text + offsets[:, None], full)
 
     def output(self, new_items: bool = True) -> torch.Tensor:
         """(N+1, D[+1]) what a user vector is scored against: [q_i, b_i] with a bias, else q_i
         (q_i of unit length with `cosine_tau`). `new_items=False` leaves the new-item bias out of
-        b_i, for a caller that adds it at each moment (`new_item_scores`)."""
+        b_i, for a caller that adds it at each moment (`at_moments`)."""
         q = self.all()
         if self.cosine_tau > 0:
             q = nn.functional.normalize(q, dim=-1)

@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 
 POOLS = ("max", "mixture")
-# The new-item bias of a loss: (N+1,) each item's first training event time, (P,) each position's
-# moment, (P,) the bias at that moment (models/nn/items.py `new_items`).
-NewItems = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# The new items of a loss: (N+1,) each item's first training event time, (P,) each position's
+# moment, (P,) the new-item bias at that moment, (N+1, D) the items' text-only vectors. An item no
+# training event held before a position's moment is scored there by its text vector plus the
+# bias, as serving scores an item nobody has taken yet (models/nn/items.py `new_items`).
+NewItems = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 # Rows of a chunk are chosen so that one chunk's (rows, K, N+1) logits hold about this many floats.
 CHUNK_ELEMENTS = 1 << 20
 
@@ -60,12 +62,14 @@ class _PooledSoftmaxCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, U, V, log_alpha, targets, seen, pool: str, tau: float, first, times, offsets):
+    def forward(ctx, U, V, log_alpha, targets, seen, pool: str, tau: float, first, times, offsets, V_text):
         P, K, D = U.shape
         n = V.shape[0]
-        Uf, Vf, La, Of = U.float(), V.float(), log_alpha.float(), offsets.float()
+        Uf, Vf, La, Of, Vt = U.float(), V.float(), log_alpha.float(), offsets.float(), V_text.float()
         gU, gV, gA, gO = torch.empty_like(Uf), torch.zeros_like(Vf), torch.empty_like(La), torch.zeros_like(Of)
+        gVt = torch.zeros_like(Vt)
         VT = Vf.T.contiguous()  # (D, N+1): the matmul reads it row by row
+        VtT = Vt.T.contiguous() if first is not None else None
         total = Uf.new_zeros(())
         step = max(1, CHUNK_ELEMENTS // (K * n))
         for lo in range(0, P, step):
@@ -75,6 +79,10 @@ class _PooledSoftmaxCE(torch.autograd.Function):
             rows = torch.arange(c, device=U.device)
             masked = _seen_in(seen, lo, hi)
             logits = (u.reshape(c * K, D) @ VT).view(c, K, n)  # (c, K, N+1)
+            new = None
+            if first is not None:  # (c, 1, N+1) the items no training event held before each moment:
+                new = (first[None, :] >= times[lo:hi, None])[:, None, :]  # scored by their text alone
+                logits = torch.where(new, (u.reshape(c * K, D) @ VtT).view(c, K, n), logits)
             if pool == "max":
                 # s = τ · log Σ_k exp((s_k + log α_k) / τ): a soft maximum over the dimensions.
                 if K == 1:
@@ -82,10 +90,8 @@ class _PooledSoftmaxCE(torch.autograd.Function):
                 else:
                     w, lse_k = _softmax_(logits.add_(la[:, :, None]).div_(tau), dim=1)  # (c, K, N+1), (c, N+1)
                     s = lse_k.mul_(tau)  # w: each dimension's share of s_i
-                new = None
-                if first is not None:  # (c, N+1) the items no training event held before each moment
-                    new = first[None, :] >= times[lo:hi, None]
-                    s.add_(new * Of[lo:hi, None])
+                if new is not None:
+                    s.add_(new[:, 0] * Of[lo:hi, None])
                 s[:, 0] = -torch.inf
                 if masked is not None:
                     s[masked] = -torch.inf
@@ -94,7 +100,7 @@ class _PooledSoftmaxCE(torch.autograd.Function):
                 total += (lse - s_t).sum()
                 p[rows, t] -= 1.0  # dL/ds
                 if new is not None:
-                    gO[lo:hi] = (p * new).sum(-1)
+                    gO[lo:hi] = (p * new[:, 0]).sum(-1)
                 if w is None:
                     g = p[:, None, :]  # (c, 1, N+1)
                     gA[lo:hi] = p.sum(-1, keepdim=True)
@@ -114,17 +120,24 @@ class _PooledSoftmaxCE(torch.autograd.Function):
                 g = p.mul_(r[:, :, None])  # (c, K, N+1)
                 g[rows, :, t] -= r
                 gA[lo:hi] = -r
-            g2 = g.reshape(c * K, n)
-            gU[lo:hi] = (g2 @ Vf).view(c, K, D)
-            gV.addmm_(g2.T, u.reshape(c * K, D))
-        ctx.save_for_backward(gU / P, gV / P, gA / P, gO / P)
-        ctx.dtypes = (U.dtype, V.dtype, log_alpha.dtype, offsets.dtype)
+            if new is None:
+                g2 = g.reshape(c * K, n)
+                gU[lo:hi] = (g2 @ Vf).view(c, K, D)
+                gV.addmm_(g2.T, u.reshape(c * K, D))
+            else:  # a new item's gradient goes to its text vector, a seen one's to its full vector
+                g_new = (g * new).reshape(c * K, n)
+                g2 = (g * ~new).reshape(c * K, n)
+                gU[lo:hi] = (g2 @ Vf + g_new @ Vt).view(c, K, D)
+                gV.addmm_(g2.T, u.reshape(c * K, D))
+                gVt.addmm_(g_new.T, u.reshape(c * K, D))
+        ctx.save_for_backward(gU / P, gV / P, gA / P, gO / P, gVt / P)
+        ctx.dtypes = (U.dtype, V.dtype, log_alpha.dtype, offsets.dtype, V_text.dtype)
         return total / P
 
     @staticmethod
     def backward(ctx, grad):
-        gU, gV, gA, gO = ctx.saved_tensors
-        tU, tV, tA, tO = ctx.dtypes
+        gU, gV, gA, gO, gVt = ctx.saved_tensors
+        tU, tV, tA, tO, tVt = ctx.dtypes
         return (
             (grad * gU).to(tU),
             (grad * gV).to(tV),
@@ -136,6 +149,7 @@ class _PooledSoftmaxCE(torch.autograd.Function):
             None,
             None,
             (grad * gO).to(tO),
+            (grad * gVt).to(tVt),
         )
 
 
@@ -157,7 +171,7 @@ def pooled_softmax_ce(
     leave the history-masked ranking. pool "max": the score of item i is
     τ·log Σ_k exp((u_k·q_i + log α_k)/τ); with K = 1 and α = 1 it is u·q_i, the plain softmax.
     pool "mixture": p(i) = Σ_k α_k softmax(u_k·q)_i. `new_items` adds each position's new-item
-    bias to the pooled score of the items new at its moment ("max" only).
+    bias to the pooled score of the items new at its moment, each scored by its text vector ("max" only).
     """
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
@@ -167,8 +181,11 @@ def pooled_softmax_ce(
         if U.shape[1] != 1:
             raise ValueError("log_alpha is needed for more than one user vector per position")
         log_alpha = U.new_zeros(U.shape[:2])
-    first, times, offsets = new_items if new_items is not None else (None, None, U.new_zeros(len(U)))
-    return _PooledSoftmaxCE.apply(U, V, log_alpha, targets, seen, pool, float(tau), first, times, offsets)
+    if new_items is None:
+        first, times, offsets, V_text = None, None, U.new_zeros(len(U)), V.new_zeros(())
+    else:
+        first, times, offsets, V_text = new_items
+    return _PooledSoftmaxCE.apply(U, V, log_alpha, targets, seen, pool, float(tau), first, times, offsets, V_text)
 
 
 def full_softmax_ce(
@@ -204,8 +221,9 @@ def sampled_softmax_ce(
     cand, inverse = torch.unique(torch.cat([targets, uniform]), return_inverse=True)  # (C,)
     logits = u @ item_vecs[cand].T - log_q[cand]  # (P, C)
     if new_items is not None:
-        first, times, offsets = new_items
-        logits = logits + offsets[:, None] * (first[cand][None, :] >= times[:, None])
+        first, times, offsets, V_text = new_items
+        new = first[cand][None, :] >= times[:, None]  # (P, C)
+        logits = torch.where(new, u @ V_text[cand].T - log_q[cand] + offsets[:, None], logits)
     return F.cross_entropy(logits, inverse[: len(targets)])
 
 
@@ -219,8 +237,8 @@ def next_item_loss(
     seen: tuple[torch.Tensor, torch.Tensor] | None = None,
     new_items: NewItems | None = None,
 ) -> torch.Tensor:
-    """`new_items` (first-seen times (N+1,), moments (P,), biases (P,)): the new-item bias added to
-    the items new at each position's moment (models/nn/items.py)."""
+    """`new_items` (`NewItems`): the items new at each position's moment scored by their text and
+    the new-item bias (models/nn/items.py)."""
     if mode == "full":
         return full_softmax_ce(u, item_vecs, targets, seen, new_items)
     if mode == "sampled":
