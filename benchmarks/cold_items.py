@@ -11,8 +11,10 @@ writes benchmarks/results/cold_items_<dataset>.json. Two steps:
    the one with the best validation cold NDCG@10 whose validation warm NDCG@10 is within one
    standard error of the model without levers (no test figure chooses).
 2. The kept lever and no lever, for the decomposer and for the text-aware SASRec (the same item
-   tower), retrained on every seed; text similarity to the history (the content-based rule),
-   popularity, and GRU4Rec (item ids only: a cold item has no vector it could be ranked by).
+   tower), retrained on every seed; text similarity to the history (the content-based rule), the
+   same rule with a bonus for the items new at the moment (the information the new-item bias
+   gives a model, the bonus chosen on every validation target), popularity, and GRU4Rec (item ids
+   only: a cold item has no vector it could be ranked by).
 Cold rows: NDCG@10, MRR and median rank of the cold test targets (history-masked, all items), and
 NDCG@10 among the long-tail candidates (the items with at most TAIL training events and the target).
 `warm_change` is the decomposer's warm-target NDCG@10 with the kept lever minus without it, with an
@@ -243,6 +245,10 @@ def summary(runs: dict, kept: str, base: dict) -> dict | None:
         return None
     plan = retrains(kept, base)
     final = {LABEL_OF.get(k, k): [runs[f"{k}/{s}"] for s in ss] for k, _, _, ss in plan}
+    # Models retrained on every seed under a lever kept before (the file keeps their runs) get rows too.
+    for key in sorted({k.rsplit("/", 1)[0] for k in runs} - {k for k, _, _, _ in plan}):
+        if all(f"{key}/{s}" in runs for s in SEEDS):
+            final[key] = [runs[f"{key}/{s}"] for s in SEEDS]
     cold = {k: float(np.mean([r["cold_ndcg@10"] for r in v])) for k, v in final.items()}
     cold["decomposer"] = cold[f"decomposer, {kept}"]
     change = warm_change(final[f"decomposer, {kept}"], final["decomposer, none"])

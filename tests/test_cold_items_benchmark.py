@@ -50,6 +50,13 @@ def test_the_summary_waits_for_every_seed_of_every_retrain():
     assert done["complete"] and set(done) == {*cold_items.SUMMARY, "complete"}
     assert abs(done["cold"]["decomposer"] - 0.02) < 1e-12  # the mean over seeds 0, 1, 2
     assert "gru4rec (item ids only)" in done["cold"] and done["warm_change"]["mean"] == 0.0
+    # A lever kept before, retrained on every seed, keeps its rows; a screening run alone gets none.
+    runs.update({f"decomposer, cold share 0.2/{s}": _run(0.05, [0.1, 0.2, 0.3]) for s in cold_items.SEEDS})
+    runs["decomposer, bounded residual 2/0"] = _run(0.07, [0.1, 0.2, 0.3])
+    done = cold_items.summary(runs, kept, {})
+    assert abs(done["cold"]["decomposer, cold share 0.2"] - 0.05) < 1e-12
+    assert "decomposer, bounded residual 2" not in done["cold"]
+    assert done["cold"]["decomposer"] == done["cold"][f"decomposer, {kept}"]
     # A process that retrained one seed leaves the summary to the one that records the last run.
     del runs["sasrec with text, none/1"]
     assert cold_items.summary(runs, kept, {}) is None
