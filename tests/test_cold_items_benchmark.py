@@ -57,6 +57,15 @@ def test_the_summary_waits_for_every_seed_of_every_retrain():
     assert abs(done["cold"]["decomposer, cold share 0.2"] - 0.05) < 1e-12
     assert "decomposer, bounded residual 2" not in done["cold"]
     assert done["cold"]["decomposer"] == done["cold"][f"decomposer, {kept}"]
+    assert done["target"]["compared_with"] == "text similarity to the history"
+    # With the new-item bias kept, the decomposer is held to the rule with the same information.
+    kept = "new-item bias"
+    runs.update({f"{k}/{s}": _run(0.01, [0.1, 0.2, 0.3]) for k, _, _, ss in cold_items.retrains(kept, {}) for s in ss})
+    runs[f"{cold_items.RULE_WITH_BONUS}/0"] = _run(0.008, [0.1, 0.2, 0.3])
+    runs["text similarity to the history/0"] = _run(0.004, [0.1, 0.2, 0.3])
+    target = cold_items.summary(runs, kept, {})["target"]
+    assert target["compared_with"] == cold_items.RULE_WITH_BONUS and not target["met"]
+    assert abs(target["cold_ratio"] - 1.25) < 1e-9 and abs(target["cold_ratio_to_text_similarity"] - 2.5) < 1e-9
     # A process that retrained one seed leaves the summary to the one that records the last run.
     del runs["sasrec with text, none/1"]
     assert cold_items.summary(runs, kept, {}) is None

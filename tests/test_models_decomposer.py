@@ -479,7 +479,7 @@ def test_the_new_item_bias_learns_and_serves_as_a_column(tiny_data, split, loss)
     import numpy as np
 
     torch.manual_seed(0)
-    m = new_model("decomposer", tiny_data, split, combine="max", loss=loss, new_item_bias=True)
+    m = new_model("decomposer", tiny_data, split, combine="max", loss=loss, new_item_bias=True, item_bias=True)
     l, _ = m(first_batch(tiny_data, split))
     l.backward()
     assert m.items.new_w.grad.abs().sum() > 0
@@ -491,6 +491,8 @@ def test_the_new_item_bias_learns_and_serves_as_a_column(tiny_data, split, loss)
     m.set_item_data(tiny_data.item_emb, tiny_data.item_genres, counts, first)
     with torch.no_grad():
         m.items.new_w.copy_(torch.tensor([2.0, 0.5]))
+        m.items.cold_bias.fill_(-7.0)  # replaced, not added to: a new item's bias is the new-item bias alone
+        m.items.bias.zero_()
     N = tiny_data.n_items
     new_bias = 2.0 + 0.5 * np.log(1 / N)
     V = m.items.output()

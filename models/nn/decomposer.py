@@ -108,6 +108,8 @@ class DecomposerConfig:
             raise ValueError("intent_member needs combine=max (the words are one of the pooled members)")
         if self.combine == "mixture" and self.loss != "full":
             raise ValueError("combine=mixture needs loss=full")
+        if self.new_item_bias and not self.use_text:
+            raise ValueError("new_item_bias needs use_text (a new item is scored by its text)")
         if self.new_item_bias and self.combine == "mixture":
             raise ValueError("new_item_bias needs one score per item: combine concat, sum or max, not mixture")
         self.dim_names = self.dims + tuple(f"latent_{j + 1}" for j in range(self.n_latent))

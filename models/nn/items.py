@@ -189,9 +189,9 @@ class ItemTower(nn.Module):
         if self.bias is not None:
             keep = self.known * (1.0 - self.simulated) if self.training else self.known
             b = self.bias * keep + self.cold_bias * (1.0 - keep)
-        if new_items and self.new_w is not None:
+        if new_items and self.new_w is not None:  # a new item's bias is the new-item bias alone, as at a moment
             new = self.first_seen == NEVER
-            b = b + self.new_item_offsets(new.sum()[None])[0] * new
+            b = torch.where(new, self.new_item_offsets(new.sum()[None])[0], b)
         return b
 
     def new_item_offsets(self, n_new: torch.Tensor) -> torch.Tensor:
