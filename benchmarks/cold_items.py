@@ -184,6 +184,23 @@ def held_out_share(rule: NewItemBonus, data, split, device: str) -> float:
     return float(ev["masked"]["ndcg@10"].mean())
 
 
+def new_at_moments(data, split) -> dict:
+    """How many items are new (no training event before it) at each warm test target's moment, and
+    how many warm test targets are new then themselves: what the new-item bias acts on."""
+    first = training_first_seen(data, split)
+    _, warm = cold_and_warm(data, split, "test")
+    t = data.timestamps[split.test_pos[warm]]  # (W,) each warm target's moment
+    ordered = np.sort(first)
+    n_new = len(ordered) - np.searchsorted(ordered, t, side="left")  # (W,) items new then
+    never = int((first == NEVER).sum())
+    return {
+        "items_no_training_event_holds": never,
+        "new_items_at_a_warm_target_median": float(np.median(n_new)),
+        "first_taken_later_at_a_warm_target_median": float(np.median(n_new - never)),
+        "warm_targets_new_at_their_moment_share": float(np.mean(first[data.items[split.test_pos[warm]]] >= t)),
+    }
+
+
 def run(kind: str, over: dict, data, split, seed: int, args, head) -> dict:
     torch.manual_seed(seed)
     if kind == "history-text" and over.get("new_item_bonus"):
@@ -360,6 +377,7 @@ def main(argv=None) -> int:
             "base": base,
             "train": args.train,
             "tail": TAIL,
+            "new_at_moments": new_at_moments(data, split),
             "complete": False,  # True once every run below is recorded and summarised
         }
     )
