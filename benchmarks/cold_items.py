@@ -264,7 +264,7 @@ def save(out: Path, report: dict) -> None:
     """Writes `report`, first taking in the runs another process recorded in `out` since."""
     with locked(out):
         take_in(out, report["runs"])
-        write_json(out, report, indent=1)
+        write_json(out, report, indent=None)  # compact: each run carries a per-user list
 
 
 LABEL_OF = {"gru4rec": "gru4rec (item ids only)"}  # a run's key -> its row's name, where they differ
